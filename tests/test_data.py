@@ -1,0 +1,202 @@
+"""common/data.py: manifests, bad input, the resumable writer, sharding, COCO and webdataset loaders."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from common.data import (BadSampleError, ManifestDataset, ManifestError, ResumableJSONLWriter, SkipCounter,
+                         collate_skip_bad,
+                         iter_webdataset, load_coco_karpathy, merge_rank_outputs, rank_path, read_manifest, shard,
+                         write_manifest, write_webdataset_shard)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_images(folder: Path, n: int) -> list[dict]:
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n):
+        Image.new("RGB", (8, 8), (i * 20 % 255, 0, 0)).save(folder / "images" / f"{i}.png")
+        records.append({"id": f"s{i}", "image": f"images/{i}.png", "caption": f"caption {i}", "refs": [f"r{i}", "x"]})
+    return records
+
+
+def test_manifest_round_trip(tmp_path):
+    records = make_images(tmp_path, 3)
+    records[0]["caption"] = "ünïcode ✓ caption"
+    write_manifest(tmp_path / "m.jsonl", records)
+    back = read_manifest(tmp_path / "m.jsonl")
+    assert [{k: v for k, v in r.items() if k != "_root"} for r in back] == records
+    assert all(Path(r["_root"]) == tmp_path for r in back)
+    write_manifest(tmp_path / "again.jsonl", back)  # internal keys are not written
+    assert (tmp_path / "again.jsonl").read_bytes() == (tmp_path / "m.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize("line, message", [
+    (b'{"id": "a", "image": "x.png"}\n\xff\xfe bad bytes\n', "m.jsonl:2: not valid UTF-8"),
+    (b'{"id": "a", "image": "x.png"}\n{"id": "b", "image": \n', "m.jsonl:2: not valid JSON"),
+    (b'{"id": "a", "image": "x.png"}\n{"id": "b", "caption": "c"}\n', "m.jsonl:2 (id 'b'): missing field 'image'"),
+    (b'{"id": "a", "image": "x.png"}\n{"id": "a", "image": "y.png"}\n', "id 'a' already used on line 1"),
+    (b'[1, 2]\n', "expected a JSON object"),
+])
+def test_bad_manifest_lines_name_file_line_and_id(tmp_path, line, message):
+    (tmp_path / "m.jsonl").write_bytes(line)
+    with pytest.raises(ManifestError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        read_manifest(tmp_path / "m.jsonl")
+
+
+def test_required_field_empty_is_an_error(tmp_path):
+    (tmp_path / "m.jsonl").write_text('{"id": "a", "image": "x.png", "caption": "  "}\n')
+    with pytest.raises(ManifestError, match=r"m.jsonl:1 \(id 'a'\): field 'caption' is empty"):
+        read_manifest(tmp_path / "m.jsonl", required=("id", "image", "caption"))
+
+
+def test_dataset_skips_and_counts_bad_samples(tmp_path):
+    records = make_images(tmp_path, 4)
+    records[1]["image"] = "images/missing.png"
+    (tmp_path / "images" / "2.png").write_bytes(b"\x89PNG this is not an image")
+    records[3]["caption"] = ""
+    write_manifest(tmp_path / "m.jsonl", records)
+    dataset = ManifestDataset(read_manifest(tmp_path / "m.jsonl"), "caption",
+                              preprocess=lambda im: __import__("torch").zeros(3, 8, 8))
+    batch = collate_skip_bad([dataset[i] for i in range(4)])
+    assert batch[0].shape == (1, 3, 8, 8) and batch[1] == ["caption 0"]
+    assert dataset.skipped.count == 3
+    reasons = dict(dataset.skipped.examples)
+    assert "image file not found" in reasons["s1"]
+    assert "cannot be decoded" in reasons["s2"]
+    assert "field 'caption' is empty" in reasons["s3"]
+    strict = ManifestDataset(read_manifest(tmp_path / "m.jsonl"), "caption", strict=True)
+    with pytest.raises(BadSampleError, match="sample 's1': image file not found"):
+        strict[1]
+    assert collate_skip_bad([None, None]) is None
+
+
+def test_dataset_tokenises_and_draws_from_list_fields(tmp_path):
+    records = make_images(tmp_path, 2)
+    write_manifest(tmp_path / "m.jsonl", records)
+    dataset = ManifestDataset(read_manifest(tmp_path / "m.jsonl"), "refs", tokenizer=lambda texts: [texts[0].upper()])
+    assert {dataset[0][1] for _ in range(30)} == {"R0", "X"}  # both references of a list field get drawn
+    with pytest.raises(ManifestError, match="no text field 'nope'"):
+        ManifestDataset(dataset.records, "nope")[0]
+
+
+WRITER_JOB = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {root!r})
+    from common.data import ResumableJSONLWriter
+    with ResumableJSONLWriter({path!r}) as out:
+        for i in range(int(sys.argv[1])):
+            if str(i) in out.done:
+                continue
+            out.write({{"id": str(i), "text": "x" * 200}})
+            time.sleep(float(sys.argv[2]))
+""")
+
+
+def run_writer(path: Path, n: int, delay: float) -> subprocess.Popen:
+    script = WRITER_JOB.format(root=str(ROOT), path=str(path))
+    return subprocess.Popen([sys.executable, "-c", script, str(n), str(delay)])
+
+
+def test_resumable_writer_survives_a_kill(tmp_path):
+    path = tmp_path / "out.jsonl"
+    job = run_writer(path, 10_000, 0.002)
+    deadline = time.time() + 60
+    while (not path.exists() or path.stat().st_size < 3000) and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(job.pid, signal.SIGKILL)
+    job.wait()
+    assert run_writer(path, 200, 0.0).wait() == 0
+    ids = [json.loads(line)["id"] for line in path.read_text().splitlines()]
+    assert sorted(ids, key=int) == [str(i) for i in range(max(200, len(ids)))][: len(ids)]
+    assert len(ids) == len(set(ids)) and set(map(str, range(200))) <= set(ids)
+
+
+def test_resumable_writer_drops_a_truncated_last_line(tmp_path):
+    path = tmp_path / "out.jsonl"
+    with ResumableJSONLWriter(path) as out:
+        for i in range(3):
+            out.write({"id": i, "caption": f"c{i}"})
+    with open(path, "ab") as handle:  # a crash in the middle of writing sample 3
+        handle.write(b'{"id": 3, "capt')
+    with ResumableJSONLWriter(path) as out:
+        assert out.done == {"0", "1", "2"} and out.dropped_partial == 1
+        out.write({"id": 3, "caption": "c3"})
+        with pytest.raises(ValueError, match="written twice"):
+            out.write({"id": 1, "caption": "again"})
+    assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == [0, 1, 2, 3]
+
+
+def test_resumable_writer_refuses_corruption_inside_the_file(tmp_path):
+    path = tmp_path / "out.jsonl"
+    path.write_text('{"id": 0}\nnot json\n{"id": 2}\n')
+    with pytest.raises(ManifestError, match="out.jsonl:2: corrupt line inside the file"):
+        ResumableJSONLWriter(path)
+
+
+@pytest.mark.parametrize("n, world", [(0, 1), (1, 3), (10, 1), (10, 3), (17, 4), (5, 8)])
+def test_sharding_covers_every_sample_once(n, world):
+    records = [{"id": str(i)} for i in range(n)]
+    shares = [shard(records, rank, world) for rank in range(world)]
+    assert sorted((r["id"] for share in shares for r in share), key=int) == [str(i) for i in range(n)]
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    with pytest.raises(ValueError):
+        shard(records, world, world)
+
+
+def test_rank_outputs_merge_in_order(tmp_path):
+    path = tmp_path / "gen.jsonl"
+    assert rank_path(path, 0, 1) == path and rank_path(path, 1, 2).name == "gen.rank1-of-2.jsonl"
+    records = [{"id": f"s{i}", "caption": f"c{i}"} for i in range(7)]
+    for rank in range(2):
+        with ResumableJSONLWriter(rank_path(path, rank, 2)) as out:
+            for record in shard(records, rank, 2):
+                out.write(record)
+    merge_rank_outputs(path, 2, order=[r["id"] for r in records])
+    assert [r["id"] for r in read_manifest(path, required=("id",))] == [r["id"] for r in records]
+
+
+def test_coco_karpathy_loader(tmp_path):
+    data = {"images": [
+        {"filepath": "val2014", "filename": "a.jpg", "split": "test", "cocoid": 1,
+         "sentences": [{"raw": " A dog. "}, {"raw": "A brown dog."}]},
+        {"filepath": "train2014", "filename": "b.jpg", "split": "restval", "cocoid": 2, "sentences": [{"raw": "Cat"}]},
+    ]}
+    (tmp_path / "coco.json").write_text(json.dumps(data))
+    records = load_coco_karpathy(tmp_path / "coco.json", tmp_path / "coco")
+    assert records[0] == {"id": "1", "image": str((tmp_path / "coco/val2014/a.jpg").resolve()), "split": "test",
+                          "caption": "A dog.", "refs": ["A dog.", "A brown dog."]}
+    assert records[1]["split"] == "train"
+    assert [r["id"] for r in load_coco_karpathy(tmp_path / "coco.json", tmp_path, splits=["test"])] == ["1"]
+    del data["images"][1]["sentences"]
+    (tmp_path / "coco.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match=r"images\[1\]: missing 'sentences'"):
+        load_coco_karpathy(tmp_path / "coco.json", tmp_path)
+
+
+def test_webdataset_shards(tmp_path):
+    pytest.importorskip("webdataset")
+    records = [{"id": f"k{i}", "image": Image.new("RGB", (4, 4), (i, 0, 0)), "caption": f"c{i}"} for i in range(3)]
+    shard_path = write_webdataset_shard(tmp_path / "shard-000.tar", records)
+    with tarfile.open(shard_path, "a") as tar:  # a fourth sample whose image bytes are corrupt
+        for name, payload in (("k3.png", b"not a png"), ("k3.json", b'{"caption": "c3"}')):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    skipped = SkipCounter()
+    out = list(iter_webdataset(str(shard_path), skipped=skipped))
+    assert [(r["id"], r["caption"], r["image"].size) for r in out] == [(f"k{i}", f"c{i}", (4, 4)) for i in range(3)]
+    assert skipped.count == 1 and skipped.examples[0][0] == "k3"
+    with pytest.raises(BadSampleError, match="'k3': image cannot be decoded"):
+        list(iter_webdataset(str(shard_path), strict=True))
