@@ -1,0 +1,322 @@
+"""CLIP-based caption metrics with the reference implementations' exact constants.
+
+CLIP-S (Hessel et al. 2021, arXiv 2104.08718; jmhessel/clipscore) and PAC-S (Sarto et al. 2023,
+arXiv 2303.12112; aimagelab/pacscore) share one formula and differ in weights and w:
+
+    score(x, c)    = w * max(cos(E_img(x), E_txt("A photo depicts " + c)), 0)    # w = 2.5 CLIP-S, 2.0 PAC-S
+    r(c, refs)     = max_j cos(E_txt(prefix + c), E_txt(prefix + ref_j))          # not clamped
+    Ref-score      = 2 * score * r / (score + r)                                  # harmonic mean
+
+Images: resize the short side to the model's size (bicubic), centre crop, CLIP mean/std: the
+open_clip preprocessing of the OpenAI models, identical to the reference scripts'. Features are
+L2-normalised in float32 after encoding; PAC-S runs its model in fp32 as the reference does.
+
+Deviation: where score and r are both 0 the references divide 0 by 0 (NaN); here the Ref-score
+is 0 there. DiCO's official evaluation drops the prefix and the clamp; this module implements the
+reference metrics and says so (PAPERS.md).
+
+Models: `load_clip(name, pretrained)` takes an open_clip architecture with a pretrained tag or a
+local checkpoint file; `load_clip("ViT-B-32", pacs_checkpoint=path)` loads the PAC-S fine-tuned
+state dict (OpenAI layout, key "state_dict") on top of OpenAI's ViT-B/32 architecture;
+`load_clip("miniature")` is the miniature world's scorer (trained on first use, then cached).
+
+    python -m common.clip_score --manifest test.jsonl --text-field caption --refs-field refs --out scores.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from common.data import BadSampleError, SkipCounter, atomic_write_text, image_path, open_image, read_manifest
+
+CLIP_S_WEIGHT = 2.5  # jmhessel/clipscore: w = 2.5
+PAC_S_WEIGHT = 2.0  # aimagelab/pacscore: w = 2.0
+PREFIX = "A photo depicts "  # both references prepend it to candidates and references
+MINIATURE = "miniature"
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class ClipBundle:
+    """A loaded CLIP: the model in eval mode, its image preprocessing, its tokenizer."""
+
+    model: torch.nn.Module
+    preprocess: Callable
+    tokenizer: Callable
+    device: str
+    name: str
+
+
+def load_pacs_state_dict(model: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module:
+    """Load a PAC-S checkpoint (OpenAI CLIP layout, {"state_dict": ...}, maybe "module."-prefixed).
+
+    open_clip's CLIP uses OpenAI's parameter names, so the state dict loads strictly; a mismatch
+    is an error listing the first differing keys rather than a silently half-loaded scorer.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"PAC-S checkpoint not found: {path} (pass the file with --pacs-checkpoint)")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    state = {key.removeprefix("module."): value for key, value in state.items()}
+    for key in ("input_resolution", "context_length", "vocab_size"):  # OpenAI JIT extras
+        state.pop(key, None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match the model: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]} (is it a ViT-B/32 PAC-S checkpoint?)")
+    return model
+
+
+def load_clip(model: str, pretrained: str | None = None, device: str | None = None, precision: str = "fp32",
+              pacs_checkpoint: str | None = None) -> ClipBundle:
+    """Load an open_clip model for scoring.
+
+    model: an open_clip architecture ("ViT-B-32", "ViT-L-14", "mini-ViT-8"), or "miniature".
+    pretrained: an open_clip tag ("openai") or a local checkpoint file; None = random weights
+    (only sensible in tests). pacs_checkpoint: a PAC-S state dict loaded on top.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if model == MINIATURE:
+        from common.clip_train import MINIATURE_MODEL, ensure_miniature_scorer
+
+        model, pretrained = MINIATURE_MODEL, str(ensure_miniature_scorer())
+    else:
+        import common.clip_train  # noqa: F401  (registers the miniature architectures with open_clip)
+    if model not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip architecture {model!r}; see open_clip.list_models()")
+    is_file = pretrained is not None and Path(pretrained).exists()
+    if pretrained is not None and not is_file and pretrained not in open_clip.list_pretrained_tags_by_model(model):
+        raise FileNotFoundError(f"--pretrained {pretrained!r} is neither a file nor an open_clip tag of {model}")
+    force_quick_gelu = pacs_checkpoint is not None and model.startswith("ViT-B-32")  # OpenAI's activation
+    try:
+        net, _, preprocess = open_clip.create_model_and_transforms(
+            model, pretrained=pretrained, device=device, precision="fp32", force_quick_gelu=force_quick_gelu)
+    except (RuntimeError, OSError, ValueError) as err:
+        if is_file:
+            raise ValueError(f"cannot load checkpoint {pretrained} into {model}: {err}") from err
+        raise RuntimeError(f"could not get the {model!r} weights {pretrained!r} (no network, or not cached): "
+                           f"pass a local file with --pretrained /path/to/weights ({err})") from err
+    if pacs_checkpoint is not None:
+        load_pacs_state_dict(net, pacs_checkpoint)
+    net = net.to(device=device, dtype=PRECISIONS[precision]).eval()
+    return ClipBundle(net, preprocess, open_clip.get_tokenizer(model), device, model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding
+# ---------------------------------------------------------------------------------------------
+
+
+def _batches(items: Sequence, size: int, desc: str, progress: bool):
+    for start in tqdm(range(0, len(items), size), desc=desc, disable=not progress, leave=False):
+        yield items[start:start + size]
+
+
+@torch.no_grad()
+def encode_images(bundle: ClipBundle, images: Sequence[Any], batch_size: int = 64, progress: bool = True) -> np.ndarray:
+    """L2-normalised float32 image features (N, E); images are PIL images or paths."""
+    dtype = next(bundle.model.parameters()).dtype
+    features = []
+    for chunk in _batches(list(images), batch_size, "encode images", progress):
+        pixels = torch.stack([bundle.preprocess(open_image(source, str(source)[:80])) for source in chunk])
+        features.append(bundle.model.encode_image(pixels.to(bundle.device, dtype)).float())
+    return F.normalize(torch.cat(features), dim=-1).cpu().numpy()
+
+
+@torch.no_grad()
+def encode_texts(bundle: ClipBundle, texts: Sequence[str], prefix: str = PREFIX, batch_size: int = 256,
+                 progress: bool = True) -> np.ndarray:
+    """L2-normalised float32 text features (T, E) of prefix + text (truncated to the context)."""
+    features = []
+    for chunk in _batches(list(texts), batch_size, "encode texts", progress):
+        tokens = bundle.tokenizer([prefix + text for text in chunk]).to(bundle.device)
+        features.append(bundle.model.encode_text(tokens).float())
+    return F.normalize(torch.cat(features), dim=-1).cpu().numpy()
+
+
+def encode_reference_groups(bundle: ClipBundle, refs: Sequence[Sequence[str]], progress: bool = True) -> list[np.ndarray]:
+    """Features of each sample's references, (R_i, E) per sample, encoded in one flat pass."""
+    flat = encode_texts(bundle, [text for group in refs for text in group], progress=progress)
+    bounds = np.cumsum([0] + [len(group) for group in refs])
+    return [flat[bounds[i]:bounds[i + 1]] for i in range(len(refs))]
+
+
+# ---------------------------------------------------------------------------------------------
+# The metrics, on features (pure) and end to end
+# ---------------------------------------------------------------------------------------------
+
+
+def score_from_features(img_feats: np.ndarray, cand_feats: np.ndarray, w: float) -> np.ndarray:
+    """Per-sample w * max(cos(image, candidate), 0) on normalised features."""
+    # CLIP-S(x, c) = w * max(cos(E_img(x), E_txt(c)), 0)
+    return w * np.clip(np.sum(img_feats * cand_feats, axis=1), 0, None)
+
+
+def ref_similarity(cand_feats: np.ndarray, ref_feats: Sequence[np.ndarray]) -> np.ndarray:
+    """Per-sample max over the sample's references of cos(candidate, reference), unclamped."""
+    # r(c, R) = max_{ref in R} cos(E_txt(c), E_txt(ref))
+    return np.array([np.max(refs @ cand) for cand, refs in zip(cand_feats, ref_feats)])
+
+
+def harmonic_mean(score: np.ndarray, ref_sim: np.ndarray) -> np.ndarray:
+    """Ref-score = 2 * score * r / (score + r), with 0 where both are 0."""
+    total = score + ref_sim
+    safe = np.where(total == 0, 1.0, total)
+    return np.where(total == 0, 0.0, 2 * score * ref_sim / safe)
+
+
+def _result(per_sample: np.ndarray) -> dict:
+    return {"per_sample": per_sample.astype(float).tolist(), "mean": float(np.mean(per_sample)) if len(per_sample) else float("nan")}
+
+
+def _check(images: Sequence, candidates: Sequence[str], refs: Sequence[Sequence[str]] | None = None) -> None:
+    if len(images) != len(candidates):
+        raise ValueError(f"{len(images)} images but {len(candidates)} candidates: one candidate per image")
+    for i, text in enumerate(candidates):
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"candidate {i} is empty; every image needs a non-empty caption")
+    if refs is not None:
+        if len(refs) != len(candidates):
+            raise ValueError(f"{len(refs)} reference lists for {len(candidates)} candidates")
+        for i, group in enumerate(refs):
+            if not group:
+                raise ValueError(f"sample {i} has no references")
+
+
+def clip_s(bundle: ClipBundle, images: Sequence, candidates: Sequence[str], w: float = CLIP_S_WEIGHT,
+           progress: bool = True) -> dict:
+    """CLIP-S per sample and mean: {"per_sample": [...], "mean": m}."""
+    _check(images, candidates)
+    img = encode_images(bundle, images, progress=progress)
+    return _result(score_from_features(img, encode_texts(bundle, candidates, progress=progress), w))
+
+
+def ref_clip_s(bundle: ClipBundle, images: Sequence, candidates: Sequence[str], refs: Sequence[Sequence[str]],
+               w: float = CLIP_S_WEIGHT, progress: bool = True) -> dict:
+    """RefCLIP-S per sample and mean, plus the CLIP-S it is built from."""
+    _check(images, candidates, refs)
+    img = encode_images(bundle, images, progress=progress)
+    cand = encode_texts(bundle, candidates, progress=progress)
+    ref_feats = encode_reference_groups(bundle, refs, progress=progress)
+    score = score_from_features(img, cand, w)
+    out = _result(harmonic_mean(score, ref_similarity(cand, ref_feats)))
+    out["score"] = _result(score)
+    return out
+
+
+def pac_s(bundle: ClipBundle, images: Sequence, candidates: Sequence[str], progress: bool = True) -> dict:
+    """PAC-S: CLIP-S's formula with w = 2.0 on the PAC-S fine-tuned model (`bundle`)."""
+    return clip_s(bundle, images, candidates, w=PAC_S_WEIGHT, progress=progress)
+
+
+def ref_pac_s(bundle: ClipBundle, images: Sequence, candidates: Sequence[str], refs: Sequence[Sequence[str]],
+              progress: bool = True) -> dict:
+    """RefPAC-S: the harmonic mean of PAC-S and the reference similarity."""
+    return ref_clip_s(bundle, images, candidates, refs, w=PAC_S_WEIGHT, progress=progress)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: score a manifest
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Args:
+    """Score one caption field of a manifest with CLIP-S or PAC-S (and the Ref- variants)."""
+
+    manifest: str
+    """JSONL manifest to score"""
+    text_field: str = "caption"
+    """the caption field to score"""
+    refs_field: str | None = None
+    """a list field of references: adds RefCLIP-S / RefPAC-S"""
+    model: str = MINIATURE
+    """open_clip architecture, or 'miniature' (the miniature world's scorer, trained on first use)"""
+    pretrained: str | None = None
+    """open_clip tag (e.g. 'openai') or local checkpoint file"""
+    pacs_checkpoint: str | None = None
+    """PAC-S state dict (clip_ViT-B-32.pth) loaded on top of --model ViT-B-32 --pretrained openai"""
+    metric: str = "clip_s"
+    """'clip_s' (w = 2.5) or 'pac_s' (w = 2.0; the default when --pacs-checkpoint is given)"""
+    device: str | None = None
+    """cuda or cpu (default: cuda when available)"""
+    precision: str = "fp32"
+    """fp32, fp16 or bf16 (the PAC-S reference runs fp32)"""
+    strict: bool = False
+    """stop at the first unreadable image instead of skipping and counting it"""
+    out: str = "scores.json"
+    """where to write the JSON (per-sample scores with ids, means, skipped samples)"""
+
+
+def score_manifest(args: Args, chunk_size: int = 2048) -> dict:
+    """Score a manifest chunk by chunk (memory stays bounded), skipping and counting bad samples."""
+    records = read_manifest(args.manifest)
+    metric = "pac_s" if args.pacs_checkpoint and args.metric == "clip_s" else args.metric
+    if metric not in ("clip_s", "pac_s"):
+        raise ValueError(f"--metric must be clip_s or pac_s, got {args.metric!r}")
+    bundle = load_clip(args.model, args.pretrained, args.device, args.precision, args.pacs_checkpoint)
+    w = PAC_S_WEIGHT if metric == "pac_s" else CLIP_S_WEIGHT
+    skipped, kept, scores, ref_sims = SkipCounter(), [], [], []
+    for start in tqdm(range(0, len(records), chunk_size), desc=f"score {Path(args.manifest).name}"):
+        chunk, images = [], []
+        for record in records[start:start + chunk_size]:
+            text = record.get(args.text_field)
+            try:
+                if not isinstance(text, str) or not text.strip():
+                    raise BadSampleError(f"sample {record['id']!r}: field {args.text_field!r} missing or empty")
+                if args.refs_field is not None and not record.get(args.refs_field):
+                    raise BadSampleError(f"sample {record['id']!r}: no references in {args.refs_field!r}")
+                images.append(open_image(image_path(record), str(record["id"])))
+                chunk.append(record)
+            except BadSampleError as err:
+                if args.strict:
+                    raise
+                skipped.add(str(record["id"]), str(err))
+        if not chunk:
+            continue
+        cand = encode_texts(bundle, [r[args.text_field] for r in chunk], progress=False)
+        scores.append(score_from_features(encode_images(bundle, images, progress=False), cand, w))
+        if args.refs_field:
+            ref_feats = encode_reference_groups(bundle, [r[args.refs_field] for r in chunk], progress=False)
+            ref_sims.append(ref_similarity(cand, ref_feats))
+        kept += chunk
+    if not kept:
+        raise ValueError(f"{args.manifest}: no sample could be scored ({skipped.count} skipped)")
+    name = {"clip_s": "CLIP-S", "pac_s": "PAC-S"}[metric]
+    per_sample = {name: np.concatenate(scores)}
+    if args.refs_field:
+        per_sample[f"Ref{name}"] = harmonic_mean(per_sample[name], np.concatenate(ref_sims))
+    report = {"manifest": str(args.manifest), "text_field": args.text_field, "model": args.model,
+              "pretrained": args.pretrained, "pacs_checkpoint": args.pacs_checkpoint,
+              "means": {key: float(np.mean(value)) for key, value in per_sample.items()},
+              "ids": [str(r["id"]) for r in kept],
+              "per_sample": {key: value.astype(float).tolist() for key, value in per_sample.items()},
+              "skipped": {"count": skipped.count, "examples": skipped.examples}}
+    atomic_write_text(args.out, json.dumps(report, indent=1))
+    return report
+
+
+def main(argv=None) -> dict:
+    import tyro
+
+    report = score_manifest(tyro.cli(Args, args=argv))
+    for metric_name, mean in report["means"].items():
+        print(f"{metric_name:>10}: {mean:.4f}  ({len(report['ids'])} samples, {report['skipped']['count']} skipped)")
+    return report
+
+
+if __name__ == "__main__":
+    main()
