@@ -106,7 +106,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
                               {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
 
 
-TextsFor = Callable[[np.ndarray, np.random.Generator], list]
+TextsFor = Callable[[np.ndarray, np.random.Generator], "list[str] | tuple[list[str], ...]"]
 
 
 def train_clip(model, tokenizer, images: torch.Tensor, texts_for: TextsFor, cfg: TrainConfig,
@@ -114,7 +114,9 @@ def train_clip(model, tokenizer, images: torch.Tensor, texts_for: TextsFor, cfg:
     """Train `model` for cfg.steps; return the per-step log [{"step", "loss", "logit_scale", "lr"}].
 
     `texts_for(indices, rng)` gives the text of each sampled image for this step, which is where
-    a paper changes what the model sees. A NaN or infinite loss stops training with the step.
+    a paper changes what the model sees. It may also return a tuple of such lists (several texts
+    per image, e.g. one real and one synthetic caption): the loss is then the sum of one loss per
+    list against the same images. A NaN or infinite loss stops training with the step.
     """
     model.to(device).train()
     optimizer = make_optimizer(model, cfg)
@@ -125,10 +127,13 @@ def train_clip(model, tokenizer, images: torch.Tensor, texts_for: TextsFor, cfg:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, cfg)
         indices = rng.choice(len(images), size=min(cfg.batch_size, len(images)), replace=False)
-        tokens = tokenizer(texts_for(indices, rng)).to(device)
+        texts = texts_for(indices, rng)
+        text_lists = texts if isinstance(texts, tuple) else (texts,)
         img_emb = F.normalize(model.encode_image(images[indices].to(device)), dim=-1)  # (B, E)
-        txt_emb = F.normalize(model.encode_text(tokens), dim=-1)  # (B, E)
-        loss = loss_fn(img_emb, txt_emb, model.logit_scale.exp())
+        loss = 0.0
+        for text_list in text_lists:
+            txt_emb = F.normalize(model.encode_text(tokenizer(text_list).to(device)), dim=-1)  # (B, E)
+            loss = loss + loss_fn(img_emb, txt_emb, model.logit_scale.exp())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping before the weights are poisoned")
         optimizer.zero_grad(set_to_none=True)

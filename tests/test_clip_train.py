@@ -109,3 +109,19 @@ def test_default_miniature_scorer_is_good():
     metrics = torch.load(path, map_location="cpu", weights_only=True)["test_metrics"]
     assert metrics["i2t_R@1"] > 20 and metrics["t2i_R@1"] > 20
     assert bundle.name == "mini-ViT-8"
+
+
+def test_several_texts_per_image_sum_their_losses(world_records):
+    train, _ = world_records
+    model, preprocess, tokenizer = create_clip(MICRO)
+    images = preprocess_images(train[:8], preprocess)
+    seen = []
+
+    def recording_loss(img_emb, txt_emb, logit_scale):
+        seen.append(contrastive_loss(img_emb, txt_emb, logit_scale).item())
+        return contrastive_loss(img_emb, txt_emb, logit_scale)
+
+    history = train_clip(model, tokenizer, images,
+                         lambda idx, rng: ([train[i]["caption"] for i in idx], [train[i]["alt_text"] for i in idx]),
+                         TrainConfig(steps=1, batch_size=8, lr=0.0, warmup=1), loss_fn=recording_loss, progress=False)
+    assert len(seen) == 2 and history[0]["loss"] == pytest.approx(sum(seen), rel=1e-5)
