@@ -343,16 +343,23 @@ def zero_shot_tasks(records: list[dict]) -> dict[str, dict]:
 
     Attributes: `background` (every image), `shape` and `color` (images with one object, so the
     label is unambiguous). Named entities: `entity` (images whose objects carry exactly one emblem).
+    Templates ensemble over the attributes a task does not ask about (CLIP's prompt ensembling,
+    with the world's own words), so a class prototype is not tied to one colour or shape.
     """
     single = [i for i, r in enumerate(records) if len(r["objects"]) == 1]
     named = [i for i, r in enumerate(records) if sum(bool(o["entity"]) for o in r["objects"]) == 1]
+    some_colors, some_shapes = ("red", "blue", "yellow", "white"), ("circle", "square", "triangle")
     tasks = {
-        "background": (list(BACKGROUNDS), ["a photo of something on {}.", "a scene on {}."],
+        "background": (list(BACKGROUNDS), [f"a {size} {color} {shape} in the center, on {{}}."
+                                           for size in SIZES for color in some_colors[:2] for shape in some_shapes],
                        range(len(records)), lambda r: r["background"]),
-        "shape": (list(SHAPES), ["a photo of a {}.", "a {} on the ground."], single, lambda r: r["objects"][0]["shape"]),
-        "color": (list(COLORS), ["a photo of a {} object.", "something {}."], single, lambda r: r["objects"][0]["color"]),
-        "entity": (list(ENTITY_NAMES), ["a photo with the {} emblem.", "the {} emblem."], named,
-                   lambda r: next(o["entity"] for o in r["objects"] if o["entity"])),
+        "shape": (list(SHAPES), [f"a {size} {color} {{}}." for size in SIZES for color in COLORS],
+                  single, lambda r: r["objects"][0]["shape"]),
+        "color": (list(COLORS), [f"a {size} {{}} {shape}." for size in SIZES for shape in SHAPES],
+                  single, lambda r: r["objects"][0]["color"]),
+        "entity": (list(ENTITY_NAMES), [f"a large {color} {shape} with the {{}} emblem."
+                                        for color in some_colors for shape in some_shapes],
+                   named, lambda r: next(o["entity"] for o in r["objects"] if o["entity"])),
     }
     out = {}
     for task, (classes, templates, indices, label_of) in tasks.items():
