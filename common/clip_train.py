@@ -238,7 +238,8 @@ def ensure_miniature_scorer(world: WorldConfig = WorldConfig(), train: TrainConf
 
     The checkpoint holds `state_dict`, the model name, the recipe and the scorer's test metrics.
     """
-    recipe = {"world": dataclasses.asdict(world), "train": dataclasses.asdict(train), "model": model_name}
+    recipe = {"world": dataclasses.asdict(world), "world_digest": world.digest(), "train": dataclasses.asdict(train),
+              "model": model_name}
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     path = Path(root or cache_root()) / f"scorer-{model_name}-{digest}.pt"
     if path.exists():

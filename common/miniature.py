@@ -18,6 +18,7 @@ for the dense probes. Per image there are caption variants, each a controlled ca
   pattern at most), drops sizes and positions, and replaces one attribute of an object with a
   wrong one at rate `syn_hallucination`; `synthetic_captions` holds `n_synthetic` independent
   draws (DataCompDR keeps five per image), the first being `synthetic_caption`;
+- `refs`: the ground truth as a one-element reference list, for RefCLIP-S / RefPAC-S;
 - `fused`: what a strong LLM would write from alt-text + synthetic caption (CapsFusion's teacher):
   the synthetic caption's sentence, the names found in the alt-text attached (the first object
   lacking one takes an unmatched name, so off-topic alt-text leaks a wrong name, as real fusion
@@ -120,7 +121,7 @@ class WorldConfig:
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-WORLD_VERSION = 1  # bump when the generator changes, so stale caches are rebuilt
+WORLD_VERSION = 2  # bump when the generator changes, so stale caches are rebuilt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,7 +382,8 @@ def make_sample(index: int, split: str, rng: np.random.Generator, cfg: WorldConf
     alt, offtopic = alt_text(scene, rng, cfg)
     draws = [synthetic_draw(scene, rng, cfg) for _ in range(cfg.n_synthetic)]
     synthetic = [render_description(draw, scene["background"]) for draw in draws]
-    record = {"id": f"{split}-{index:06d}", "split": split, "caption": ground_truth_caption(scene),
+    caption = ground_truth_caption(scene)
+    record = {"id": f"{split}-{index:06d}", "split": split, "caption": caption, "refs": [caption],
               "alt_text": alt, "synthetic_caption": synthetic[0], "synthetic_captions": synthetic,
               "fused": teacher_fusion(scene, alt, draws[0]), "alt_offtopic": offtopic,
               "background": scene["background"], "objects": scene["objects"]}
