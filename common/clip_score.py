@@ -17,7 +17,7 @@ reference metrics and says so (PAPERS.md).
 
 Models: `load_clip(name, pretrained)` takes an open_clip architecture with a pretrained tag or a
 local checkpoint file; `load_clip("ViT-B-32", pacs_checkpoint=path)` loads the PAC-S fine-tuned
-state dict (OpenAI layout, key "state_dict") on top of OpenAI's ViT-B/32 architecture;
+state dict (OpenAI layout, key "state_dict", every weight) into OpenAI's ViT-B/32 architecture;
 `load_clip("miniature")` is the miniature world's scorer (trained on first use, then cached).
 
     python -m common.clip_score --manifest test.jsonl --text-field caption --refs-field refs --out scores.json
@@ -29,7 +29,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import open_clip
@@ -248,12 +248,12 @@ class Args:
     pretrained: str | None = None
     """open_clip tag (e.g. 'openai') or local checkpoint file"""
     pacs_checkpoint: str | None = None
-    """PAC-S state dict (clip_ViT-B-32.pth) loaded on top of --model ViT-B-32 --pretrained openai"""
-    metric: str = "clip_s"
+    """PAC-S state dict (clip_ViT-B-32.pth from aimagelab/pacscore) loaded into --model ViT-B-32 (it holds every weight, so --pretrained is not needed)"""
+    metric: Literal["clip_s", "pac_s"] = "clip_s"
     """'clip_s' (w = 2.5) or 'pac_s' (w = 2.0; the default when --pacs-checkpoint is given)"""
     device: str | None = None
     """cuda or cpu (default: cuda when available)"""
-    precision: str = "fp32"
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     """fp32, fp16 or bf16 (the PAC-S reference runs fp32)"""
     strict: bool = False
     """stop at the first unreadable image instead of skipping and counting it"""
