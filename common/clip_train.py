@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from common.data import open_image
+from common.data import image_path, open_image, read_manifest
 from common.miniature import WorldConfig, cache_root, ensure_world, zero_shot_tasks
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,6 @@ def create_clip(name: str = MINIATURE_MODEL, seed: int = 0, device: str = "cpu")
 
 def preprocess_images(records: Sequence[dict], preprocess: Callable) -> torch.Tensor:
     """Stack the preprocessed images of `records` into one (N, 3, H, W) tensor (small worlds fit)."""
-    from common.data import image_path
-
     tensors = []
     for record in records:
         source = record["image"] if not isinstance(record["image"], str) else image_path(record)
@@ -244,8 +242,6 @@ def ensure_miniature_scorer(world: WorldConfig = WorldConfig(), train: TrainConf
     path = Path(root or cache_root()) / f"scorer-{model_name}-{digest}.pt"
     if path.exists():
         return path
-    from common.data import read_manifest
-
     folder = ensure_world(world, root)
     train_records, test_records = read_manifest(folder / "train.jsonl"), read_manifest(folder / "test.jsonl")
     model, preprocess, tokenizer = create_clip(model_name, seed=train.seed)
@@ -264,8 +260,6 @@ def ensure_miniature_scorer(world: WorldConfig = WorldConfig(), train: TrainConf
 def main(argv=None) -> dict:
     """Train the plain CLIP on a manifest and evaluate it on another (`--help` lists the flags)."""
     import tyro
-
-    from common.data import read_manifest
 
     @dataclass
     class Args:
