@@ -1,0 +1,252 @@
+"""veclip.py: mixing per draw, fusion prompt truncation, refusal fallback, vec/fuse with tiny random
+transformers models, 2-process gloo training against one process, resume, and the miniature main()."""
+
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import veclip
+from common.data import ResumableJSONLWriter, read_manifest, write_manifest
+from common.miniature import WorldConfig, ensure_world
+
+MICRO = "micro-ViT-16"
+TINY_WORLD = WorldConfig(n_train=64, n_val=4, n_test=24)
+TRAIN_FLAGS = ["--stage", "train", "--model", MICRO, "--batch-size", "8", "--kernel", "torch", "--no-amp",
+               "--alt-field", "alt_text", "--llm-vec-field", "fused", "--lr", "1e-3", "--warmup", "2"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return ensure_world(TINY_WORLD, tmp_path_factory.mktemp("world"))
+
+
+# ---- mixing ----------------------------------------------------------------------------------
+
+
+def test_mixing_draws_alt_text_with_probability_p_per_draw():
+    p, steps, batch = 0.3, 400, 64
+    draws = np.stack([veclip.draw_alt_text(step, batch, p, seed=0) for step in range(steps)])  # (T, B)
+    sigma = np.sqrt(p * (1 - p) / draws.size)
+    assert abs(draws.mean() - p) < 4 * sigma
+    # the same sample drawn at many steps gets both texts, at rate p: a draw, not a per-sample choice
+    indices = np.stack([veclip.global_batch_indices(step, 128, batch, seed=0) for step in range(steps)])
+    alt_for_sample_5 = draws[indices == 5]
+    assert 0 < alt_for_sample_5.mean() < 1 and len(alt_for_sample_5) == steps * batch // 128
+    assert abs(alt_for_sample_5.mean() - p) < 4 * np.sqrt(p * (1 - p) / len(alt_for_sample_5))
+    assert veclip.draw_alt_text(3, batch, 1.0, 0).all() and not veclip.draw_alt_text(3, batch, 0.0, 0).any()
+    texts = veclip.mixed_texts(["a0", "a1"], ["l0", "l1"], np.array([1, 0, 1]), np.array([True, False, False]))
+    assert texts == ["a1", "l0", "l1"]
+
+
+def test_batches_cover_each_epoch_once():
+    epoch = np.concatenate([veclip.global_batch_indices(step, 40, 8, seed=3) for step in range(5)])
+    assert sorted(epoch.tolist()) == list(range(40))
+    assert not np.array_equal(veclip.global_batch_indices(5, 40, 8, 3), veclip.global_batch_indices(0, 40, 8, 3))
+
+
+# ---- fusion prompt and refusals --------------------------------------------------------------
+
+
+def tiny_tokenizer(extra_words=()):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted(set(" ".join([veclip.FUSION_PROMPT, veclip.VICUNA_SYSTEM, veclip.VEC_PROMPT]).split())
+                   | {"USER:", "ASSISTANT:", "red", "blue", "circle", "square", "grass", "Aldora", "stock", "photo"}
+                   | set(extra_words))
+    special = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(special + words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(special)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+
+
+def test_truncation_cuts_alt_text_and_keeps_vec_whole():
+    tokenizer = tiny_tokenizer()
+    vec = "a red circle on grass"
+    alt = " ".join(["Aldora stock photo"] * 50)
+    full, cut = veclip.fusion_prompt(tokenizer, alt, vec, max_prompt_tokens=10_000)
+    assert not cut and alt in full
+    short_length = veclip.prompt_length(tokenizer, veclip.llm_prompt(tokenizer, veclip.FUSION_PROMPT.format(alt_text="", vec=vec)))
+    prompt, cut = veclip.fusion_prompt(tokenizer, alt, vec, max_prompt_tokens=short_length + 7)
+    assert cut and f"Description 2: {vec}\n" in prompt
+    assert veclip.prompt_length(tokenizer, prompt) <= short_length + 7
+    assert "Description 1: Aldora stock photo Aldora stock photo Aldora\n" in prompt  # the first 7 words
+    # a budget below the VeC alone: the alt-text goes entirely, the VeC stays
+    prompt, cut = veclip.fusion_prompt(tokenizer, alt, vec, max_prompt_tokens=5)
+    assert cut and "Description 1: \n" in prompt and vec in prompt
+
+
+def test_refusal_falls_back_to_vec():
+    vec, alt = "a red circle on grass", "Aldora stock photo"
+    assert veclip.llm_vec_or_fallback("I'm sorry, but I cannot help with that.", vec, alt) == (vec, True)
+    assert veclip.llm_vec_or_fallback("As an AI language model, I ...", vec, alt) == (vec, True)
+    assert veclip.llm_vec_or_fallback("   \n", vec, alt) == (vec, True)
+    assert veclip.llm_vec_or_fallback("", "", alt) == (alt, True)
+    assert veclip.llm_vec_or_fallback('"the Aldora red circle on grass."\nmore', vec, alt) == \
+        ("the Aldora red circle on grass.", False)
+
+
+# ---- vec and fuse with tiny random transformers models ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """A tiny LLaVA (image-text-to-text) and a tiny Llama, random weights, saved as local folders."""
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    root = tmp_path_factory.mktemp("models")
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=32, patch_size=16)
+    LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=4)).save_pretrained(root / "vlm")
+    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                   tokenizer=tokenizer, patch_size=16, vision_feature_select_strategy="default", image_token="<image>",
+                   num_additional_image_tokens=1).save_pretrained(root / "vlm")
+    llm = LlamaForCausalLM(text)
+    llm.save_pretrained(root / "llm")
+    tokenizer.save_pretrained(root / "llm")
+    with torch.no_grad():  # all logits equal: greedy picks <pad>, which decodes to an empty answer
+        llm.lm_head.weight.zero_()
+    llm.save_pretrained(root / "mute_llm")
+    tokenizer.save_pretrained(root / "mute_llm")
+    return root
+
+
+def test_vec_and_fuse_write_resumable_manifests(world, tiny_models, tmp_path):
+    records = read_manifest(world / "val.jsonl")  # 4 samples
+    vec_out = tmp_path / "out" / "vec.jsonl"
+    # a killed run left one finished sample and half a line
+    with ResumableJSONLWriter(vec_out) as writer:
+        moved = os.path.relpath(world / records[0]["image"], vec_out.parent)
+        writer.write({**{k: v for k, v in records[0].items() if k != "_root"}, "image": moved, "vec": "a red circle"})
+    with open(vec_out, "ab") as handle:
+        handle.write(b'{"id": "val-0000')
+    counts = veclip.main(["--stage", "vec", "--data", str(world / "val.jsonl"), "--out", str(vec_out),
+                          "--vlm", str(tiny_models / "vlm"), "--gen-batch-size", "2", "--max-new-tokens", "4",
+                          "--device", "cpu"])
+    assert counts["already_done"] == 1 and counts["written"] == 3
+    vec_records = read_manifest(vec_out)
+    assert [r["id"] for r in vec_records] == [r["id"] for r in records] and all("vec" in r for r in vec_records)
+    assert all((vec_out.parent / r["image"]).exists() for r in vec_records)  # images re-rooted
+    # fuse, long alt-texts truncated to a small budget; a second call has nothing left to do
+    fused_out = tmp_path / "fused.jsonl"
+    tokenizer = tiny_tokenizer()
+    budget = 1 + max(veclip.prompt_length(tokenizer, veclip.llm_prompt(
+        tokenizer, veclip.FUSION_PROMPT.format(alt_text="", vec=r["vec"]))) for r in vec_records)
+    argv = ["--stage", "fuse", "--data", str(vec_out), "--out", str(fused_out), "--llm", str(tiny_models / "llm"),
+            "--max-new-tokens", "3", "--max-prompt-tokens", str(budget), "--device", "cpu"]
+    counts = veclip.main(argv)
+    assert counts["written"] == 4 and counts["alt_text_truncated"] >= 1
+    fused = read_manifest(fused_out)
+    assert all(isinstance(r["llm_vec"], str) and r["llm_vec"] for r in fused)
+    assert veclip.main(argv) == {"already_done": 4}
+    # an LLM that answers nothing: every LLM-VeC falls back to the VeC, counted
+    mute_out = tmp_path / "mute.jsonl"
+    counts = veclip.main(argv[:3] + [str(vec_out), "--out", str(mute_out), "--llm", str(tiny_models / "mute_llm"),
+                                     "--max-new-tokens", "3", "--device", "cpu"])
+    assert counts["refusal_fallbacks"] == 4
+    assert all(r["llm_vec"] == r["vec"] and r["llm_vec_fallback"] for r in read_manifest(mute_out))
+
+
+def test_missing_weights_name_the_flag(world, tmp_path):
+    with pytest.raises(RuntimeError, match="--llm"):
+        veclip.main(["--stage", "fuse", "--data", str(world / "val.jsonl"), "--out", str(tmp_path / "x.jsonl"),
+                     "--llm", str(tmp_path / "no-such-model"), "--device", "cpu"])
+
+
+# ---- training: distributed equals one process; resume ----------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _train_rank(rank: int, world_size: int, port: int, argv: list, result_path: str):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        result = veclip.main(argv)
+        if rank == 0:
+            with open(result_path, "w") as handle:
+                json.dump([entry["loss"] for entry in result["history"]], handle)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned interpreters: 30-80 s on busy cores
+def test_two_gloo_processes_match_one_process(world, tmp_path):
+    common = TRAIN_FLAGS + ["--data", str(world / "train.jsonl"), "--steps", "3", "--device", "cpu"]
+    single = veclip.main(common + ["--out", str(tmp_path / "one")])
+    result_path = tmp_path / "two.json"
+    mp.spawn(_train_rank, args=(2, _free_port(), common + ["--out", str(tmp_path / "two")], str(result_path)),
+             nprocs=2, join=True)
+    two = json.loads(result_path.read_text())
+    assert np.allclose([h["loss"] for h in single["history"]], two, atol=1e-5)
+    one_state = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)["state_dict"]
+    two_state = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["state_dict"]
+    # 1e-4, not 1e-5: the attention key biases get a zero gradient in exact arithmetic, and Adam turns
+    # rounding noise of ~1e-10 there into steps of up to lr (1e-3); a wrong gradient differs by ~lr everywhere
+    assert all(torch.allclose(one_state[k], two_state[k], atol=1e-4) for k in one_state)
+
+
+def test_resume_continues_from_checkpoint_step(world, tmp_path, monkeypatch):
+    argv = TRAIN_FLAGS + ["--data", str(world / "train.jsonl"), "--steps", "6", "--checkpoint-every", "2",
+                          "--device", "cpu"]
+    straight = veclip.main(argv + ["--out", str(tmp_path / "straight")])
+    calls = {"n": 0}
+    real_loss = veclip.clip_loss
+
+    def killed_at_step_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt  # the job dies after the checkpoint of step 2
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(veclip, "clip_loss", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        veclip.main(argv + ["--out", str(tmp_path / "killed")])
+    monkeypatch.setattr(veclip, "clip_loss", real_loss)
+    resumed = veclip.main(argv + ["--out", str(tmp_path / "killed")])
+    assert resumed["resumed_from"] == 2 and len(resumed["history"]) == 6
+    assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in straight["history"]], abs=1e-6)
+    with pytest.raises(ValueError, match="no-resume"):  # a different recipe does not resume silently
+        veclip.main(argv + ["--out", str(tmp_path / "killed"), "--p-alt", "0.9"])
+    # eval: the world's tasks, and a plain manifest with a class-name field
+    metrics = veclip.main(["--stage", "eval", "--eval-data", str(world / "test.jsonl"), "--out", str(tmp_path / "killed")])
+    assert {"i2t_R@10", "t2i_R@1", "zeroshot_attributes", "zeroshot_entity"} <= set(metrics)
+    plain = [{"id": r["id"], "image": str(world / r["image"]), "caption": r["caption"], "label": r["background"]}
+             for r in read_manifest(world / "test.jsonl")]
+    write_manifest(tmp_path / "plain.jsonl", plain)
+    metrics = veclip.main(["--stage", "eval", "--eval-data", str(tmp_path / "plain.jsonl"), "--class-field", "label",
+                           "--checkpoint", str(tmp_path / "killed" / "checkpoint.pt"), "--out", str(tmp_path / "e")])
+    assert 0 <= metrics["zeroshot_top1"] <= 100 and json.loads((tmp_path / "e" / "eval.json").read_text()) == metrics
+
+
+# ---- the default run, in miniature -----------------------------------------------------------
+
+
+def test_miniature_main_writes_the_table(tmp_path):
+    results = veclip.main(["--stage", "miniature", "--world.n-train", "64", "--world.n-val", "4", "--world.n-test", "24",
+                           "--model", MICRO, "--steps", "2", "--batch-size", "16", "--kernel", "torch",
+                           "--out", str(tmp_path)])
+    assert set(results["conditions"]) == set(veclip.CONDITIONS)
+    for metrics in results["conditions"].values():
+        assert all(0.0 <= metrics[key][0] <= 100.0 for key in veclip.COLUMNS)
+        assert np.isfinite(metrics["final_loss"][0])
+    table = (tmp_path / "results.md").read_text()
+    assert all(f"| {condition} |" in table for condition in veclip.CONDITIONS)
+    assert json.loads((tmp_path / "results.json").read_text())["steps"] == 2

@@ -1,0 +1,694 @@
+"""VeCLIP: Improving CLIP Training via Visual-enriched Captions (Lai et al., 2023).
+
+Paper: https://arxiv.org/abs/2310.07699 (official repository apple/ml-veclip: checkpoints only,
+no rewriting pipeline, no prompts, no training code; this file is the whole method).
+
+Web alt-text knows names (people, places, products) but often misses what is visible; a VLM
+describes what is visible but knows no names. VeCLIP asks a VLM (LLaVA) for a short
+visual-enriched caption (VeC) of each image, asks an LLM (Vicuna-1.1) to merge the alt-text and
+the VeC into one caption (LLM-VeC), and trains CLIP on a mix: each time a sample is drawn it
+carries its alt-text or its LLM-VeC with equal probability, so the model sees both the
+alt-text's knowledge and the rewrite's visual concepts, and the variety of two caption styles.
+
+Implements (stages over manifests, each `--stage`):
+  1. `vec`    (Sec. 3.2)  x_v = VLM(image, VEC_PROMPT)                        -> field `vec`
+  2. `fuse`   (Sec. 3.3)  x_l = LLM(FUSION_PROMPT(x_alt, x_v)); x_alt cut from its end until the
+                          prompt fits, x_v always whole; a refusal or empty answer -> x_l = x_v  -> `llm_vec`
+  3. `train`  (Sec. 3.4)  each draw of sample i: t_i = x_alt,i if u < p else x_l,i, u ~ U(0, 1) fresh
+                          per draw; CLIP loss L = (CE(s X Y^T) + CE(s Y X^T)) / 2 over the global batch
+  4. `eval`   zero-shot retrieval R@1/5/10 both ways, zero-shot classification from class names
+  5. `miniature` (the default): the same small CLIP trained on AltText only, VeC only, LLM-VeC
+     only and the AltText/LLM-VeC mix, same steps, on the miniature world; a table.
+
+Deviations from the paper:
+  1. The paper does not publish its prompts. VEC_PROMPT follows its description ("describe the
+     image concisely, less than 20 words"); FUSION_PROMPT is ours, written in the paper's spirit.
+  2. Refusal detection (REFUSAL_MARKERS) is ours; the paper only says refusals fall back to VeC.
+     An empty VeC falls back further to the alt-text, so no sample is left without text.
+  3. Decoding is greedy, at most 77 new tokens; prompts in LLaVA-1.5's and Vicuna-1.1's
+     conversation formats unless the processor/tokenizer ships a chat template. The paper does not
+     state its decoding. LLaVA-1.5-7B is the default VLM (the paper says LLaVA, no size).
+  4. The mixing probability p is an argument (default 0.5, "equal probability" in the paper).
+  5. The paper trains in JAX on TPUs with a T5 tokenizer; here open_clip in PyTorch with its own
+     tokenizer, no image augmentation beyond open_clip's resize + centre crop. The default
+     optimiser settings are this project's miniature ones (AdamW, cosine with linear warm-up);
+     the real-run command below uses open_clip's usual ViT-B/16 recipe, not a verified paper recipe.
+  6. Data order: epoch e is a permutation seeded by (seed, e), last partial batch dropped; the
+     mixing draws of step t are seeded by (seed, t). Both are pure functions of the step, so a
+     resumed run, and any number of ranks, see exactly the batches of one uninterrupted process.
+  7. An unreadable image is replaced by the next readable sample of the manifest (logged,
+     counted), so every rank keeps the same batch size for the all-gathered loss.
+  8. bf16 autocast only on CUDA; CPU runs in float32.
+  9. In the miniature world the world's `synthetic_caption` stands in for LLaVA's VeC and its
+     `fused` for Vicuna's LLM-VeC (a template fusion, not an LLM): no VLM or LLM runs there.
+
+Commands:
+  CPU, miniature world (about 6 minutes on 2 idle cores; 3 seeds is 3x that):
+    python veclip.py                         # = python veclip.py --stage miniature --seeds 1
+    python veclip.py --stage miniature --seeds 3 --out runs/veclip_miniature
+  Real run (manifests with `image` + `alt_text`, e.g. from webdataset shards via common/data.py):
+    torchrun --nproc-per-node 8 veclip.py --stage vec  --data cc3m.jsonl --out cc3m.vec.jsonl
+    torchrun --nproc-per-node 8 veclip.py --stage fuse --data cc3m.vec.jsonl --out cc3m.llmvec.jsonl
+    torchrun --nproc-per-node 8 veclip.py --stage train --data cc3m.llmvec.jsonl --out runs/veclip_b16 \
+        --model ViT-B-16 --batch-size 8192 --steps 30000 --lr 5e-4 --weight-decay 0.2 --warmup 2000 \
+        --checkpoint-every 1000 --workers 8 --eval-data coco_karpathy_test.jsonl
+    python veclip.py --stage eval --checkpoint runs/veclip_b16/checkpoint.pt --eval-data coco_test.jsonl
+
+What the miniature run shows and what it cannot. The world's alt-text keeps emblem names but drops
+half the attribute words and is off-topic 15% of the time; its synthetic caption (VeC) has every
+attribute (20% hallucinated) and no names; its fusion (LLM-VeC) has both. Measured, seed 0, 150
+steps of batch 256 per condition (600 steps, 0.5 s each on 2 idle cores; 22 min on a shared one):
+    captions         I->T R@1  T->I R@1  I->T R@5  zero-shot attributes  zero-shot entity (chance 8.3)
+    AltText               0.9       0.7       4.4                  44.7               7.5
+    VeC                   8.9       6.2      34.5                  55.9               9.3
+    LLM-VeC              18.6      18.4      55.6                  54.6               9.1
+    AltText+LLM-VeC mix   6.7       8.1      27.2                  53.0              11.1
+It shows the paper's first claim: rewritten captions beat alt-text by far on retrieval and
+attributes. It does not show the second, that the mix keeps LLM-VeC's retrieval gain and adds
+zero-shot accuracy: here the mix halves retrieval and ties on zero-shot, because the world's
+template fusion already carries every name of the alt-text, so alt-text draws only add noise;
+the paper's mix helps through knowledge and style diversity that its LLM drops and this world has
+no counterpart of. No condition learns the emblem names in 150 steps (entity near chance), so the
+named-entity question stays open at this size. One seed: differences of a point or two are noise.
+The world is a controlled caricature (templates, independent noise, a 5M-parameter CLIP far from
+convergence), not evidence about the paper's data or its effect sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import open_clip
+import torch
+import torch.distributed as dist
+import tyro
+from tqdm.auto import tqdm
+
+from common.clip_train import (MINIATURE_MODEL, TrainConfig, cosine_lr, create_clip, encode_images, encode_texts,
+                               evaluate_world, make_optimizer, preprocess_images, retrieval_metrics, save_checkpoint,
+                               zero_shot_accuracy)
+from common.data import (BadSampleError, ResumableJSONLWriter, SkipCounter, atomic_write_text, image_path,
+                         merge_rank_outputs, open_image, rank_path, read_manifest, shard)
+from common.miniature import WorldConfig, ensure_world
+from kernels.contrastive import clip_loss
+
+log = logging.getLogger("veclip")
+
+# Step 1 prompt, after the paper's description (Sec. 3.2; exact wording unpublished).
+VEC_PROMPT = "Describe the image concisely, less than 20 words."
+# Step 2 prompt (ours, in the paper's spirit): keep the alt-text's knowledge, the VeC's visual concepts.
+FUSION_PROMPT = ("Rephrase the following two descriptions of the same image into one short, fluent sentence. "
+                 "Description 1 is web alt-text: it may name people, places, brands or products, but it can be "
+                 "noisy and ungrammatical. Description 2 describes what is visible in the image. Keep the names "
+                 "and facts of description 1 that fit the image and the visual details of description 2; add "
+                 "nothing that is in neither.\nDescription 1: {alt_text}\nDescription 2: {vec}\nNew sentence:")
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                 "helpful, detailed, and polite answers to the user's questions.")
+REFUSAL_MARKERS = ("i'm sorry", "i am sorry", "i apologize", "i cannot", "i can't", "i am unable", "i'm unable",
+                   "i am not able", "i'm not able", "as an ai", "language model", "not appropriate")
+MIX_STREAM = 7  # seeds the mixing draws apart from the data order
+
+
+@dataclass
+class Args:
+    """VeCLIP stages: vec, fuse, train, eval over manifests; miniature runs the comparison on the miniature world."""
+
+    stage: Literal["miniature", "vec", "fuse", "train", "eval"] = "miniature"
+    """what to run"""
+    data: str | None = None
+    """input manifest of vec, fuse and train (JSONL, see common/data.py)"""
+    out: str = "runs/veclip"
+    """output: the manifest written by vec/fuse, the folder of train/eval/miniature"""
+    # ---- vec and fuse
+    vlm: str = "llava-hf/llava-1.5-7b-hf"
+    """image-text-to-text model for VeC, hub name or local folder (paper: LLaVA)"""
+    llm: str = "lmsys/vicuna-13b-v1.1"
+    """instruction LLM for LLM-VeC, hub name or local folder (paper: Vicuna-1.1-13B)"""
+    trust_remote_code: bool = False
+    """let transformers run code shipped with the model (only for models you trust)"""
+    gen_batch_size: int = 8
+    """samples per generate() call"""
+    max_new_tokens: int = 77
+    """generated tokens per caption (ours; CLIP reads 77 tokens)"""
+    max_prompt_tokens: int = 1024
+    """fusion prompt budget in tokens: the alt-text is cut to fit, the VeC never (Vicuna reads 2048)"""
+    gen_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """weights dtype of the VLM/LLM on CUDA (CPU always float32)"""
+    alt_field: str = "alt_text"
+    """field holding the alt-text"""
+    vec_field: str = "vec"
+    """field that vec writes and fuse reads"""
+    llm_vec_field: str = "llm_vec"
+    """field that fuse writes and train mixes with the alt-text"""
+    strict: bool = False
+    """stop at the first unreadable image or empty caption instead of logging and counting it"""
+    # ---- train
+    model: str = MINIATURE_MODEL
+    """open_clip architecture"""
+    pretrained: str | None = None
+    """open_clip pretrained tag or checkpoint path to start from (default: from scratch)"""
+    p_alt: float = 0.5
+    """probability that a draw uses the alt-text instead of LLM-VeC (paper: equal probability)"""
+    steps: int = 150
+    """optimiser steps (miniature default, sized for a few minutes on 2 CPU cores)"""
+    batch_size: int = 256
+    """global batch: pairs per step over all ranks"""
+    lr: float = 2e-3
+    """peak AdamW learning rate (miniature value)"""
+    weight_decay: float = 0.1
+    """AdamW weight decay on weight matrices"""
+    warmup: int = 30
+    """linear warm-up steps before the cosine decay"""
+    kernel: Literal["auto", "triton", "torch"] = "auto"
+    """contrastive loss implementation in kernels/contrastive.py"""
+    amp: bool = True
+    """bf16 autocast on CUDA"""
+    grad_checkpointing: bool = False
+    """recompute activations in backward (large batches)"""
+    checkpoint_every: int = 500
+    """save checkpoint.pt every this many steps (and at the end)"""
+    resume: bool = True
+    """continue from out/checkpoint.pt when it exists"""
+    workers: int = 0
+    """DataLoader worker processes for image decoding"""
+    seed: int = 0
+    """seed of initialisation, data order and mixing draws"""
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    """torch device (under torchrun each rank takes cuda:LOCAL_RANK)"""
+    # ---- eval
+    eval_data: str | None = None
+    """evaluation manifest (eval stage; after train when given)"""
+    checkpoint: str | None = None
+    """checkpoint.pt to evaluate (default: out/checkpoint.pt)"""
+    text_field: str = "caption"
+    """field the retrieval evaluation matches images against"""
+    class_field: str | None = None
+    """field holding each image's class name, for zero-shot classification on a manifest"""
+    templates: tuple[str, ...] = ("a photo of a {}.",)
+    """prompt templates of zero-shot classification"""
+    # ---- miniature
+    seeds: int = 1
+    """miniature: worlds and trainings with seeds 0..seeds-1; the table shows mean and spread"""
+    world: WorldConfig = WorldConfig()
+    """miniature: the world's knobs (its seed is replaced by each run's seed)"""
+
+
+# =============================================================================================
+# The paper's pieces
+# =============================================================================================
+
+
+def vlm_prompt(processor) -> str:
+    """Step 1 prompt in the VLM's conversation format (LLaVA-1.5's when the processor has no template)."""
+    if getattr(processor, "chat_template", None):
+        turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": VEC_PROMPT}]}]
+        return processor.apply_chat_template(turn, add_generation_prompt=True)
+    return f"USER: {getattr(processor, 'image_token', '<image>')}\n{VEC_PROMPT} ASSISTANT:"
+
+
+def llm_prompt(tokenizer, instruction: str) -> str:
+    """An instruction in the LLM's conversation format (Vicuna-1.1's when the tokenizer has no template)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False,
+                                             add_generation_prompt=True)
+    return f"{VICUNA_SYSTEM} USER: {instruction} ASSISTANT:"
+
+
+def prompt_length(tokenizer, prompt: str) -> int:
+    """Tokens the LLM reads for `prompt` (a chat template already holds the special tokens)."""
+    special = not getattr(tokenizer, "chat_template", None)
+    return len(tokenizer(prompt, add_special_tokens=special)["input_ids"])
+
+
+def fusion_prompt(tokenizer, alt_text: str, vec: str, max_prompt_tokens: int) -> tuple[str, bool]:
+    """Step 2 prompt and whether the alt-text was cut: |prompt(alt[:k], vec)| <= max with the largest k.
+
+    The VeC is kept whole even when it alone overflows the budget (the paper keeps VeC).
+    """
+    prompt = llm_prompt(tokenizer, FUSION_PROMPT.format(alt_text=alt_text, vec=vec))
+    if prompt_length(tokenizer, prompt) <= max_prompt_tokens:
+        return prompt, False
+    alt_ids = tokenizer(alt_text, add_special_tokens=False)["input_ids"]
+    # budget for the alt-text = max - |prompt without it|; shrink further if decoding re-tokenises longer
+    keep = max(0, max_prompt_tokens - prompt_length(tokenizer, llm_prompt(tokenizer, FUSION_PROMPT.format(alt_text="", vec=vec))))
+    while True:
+        cut = tokenizer.decode(alt_ids[:keep], skip_special_tokens=True).strip()
+        prompt = llm_prompt(tokenizer, FUSION_PROMPT.format(alt_text=cut, vec=vec))
+        if keep == 0 or prompt_length(tokenizer, prompt) <= max_prompt_tokens:
+            return prompt, True
+        keep -= 1
+
+
+def is_refusal(text: str) -> bool:
+    """An LLM answer that is empty or declines the task (ethics boilerplate, 'as an AI ...')."""
+    lowered = text.strip().lower()
+    return not lowered or any(marker in lowered for marker in REFUSAL_MARKERS)
+
+
+def llm_vec_or_fallback(answer: str, vec: str, alt_text: str) -> tuple[str, bool]:
+    """Step 2 output: the answer's first line, or VeC when the LLM refused (the alt-text if VeC is empty)."""
+    sentence = answer.strip().split("\n")[0].strip().strip('"').strip()
+    if is_refusal(sentence):
+        return (vec if vec.strip() else alt_text), True
+    return sentence, False
+
+
+def global_batch_indices(step: int, n_samples: int, batch_size: int, seed: int) -> np.ndarray:
+    """Sample indices of global batch `step` (B,): epoch e = step // (N // B) walks permutation_(seed, e)."""
+    steps_per_epoch = n_samples // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch size {batch_size} exceeds the {n_samples} training samples")
+    epoch, position = divmod(step, steps_per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n_samples)
+    return order[position * batch_size:(position + 1) * batch_size]
+
+
+def draw_alt_text(step: int, batch_size: int, p_alt: float, seed: int) -> np.ndarray:
+    """Step 3 mixing (B,) bool: draw b of step t uses the alt-text iff u_tb < p, u_tb ~ U(0, 1) fresh per draw."""
+    return np.random.default_rng([seed, MIX_STREAM, step]).random(batch_size) < p_alt
+
+
+def mixed_texts(alt_texts: list[str], llm_vecs: list[str], indices: np.ndarray, use_alt: np.ndarray) -> list[str]:
+    """t_i = x_alt,i where use_alt else x_l,i, for the drawn samples."""
+    return [alt_texts[i] if alt else llm_vecs[i] for i, alt in zip(indices.tolist(), use_alt.tolist())]
+
+
+# =============================================================================================
+# Generation stages (vec, fuse): rank-sharded, resumable
+# =============================================================================================
+
+
+def init_distributed(args: Args) -> tuple[int, int, str]:
+    """(rank, world size, device) under torchrun (gloo on CPU, nccl on CUDA); (0, 1, device) otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return 0, 1, args.device
+    device = args.device
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world_size, device
+
+
+def load_pretrained(loader, name: str, flag: str, **kwargs):
+    """`loader.from_pretrained(name)` with one clear error naming the flag when the weights are missing."""
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as err:
+        raise RuntimeError(f"cannot load {name!r} for {flag} ({type(err).__name__}: {err}). Pass {flag} a local "
+                           f"folder holding the model, or a hub name with network access.") from err
+
+
+def generate(model, tokenizer, inputs, max_new_tokens: int) -> list[str]:
+    """Greedy continuations of a left-padded batch, decoded without the prompt."""
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id)
+    new_tokens = output[:, inputs["input_ids"].shape[1]:]  # (B, new)
+    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def run_generation(args: Args, records: list[dict], process_batch) -> dict:
+    """Run `process_batch(records, counts) -> [(record, new fields)]` over this rank's unfinished samples.
+
+    Each rank appends to its own `rank_path(out)`; a restart skips the ids already written. With
+    several ranks, rank 0 merges the parts into `out` in input order once all have finished.
+    """
+    rank, world_size, _ = init_distributed(args)
+    out = Path(args.out)
+    mine = shard(records, rank, world_size)
+    counts = Counter()
+    with ResumableJSONLWriter(rank_path(out, rank, world_size)) as writer:
+        todo = [r for r in mine if str(r["id"]) not in writer.done]
+        counts["already_done"] = len(mine) - len(todo)
+        for start in tqdm(range(0, len(todo), args.gen_batch_size), desc=args.stage, disable=rank != 0):
+            for record, fields in process_batch(todo[start:start + args.gen_batch_size], counts):
+                # image paths are relative to the manifest's folder: re-root them at the output's
+                moved = os.path.relpath(image_path(record).resolve(), out.resolve().parent)
+                writer.write({**record, "image": moved, **fields})
+                counts["written"] += 1
+    if world_size > 1:
+        parts = [None] * world_size
+        dist.all_gather_object(parts, dict(counts))
+        counts = sum((Counter(part) for part in parts), Counter())
+        if rank == 0:
+            merge_rank_outputs(out, world_size, order=[str(r["id"]) for r in records])
+        dist.barrier()
+    log.info("%s: %s -> %s", args.stage, dict(counts), out)
+    return dict(counts)
+
+
+def gen_dtype(args: Args, device: str) -> torch.dtype:
+    """The VLM/LLM weights dtype: --gen-dtype on CUDA, float32 on CPU (bf16 matmuls are slow there)."""
+    return getattr(torch, args.gen_dtype) if device.startswith("cuda") else torch.float32
+
+
+def stage_vec(args: Args, records: list[dict]) -> dict:
+    """Step 1: a VeC for every image, written as `vec_field`."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    _, _, device = init_distributed(args)
+    remote = {"trust_remote_code": args.trust_remote_code}
+    processor = load_pretrained(AutoProcessor, args.vlm, "--vlm", **remote)
+    model = load_pretrained(AutoModelForImageTextToText, args.vlm, "--vlm", dtype=gen_dtype(args, device), **remote)
+    model.to(device).eval()
+    processor.tokenizer.padding_side = "left"  # decoder-only generation continues from the right end
+    prompt, skipped = vlm_prompt(processor), SkipCounter()
+
+    def process_batch(batch: list[dict], counts: Counter):
+        kept, images = [], []
+        for record in batch:
+            try:
+                images.append(open_image(image_path(record), str(record["id"])))
+                kept.append(record)
+            except BadSampleError as err:
+                if args.strict:
+                    raise
+                skipped.add(str(record["id"]), str(err))
+                counts["unreadable_images"] += 1
+        if not kept:
+            return []
+        inputs = processor(images=images, text=[prompt] * len(images), return_tensors="pt", padding=True).to(device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        vecs = generate(model, processor.tokenizer, inputs, args.max_new_tokens)
+        counts["empty_vec"] += sum(not vec for vec in vecs)
+        return [(record, {args.vec_field: vec}) for record, vec in zip(kept, vecs)]
+
+    return run_generation(args, records, process_batch)
+
+
+def stage_fuse(args: Args, records: list[dict]) -> dict:
+    """Step 2: LLM-VeC from alt-text + VeC, written as `llm_vec_field` (+ `<field>_fallback`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, _, device = init_distributed(args)
+    remote = {"trust_remote_code": args.trust_remote_code}
+    tokenizer = load_pretrained(AutoTokenizer, args.llm, "--llm", **remote)
+    model = load_pretrained(AutoModelForCausalLM, args.llm, "--llm", dtype=gen_dtype(args, device), **remote)
+    model.to(device).eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:  # Llama tokenizers ship none; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    special = not getattr(tokenizer, "chat_template", None)
+
+    def process_batch(batch: list[dict], counts: Counter):
+        prompts = []
+        for record in batch:
+            if args.vec_field not in record:
+                raise BadSampleError(f"sample {record['id']!r}: no {args.vec_field!r} field; run --stage vec first")
+            prompt, truncated = fusion_prompt(tokenizer, str(record.get(args.alt_field) or ""),
+                                              record[args.vec_field], args.max_prompt_tokens)
+            prompts.append(prompt)
+            counts["alt_text_truncated"] += truncated
+        inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=special).to(device)
+        results = []
+        for record, answer in zip(batch, generate(model, tokenizer, inputs, args.max_new_tokens)):
+            llm_vec, fell_back = llm_vec_or_fallback(answer, record[args.vec_field], str(record.get(args.alt_field) or ""))
+            counts["refusal_fallbacks"] += fell_back
+            results.append((record, {args.llm_vec_field: llm_vec, f"{args.llm_vec_field}_fallback": fell_back}))
+        return results
+
+    return run_generation(args, records, process_batch)
+
+
+# =============================================================================================
+# Training: mixed captions, global-batch contrastive loss, DDP, atomic resumable checkpoints
+# =============================================================================================
+
+
+class MixedCaptionBatches(torch.utils.data.Dataset):
+    """Item `step`: this rank's share of global batch `step`, (pixels (b, 3, H, W), texts [b], substitutions).
+
+    A pure function of (seed, step), so resuming and changing the number of ranks keep the data order.
+    `pixel_cache` (N, 3, H, W) holds preprocessed images of a small world in memory.
+    """
+
+    def __init__(self, records, args: Args, preprocess, rank: int, world_size: int, pixel_cache=None):
+        self.records, self.args, self.preprocess, self.pixel_cache = records, args, preprocess, pixel_cache
+        self.alt_texts = [r[args.alt_field] for r in records]
+        self.llm_vecs = [r[args.llm_vec_field] for r in records]
+        self.local = args.batch_size // world_size
+        self.mine = slice(rank * self.local, (rank + 1) * self.local)
+
+    def __len__(self) -> int:
+        return self.args.steps
+
+    def readable(self, index: int) -> tuple[torch.Tensor, int, int]:
+        """(pixels, index used, substitutions): the sample, or the next readable one when its image is bad."""
+        if self.pixel_cache is not None:
+            return self.pixel_cache[index], index, 0
+        for offset in range(len(self.records)):
+            candidate = (index + offset) % len(self.records)
+            record = self.records[candidate]
+            try:
+                return self.preprocess(open_image(image_path(record), str(record["id"]))), candidate, offset
+            except BadSampleError as err:
+                if self.args.strict:
+                    raise
+                log.warning("step batch: %s; using the next sample", err)
+        raise BadSampleError("no readable image in the training manifest")
+
+    def __getitem__(self, step: int):
+        indices = global_batch_indices(step, len(self.records), self.args.batch_size, self.args.seed)  # (B,)
+        use_alt = draw_alt_text(step, len(indices), self.args.p_alt, self.args.seed)  # (B,)
+        loaded = [self.readable(int(i)) for i in indices[self.mine]]
+        used = np.array([index for _, index, _ in loaded])
+        texts = mixed_texts(self.alt_texts, self.llm_vecs, used, use_alt[self.mine])
+        return torch.stack([pixels for pixels, _, _ in loaded]), texts, sum(bool(s) for _, _, s in loaded)
+
+
+def usable_records(records: list[dict], args: Args) -> list[dict]:
+    """Records with a non-empty alt-text and LLM-VeC; the others are counted and dropped (or raise)."""
+    kept, skipped = [], SkipCounter()
+    for record in records:
+        missing = [f for f in (args.alt_field, args.llm_vec_field) if not str(record.get(f) or "").strip()]
+        if not missing:
+            kept.append(record)
+        elif args.strict:
+            raise BadSampleError(f"sample {record['id']!r}: empty or missing {missing}")
+        else:
+            skipped.add(str(record["id"]), f"empty or missing {missing}")
+    if skipped.count:
+        log.warning("dropped %d of %d samples without text (first: %s)", skipped.count, len(records), skipped.examples[:3])
+    return kept
+
+
+def build_clip(args: Args):
+    """(model, preprocess, tokenizer): from scratch (seeded) or from an open_clip tag or checkpoint path."""
+    if args.pretrained is None:
+        return create_clip(args.model, seed=args.seed)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(args.model, pretrained=args.pretrained)
+    except (RuntimeError, OSError) as err:
+        raise RuntimeError(f"cannot load --pretrained {args.pretrained!r} for --model {args.model}: {err}") from err
+    return model, preprocess, open_clip.get_tokenizer(args.model)
+
+
+def recipe_of(args: Args) -> dict:
+    """What a checkpoint must agree on to be resumed: changing any of it would change the run."""
+    return {name: getattr(args, name) for name in ("model", "pretrained", "steps", "batch_size", "lr", "weight_decay",
+                                                   "warmup", "seed", "p_alt", "alt_field", "llm_vec_field")}
+
+
+def train(args: Args, records: list[dict], pixel_cache: torch.Tensor | None = None) -> tuple:
+    """Step 3: mixed AltText/LLM-VeC CLIP training; returns (model, preprocess, tokenizer, log dict)."""
+    rank, world_size, device = init_distributed(args)
+    if args.batch_size % world_size:
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {world_size} ranks")
+    model, preprocess, tokenizer = build_clip(args)
+    model.to(device)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    schedule = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                           warmup=args.warmup, seed=args.seed)
+    optimizer = make_optimizer(model, schedule)
+    out, history, start = Path(args.out), [], 0
+    checkpoint_path = out / "checkpoint.pt"
+    if args.resume and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        if state["recipe"] != recipe_of(args):
+            raise ValueError(f"{checkpoint_path} was trained with {state['recipe']}, not {recipe_of(args)}; "
+                             "use another --out or --no-resume")
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, history = state["step"], state["history"]
+        log.info("resuming from %s at step %d", checkpoint_path, start)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    batches = MixedCaptionBatches(records, args, preprocess, rank, world_size, pixel_cache)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start, args.steps),
+                                         num_workers=args.workers)
+    use_amp = args.amp and device.startswith("cuda")
+    substituted, began = 0, time.time()
+    model.train()
+    bar = tqdm(zip(range(start, args.steps), loader), total=args.steps - start, desc="train veclip",
+               disable=rank != 0)
+    for step, (pixels, texts, n_substituted) in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, schedule)
+        substituted += int(n_substituted)
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=use_amp):
+            img_emb, txt_emb, logit_scale = ddp(pixels.to(device), tokenizer(texts).to(device))  # (b, E), (b, E), ()
+        # L = (CE(s X Y^T) + CE(s Y X^T)) / 2 over the global batch; each rank holds its rows
+        loss = clip_loss(img_emb, txt_emb.to(img_emb.dtype), logit_scale, impl=args.kernel, distributed=world_size > 1)
+        global_loss = loss.detach().float().clone()
+        if world_size > 1:
+            dist.all_reduce(global_loss)
+            global_loss /= world_size  # mean of the per-rank losses = the loss of the global batch
+        if not torch.isfinite(global_loss):
+            raise FloatingPointError(f"loss is {global_loss.item()} at step {step}; stopped before saving a checkpoint")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():  # open_clip keeps the logit scale at most 100
+            model.logit_scale.clamp_(0, math.log(100))
+        history.append({"step": step, "loss": global_loss.item(), "lr": optimizer.param_groups[0]["lr"],
+                        "logit_scale": model.logit_scale.exp().item()})
+        bar.set_postfix(loss=f"{global_loss.item():.3f}")
+        if rank == 0 and ((step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps):
+            save_checkpoint(checkpoint_path, {"state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                              "step": step + 1, "history": history, "recipe": recipe_of(args),
+                                              "model": args.model})
+    model.eval()
+    if substituted:
+        log.warning("%d unreadable images were replaced by the next readable sample", substituted)
+    return model, preprocess, tokenizer, {"history": history, "resumed_from": start, "substituted_images": substituted,
+                                          "train_seconds": time.time() - began}
+
+
+# =============================================================================================
+# Evaluation
+# =============================================================================================
+
+
+def evaluate(model, tokenizer, preprocess, records: list[dict], args: Args, device: str = "cpu") -> dict:
+    """Retrieval R@1/5/10 against `text_field`, zero-shot accuracy (the world's tasks, or `class_field`)."""
+    if "objects" in records[0]:  # a miniature world: attribute tasks and the named-entity task
+        metrics = evaluate_world(model, tokenizer, preprocess, records, args.text_field, device=device)
+        metrics["zeroshot_attributes"] = float(np.mean([metrics[f"zeroshot_{t}"] for t in ("background", "shape", "color")]))
+        return metrics
+    img_emb = encode_images(model, preprocess_images(records, preprocess), device=device)
+    metrics = retrieval_metrics(img_emb, encode_texts(model, tokenizer, [r[args.text_field] for r in records], device=device))
+    if args.class_field:
+        classes = sorted({str(r[args.class_field]) for r in records})
+        labels = [classes.index(str(r[args.class_field])) for r in records]
+        metrics["zeroshot_top1"] = zero_shot_accuracy(model, tokenizer, img_emb, classes, args.templates, labels, device)
+    return metrics
+
+
+def stage_eval(args: Args) -> dict:
+    """Evaluate out/checkpoint.pt (or --checkpoint, or --pretrained) on --eval-data."""
+    if args.eval_data is None:
+        raise ValueError("--stage eval needs --eval-data (a manifest)")
+    path = Path(args.checkpoint or Path(args.out) / "checkpoint.pt")
+    if args.pretrained is not None:
+        model, preprocess, tokenizer = build_clip(args)
+    elif path.exists():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model, preprocess, tokenizer = create_clip(state["model"])
+        model.load_state_dict(state["state_dict"])
+    else:
+        raise FileNotFoundError(f"no checkpoint at {path}: pass --checkpoint or --pretrained")
+    model.to(args.device).eval()
+    metrics = evaluate(model, tokenizer, preprocess, read_manifest(args.eval_data), args, args.device)
+    atomic_write_text(Path(args.out) / "eval.json", json.dumps(metrics, indent=2))
+    return metrics
+
+
+# =============================================================================================
+# The miniature comparison (default run)
+# =============================================================================================
+
+# condition: (alt_field, llm_vec_field, p_alt); the world's fields stand in for LLaVA and Vicuna
+CONDITIONS = {"AltText": ("alt_text", "fused", 1.0), "VeC": ("alt_text", "synthetic_caption", 0.0),
+              "LLM-VeC": ("alt_text", "fused", 0.0), "AltText+LLM-VeC mix": ("alt_text", "fused", 0.5)}
+COLUMNS = {"i2t_R@1": "I->T R@1", "i2t_R@5": "I->T R@5", "t2i_R@1": "T->I R@1", "t2i_R@5": "T->I R@5",
+           "zeroshot_attributes": "zero-shot attributes", "zeroshot_entity": "zero-shot entity"}
+
+
+def markdown_table(summary: dict, args: Args, seconds: float) -> str:
+    """The comparison as Markdown: mean (± std over seeds) per condition and metric, in percent."""
+    lines = [f"# VeCLIP in the miniature world ({args.seeds} seed(s), {args.steps} steps of batch {args.batch_size}, "
+             f"{args.model}, {seconds / 60:.1f} min)", "",
+             f"Retrieval against the ground-truth `caption` of {args.world.n_test} test images; zero-shot attributes = mean of "
+             "background, shape and colour; entity = the 12 emblem names. VeC = the world's `synthetic_caption` "
+             "(stands in for LLaVA), LLM-VeC = the world's `fused` (stands in for Vicuna). A controlled toy "
+             "world: these numbers show a mechanism, not the paper's effect sizes.", "",
+             "| training captions | " + " | ".join(COLUMNS.values()) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for condition, metrics in summary.items():
+        cells = [f"{np.mean(metrics[k]):.1f}" + (f" ± {np.std(metrics[k]):.1f}" if len(metrics[k]) > 1 else "")
+                 for k in COLUMNS]
+        lines.append(f"| {condition} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_miniature(args: Args) -> dict:
+    """Train the same CLIP on each caption condition of the world, seeds 0..seeds-1; write the table."""
+    began, out = time.time(), Path(args.out)
+    runs = {condition: [] for condition in CONDITIONS}
+    for seed in range(args.seeds):
+        folder = ensure_world(dataclasses.replace(args.world, seed=seed))
+        train_records, test_records = read_manifest(folder / "train.jsonl"), read_manifest(folder / "test.jsonl")
+        _, preprocess, _ = create_clip(args.model)
+        pixel_cache = preprocess_images(train_records, preprocess)  # (N, 3, H, W), shared by the conditions
+        test_pixels = preprocess_images(test_records, preprocess)
+        for condition, (alt_field, llm_vec_field, p_alt) in CONDITIONS.items():
+            slug = condition.split()[0].replace("+", "_").lower()
+            run_args = dataclasses.replace(args, alt_field=alt_field, llm_vec_field=llm_vec_field, p_alt=p_alt,
+                                           seed=seed, resume=False, out=str(out / f"seed{seed}" / slug))
+            model, preprocess, tokenizer, train_log = train(run_args, train_records, pixel_cache)
+            metrics = evaluate_world(model, tokenizer, preprocess, test_records, "caption", images=test_pixels)
+            metrics["zeroshot_attributes"] = float(np.mean([metrics[f"zeroshot_{t}"] for t in ("background", "shape", "color")]))
+            metrics.update(final_loss=train_log["history"][-1]["loss"], train_seconds=train_log["train_seconds"])
+            runs[condition].append(metrics)
+            print(f"seed {seed} {condition}: " + ", ".join(f"{k} {metrics[k]:.1f}" for k in COLUMNS), flush=True)
+    summary = {c: {k: [m[k] for m in ms] for k in ms[0]} for c, ms in runs.items()}
+    seconds = time.time() - began
+    table = markdown_table(summary, args, seconds)
+    atomic_write_text(out / "results.md", table)
+    results = {"conditions": summary, "seeds": args.seeds, "steps": args.steps, "batch_size": args.batch_size,
+               "model": args.model, "world": dataclasses.asdict(args.world), "seconds": seconds}
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    print(table)
+    return results
+
+
+def main(argv=None) -> dict:
+    """Run the stage named by --stage; return its metrics (train/eval/miniature) or counts (vec/fuse)."""
+    args = tyro.cli(Args, args=argv)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+    if not 0.0 <= args.p_alt <= 1.0:
+        raise ValueError(f"--p-alt must be a probability, got {args.p_alt}")
+    if args.stage == "miniature":
+        return run_miniature(args)
+    if args.stage == "eval":
+        return stage_eval(args)
+    if args.data is None:
+        raise ValueError(f"--stage {args.stage} needs --data (an input manifest)")
+    records = read_manifest(args.data)
+    if args.stage == "vec":
+        return stage_vec(args, records)
+    if args.stage == "fuse":
+        return stage_fuse(args, records)
+    model, preprocess, tokenizer, train_log = train(args, usable_records(records, args))
+    if args.eval_data is not None and int(os.environ.get("RANK", 0)) == 0:
+        train_log["eval"] = evaluate(model, tokenizer, preprocess, read_manifest(args.eval_data), args,
+                                     next(model.parameters()).device.type)
+        atomic_write_text(Path(args.out) / "eval.json", json.dumps(train_log["eval"], indent=2))
+    return train_log
+
+
+if __name__ == "__main__":
+    main()
