@@ -1,0 +1,848 @@
+"""DiCO: Revisiting Image Captioning Training Paradigm via Direct CLIP-based Optimization.
+
+Paper: https://arxiv.org/abs/2408.14547 (Moratelli, Caffagni, Cornia, Baraldi, Cucchiara, 2024);
+official code: aimagelab/DiCO (trainers/dico_trainer.py).
+
+A captioner pre-trained with cross-entropy (XE) becomes the frozen reference pi_ref and the
+initial policy pi_theta. For each image, beam search proposes k captions, a CLIP-based evaluator
+(PAC-S or CLIP-S) scores them, the best is the winner and the others losers weighted by how much
+worse they score; the policy is trained, as a weighted classification problem, to raise its
+implied reward log pi_theta - log pi_ref on the winner over the losers (the optimum of a
+KL-regularised reward maximisation, as in DPO, with a Bradley-Terry preference). There is no
+sampling-based policy gradient, so the captioner does not collapse onto the evaluator's quirks as
+self-critical sequence training (SCST) on the same reward does. SCST is implemented beside it as
+the baseline the paper compares against.
+
+Implements (the steps of the DiCO training algorithm, numbered here: the paper's own equation
+numbers could not be checked offline, so each comment quotes the formula instead):
+  1. XE pre-training: L_XE = -sum_t log p(y_t | y_<t, x)                           (`xe_loss`)
+  2. k candidates per image by beam search from the policy, without gradients     (`beam_search`)
+  3. reward r_i = w cos(E_img(x), E_txt(y_i)), w = 2.0 (PAC-S) or 2.5 (CLIP-S)     (`candidate_rewards`)
+  4. winner w = argmax_i r_i, loser weights gamma_j = softmax_{j != w}(tau (r_w - r_j))
+  5. s(y) = log pi_theta(y|x) - log pi_ref(y|x), teacher-forced sums over tokens
+  6. L_DiCO = mean_x -log sigmoid(beta (s(y_w) - sum_j gamma_j s(y_j)))            (`dico_terms`;
+     steps 4-6 are kernels/dico.py's `dico_loss`)
+  SCST (Rennie et al. 2017) with the mean-of-others baseline, the paper's comparison (`scst_terms`);
+  evaluation: BLEU-4, CIDEr, CLIP-S, RefCLIP-S, PAC-S, RefPAC-S, collapse indicators (`evaluate`).
+
+Deviations from the paper:
+  1. The official code runs beam search with autograd enabled and never uses the graph; here beam
+     search, greedy decoding (= beam size 1) and sampling run under torch.no_grad, and the
+     candidates' log-probs come from one teacher-forced pass (sum over tokens, EOS included).
+  2. Evaluation uses the reference metrics (common/clip_score: "A photo depicts " prefix, clamp at
+     0); the official DiCO evaluation drops both. The training reward follows the official code:
+     no prefix, no clamp, no references (`--reward-prefix`, `--reward-clamp` change that).
+  3. BLEU and CIDEr use pycocoevalcap's scorers without its Java PTB tokenizer: captions and
+     references are lowercased and stripped of punctuation here, so numbers differ slightly from
+     the COCO toolkit's.
+  4. The policy runs without dropout during fine-tuning (eval mode), so that s(y) = 0 at the start
+     and the loss is exactly log 2; the paper does not say. Encoder/decoder use pre-norm layers and
+     dropout 0.1, positions are learned; the official code's choices here are unverified.
+  5. The XE learning rate is warmed up linearly for 5% of the steps and then kept constant (what
+     follows the warm-up is not stated). Steps, not epochs, set the budget.
+  6. SCST's baseline is the mean reward of the *other* k-1 candidates (PAPERS.md), the loss the
+     token-averaged log-prob times the advantage; its candidates are the same k beams as DiCO's.
+  7. Miniature world only (every field left at its default takes MINIATURE_PRESET): a much smaller
+     captioner; the frozen image encoder is the world's CLIP scorer itself (the paper uses ViT-L/14
+     for the captioner and ViT-B/32 for PAC-S), so captioner and evaluator share a visual tower;
+     the softmax is restricted to the BPE tokens the training captions use (--restrict-vocab, about
+     60 of 49408), else the LM head dominates CPU time; PAC-S is the w = 2.0 formula on the
+     miniature scorer (PAC-S's fine-tuned checkpoint does not exist there), so PAC-S = 0.8 CLIP-S;
+     RefCLIP-S / RefPAC-S have one reference (the ground-truth caption); the learning rate of both
+     fine-tuning algorithms is raised from 1e-6 to 1e-4 because the budget is 30 steps of 16
+     images instead of epochs of COCO (at 1e-5 the DiCO loss had moved from 0.6931 to 0.6895
+     after 14 steps: nothing to see).
+
+Miniature run (CPU, a few minutes; XE, then DiCO and SCST from the same XE checkpoint, then eval):
+    python dico.py                                  # = python dico.py miniature
+    python dico.py miniature --n-seeds 3            # the table over seeds 0, 1, 2
+Real run (COCO Karpathy splits, ViT-L/14 encoder, PAC-S ViT-B/32 evaluator by path, 8 GPUs):
+    C="--coco-karpathy data/dataset_coco.json --coco-images data/coco --out runs/coco \
+       --encoder-model ViT-L-14 --encoder-pretrained openai --pacs-checkpoint ckpt/clip_ViT-B-32.pth"
+    torchrun --nproc_per_node 8 dico.py xe $C
+    torchrun --nproc_per_node 8 dico.py dico $C --init runs/coco/xe/best.pt
+    torchrun --nproc_per_node 8 dico.py dico $C --init runs/coco/xe/best.pt --algo scst
+    python dico.py eval $C --checkpoints runs/coco/xe/best.pt runs/coco/dico/best.pt runs/coco/scst/best.pt
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pickle
+import re
+import string
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import open_clip
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+
+from common.clip_score import (CLIP_S_WEIGHT, PAC_S_WEIGHT, PREFIX, encode_images, encode_reference_groups,
+                               encode_texts, harmonic_mean, load_clip, ref_similarity, score_from_features)
+from common.clip_train import MINIATURE_MODEL, ensure_miniature_scorer, preprocess_images, save_checkpoint
+from common.data import atomic_write_text, image_path, load_coco_karpathy, read_manifest
+from common.miniature import ENTITY_NAMES, WorldConfig, ensure_world, hallucinated_words, names_kept
+from kernels.dico import dico_loss, dico_stats, sequence_logprobs
+
+
+@dataclass
+class Args:
+    """DiCO / SCST captioner fine-tuning. Stages: miniature (default), xe, dico (--algo scst), eval."""
+
+    stage: tyro.conf.Positional[Literal["miniature", "xe", "dico", "eval"]] = "miniature"
+    """miniature: xe + dico + scst + eval in the miniature world; or one stage"""
+    out: str = "runs/dico"
+    """output folder: <out>/xe, <out>/dico, <out>/scst, <out>/eval"""
+    seed: int = 0
+    """seed of initialisation, batch order and dropout"""
+    n_seeds: int = 1
+    """miniature stage: repeat the whole experiment for seeds seed .. seed + n_seeds - 1"""
+    # --- data -------------------------------------------------------------------------------
+    coco_karpathy: Optional[str] = None
+    """Karpathy split JSON (dataset_coco.json); with --coco-images, the real run's data"""
+    coco_images: Optional[str] = None
+    """COCO image root (holds train2014/, val2014/)"""
+    train_manifest: Optional[str] = None
+    """JSONL manifest of training images (fields id, image, caption, optional refs)"""
+    val_manifest: Optional[str] = None
+    """validation manifest (checkpoint selection)"""
+    test_manifest: Optional[str] = None
+    """test manifest (the eval stage)"""
+    world: WorldConfig = field(default_factory=WorldConfig)
+    """the miniature world, used when no data is given"""
+    # --- models -----------------------------------------------------------------------------
+    encoder_model: str = "ViT-L-14"  # official: frozen CLIP ViT-L/14
+    """frozen open_clip image encoder whose last hidden states the captioner reads ('miniature' ok)"""
+    encoder_pretrained: Optional[str] = "openai"
+    """its open_clip tag or checkpoint file"""
+    clip_s_model: str = "ViT-B-32"  # jmhessel/clipscore: OpenAI ViT-B/32
+    """CLIP-S evaluator architecture ('miniature' = the world's scorer)"""
+    clip_s_pretrained: Optional[str] = "openai"
+    """CLIP-S evaluator tag or checkpoint file"""
+    pacs_model: str = "ViT-B-32"  # aimagelab/pacscore: ViT-B/32 + fine-tuned state dict
+    """PAC-S evaluator architecture ('miniature' = the world's scorer with w = 2.0)"""
+    pacs_pretrained: Optional[str] = "openai"
+    """PAC-S base weights (a local file is taken as the whole PAC-S model)"""
+    pacs_checkpoint: Optional[str] = None
+    """PAC-S fine-tuned state dict (clip_ViT-B-32.pth); required for PAC-S outside the miniature"""
+    reward: Literal["pac_s", "clip_s"] = "pac_s"  # paper: PAC-S is the main evaluator
+    """which evaluator gives the fine-tuning reward"""
+    reward_prefix: str = ""  # official training reward: no prefix
+    """text prefix for the reward's caption encoding"""
+    reward_clamp: bool = False  # official training reward: no clamp at 0
+    """clamp the reward's cosine at 0 as the metric does"""
+    # --- captioner (official: 512-d, 3 + 3 layers, 8 heads, FFN 2048) ----------------------
+    d_model: int = 512
+    """captioner width"""
+    encoder_layers: int = 3
+    """Transformer encoder layers over the CLIP tokens"""
+    decoder_layers: int = 3
+    """Transformer decoder layers"""
+    heads: int = 8
+    """attention heads"""
+    ffn: int = 2048
+    """feed-forward width"""
+    dropout: float = 0.1  # unverified
+    """dropout in XE training (fine-tuning runs without)"""
+    max_len: int = 30  # official: candidates of at most 30 tokens
+    """longest caption in tokens, EOS included"""
+    restrict_vocab: bool = False  # official: the full CLIP BPE vocabulary + pad
+    """emit only the BPE tokens of the training captions (miniature speed-up)"""
+    cache_features: bool = False
+    """keep every image's frozen CLIP tokens in memory (small data sets) instead of per batch"""
+    # --- XE pre-training --------------------------------------------------------------------
+    xe_steps: int = 20000  # unverified: the paper counts epochs
+    """XE optimiser steps"""
+    xe_batch_size: int = 512  # official
+    """images per XE step (per GPU)"""
+    xe_lr: float = 2.5e-4  # official
+    """XE peak learning rate (Adam)"""
+    xe_warmup: float = 0.05  # official: 5% warm-up
+    """fraction of XE steps of linear warm-up"""
+    # --- DiCO / SCST fine-tuning ------------------------------------------------------------
+    algo: Literal["dico", "scst"] = "dico"
+    """fine-tuning algorithm of the dico stage"""
+    init: Optional[str] = None
+    """XE checkpoint to start from (default <out>/xe/best.pt)"""
+    steps: int = 10000  # unverified: the paper counts epochs
+    """fine-tuning optimiser steps"""
+    batch_size: int = 8  # official: 8 images (40 captions) per GPU
+    """images per fine-tuning step (per GPU)"""
+    lr: float = 1e-6  # official: constant, Adam
+    """fine-tuning learning rate"""
+    beams: int = 5  # official: k = 5
+    """candidates per image (beam width)"""
+    candidates: Literal["beam", "sample"] = "beam"  # official: beam search
+    """how candidates are drawn"""
+    beta: float = 0.2  # official
+    """DiCO beta"""
+    tau: float = 300.0  # official
+    """DiCO tau (loser-weight temperature)"""
+    kernel: Literal["auto", "triton", "torch"] = "auto"
+    """kernels/dico.py implementation"""
+    # --- evaluation, checkpoints ------------------------------------------------------------
+    eval_beam: int = 5
+    """beam width of evaluation captions (top beam kept)"""
+    eval_every: int = 1000
+    """steps between validation RefPAC-S evaluations (best checkpoint)"""
+    save_every: int = 1000
+    """steps between last.pt saves"""
+    val_images: int = 0
+    """validation images used for selection (0 = all)"""
+    eval_images: int = 0
+    """test images evaluated (0 = all)"""
+    checkpoints: list[str] = field(default_factory=list)
+    """eval stage: checkpoints to evaluate (default: <out>/{xe,dico,scst}/best.pt that exist)"""
+    split: Literal["val", "test"] = "test"
+    """eval stage: split to caption"""
+    resume: bool = False
+    """continue from <out>/<stage>/last.pt when it exists"""
+    device: Optional[str] = None
+    """cuda or cpu (default: cuda when available)"""
+
+
+# Used in the miniature world for every field left at its default (CPU, a few minutes in all).
+MINIATURE_PRESET = dict(
+    encoder_model="miniature", clip_s_model="miniature", pacs_model="miniature", d_model=128,
+    encoder_layers=1, decoder_layers=2, heads=4, ffn=512, restrict_vocab=True, cache_features=True,
+    xe_steps=350, xe_batch_size=64, xe_lr=1e-3, steps=30, batch_size=16, lr=1e-4, eval_beam=3,
+    eval_every=15, save_every=15, val_images=100, eval_images=300,
+)
+
+
+# ============================================================================================
+# The captioner: frozen CLIP tokens -> Transformer encoder -> Transformer decoder over CLIP BPE
+# ============================================================================================
+
+
+class Vocab:
+    """The captioner's tokens: CLIP BPE ids it can emit, its own ids 0..n-1 for them, pad = n."""
+
+    def __init__(self, bpe_ids: list[int]):
+        self.tokenizer = open_clip.tokenizer.SimpleTokenizer()  # open_clip ships the BPE files
+        self.bpe_ids = list(bpe_ids)
+        self.index = {bpe: own for own, bpe in enumerate(self.bpe_ids)}
+        self.bos = self.index[self.tokenizer.sot_token_id]
+        self.eos = self.index[self.tokenizer.eot_token_id]
+        self.pad = len(self.bpe_ids)
+
+    @classmethod
+    def build(cls, captions: list[str], restrict: bool) -> "Vocab":
+        tokenizer = open_clip.tokenizer.SimpleTokenizer()
+        if not restrict:
+            return cls(list(range(len(tokenizer.encoder))))
+        used = {bpe for text in captions for bpe in tokenizer.encode(text)}
+        return cls(sorted(used | {tokenizer.sot_token_id, tokenizer.eot_token_id}))
+
+    def encode(self, text: str, max_len: int) -> list[int]:
+        """Own ids of `text` + EOS, truncated to max_len tokens (EOS kept)."""
+        try:
+            ids = [self.index[bpe] for bpe in self.tokenizer.encode(text)]
+        except KeyError as err:
+            raise ValueError(f"caption {text!r} uses a BPE token outside the captioner's vocabulary ({err}); "
+                             "build the vocabulary from these captions or drop --restrict-vocab") from err
+        return ids[: max_len - 1] + [self.eos]
+
+    def decode(self, ids) -> str:
+        """Text of own ids up to the first EOS (padding and BOS never appear in generated captions)."""
+        bpe = []
+        for own in ids:
+            if own == self.eos or own >= self.pad:
+                break
+            bpe.append(self.bpe_ids[own])
+        text = self.tokenizer.decode(bpe).strip()
+        return re.sub(r" ([,.])", r"\1", text)  # the BPE decoder spaces punctuation out
+
+
+@torch.no_grad()
+def clip_hidden_states(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """The frozen ViT's last hidden states, CLS and patches, after ln_post: (B, 1 + P, W)."""
+    captured = {}
+    hook = visual.transformer.register_forward_hook(lambda module, inputs, output: captured.update(x=output))
+    try:
+        visual(pixels)
+    finally:
+        hook.remove()
+    return visual.ln_post(captured["x"]).float()
+
+
+class Captioner(nn.Module):
+    """Linear(CLIP width -> d) -> Transformer encoder -> causal decoder with cross-attention."""
+
+    def __init__(self, n_tokens: int, bos: int, eos: int, visual_width: int, d_model: int, encoder_layers: int,
+                 decoder_layers: int, heads: int, ffn: int, dropout: float, max_len: int):
+        super().__init__()
+        self.config = dict(n_tokens=n_tokens, bos=bos, eos=eos, visual_width=visual_width, d_model=d_model,
+                           encoder_layers=encoder_layers, decoder_layers=decoder_layers, heads=heads, ffn=ffn,
+                           dropout=dropout, max_len=max_len)
+        self.bos, self.eos, self.pad, self.max_len = bos, eos, n_tokens, max_len
+        self.visual_proj = nn.Linear(visual_width, d_model)
+        layer = dict(d_model=d_model, nhead=heads, dim_feedforward=ffn, dropout=dropout, batch_first=True,
+                     norm_first=True)
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(**layer), encoder_layers,
+                                             enable_nested_tensor=False)
+        self.token_emb = nn.Embedding(n_tokens + 1, d_model, padding_idx=self.pad)
+        self.pos_emb = nn.Embedding(max_len + 1, d_model)
+        self.decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(**layer), decoder_layers)
+        self.norm = nn.LayerNorm(d_model)
+        self.lm_head = nn.Linear(d_model, n_tokens + 1)
+        never = torch.zeros(n_tokens + 1, dtype=torch.bool)
+        never[[self.pad, bos]] = True  # the vocabulary includes pad, but pad and BOS are never a next token
+        self.register_buffer("never_emitted", never, persistent=False)
+
+    def encode(self, visual_tokens: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self.visual_proj(visual_tokens))  # (B, P, D)
+
+    def decode(self, memory: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (N, t, V + 1) for inputs (N, t) that start with BOS."""
+        t = inputs.shape[1]
+        x = self.token_emb(inputs) + self.pos_emb(torch.arange(t, device=inputs.device))  # (N, t, D)
+        causal = nn.Transformer.generate_square_subsequent_mask(t, device=inputs.device)
+        x = self.norm(self.decoder(x, memory, tgt_mask=causal, tgt_is_causal=True))
+        return self.lm_head(x).masked_fill(self.never_emitted, float("-inf"))  # (N, t, V + 1)
+
+    def forward(self, visual_tokens: torch.Tensor, inputs: torch.Tensor, beams: int = 1) -> torch.Tensor:
+        """Teacher-forced logits; `beams` sequences per image (rows ordered image-major)."""
+        memory = self.encode(visual_tokens).repeat_interleave(beams, dim=0)  # (B beams, P, D)
+        return self.decode(memory, inputs)
+
+
+def teacher_forcing(tokens: torch.Tensor, bos: int, pad: int, valid: Optional[torch.Tensor] = None):
+    """Decoder inputs, targets and mask for token rows (N, T) that hold y_1 .. EOS, then pad."""
+    inputs = torch.cat([torch.full_like(tokens[:, :1], bos), tokens[:, :-1]], dim=1)  # (N, T)
+    mask = tokens != pad  # (N, T): EOS included, padding excluded
+    if valid is not None:
+        mask &= valid[:, None]  # excluded candidates contribute nothing, whatever they hold
+    return inputs, tokens, mask
+
+
+@torch.no_grad()
+def beam_search(model: Captioner, visual_tokens: torch.Tensor, beam_size: int, max_len: int):
+    """Batched beam search: tokens (B, K, T) (EOS then pad), scores (B, K) = sum of token log-probs.
+
+    No length normalisation; a finished beam continues with pad at log-prob 0, so it competes
+    with the live ones on its final score. Beams start from one live hypothesis, so all K returned
+    sequences are distinct; when fewer than K sequences exist, the extra ones score -inf.
+    Greedy decoding is beam_size = 1.
+    """
+    memory = model.encode(visual_tokens).repeat_interleave(beam_size, dim=0)  # (B K, P, D)
+    B, K, device = visual_tokens.shape[0], beam_size, visual_tokens.device
+    tokens = torch.empty(B, K, 0, dtype=torch.long, device=device)
+    scores = torch.full((B, K), float("-inf"), device=device)
+    scores[:, 0] = 0.0
+    finished = torch.zeros(B, K, dtype=torch.bool, device=device)
+    bos = torch.full((B * K, 1), model.bos, dtype=torch.long, device=device)
+    for t in range(max_len):
+        logits = model.decode(memory, torch.cat([bos, tokens.view(B * K, t)], dim=1))[:, -1]  # (B K, V)
+        logp = F.log_softmax(logits.float(), dim=-1).view(B, K, -1)  # (B, K, V)
+        V = logp.shape[-1]
+        pad_only = torch.full((V,), float("-inf"), device=device)
+        pad_only[model.pad] = 0.0
+        logp = torch.where(finished[..., None], pad_only, logp)
+        # score(y_<=t) = score(y_<t) + log p(y_t | y_<t, x), best K over all K * V extensions
+        scores, flat = (scores[..., None] + logp).view(B, K * V).topk(K, dim=1)  # (B, K)
+        parent, token = flat // V, flat % V
+        tokens = torch.cat([tokens.gather(1, parent[..., None].expand(-1, -1, t)), token[..., None]], dim=2)
+        finished = finished.gather(1, parent) | (token == model.eos)
+        if finished.all():
+            break
+    return tokens, scores
+
+
+@torch.no_grad()
+def sample(model: Captioner, visual_tokens: torch.Tensor, n: int, max_len: int, temperature: float = 1.0):
+    """n sampled captions per image: tokens (B, n, T), scores (B, n) = sum of log-probs at temperature 1."""
+    memory = model.encode(visual_tokens).repeat_interleave(n, dim=0)  # (B n, P, D)
+    N, device = memory.shape[0], memory.device
+    tokens = torch.full((N, 1), model.bos, dtype=torch.long, device=device)
+    scores = torch.zeros(N, device=device)
+    finished = torch.zeros(N, dtype=torch.bool, device=device)
+    for _ in range(max_len):
+        logits = model.decode(memory, tokens)[:, -1].float()  # (N, V)
+        token = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1)[:, 0]  # (N,)
+        token = torch.where(finished, model.pad, token)
+        scores += torch.where(finished, 0.0, F.log_softmax(logits, dim=-1).gather(1, token[:, None])[:, 0])
+        tokens = torch.cat([tokens, token[:, None]], dim=1)
+        finished |= token == model.eos
+        if finished.all():
+            break
+    B = visual_tokens.shape[0]
+    return tokens[:, 1:].view(B, n, -1), scores.view(B, n)
+
+
+def distinct_and_finite(tokens: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """(B, K) bool: the candidate has a finite score and repeats no earlier candidate of its image."""
+    same = (tokens[:, :, None, :] == tokens[:, None, :, :]).all(dim=-1)  # (B, K, K)
+    earlier = torch.ones_like(same[0]).tril(diagonal=-1)  # (K, K): j < i
+    return torch.isfinite(scores) & ~(same & earlier).any(dim=-1)
+
+
+# ============================================================================================
+# The losses: XE, DiCO, SCST (each returns a dict of named terms)
+# ============================================================================================
+
+
+def xe_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> dict:
+    # step 1: L_XE = -sum_t log p(y_t | y_<t, x), averaged over the batch's tokens
+    token_nll = F.cross_entropy(logits.transpose(1, 2).float(), targets.masked_fill(~mask, 0), reduction="none")
+    return {"loss": (token_nll * mask).sum() / mask.sum()}
+
+
+def dico_terms(policy_logps, ref_logps, rewards, valid, beta: float, tau: float, impl: str) -> dict:
+    """DiCO loss (steps 4-6, in kernels/dico.py) and the numbers a training log wants."""
+    # L = mean_x -log sigmoid(beta (s(y_w) - sum_{j != w} gamma_j s(y_j))),  s = log pi_theta - log pi_ref
+    loss = dico_loss(policy_logps, ref_logps, rewards, beta=beta, tau=tau, valid=valid, impl=impl)
+    stats = dico_stats(policy_logps.detach(), ref_logps, rewards, beta=beta, tau=tau, valid=valid)
+    usable = stats.usable
+    winner_reward = rewards.gather(1, stats.winner.clamp_min(0)[:, None])[:, 0]  # (B,)
+    # H(gamma) = -sum_j gamma_j log gamma_j: 0 when one loser takes all the weight
+    gamma_entropy = -(stats.gamma * stats.gamma.clamp_min(1e-30).log()).sum(dim=1)  # (B,)
+    return {**stats.summary(), "loss": loss,
+            "reward_winner": float(winner_reward[usable].mean()) if usable.any() else float("nan"),
+            "reward_mean": float(rewards[valid].mean()),
+            "gamma_entropy": float(gamma_entropy[usable].mean()) if usable.any() else float("nan")}
+
+
+def scst_terms(policy_logps: torch.Tensor, n_tokens: torch.Tensor, rewards: torch.Tensor, valid: torch.Tensor) -> dict:
+    """Self-critical loss with the mean of the other candidates as baseline (rows need 2 valid)."""
+    weights = valid.float()  # (B, k)
+    n_valid = weights.sum(dim=1, keepdim=True)  # (B, 1)
+    total = (rewards * weights).sum(dim=1, keepdim=True)  # (B, 1)
+    # b_i = mean_{j != i} r_j
+    baseline = (total - rewards * weights) / (n_valid - 1).clamp_min(1)  # (B, k)
+    use = valid & (n_valid >= 2)  # (B, k)
+    advantage = torch.where(use, rewards - baseline, 0.0)  # (B, k), a constant for the gradient
+    # L = -mean_i (r_i - b_i) * (1 / |y_i|) sum_t log p(y_{i,t})
+    per_token_logp = torch.where(use, policy_logps / n_tokens.clamp_min(1), 0.0)  # (B, k)
+    loss = -(advantage.detach() * per_token_logp).sum() / use.sum().clamp_min(1)
+    return {"loss": loss, "reward_mean": float(rewards[valid].mean()),
+            "reward_winner": float(torch.where(valid, rewards, -math.inf).amax(dim=1).mean()),
+            "advantage_abs": float(advantage.abs()[use].mean()) if use.any() else 0.0}
+
+
+# ============================================================================================
+# Data, models, scoring
+# ============================================================================================
+
+
+def is_miniature(args: Args) -> bool:
+    return not (args.coco_karpathy or args.train_manifest or args.val_manifest or args.test_manifest)
+
+
+def resolve(args: Args) -> Args:
+    """In the miniature world, every field left at its paper default takes MINIATURE_PRESET's value."""
+    if not is_miniature(args):
+        return args
+    defaults = Args()
+    changes = {key: value for key, value in MINIATURE_PRESET.items() if getattr(args, key) == getattr(defaults, key)}
+    return dataclasses.replace(args, **changes)
+
+
+def load_split(args: Args, split: str) -> list[dict]:
+    """Records with `refs` (a list of references) for train, val or test."""
+    if args.coco_karpathy:
+        if not args.coco_images:
+            raise ValueError("--coco-karpathy needs --coco-images (the folder holding train2014/ and val2014/)")
+        records = load_coco_karpathy(args.coco_karpathy, args.coco_images, splits=[split])
+    elif is_miniature(args):
+        records = read_manifest(ensure_world(args.world) / f"{split}.jsonl")
+    else:
+        path = {"train": args.train_manifest, "val": args.val_manifest, "test": args.test_manifest}[split]
+        if path is None:
+            raise ValueError(f"no {split} data: pass --{split}-manifest (or --coco-karpathy)")
+        records = read_manifest(path, required=("id", "image", "caption"))
+    for record in records:
+        record.setdefault("refs", [record["caption"]])
+    return records
+
+
+_BUNDLES: dict = {}
+
+
+def load_scorer(args: Args, model: str, pretrained: Optional[str], pacs_checkpoint: Optional[str] = None):
+    """An open_clip bundle, loaded once per process; 'miniature' = the scorer of args.world."""
+    key = (model, pretrained, pacs_checkpoint, args.world if model == "miniature" else None)
+    if key not in _BUNDLES:
+        if model == "miniature":
+            path = ensure_miniature_scorer(args.world)
+            _BUNDLES[key] = load_clip(MINIATURE_MODEL, str(path), args.device)
+        else:
+            _BUNDLES[key] = load_clip(model, pretrained, args.device, pacs_checkpoint=pacs_checkpoint)
+    return _BUNDLES[key]
+
+
+def evaluators(args: Args) -> dict:
+    """{"clip_s": (bundle, w), "pac_s": (bundle, w)}."""
+    own_file = args.pacs_pretrained is not None and Path(args.pacs_pretrained).is_file()
+    if args.pacs_model != "miniature" and args.pacs_checkpoint is None and not own_file:
+        raise ValueError("PAC-S needs its fine-tuned weights: pass --pacs-checkpoint /path/to/clip_ViT-B-32.pth")
+    return {"clip_s": (load_scorer(args, args.clip_s_model, args.clip_s_pretrained), CLIP_S_WEIGHT),
+            "pac_s": (load_scorer(args, args.pacs_model, args.pacs_pretrained, args.pacs_checkpoint), PAC_S_WEIGHT)}
+
+
+class ImageBank:
+    """Per split: frozen-encoder tokens for the captioner and evaluator image features, by index."""
+
+    def __init__(self, args: Args, records: list[dict]):
+        self.args, self.records, self.device = args, records, args.device
+        self.encoder = load_scorer(args, args.encoder_model, args.encoder_pretrained)
+        self.tokens = self._encode(range(len(records))) if args.cache_features else None
+        self.scorer_features: dict = {}
+
+    def _encode(self, indices) -> torch.Tensor:
+        indices = list(indices)
+        chunks = []
+        for start in range(0, len(indices), 256):
+            pixels = preprocess_images([self.records[i] for i in indices[start:start + 256]], self.encoder.preprocess)
+            chunks.append(clip_hidden_states(self.encoder.model.visual, pixels.to(self.device)))
+        return torch.cat(chunks)  # (N, 1 + P, W)
+
+    def visual_tokens(self, indices) -> torch.Tensor:
+        if self.tokens is not None:
+            return self.tokens[torch.as_tensor(indices)].to(self.device)
+        return self._encode(indices)
+
+    def image_features(self, bundle, indices) -> np.ndarray:
+        """Normalised evaluator image features (n, E), computed once per image and evaluator."""
+        cache = self.scorer_features.setdefault(id(bundle), {})
+        missing = [i for i in indices if i not in cache]
+        if missing:
+            sources = [self.records[i]["image"] if not isinstance(self.records[i]["image"], str)
+                       else image_path(self.records[i]) for i in missing]
+            for i, feature in zip(missing, encode_images(bundle, sources, progress=False)):
+                cache[i] = feature
+        return np.stack([cache[i] for i in indices])
+
+
+def candidate_rewards(bundle, w: float, img_feats: np.ndarray, texts: list[str], k: int, prefix: str,
+                      clamp: bool) -> torch.Tensor:
+    """(B, k) rewards of k captions per image."""
+    txt = encode_texts(bundle, texts, prefix=prefix, progress=False).reshape(len(img_feats), k, -1)  # (B, k, E)
+    # step 3: r_i = w * cos(E_img(x), E_txt(y_i)); the official training reward has no clamp
+    cos = np.einsum("be,bke->bk", img_feats, txt)
+    return torch.from_numpy(w * (np.clip(cos, 0, None) if clamp else cos)).float()
+
+
+# ============================================================================================
+# Evaluation
+# ============================================================================================
+
+
+def normalize_text(text: str) -> str:
+    """Lowercase, punctuation removed: our stand-in for the COCO toolkit's PTB tokenizer."""
+    return " ".join(text.lower().translate(str.maketrans(string.punctuation, " " * len(string.punctuation))).split())
+
+
+def collapse_indicators(captions: list[str], n: int = 3) -> dict:
+    """Vocabulary used, fraction of distinct captions, repeated n-grams per caption, mean length."""
+    words = [normalize_text(c).split() for c in captions]
+    repeated = []
+    for w in words:
+        grams = [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
+        repeated.append(len(grams) - len(set(grams)))  # occurrences beyond the first of each n-gram
+    return {"vocab": len({t for w in words for t in w}), "distinct": len(set(captions)) / max(1, len(captions)),
+            f"rep_{n}gram": float(np.mean(repeated)), "length": float(np.mean([len(w) for w in words]))}
+
+
+def caption_metrics(args: Args, bank: ImageBank, indices: list[int], captions: list[str]) -> dict:
+    """BLEU-4, CIDEr, the CLIP-based scores, collapse indicators and (miniature) names/hallucinations."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    records = [bank.records[i] for i in indices]
+    gts = {i: [normalize_text(r) for r in rec["refs"]] for i, rec in enumerate(records)}
+    res = {i: [normalize_text(c) or "<empty>"] for i, c in enumerate(captions)}
+    metrics = {"BLEU-4": float(Bleu(4).compute_score(gts, res, verbose=0)[0][3]),
+               "CIDEr": float(Cider().compute_score(gts, res)[0])}
+    for name, (bundle, w) in evaluators(args).items():
+        img = bank.image_features(bundle, indices)
+        cand = encode_texts(bundle, captions, prefix=PREFIX, progress=False)
+        refs = encode_reference_groups(bundle, [rec["refs"] for rec in records], progress=False)
+        score = score_from_features(img, cand, w)  # w * max(cos, 0)
+        label = {"clip_s": "CLIP-S", "pac_s": "PAC-S"}[name]
+        metrics[label] = float(score.mean())
+        metrics[f"Ref{label}"] = float(harmonic_mean(score, ref_similarity(cand, refs)).mean())
+    metrics.update(collapse_indicators(captions))
+    if "objects" in records[0]:  # miniature world: its labels say which names are kept or invented
+        named = [re.sub(r"\b(" + "|".join(n.lower() for n in ENTITY_NAMES) + r")\b", lambda m: m[0].capitalize(), c)
+                 for c in captions]  # BPE lowercases; the world's names are capitalised
+        kept = np.sum([names_kept(c, r) for c, r in zip(named, records)], axis=0)
+        metrics["names_kept"] = float(kept[0] / max(1, kept[1]))
+        metrics["hallucinated"] = float(np.mean([len(hallucinated_words(c, r)) for c, r in zip(named, records)]))
+    return metrics
+
+
+@torch.no_grad()
+def generate_captions(model: Captioner, vocab: Vocab, bank: ImageBank, indices: list[int], beam: int,
+                      batch: int = 100) -> list[str]:
+    model.eval()
+    captions = []
+    for start in range(0, len(indices), batch):
+        tokens, _ = beam_search(model, bank.visual_tokens(indices[start:start + batch]), beam, model.max_len)
+        captions += [vocab.decode(row[0].tolist()) for row in tokens]
+    return captions
+
+
+def evaluate(args: Args, model: Captioner, vocab: Vocab, bank: ImageBank, limit: int) -> tuple[dict, list[str]]:
+    indices = list(range(len(bank.records) if limit <= 0 else min(limit, len(bank.records))))
+    captions = generate_captions(model, vocab, bank, indices, args.eval_beam)
+    return caption_metrics(args, bank, indices, captions), captions
+
+
+# ============================================================================================
+# Checkpoints and distributed training
+# ============================================================================================
+
+
+def load_checkpoint(path) -> dict:
+    """A dico.py checkpoint, or a clear error when the file is missing, corrupted or something else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path} (run the xe stage first, or pass --init)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError) as err:
+        raise RuntimeError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); it is corrupted "
+                           "or truncated: delete it and rerun (or resume from another)") from err
+    if not isinstance(payload, dict) or not {"model", "config", "vocab", "step"} <= set(payload):
+        raise RuntimeError(f"{path} is not a dico.py checkpoint (needs model, config, vocab and step)")
+    return payload
+
+
+def model_from_checkpoint(payload: dict, device: str) -> tuple[Captioner, Vocab]:
+    model = Captioner(**payload["config"]).to(device)
+    model.load_state_dict(payload["model"])
+    return model, Vocab(payload["vocab"])
+
+
+def setup_distributed() -> tuple[int, int]:
+    """(rank, world size) under torchrun; (0, 1) otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return (dist.get_rank(), world_size) if world_size > 1 else (0, 1)
+
+
+def write_log(path: Path, row: dict) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+# ============================================================================================
+# Training: XE pre-training and DiCO / SCST fine-tuning share one loop
+# ============================================================================================
+
+
+def train(args: Args, stage: str) -> dict:
+    """Run `stage` ("xe", "dico" or "scst") into <out>/<stage>; returns the final validation metrics."""
+    rank, world_size = setup_distributed()
+    out = Path(args.out) / stage
+    out.mkdir(parents=True, exist_ok=True)
+    train_records, val_records = load_split(args, "train"), load_split(args, "val")
+    finetune = stage != "xe"
+    if finetune:  # the policy and the frozen reference both start from the XE checkpoint
+        start = load_checkpoint(args.init or Path(args.out) / "xe" / "best.pt")
+        model, vocab = model_from_checkpoint(start, args.device)
+        reference, _ = model_from_checkpoint(start, args.device)
+        reference.eval().requires_grad_(False)
+    else:
+        torch.manual_seed(args.seed)
+        vocab = Vocab.build([r["caption"] for r in train_records], args.restrict_vocab)
+        width = load_scorer(args, args.encoder_model, args.encoder_pretrained).model.visual.transformer.width
+        model = Captioner(len(vocab.bpe_ids), vocab.bos, vocab.eos, width, args.d_model, args.encoder_layers,
+                          args.decoder_layers, args.heads, args.ffn, args.dropout, args.max_len).to(args.device)
+    steps, batch_size = (args.steps, args.batch_size) if finetune else (args.xe_steps, args.xe_batch_size)
+    peak_lr = args.lr if finetune else args.xe_lr
+    optimizer = torch.optim.Adam(model.parameters(), lr=peak_lr)
+    step, best = 0, -math.inf
+    if args.resume and (out / "last.pt").exists():
+        state = load_checkpoint(out / "last.pt")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, best = state["step"], state["best"]
+        print(f"[{stage}] resuming from step {step} ({out / 'last.pt'})")
+    policy = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    train_bank, val_bank = ImageBank(args, train_records), ImageBank(args, val_records)
+    reward_bundle, reward_w = evaluators(args)[args.reward] if finetune else (None, None)
+    if not finetune:
+        targets_all = [vocab.encode(r["caption"], args.max_len) for r in train_records]
+
+    def checkpoint(path, metrics=None):
+        save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                               "best": best, "config": model.config, "vocab": vocab.bpe_ids, "stage": stage,
+                               "metrics": metrics or {}, "args": json.loads(json.dumps(dataclasses.asdict(args)))})
+
+    def validate():
+        nonlocal best
+        metrics, _ = evaluate(args, model, vocab, val_bank, args.val_images)
+        if metrics["RefPAC-S"] > best:  # the paper keeps the best validation RefPAC-S
+            best = metrics["RefPAC-S"]
+            checkpoint(out / "best.pt", metrics)
+        write_log(out / "log.jsonl", {"step": step, "val": metrics})
+        print(f"[{stage}] step {step} val " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        return metrics
+
+    if rank == 0 and step == 0 and not (out / "best.pt").exists():
+        validate()  # the starting point is a candidate too (and the XE/DiCO baseline)
+    started = time.time()
+    while step < steps:
+        torch.manual_seed(args.seed * 100003 + step * world_size + rank)  # dropout / sampling, resumable
+        rng = np.random.default_rng([args.seed, step, rank])
+        indices = rng.choice(len(train_records), size=min(batch_size, len(train_records)), replace=False).tolist()
+        visual = train_bank.visual_tokens(indices)  # (B, 1 + P, W)
+        if not finetune:
+            model.train()
+            for group in optimizer.param_groups:  # linear warm-up over the first xe_warmup of the steps
+                group["lr"] = peak_lr * min(1.0, (step + 1) / max(1.0, args.xe_warmup * steps))
+            rows = [targets_all[i] for i in indices]
+            tokens = torch.full((len(rows), max(map(len, rows))), vocab.pad, dtype=torch.long)
+            for i, row in enumerate(rows):
+                tokens[i, :len(row)] = torch.tensor(row)
+            inputs, targets, mask = teacher_forcing(tokens.to(args.device), vocab.bos, vocab.pad)
+            terms = xe_loss(policy(visual, inputs), targets, mask)
+        else:
+            model.eval()  # no dropout: s(y) = 0 at the start (Deviation 4)
+            k = args.beams
+            if args.candidates == "beam":
+                tokens, scores = beam_search(model, visual, k, args.max_len)  # (B, k, T), no autograd
+            else:
+                tokens, scores = sample(model, visual, k, args.max_len)
+            valid = distinct_and_finite(tokens, scores)  # (B, k)
+            texts = [vocab.decode(row.tolist()) for row in tokens.flatten(0, 1)]
+            img = train_bank.image_features(reward_bundle, indices)
+            rewards = candidate_rewards(reward_bundle, reward_w, img, texts, k, args.reward_prefix,
+                                        args.reward_clamp).to(args.device)  # (B, k)
+            inputs, targets, mask = teacher_forcing(tokens.flatten(0, 1), vocab.bos, vocab.pad, valid.flatten())
+            # log pi(y|x) = sum_t log p(y_t | y_<t, x), EOS included, padding masked, not length-normalised
+            policy_logps = sequence_logprobs(policy(visual, inputs, beams=k), targets, mask, impl=args.kernel)
+            with torch.no_grad():
+                ref_logps = sequence_logprobs(reference(visual, inputs, beams=k), targets, mask, impl=args.kernel)
+            if stage == "dico":
+                terms = dico_terms(policy_logps.view(-1, k), ref_logps.view(-1, k), rewards, valid, args.beta,
+                                   args.tau, args.kernel)
+            else:
+                terms = scst_terms(policy_logps.view(-1, k), mask.sum(1).view(-1, k), rewards, valid)
+        loss = terms["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"[{stage}] loss is {loss.item()} at step {step}; stopped before the "
+                                     "checkpoint is poisoned (lower the learning rate?)")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        if rank == 0:
+            row = {"step": step, **{k: (v.item() if torch.is_tensor(v) else v) for k, v in terms.items()},
+                   "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - started}
+            write_log(out / "log.jsonl", row)
+            if step % args.eval_every == 0 or step == steps:
+                validate()
+            if step % args.save_every == 0 or step == steps:
+                checkpoint(out / "last.pt")
+        if world_size > 1:
+            dist.barrier()
+    if rank != 0:
+        return {}
+    final = load_checkpoint(out / "last.pt")
+    atomic_write_text(out / "metrics.json", json.dumps({"step": final["step"], "best_val_RefPAC-S": final["best"],
+                                                        "seconds": time.time() - started}, indent=1))
+    return {"best_val_RefPAC-S": final["best"], "last": str(out / "last.pt"), "best": str(out / "best.pt")}
+
+
+# ============================================================================================
+# Evaluation stage, the miniature experiment, main
+# ============================================================================================
+
+COLUMNS = ("CIDEr", "BLEU-4", "CLIP-S", "RefCLIP-S", "PAC-S", "RefPAC-S", "vocab", "distinct", "rep_3gram", "length",
+           "names_kept", "hallucinated")
+
+
+def markdown_table(rows: dict[str, list[dict]]) -> str:
+    """Mean (and +- std over seeds when there are several) of each metric, one row per model."""
+    columns = [c for c in COLUMNS if any(c in runs[0] for runs in rows.values())]
+    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, runs in rows.items():
+        cells = []
+        for column in columns:
+            values = np.array([run[column] for run in runs])
+            cell = f"{values.mean():.3f}" if values.mean() < 10 else f"{values.mean():.1f}"
+            cells.append(cell + (f" ± {values.std():.3f}" if len(values) > 1 else ""))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_eval(args: Args, checkpoints: list[str], out: Path) -> dict:
+    """Caption `args.split` with each checkpoint; metrics JSON, captions manifest, Markdown table."""
+    records = load_split(args, args.split)
+    bank = ImageBank(args, records)
+    limit = args.eval_images if args.eval_images > 0 else len(records)
+    results = {}
+    gt_captions = [r["caption"] for r in records[:limit]]
+    results["ground truth"] = caption_metrics(args, bank, list(range(limit)), gt_captions)
+    for path in checkpoints:
+        model, vocab = model_from_checkpoint(load_checkpoint(path), args.device)
+        name = f"{Path(path).parent.name}/{Path(path).stem}"
+        metrics, captions = evaluate(args, model, vocab, bank, limit)
+        results[name] = metrics
+        lines = [json.dumps({"id": r["id"], "image": str(image_path(r)), "caption": c, "refs": r["refs"]})
+                 for r, c in zip(records, captions)]  # a manifest: stages chain through files
+        atomic_write_text(out / f"captions-{name.replace('/', '-')}.jsonl", "\n".join(lines) + "\n")
+    atomic_write_text(out / "metrics.json", json.dumps(results, indent=1))
+    atomic_write_text(out / "table.md", markdown_table({name: [m] for name, m in results.items()}))
+    print(markdown_table({name: [m] for name, m in results.items()}))
+    return results
+
+
+def run_miniature(args: Args) -> dict:
+    """XE, then DiCO and SCST from the same XE checkpoint with the same budget, then eval; per seed."""
+    started, per_seed = time.time(), {}
+    for seed in range(args.seed, args.seed + args.n_seeds):
+        seed_args = dataclasses.replace(args, seed=seed, out=str(Path(args.out) / f"seed{seed}"))
+        train(seed_args, "xe")
+        xe_best = str(Path(seed_args.out) / "xe" / "best.pt")
+        for algo in ("dico", "scst"):
+            train(dataclasses.replace(seed_args, algo=algo, init=xe_best), algo)
+        runs = [Path(seed_args.out) / algo / name for algo in ("dico", "scst") for name in ("last.pt", "best.pt")]
+        checkpoints = [xe_best] + [str(path) for path in runs]
+        per_seed[seed] = run_eval(seed_args, checkpoints, Path(seed_args.out) / "eval")
+    rows = {name: [per_seed[s][name] for s in per_seed] for name in per_seed[args.seed]}
+    table = markdown_table(rows)
+    minutes = (time.time() - started) / 60
+    header = (f"Miniature world (a controlled experiment, not evidence about COCO), seeds {list(per_seed)}, "
+              f"test images {args.eval_images}, {minutes:.1f} min. PAC-S here = 2.0 x the miniature scorer's "
+              "cosine (no PAC-S checkpoint exists there).\n\n")
+    atomic_write_text(Path(args.out) / "results.md", header + table)
+    atomic_write_text(Path(args.out) / "results.json", json.dumps({"per_seed": per_seed, "minutes": minutes}, indent=1))
+    print(header + table)
+    return {"per_seed": per_seed, "table": table, "minutes": minutes}
+
+
+def main(argv=None) -> dict:
+    args = resolve(tyro.cli(Args, args=argv))
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.stage == "miniature":
+        return run_miniature(args)
+    if args.stage == "xe":
+        return train(args, "xe")
+    if args.stage == "dico":
+        return train(args, args.algo)
+    checkpoints = args.checkpoints or [str(p) for a in ("xe", "dico", "scst")
+                                       if (p := Path(args.out) / a / "best.pt").exists()]
+    if not checkpoints:
+        raise FileNotFoundError(f"no checkpoints to evaluate: pass --checkpoints or train into {args.out} first")
+    return run_eval(args, checkpoints, Path(args.out) / "eval")
+
+
+if __name__ == "__main__":
+    main()
