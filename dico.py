@@ -91,7 +91,7 @@ from common.clip_score import (CLIP_S_WEIGHT, PAC_S_WEIGHT, PREFIX, encode_image
                                encode_texts, harmonic_mean, load_clip, ref_similarity, score_from_features)
 from common.clip_train import MINIATURE_MODEL, ensure_miniature_scorer, preprocess_images, save_checkpoint
 from common.data import atomic_write_text, image_path, load_coco_karpathy, read_manifest
-from common.miniature import ENTITY_NAMES, WorldConfig, ensure_world, hallucinated_words, names_kept
+from common.miniature import WorldConfig, ensure_world, hallucinated_words, names_kept
 from kernels.dico import dico_loss, dico_stats, sequence_logprobs
 
 
@@ -574,11 +574,9 @@ def caption_metrics(args: Args, bank: ImageBank, indices: list[int], captions: l
         metrics[f"Ref{label}"] = float(harmonic_mean(score, ref_similarity(cand, refs)).mean())
     metrics.update(collapse_indicators(captions))
     if "objects" in records[0]:  # miniature world: its labels say which names are kept or invented
-        named = [re.sub(r"\b(" + "|".join(n.lower() for n in ENTITY_NAMES) + r")\b", lambda m: m[0].capitalize(), c)
-                 for c in captions]  # BPE lowercases; the world's names are capitalised
-        kept = np.sum([names_kept(c, r) for c, r in zip(named, records)], axis=0)
+        kept = np.sum([names_kept(c, r) for c, r in zip(captions, records)], axis=0)
         metrics["names_kept"] = float(kept[0] / max(1, kept[1]))
-        metrics["hallucinated"] = float(np.mean([len(hallucinated_words(c, r)) for c, r in zip(named, records)]))
+        metrics["hallucinated"] = float(np.mean([len(hallucinated_words(c, r)) for c, r in zip(captions, records)]))
     return metrics
 
 

@@ -322,20 +322,21 @@ def teacher_fusion(scene: dict, alt: str, draw: dict) -> str:
 
 
 def _words(text: str) -> set[str]:
-    return set(text.replace(",", " ").replace(".", " ").replace(";", " ").split())
+    """Lower-cased words: CLIP's tokenizer lower-cases, so a generated "aldora" names Aldora."""
+    return set(text.lower().replace(",", " ").replace(".", " ").replace(";", " ").split())
 
 
 def names_kept(text: str, record: dict) -> tuple[int, int]:
     """(names of the image's emblems that `text` mentions, names the image has)."""
-    truth = [obj["entity"] for obj in record["objects"] if obj["entity"]]
+    truth = [obj["entity"].lower() for obj in record["objects"] if obj["entity"]]
     words = _words(text)
     return sum(name in words for name in truth), len(truth)
 
 
 def hallucinated_words(text: str, record: dict) -> list[str]:
-    """Colour, shape and name words in `text` that nothing in the image has."""
-    present = {obj[key] for obj in record["objects"] for key in ("color", "shape", "entity") if obj[key]}
-    vocabulary = set(COLORS) | set(SHAPES) | set(ENTITY_NAMES)
+    """Colour, shape and name words in `text` (lower-cased) that nothing in the image has."""
+    present = {obj[key].lower() for obj in record["objects"] for key in ("color", "shape", "entity") if obj[key]}
+    vocabulary = set(COLORS) | set(SHAPES) | {name.lower() for name in ENTITY_NAMES}
     return sorted(word for word in _words(text) & vocabulary if word not in present)
 
 
