@@ -77,7 +77,8 @@ from common.data import ManifestError, atomic_write_text, image_path, read_manif
 from common.miniature import SEGMENTATION_CLASSES, WorldConfig, ensure_world
 
 Regime = Literal["datacomp", "datacompdr", "swap"]
-# The miniature budget (measured on 2 CPU cores); the paper's ViT-B/16 runs see billions of samples.
+# The miniature budget: a small, unsized choice (the run took 20 min on 2 heavily shared cores);
+# the paper's ViT-B/16 runs see billions of samples.
 MINIATURE_TRAINING = TrainConfig(steps=120, batch_size=128, lr=2e-3, warmup=12, seed=0)
 
 
