@@ -368,7 +368,7 @@ def attention_maps(visual: nn.Module, images: torch.Tensor) -> list[torch.Tensor
     """Per layer (B, H, L, L) attention probabilities, recomputed from each block's captured input."""
     blocks = visual.transformer.resblocks
     if not all(isinstance(getattr(block, "attn", None), nn.MultiheadAttention) for block in blocks):
-        raise NotImplementedError(f"{type(blocks[0]).__name__} blocks lack nn.MultiheadAttention: attention "
+        raise TypeError(f"{type(blocks[0]).__name__} blocks lack nn.MultiheadAttention: attention "
                                   "distance supports open_clip VisionTransformer towers only")
     captured = {}
     hooks = [block.attn.register_forward_pre_hook(lambda module, a, kw, i=i: captured.__setitem__(i, (a, kw)),
