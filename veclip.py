@@ -98,7 +98,7 @@ from common.clip_train import (MINIATURE_MODEL, TrainConfig, cosine_lr, create_c
                                evaluate_world, make_optimizer, preprocess_images, retrieval_metrics, save_checkpoint,
                                zero_shot_accuracy)
 from common.data import (BadSampleError, ResumableJSONLWriter, SkipCounter, atomic_write_text, image_path,
-                         merge_rank_outputs, open_image, rank_path, read_manifest, shard)
+                         merge_rank_outputs, open_image, open_record_image, rank_path, read_manifest, shard)
 from common.miniature import WorldConfig, ensure_world
 from kernels.contrastive import clip_loss
 
@@ -370,14 +370,12 @@ def stage_vec(args: Args, records: list[dict]) -> dict:
     def process_batch(batch: list[dict], counts: Counter):
         kept, images = [], []
         for record in batch:
-            try:
-                images.append(open_image(image_path(record), str(record["id"])))
-                kept.append(record)
-            except BadSampleError as err:
-                if args.strict:
-                    raise
-                skipped.add(str(record["id"]), str(err))
+            image = open_record_image(record, skipped, args.strict)
+            if image is None:
                 counts["unreadable_images"] += 1
+                continue
+            images.append(image)
+            kept.append(record)
         if not kept:
             return []
         inputs = processor(images=images, text=[prompt] * len(images), return_tensors="pt", padding=True).to(device)

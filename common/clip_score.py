@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from common.data import BadSampleError, SkipCounter, atomic_write_text, image_path, open_image, read_manifest
+from common.data import (BadSampleError, SkipCounter, atomic_write_text, open_image, open_record_image,
+                         read_manifest)
 
 CLIP_S_WEIGHT = 2.5  # jmhessel/clipscore: w = 2.5
 PAC_S_WEIGHT = 2.0  # aimagelab/pacscore: w = 2.0
@@ -274,17 +275,20 @@ def score_manifest(args: Args, chunk_size: int = 2048) -> dict:
         chunk, images = [], []
         for record in records[start:start + chunk_size]:
             text = record.get(args.text_field)
-            try:
-                if not isinstance(text, str) or not text.strip():
-                    raise BadSampleError(f"sample {record['id']!r}: field {args.text_field!r} missing or empty")
-                if args.refs_field is not None and not record.get(args.refs_field):
-                    raise BadSampleError(f"sample {record['id']!r}: no references in {args.refs_field!r}")
-                images.append(open_image(image_path(record), str(record["id"])))
-                chunk.append(record)
-            except BadSampleError as err:
+            problem = None
+            if not isinstance(text, str) or not text.strip():
+                problem = f"sample {record['id']!r}: field {args.text_field!r} missing or empty"
+            elif args.refs_field is not None and not record.get(args.refs_field):
+                problem = f"sample {record['id']!r}: no references in {args.refs_field!r}"
+            if problem is not None:
                 if args.strict:
-                    raise
-                skipped.add(str(record["id"]), str(err))
+                    raise BadSampleError(problem)
+                skipped.add(str(record["id"]), problem)
+                continue
+            image = open_record_image(record, skipped, args.strict)
+            if image is not None:
+                images.append(image)
+                chunk.append(record)
         if not chunk:
             continue
         cand = encode_texts(bundle, [r[args.text_field] for r in chunk], progress=False)

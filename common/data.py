@@ -146,6 +146,19 @@ def open_image(source: Any, sample: str = "?") -> Image.Image:
     return image.convert("RGB")
 
 
+def open_record_image(record: dict, skipped: "SkipCounter", strict: bool = False) -> Image.Image | None:
+    """A record's image as RGB, or None after counting it in `skipped` (strict: BadSampleError)."""
+    sample = str(record.get("id", "?"))
+    source = record["image"] if isinstance(record["image"], Image.Image) else image_path(record)
+    try:
+        return open_image(source, sample)
+    except BadSampleError as err:
+        if strict:
+            raise
+        skipped.add(sample, str(err))
+        return None
+
+
 def pick_text(record: dict, text_field: str, rng: random.Random | None = None) -> str:
     """The record's text for `text_field`; a list field yields one element drawn uniformly by `rng`."""
     sample = record.get("id", "?")
