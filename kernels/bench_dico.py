@@ -189,7 +189,7 @@ def markdown(rows):
     return "\n".join(lines)
 
 
-def main():
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -200,7 +200,7 @@ def main():
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms (default: %(default)s)")
     parser.add_argument("--rep", type=int, default=100, help="do_bench timing, ms (default: %(default)s)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_dico: needs a CUDA GPU (the kernels are timed on the device); none is visible")
 
@@ -218,6 +218,7 @@ def main():
         versions = {"device": device, "torch": torch.__version__, "triton": triton.__version__}
         json.dump({**versions, "rows": rows}, handle, indent=1)
     print(f"\nwrote {args.json}", file=sys.stderr)
+    return {**versions, "rows": rows}
 
 
 if __name__ == "__main__":
