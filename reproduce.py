@@ -1,24 +1,37 @@
-"""The main job: the miniature world, its scorer, and what each caption variant is worth there.
+"""The main job: all five papers in miniature, and one table of their claims.
 
-Today it builds the miniature world (common/miniature.py), trains (once, then cached) the small
-CLIP that scores captions there, and measures every caption variant of the test split: CLIP-S
-and RefCLIP-S under that scorer, how many proper names a variant keeps, how many attribute
-words it hallucinates. The paper files join this table as they land.
+It builds the miniature world (common/miniature.py), trains (once, then cached) the small CLIP
+that scores captions there, measures what each caption variant of the world is worth, then runs
+each paper file's default miniature run in turn (VeCLIP, CapsFusion, Altogether, DiCO, CLIP with
+Quality Captions) and checks each paper's claims against what the run measured:
 
-    python reproduce.py                # one seed, a few minutes on 2 CPU cores
-    python reproduce.py --seeds 3      # mean and spread over three worlds and scorers
+    python reproduce.py                # one seed, the whole job in about 20 minutes on 2 CPU cores
+    python reproduce.py --seeds 3      # mean and spread over seeds 0, 1, 2 (about 3x as long)
+    python reproduce.py --papers dico veclip --seeds 3
 
-Writes results/world.json and results/world.md. The miniature world is a controlled experiment,
-not the papers' data: its numbers show mechanisms, not real-world effect sizes.
+Writes results/claims.md (+ .json): one row per claim with the numbers (mean ± std over seeds)
+and a verdict; results/world.md (+ .json); and each paper's own tables and plots under
+results/<paper>/. A verdict compares two means against their spread over seeds: "held" when the
+difference has the claimed sign and exceeds the sum of the two standard deviations, "reversed"
+when it has the opposite sign by as much, "within seed spread" otherwise (with one seed there is
+no spread: the sign decides, and the verdict says "1 seed").
+
+The miniature world is a controlled experiment, not the papers' data: a claim that holds here has
+been shown possible under controlled conditions; one that does not is a finding to explain (each
+paper file's header and docs/<paper>.md say why), never a number to tune.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
+import shlex
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -30,22 +43,33 @@ from common.data import atomic_write_text, image_path, read_manifest
 from common.miniature import WorldConfig, ensure_world, hallucinated_words, names_kept, world_statistics
 
 VARIANTS = ("caption", "alt_text", "synthetic_caption", "fused")
+Paper = Literal["veclip", "capsfusion", "altogether", "dico", "clip_quality"]
+PAPERS: tuple[Paper, ...] = ("veclip", "capsfusion", "altogether", "dico", "clip_quality")
 
 
 @dataclass
 class Args:
-    """Reproduce in miniature: build the world, train its scorer, score the caption variants."""
+    """Reproduce in miniature: the world, its scorer, the caption variants, then every paper's claims."""
 
     seeds: int = 1
-    """worlds (and scorers) to run, seeds 0..seeds-1; the table shows mean and spread"""
+    """seeds 0..seeds-1 for the world table and for every paper's run; tables show mean ± std"""
+    papers: tuple[Paper, ...] = PAPERS
+    """paper files to run (none: `--papers` with no value runs the world table only)"""
+    paper_args: tuple[str, ...] = ()
+    """extra arguments for one paper's run, as NAME=ARGS, e.g. "dico=--steps 60" (repeatable)"""
     world: WorldConfig = WorldConfig()
-    """the miniature world's knobs (its seed is replaced by each run's seed)"""
+    """the miniature world's knobs, passed on to every paper (its seed is replaced by each run's seed)"""
     scorer: TrainConfig = SCORER_TRAINING
     """how the world's scorer is trained (its seed is replaced by each run's seed)"""
     scorer_model: str = MINIATURE_MODEL
     """open_clip architecture of the scorer"""
     out: str = "results"
-    """folder for world.json and world.md"""
+    """folder for claims.{md,json}, world.{md,json} and one subfolder per paper"""
+
+
+# =============================================================================================
+# The world table: what each caption variant is worth under the world's scorer
+# =============================================================================================
 
 
 def score_variants(seed: int, args: Args) -> dict:
@@ -70,12 +94,13 @@ def score_variants(seed: int, args: Args) -> dict:
             "world_statistics": world_statistics(read_manifest(folder / "train.jsonl"))}
 
 
-def mean_spread(values: list[float]) -> str:
-    return f"{np.mean(values):.2f}" if len(values) == 1 else f"{np.mean(values):.2f} ± {np.std(values):.2f}"
+def mean_spread(values: list[float], digits: int = 2) -> str:
+    text = f"{np.mean(values):.{digits}f}"
+    return text if len(values) == 1 else f"{text} ± {np.std(values):.{digits}f}"
 
 
-def markdown(runs: list[dict]) -> str:
-    """The results as Markdown tables: the scorer's quality, then one row per caption variant."""
+def world_markdown(runs: list[dict]) -> str:
+    """The world as Markdown tables: the scorer's quality, then one row per caption variant."""
     n = len(runs)
     lines = [f"# The miniature world ({n} seed{'s' * (n > 1)}; mean ± std over seeds)", "",
              "A controlled experiment, not the papers' data.", "",
@@ -94,21 +119,194 @@ def markdown(runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# =============================================================================================
+# Verdicts: does a claimed difference show, beyond the spread over seeds?
+# =============================================================================================
+
+
+def verdict(a: list[float], b: list[float], claim: Literal[">", "<", ">="]) -> str:
+    """Whether mean(a) claim mean(b) holds, judged against the seeds' spread (see the module docstring).
+
+    `>=` ("a is not worse than b") holds unless a falls below b by more than the spread.
+    """
+    difference = float(np.mean(a) - np.mean(b))
+    if claim == "<":
+        difference = -difference
+    spread = float(np.std(a) + np.std(b))
+    one_seed = " (1 seed)" if min(len(a), len(b)) == 1 else ""
+    if claim == ">=":
+        return ("held" if difference >= -spread else "reversed") + one_seed
+    if difference > spread:
+        return "held" + one_seed
+    if difference < -spread:
+        return "reversed" + one_seed
+    return "within seed spread"
+
+
+def claim_row(claim: str, metric: str, a_name: str, a: list[float], b_name: str, b: list[float],
+              relation: Literal[">", "<", ">="], digits: int = 2) -> dict:
+    """One row of the claims table: the claim, what was compared, both numbers and the verdict."""
+    return {"claim": claim, "measured": f"{metric}: {a_name} {mean_spread(a, digits)} vs {b_name} {mean_spread(b, digits)}",
+            "verdict": verdict(a, b, relation), "a": a, "b": b}
+
+
+# =============================================================================================
+# Each paper: how to run its default miniature run, and its claims over that run's results
+# =============================================================================================
+
+
+def veclip_claims(result: dict) -> list[dict]:
+    c = result["conditions"]
+    alt, vec, llm_vec, mix = (c[k] for k in ("AltText", "VeC", "LLM-VeC", "AltText+LLM-VeC mix"))
+    return [
+        claim_row("Rewritten captions (LLM-VeC) train a better CLIP than alt-text", "I->T R@1 %",
+                  "LLM-VeC", llm_vec["i2t_R@1"], "AltText", alt["i2t_R@1"], ">", 1),
+        claim_row("Fusing alt-text into the VeC (LLM-VeC) beats the VeC alone", "I->T R@1 %",
+                  "LLM-VeC", llm_vec["i2t_R@1"], "VeC", vec["i2t_R@1"], ">", 1),
+        claim_row("The AltText/LLM-VeC mix keeps LLM-VeC's retrieval", "I->T R@1 %",
+                  "mix", mix["i2t_R@1"], "LLM-VeC", llm_vec["i2t_R@1"], ">=", 1),
+        claim_row("The mix adds zero-shot accuracy over LLM-VeC", "zero-shot attributes %",
+                  "mix", mix["zeroshot_attributes"], "LLM-VeC", llm_vec["zeroshot_attributes"], ">", 1),
+        claim_row("The mix keeps the alt-text's world knowledge (named entities)", "zero-shot emblem names %",
+                  "mix", mix["zeroshot_entity"], "LLM-VeC", llm_vec["zeroshot_entity"], ">", 1),
+    ]
+
+
+def dico_claims(result: dict) -> list[dict]:
+    seeds = list(result["per_seed"].values())
+    column = lambda model, metric: [run[model][metric] for run in seeds]  # noqa: E731
+    return [
+        claim_row("DiCO raises the CLIP-based score it optimises over the XE captioner", "PAC-S",
+                  "DiCO", column("dico/last", "PAC-S"), "XE", column("xe/best", "PAC-S"), ">", 3),
+        claim_row("DiCO keeps the reference-based quality of XE", "CIDEr",
+                  "DiCO", column("dico/last", "CIDEr"), "XE", column("xe/best", "CIDEr"), ">=", 3),
+        claim_row("DiCO stays fluent where SCST on the same reward repeats itself", "repeated 3-grams / caption",
+                  "DiCO", column("dico/last", "rep_3gram"), "SCST", column("scst/last", "rep_3gram"), "<", 3),
+        claim_row("DiCO keeps a more diverse vocabulary than SCST", "distinct words used",
+                  "DiCO", column("dico/last", "vocab"), "SCST", column("scst/last", "vocab"), ">", 1),
+        claim_row("DiCO beats SCST on the reference-based CLIP score", "RefPAC-S",
+                  "DiCO", column("dico/last", "RefPAC-S"), "SCST", column("scst/last", "RefPAC-S"), ">", 3),
+    ]
+
+
+def clip_quality_claims(result: dict) -> list[dict]:
+    pre = result["pretrain"]
+    regime_of = {run["checkpoint"]: run["regime"] for run in pre}
+    probes = [{**row, "regime": regime_of.get(row["checkpoint"], row["checkpoint"])} for row in result["probe"]]
+    by = lambda rows, regime, key: [r[key] for r in rows if r["regime"] == regime]  # noqa: E731
+    rows = [claim_row("Training on quality (synthetic) captions gives a better CLIP", "I->T R@1 %",
+                      "DataCompDR", by(pre, "datacompdr", "i2t_R@1"), "DataComp", by(pre, "datacomp", "i2t_R@1"), ">", 1),
+            claim_row("Its image encoder transfers better to segmentation", "probe mIoU %",
+                      "DataCompDR", by(probes, "datacompdr", "mIoU"), "DataComp", by(probes, "datacomp", "mIoU"), ">", 1),
+            claim_row("... and to depth estimation", "probe depth RMSE (m)",
+                      "DataCompDR", by(probes, "datacompdr", "depth_RMSE"), "DataComp", by(probes, "datacomp", "depth_RMSE"), "<", 3),
+            claim_row("(control) pretraining helps dense probes at all", "probe mIoU %",
+                      "DataCompDR", by(probes, "datacompdr", "mIoU"), "random init", by(probes, "random", "mIoU"), ">", 1)]
+    efficiency = result["efficiency"]
+    sizes = sorted({r["train_images"] for r in efficiency})
+    if len(sizes) > 1:
+        small, large = sizes[0], sizes[-1]
+        pick = lambda regime, n: [r["mIoU"] for r in efficiency if r["regime"] == regime and r["train_images"] == n]  # noqa: E731
+        rows.append(claim_row(f"Data efficiency: DataCompDR on {small} images transfers as well as DataComp on {large}",
+                              "probe mIoU %", f"DataCompDR n={small}", pick("datacompdr", small),
+                              f"DataComp n={large}", pick("datacomp", large), ">=", 1))
+    attention = result["attention"]
+    last_layer = {label: float(np.mean(values["per_layer_per_head_px"][-1])) for label, values in attention.items()}
+    local = lambda regime: [v for label, v in last_layer.items() if label.startswith(regime + "-")]  # noqa: E731
+    if local("datacompdr") and local("datacomp"):
+        rows.append(claim_row("More local attention in the last layer (smaller mean attention distance)",
+                              "last layer's mean attention distance (px)", "DataCompDR", local("datacompdr"),
+                              "DataComp", local("datacomp"), "<", 1))
+    return rows
+
+
+def run_arguments(paper: str, seeds: int, out: Path) -> list[str]:
+    """The command-line arguments of a paper's default miniature run, with the seeds and output folder."""
+    if paper == "dico":
+        return ["miniature", "--n-seeds", str(seeds), "--out", str(out)]
+    if paper == "clip_quality":
+        return ["miniature", "--seeds", *map(str, range(seeds)), "--out", str(out)]
+    return ["--stage", "miniature", "--seeds", str(seeds), "--out", str(out)]
+
+
+CLAIMS: dict[str, Callable[[dict], list[dict]]] = {
+    "veclip": veclip_claims, "dico": dico_claims, "clip_quality": clip_quality_claims}
+
+
+def world_arguments(world: WorldConfig) -> list[str]:
+    """`--world.<knob> value` for every knob that differs from the default world (the seed excepted)."""
+    default, argv = WorldConfig(), []
+    for knob in dataclasses.fields(WorldConfig):
+        value = getattr(world, knob.name)
+        if knob.name != "seed" and value != getattr(default, knob.name):
+            argv += [f"--world.{knob.name.replace('_', '-')}", str(value)]
+    return argv
+
+
+def extra_arguments(paper_args: tuple[str, ...]) -> dict[str, list[str]]:
+    """{paper: [args]} from NAME=ARGS strings, with an error naming a malformed or unknown entry."""
+    extra: dict[str, list[str]] = {}
+    for entry in paper_args:
+        name, sep, text = entry.partition("=")
+        if not sep or name not in PAPERS:
+            raise ValueError(f"--paper-args {entry!r}: expected NAME=ARGS with NAME one of {', '.join(PAPERS)}")
+        extra.setdefault(name, []).extend(shlex.split(text))
+    return extra
+
+
+def run_paper(paper: str, args: Args, extra: list[str]) -> dict:
+    """Import the paper file, run its miniature run into OUT/<paper>, return its results and its claims."""
+    out = Path(args.out) / paper
+    argv = run_arguments(paper, args.seeds, out) + world_arguments(args.world) + extra
+    print(f"\n===== {paper}: python {paper}.py {shlex.join(argv)}", flush=True)
+    began = time.time()
+    result = importlib.import_module(paper).main(argv)
+    minutes = (time.time() - began) / 60
+    print(f"===== {paper}: done in {minutes:.1f} min", flush=True)
+    return {"minutes": minutes, "argv": argv, "claims": CLAIMS[paper](result)}
+
+
+def claims_markdown(papers: dict[str, dict], seeds: int, minutes: float) -> str:
+    lines = [f"# The papers' claims in the miniature world ({seeds} seed{'s' * (seeds > 1)}, {minutes:.1f} min)", "",
+             "A controlled experiment, not the papers' data. Verdict: `held` when the difference has the claimed sign "
+             "and exceeds the sum of the two standard deviations over seeds; `reversed` when the opposite does; "
+             "`within seed spread` otherwise. Each paper file's header and docs/<paper>.md explain the rows.", "",
+             "| paper | claim | measured (mean ± std over seeds) | verdict |", "|---|---|---|---|"]
+    for paper, run in papers.items():
+        for row in run["claims"]:
+            lines.append(f"| {paper} | {row['claim']} | {row['measured']} | {row['verdict']} |")
+    lines += ["", "| paper | minutes | command |", "|---|---|---|"]
+    lines += [f"| {paper} | {run['minutes']:.1f} | `python {paper}.py {shlex.join(run['argv'])}` |"
+              for paper, run in papers.items()]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> dict:
     args = tyro.cli(Args, args=argv)
-    start = time.time()
+    extra = extra_arguments(args.paper_args)
+    start, out = time.time(), Path(args.out)
     runs = []
     for seed in range(args.seeds):
-        print(f"[seed {seed}] building the world and its scorer (cached after the first run) ...", flush=True)
+        print(f"[world, seed {seed}] building the world and its scorer (cached after the first run) ...", flush=True)
         runs.append(score_variants(seed, args))
-    report = {"runs": runs, "seconds": time.time() - start, "world": dataclasses.asdict(args.world),
-              "scorer": {"model": args.scorer_model, **dataclasses.asdict(args.scorer)}}
-    out = Path(args.out)
-    atomic_write_text(out / "world.json", json.dumps(report, indent=1))
-    table = markdown(runs)
-    atomic_write_text(out / "world.md", table)
+    world = {"runs": runs, "world": dataclasses.asdict(args.world),
+             "scorer": {"model": args.scorer_model, **dataclasses.asdict(args.scorer)}}
+    atomic_write_text(out / "world.json", json.dumps(world, indent=1))
+    atomic_write_text(out / "world.md", world_markdown(runs))
+    print(world_markdown(runs))
+    papers = {}
+    for index, paper in enumerate(args.papers, start=1):
+        print(f"[{index}/{len(args.papers)}] {paper} ({time.time() - start:.0f} s so far)", flush=True)
+        papers[paper] = run_paper(paper, args, extra.get(paper, []))
+    minutes = (time.time() - start) / 60
+    report = {"world": world, "papers": papers, "minutes": minutes, "seeds": args.seeds}
+    atomic_write_text(out / "claims.json", json.dumps(report, indent=1))
+    table = claims_markdown(papers, args.seeds, minutes)
+    atomic_write_text(out / "claims.md", table)
+    for png in out.glob("*/*.png"):  # the papers' plots side by side, for the README
+        shutil.copyfile(png, out / f"{png.parent.name}-{png.name}")
     print(table)
-    print(f"written to {out}/world.json and {out}/world.md in {report['seconds']:.0f} s")
+    print(f"written to {out}/ in {minutes:.1f} min")
     return report
 
 

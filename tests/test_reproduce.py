@@ -1,22 +1,67 @@
-"""reproduce.py: the main job runs end to end on a tiny world and writes its table."""
+"""reproduce.py: verdicts on hand-made numbers, and the main job end to end on a tiny world."""
 
 import json
 
-from reproduce import VARIANTS, main
+import pytest
+
+import reproduce
+from common.clip_train import TrainConfig, ensure_miniature_scorer
+from common.miniature import WorldConfig
+
+TINY_WORLD = ["--world.n-train", "48", "--world.n-val", "6", "--world.n-test", "16"]
+SCORER = ["--scorer.steps", "3", "--scorer.batch-size", "16", "--scorer.warmup", "1", "--scorer-model", "micro-ViT-16"]
 
 
-def test_main_job_on_a_tiny_world(tmp_path):
-    argv = ["--seeds", "2", "--world.n-train", "48", "--world.n-val", "4", "--world.n-test", "16",
-            "--scorer.steps", "3", "--scorer.batch-size", "16", "--scorer.warmup", "1",
-            "--scorer-model", "micro-ViT-16", "--out", str(tmp_path)]
-    report = main(argv)
-    assert [run["seed"] for run in report["runs"]] == [0, 1]
-    saved = json.loads((tmp_path / "world.json").read_text())
-    for run in saved["runs"]:
-        assert set(run["variants"]) == set(VARIANTS)
+def test_verdicts_against_the_seed_spread():
+    assert reproduce.verdict([3.0, 5.0], [1.0, 1.0], ">") == "held"  # difference 3 > spread 1
+    assert reproduce.verdict([2.0, 4.0], [1.0, 3.0], ">") == "within seed spread"  # 1 < 1 + 1
+    assert reproduce.verdict([1.0, 1.0], [3.0, 5.0], ">") == "reversed"
+    assert reproduce.verdict([0.5], [0.7], "<") == "held (1 seed)"
+    assert reproduce.verdict([0.9], [1.0], ">=") == "reversed (1 seed)"
+    assert reproduce.verdict([9.0, 11.0], [10.5, 11.5], ">=") == "held"  # -1 >= -(1 + 0.5)
+
+
+def test_world_arguments_and_paper_arguments():
+    assert reproduce.world_arguments(WorldConfig(seed=4, n_test=16, alt_spam=0.0)) == [
+        "--world.n-test", "16", "--world.alt-spam", "0.0"]
+    assert reproduce.extra_arguments(("dico=--steps 3", "dico=--xe-steps 2", "veclip=")) == {
+        "dico": ["--steps", "3", "--xe-steps", "2"], "veclip": []}
+    with pytest.raises(ValueError, match="NAME=ARGS"):
+        reproduce.extra_arguments(("nonsense=--x 1",))
+
+
+def test_world_table_alone(tmp_path):
+    report = reproduce.main(["--seeds", "2", *TINY_WORLD, *SCORER, "--papers", "--out", str(tmp_path)])
+    assert [run["seed"] for run in report["world"]["runs"]] == [0, 1] and report["papers"] == {}
+    for run in json.loads((tmp_path / "world.json").read_text())["runs"]:
+        assert set(run["variants"]) == set(reproduce.VARIANTS)
         assert run["variants"]["caption"]["names_kept_%"] == 100.0
         assert run["variants"]["synthetic_caption"]["names_kept_%"] == 0.0
         assert run["variants"]["caption"]["hallucinated_words"] == 0.0
         assert 0 <= run["variants"]["alt_text"]["CLIP-S"] <= 2.5
-    table = (tmp_path / "world.md").read_text()
-    assert "| `fused` |" in table and "±" in table
+    assert "| `fused` |" in (tmp_path / "world.md").read_text()
+
+
+@pytest.mark.slow
+def test_main_job_runs_every_paper_on_a_tiny_world(tmp_path):
+    world = WorldConfig(n_train=48, n_val=6, n_test=16)
+    scorer = str(ensure_miniature_scorer(world, TrainConfig(steps=3, batch_size=16, warmup=1), "micro-ViT-16"))
+    dico_models = " ".join(f"--{role}-model micro-ViT-16 --{role}-pretrained {scorer}" for role in ("encoder", "clip-s", "pacs"))
+    paper_args = [
+        "veclip=--model micro-ViT-16 --steps 2 --batch-size 16 --kernel torch",
+        "clip_quality=--model micro-ViT-16 --train.steps 2 --train.batch-size 16 --train.warmup 1 --probe-steps 2 "
+        "--probe-batch-size 8 --probe-train-images 16 --attention-images 4",
+        f"dico={dico_models} --d-model 32 --heads 2 --ffn 64 --encoder-layers 1 --decoder-layers 1 --max-len 12 "
+        "--eval-beam 2 --val-images 6 --eval-images 6 --eval-every 2 --save-every 2 --xe-steps 4 --xe-batch-size 8 "
+        "--steps 2 --batch-size 4 --beams 3",
+    ]
+    report = reproduce.main(["--seeds", "1", *TINY_WORLD, *SCORER, "--papers", "veclip", "clip_quality", "dico",
+                             "--out", str(tmp_path), "--paper-args", *paper_args])
+    assert set(report["papers"]) == {"veclip", "clip_quality", "dico"}
+    for paper, run in report["papers"].items():
+        assert run["claims"] and all(row["verdict"].split(" (")[0] in ("held", "reversed", "within seed spread")
+                                     for row in run["claims"]), paper
+        assert (tmp_path / paper / "results.md").exists()
+    table = (tmp_path / "claims.md").read_text()
+    assert table.count("| dico |") >= 5 and "(1 seed)" in table
+    assert (tmp_path / "clip_quality-attention.png").exists()
