@@ -1,0 +1,797 @@
+"""Altogether: Image Captioning via Re-aligning Alt-text (Xu et al., 2024).
+
+Paper: https://arxiv.org/abs/2410.17251 (official code: facebookresearch/MetaCLIP, apps/altogether).
+
+Web alt-text knows what a captioner cannot see (the name of a landmark, a species, a product) but
+is noisy and often not about the image; a captioner sees the image but knows no names. Altogether
+trains a captioner that reads both: a frozen CLIP embeds the image, a mapping network turns the
+embedding into visual tokens, and a causal LM continues [visual tokens][alt-text] with a caption
+that keeps the alt-text's concrete concepts, drops what the image does not show and adds what it
+does. Humans re-aligned alt-texts over rounds to make the fine-tuning targets; the alt-text prompt
+is dropped half of the time in training, so one model captions with and without alt-text.
+
+Implements (each a `--stage`):
+  1. the captioner: v = normalize(E_img(x)) (frozen); V = Mapper(v), M visual tokens: Linear to
+     M x d, M learned prefix tokens appended, a Transformer, its last M outputs     (`MappingNetwork`)
+  2. the sequence [V][alt prompt, <= 128 tokens, left-padded][caption + EOS], attention on every
+     real token, positions counting real tokens only, L = -1/|C| sum_{t in C} log p(y_t | y_<t)
+     over the caption tokens C only                            (`sequence_labels`, `caption_loss`)
+  3. `pretrain` (stage 1): target = the longest alt-text of the image, prompt = another one;
+     `finetune` (stage 2): target = the re-aligned caption (`--target-field`), prompt = the
+     alt-text; in both the prompt is dropped with p = 0.5 per draw             (`training_pair`)
+  4. `caption`: prompt = "; ".join(unique alt-texts), sampling T = 0.2, top-p 0.7 (or greedy /
+     beam), rank-sharded under torchrun, resumable, a new text field of the manifest
+  5. `eval`: CLIP-S of alt-text vs captions, CIDEr / BLEU-4 against references, names kept and
+     hallucinated words (miniature world); `miniature` (default): all of it, with vs without alt.
+
+Deviations from the paper:
+  1. The prompt block is padded to the batch's longest prompt (at most 128 tokens), not always to
+     128: with the mask and positions below, the logits are the same, the sequence shorter.
+  2. Two official-code bugs are not copied (PAPERS.md): with no padding the official attention and
+     target masks are all zero ([:-0] is empty), and its left pads are attended. Here pads are
+     masked, and position ids count only attended tokens, so left pads between the visual tokens
+     and the prompt shift nothing (the same positions `generate` derives from the mask).
+  3. A prompt longer than 128 tokens keeps its first 128 tokens (the official code cuts the same
+     way); a caption longer than --max-caption-tokens (with its EOS) is cut, EOS included, so the
+     model is never taught to stop mid-sentence. Captions are tokenised without BOS: V starts them.
+  4. Training steps and batch size are not in the paper: defaults are ours (unverified). The
+     frozen encoder's embeddings of the training manifest are computed once, in memory (ClipCap
+     pre-extracts them too); at the paper's 22M images that wants a memory-mapped file instead.
+     Each rank's loss is its own token mean; DDP averages the ranks' gradients.
+  5. The mapping network's Transformer: pre-norm layers, 8 heads, FFN 2 x d, no dropout (ClipCap's
+     TransformerMapper); the paper states only its depth (8) and length (40).
+  6. Miniature world only (every field left at its paper default takes MINIATURE_PRESET): the frozen
+     encoder is the world's CLIP scorer, the same model that computes CLIP-S (so the captioner is
+     judged by its own eyes); the decoder is a 2-layer OPT of width 128 from a config with a
+     word-level tokenizer built from the training texts (no OPT-1.3B, no BPE offline); the world has
+     one alt-text per image, so stage 1 draws two more alt-texts per training image from the
+     world's own alt-text generator (common.miniature.alt_text, a fresh seeded stream), the world's
+     alt-text being the first; the ground-truth `caption` plays the human re-aligned caption; the
+     test images keep their single alt-text; seeds vary the training (init, data order, drops,
+     extra alt-texts, sampling), not the world, so all seeds share the cached scorer.
+
+Commands:
+  CPU, miniature world (train both stages, re-caption the test split with and without alt-text):
+    python altogether.py                                # = --stage miniature --seeds 1
+    python altogether.py --stage miniature --seeds 3 --out runs/altogether_miniature
+  Real run (manifests with `image`, `alt_text` (a string or a list), stage 2 also `round3`):
+    torchrun --nproc-per-node 8 altogether.py --stage pretrain --data alt_pairs.jsonl --out runs/ag
+    torchrun --nproc-per-node 8 altogether.py --stage finetune --data altogether_ft.jsonl --out runs/ag \
+        --checkpoint runs/ag/pretrain.pt --target-field round3
+    torchrun --nproc-per-node 8 altogether.py --stage caption --checkpoint runs/ag/finetune.pt \
+        --data metaclip_shard.jsonl --out metaclip_shard.altogether.jsonl
+    python altogether.py --stage eval --data metaclip_shard.altogether.jsonl --out runs/ag/eval.json
+  then e.g. `python veclip.py --stage train --data metaclip_shard.altogether.jsonl --llm-vec-field
+  altogether --p-alt 0.85` mixes 15% re-aligned captions into CLIP training, the paper's ratio.
+
+Measured, miniature world (1000 test images, sampling T = 0.2 / top-p 0.7): see MEASURED below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import string
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from tqdm.auto import tqdm
+
+from common.clip_score import CLIP_S_WEIGHT, encode_texts, load_clip, score_from_features
+from common.clip_train import (MINIATURE_MODEL, TrainConfig, cosine_lr, ensure_miniature_scorer, save_checkpoint)
+from common.data import (ResumableJSONLWriter, SkipCounter, atomic_write_text, image_path, merge_rank_outputs,
+                         open_record_image, rank_path, read_manifest, shard)
+from common.miniature import WorldConfig, alt_text, ensure_world, hallucinated_words, names_kept
+
+log = logging.getLogger("altogether")
+
+IGNORE = -100  # label of every position that is not a caption token
+PROMPT_SEPARATOR = "; "  # official inference joins the unique alt-texts of an image with it
+STAGES = {"pretrain": 1, "finetune": 2}
+
+
+@dataclass
+class Args:
+    """Altogether stages: pretrain, finetune, caption, eval over manifests; miniature runs it all on the miniature world."""
+
+    stage: Literal["miniature", "pretrain", "finetune", "caption", "eval"] = "miniature"
+    """what to run"""
+    data: str | None = None
+    """input manifest (JSONL, see common/data.py)"""
+    out: str = "runs/altogether"
+    """folder of pretrain/finetune/miniature; the manifest written by caption; the JSON of eval"""
+    checkpoint: str | None = None
+    """captioner to start finetune from, or to caption with (a pretrain.pt / finetune.pt)"""
+    # ---- the captioner
+    clip_model: str = "ViT-H-14-quickgelu"
+    """frozen image encoder, an open_clip architecture (paper: MetaCLIP 1.0 ViT-H/14)"""
+    clip_pretrained: str | None = "metaclip_fullcc"
+    """open_clip tag or local checkpoint file of the encoder"""
+    decoder: str = "facebook/opt-1.3b"
+    """causal LM by hub name or local folder (paper: OPT-1.3B); 'tiny-opt' = a small OPT from a config"""
+    trust_remote_code: bool = False
+    """let transformers run code shipped with the decoder (only for models you trust)"""
+    prefix_length: int = 40
+    """M, visual tokens the mapping network makes (paper: 40)"""
+    mapper_layers: int = 8
+    """Transformer layers of the mapping network (paper: 8)"""
+    # ---- data
+    alt_field: str = "alt_text"
+    """field holding the alt-text (a string or a list of alt-texts of the image)"""
+    target_field: str = "caption"
+    """stage 2 target, e.g. the last annotation round ('round3' in the paper's data)"""
+    max_prompt_tokens: int = 128
+    """alt-text prompt budget; longer prompts keep their first tokens (paper: 128)"""
+    max_caption_tokens: int = 192
+    """caption tokens (EOS included) trained on (ours; the paper generates up to 192)"""
+    p_drop_alt: float = 0.5
+    """probability that a training draw has no alt-text prompt (paper: 0.5)"""
+    strict: bool = False
+    """stop at the first unreadable image instead of logging and counting it"""
+    # ---- optimisation (paper: AdamW, betas (0.9, 0.98), eps 1e-6, cosine)
+    pretrain_steps: int = 20000
+    """stage 1 optimiser steps (ours: not in the paper)"""
+    finetune_steps: int = 2000
+    """stage 2 optimiser steps (ours: not in the paper)"""
+    batch_size: int = 512
+    """global batch over all ranks (ours: not in the paper)"""
+    lr: float = 2e-4
+    """peak learning rate (paper)"""
+    warmup: int = 200
+    """linear warm-up steps before the cosine decay (paper)"""
+    weight_decay: float = 0.2
+    """on weight matrices only, none on biases and norms (paper)"""
+    checkpoint_every: int = 1000
+    """save <out>/<stage>.pt every this many steps (and at the end)"""
+    resume: bool = True
+    """continue from <out>/<stage>.pt when it holds an unfinished run of the same recipe"""
+    # ---- caption
+    caption_field: str = "altogether"
+    """field the caption stage writes"""
+    use_alt: bool = True
+    """caption with the alt-text prompt (False: the 'w/o alt' model, image only)"""
+    decoding: Literal["sample", "greedy", "beam"] = "sample"
+    """sampling (paper), greedy, or beam search"""
+    temperature: float = 0.2
+    """sampling temperature (paper)"""
+    top_p: float = 0.7
+    """nucleus sampling mass (paper)"""
+    num_beams: int = 3
+    """beams of --decoding beam (ours)"""
+    max_new_tokens: int = 192
+    """generated tokens per caption (paper)"""
+    gen_batch_size: int = 64
+    """images per generate() call"""
+    # ---- eval
+    score_model: str = "ViT-B-32"
+    """CLIP-S model, open_clip architecture or 'miniature' (CLIP-S reference: OpenAI ViT-B/32)"""
+    score_pretrained: str | None = "openai"
+    """open_clip tag or file of the CLIP-S model"""
+    eval_fields: tuple[str, ...] = ("alt_text", "altogether")
+    """text fields of --data the eval stage scores"""
+    refs_field: str = "refs"
+    """list field of references for CIDEr / BLEU (falls back to `caption` when absent)"""
+    # ---- run
+    seed: int = 0
+    """seed of initialisation, data order, prompt drops and sampling"""
+    seeds: int = 1
+    """miniature: trainings with seeds seed .. seed + seeds - 1; the table shows mean ± std"""
+    world: WorldConfig = WorldConfig()
+    """miniature: the world's knobs"""
+    extra_alt_texts: int = 2
+    """miniature: alt-texts drawn from the world's generator per training image for stage 1"""
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    """torch device (under torchrun each rank takes cuda:LOCAL_RANK)"""
+
+
+# Miniature world: fields left at their paper default take these (sized for minutes on 2 CPU cores).
+MINIATURE_PRESET = dict(clip_model="miniature", decoder="tiny-opt", prefix_length=10, mapper_layers=2,
+                        max_caption_tokens=40, pretrain_steps=300, finetune_steps=500, batch_size=64, lr=1e-3,
+                        warmup=50, max_new_tokens=40, gen_batch_size=250, score_model="miniature")
+TINY_OPT = dict(hidden_size=128, word_embed_proj_dim=128, num_hidden_layers=2, ffn_dim=512, num_attention_heads=4,
+                max_position_embeddings=512, dropout=0.1)
+
+
+# =============================================================================================
+# The paper's pieces: mapping network, sequence layout, loss, training pairs
+# =============================================================================================
+
+
+class MappingNetwork(nn.Module):
+    """ClipCap's transformer mapper: pooled image embedding (B, E) -> M visual tokens (B, M, d)."""
+
+    def __init__(self, clip_dim: int, lm_dim: int, prefix_length: int, layers: int, heads: int = 8):
+        super().__init__()
+        self.prefix_length = prefix_length
+        self.project = nn.Linear(clip_dim, prefix_length * lm_dim)
+        self.prefix = nn.Parameter(torch.randn(prefix_length, lm_dim))
+        layer = nn.TransformerEncoderLayer(lm_dim, heads, dim_feedforward=2 * lm_dim, dropout=0.0, batch_first=True,
+                                           norm_first=True)
+        self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+    def forward(self, img_emb: torch.Tensor) -> torch.Tensor:
+        b = img_emb.shape[0]
+        projected = self.project(img_emb).view(b, self.prefix_length, -1)  # (B, M, d)
+        # V = Transformer([Linear(v); P])[M:], P the M learned prefix tokens
+        return self.transformer(torch.cat([projected, self.prefix.expand(b, -1, -1)], dim=1))[:, self.prefix_length:]
+
+
+class Captioner(nn.Module):
+    """Mapping network + causal LM decoder; the frozen CLIP stays outside (it only gives embeddings)."""
+
+    def __init__(self, decoder: nn.Module, clip_dim: int, prefix_length: int, mapper_layers: int):
+        super().__init__()
+        self.decoder = decoder
+        lm_dim = decoder.get_input_embeddings().embedding_dim
+        self.mapper = MappingNetwork(clip_dim, lm_dim, prefix_length, mapper_layers, heads=8 if lm_dim % 8 == 0 else 4)
+
+    def prefix_inputs(self, img_emb, prompt_ids, prompt_mask):
+        """Embeddings (B, M + P, d) and attention mask (B, M + P) of [V][left-padded prompt]."""
+        visual = self.mapper(img_emb.to(self.mapper.project.weight.dtype))  # (B, M, d)
+        embeds = torch.cat([visual, self.decoder.get_input_embeddings()(prompt_ids)], dim=1)
+        mask = torch.cat([torch.ones(visual.shape[:2], dtype=torch.long, device=visual.device), prompt_mask], dim=1)
+        return embeds, mask
+
+    def forward(self, img_emb, prompt_ids, prompt_mask, caption_ids, caption_mask) -> torch.Tensor:
+        """Teacher-forced logits (B, M + P + C, V) of [V][prompt][caption]."""
+        embeds, mask = self.prefix_inputs(img_emb, prompt_ids, prompt_mask)
+        embeds = torch.cat([embeds, self.decoder.get_input_embeddings()(caption_ids)], dim=1)
+        mask = torch.cat([mask, caption_mask.long()], dim=1)  # (B, T)
+        return self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids(mask)).logits
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions that count attended tokens only: left pads in the middle shift nothing."""
+    # pos_t = sum_{s <= t} mask_s - 1, as transformers' generate() derives it from the mask
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def encode_prompts(tokenizer, prompts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and mask (B, P), each prompt cut to its first `max_tokens` tokens."""
+    rows = [tokenizer(prompt, add_special_tokens=False)["input_ids"][:max_tokens] for prompt in prompts]
+    width = max(len(row) for row in rows)
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(row)) + row for row in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], dtype=torch.long)
+    return ids.view(len(rows), width), mask.view(len(rows), width)
+
+
+def encode_captions(tokenizer, captions: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded caption + EOS ids and a bool mask (B, C) of the real tokens, cut to `max_tokens`."""
+    rows = [(tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:max_tokens]
+            for text in captions]
+    width = max(len(row) for row in rows)
+    ids = torch.tensor([row + [tokenizer.pad_token_id] * (width - len(row)) for row in rows], dtype=torch.long)
+    mask = torch.tensor([[True] * len(row) + [False] * (width - len(row)) for row in rows])
+    return ids, mask
+
+
+def sequence_labels(n_visual: int, prompt_mask: torch.Tensor, caption_ids: torch.Tensor,
+                    caption_mask: torch.Tensor) -> torch.Tensor:
+    """Labels (B, M + P + C) aligned with the sequence: the caption token ids, IGNORE elsewhere.
+
+    The mask decides, not the token id: a pad id that equals EOS (GPT-2) still trains the EOS.
+    """
+    b, p = prompt_mask.shape
+    labels = torch.full((b, n_visual + p), IGNORE, dtype=torch.long, device=caption_ids.device)
+    return torch.cat([labels, caption_ids.masked_fill(~caption_mask, IGNORE)], dim=1)
+
+
+def caption_loss(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Cross-entropy on the caption tokens only: {"loss", "tokens"}."""
+    # L = -1/|C| sum_{t in C} log p(y_t | y_<t, prompt, V): the logits at t - 1 predict token t
+    targets = labels[:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+    return {"loss": loss, "tokens": (targets != IGNORE).sum()}
+
+
+def alt_texts_of(record: dict, field: str) -> list[str]:
+    """The record's unique non-empty alt-texts in order (the field holds a string or a list)."""
+    value = record.get(field) or []
+    texts = [value] if isinstance(value, str) else list(value)
+    return list(dict.fromkeys(text.strip() for text in texts if isinstance(text, str) and text.strip()))
+
+
+def training_pair(record: dict, stage: str, args: Args, rng: np.random.Generator) -> tuple[str, str]:
+    """(prompt, target) of one draw; the prompt is dropped with probability p_drop_alt."""
+    alts = alt_texts_of(record, args.alt_field)
+    if stage == "pretrain":
+        # stage 1: target = the longest alt-text, prompt = another alt-text of the same image
+        target = max(alts, key=len)
+        others = [text for text in alts if text != target]
+        prompt = others[int(rng.integers(len(others)))] if others else ""
+    else:
+        # stage 2: target = the re-aligned caption, prompt = the image's alt-texts
+        target, prompt = record[args.target_field], PROMPT_SEPARATOR.join(alts)
+    return ("" if rng.random() < args.p_drop_alt else prompt), target
+
+
+def inference_prompt(record: dict, field: str) -> str:
+    """Caption-time prompt: the unique alt-texts of the image joined by '; '."""
+    return PROMPT_SEPARATOR.join(alt_texts_of(record, field))
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
+    """Indices of global batch `step` (B,): epoch e = step // (n // B) walks permutation_(seed, e)."""
+    per_epoch = max(1, n // batch_size)
+    epoch, position = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return order[position * batch_size:(position + 1) * batch_size]
+
+
+# =============================================================================================
+# Building, saving and loading the captioner
+# =============================================================================================
+
+
+def world_tokenizer(texts: list[str], min_frequency: int = 3):
+    """A word-level tokenizer over the words of `texts` (the miniature decoder's vocabulary)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words, re-attaches "," and "."
+    trainer = trainers.WordLevelTrainer(min_frequency=min_frequency, special_tokens=["<pad>", "</s>", "<unk>"])
+    backend.train_from_iterator(texts, trainer)
+    return tokenizer_from_json(backend.to_str(), pad_token="<pad>", eos_token="</s>")
+
+
+def tokenizer_from_json(text: str, pad_token: str, eos_token: str):
+    """A fast tokenizer from its serialised backend (how checkpoints carry the decoder's tokenizer)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(text), pad_token=pad_token, eos_token=eos_token)
+
+
+def load_encoder(args: Args):
+    """The frozen CLIP (a common.clip_score bundle); 'miniature' = the world's cached scorer."""
+    if args.clip_model == "miniature":
+        return load_clip(MINIATURE_MODEL, str(ensure_miniature_scorer(args.world)), args.device)
+    # random weights (pretrained None, tests only) are seeded so that every stage sees the same encoder
+    torch.manual_seed(0)
+    return load_clip(args.clip_model, args.clip_pretrained, args.device)
+
+
+def new_captioner(args: Args, clip_dim: int, texts: list[str]) -> tuple[Captioner, object]:
+    """(captioner, tokenizer): the decoder by name/path, or 'tiny-opt' with a tokenizer from `texts`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(args.seed)
+    if args.decoder == "tiny-opt":
+        tokenizer = world_tokenizer(texts)
+        config = OPTConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                           bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, **TINY_OPT)
+        decoder = OPTForCausalLM(config)
+    else:
+        remote = {"trust_remote_code": args.trust_remote_code}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.decoder, **remote)
+            decoder = AutoModelForCausalLM.from_pretrained(args.decoder, **remote)
+        except (OSError, ValueError) as err:
+            raise RuntimeError(f"cannot load --decoder {args.decoder!r} ({type(err).__name__}: {err}). Pass --decoder a "
+                               "local folder holding the model, or a hub name with network access.") from err
+        if not tokenizer.is_fast:
+            raise ValueError(f"--decoder {args.decoder!r} has no fast tokenizer; the checkpoint stores a fast one")
+        if tokenizer.pad_token is None:  # GPT-2 ships none; pads are masked, whatever their id
+            tokenizer.pad_token = tokenizer.eos_token
+    return Captioner(decoder, clip_dim, args.prefix_length, args.mapper_layers), tokenizer
+
+
+def checkpoint_payload(captioner: Captioner, tokenizer, args: Args, encoder, step: int, history: list,
+                       optimizer=None) -> dict:
+    """Everything the caption stage needs, as plain types (loadable with weights_only=True)."""
+    return {"captioner": captioner.state_dict(), "decoder_config": captioner.decoder.config.to_json_string(),
+            "tokenizer": tokenizer.backend_tokenizer.to_str(), "pad_token": tokenizer.pad_token,
+            "eos_token": tokenizer.eos_token, "clip_dim": captioner.mapper.project.in_features,
+            "prefix_length": captioner.mapper.prefix_length, "mapper_layers": len(captioner.mapper.transformer.layers),
+            "clip_model": encoder.name, "clip_pretrained": encoder_source(args), "recipe": recipe_of(args),
+            "step": step, "history": history, "optimizer": optimizer.state_dict() if optimizer else None}
+
+
+def encoder_source(args: Args) -> str | None:
+    return str(ensure_miniature_scorer(args.world)) if args.clip_model == "miniature" else args.clip_pretrained
+
+
+def captioner_from_checkpoint(payload: dict) -> tuple[Captioner, object]:
+    """(captioner, tokenizer) rebuilt from a checkpoint alone: no hub access needed."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = json.loads(payload["decoder_config"])
+    decoder = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
+    captioner = Captioner(decoder, payload["clip_dim"], payload["prefix_length"], payload["mapper_layers"])
+    captioner.load_state_dict(payload["captioner"])
+    return captioner, tokenizer_from_json(payload["tokenizer"], payload["pad_token"], payload["eos_token"])
+
+
+def load_checkpoint(path: str | None, flag: str = "--checkpoint") -> dict:
+    if path is None or not Path(path).is_file():
+        raise FileNotFoundError(f"no captioner checkpoint at {path}: pass {flag} (a pretrain.pt or finetune.pt)")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def recipe_of(args: Args) -> dict:
+    """What a checkpoint must agree on to be resumed."""
+    return {name: getattr(args, name) for name in ("decoder", "clip_model", "prefix_length", "mapper_layers", "batch_size",
+                                                   "lr", "warmup", "weight_decay", "p_drop_alt", "seed", "target_field")}
+
+
+# =============================================================================================
+# Image embeddings, training
+# =============================================================================================
+
+
+@torch.no_grad()
+def embed_records(encoder, records: list[dict], strict: bool, batch_size: int = 256,
+                  progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen, L2-normalised image embeddings (N, E), zero rows for unreadable images, and readable (N,) bool."""
+    skipped, readable = SkipCounter(), torch.zeros(len(records), dtype=torch.bool)
+    emb = torch.zeros(len(records), encoder.model.visual.output_dim)
+    for start in tqdm(range(0, len(records), batch_size), desc="embed images", leave=False, disable=not progress):
+        images = [open_record_image(record, skipped, strict) for record in records[start:start + batch_size]]
+        rows = [start + i for i, image in enumerate(images) if image is not None]
+        if rows:
+            pixels = torch.stack([encoder.preprocess(image) for image in images if image is not None])
+            emb[rows] = F.normalize(encoder.model.encode_image(pixels.to(encoder.device)).float(), dim=-1).cpu()
+            readable[rows] = True
+    if skipped.count:
+        log.warning("%d unreadable images skipped (first: %s)", skipped.count, skipped.examples[:3])
+    return emb, readable
+
+
+def init_distributed(args: Args) -> tuple[int, int, str]:
+    """(rank, world size, device) under torchrun (gloo on CPU, nccl on CUDA); (0, 1, device) otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return 0, 1, args.device
+    device = args.device
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world_size, device
+
+
+def make_optimizer(captioner: Captioner, args: Args) -> torch.optim.Optimizer:
+    """AdamW, betas (0.9, 0.98), eps 1e-6, weight decay on matrices only (paper)."""
+    params = [p for p in captioner.parameters() if p.requires_grad]
+    return torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
+                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                             lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def train_stage(args: Args, stage: str, captioner: Captioner, tokenizer, encoder, records: list[dict],
+                img_emb: torch.Tensor) -> dict:
+    """Stage 1 or 2 on `records` with their embeddings; saves <out>/<stage>.pt; returns the log."""
+    rank, world_size, device = init_distributed(args)
+    steps = args.pretrain_steps if stage == "pretrain" else args.finetune_steps
+    if args.batch_size % world_size:
+        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {world_size} ranks")
+    captioner.to(device).train()
+    optimizer = make_optimizer(captioner, args)
+    path, start, history = Path(args.out) / f"{stage}.pt", 0, []
+    if args.resume and path.exists():
+        state = torch.load(path, map_location=device, weights_only=True)
+        if state["recipe"] != recipe_of(args) or state["optimizer"] is None:
+            raise ValueError(f"{path} holds another run ({state['recipe']}); use another --out or --no-resume")
+        captioner.load_state_dict(state["captioner"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, history = state["step"], state["history"]
+        log.info("resuming %s from %s at step %d", stage, path, start)
+    model = nn.parallel.DistributedDataParallel(captioner) if world_size > 1 else captioner
+    schedule = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup)
+    local = args.batch_size // world_size
+    use_amp = device.startswith("cuda")
+    for step in tqdm(range(start, steps), desc=stage, disable=rank != 0):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, schedule)
+        # the global batch and its prompt drops are pure functions of (seed, step): resuming and any number
+        # of ranks see the batches of one uninterrupted process
+        indices = batch_indices(step, len(records), args.batch_size, args.seed)
+        rng = np.random.default_rng([args.seed, STAGES[stage], step])
+        pairs = [training_pair(records[i], stage, args, rng) for i in indices][rank * local:(rank + 1) * local]
+        indices = indices[rank * local:(rank + 1) * local]
+        prompts, targets = zip(*pairs)
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, list(prompts), args.max_prompt_tokens)
+        caption_ids, caption_mask = encode_captions(tokenizer, list(targets), args.max_caption_tokens)
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=use_amp):
+            logits = model(img_emb[indices].to(device), prompt_ids.to(device), prompt_mask.to(device),
+                           caption_ids.to(device), caption_mask.to(device))  # (b, M + P + C, V)
+        labels = sequence_labels(captioner.mapper.prefix_length, prompt_mask, caption_ids, caption_mask)
+        terms = caption_loss(logits, labels.to(device))
+        if not torch.isfinite(terms["loss"]):
+            raise FloatingPointError(f"{stage} loss is {terms['loss'].item()} at step {step}; stopped before saving")
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        optimizer.step()
+        history.append({"step": step, "loss": terms["loss"].item(), "lr": optimizer.param_groups[0]["lr"]})
+        if rank == 0 and ((step + 1) % args.checkpoint_every == 0 or step + 1 == steps):
+            save_checkpoint(path, checkpoint_payload(captioner, tokenizer, args, encoder, step + 1, history, optimizer))
+    captioner.eval()
+    return {"history": history, "resumed_from": start, "checkpoint": str(path)}
+
+
+def usable_for_training(records: list[dict], readable: torch.Tensor, stage: str, args: Args) -> list[int]:
+    """Indices of records with a readable image and the stage's texts; the others are counted."""
+    kept, skipped = [], SkipCounter()
+    for i, record in enumerate(records):
+        if stage == "pretrain" and not alt_texts_of(record, args.alt_field):
+            problem = f"no alt-text in {args.alt_field!r}"
+        elif stage == "finetune" and not str(record.get(args.target_field) or "").strip():
+            problem = f"empty or missing {args.target_field!r}"
+        else:
+            problem = None if readable[i] else "unreadable image"
+        if problem is None:
+            kept.append(i)
+        elif args.strict:
+            raise ValueError(f"sample {record['id']!r}: {problem}")
+        elif problem != "unreadable image":  # unreadable images were counted when embedding
+            skipped.add(str(record["id"]), problem)
+    return kept
+
+
+def stage_train(args: Args, stage: str) -> dict:
+    """pretrain / finetune on --data: embeds the images once, trains, writes <out>/<stage>.pt."""
+    if args.data is None:
+        raise ValueError(f"--stage {stage} needs --data (a manifest)")
+    records = read_manifest(args.data)
+    encoder = load_encoder(args)
+    img_emb, readable = embed_records(encoder, records, args.strict)
+    keep = usable_for_training(records, readable, stage, args)
+    if args.checkpoint is not None:
+        captioner, tokenizer = captioner_from_checkpoint(load_checkpoint(args.checkpoint))
+    elif stage == "finetune":
+        raise ValueError("--stage finetune starts from stage 1: pass --checkpoint <out>/pretrain.pt")
+    else:
+        texts = [t for r in records for t in alt_texts_of(r, args.alt_field)] + [str(r.get(args.target_field) or "")
+                                                                                 for r in records]
+        captioner, tokenizer = new_captioner(args, img_emb.shape[1], texts)
+    return train_stage(args, stage, captioner, tokenizer, encoder, [records[i] for i in keep], img_emb[keep])
+
+
+# =============================================================================================
+# Captioning at scale: rank-sharded, resumable
+# =============================================================================================
+
+
+def decoding_options(args: Args) -> dict:
+    if args.decoding == "sample":
+        return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
+    return {"do_sample": False, "num_beams": args.num_beams if args.decoding == "beam" else 1}
+
+
+@torch.no_grad()
+def generate_captions(captioner: Captioner, tokenizer, img_emb: torch.Tensor, prompts: list[str], args: Args) -> list[str]:
+    """Captions continuing [V][prompt] for a batch of images, decoded without special tokens."""
+    device = next(captioner.parameters()).device
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, args.max_prompt_tokens)
+    embeds, mask = captioner.prefix_inputs(img_emb.to(device), prompt_ids.to(device), prompt_mask.to(device))
+    new_tokens = captioner.decoder.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=args.max_new_tokens,
+                                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                            **decoding_options(args))  # (B, new): with inputs_embeds only new tokens
+    return [" ".join(text.split()) for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def caption_records(args: Args, records: list[dict], captioner: Captioner, tokenizer, encoder) -> dict:
+    """Write every record with `caption_field` added; each rank appends its share, a restart skips done ids."""
+    rank, world_size, device = init_distributed(args)
+    captioner.to(device).eval()
+    torch.manual_seed(args.seed + rank)
+    out, counts, skipped = Path(args.out), Counter(), SkipCounter()
+    mine = shard(records, rank, world_size)
+    with ResumableJSONLWriter(rank_path(out, rank, world_size)) as writer:
+        todo = [r for r in mine if str(r["id"]) not in writer.done]
+        counts["already_done"] = len(mine) - len(todo)
+        for start in tqdm(range(0, len(todo), args.gen_batch_size), desc="caption", disable=rank != 0):
+            batch = todo[start:start + args.gen_batch_size]
+            img_emb, readable = embed_records(encoder, batch, args.strict, batch_size=len(batch), progress=False)
+            kept = [record for record, ok in zip(batch, readable.tolist()) if ok]
+            counts["unreadable_images"] += len(batch) - len(kept)
+            if not kept:
+                continue
+            prompts = [inference_prompt(r, args.alt_field) if args.use_alt else "" for r in kept]
+            captions = generate_captions(captioner, tokenizer, img_emb[readable], prompts, args)
+            for record, caption in zip(kept, captions):
+                # image paths are relative to the manifest's folder: re-root them at the output's
+                moved = os.path.relpath(image_path(record).resolve(), out.resolve().parent)
+                writer.write({**record, "image": moved, args.caption_field: caption})
+                counts["written"] += 1
+                counts["empty_captions"] += not caption
+    if world_size > 1:
+        parts = [None] * world_size
+        dist.all_gather_object(parts, dict(counts))
+        counts = sum((Counter(part) for part in parts), Counter())
+        if rank == 0:
+            merge_rank_outputs(out, world_size, order=[str(r["id"]) for r in records])
+        dist.barrier()
+    log.info("caption: %s -> %s", dict(counts), out)
+    return dict(counts)
+
+
+def stage_caption(args: Args) -> dict:
+    if args.data is None:
+        raise ValueError("--stage caption needs --data (the manifest to caption)")
+    payload = load_checkpoint(args.checkpoint)
+    captioner, tokenizer = captioner_from_checkpoint(payload)
+    torch.manual_seed(0)  # a random-weight encoder (tests) is the seeded one training used
+    encoder = load_clip(payload["clip_model"], payload["clip_pretrained"], args.device)
+    return caption_records(args, read_manifest(args.data), captioner, tokenizer, encoder)
+
+
+# =============================================================================================
+# Evaluation
+# =============================================================================================
+
+
+def normalize_text(text: str) -> str:
+    """Lower-cased, punctuation removed: a stand-in for the COCO toolkit's PTB tokenizer."""
+    return " ".join(text.lower().translate(str.maketrans(string.punctuation, " " * len(string.punctuation))).split())
+
+
+def caption_metrics(records: list[dict], captions: list[str], scorer, img_feats: np.ndarray, refs_field: str) -> dict:
+    """CLIP-S (an empty caption scores 0), CIDEr and BLEU-4 against references, world labels when present."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    txt_feats = encode_texts(scorer, [c or "." for c in captions], progress=False)
+    # CLIP-S(x, c) = 2.5 * max(cos(E_img(x), E_txt("A photo depicts " + c)), 0)
+    clip_scores = score_from_features(img_feats, txt_feats, CLIP_S_WEIGHT) * np.array([bool(c) for c in captions])
+    metrics = {"CLIP-S": 100 * float(clip_scores.mean()), "empty": sum(not c for c in captions)}
+    refs = [r.get(refs_field) or ([r["caption"]] if r.get("caption") else []) for r in records]
+    if all(refs):
+        gts = {i: [normalize_text(ref) for ref in group] for i, group in enumerate(refs)}
+        res = {i: [normalize_text(c) or "<empty>"] for i, c in enumerate(captions)}
+        metrics["CIDEr"] = 100 * float(Cider().compute_score(gts, res)[0])
+        metrics["BLEU-4"] = 100 * float(Bleu(4).compute_score(gts, res, verbose=0)[0][3])
+    if "objects" in records[0]:  # miniature world: its labels say which names are kept or invented
+        kept, total = np.sum([names_kept(c, r) for c, r in zip(captions, records)], axis=0)
+        metrics["names kept %"] = 100 * float(kept / max(total, 1))
+        metrics["hallucinated/caption"] = float(np.mean([len(hallucinated_words(c, r)) for c, r in zip(captions, records)]))
+    return metrics
+
+
+def load_scorer(args: Args):
+    if args.score_model == "miniature":
+        return load_clip(MINIATURE_MODEL, str(ensure_miniature_scorer(args.world)), args.device)
+    torch.manual_seed(0)
+    return load_clip(args.score_model, args.score_pretrained, args.device)
+
+
+def stage_eval(args: Args) -> dict:
+    """Score each of --eval-fields of --data; writes --out as JSON."""
+    if args.data is None:
+        raise ValueError("--stage eval needs --data (a captioned manifest)")
+    records = read_manifest(args.data)
+    scorer = load_scorer(args)
+    img_emb, readable = embed_records(scorer, records, args.strict)
+    records = [r for r, ok in zip(records, readable.tolist()) if ok]
+    img_feats = img_emb[readable].numpy()
+    results = {}
+    for field in args.eval_fields:
+        texts = [r.get(field) for r in records]
+        if not all(isinstance(text, str) for text in texts):
+            raise ValueError(f"{args.data}: field {field!r} missing or not a string in some records; "
+                             "list fields to score with --eval-fields")
+        results[field] = caption_metrics(records, texts, scorer, img_feats, args.refs_field)
+    atomic_write_text(args.out, json.dumps(results, indent=2))
+    return results
+
+
+# =============================================================================================
+# The miniature run (default)
+# =============================================================================================
+
+
+def with_extra_alt_texts(records: list[dict], args: Args, seed: int) -> list[dict]:
+    """Stage 1 data of the miniature: each image's alt-text plus `extra_alt_texts` fresh draws of the world's generator."""
+    out = []
+    for index, record in enumerate(records):
+        rng = np.random.default_rng([seed, 99, index])  # a stream of its own, apart from the world's
+        scene = {"background": record["background"], "objects": record["objects"]}
+        extra = [alt_text(scene, rng, args.world)[0] for _ in range(args.extra_alt_texts)]
+        out.append({**record, "alt_texts": [record["alt_text"]] + extra})
+    return out
+
+
+ROWS = ("alt-text (input)", "Altogether w/ alt", "Altogether w/o alt", "synthetic caption (world)", "ground truth")
+COLUMNS = ("CLIP-S", "CIDEr", "BLEU-4", "names kept %", "hallucinated/caption")
+
+
+def markdown_table(summary: dict, args: Args, seconds: float, n_test: int) -> str:
+    lines = [f"# Altogether in the miniature world ({args.seeds} seed(s), {args.pretrain_steps} + {args.finetune_steps} "
+             f"steps of batch {args.batch_size}, {n_test} test images, {seconds / 60:.1f} min)", "",
+             "CLIP-S x 100 by the world's scorer (also the captioner's frozen encoder); CIDEr / BLEU-4 x 100 against "
+             "the ground truth; `synthetic caption (world)` is the world's stand-in for a plain captioner. A controlled "
+             "toy world: these numbers show a mechanism, not the paper's effect sizes.", "",
+             "| captions | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for row in ROWS:
+        cells = [f"{np.mean(summary[row][k]):.1f}" + (f" ± {np.std(summary[row][k]):.1f}" if args.seeds > 1 else "")
+                 for k in COLUMNS]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_miniature(args: Args) -> dict:
+    """Per seed: stage 1 and 2 on the world's train split, caption its test split with and without alt-text."""
+    began, out = time.time(), Path(args.out)
+    folder = ensure_world(args.world)
+    train_records, test_records = read_manifest(folder / "train.jsonl"), read_manifest(folder / "test.jsonl")
+    encoder, scorer = load_encoder(args), load_scorer(args)
+    train_emb, _ = embed_records(encoder, train_records, strict=True)
+    test_emb, _ = embed_records(encoder, test_records, strict=True)
+    score_feats = test_emb.numpy() if args.score_model == args.clip_model else embed_records(scorer, test_records, True)[0].numpy()
+    runs = {row: [] for row in ROWS}
+    for seed in range(args.seed, args.seed + args.seeds):
+        run = dataclasses.replace(args, seed=seed, out=str(out / f"seed{seed}"), resume=False)
+        stage1 = with_extra_alt_texts(train_records, run, seed)
+        texts = [t for r in stage1 for t in r["alt_texts"]] + [r["caption"] for r in train_records]
+        captioner, tokenizer = new_captioner(run, train_emb.shape[1], texts)
+        train_stage(dataclasses.replace(run, alt_field="alt_texts"), "pretrain", captioner, tokenizer, encoder, stage1,
+                    train_emb)
+        log.info("seed %d: stage 1 done at %.0f s", seed, time.time() - began)
+        train_stage(run, "finetune", captioner, tokenizer, encoder, train_records, train_emb)
+        log.info("seed %d: stage 2 done at %.0f s", seed, time.time() - began)
+        captions = {}
+        for row, use_alt in (("Altogether w/ alt", True), ("Altogether w/o alt", False)):
+            torch.manual_seed(seed)
+            captions[row] = [c for start in range(0, len(test_records), run.gen_batch_size)
+                             for c in generate_captions(captioner, tokenizer, test_emb[start:start + run.gen_batch_size],
+                                                        [r["alt_text"] if use_alt else ""
+                                                         for r in test_records[start:start + run.gen_batch_size]], run)]
+        captions.update({"alt-text (input)": [r["alt_text"] for r in test_records], "ground truth":
+                         [r["caption"] for r in test_records],
+                         "synthetic caption (world)": [r["synthetic_caption"] for r in test_records]})
+        examples = [{"id": r["id"], **{row: captions[row][i] for row in ROWS}} for i, r in enumerate(test_records[:8])]
+        atomic_write_text(Path(run.out) / "examples.json", json.dumps(examples, indent=2))
+        for row in ROWS:
+            metrics = caption_metrics(test_records, captions[row], scorer, score_feats, "refs")
+            runs[row].append(metrics)
+            print(f"seed {seed} {row}: " + ", ".join(f"{k} {metrics[k]:.2f}" for k in COLUMNS), flush=True)
+    summary = {row: {k: [m[k] for m in ms] for k in ms[0]} for row, ms in runs.items()}
+    seconds = time.time() - began
+    table = markdown_table(summary, args, seconds, len(test_records))
+    atomic_write_text(out / "results.md", table)
+    results = {"rows": summary, "seeds": args.seeds, "seconds": seconds, "world": dataclasses.asdict(args.world),
+               "preset": {k: getattr(args, k) for k in MINIATURE_PRESET}}
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    print(table)
+    return results
+
+
+def resolve(args: Args) -> Args:
+    """In the miniature stage, every field left at its paper default takes MINIATURE_PRESET's value."""
+    if args.stage != "miniature":
+        return args
+    defaults = Args()
+    return dataclasses.replace(args, **{k: v for k, v in MINIATURE_PRESET.items() if getattr(args, k) == getattr(defaults, k)})
+
+
+def main(argv=None) -> dict:
+    """Run the stage named by --stage; return its log (train), counts (caption) or metrics (eval, miniature)."""
+    args = resolve(tyro.cli(Args, args=argv))
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+    if not 0.0 <= args.p_drop_alt <= 1.0:
+        raise ValueError(f"--p-drop-alt must be a probability, got {args.p_drop_alt}")
+    if args.stage == "miniature":
+        return run_miniature(args)
+    if args.stage in STAGES:
+        return stage_train(args, args.stage)
+    if args.stage == "caption":
+        return stage_caption(args)
+    return stage_eval(args)
+
+
+if __name__ == "__main__":
+    main()

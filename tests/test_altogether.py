@@ -1,0 +1,255 @@
+"""altogether.py: the caption-only loss mask, what a step trains, generation into a manifest with tiny
+random OPT and GPT-2 decoders, resuming a killed captioning job, prompt truncation, empty alt-text,
+and the miniature main() at toy size."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import altogether
+from common.data import ResumableJSONLWriter, read_manifest, write_manifest
+from common.miniature import WorldConfig, ensure_world
+
+MICRO = "micro-ViT-16"
+TINY_WORLD = WorldConfig(n_train=32, n_val=6, n_test=12)
+SMALL = ["--clip-model", MICRO, "--clip-pretrained", "None", "--prefix-length", "3", "--mapper-layers", "1",
+         "--batch-size", "8", "--lr", "1e-3", "--warmup", "1", "--max-caption-tokens", "24", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return ensure_world(TINY_WORLD, tmp_path_factory.mktemp("world"))
+
+
+def tokenizer():
+    return altogether.world_tokenizer(["a red circle on grass. Aldora stock photo; blue square"] * 3, min_frequency=1)
+
+
+# ---- sequence layout and loss mask -----------------------------------------------------------
+
+
+def test_labels_cover_exactly_the_caption_tokens_with_and_without_padding():
+    tok = tokenizer()
+    n_visual = 4
+    # with padding: prompts of 3 and 0 words, captions of 2 and 4 words (+ EOS)
+    prompt_ids, prompt_mask = altogether.encode_prompts(tok, ["Aldora stock photo", ""], 128)
+    caption_ids, caption_mask = altogether.encode_captions(tok, ["red circle", "a blue square grass"], 64)
+    assert prompt_mask.tolist() == [[1, 1, 1], [0, 0, 0]]  # left-padded
+    assert caption_mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]  # right-padded, EOS included
+    labels = altogether.sequence_labels(n_visual, prompt_mask, caption_ids, caption_mask)
+    assert labels.shape == (2, n_visual + 3 + 5)
+    caption_positions = [[7, 8, 9], [7, 8, 9, 10, 11]]
+    for row, positions in enumerate(caption_positions):
+        assert (labels[row] != altogether.IGNORE).nonzero().flatten().tolist() == positions
+        assert labels[row, positions].tolist() == caption_ids[row, caption_mask[row]].tolist()
+    assert labels[0, 9].item() == tok.eos_token_id
+    # no padding anywhere (the case whose official mask is all zero): every caption token counts
+    prompt_ids, prompt_mask = altogether.encode_prompts(tok, ["red circle", "blue square"], 128)
+    caption_ids, caption_mask = altogether.encode_captions(tok, ["on grass", "a circle"], 64)
+    assert prompt_mask.all() and caption_mask.all()
+    labels = altogether.sequence_labels(n_visual, prompt_mask, caption_ids, caption_mask)
+    assert ((labels != altogether.IGNORE).sum(dim=1) == 3).all()
+    assert (labels[:, n_visual + 2:] == caption_ids).all()
+    # a pad id equal to EOS (GPT-2) still trains the EOS: the mask decides, not the id
+    tok.pad_token = tok.eos_token
+    caption_ids, caption_mask = altogether.encode_captions(tok, ["red", "a blue square"], 64)
+    labels = altogether.sequence_labels(0, torch.zeros(2, 0, dtype=torch.long), caption_ids, caption_mask)
+    assert labels[0].tolist() == [caption_ids[0, 0].item(), tok.eos_token_id, -100, -100]
+
+
+def test_loss_is_the_mean_cross_entropy_of_caption_tokens_and_positions_skip_pads():
+    vocab = 7
+    logits = torch.randn(1, 5, vocab)
+    labels = torch.tensor([[-100, -100, 3, 4, -100]])  # tokens 3 and 4 at positions 2 and 3
+    terms = altogether.caption_loss(logits, labels)
+    expected = -(logits[0, 1].log_softmax(-1)[3] + logits[0, 2].log_softmax(-1)[4]) / 2
+    assert torch.allclose(terms["loss"], expected) and terms["tokens"].item() == 2
+    mask = torch.tensor([[1, 1, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1, 0]])
+    assert altogether.position_ids(mask).tolist() == [[0, 1, 1, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 5]]
+
+
+def test_long_alt_text_keeps_its_first_128_tokens_and_empty_alt_text_is_no_prompt():
+    tok = tokenizer()
+    words = ("red circle Aldora blue " * 100).split()  # 400 words
+    ids, mask = altogether.encode_prompts(tok, [" ".join(words), ""], 128)
+    assert ids.shape == (2, 128) and mask[0].all() and not mask[1].any()
+    assert tok.decode(ids[0]) == " ".join(words[:128])
+    ids, mask = altogether.encode_prompts(tok, ["", ""], 128)
+    assert ids.shape == (2, 0)
+    record = {"alt_text": ["Aldora stock photo", " ", "Aldora stock photo", "red circle"]}
+    assert altogether.inference_prompt(record, "alt_text") == "Aldora stock photo; red circle"
+    assert altogether.inference_prompt({"alt_text": ""}, "alt_text") == ""
+
+
+def test_training_pairs_follow_the_stages():
+    args = altogether.Args(p_drop_alt=0.0, target_field="round3")
+    record = {"alt_text": ["short alt", "the longest alt-text of all", "mid alt text"], "round3": "re-aligned"}
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        prompt, target = altogether.training_pair(record, "pretrain", args, rng)
+        assert target == "the longest alt-text of all" and prompt in ("short alt", "mid alt text")
+    assert altogether.training_pair(record, "finetune", args, rng) == (
+        "short alt; the longest alt-text of all; mid alt text", "re-aligned")
+    assert altogether.training_pair({"alt_text": "only one"}, "pretrain", args, rng) == ("", "only one")
+    dropped = [altogether.training_pair(record, "finetune", altogether.Args(p_drop_alt=0.5, target_field="round3"), rng)[0] == ""
+               for _ in range(2000)]
+    assert abs(np.mean(dropped) - 0.5) < 0.05
+
+
+# ---- a training step -------------------------------------------------------------------------
+
+
+def test_a_step_trains_mapper_and_decoder_but_not_the_clip_encoder(world, tmp_path):
+    args = altogether.resolve(altogether.tyro.cli(altogether.Args, args=SMALL + [
+        "--stage", "pretrain", "--decoder", "tiny-opt", "--out", str(tmp_path), "--pretrain-steps", "1"]))
+    records = read_manifest(world / "train.jsonl")
+    encoder = altogether.load_encoder(args)
+    clip_before = {k: v.clone() for k, v in encoder.model.state_dict().items()}
+    img_emb, readable = altogether.embed_records(encoder, records, strict=True)
+    assert readable.all() and torch.allclose(img_emb.norm(dim=-1), torch.ones(len(records)))
+    captioner, tok = altogether.new_captioner(args, img_emb.shape[1], [r["alt_text"] for r in records])
+    before = {k: v.clone() for k, v in captioner.state_dict().items()}
+    log = altogether.train_stage(args, "pretrain", captioner, tok, encoder, records, img_emb)
+    assert len(log["history"]) == 1 and np.isfinite(log["history"][0]["loss"])
+    after = captioner.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("mapper.project") for k in changed) and "mapper.prefix" in changed
+    assert any(k.startswith("mapper.transformer") for k in changed)
+    assert any(k.startswith("decoder.") and "layers" in k for k in changed)
+    assert all(torch.equal(clip_before[k], v) for k, v in encoder.model.state_dict().items())
+    assert not any(p.requires_grad and p.grad is not None for p in encoder.model.parameters())
+    payload = torch.load(tmp_path / "pretrain.pt", weights_only=True)
+    rebuilt, _ = altogether.captioner_from_checkpoint(payload)
+    assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in after.items())
+
+
+def test_nan_loss_stops_with_the_step(world, tmp_path, monkeypatch):
+    monkeypatch.setattr(altogether, "caption_loss", lambda logits, labels: {"loss": torch.tensor(float("nan"))})
+    with pytest.raises(FloatingPointError, match="at step 0"):
+        altogether.main(SMALL + ["--stage", "pretrain", "--decoder", "tiny-opt", "--data", str(world / "train.jsonl"),
+                                 "--out", str(tmp_path), "--pretrain-steps", "2"])
+    assert not (tmp_path / "pretrain.pt").exists()
+
+
+# ---- generation with tiny random OPT and GPT-2 decoders ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_decoders(tmp_path_factory, world):
+    """Random tiny OPT and GPT-2, saved as local folders with a word-level tokenizer of the world."""
+    from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
+
+    root = tmp_path_factory.mktemp("decoders")
+    records = read_manifest(world / "train.jsonl")
+    tok = altogether.world_tokenizer([r["alt_text"] for r in records] + [r["caption"] for r in records], 1)
+    ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id,
+               eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    OPTForCausalLM(OPTConfig(hidden_size=32, word_embed_proj_dim=32, num_hidden_layers=1, ffn_dim=64,
+                             num_attention_heads=2, max_position_embeddings=128, **ids)).save_pretrained(root / "opt")
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=128, **ids)).save_pretrained(root / "gpt2")
+    tok.save_pretrained(root / "opt")
+    tok.pad_token = None  # GPT-2 ships no pad token: the script must cope
+    tok.save_pretrained(root / "gpt2")
+    return root
+
+
+@pytest.mark.parametrize("name,decoding", [("opt", "sample"), ("gpt2", "beam")])
+def test_pretrain_finetune_caption_and_eval_with_tiny_decoders(world, tiny_decoders, tmp_path, name, decoding):
+    train = ["--data", str(world / "train.jsonl"), "--out", str(tmp_path)]
+    log = altogether.main(SMALL + train + ["--stage", "pretrain", "--decoder", str(tiny_decoders / name),
+                                           "--pretrain-steps", "2"])
+    assert [h["step"] for h in log["history"]] == [0, 1]
+    log = altogether.main(SMALL + train + ["--stage", "finetune", "--checkpoint", str(tmp_path / "pretrain.pt"),
+                                           "--finetune-steps", "2"])
+    assert np.isfinite(log["history"][-1]["loss"])
+    out = tmp_path / "captioned" / "val.jsonl"
+    counts = altogether.main(["--stage", "caption", "--data", str(world / "val.jsonl"), "--out", str(out),
+                              "--checkpoint", str(tmp_path / "finetune.pt"), "--decoding", decoding,
+                              "--max-new-tokens", "6", "--gen-batch-size", "4", "--device", "cpu"])
+    assert counts["written"] == 6
+    captioned = read_manifest(out)
+    assert [r["id"] for r in captioned] == [r["id"] for r in read_manifest(world / "val.jsonl")]
+    assert all(isinstance(r["altogether"], str) for r in captioned)
+    assert all((out.parent / r["image"]).exists() for r in captioned)  # images re-rooted
+    metrics = altogether.main(["--stage", "eval", "--data", str(out), "--score-model", MICRO, "--score-pretrained",
+                               "None", "--out", str(tmp_path / "eval.json"), "--device", "cpu"])
+    assert {"CLIP-S", "CIDEr", "BLEU-4", "names kept %"} <= set(metrics["altogether"])
+    assert metrics["alt_text"]["empty"] == 0
+
+
+@pytest.fixture(scope="module")
+def finetuned(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    altogether.main(SMALL + ["--stage", "pretrain", "--decoder", "tiny-opt", "--data", str(world / "train.jsonl"),
+                             "--out", str(out), "--pretrain-steps", "1"])
+    return out / "pretrain.pt"
+
+
+def test_killed_caption_job_resumes_without_lost_or_duplicated_ids(world, finetuned, tmp_path, monkeypatch):
+    argv = ["--stage", "caption", "--data", str(world / "test.jsonl"), "--out", str(tmp_path / "test.jsonl"),
+            "--checkpoint", str(finetuned), "--gen-batch-size", "5", "--max-new-tokens", "4", "--device", "cpu"]
+    real = altogether.generate_captions
+    calls = {"n": 0}
+
+    def dies_in_second_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(altogether, "generate_captions", dies_in_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        altogether.main(argv)
+    with open(tmp_path / "test.jsonl", "ab") as handle:  # and a half-written line, as a kill mid-write leaves
+        handle.write(b'{"id": "test-0000')
+    monkeypatch.setattr(altogether, "generate_captions", real)
+    counts = altogether.main(argv)
+    assert counts["already_done"] == 5 and counts["written"] == 7
+    ids = [r["id"] for r in read_manifest(tmp_path / "test.jsonl")]
+    assert sorted(ids) == sorted(r["id"] for r in read_manifest(world / "test.jsonl")) and len(set(ids)) == len(ids)
+    assert altogether.main(argv) == {"already_done": 12}
+
+
+def test_empty_alt_text_unreadable_image_and_no_alt_mode(world, finetuned, tmp_path):
+    records = read_manifest(world / "val.jsonl")[:3]
+    rows = [{**{k: v for k, v in r.items() if k != "_root"}, "image": str(world / r["image"])} for r in records]
+    rows[0]["alt_text"] = ""
+    rows[1]["image"] = str(tmp_path / "missing.png")
+    write_manifest(tmp_path / "in.jsonl", rows)
+    for use_alt in ("--use-alt", "--no-use-alt"):
+        out = tmp_path / f"{use_alt}.jsonl"
+        counts = altogether.main(["--stage", "caption", "--data", str(tmp_path / "in.jsonl"), "--out", str(out),
+                                  "--checkpoint", str(finetuned), "--decoding", "greedy", "--max-new-tokens", "4",
+                                  "--device", "cpu", use_alt])
+        assert counts["written"] == 2 and counts["unreadable_images"] == 1
+        assert [r["id"] for r in read_manifest(out)] == [records[0]["id"], records[2]["id"]]
+    with pytest.raises(Exception, match="missing.png"):
+        altogether.main(["--stage", "caption", "--data", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "s.jsonl"),
+                         "--checkpoint", str(finetuned), "--device", "cpu", "--strict"])
+
+
+def test_missing_decoder_and_checkpoint_name_the_flag(world, tmp_path):
+    with pytest.raises(RuntimeError, match="--decoder"):
+        altogether.main(SMALL + ["--stage", "pretrain", "--data", str(world / "val.jsonl"), "--out", str(tmp_path),
+                                 "--decoder", str(tmp_path / "no-such-model")])
+    with pytest.raises(FileNotFoundError, match="--checkpoint"):
+        altogether.main(["--stage", "caption", "--data", str(world / "val.jsonl"), "--out", str(tmp_path / "x.jsonl"),
+                         "--checkpoint", str(tmp_path / "none.pt")])
+
+
+# ---- the default run, in miniature -----------------------------------------------------------
+
+
+def test_miniature_main_writes_the_table(tmp_path):
+    results = altogether.main(["--world.n-train", "32", "--world.n-val", "2", "--world.n-test", "10",
+                               "--clip-model", MICRO, "--clip-pretrained", "None", "--score-model", MICRO,
+                               "--score-pretrained", "None", "--pretrain-steps", "2", "--finetune-steps", "2",
+                               "--batch-size", "8", "--max-new-tokens", "5", "--out", str(tmp_path)])
+    assert set(results["rows"]) == set(altogether.ROWS)
+    assert results["rows"]["ground truth"]["names kept %"] == [100.0]
+    table = (tmp_path / "results.md").read_text()
+    assert all(f"| {row} |" in table for row in altogether.ROWS)
+    assert json.loads((tmp_path / "results.json").read_text())["preset"]["decoder"] == "tiny-opt"
