@@ -1,0 +1,829 @@
+"""CapsFusion: Rethinking Image-Text Data at Scale (Yu et al., 2023).
+
+Paper: https://arxiv.org/abs/2310.20550 (official repository baaivision/CapsFusion ships one
+inference script: no captioning, no fine-tuning, and, through a `__len__` bug, it fuses only a tenth
+of its input; this file is the whole pipeline).
+
+Raw web captions know the world (names of people, places, products) but are noisy; synthetic
+captions from a captioner (BLIP, as in LAION-COCO) are clean but generic, lose the names and
+sometimes invent details. Models trained on synthetic captions look good early and then saturate.
+CapsFusion asks an instruction LLM (ChatGPT) to merge the two captions of each image into one,
+keeping sentence 1's real-world knowledge in sentence 2's structure; it then distils that into an
+open LLM, CapsFus-LLaMA (LLaMA-2-13B fine-tuned on ChatGPT's triplets), which fuses at scale.
+
+Implements (stages over manifests, each `--stage`):
+  1. `caption` (Sec. 3.1)  s_i = captioner(image_i)                                -> `synthetic_caption`
+  2. `fuse`    (Sec. 3.2/3.3) f_i = LLM(PROMPT(r_i, s_i)); |PROMPT| <= 256 tokens by cutting r_i's tokens
+                           from its end; beam search, 3 beams, <= 80 new tokens; first line kept -> `fused`
+  3. `sft`     (Sec. 3.3)  CapsFus-LLaMA: L = -1/|Y| sum_{t in Y} log p(y_t | PROMPT(r, s), y_<t), Y = the
+                           teacher's fusion + EOS (the prompt carries no loss), 2 epochs; full or LoRA
+  4. `eval`    fusion quality: names of the raw caption kept, hallucinated attributes, BLEU-4/CIDEr
+                           against the teacher, length; raw / synthetic / teacher / fuser side by side
+  5. `scaling` (Sec. 4, Fig. 7) the same CLIP trained on raw, synthetic, fused and a 50/50
+                           raw+synthetic mix at growing numbers of samples (one epoch each); PNG + JSON
+  6. `miniature` (the default): sft -> fuse -> eval -> scaling on the miniature world, over seeds.
+
+Deviations from the paper:
+  1. Prompt lengths are capped as the official script means to: a prompt over 256 tokens (BOS
+     included) loses the raw caption's last tokens until it fits. The official code also cuts the
+     whole raw caption when the prompt is exactly 256 tokens (`ids[:-0]`) and then truncates the
+     padded prompt from the right (cutting "New Sentence:") when re-tokenising makes it longer;
+     neither is copied. A synthetic caption that alone overflows is kept whole (counted).
+  2. The official script pads every prompt to 256 tokens; here to the batch's longest (the same
+     output, left padding and attention masks make padding invisible). Its answer is stored as
+     generated; here the first non-empty line, whitespace collapsed.
+  3. Empty inputs, which the paper does not discuss: an empty raw caption gives the synthetic
+     caption unchanged, an empty synthetic caption the raw caption, without calling the LLM (the
+     `<field>_source` field says which); both empty: the sample is skipped and counted. An empty
+     LLM answer falls back to the synthetic caption. SFT drops triplets with an empty member.
+  4. SFT follows Alpaca (the paper says Alpaca-style): prompt + response + EOS, loss on the response
+     tokens only, AdamW, lr 2e-5, batch 128, 3% warm-up then cosine, no weight decay. The loss is the
+     mean over the global batch's response tokens (exact under any number of ranks). Full fine-tuning
+     runs under DDP (models that fit one GPU with their optimiser state); a 13B model needs `--lora`
+     here (peft, merged into the weights at the end), as this file has no FSDP/DeepSpeed sharding.
+  5. `caption`: one caption per image by beam search (LAION-COCO drew 40 BLIP captions and kept the
+     best by two CLIP rerankers); any image-text-to-text model works, BLIP-large is the default.
+  6. `scaling` trains CLIP (the paper trains an Emu-style multimodal LLM and reports COCO CIDEr and
+     VQA): the same small CLIP on nested subsets, one epoch each, so compute grows with data as in
+     the paper. Retrieval and zero-shot accuracy stand in for its benchmarks. The mix draws raw or
+     synthetic with probability 0.5 each time a sample is drawn (the paper's mixing ratio unstated).
+  7. Miniature world: the world's template `fused` stands in for ChatGPT (a template fusion, not an
+     LLM), its `synthetic_caption` for BLIP; the student is a 2-layer, width-128 Llama trained from
+     scratch with a word-level tokenizer built from the world's text, which holds the fixed
+     instruction as one token (the prompt string is unchanged; a real LLM reads it as ~90 tokens),
+     so that the sequences are 3x shorter; SFT uses lr 3e-3 and batch 32 (MINIATURE_SFT). The fuser
+     fuses the test split only, so `scaling` trains on the teacher's fusion of the train split.
+
+Commands:
+  CPU, miniature world (about 4 minutes a seed on 2 idle cores):
+    python capsfusion.py                        # = python capsfusion.py --stage miniature --seeds 1
+    python capsfusion.py --seeds 3 --out runs/capsfusion_miniature
+  Real run (manifests with `image` + `alt_text`; triplets with the teacher's `fused`):
+    torchrun --nproc-per-node 8 capsfusion.py --stage caption --data laion.jsonl --out laion.syn.jsonl
+    torchrun --nproc-per-node 8 capsfusion.py --stage sft --data chatgpt_triplets.jsonl --out runs/capsfus \
+        --base-model meta-llama/Llama-2-13b-hf --lora --micro-batch-size 4 --grad-checkpointing
+    torchrun --nproc-per-node 8 capsfusion.py --stage fuse --data laion.syn.jsonl --out laion.fused.jsonl \
+        --llm runs/capsfus/fuser              # or the released BAAI/CapsFus-LLaMA (the default)
+    python capsfusion.py --stage fuse --data heldout_triplets.jsonl --out heldout.jsonl --out-field capsfus
+    python capsfusion.py --stage eval --data heldout.jsonl --out runs/eval --out-field capsfus
+    python -m common.clip_train --train-manifest laion.fused.jsonl --text-field fused   # CLIP at scale
+
+What the miniature run shows (3 seeds; see the table below the code's first run):
+MEASURED_TABLE
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import string
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import tyro
+from tqdm.auto import tqdm
+
+from common.clip_train import (MINIATURE_MODEL, TrainConfig, create_clip, evaluate_world, encode_images, encode_texts,
+                               preprocess_images, retrieval_metrics, save_checkpoint, train_clip)
+from common.data import (BadSampleError, ResumableJSONLWriter, SkipCounter, atomic_write_text, image_path,
+                         merge_rank_outputs, open_record_image, rank_path, read_manifest, shard)
+from common.miniature import WorldConfig, ensure_world, hallucinated_words, names_kept
+
+log = logging.getLogger("capsfusion")
+
+# The fusion prompt, byte for byte as in the official capsfusion_inference.py.
+FUSION_PROMPT = ("Please merge and refine the information from the two given sentences. "
+                 "Sentence 1 provides detailed real-world knowledge, yet it suffers from flaws in sentence structure "
+                 "and grammar. Sentence 2 exhibits nice sentence structure, but lacking in-depth real-world details "
+                 "and may contain false information. Please combine them into a new sentence, ensuring a "
+                 "well-structured sentence while retaining the detailed real-world information provided in Sentence 1. "
+                 "Avoid simply concatenating the sentences.\n\nSentence 1: {raw}\nSentence 2: {synthetic}\nNew Sentence:")
+INSTRUCTION = FUSION_PROMPT.split("\n")[0]
+IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
+
+
+@dataclass
+class Args:
+    """CapsFusion stages: caption, fuse, sft, eval, scaling over manifests; miniature runs them on the miniature world."""
+
+    stage: Literal["miniature", "caption", "fuse", "sft", "eval", "scaling"] = "miniature"
+    """what to run"""
+    data: str | None = None
+    """input manifest (JSONL, see common/data.py)"""
+    out: str = "runs/capsfusion"
+    """output: the manifest written by caption/fuse, the folder of sft/eval/scaling/miniature"""
+    raw_field: str = "alt_text"
+    """field of the raw web caption (sentence 1)"""
+    synthetic_field: str = "synthetic_caption"
+    """field of the synthetic caption (sentence 2), written by caption"""
+    fused_field: str = "fused"
+    """field of the teacher's fusion: what sft learns, what eval compares against, what scaling trains on"""
+    out_field: str = "fused"
+    """field that fuse writes (use another name to keep a teacher's fusion beside the fuser's)"""
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    """torch device (under torchrun each rank takes cuda:LOCAL_RANK)"""
+    seed: int = 0
+    """seed of initialisation and data order"""
+    strict: bool = False
+    """stop at the first unreadable image or empty caption pair instead of logging and counting it"""
+    trust_remote_code: bool = False
+    """let transformers run code shipped with a model (only for models you trust)"""
+    # ---- caption
+    captioner: str = "Salesforce/blip-image-captioning-large"
+    """image-text-to-text model, hub name or local folder (LAION-COCO used BLIP)"""
+    caption_prompt: str | None = None
+    """text prompt for the captioner (none for BLIP; chat VLMs need one)"""
+    caption_beams: int = 3
+    """beams of the captioner's beam search"""
+    caption_max_new_tokens: int = 30
+    """generated tokens per synthetic caption"""
+    # ---- fuse
+    llm: str = "BAAI/CapsFus-LLaMA"
+    """fuser, any AutoModelForCausalLM by hub name or local folder (official config.yaml)"""
+    max_prompt_tokens: int = 256
+    """prompt budget in tokens, special tokens included (official: 256)"""
+    num_beams: int = 3
+    """beams of the fuser's beam search (official: 3)"""
+    max_new_tokens: int = 80
+    """generated tokens per fused caption (official: 80)"""
+    gen_batch_size: int = 4
+    """samples per generate() call (official: 4 per GPU)"""
+    gen_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """weights dtype of captioner and fuser on CUDA (official: bf16; CPU always float32)"""
+    # ---- sft
+    base_model: str = "meta-llama/Llama-2-13b-hf"
+    """causal LM to fine-tune into the fuser (paper: LLaMA-2-13B)"""
+    epochs: int = 2
+    """passes over the triplets (paper: 2)"""
+    lr: float = 2e-5
+    """peak AdamW learning rate (Alpaca)"""
+    batch_size: int = 128
+    """triplets per optimiser step over all ranks (Alpaca)"""
+    micro_batch_size: int = 4
+    """triplets per forward pass per rank; gradients accumulate up to batch_size"""
+    warmup_ratio: float = 0.03
+    """fraction of the steps with a linear warm-up before the cosine decay (Alpaca)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay (Alpaca)"""
+    max_seq_len: int = 512
+    """prompt + response tokens kept per triplet"""
+    lora: bool = False
+    """train LoRA adapters (peft) instead of all weights; merged into the saved fuser"""
+    lora_r: int = 16
+    """LoRA rank"""
+    lora_alpha: int = 32
+    """LoRA scale numerator (scale = alpha / r)"""
+    lora_dropout: float = 0.05
+    """dropout on the LoRA input"""
+    grad_checkpointing: bool = False
+    """recompute activations in backward (long prompts, big models)"""
+    checkpoint_every: int = 500
+    """save out/sft_state.pt every this many steps (and at the end)"""
+    resume: bool = True
+    """continue from out/sft_state.pt when it exists"""
+    # ---- scaling
+    clip_model: str = MINIATURE_MODEL
+    """open_clip architecture trained from scratch for each point"""
+    scaling_data: str | None = None
+    """evaluation manifest of the scaling stage (retrieval against `caption`; world tasks if present)"""
+    sizes: tuple[int, ...] = (625, 1250, 2500, 5000)
+    """numbers of training samples, nested subsets"""
+    scaling_epochs: float = 1.0
+    """passes over each subset (paper: 1 epoch at every scale)"""
+    clip_batch_size: int = 64
+    """CLIP pairs per step"""
+    clip_lr: float = 2e-3
+    """peak CLIP learning rate (the project's miniature value)"""
+    # ---- miniature
+    seeds: int = 1
+    """miniature: worlds and runs with seeds 0..seeds-1"""
+    world: WorldConfig = WorldConfig()
+    """miniature: the world's knobs (its seed is replaced by each run's seed)"""
+
+
+# The miniature student's recipe: a tiny LM from scratch needs a far larger step than LLaMA's 2e-5.
+MINIATURE_SFT = {"lr": 3e-3, "batch_size": 32, "micro_batch_size": 32, "warmup_ratio": 0.06, "gen_batch_size": 64}
+
+
+# =============================================================================================
+# The paper's pieces
+# =============================================================================================
+
+
+def clean(text) -> str:
+    """A caption with its whitespace collapsed ('' for None)."""
+    return " ".join(str(text or "").split())
+
+
+def prompt_length(tokenizer, prompt: str) -> int:
+    """Tokens the LLM reads for `prompt`, BOS included, as the official script counts them."""
+    return len(tokenizer(prompt)["input_ids"])
+
+
+def fusion_prompt(tokenizer, raw: str, synthetic: str, max_tokens: int) -> tuple[str, bool]:
+    """PROMPT(r[:k], s) with the largest k such that it fits in max_tokens; and whether r was cut.
+
+    Only the raw caption is cut (from its end); the instruction and the synthetic caption stay whole,
+    even when they alone overflow (the caller counts that case).
+    """
+    prompt = FUSION_PROMPT.format(raw=raw, synthetic=synthetic)
+    overflow = prompt_length(tokenizer, prompt) - max_tokens
+    if overflow <= 0:
+        return prompt, False
+    raw_ids = tokenizer(raw, add_special_tokens=False)["input_ids"]
+    keep = max(0, len(raw_ids) - overflow)
+    while True:  # decoding and re-tokenising can merge tokens differently: shrink until it fits
+        prompt = FUSION_PROMPT.format(raw=tokenizer.decode(raw_ids[:keep], skip_special_tokens=True).strip(),
+                                      synthetic=synthetic)
+        if keep == 0 or prompt_length(tokenizer, prompt) <= max_tokens:
+            return prompt, True
+        keep -= 1
+
+
+def first_line(answer: str) -> str:
+    """The fused caption: the answer's first non-empty line, whitespace collapsed."""
+    return next((clean(line) for line in answer.splitlines() if line.strip()), "")
+
+
+def sft_example(tokenizer, raw: str, synthetic: str, fused: str, args: Args) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one triplet: PROMPT(r, s) + f + EOS, labels IGNORE on the prompt.
+
+    Prompt and response are tokenised apart, so the mask boundary is exact and the fuser later
+    continues a prompt tokenised exactly as it was in training.
+    """
+    prompt, _ = fusion_prompt(tokenizer, raw, synthetic, args.max_prompt_tokens)
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    response_ids = tokenizer(fused, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    input_ids = (prompt_ids + response_ids)[:args.max_seq_len]
+    # L = -1/|Y| sum_{t in Y} log p(y_t | prompt, y_<t): only the response positions are labelled
+    labels = ([IGNORE] * len(prompt_ids) + response_ids)[:args.max_seq_len]
+    return input_ids, labels
+
+
+def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of -log p over labelled tokens, their count): position t predicts token t + 1."""
+    shifted = logits[:, :-1].float()  # (B, T-1, V)
+    targets = labels[:, 1:]  # (B, T-1)
+    nll = torch.nn.functional.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1),
+                                            ignore_index=IGNORE, reduction="sum")
+    return nll, (targets != IGNORE).sum()
+
+
+# =============================================================================================
+# Generation stages (caption, fuse): rank-sharded, resumable
+# =============================================================================================
+
+
+def init_distributed(args: Args) -> tuple[int, int, str]:
+    """(rank, world size, device) under torchrun (gloo on CPU, nccl on CUDA); (0, 1, device) otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return 0, 1, args.device
+    device = args.device
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world_size, device
+
+
+def load_pretrained(loader, name: str, flag: str, **kwargs):
+    """`loader.from_pretrained(name)` with one clear error naming the flag when the weights are missing."""
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as err:
+        raise RuntimeError(f"cannot load {name!r} for {flag} ({type(err).__name__}: {err}). Pass {flag} a local "
+                           "folder holding the model, or a hub name with network access.") from err
+
+
+def weights_dtype(args: Args, device: str) -> torch.dtype:
+    """--gen-dtype on CUDA, float32 on CPU (bf16 matmuls are slow there)."""
+    return getattr(torch, args.gen_dtype) if device.startswith("cuda") else torch.float32
+
+
+def run_generation(args: Args, records: list[dict], process_batch) -> dict:
+    """Run `process_batch(records, counts) -> [(record, new fields)]` over this rank's unfinished samples.
+
+    Each rank appends to its own `rank_path(out)`, one flushed line per sample, so a killed job
+    resumes where it stopped; with several ranks, rank 0 merges the parts in input order at the end.
+    """
+    rank, world_size, _ = init_distributed(args)
+    out = Path(args.out)
+    mine = shard(records, rank, world_size)
+    counts = Counter()
+    with ResumableJSONLWriter(rank_path(out, rank, world_size)) as writer:
+        todo = [r for r in mine if str(r["id"]) not in writer.done]
+        counts["already_done"] = len(mine) - len(todo)
+        for start in tqdm(range(0, len(todo), args.gen_batch_size), desc=args.stage, disable=rank != 0):
+            for record, fields in process_batch(todo[start:start + args.gen_batch_size], counts):
+                # image paths are relative to the manifest's folder: re-root them at the output's
+                moved = os.path.relpath(image_path(record).resolve(), out.resolve().parent)
+                writer.write({**record, "image": moved, **fields})
+                counts["written"] += 1
+    if world_size > 1:
+        parts = [None] * world_size
+        dist.all_gather_object(parts, dict(counts))
+        counts = sum((Counter(part) for part in parts), Counter())
+        if rank == 0:
+            merge_rank_outputs(out, world_size, order=[str(r["id"]) for r in records])
+        dist.barrier()
+    log.info("%s: %s -> %s", args.stage, dict(counts), out)
+    return dict(counts)
+
+
+def generate(model, inputs, pad_token_id: int, num_beams: int, max_new_tokens: int) -> torch.Tensor:
+    """Beam-search continuations (B, new) of a left-padded batch, prompt tokens removed."""
+    with torch.no_grad():
+        output = model.generate(**inputs, num_beams=num_beams, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=pad_token_id)
+    prompt = inputs.get("input_ids")
+    # decoder-only models echo the prompt; BLIP-style captioners return their own sequence
+    if prompt is not None and output.shape[1] > prompt.shape[1] and torch.equal(output[:, :prompt.shape[1]], prompt):
+        return output[:, prompt.shape[1]:]
+    return output
+
+
+def stage_caption(args: Args, records: list[dict]) -> dict:
+    """Step 1: a synthetic caption for every readable image, written as `synthetic_field`."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    _, _, device = init_distributed(args)
+    remote = {"trust_remote_code": args.trust_remote_code}
+    processor = load_pretrained(AutoProcessor, args.captioner, "--captioner", **remote)
+    model = load_pretrained(AutoModelForImageTextToText, args.captioner, "--captioner",
+                            dtype=weights_dtype(args, device), **remote)
+    model.to(device).eval()
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    prompt = args.caption_prompt
+    if prompt is not None and getattr(processor, "chat_template", None):
+        turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        prompt = processor.apply_chat_template(turn, add_generation_prompt=True)
+    skipped = SkipCounter()
+
+    def process_batch(batch: list[dict], counts: Counter):
+        kept, images = [], []
+        for record in batch:
+            image = open_record_image(record, skipped, args.strict)
+            if image is None:
+                counts["unreadable_images"] += 1
+                continue
+            kept.append(record)
+            images.append(image)
+        if not kept:
+            return []
+        text = {"text": [prompt] * len(images)} if prompt is not None else {}
+        inputs = processor(images=images, return_tensors="pt", padding=True, **text).to(device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        new = generate(model, inputs, tokenizer.pad_token_id, args.caption_beams, args.caption_max_new_tokens)
+        captions = [first_line(text) for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+        counts["empty_captions"] += sum(not caption for caption in captions)
+        return [(record, {args.synthetic_field: caption}) for record, caption in zip(kept, captions)]
+
+    return run_generation(args, records, process_batch)
+
+
+def load_fuser(name: str, flag: str, args: Args, device: str, dtype: torch.dtype):
+    """(tokenizer, model) of a causal LM, with a pad token (Llama ships none; padding is masked anyway)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    remote = {"trust_remote_code": args.trust_remote_code}
+    tokenizer = load_pretrained(AutoTokenizer, name, flag, **remote)
+    model = load_pretrained(AutoModelForCausalLM, name, flag, dtype=dtype, **remote).to(device)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer, model
+
+
+def stage_fuse(args: Args, records: list[dict]) -> dict:
+    """Steps 2-3 at inference: the fused caption of each (raw, synthetic) pair, as `out_field` + `<out_field>_source`."""
+    _, _, device = init_distributed(args)
+    tokenizer, model = load_fuser(args.llm, "--llm", args, device, weights_dtype(args, device))
+    model.eval()
+    tokenizer.padding_side = "left"  # a decoder-only model continues from the right end
+
+    def process_batch(batch: list[dict], counts: Counter):
+        results, prompts, asked = [], [], []
+        for record in batch:
+            raw, synthetic = clean(record.get(args.raw_field)), clean(record.get(args.synthetic_field))
+            if not raw and not synthetic:
+                if args.strict:
+                    raise BadSampleError(f"sample {record['id']!r}: empty {args.raw_field!r} and {args.synthetic_field!r}")
+                counts["skipped_no_text"] += 1
+            elif not raw or not synthetic:  # nothing to merge: the caption there is, unchanged
+                source = "synthetic" if synthetic else "raw"
+                counts[f"copied_{source}"] += 1
+                results.append((record, {args.out_field: synthetic or raw, f"{args.out_field}_source": source}))
+            else:
+                prompt, trimmed = fusion_prompt(tokenizer, raw, synthetic, args.max_prompt_tokens)
+                counts["raw_trimmed"] += trimmed
+                counts["prompt_over_cap"] += prompt_length(tokenizer, prompt) > args.max_prompt_tokens
+                prompts.append(prompt)
+                asked.append((record, synthetic))
+        if prompts:
+            inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+            new = generate(model, inputs, tokenizer.pad_token_id, args.num_beams, args.max_new_tokens)
+            for (record, synthetic), answer in zip(asked, tokenizer.batch_decode(new, skip_special_tokens=True)):
+                fused = first_line(answer)
+                counts["empty_answers"] += not fused
+                results.append((record, {args.out_field: fused or synthetic,
+                                         f"{args.out_field}_source": "llm" if fused else "synthetic"}))
+        return results
+
+    return run_generation(args, records, process_batch)
+
+
+# =============================================================================================
+# SFT: CapsFus-LLaMA from (raw, synthetic, fused) triplets
+# =============================================================================================
+
+
+def triplets(records: list[dict], args: Args) -> list[tuple[str, str, str]]:
+    """(raw, synthetic, fused) of the records where all three are non-empty; the others are counted and dropped."""
+    kept, skipped = [], SkipCounter()
+    for record in records:
+        texts = tuple(clean(record.get(f)) for f in (args.raw_field, args.synthetic_field, args.fused_field))
+        if all(texts):
+            kept.append(texts)
+        elif args.strict:
+            raise BadSampleError(f"sample {record['id']!r}: an empty member of the triplet {texts}")
+        else:
+            skipped.add(str(record["id"]), "empty raw, synthetic or fused caption")
+    if not kept:
+        raise ValueError(f"no triplet with non-empty {args.raw_field!r}, {args.synthetic_field!r}, {args.fused_field!r}")
+    return kept
+
+
+def pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
+    """Right-padded input_ids, attention_mask and labels (B, T)."""
+    length = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), length), pad_id)
+    labels = torch.full((len(examples), length), IGNORE)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, (ids, labs) in enumerate(examples):
+        input_ids[row, :len(ids)], labels[row, :len(labs)], mask[row, :len(ids)] = torch.tensor(ids), torch.tensor(labs), 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def step_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
+    """Triplets of optimiser step `step` (<= B): epoch e walks permutation_(seed, e), the last batch may be short."""
+    steps_per_epoch = math.ceil(n / batch_size)
+    epoch, position = divmod(step, steps_per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return order[position * batch_size:(position + 1) * batch_size]
+
+
+def sft_recipe(args: Args) -> dict:
+    """What a checkpoint must agree on to be resumed."""
+    return {name: getattr(args, name) for name in ("base_model", "epochs", "lr", "batch_size", "warmup_ratio",
+                                                   "weight_decay", "max_seq_len", "max_prompt_tokens", "lora",
+                                                   "lora_r", "lora_alpha", "seed", "fused_field")}
+
+
+def stage_sft(args: Args, records: list[dict]) -> dict:
+    """Step 3: fine-tune --base-model on the triplets; the fuser is saved to out/fuser."""
+    rank, world_size, device = init_distributed(args)
+    torch.manual_seed(args.seed)
+    tokenizer, model = load_fuser(args.base_model, "--base-model", args, device, torch.float32)
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+    if args.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()  # LoRA: frozen embeddings would cut the recomputed graph
+    data = [sft_example(tokenizer, *triplet, args) for triplet in triplets(records, args)]
+    steps = args.epochs * math.ceil(len(data) / args.batch_size)
+    warmup = max(1, round(args.warmup_ratio * steps))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    out, history, start = Path(args.out), [], 0
+    state_path = out / "sft_state.pt"
+    if args.resume and state_path.exists():
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        if state["recipe"] != sft_recipe(args):
+            raise ValueError(f"{state_path} was trained with {state['recipe']}, not {sft_recipe(args)}; "
+                             "use another --out or --no-resume")
+        model.load_state_dict(state["trainable"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        start, history = state["step"], state["history"]
+        log.info("resuming SFT from %s at step %d", state_path, start)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    use_amp = device.startswith("cuda")
+    model.train()
+    began = time.time()
+    bar = tqdm(range(start, steps), desc="sft", disable=rank != 0)
+    for step in bar:
+        # linear warm-up, then cosine decay to 0 (Alpaca's schedule)
+        progress = (step - warmup) / max(1, steps - warmup)
+        lr = args.lr * (step + 1) / warmup if step < warmup else 0.5 * args.lr * (1 + math.cos(math.pi * progress))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        mine = [data[i] for i in step_indices(step, len(data), args.batch_size, args.seed)[rank::world_size]]
+        tokens = torch.tensor(sum(sum(label != IGNORE for label in labels[1:]) for _, labels in mine), device=device)
+        if world_size > 1:
+            dist.all_reduce(tokens)  # the global batch's response tokens: every rank divides by the same count
+        total = torch.zeros((), device=device)
+        for first in range(0, len(mine), args.micro_batch_size):
+            batch = {k: v.to(device) for k, v in pad_batch(mine[first:first + args.micro_batch_size],
+                                                           tokenizer.pad_token_id).items()}
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                logits = ddp(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (b, T, V)
+            nll, _ = response_loss(logits, batch["labels"])
+            # DDP averages gradients over ranks: scale by world_size so the sum is the global token mean
+            (nll * world_size / tokens).backward()
+            total += nll.detach()
+        if world_size > 1:
+            dist.all_reduce(total)
+        loss = (total / tokens).item()
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"SFT loss is {loss} at step {step}; stopped before saving a checkpoint")
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        history.append({"step": step, "loss": loss, "lr": lr})
+        bar.set_postfix(loss=f"{loss:.3f}")
+        if rank == 0 and ((step + 1) % args.checkpoint_every == 0 or step + 1 == steps):
+            trained = {k: v for k, v in model.state_dict().items() if not args.lora or "lora_" in k}
+            save_checkpoint(state_path, {"trainable": trained, "optimizer": optimizer.state_dict(), "step": step + 1,
+                                         "history": history, "recipe": sft_recipe(args)})
+    if rank == 0:
+        save_fuser(model.merge_and_unload() if args.lora else model, tokenizer, out / "fuser")
+    if world_size > 1:
+        dist.barrier()
+    return {"history": history, "resumed_from": start, "steps": steps, "triplets": len(data),
+            "train_seconds": time.time() - began, "fuser": str(out / "fuser")}
+
+
+def save_fuser(model, tokenizer, folder: Path) -> None:
+    """save_pretrained into a temporary folder, then rename: a killed save leaves no half model."""
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+# =============================================================================================
+# Evaluation: fusion quality, side by side
+# =============================================================================================
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased words, punctuation removed (our stand-in for the COCO toolkit's PTB tokenizer)."""
+    return text.lower().translate(str.maketrans(string.punctuation, " " * len(string.punctuation))).split()
+
+
+def proper_names(text: str) -> set[str]:
+    """The raw caption's proper-name proxy: alphabetic words that start with a capital, lower-cased."""
+    return {w.strip(string.punctuation).lower() for w in text.split() if w.strip(string.punctuation).isalpha()
+            and w.strip(string.punctuation)[0].isupper()}
+
+
+def fusion_quality(captions: list[str], records: list[dict], args: Args, reference: list[str] | None) -> dict:
+    """Names of the raw caption kept, (world) names kept and hallucinations, BLEU-4/CIDEr against `reference`, length."""
+    raw_names = [proper_names(clean(r.get(args.raw_field))) for r in records]
+    kept = sum(len(names & set(words(c))) for names, c in zip(raw_names, captions))
+    metrics = {"raw_names_kept": 100.0 * kept / max(1, sum(map(len, raw_names))),
+               "length": float(np.mean([len(words(c)) for c in captions]))}
+    if "objects" in records[0]:  # the miniature world's labels: true names, and words nothing in the image has
+        found, total = np.sum([names_kept(c, r) for c, r in zip(captions, records)], axis=0)
+        metrics["names_kept"] = 100.0 * found / max(1, total)
+        metrics["hallucinated"] = float(np.mean([len(hallucinated_words(c, r)) for c, r in zip(captions, records)]))
+    if reference is not None:
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+
+        refs = {i: [" ".join(words(t)) or "<empty>"] for i, t in enumerate(reference)}
+        cands = {i: [" ".join(words(c)) or "<empty>"] for i, c in enumerate(captions)}
+        metrics["BLEU-4"] = 100.0 * float(Bleu(4).compute_score(refs, cands, verbose=0)[0][3])
+        metrics["CIDEr"] = 100.0 * float(Cider().compute_score(refs, cands)[0])
+    return metrics
+
+
+def stage_eval(args: Args, records: list[dict]) -> dict:
+    """Fusion quality of raw, synthetic, teacher-fused and fuser-generated captions, those the manifest has."""
+    rows = {"raw": args.raw_field, "synthetic": args.synthetic_field, "teacher": args.fused_field, "fuser": args.out_field}
+    rows = {name: field for name, field in rows.items()
+            if all(field in r for r in records) and (name != "fuser" or field != args.fused_field)}
+    if not rows:
+        raise ValueError(f"no records with any of {args.raw_field!r}, {args.synthetic_field!r}, {args.fused_field!r}, "
+                         f"{args.out_field!r}")
+    reference = [clean(r[args.fused_field]) for r in records] if "teacher" in rows else None
+    results = {name: fusion_quality([clean(r[field]) for r in records], records, args,
+                                    None if name == "teacher" else reference) for name, field in rows.items()}
+    out = Path(args.out)
+    atomic_write_text(out / "eval.json", json.dumps(results, indent=2))
+    return results
+
+
+# =============================================================================================
+# Scaling: the same CLIP on raw, synthetic, fused and mixed captions at growing data sizes
+# =============================================================================================
+
+CAPTION_TYPES = ("raw", "synthetic", "fused", "raw+synthetic mix")
+
+
+def scaling_texts(records: list[dict], kind: str, args: Args):
+    """The `texts_for(indices, rng)` callback of train_clip for one caption type."""
+    raw = [clean(r[args.raw_field]) for r in records]
+    synthetic = [clean(r[args.synthetic_field]) for r in records]
+    fused = [clean(r[args.fused_field]) for r in records]
+    if kind == "raw+synthetic mix":
+        # each time sample i is drawn: t_i = r_i if u < 0.5 else s_i, u ~ U(0, 1) fresh per draw
+        return lambda idx, rng: [raw[i] if u < 0.5 else synthetic[i] for i, u in zip(idx, rng.random(len(idx)))]
+    texts = {"raw": raw, "synthetic": synthetic, "fused": fused}[kind]
+    return lambda idx, rng: [texts[i] for i in idx]
+
+
+def evaluate_clip(model, tokenizer, preprocess, records: list[dict], images: torch.Tensor) -> dict:
+    """Retrieval against `caption` (and the world's zero-shot tasks when the records have labels)."""
+    if "objects" in records[0]:
+        metrics = evaluate_world(model, tokenizer, preprocess, records, "caption", images=images)
+        metrics["zeroshot_attributes"] = float(np.mean([metrics[f"zeroshot_{t}"] for t in ("background", "shape", "color")]))
+    else:
+        metrics = retrieval_metrics(encode_images(model, images), encode_texts(model, tokenizer, [r["caption"] for r in records]))
+    metrics["retrieval_R@5"] = (metrics["i2t_R@5"] + metrics["t2i_R@5"]) / 2
+    return metrics
+
+
+def stage_scaling(args: Args, train_records: list[dict], test_records: list[dict]) -> dict:
+    """Step 5: {caption type: [metrics at each size]}; CLIP from scratch on the first n samples, one epoch."""
+    usable = [r for r in train_records if all(clean(r.get(f)) for f in (args.raw_field, args.synthetic_field, args.fused_field))]
+    if len(usable) < len(train_records):
+        log.warning("scaling: %d samples without all three captions dropped", len(train_records) - len(usable))
+    sizes = sorted(n for n in args.sizes if n <= len(usable))
+    if not sizes:
+        raise ValueError(f"--sizes {args.sizes}: none fits the {len(usable)} usable training samples")
+    _, preprocess, _ = create_clip(args.clip_model)
+    images = preprocess_images(usable[:sizes[-1]], preprocess)  # (N, 3, H, W), nested subsets share it
+    test_images = preprocess_images(test_records, preprocess)
+    curves = {kind: [] for kind in CAPTION_TYPES}
+    for kind in CAPTION_TYPES:
+        for n in sizes:
+            steps = max(1, math.ceil(args.scaling_epochs * n / args.clip_batch_size))
+            model, preprocess, tokenizer = create_clip(args.clip_model, seed=args.seed)
+            config = TrainConfig(steps=steps, batch_size=args.clip_batch_size, lr=args.clip_lr,
+                                 warmup=max(1, steps // 10), seed=args.seed)
+            history = train_clip(model, tokenizer, images[:n], scaling_texts(usable[:n], kind, args), config, progress=False)
+            metrics = evaluate_clip(model, tokenizer, preprocess, test_records, test_images)
+            curves[kind].append({"samples": n, "steps": steps, "final_loss": history[-1]["loss"], **metrics})
+            log.info("scaling %s n=%d: R@5 %.1f", kind, n, metrics["retrieval_R@5"])
+    return {"sizes": sizes, "curves": curves}
+
+
+PLOTTED = {"retrieval_R@5": "retrieval R@5 (mean of both ways)", "zeroshot_attributes": "zero-shot attributes",
+           "zeroshot_entity": "zero-shot entity names"}
+
+
+def plot_scaling(runs: list[dict], path: Path) -> None:
+    """One panel per metric, one line per caption type (mean over seeds, bars: std), log-scale data size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in PLOTTED if m in runs[0]["curves"]["raw"][0]]
+    figure, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.6), squeeze=False)
+    for axis, metric in zip(axes[0], metrics):
+        for kind in CAPTION_TYPES:
+            values = np.array([[point[metric] for point in run["curves"][kind]] for run in runs])  # (seeds, sizes)
+            axis.errorbar(runs[0]["sizes"], values.mean(0), yerr=values.std(0), marker="o", capsize=3, label=kind)
+        axis.set(xscale="log", xlabel="training samples", ylabel="%", title=PLOTTED[metric])
+    axes[0][0].legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+# =============================================================================================
+# The miniature pipeline (default run)
+# =============================================================================================
+
+
+def miniature_fuser(records: list[dict], folder: Path, seed: int) -> Path:
+    """A tiny random Llama and its word-level tokenizer, built from the world's text, saved as a base model."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    split = pre_tokenizers.Whitespace()
+    counts = Counter(word for r in records for field in ("alt_text", "synthetic_caption", "fused")
+                     for word, _ in split.pre_tokenize_str(r[field]))
+    special = ["<pad>", "<s>", "</s>", "<unk>"]
+    # words seen twice (one-off file names like IMG_1234 become <unk>) and every word of the prompt
+    vocabulary = special + sorted({w for w, c in counts.items() if c >= 2} | {w for w, _ in split.pre_tokenize_str(FUSION_PROMPT)})
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocabulary)}, unk_token="<unk>"))
+    backend.pre_tokenizer = split
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    backend.add_tokens([AddedToken(INSTRUCTION, normalized=False)])  # the fixed instruction reads as one token
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", clean_up_tokenization_spaces=True)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                         tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    save_fuser(LlamaForCausalLM(config), tokenizer, folder)
+    return folder
+
+
+def summary_table(fusion: list[dict], scaling: list[dict], args: Args, seconds: float) -> str:
+    """Markdown: fusion quality per caption source, then the scaling curves (mean ± std over seeds)."""
+    def cell(values):
+        return f"{np.mean(values):.1f}" + (f" ± {np.std(values):.1f}" if len(values) > 1 else "")
+
+    columns = ("names_kept", "raw_names_kept", "hallucinated", "BLEU-4", "CIDEr", "length")
+    lines = [f"# CapsFusion in the miniature world ({args.seeds} seed(s), {seconds / 60:.1f} min)", "",
+             "Fusion quality on the test split. teacher = the world's template `fused` (stands in for ChatGPT); "
+             "fuser = the tiny Llama distilled from it (CapsFus-LLaMA's part); BLEU-4/CIDEr against the teacher.", "",
+             "| captions | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for row in fusion[0]:
+        cells = [cell([run[row][c] for run in fusion]) if c in fusion[0][row] else "-" for c in columns]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    sizes = scaling[0]["sizes"]
+    for metric, title in PLOTTED.items():
+        lines += ["", f"Scaling, {title}, by training samples (one epoch each):", "",
+                  "| captions | " + " | ".join(map(str, sizes)) + " |", "|---" * (len(sizes) + 1) + "|"]
+        for kind in CAPTION_TYPES:
+            lines.append(f"| {kind} | " + " | ".join(cell([run["curves"][kind][i][metric] for run in scaling])
+                                                    for i in range(len(sizes))) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_miniature(args: Args) -> dict:
+    """sft -> fuse (test split) -> eval -> scaling on worlds of seeds 0..seeds-1; table, plot and JSON in out/."""
+    began, out = time.time(), Path(args.out)
+    fusion, scaling, timings = [], [], []
+    for seed in range(args.seeds):
+        folder, run = ensure_world(dataclasses.replace(args.world, seed=seed)), out / f"seed{seed}"
+        train_records, test_records = read_manifest(folder / "train.jsonl"), read_manifest(folder / "test.jsonl")
+        clock = {"start": time.time()}
+        base = miniature_fuser(train_records, run / "base", seed)
+        sft_args = dataclasses.replace(args, **MINIATURE_SFT, base_model=str(base), seed=seed, out=str(run), resume=False,
+                                       raw_field="alt_text", synthetic_field="synthetic_caption", fused_field="fused")
+        stage_sft(sft_args, train_records)
+        clock["sft"] = time.time()
+        fused_path = run / "test.capsfus.jsonl"
+        fused_path.unlink(missing_ok=True)
+        stage_fuse(dataclasses.replace(sft_args, llm=str(run / "fuser"), out=str(fused_path), out_field="capsfus"),
+                   test_records)
+        clock["fuse"] = time.time()
+        fusion.append(stage_eval(dataclasses.replace(sft_args, out=str(run), out_field="capsfus"), read_manifest(fused_path)))
+        scaling.append(stage_scaling(sft_args, train_records, test_records))
+        clock["scaling"] = time.time()
+        timings.append({stage: clock[stage] - clock[previous] for previous, stage in zip(clock, list(clock)[1:])})
+        print(f"seed {seed}: fuser names kept {fusion[-1]['fuser']['names_kept']:.1f}%, CIDEr vs teacher "
+              f"{fusion[-1]['fuser']['CIDEr']:.1f}; stage seconds {timings[-1]}", flush=True)
+    seconds = time.time() - began
+    table = summary_table(fusion, scaling, args, seconds)
+    atomic_write_text(out / "results.md", table)
+    plot_scaling(scaling, out / "scaling.png")
+    results = {"fusion": fusion, "scaling": scaling, "stage_seconds": timings, "seconds": seconds,
+               "world": dataclasses.asdict(args.world)}
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
+    print(table)
+    return results
+
+
+def main(argv=None) -> dict:
+    """Run the stage named by --stage; return its metrics (sft/eval/scaling/miniature) or counts (caption/fuse)."""
+    args = tyro.cli(Args, args=argv)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+    if args.stage == "miniature":
+        return run_miniature(args)
+    if args.data is None:
+        raise ValueError(f"--stage {args.stage} needs --data (an input manifest)")
+    records = read_manifest(args.data)
+    if args.stage == "caption":
+        return stage_caption(args, records)
+    if args.stage == "fuse":
+        return stage_fuse(args, records)
+    if args.stage == "sft":
+        return stage_sft(args, records)
+    if args.stage == "eval":
+        return stage_eval(args, records)
+    if args.scaling_data is None:
+        raise ValueError("--stage scaling needs --scaling-data (the evaluation manifest)")
+    result = stage_scaling(args, records, read_manifest(args.scaling_data))
+    atomic_write_text(Path(args.out) / "scaling.json", json.dumps(result, indent=2))
+    plot_scaling([result], Path(args.out) / "scaling.png")
+    return result
+
+
+if __name__ == "__main__":
+    main()
