@@ -342,11 +342,10 @@ def run_generation(args: Args, records: list[dict], process_batch) -> dict:
     return dict(counts)
 
 
-def generate(model, inputs, pad_token_id: int, num_beams: int, max_new_tokens: int) -> torch.Tensor:
+def generate(model, inputs, num_beams: int, max_new_tokens: int, **options) -> torch.Tensor:
     """Beam-search continuations (B, new) of a left-padded batch, prompt tokens removed."""
     with torch.no_grad():
-        output = model.generate(**inputs, num_beams=num_beams, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=pad_token_id)
+        output = model.generate(**inputs, num_beams=num_beams, max_new_tokens=max_new_tokens, do_sample=False, **options)
     prompt = inputs.get("input_ids")
     # decoder-only models echo the prompt; BLIP-style captioners return their own sequence
     if prompt is not None and output.shape[1] > prompt.shape[1] and torch.equal(output[:, :prompt.shape[1]], prompt):
@@ -386,7 +385,7 @@ def stage_caption(args: Args, records: list[dict]) -> dict:
         text = {"text": [prompt] * len(images)} if prompt is not None else {}
         inputs = processor(images=images, return_tensors="pt", padding=True, **text).to(device)
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        new = generate(model, inputs, tokenizer.pad_token_id, args.caption_beams, args.caption_max_new_tokens)
+        new = generate(model, inputs, args.caption_beams, args.caption_max_new_tokens)  # BLIP sets its own pad id
         captions = [first_line(text) for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
         counts["empty_captions"] += sum(not caption for caption in captions)
         return [(record, {args.synthetic_field: caption}) for record, caption in zip(kept, captions)]
@@ -433,7 +432,7 @@ def stage_fuse(args: Args, records: list[dict]) -> dict:
                 asked.append((record, synthetic))
         if prompts:
             inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
-            new = generate(model, inputs, tokenizer.pad_token_id, args.num_beams, args.max_new_tokens)
+            new = generate(model, inputs, args.num_beams, args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
             for (record, synthetic), answer in zip(asked, tokenizer.batch_decode(new, skip_special_tokens=True)):
                 fused = first_line(answer)
                 counts["empty_answers"] += not fused
