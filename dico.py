@@ -194,7 +194,9 @@ class Args:
     eval_beam: int = 5
     """beam width of evaluation captions (top beam kept)"""
     eval_every: int = 1000
-    """steps between validation RefPAC-S evaluations (best checkpoint)"""
+    """fine-tuning steps between validation RefPAC-S evaluations (best checkpoint)"""
+    xe_eval_every: int = 1000
+    """XE steps between validation RefPAC-S evaluations (best checkpoint)"""
     save_every: int = 1000
     """steps between last.pt saves"""
     val_images: int = 0
@@ -215,8 +217,8 @@ class Args:
 MINIATURE_PRESET = dict(
     encoder_model="miniature", clip_s_model="miniature", pacs_model="miniature", d_model=128,
     encoder_layers=1, decoder_layers=2, heads=4, ffn=512, restrict_vocab=True, cache_features=True,
-    xe_steps=350, xe_batch_size=64, xe_lr=1e-3, steps=30, batch_size=16, lr=1e-4, eval_beam=3,
-    eval_every=15, save_every=15, val_images=100, eval_images=300,
+    xe_steps=350, xe_batch_size=64, xe_lr=1e-3, xe_eval_every=70, steps=120, batch_size=16, lr=1e-4, eval_beam=3,
+    eval_every=40, save_every=40, val_images=100, eval_images=300,
 )
 
 
@@ -657,7 +659,7 @@ def train(args: Args, stage: str) -> dict:
         reference.eval().requires_grad_(False)
     else:
         torch.manual_seed(args.seed)
-        vocab = Vocab.build([r["caption"] for r in train_records], args.restrict_vocab)
+        vocab = Vocab.build([ref for r in train_records for ref in r["refs"]], args.restrict_vocab)
         width = load_scorer(args, args.encoder_model, args.encoder_pretrained).model.visual.transformer.width
         model = Captioner(len(vocab.bpe_ids), vocab.bos, vocab.eos, width, args.d_model, args.encoder_layers,
                           args.decoder_layers, args.heads, args.ffn, args.dropout, args.max_len).to(args.device)
@@ -675,7 +677,8 @@ def train(args: Args, stage: str) -> dict:
     train_bank, val_bank = ImageBank(args, train_records), ImageBank(args, val_records)
     reward_bundle, reward_w = evaluators(args)[args.reward] if finetune else (None, None)
     if not finetune:
-        targets_all = [vocab.encode(r["caption"], args.max_len) for r in train_records]
+        # every reference of an image is a target: one is drawn per image and step (COCO has five)
+        targets_all = [[vocab.encode(ref, args.max_len) for ref in r["refs"]] for r in train_records]
 
     def checkpoint(path, metrics=None):
         save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
@@ -704,7 +707,7 @@ def train(args: Args, stage: str) -> dict:
             model.train()
             for group in optimizer.param_groups:  # linear warm-up over the first xe_warmup of the steps
                 group["lr"] = peak_lr * min(1.0, (step + 1) / max(1.0, args.xe_warmup * steps))
-            rows = [targets_all[i] for i in indices]
+            rows = [targets_all[i][rng.integers(len(targets_all[i]))] for i in indices]
             tokens = torch.full((len(rows), max(map(len, rows))), vocab.pad, dtype=torch.long)
             for i, row in enumerate(rows):
                 tokens[i, :len(row)] = torch.tensor(row)
@@ -744,7 +747,7 @@ def train(args: Args, stage: str) -> dict:
             row = {"step": step, **{k: (v.item() if torch.is_tensor(v) else v) for k, v in terms.items()},
                    "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - started}
             write_log(out / "log.jsonl", row)
-            if step % args.eval_every == 0 or step == steps:
+            if step % (args.eval_every if finetune else args.xe_eval_every) == 0 or step == steps:
                 validate()
             if step % args.save_every == 0 or step == steps:
                 checkpoint(out / "last.pt")

@@ -11,7 +11,8 @@ Quality Captions) and checks each paper's claims against what the run measured:
 
 Writes results/claims.md (+ .json): one row per claim with the numbers (mean ± std over seeds)
 and a verdict; results/world.md (+ .json); and each paper's own tables and plots under
-results/<paper>/. A verdict compares two means against their spread over seeds: "held" when the
+results/<paper>/. Rows of papers not rerun are kept from an earlier run with the same seeds and
+world, so `--papers dico` refreshes DiCO's rows alone. A verdict compares two means against their spread over seeds: "held" when the
 difference has the claimed sign and exceeds the sum of the two standard deviations, "reversed"
 when it has the opposite sign by as much, "within seed spread" otherwise (with one seed there is
 no spread: the sign decides, and the verdict says "1 seed").
@@ -58,13 +59,17 @@ class Args:
     paper_args: tuple[str, ...] = ()
     """extra arguments for one paper's run, as NAME=ARGS, e.g. "dico=--steps 60" (repeatable)"""
     world: WorldConfig = WorldConfig()
-    """the miniature world's knobs, passed on to every paper (its seed is replaced by each run's seed)"""
+    """the miniature world's knobs, passed on to every paper; the world table uses world seed = run seed
+    (so does veclip.py), the other papers keep world seed 0 and vary their training seed"""
     scorer: TrainConfig = SCORER_TRAINING
     """how the world's scorer is trained (its seed is replaced by each run's seed)"""
     scorer_model: str = MINIATURE_MODEL
     """open_clip architecture of the scorer"""
     out: str = "results"
     """folder for claims.{md,json}, world.{md,json} and one subfolder per paper"""
+    reuse: bool = False
+    """judge OUT/<paper>/results.json where it exists instead of running that paper (e.g. after running
+    the paper files by hand with the same seeds into those folders)"""
 
 
 # =============================================================================================
@@ -258,6 +263,11 @@ def run_paper(paper: str, args: Args, extra: list[str]) -> dict:
     """Import the paper file, run its miniature run into OUT/<paper>, return its results and its claims."""
     out = Path(args.out) / paper
     argv = run_arguments(paper, args.seeds, out) + world_arguments(args.world) + extra
+    if args.reuse and (out / "results.json").exists():
+        print(f"===== {paper}: judging {out / 'results.json'} (--reuse; not run again)", flush=True)
+        result = json.loads((out / "results.json").read_text())
+        return {"minutes": result.get("minutes", result.get("seconds", 0) / 60), "argv": argv, "reused": True,
+                "claims": CLAIMS[paper](result)}
     print(f"\n===== {paper}: python {paper}.py {shlex.join(argv)}", flush=True)
     began = time.time()
     result = importlib.import_module(paper).main(argv)
@@ -281,6 +291,19 @@ def claims_markdown(papers: dict[str, dict], seeds: int, minutes: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def previous_runs(path: Path, args: Args) -> dict[str, dict]:
+    """Papers an earlier run with the same seeds and world wrote into claims.json and this run does not redo.
+
+    So `--papers dico` after a full run refreshes DiCO's rows and keeps the others.
+    """
+    if not path.exists():
+        return {}
+    earlier = json.loads(path.read_text())
+    if earlier.get("seeds") != args.seeds or earlier["world"]["world"] != dataclasses.asdict(args.world):
+        return {}
+    return {paper: run for paper, run in earlier["papers"].items() if paper not in args.papers}
+
+
 def main(argv=None) -> dict:
     args = tyro.cli(Args, args=argv)
     extra = extra_arguments(args.paper_args)
@@ -294,7 +317,7 @@ def main(argv=None) -> dict:
     atomic_write_text(out / "world.json", json.dumps(world, indent=1))
     atomic_write_text(out / "world.md", world_markdown(runs))
     print(world_markdown(runs))
-    papers = {}
+    papers = previous_runs(out / "claims.json", args)
     for index, paper in enumerate(args.papers, start=1):
         print(f"[{index}/{len(args.papers)}] {paper} ({time.time() - start:.0f} s so far)", flush=True)
         papers[paper] = run_paper(paper, args, extra.get(paper, []))

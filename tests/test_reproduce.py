@@ -65,3 +65,20 @@ def test_main_job_runs_every_paper_on_a_tiny_world(tmp_path):
     table = (tmp_path / "claims.md").read_text()
     assert table.count("| dico |") >= 5 and "(1 seed)" in table
     assert (tmp_path / "clip_quality-attention.png").exists()
+
+
+def test_reuse_judges_saved_results_without_running(tmp_path):
+    metrics = lambda r1, attributes, entity: {"i2t_R@1": r1, "zeroshot_attributes": attributes,  # noqa: E731
+                                              "zeroshot_entity": entity}
+    conditions = {"AltText": metrics([1.0, 2.0], [40.0, 42.0], [8.0, 9.0]),
+                  "VeC": metrics([9.0, 10.0], [50.0, 52.0], [8.0, 9.0]),
+                  "LLM-VeC": metrics([18.0, 19.0], [55.0, 56.0], [10.0, 11.0]),
+                  "AltText+LLM-VeC mix": metrics([4.0, 5.0], [51.0, 52.0], [9.0, 10.0])}
+    (tmp_path / "veclip").mkdir()
+    (tmp_path / "veclip" / "results.json").write_text(json.dumps({"conditions": conditions, "seconds": 60.0}))
+    report = reproduce.main(["--seeds", "2", *TINY_WORLD, *SCORER, "--papers", "veclip", "--reuse",
+                             "--out", str(tmp_path)])
+    claims = report["papers"]["veclip"]["claims"]
+    assert [row["verdict"] for row in claims] == ["held", "held", "reversed", "reversed", "within seed spread"]
+    assert claims[0]["measured"] == "I->T R@1 %: LLM-VeC 18.5 ± 0.5 vs AltText 1.5 ± 0.5"
+    assert "| veclip | The AltText/LLM-VeC mix keeps LLM-VeC's retrieval |" in (tmp_path / "claims.md").read_text()
