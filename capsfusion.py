@@ -30,15 +30,17 @@ Deviations from the paper:
      padded prompt from the right (cutting "New Sentence:") when re-tokenising makes it longer;
      neither is copied. A synthetic caption that alone overflows is kept whole (counted).
   2. The official script pads every prompt to 256 tokens; here to the batch's longest (the same
-     output, left padding and attention masks make padding invisible). Its answer is stored as
-     generated; here the first non-empty line, whitespace collapsed.
+     output, left padding and attention masks make padding invisible). It strips the captions; here
+     their whitespace is also collapsed. Its answer is stored as generated; here the first non-empty
+     line, whitespace collapsed.
   3. Empty inputs, which the paper does not discuss: an empty raw caption gives the synthetic
      caption unchanged, an empty synthetic caption the raw caption, without calling the LLM (the
      `<field>_source` field says which); both empty: the sample is skipped and counted. An empty
      LLM answer falls back to the synthetic caption. SFT drops triplets with an empty member.
   4. SFT follows Alpaca (the paper says Alpaca-style): prompt + response + EOS, loss on the response
      tokens only, AdamW, lr 2e-5, batch 128, 3% warm-up then cosine, no weight decay. The loss is the
-     mean over the global batch's response tokens (exact under any number of ranks). Full fine-tuning
+     mean over the global batch's response tokens (exact under any number of ranks; under DDP a short last
+     batch is cut to a multiple of the ranks); gradients clipped at norm 1 (HF Trainer's default). Full fine-tuning
      runs under DDP (models that fit one GPU with their optimiser state); a 13B model needs `--lora`
      here (peft, merged into the weights at the end), as this file has no FSDP/DeepSpeed sharding.
   5. `caption`: one caption per image by beam search (LAION-COCO drew 40 BLIP captions and kept the
@@ -133,7 +135,7 @@ class Args:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     """torch device (under torchrun each rank takes cuda:LOCAL_RANK)"""
     seed: int = 0
-    """seed of initialisation and data order"""
+    """seed of initialisation and data order (miniature: the first seed)"""
     strict: bool = False
     """stop at the first unreadable image or empty caption pair instead of logging and counting it"""
     trust_remote_code: bool = False
@@ -206,7 +208,7 @@ class Args:
     """peak CLIP learning rate (the project's miniature value)"""
     # ---- miniature
     seeds: int = 1
-    """miniature: worlds and runs with seeds 0..seeds-1"""
+    """miniature: worlds and runs with seeds seed..seed+seeds-1"""
     world: WorldConfig = WorldConfig()
     """miniature: the world's knobs (its seed is replaced by each run's seed)"""
 
@@ -413,8 +415,8 @@ def stage_fuse(args: Args, records: list[dict]) -> dict:
     tokenizer.padding_side = "left"  # a decoder-only model continues from the right end
 
     def process_batch(batch: list[dict], counts: Counter):
-        results, prompts, asked = [], [], []
-        for record in batch:
+        results, prompts, asked = {}, [], []
+        for position, record in enumerate(batch):
             raw, synthetic = clean(record.get(args.raw_field)), clean(record.get(args.synthetic_field))
             if not raw and not synthetic:
                 if args.strict:
@@ -423,22 +425,22 @@ def stage_fuse(args: Args, records: list[dict]) -> dict:
             elif not raw or not synthetic:  # nothing to merge: the caption there is, unchanged
                 source = "synthetic" if synthetic else "raw"
                 counts[f"copied_{source}"] += 1
-                results.append((record, {args.out_field: synthetic or raw, f"{args.out_field}_source": source}))
+                results[position] = (record, {args.out_field: synthetic or raw, f"{args.out_field}_source": source})
             else:
                 prompt, trimmed = fusion_prompt(tokenizer, raw, synthetic, args.max_prompt_tokens)
                 counts["raw_trimmed"] += trimmed
                 counts["prompt_over_cap"] += prompt_length(tokenizer, prompt) > args.max_prompt_tokens
                 prompts.append(prompt)
-                asked.append((record, synthetic))
+                asked.append((position, record, synthetic))
         if prompts:
             inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
             new = generate(model, inputs, args.num_beams, args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-            for (record, synthetic), answer in zip(asked, tokenizer.batch_decode(new, skip_special_tokens=True)):
+            for (position, record, synthetic), answer in zip(asked, tokenizer.batch_decode(new, skip_special_tokens=True)):
                 fused = first_line(answer)
                 counts["empty_answers"] += not fused
-                results.append((record, {args.out_field: fused or synthetic,
-                                         f"{args.out_field}_source": "llm" if fused else "synthetic"}))
-        return results
+                results[position] = (record, {args.out_field: fused or synthetic,
+                                              f"{args.out_field}_source": "llm" if fused else "synthetic"})
+        return [results[position] for position in sorted(results)]  # input order
 
     return run_generation(args, records, process_batch)
 
@@ -504,6 +506,8 @@ def stage_sft(args: Args, records: list[dict]) -> dict:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()  # LoRA: frozen embeddings would cut the recomputed graph
     data = [sft_example(tokenizer, *triplet, args) for triplet in triplets(records, args)]
+    if world_size > 1 and 0 < len(data) % args.batch_size < world_size:
+        raise ValueError(f"{len(data)} triplets leave a last batch smaller than the {world_size} ranks; change --batch-size")
     steps = args.epochs * math.ceil(len(data) / args.batch_size)
     warmup = max(1, round(args.warmup_ratio * steps))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -530,7 +534,9 @@ def stage_sft(args: Args, records: list[dict]) -> dict:
         lr = args.lr * (step + 1) / warmup if step < warmup else 0.5 * args.lr * (1 + math.cos(math.pi * progress))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        mine = [data[i] for i in step_indices(step, len(data), args.batch_size, args.seed)[rank::world_size]]
+        indices = step_indices(step, len(data), args.batch_size, args.seed)
+        # DDP needs the same number of backward passes on every rank: cut the batch to a multiple of the ranks
+        mine = [data[i] for i in indices[:len(indices) // world_size * world_size][rank::world_size]]
         tokens = torch.tensor(sum(sum(label != IGNORE for label in labels[1:]) for _, labels in mine), device=device)
         if world_size > 1:
             dist.all_reduce(tokens)  # the global batch's response tokens: every rank divides by the same count
@@ -601,7 +607,7 @@ def fusion_quality(captions: list[str], records: list[dict], args: Args, referen
                "length": float(np.mean([len(words(c)) for c in captions]))}
     if "objects" in records[0]:  # the miniature world's labels: true names, and words nothing in the image has
         found, total = np.sum([names_kept(c, r) for c, r in zip(captions, records)], axis=0)
-        metrics["names_kept"] = 100.0 * found / max(1, total)
+        metrics["names_kept"] = float(100.0 * found / max(1, total))
         metrics["hallucinated"] = float(np.mean([len(hallucinated_words(c, r)) for c, r in zip(captions, records)]))
     if reference is not None:
         from pycocoevalcap.bleu.bleu import Bleu
@@ -764,10 +770,10 @@ def summary_table(fusion: list[dict], scaling: list[dict], args: Args, seconds: 
 
 
 def run_miniature(args: Args) -> dict:
-    """sft -> fuse (test split) -> eval -> scaling on worlds of seeds 0..seeds-1; table, plot and JSON in out/."""
+    """sft -> fuse (test split) -> eval -> scaling on worlds of seeds seed..seed+seeds-1; table, plot and JSON in out/."""
     began, out = time.time(), Path(args.out)
     fusion, scaling, timings = [], [], []
-    for seed in range(args.seeds):
+    for seed in range(args.seed, args.seed + args.seeds):
         folder, run = ensure_world(dataclasses.replace(args.world, seed=seed)), out / f"seed{seed}"
         train_records, test_records = read_manifest(folder / "train.jsonl"), read_manifest(folder / "test.jsonl")
         clock = {"start": time.time()}
@@ -791,7 +797,8 @@ def run_miniature(args: Args) -> dict:
     table = summary_table(fusion, scaling, args, seconds)
     atomic_write_text(out / "results.md", table)
     plot_scaling(scaling, out / "scaling.png")
-    results = {"fusion": fusion, "scaling": scaling, "stage_seconds": timings, "seconds": seconds,
+    results = {"seeds": list(range(args.seed, args.seed + args.seeds)), "fusion": fusion, "scaling": scaling,
+               "stage_seconds": timings, "seconds": seconds,
                "world": dataclasses.asdict(args.world)}
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     print(table)
