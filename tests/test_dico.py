@@ -79,6 +79,21 @@ def exhaustive(model, visual, max_len):
     return tokens, teacher_forced(model, visual, tokens, len(sequences))
 
 
+def test_incremental_decoding_equals_the_full_decoder():
+    model = tiny_captioner(n_tokens=9, max_len=7)
+    visual = torch.randn(3, 4, 6)
+    inputs = torch.randint(0, 10, (3, 7))  # pad (= 9) included, as finished beams feed it
+    inputs[:, 0] = model.bos
+    with torch.no_grad():
+        memory = model.encode(visual)
+        full = model.decode(memory, inputs)  # (3, 7, V + 1), every position recomputed
+        cache = model.start_cache(memory)
+        stepped = torch.stack([model.step(cache, inputs[:, t], t) for t in range(7)], dim=1)
+    assert torch.equal(torch.isinf(full), torch.isinf(stepped))
+    finite = torch.isfinite(full)
+    torch.testing.assert_close(stepped[finite], full[finite], atol=1e-5, rtol=1e-5)
+
+
 def test_beam_search_equals_exhaustive_search_when_wide_enough():
     model = tiny_captioner()
     visual = torch.randn(1, 4, 6)
