@@ -57,9 +57,11 @@ Deviations from the paper:
      fuses the test split only, so `scaling` trains on the teacher's fusion of the train split.
 
 Commands:
-  CPU, miniature world (about 4 minutes a seed on 2 idle cores):
-    python capsfusion.py                        # = python capsfusion.py --stage miniature --seeds 1
+  CPU, miniature world (a seed: sft 2.5-3 min, fuse 0.4 min, scaling 9 min measured on 2 cores shared
+  with two other jobs; about 4 min in all expected on 2 idle cores, not measured):
+    python capsfusion.py                        # = python capsfusion.py --stage miniature --seed 0 --seeds 1
     python capsfusion.py --seeds 3 --out runs/capsfusion_miniature
+    OMP_NUM_THREADS=1 python capsfusion.py --seed 1 --seeds 1 --out runs/cf_s1   # one process per seed
   Real run (manifests with `image` + `alt_text`; triplets with the teacher's `fused`):
     torchrun --nproc-per-node 8 capsfusion.py --stage caption --data laion.jsonl --out laion.syn.jsonl
     torchrun --nproc-per-node 8 capsfusion.py --stage sft --data chatgpt_triplets.jsonl --out runs/capsfus \
@@ -70,8 +72,38 @@ Commands:
     python capsfusion.py --stage eval --data heldout.jsonl --out runs/eval --out-field capsfus
     python -m common.clip_train --train-manifest laion.fused.jsonl --text-field fused   # CLIP at scale
 
-What the miniature run shows (3 seeds; see the table below the code's first run):
-MEASURED_TABLE
+What the miniature run shows. Seeds 0, 1, 2 as three single-thread processes side by side on 2 CPU
+cores shared with two other engineers' jobs (load 8-10): 13.2 min wall time each; mean ± std over seeds.
+Fusion quality on the 1000 test images (names kept: of the image's emblem names; raw names kept: of
+the raw caption's capitalised words; hallucinated: colour/shape/name words per caption that nothing
+in the image has; BLEU-4/CIDEr against the teacher):
+    captions    names kept  raw names kept  hallucinated  BLEU-4      CIDEr         words
+    raw         77.0 ± 2.1  100             0.3           0.0         35 ± 2         4.6
+    synthetic    0.0         0              0.3           69.1 ± 0.5  666 ± 8       11.8
+    teacher     77.0 ± 2.1  98.9 ± 0.5      0.2           -           -             13.2
+    fuser       66.3 ± 2.4  86.3 ± 2.4      0.4           83.8 ± 2.2  803 ± 21      13.1
+Scaling, the same mini-ViT-8 CLIP, one epoch of batch 64 on each subset, retrieval R@5 (%, mean of
+image->text and text->image, 1000 test images, chance 0.5) by training samples:
+    captions            625         1250        2500        5000
+    raw                 0.5 ± 0.1   0.5 ± 0.1   1.9 ± 0.3   2.9 ± 0.2
+    synthetic           0.8 ± 0.3   1.6 ± 0.6   2.5 ± 1.0   8.4 ± 3.3
+    fused               0.7 ± 0.2   1.1 ± 0.5   3.3 ± 1.8  11.3 ± 4.5
+    raw+synthetic mix   0.7 ± 0.1   0.8 ± 0.2   2.6 ± 0.3   2.8 ± 0.2
+(zero-shot attributes at 5000: 44.6 / 45.2 / 46.4 / 43.6, all from the background task; shape,
+colour and the emblem names stay at chance for every caption type.)
+Shown: the distillation works in kind. The fuser learns the merge from 5000 teacher triplets in 313
+steps: it restores 66% of the names the synthetic captions lose entirely (the teacher: 77%), and its
+captions are far closer to the teacher's than the synthetic captions are. It falls short of the
+teacher by 11 points of names (it attaches some names to the wrong object or drops them) and
+hallucinates slightly more (0.4 against 0.2 words). Fused captions train the best CLIP at 5000 samples
+and raw captions, noisy and short, the worst, with the mix no better than raw, as in the paper.
+Not shown: the paper's scalability claim. At one epoch of at most 5000 samples (79 steps) every curve
+is still in its steep first rise, so nothing can saturate, and fused beats synthetic by less than the
+spread over seeds (seed by seed: 16.0/5.7, 12.8/13.1, 5.2/6.3). No caption type teaches the emblem
+names, so the world-knowledge advantage of fused captions does not reach zero-shot accuracy at this
+size. Raising --scaling-epochs or --sizes (with a larger world) is the knob; it was not tuned here.
+The world is a controlled caricature (template captions, a template teacher, a 0.36M-parameter
+student, a 5M-parameter CLIP far from convergence), not evidence about the paper's data or effects.
 """
 
 from __future__ import annotations
