@@ -12,14 +12,14 @@ keeping sentence 1's real-world knowledge in sentence 2's structure; it then dis
 open LLM, CapsFus-LLaMA (LLaMA-2-13B fine-tuned on ChatGPT's triplets), which fuses at scale.
 
 Implements (stages over manifests, each `--stage`):
-  1. `caption` (Sec. 3.1)  s_i = captioner(image_i)                                -> `synthetic_caption`
-  2. `fuse`    (Sec. 3.2/3.3) f_i = LLM(PROMPT(r_i, s_i)); |PROMPT| <= 256 tokens by cutting r_i's tokens
-                           from its end; beam search, 3 beams, <= 80 new tokens; first line kept -> `fused`
-  3. `sft`     (Sec. 3.3)  CapsFus-LLaMA: L = -1/|Y| sum_{t in Y} log p(y_t | PROMPT(r, s), y_<t), Y = the
+  1. `caption` (method: caption generation)  s_i = captioner(image_i)             -> `synthetic_caption`
+  2. `fuse`    (caption fusion; official inference) f_i = LLM(PROMPT(r_i, s_i)); |PROMPT| <= 256 tokens by
+                           cutting r_i's tokens from its end; beam search, 3 beams, <= 80 new tokens -> `fused`
+  3. `sft`     (refinement model)  CapsFus-LLaMA: L = -1/|Y| sum_{t in Y} log p(y_t | PROMPT(r, s), y_<t), Y = the
                            teacher's fusion + EOS (the prompt carries no loss), 2 epochs; full or LoRA
   4. `eval`    fusion quality: names of the raw caption kept, hallucinated attributes, BLEU-4/CIDEr
                            against the teacher, length; raw / synthetic / teacher / fuser side by side
-  5. `scaling` (Sec. 4, Fig. 7) the same CLIP trained on raw, synthetic, fused and a 50/50
+  5. `scaling` (scalability analysis, Fig. 7) the same CLIP trained on raw, synthetic, fused and a 50/50
                            raw+synthetic mix at growing numbers of samples (one epoch each); PNG + JSON
   6. `miniature` (the default): sft -> fuse -> eval -> scaling on the miniature world, over seeds.
 
@@ -388,7 +388,7 @@ def generate(model, inputs, num_beams: int, max_new_tokens: int, **options) -> t
 
 
 def stage_caption(args: Args, records: list[dict]) -> dict:
-    """Step 1: a synthetic caption for every readable image, written as `synthetic_field`."""
+    """Step 1 (caption generation): a synthetic caption for every readable image, written as `synthetic_field`."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     _, _, device = init_distributed(args)

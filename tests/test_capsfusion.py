@@ -3,10 +3,13 @@
 SFT (resume, NaN, LoRA), and the miniature main()."""
 
 import json
+import os
+import socket
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 import capsfusion
 from common.data import ResumableJSONLWriter, read_manifest, write_manifest
@@ -261,6 +264,46 @@ def test_lora_sft_merges_adapters_into_the_saved_fuser(triplets16, tiny_llm, tmp
     weight = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(fuser.state_dict()[weight], base.state_dict()[weight])
     assert torch.equal(fuser.state_dict()["model.norm.weight"], base.state_dict()["model.norm.weight"])  # frozen
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _sft_and_fuse_rank(rank: int, port: int, sft_argv: list, fuse_argv: list, result_path: str):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        losses = [entry["loss"] for entry in capsfusion.main(sft_argv)["history"]]
+        counts = capsfusion.main(fuse_argv)
+        if rank == 0:
+            with open(result_path, "w") as handle:
+                json.dump({"losses": losses, "counts": counts}, handle)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned interpreters: 30-80 s on busy cores
+def test_two_gloo_processes_match_one_process(world, triplets16, tiny_llm, tmp_path):
+    sft_argv = SFT_FLAGS + ["--data", str(triplets16), "--base-model", str(tiny_llm)]
+    single = capsfusion.main(sft_argv + ["--out", str(tmp_path / "one")])
+    fuse_argv = ["--stage", "fuse", "--data", str(world / "val.jsonl"), "--out", str(tmp_path / "two" / "fused.jsonl"),
+                 "--llm", str(tmp_path / "two" / "fuser"), "--max-new-tokens", "4", "--device", "cpu"]
+    result_path = tmp_path / "two.json"
+    mp.spawn(_sft_and_fuse_rank, args=(_free_port(), sft_argv + ["--out", str(tmp_path / "two")], fuse_argv,
+                                       str(result_path)), nprocs=2, join=True)
+    two = json.loads(result_path.read_text())
+    # the loss is the mean over the global batch's response tokens, however the batch is split
+    assert two["losses"] == pytest.approx([h["loss"] for h in single["history"]], abs=1e-5)
+    one_state = torch.load(tmp_path / "one" / "sft_state.pt", weights_only=True)["trainable"]
+    two_state = torch.load(tmp_path / "two" / "sft_state.pt", weights_only=True)["trainable"]
+    assert all(torch.allclose(one_state[k], two_state[k], atol=1e-4) for k in one_state)
+    # sharded fuse: every sample once, merged in input order
+    assert two["counts"]["written"] == 6
+    fused = read_manifest(tmp_path / "two" / "fused.jsonl")
+    assert [r["id"] for r in fused] == [r["id"] for r in read_manifest(world / "val.jsonl")]
 
 
 # ---- scaling and the default run, in miniature -----------------------------------------------------------
