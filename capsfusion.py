@@ -57,8 +57,10 @@ Deviations from the paper:
      fuses the test split only, so `scaling` trains on the teacher's fusion of the train split.
 
 Commands:
-  CPU, miniature world (a seed: sft 2.5-3 min, fuse 0.4 min, scaling 9 min measured on 2 cores shared
-  with two other jobs; about 4 min in all expected on 2 idle cores, not measured):
+  CPU, miniature world. Measured only on 2 cores shared with two other jobs (load about 4): one seed
+  of the default command 14.1 min (sft 1.1, fuse 1.1, scaling 11.8; scaling's 16 CLIP trainings, 596
+  steps of batch 64 in all, dominate). From the DESIGN's idle figures, 4-7 min on 2 idle cores (not
+  measured); --sizes and --clip-batch-size are the knobs that shorten it:
     python capsfusion.py                        # = python capsfusion.py --stage miniature --seed 0 --seeds 1
     python capsfusion.py --seeds 3 --out runs/capsfusion_miniature
     OMP_NUM_THREADS=1 python capsfusion.py --seed 1 --seeds 1 --out runs/cf_s1   # one process per seed
