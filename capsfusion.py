@@ -72,7 +72,7 @@ Commands:
         --llm runs/capsfus/fuser              # or the released BAAI/CapsFus-LLaMA (the default)
     python capsfusion.py --stage fuse --data heldout_triplets.jsonl --out heldout.jsonl --out-field capsfus
     python capsfusion.py --stage eval --data heldout.jsonl --out runs/eval --out-field capsfus
-    python -m common.clip_train --train-manifest laion.fused.jsonl --text-field fused   # CLIP at scale
+    python -m common.clip_train --train-manifest laion.fused.jsonl --test-manifest coco_test.jsonl --text-field fused
 
 What the miniature run shows. Seeds 0, 1, 2 as three single-thread processes side by side on 2 CPU
 cores shared with two other engineers' jobs (load 8-10): 13.2 min wall time each; mean ± std over seeds.
