@@ -54,16 +54,18 @@ def test_main_job_runs_every_paper_on_a_tiny_world(tmp_path):
         f"dico={dico_models} --d-model 32 --heads 2 --ffn 64 --encoder-layers 1 --decoder-layers 1 --max-len 12 "
         "--eval-beam 2 --val-images 6 --eval-images 6 --eval-every 2 --save-every 2 --xe-steps 4 --xe-batch-size 8 "
         "--steps 2 --batch-size 4 --beams 3",
+        "capsfusion=--sizes 16 48 --clip-model micro-ViT-16 --clip-batch-size 16 --max-new-tokens 8",
+        f"altogether=--clip-model micro-ViT-16 --clip-pretrained {scorer} --score-model micro-ViT-16 "
+        f"--score-pretrained {scorer} --pretrain-steps 2 --finetune-steps 2 --batch-size 8 --max-new-tokens 5",
     ]
-    report = reproduce.main(["--seeds", "1", *TINY_WORLD, *SCORER, "--papers", "veclip", "clip_quality", "dico",
-                             "--out", str(tmp_path), "--paper-args", *paper_args])
-    assert set(report["papers"]) == {"veclip", "clip_quality", "dico"}
+    report = reproduce.main(["--seeds", "1", *TINY_WORLD, *SCORER, "--out", str(tmp_path), "--paper-args", *paper_args])
+    assert set(report["papers"]) == set(reproduce.PAPERS)
     for paper, run in report["papers"].items():
         assert run["claims"] and all(row["verdict"].split(" (")[0] in ("held", "reversed", "within seed spread")
                                      for row in run["claims"]), paper
         assert (tmp_path / paper / "results.md").exists()
     table = (tmp_path / "claims.md").read_text()
-    assert table.count("| dico |") >= 5 and "(1 seed)" in table
+    assert all(table.count(f"| {paper} |") >= 4 for paper in reproduce.PAPERS) and "(1 seed)" in table
     assert (tmp_path / "clip_quality-attention.png").exists()
 
 
