@@ -1,6 +1,6 @@
 """The documentation holds: every paper file's header has its parts, every quoted command parses.
 
-A command is any line of README.md, docs/*.md or a module docstring that starts with `python` or
+A command is any line of README.md, docs/*.md, docs/*.sh or a module docstring that starts with `python` or
 `torchrun` (backslash continuations joined, `NAME="..."` shell variables of the same text
 expanded). Each is parsed by its script's own command-line parser, which is stopped right after
 parsing: nothing runs, nothing is downloaded.
@@ -26,9 +26,9 @@ def docstring(path: Path) -> str:
 
 
 def documented_texts() -> dict[str, str]:
-    """{source name: text} for README.md, docs/*.md and the docstring of every top-level/common/kernels module."""
+    """{source name: text} for README.md, docs/*.md, docs/*.sh and the docstring of every top-level/common/kernels module."""
     texts = {"README.md": (ROOT / "README.md").read_text()}
-    texts.update({f"docs/{p.name}": p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))})
+    texts.update({f"docs/{p.name}": p.read_text() for p in sorted([*(ROOT / "docs").glob("*.md"), *(ROOT / "docs").glob("*.sh")])})
     for path in sorted([*ROOT.glob("*.py"), *ROOT.glob("common/*.py"), *ROOT.glob("kernels/*.py")]):
         texts[str(path.relative_to(ROOT))] = docstring(path)
     return texts
