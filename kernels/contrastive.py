@@ -395,10 +395,13 @@ def _forward_stats_triton(x, y, scale, bias, positive_offset, siglip):
     columns_per_program = triton.cdiv(col_tiles, splits) * block_cols
     splits = triton.cdiv(n_cols, columns_per_program)
 
-    row_partial = torch.empty(splits, n_rows, device=x.device, dtype=torch.float32)
+    # filled with the merge's identity (0 for SigLIP's sum, -inf for a log-sum-exp), not left
+    # uninitialised: a program that never ran then gives a deterministic wrong answer, which the
+    # tests catch, instead of whatever an earlier call left in the reused memory
+    row_partial = torch.full((splits, n_rows), 0.0 if siglip else -math.inf, device=x.device, dtype=torch.float32)
     # SigLIP has no column statistics: its kernel never writes through this pointer
     col_partial = (row_partial if siglip else
-                   torch.empty(blocks_per_launch, n_cols, device=x.device, dtype=torch.float32))
+                   torch.full((blocks_per_launch, n_cols), -math.inf, device=x.device, dtype=torch.float32))
     col_lse = torch.full((n_cols,), -math.inf, device=x.device, dtype=torch.float32)
     for row_start in range(0, n_rows, blocks_per_launch * block_rows):
         row_blocks = triton.cdiv(min(n_rows - row_start, blocks_per_launch * block_rows), block_rows)
