@@ -572,6 +572,7 @@ def stage_train(args: Args, stage: str) -> dict:
     if args.data is None:
         raise ValueError(f"--stage {stage} needs --data (a manifest)")
     records = read_manifest(args.data)
+    args = dataclasses.replace(args, device=init_distributed(args)[2])  # each rank's encoder on its own GPU
     encoder = load_encoder(args)
     img_emb, readable = embed_records(encoder, records, args.strict)
     keep = usable_for_training(records, readable, stage, args)
@@ -650,6 +651,7 @@ def stage_caption(args: Args) -> dict:
         raise ValueError("--stage caption needs --data (the manifest to caption)")
     payload = load_checkpoint(args.checkpoint)
     captioner, tokenizer = captioner_from_checkpoint(payload)
+    args = dataclasses.replace(args, device=init_distributed(args)[2])  # each rank's encoder on its own GPU
     torch.manual_seed(0)  # a random-weight encoder (tests) is the seeded one training used
     encoder = load_clip(payload["clip_model"], payload["clip_pretrained"], args.device)
     return caption_records(args, read_manifest(args.data), captioner, tokenizer, encoder)
