@@ -259,6 +259,10 @@ def clip_quality_claims(result: dict) -> list[dict]:
         rows.append(claim_row(f"Data efficiency: DataCompDR on {small} images transfers as well as DataComp on {large}",
                               "probe mIoU %", f"DataCompDR n={small}", pick("datacompdr", small),
                               f"DataComp n={large}", pick("datacomp", large), ">=", 1))
+    control = rows[3]
+    if not control["verdict"].startswith("held"):  # no transfer at all: which encoder transfers better is moot
+        for row in rows[1:3] + rows[4:]:
+            row["verdict"] = "untestable (the control fails)"
     attention = result["attention"]
     last_layer = {label: float(np.mean(values["per_layer_per_head_px"][-1])) for label, values in attention.items()}
     local = lambda regime: [v for label, v in last_layer.items() if label.startswith(regime + "-")]  # noqa: E731
@@ -325,7 +329,8 @@ def claims_markdown(papers: dict[str, dict], seeds: int, minutes: float) -> str:
     lines = [f"# The papers' claims in the miniature world ({seeds} seed{'s' * (seeds > 1)}, {minutes:.1f} min)", "",
              "A controlled experiment, not the papers' data. Verdict: `held` when the difference has the claimed sign "
              "and exceeds the sum of the two standard deviations over seeds; `reversed` when the opposite does; "
-             "`within seed spread` otherwise. Each paper file's header and docs/<paper>.md explain the rows.", "",
+             "`within seed spread` otherwise; `untestable` when the claim's own control fails (no transfer to "
+             "compare). Each paper file's header and docs/<paper>.md explain the rows.", "",
              "| paper | claim | measured (mean ± std over seeds) | verdict |", "|---|---|---|---|"]
     for paper, run in papers.items():
         for row in run["claims"]:
