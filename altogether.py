@@ -116,8 +116,7 @@ from tqdm.auto import tqdm
 
 from common.clip_score import CLIP_S_WEIGHT, encode_texts, load_clip, score_from_features
 from common.clip_train import (MINIATURE_MODEL, TrainConfig, cosine_lr, ensure_miniature_scorer, save_checkpoint)
-from common.data import (ResumableJSONLWriter, SkipCounter, atomic_write_text, image_path, merge_rank_outputs,
-                         open_record_image, rank_path, read_manifest, shard)
+from common.data import SkipCounter, atomic_write_text, generate_sharded, open_record_image, read_manifest
 from common.miniature import WorldConfig, alt_text, ensure_world, hallucinated_words, names_kept
 
 log = logging.getLogger("altogether")
@@ -615,35 +614,21 @@ def caption_records(args: Args, records: list[dict], captioner: Captioner, token
     rank, world_size, device = init_distributed(args)
     captioner.to(device).eval()
     torch.manual_seed(args.seed + rank)
-    out, counts, skipped = Path(args.out), Counter(), SkipCounter()
-    mine = shard(records, rank, world_size)
-    with ResumableJSONLWriter(rank_path(out, rank, world_size)) as writer:
-        todo = [r for r in mine if str(r["id"]) not in writer.done]
-        counts["already_done"] = len(mine) - len(todo)
-        for start in tqdm(range(0, len(todo), args.gen_batch_size), desc="caption", disable=rank != 0):
-            batch = todo[start:start + args.gen_batch_size]
-            img_emb, readable = embed_records(encoder, batch, args.strict, batch_size=len(batch), progress=False)
-            kept = [record for record, ok in zip(batch, readable.tolist()) if ok]
-            counts["unreadable_images"] += len(batch) - len(kept)
-            if not kept:
-                continue
-            prompts = [inference_prompt(r, args.alt_field) if args.use_alt else "" for r in kept]
-            captions = generate_captions(captioner, tokenizer, img_emb[readable], prompts, args)
-            for record, caption in zip(kept, captions):
-                # image paths are relative to the manifest's folder: re-root them at the output's
-                moved = os.path.relpath(image_path(record).resolve(), out.resolve().parent)
-                writer.write({**record, "image": moved, args.caption_field: caption})
-                counts["written"] += 1
-                counts["empty_captions"] += not caption
-    if world_size > 1:
-        parts = [None] * world_size
-        dist.all_gather_object(parts, dict(counts))
-        counts = sum((Counter(part) for part in parts), Counter())
-        if rank == 0:
-            merge_rank_outputs(out, world_size, order=[str(r["id"]) for r in records])
-        dist.barrier()
-    log.info("caption: %s -> %s", dict(counts), out)
-    return dict(counts)
+
+    def process_batch(batch: list[dict], counts: Counter) -> list[tuple[dict, dict]]:
+        img_emb, readable = embed_records(encoder, batch, args.strict, batch_size=len(batch), progress=False)
+        kept = [record for record, ok in zip(batch, readable.tolist()) if ok]
+        counts["unreadable_images"] += len(batch) - len(kept)
+        if not kept:
+            return []
+        prompts = [inference_prompt(r, args.alt_field) if args.use_alt else "" for r in kept]
+        captions = generate_captions(captioner, tokenizer, img_emb[readable], prompts, args)
+        counts["empty_captions"] += sum(not caption for caption in captions)
+        return [(record, {args.caption_field: caption}) for record, caption in zip(kept, captions)]
+
+    counts = generate_sharded(records, args.out, args.gen_batch_size, process_batch, rank, world_size, "caption")
+    log.info("caption: %s -> %s", counts, args.out)
+    return counts
 
 
 def stage_caption(args: Args) -> dict:

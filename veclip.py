@@ -97,8 +97,8 @@ from tqdm.auto import tqdm
 from common.clip_train import (MINIATURE_MODEL, TrainConfig, cosine_lr, create_clip, encode_images, encode_texts,
                                evaluate_world, make_optimizer, preprocess_images, retrieval_metrics, save_checkpoint,
                                zero_shot_accuracy)
-from common.data import (BadSampleError, ResumableJSONLWriter, SkipCounter, atomic_write_text, image_path,
-                         merge_rank_outputs, open_image, open_record_image, rank_path, read_manifest, shard)
+from common.data import (BadSampleError, SkipCounter, atomic_write_text, generate_sharded, image_path, open_image,
+                         open_record_image, read_manifest)
 from common.miniature import WorldConfig, ensure_world
 from kernels.contrastive import clip_loss
 
@@ -323,31 +323,12 @@ def generate(model, tokenizer, inputs, max_new_tokens: int) -> list[str]:
 def run_generation(args: Args, records: list[dict], process_batch) -> dict:
     """Run `process_batch(records, counts) -> [(record, new fields)]` over this rank's unfinished samples.
 
-    Each rank appends to its own `rank_path(out)`; a restart skips the ids already written. With
-    several ranks, rank 0 merges the parts into `out` in input order once all have finished.
+    common.data.generate_sharded does the work: one resumable file per rank, merged in input order.
     """
     rank, world_size, _ = init_distributed(args)
-    out = Path(args.out)
-    mine = shard(records, rank, world_size)
-    counts = Counter()
-    with ResumableJSONLWriter(rank_path(out, rank, world_size)) as writer:
-        todo = [r for r in mine if str(r["id"]) not in writer.done]
-        counts["already_done"] = len(mine) - len(todo)
-        for start in tqdm(range(0, len(todo), args.gen_batch_size), desc=args.stage, disable=rank != 0):
-            for record, fields in process_batch(todo[start:start + args.gen_batch_size], counts):
-                # image paths are relative to the manifest's folder: re-root them at the output's
-                moved = os.path.relpath(image_path(record).resolve(), out.resolve().parent)
-                writer.write({**record, "image": moved, **fields})
-                counts["written"] += 1
-    if world_size > 1:
-        parts = [None] * world_size
-        dist.all_gather_object(parts, dict(counts))
-        counts = sum((Counter(part) for part in parts), Counter())
-        if rank == 0:
-            merge_rank_outputs(out, world_size, order=[str(r["id"]) for r in records])
-        dist.barrier()
-    log.info("%s: %s -> %s", args.stage, dict(counts), out)
-    return dict(counts)
+    counts = generate_sharded(records, args.out, args.gen_batch_size, process_batch, rank, world_size, args.stage)
+    log.info("%s: %s -> %s", args.stage, counts, args.out)
+    return counts
 
 
 def gen_dtype(args: Args, device: str) -> torch.dtype:

@@ -21,12 +21,15 @@ import logging
 import os
 import random
 import tarfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -419,3 +422,35 @@ def merge_rank_outputs(path: str | os.PathLike, world_size: int, order: Sequence
             merged[str(record["id"])] = record
     ids = [sample for sample in order if sample in merged] if order is not None else sorted(merged)
     return write_manifest(path, (merged[sample] for sample in ids))
+
+
+def generate_sharded(records: Sequence[dict], out: str | os.PathLike, batch_size: int, process_batch: Callable,
+                     rank: int = 0, world_size: int = 1, desc: str = "generate") -> dict:
+    """Run `process_batch(records, counts) -> [(record, new fields)]` over this rank's unfinished samples.
+
+    The generation loop every paper's captioning/fusion stage shares: each rank takes its
+    `shard` of `records` and appends to its own `rank_path(out)`, one flushed line per sample, so a
+    killed job resumes where it stopped (finished ids are skipped); image paths are re-rooted at
+    the output's folder. With several ranks (torch.distributed initialised), the counts are summed
+    and rank 0 merges the parts into `out` in input order once all have finished. Returns the counts.
+    """
+    out = Path(out)
+    mine = shard(records, rank, world_size)
+    counts: Counter = Counter()
+    with ResumableJSONLWriter(rank_path(out, rank, world_size)) as writer:
+        todo = [r for r in mine if str(r["id"]) not in writer.done]
+        counts["already_done"] = len(mine) - len(todo)
+        for start in tqdm(range(0, len(todo), batch_size), desc=desc, disable=rank != 0):
+            for record, fields in process_batch(todo[start:start + batch_size], counts):
+                # image paths are relative to the manifest's folder: re-root them at the output's
+                moved = os.path.relpath(image_path(record).resolve(), out.resolve().parent)
+                writer.write({**record, "image": moved, **fields})
+                counts["written"] += 1
+    if world_size > 1:
+        parts = [None] * world_size
+        dist.all_gather_object(parts, dict(counts))
+        counts = sum((Counter(part) for part in parts), Counter())
+        if rank == 0:
+            merge_rank_outputs(out, world_size, order=[str(r["id"]) for r in records])
+        dist.barrier()
+    return dict(counts)

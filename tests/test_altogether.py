@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import altogether
-from common.data import ResumableJSONLWriter, read_manifest, write_manifest
+from common.data import read_manifest, write_manifest
 from common.miniature import WorldConfig, ensure_world
 
 MICRO = "micro-ViT-16"

@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 import capsfusion
-from common.data import ResumableJSONLWriter, read_manifest, write_manifest
+from common.data import read_manifest, write_manifest
 from common.miniature import WorldConfig, ensure_world
 
 TINY_WORLD = WorldConfig(n_train=64, n_val=6, n_test=24)

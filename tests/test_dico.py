@@ -4,7 +4,6 @@ import itertools
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
