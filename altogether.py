@@ -98,7 +98,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import string
 import time
 from collections import Counter
@@ -108,7 +107,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
@@ -116,7 +114,8 @@ from tqdm.auto import tqdm
 
 from common.clip_score import CLIP_S_WEIGHT, encode_texts, load_clip, score_from_features
 from common.clip_train import (MINIATURE_MODEL, TrainConfig, cosine_lr, ensure_miniature_scorer, save_checkpoint)
-from common.data import SkipCounter, atomic_write_text, generate_sharded, open_record_image, read_manifest
+from common.data import (SkipCounter, atomic_write_text, generate_sharded, init_distributed, open_record_image,
+                         read_manifest)
 from common.miniature import WorldConfig, alt_text, ensure_world, hallucinated_words, names_kept
 
 log = logging.getLogger("altogether")
@@ -474,20 +473,6 @@ def embed_records(encoder, records: list[dict], strict: bool, batch_size: int = 
     return emb, readable
 
 
-def init_distributed(args: Args) -> tuple[int, int, str]:
-    """(rank, world size, device) under torchrun (gloo on CPU, nccl on CUDA); (0, 1, device) otherwise."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size == 1:
-        return 0, 1, args.device
-    device = args.device
-    if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return dist.get_rank(), world_size, device
-
-
 def make_optimizer(captioner: Captioner, args: Args) -> torch.optim.Optimizer:
     """AdamW, betas (0.9, 0.98), eps 1e-6, weight decay on matrices only (paper)."""
     params = [p for p in captioner.parameters() if p.requires_grad]
@@ -499,7 +484,7 @@ def make_optimizer(captioner: Captioner, args: Args) -> torch.optim.Optimizer:
 def train_stage(args: Args, stage: str, captioner: Captioner, tokenizer, encoder, records: list[dict],
                 img_emb: torch.Tensor) -> dict:
     """Stage 1 or 2 on `records` with their embeddings; saves <out>/<stage>.pt; returns the log."""
-    rank, world_size, device = init_distributed(args)
+    rank, world_size, device = init_distributed(args.device)
     steps = args.pretrain_steps if stage == "pretrain" else args.finetune_steps
     if args.batch_size % world_size:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {world_size} ranks")
@@ -571,7 +556,7 @@ def stage_train(args: Args, stage: str) -> dict:
     if args.data is None:
         raise ValueError(f"--stage {stage} needs --data (a manifest)")
     records = read_manifest(args.data)
-    args = dataclasses.replace(args, device=init_distributed(args)[2])  # each rank's encoder on its own GPU
+    args = dataclasses.replace(args, device=init_distributed(args.device)[2])  # each rank's encoder on its own GPU
     encoder = load_encoder(args)
     img_emb, readable = embed_records(encoder, records, args.strict)
     keep = usable_for_training(records, readable, stage, args)
@@ -611,7 +596,7 @@ def generate_captions(captioner: Captioner, tokenizer, img_emb: torch.Tensor, pr
 
 def caption_records(args: Args, records: list[dict], captioner: Captioner, tokenizer, encoder) -> dict:
     """Write every record with `caption_field` added; each rank appends its share, a restart skips done ids."""
-    rank, world_size, device = init_distributed(args)
+    rank, world_size, device = init_distributed(args.device)
     captioner.to(device).eval()
     torch.manual_seed(args.seed + rank)
 
@@ -636,7 +621,7 @@ def stage_caption(args: Args) -> dict:
         raise ValueError("--stage caption needs --data (the manifest to caption)")
     payload = load_checkpoint(args.checkpoint)
     captioner, tokenizer = captioner_from_checkpoint(payload)
-    args = dataclasses.replace(args, device=init_distributed(args)[2])  # each rank's encoder on its own GPU
+    args = dataclasses.replace(args, device=init_distributed(args.device)[2])  # each rank's encoder on its own GPU
     torch.manual_seed(0)  # a random-weight encoder (tests) is the seeded one training used
     encoder = load_clip(payload["clip_model"], payload["clip_pretrained"], args.device)
     return caption_records(args, read_manifest(args.data), captioner, tokenizer, encoder)

@@ -131,8 +131,8 @@ from tqdm.auto import tqdm
 
 from common.clip_train import (MINIATURE_MODEL, TrainConfig, create_clip, evaluate_world, encode_images, encode_texts,
                                preprocess_images, retrieval_metrics, save_checkpoint, train_clip)
-from common.data import (BadSampleError, SkipCounter, atomic_write_text, generate_sharded, open_record_image,
-                         read_manifest)
+from common.data import (BadSampleError, SkipCounter, atomic_write_text, generate_sharded, init_distributed,
+                         load_pretrained, open_record_image, read_manifest)
 from common.miniature import WorldConfig, ensure_world, hallucinated_words, names_kept
 
 log = logging.getLogger("capsfusion")
@@ -320,29 +320,6 @@ def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
 # =============================================================================================
 
 
-def init_distributed(args: Args) -> tuple[int, int, str]:
-    """(rank, world size, device) under torchrun (gloo on CPU, nccl on CUDA); (0, 1, device) otherwise."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size == 1:
-        return 0, 1, args.device
-    device = args.device
-    if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return dist.get_rank(), world_size, device
-
-
-def load_pretrained(loader, name: str, flag: str, **kwargs):
-    """`loader.from_pretrained(name)` with one clear error naming the flag when the weights are missing."""
-    try:
-        return loader.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as err:
-        raise RuntimeError(f"cannot load {name!r} for {flag} ({type(err).__name__}: {err}). Pass {flag} a local "
-                           "folder holding the model, or a hub name with network access.") from err
-
-
 def weights_dtype(args: Args, device: str) -> torch.dtype:
     """--gen-dtype on CUDA, float32 on CPU (bf16 matmuls are slow there)."""
     return getattr(torch, args.gen_dtype) if device.startswith("cuda") else torch.float32
@@ -353,7 +330,7 @@ def run_generation(args: Args, records: list[dict], process_batch) -> dict:
 
     common.data.generate_sharded does the work: one resumable file per rank, merged in input order.
     """
-    rank, world_size, _ = init_distributed(args)
+    rank, world_size, _ = init_distributed(args.device)
     counts = generate_sharded(records, args.out, args.gen_batch_size, process_batch, rank, world_size, args.stage)
     log.info("%s: %s -> %s", args.stage, counts, args.out)
     return counts
@@ -374,7 +351,7 @@ def stage_caption(args: Args, records: list[dict]) -> dict:
     """Step 1 (caption generation): a synthetic caption for every readable image, written as `synthetic_field`."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    _, _, device = init_distributed(args)
+    _, _, device = init_distributed(args.device)
     remote = {"trust_remote_code": args.trust_remote_code}
     processor = load_pretrained(AutoProcessor, args.captioner, "--captioner", **remote)
     model = load_pretrained(AutoModelForImageTextToText, args.captioner, "--captioner",
@@ -424,7 +401,7 @@ def load_fuser(name: str, flag: str, args: Args, device: str, dtype: torch.dtype
 
 def stage_fuse(args: Args, records: list[dict]) -> dict:
     """Steps 2-3 at inference: the fused caption of each (raw, synthetic) pair, as `out_field` + `<out_field>_source`."""
-    _, _, device = init_distributed(args)
+    _, _, device = init_distributed(args.device)
     tokenizer, model = load_fuser(args.llm, "--llm", args, device, weights_dtype(args, device))
     model.eval()
     tokenizer.padding_side = "left"  # a decoder-only model continues from the right end
@@ -509,7 +486,7 @@ def sft_recipe(args: Args) -> dict:
 
 def stage_sft(args: Args, records: list[dict]) -> dict:
     """Step 3: fine-tune --base-model on the triplets; the fuser is saved to out/fuser."""
-    rank, world_size, device = init_distributed(args)
+    rank, world_size, device = init_distributed(args.device)
     torch.manual_seed(args.seed)
     tokenizer, model = load_fuser(args.base_model, "--base-model", args, device, torch.float32)
     if args.lora:

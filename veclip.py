@@ -97,8 +97,8 @@ from tqdm.auto import tqdm
 from common.clip_train import (MINIATURE_MODEL, TrainConfig, cosine_lr, create_clip, encode_images, encode_texts,
                                evaluate_world, make_optimizer, preprocess_images, retrieval_metrics, save_checkpoint,
                                zero_shot_accuracy)
-from common.data import (BadSampleError, SkipCounter, atomic_write_text, generate_sharded, image_path, open_image,
-                         open_record_image, read_manifest)
+from common.data import (BadSampleError, SkipCounter, atomic_write_text, generate_sharded, image_path, init_distributed,
+                         load_pretrained, open_image, open_record_image, read_manifest)
 from common.miniature import WorldConfig, ensure_world
 from kernels.contrastive import clip_loss
 
@@ -288,29 +288,6 @@ def mixed_texts(alt_texts: list[str], llm_vecs: list[str], indices: np.ndarray, 
 # =============================================================================================
 
 
-def init_distributed(args: Args) -> tuple[int, int, str]:
-    """(rank, world size, device) under torchrun (gloo on CPU, nccl on CUDA); (0, 1, device) otherwise."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if world_size == 1:
-        return 0, 1, args.device
-    device = args.device
-    if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return dist.get_rank(), world_size, device
-
-
-def load_pretrained(loader, name: str, flag: str, **kwargs):
-    """`loader.from_pretrained(name)` with one clear error naming the flag when the weights are missing."""
-    try:
-        return loader.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as err:
-        raise RuntimeError(f"cannot load {name!r} for {flag} ({type(err).__name__}: {err}). Pass {flag} a local "
-                           f"folder holding the model, or a hub name with network access.") from err
-
-
 def generate(model, tokenizer, inputs, max_new_tokens: int) -> list[str]:
     """Greedy continuations of a left-padded batch, decoded without the prompt."""
     with torch.no_grad():
@@ -325,7 +302,7 @@ def run_generation(args: Args, records: list[dict], process_batch) -> dict:
 
     common.data.generate_sharded does the work: one resumable file per rank, merged in input order.
     """
-    rank, world_size, _ = init_distributed(args)
+    rank, world_size, _ = init_distributed(args.device)
     counts = generate_sharded(records, args.out, args.gen_batch_size, process_batch, rank, world_size, args.stage)
     log.info("%s: %s -> %s", args.stage, counts, args.out)
     return counts
@@ -340,7 +317,7 @@ def stage_vec(args: Args, records: list[dict]) -> dict:
     """Step 1: a VeC for every image, written as `vec_field`."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    _, _, device = init_distributed(args)
+    _, _, device = init_distributed(args.device)
     remote = {"trust_remote_code": args.trust_remote_code}
     processor = load_pretrained(AutoProcessor, args.vlm, "--vlm", **remote)
     model = load_pretrained(AutoModelForImageTextToText, args.vlm, "--vlm", dtype=gen_dtype(args, device), **remote)
@@ -372,7 +349,7 @@ def stage_fuse(args: Args, records: list[dict]) -> dict:
     """Step 2: LLM-VeC from alt-text + VeC, written as `llm_vec_field` (+ `<field>_fallback`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _, _, device = init_distributed(args)
+    _, _, device = init_distributed(args.device)
     remote = {"trust_remote_code": args.trust_remote_code}
     tokenizer = load_pretrained(AutoTokenizer, args.llm, "--llm", **remote)
     model = load_pretrained(AutoModelForCausalLM, args.llm, "--llm", dtype=gen_dtype(args, device), **remote)
@@ -483,7 +460,7 @@ def recipe_of(args: Args) -> dict:
 
 def train(args: Args, records: list[dict], pixel_cache: torch.Tensor | None = None) -> tuple:
     """Step 3: mixed AltText/LLM-VeC CLIP training; returns (model, preprocess, tokenizer, log dict)."""
-    rank, world_size, device = init_distributed(args)
+    rank, world_size, device = init_distributed(args.device)
     if args.batch_size % world_size:
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {world_size} ranks")
     model, preprocess, tokenizer = build_clip(args)

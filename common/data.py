@@ -327,6 +327,28 @@ def write_webdataset_shard(path: str | os.PathLike, records: Iterable[dict]) -> 
 # ---------------------------------------------------------------------------------------------
 
 
+def init_distributed(device: str) -> tuple[int, int, str]:
+    """(rank, world size, this rank's device) under torchrun (gloo on CPU, nccl on CUDA); (0, 1, device) otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size == 1:
+        return 0, 1, device
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world_size, device
+
+
+def load_pretrained(loader, name: str, flag: str, **kwargs):
+    """`loader.from_pretrained(name)` (a transformers class) with one clear error naming the flag to pass."""
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as err:
+        raise RuntimeError(f"cannot load {name!r} for {flag} ({type(err).__name__}: {err}). Pass {flag} a local "
+                           "folder holding the model, or a hub name with network access.") from err
+
+
 def shard(records: Sequence[dict], rank: int, world_size: int) -> list[dict]:
     """Rank `rank`'s share of `records`: every world_size-th record, so the shares cover all once."""
     if world_size < 1 or not 0 <= rank < world_size:
