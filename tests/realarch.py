@@ -1,0 +1,93 @@
+"""Tiny random-weight stand-ins of the real models that the documented commands name.
+
+The real-architecture test tier runs each real command's code path with the *same classes and
+structural settings* as the real model, at tiny width, offline:
+
+- `serve_open_clip_tag(monkeypatch, tmp_path, "ViT-B-32", "openai")` shrinks the built-in open_clip
+  config of that architecture (widths, depths, heads; every flag kept: quick_gelu, pooling, norms,
+  image size, patch size, context length, vocabulary) and answers the tag's Hugging Face download
+  with a local safetensors file of random weights, as a warm cache would. Nothing else in
+  open_clip is touched: the tag's own settings (quick_gelu, mean/std, interpolation) still come
+  from `open_clip.get_pretrained_cfg`, so code that ignores them builds the wrong model here too.
+- `save_hf(model, folder, dtype)` saves a `from_config` transformers model in the dtype the real
+  checkpoint ships (fp16 for OPT and Llama), so code that trusts the checkpoint's dtype fails here.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import open_clip
+import torch
+from safetensors.torch import save_file
+
+TINY_WIDTH = {"embed_dim": 32, "vision_width": 64, "vision_layers": 2, "text_width": 32, "text_layers": 2, "heads": 2}
+
+
+def tiny_open_clip_config(name: str) -> dict:
+    """The built-in config of `name` with every size shrunk and every flag kept."""
+    config = open_clip.get_model_config(name)
+    if config is None:
+        raise ValueError(f"{name!r} is not a built-in open_clip architecture")
+    if "timm_model_name" in config["vision_cfg"] or "hf_model_name" in config["text_cfg"]:
+        raise ValueError(f"{name!r} uses a timm or Hugging Face tower; shrink it by hand")
+    config = copy.deepcopy(config)
+    config["embed_dim"] = TINY_WIDTH["embed_dim"]
+    vision, text = config["vision_cfg"], config["text_cfg"]
+    vision.update(width=TINY_WIDTH["vision_width"], layers=TINY_WIDTH["vision_layers"])
+    if "head_width" in vision:
+        vision["head_width"] = TINY_WIDTH["vision_width"] // TINY_WIDTH["heads"]
+    text.update(width=TINY_WIDTH["text_width"], layers=TINY_WIDTH["text_layers"], heads=TINY_WIDTH["heads"])
+    return config
+
+
+def serve_open_clip_tag(monkeypatch, tmp_path: Path, name: str, tag: str | None = None, seed: int = 0):
+    """Make `open_clip.create_model(name, pretrained=tag)` build the tiny config and load random weights.
+
+    Returns (weights_path, model): the file the download resolves to, and an fp32 model of the tiny
+    config built with the tag's activation, holding exactly those weights (the reference to
+    compare against). With tag=None only the config is shrunk (random weights, no download).
+    """
+    tiny = tiny_open_clip_config(name)
+    builtin = open_clip.factory.get_model_config
+
+    def get_model_config(model_name):  # a lookup, not the registry: add_model_config rescans that
+        return copy.deepcopy(tiny) if model_name == name else builtin(model_name)
+
+    monkeypatch.setattr(open_clip.factory, "get_model_config", get_model_config)
+    tag_cfg = open_clip.get_pretrained_cfg(name, tag) if tag else {}
+    if tag and not tag_cfg:
+        raise ValueError(f"{tag!r} is not an open_clip tag of {name}")
+    torch.manual_seed(seed)
+    model = open_clip.create_model(name, pretrained=None, force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)))
+    model.eval()
+    if not tag:
+        return None, model
+    hub = tag_cfg.get("hf_hub", "")
+    if not hub:
+        raise ValueError(f"{name}@{tag} has no Hugging Face repository to redirect")
+    repo_id, _ = os.path.split(hub)  # open_clip's own split: "org/model/" or "org/model/file"
+    folder = tmp_path / "hf-cache" / repo_id.replace("/", "--")
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / "open_clip_model.safetensors"
+    save_file({key: value.contiguous() for key, value in model.state_dict().items()}, str(weights))
+
+    served_repo = repo_id
+
+    def hf_hub_download(repo_id: str, filename: str, revision=None, cache_dir=None, **_):
+        if repo_id != served_repo:
+            raise FileNotFoundError(f"test cache holds no repository {repo_id}")
+        if not filename.endswith(".safetensors"):
+            raise FileNotFoundError(f"test cache holds only the safetensors file of {repo_id}, not {filename}")
+        return str(weights)
+
+    monkeypatch.setattr(open_clip.pretrained, "hf_hub_download", hf_hub_download)
+    return weights, model
+
+
+def save_hf(model: torch.nn.Module, folder: Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Save a transformers model in the dtype its real checkpoint ships (fp16 for OPT and Llama)."""
+    model.to(dtype).save_pretrained(folder)
+    return Path(folder)
