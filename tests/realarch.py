@@ -91,3 +91,31 @@ def save_hf(model: torch.nn.Module, folder: Path, dtype: torch.dtype = torch.flo
     """Save a transformers model in the dtype its real checkpoint ships (fp16 for OPT and Llama)."""
     model.to(dtype).save_pretrained(folder)
     return Path(folder)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a test's own rendezvous)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_torchrun(script: str, argv: list[str], nproc: int = 2, timeout: float = 240, env: dict | None = None):
+    """Run `torchrun --nproc-per-node nproc script argv` (gloo on the CPU), as a user would, offline.
+
+    Returns the CompletedProcess; a non-zero exit raises with the last lines of both ranks' output.
+    """
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(repo / script), *argv]
+    run_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": str(repo), "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+    done = subprocess.run(command, cwd=repo, env=run_env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise AssertionError(f"torchrun {script} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+    return done
