@@ -261,23 +261,37 @@ class Captioner(nn.Module):
         self.mapper = MappingNetwork(clip_dim, lm_dim, prefix_length, mapper_layers, heads=8 if lm_dim % 8 == 0 else 4)
 
     def prefix_inputs(self, img_emb, prompt_ids, prompt_mask):
-        """Embeddings (B, M + P, d) and attention mask (B, M + P) of [V][left-padded prompt]."""
+        """Embeddings (B, M + P, d) and attention mask (B, M + P) of [pad][V][prompt], the prefix left-padded whole.
+
+        So the last prefix slot, the one that predicts the first caption token, is a real token in every row (the
+        last prompt token, or the last visual token when the prompt is empty) whatever the other rows' prompts:
+        training batches of mixed prompts supervise the slot that generation reads.
+        """
+        prompt = self.decoder.get_input_embeddings()(prompt_ids)  # (B, P, d)
         visual = self.mapper(img_emb.to(self.mapper.project.weight.dtype))  # (B, M, d)
-        embeds = torch.cat([visual, self.decoder.get_input_embeddings()(prompt_ids)], dim=1)
+        embeds = torch.cat([visual, prompt], dim=1)
         mask = torch.cat([torch.ones(visual.shape[:2], dtype=torch.long, device=visual.device), prompt_mask], dim=1)
-        return embeds, mask
+        # [V][pads][prompt] -> [pads][V][prompt]: a stable sort on the mask puts the pads first, the rest in order
+        order = mask.argsort(dim=1, stable=True)
+        return embeds.gather(1, order.unsqueeze(-1).expand_as(embeds)), mask.gather(1, order)
 
     def forward(self, img_emb, prompt_ids, prompt_mask, caption_ids, caption_mask) -> torch.Tensor:
-        """Teacher-forced logits (B, M + P + C, V) of [V][prompt][caption]."""
+        """Teacher-forced logits (B, M + P + C, V) of [pad][V][prompt][caption]."""
         embeds, mask = self.prefix_inputs(img_emb, prompt_ids, prompt_mask)
         embeds = torch.cat([embeds, self.decoder.get_input_embeddings()(caption_ids)], dim=1)
         mask = torch.cat([mask, caption_mask.long()], dim=1)  # (B, T)
         return self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids(mask)).logits
 
+    def generate(self, img_emb, prompt_ids, prompt_mask, **options):
+        """The decoder's generate() continuing [pad][V][prompt], at the positions that training gives it."""
+        embeds, mask = self.prefix_inputs(img_emb, prompt_ids, prompt_mask)
+        return self.decoder.generate(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids(mask),
+                                     **options)
+
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) positions that count attended tokens only: left pads in the middle shift nothing."""
-    # pos_t = sum_{s <= t} mask_s - 1, as transformers' generate() derives it from the mask
+    """(B, T) positions that count attended tokens only: the left pads shift nothing (they sit at 0, masked)."""
+    # pos_t = sum_{s <= t} mask_s - 1; passed to generate() too, which extends it by one per new token
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
@@ -584,13 +598,13 @@ def decoding_options(args: Args) -> dict:
 
 @torch.no_grad()
 def generate_captions(captioner: Captioner, tokenizer, img_emb: torch.Tensor, prompts: list[str], args: Args) -> list[str]:
-    """Captions continuing [V][prompt] for a batch of images, decoded without special tokens."""
+    """Captions continuing [pad][V][prompt] for a batch of images, decoded without special tokens."""
     device = next(captioner.parameters()).device
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, args.max_prompt_tokens)
-    embeds, mask = captioner.prefix_inputs(img_emb.to(device), prompt_ids.to(device), prompt_mask.to(device))
-    new_tokens = captioner.decoder.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=args.max_new_tokens,
-                                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                            **decoding_options(args))  # (B, new): with inputs_embeds only new tokens
+    new_tokens = captioner.generate(img_emb.to(device), prompt_ids.to(device), prompt_mask.to(device),
+                                    max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                    eos_token_id=tokenizer.eos_token_id,
+                                    **decoding_options(args))  # (B, new): with inputs_embeds only new tokens
     return [" ".join(text.split()) for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 

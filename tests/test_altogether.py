@@ -1,6 +1,8 @@
-"""altogether.py: the caption-only loss mask, what a step trains, generation into a manifest with tiny
-random OPT and GPT-2 decoders, resuming a killed captioning job, prompt truncation, empty alt-text,
-and the miniature main() at toy size."""
+"""altogether.py: the caption-only loss mask, the prefix layout that training and generate() share
+(teacher-forced = generated, batched = one at a time), what a step trains, generation into a manifest
+with tiny random OPT and GPT-2 decoders, resuming a killed captioning job, prompt truncation, empty
+alt-text, the miniature main() at toy size, and the documented real commands with tiny random
+weights of the real architectures (fp16 OPT files, the open_clip tags), one under torchrun."""
 
 import json
 
@@ -96,6 +98,57 @@ def test_training_pairs_follow_the_stages():
     dropped = [altogether.training_pair(record, "finetune", altogether.Args(p_drop_alt=0.5, target_field="round3"), rng)[0] == ""
                for _ in range(2000)]
     assert abs(np.mean(dropped) - 0.5) < 0.05
+
+
+# ---- one layout for training and generation ----------------------------------------------------
+
+PROMPTS = ["Aldora stock photo red circle", "blue square", ""]  # full (the longest: no pads), partial, empty
+
+
+def tiny_captioner(tok, clip_dim=16):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    decoder = OPTForCausalLM(OPTConfig(vocab_size=len(tok), hidden_size=32, word_embed_proj_dim=32, num_hidden_layers=2,
+                                       ffn_dim=64, num_attention_heads=2, max_position_embeddings=64,
+                                       pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id,
+                                       eos_token_id=tok.eos_token_id))
+    return altogether.Captioner(decoder, clip_dim, prefix_length=3, mapper_layers=1).eval()
+
+
+def generated(captioner, tok, img_emb, prompts, steps=5):
+    """Greedy generate(): (new tokens (B, S), raw logits of each step (B, S, V))."""
+    ids, mask = altogether.encode_prompts(tok, prompts, 128)
+    out = captioner.generate(img_emb, ids, mask, max_new_tokens=steps, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    return out.sequences, torch.stack(out.logits, dim=1)
+
+
+@torch.no_grad()
+def test_teacher_forced_logits_equal_generate_step_logits_for_full_partial_empty_and_mixed_prompts():
+    tok = tokenizer()
+    captioner = tiny_captioner(tok)
+    img_emb = torch.nn.functional.normalize(torch.randn(3, 16), dim=-1)
+    for rows in ([0], [1], [2], [0, 1, 2], [2, 1]):  # alone, and batches mixing full, partial and empty prompts
+        prompts = [PROMPTS[i] for i in rows]
+        tokens, step_logits = generated(captioner, tok, img_emb[rows], prompts)
+        ids, mask = altogether.encode_prompts(tok, prompts, 128)
+        # the training forward on the generated caption: the slot before each caption token predicts it
+        logits = captioner(img_emb[rows], ids, mask, tokens, torch.ones_like(tokens, dtype=torch.bool))
+        prefix, steps = 3 + ids.shape[1], tokens.shape[1]
+        assert torch.allclose(logits[:, prefix - 1:prefix - 1 + steps], step_logits, atol=1e-5), rows
+
+
+@torch.no_grad()
+def test_batched_generation_equals_one_at_a_time():
+    tok = tokenizer()
+    captioner = tiny_captioner(tok)
+    img_emb = torch.nn.functional.normalize(torch.randn(3, 16), dim=-1)
+    tokens, step_logits = generated(captioner, tok, img_emb, PROMPTS)
+    for i, prompt in enumerate(PROMPTS):
+        alone_tokens, alone_logits = generated(captioner, tok, img_emb[i:i + 1], [prompt])
+        assert torch.equal(tokens[i, :alone_tokens.shape[1]], alone_tokens[0]), prompt
+        assert torch.allclose(step_logits[i, :alone_logits.shape[1]], alone_logits[0], atol=1e-5), prompt
 
 
 # ---- a training step -------------------------------------------------------------------------
