@@ -19,10 +19,14 @@ for the dense probes. Per image there are caption variants, each a controlled ca
   wrong one at rate `syn_hallucination`; `synthetic_captions` holds `n_synthetic` independent
   draws (DataCompDR keeps five per image), the first being `synthetic_caption`;
 - `refs`: the ground truth as a one-element reference list, for RefCLIP-S / RefPAC-S;
-- `fused`: what a strong LLM would write from alt-text + synthetic caption (CapsFusion's teacher):
-  the synthetic caption's sentence, the names found in the alt-text attached (the first object
-  lacking one takes an unmatched name, so off-topic alt-text leaks a wrong name, as real fusion
-  does), and a hallucinated attribute corrected when the alt-text names the true value.
+- `fused`: what a strong LLM would write from alt-text + synthetic caption (CapsFusion's teacher),
+  a function of those two texts only (`teacher_fusion`): the synthetic caption's sentence, each
+  name of the alt-text attached to the object whose described pattern is that name's emblem
+  (world knowledge, as an LLM knows a landmark), else to the first object without a name whose
+  description does not contradict it (so off-topic alt-text can leak a wrong name, as real fusion
+  does, and a name can land on the wrong one of two objects); a colour or shape the alt-text
+  contradicts replaced by the alt-text's word when the swap is unambiguous; an alt-text that
+  contradicts the caption in two attribute words is taken to be about another image and ignored.
 
 And the labels (`objects`, `background`) to score a caption: which names it keeps
 (`names_kept`), which attribute words it hallucinates (`hallucinated_words`), and zero-shot
@@ -41,6 +45,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,7 +126,7 @@ class WorldConfig:
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-WORLD_VERSION = 2  # bump when the generator changes, so stale caches are rebuilt
+WORLD_VERSION = 3  # bump when the generator changes, so stale caches are rebuilt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,46 +279,78 @@ def synthetic_draw(scene: dict, rng: np.random.Generator, cfg: WorldConfig) -> d
     return {"objects": objects, "template": int(rng.integers(len(SYNTHETIC_TEMPLATES)))}
 
 
+def _object_phrase(said: dict, name: str | None) -> str:
+    """ "a [size] colour shape", then "with the <name> emblem", else "with a <pattern> pattern" if said."""
+    words = [said["size"], said["color"], said["shape"]] if said["size"] else [said["color"], said["shape"]]
+    if name:
+        return "a " + " ".join(words) + f" with the {name} emblem"
+    return "a " + " ".join(words) + (f" with a {said['pattern']} pattern" if said["pattern"] else "")
+
+
 def render_description(draw: dict, background: str, names: list[str | None] | None = None) -> str:
     """Turn a synthetic draw into a sentence, optionally with emblem names attached per object."""
-    phrases = []
-    for i, said in enumerate(draw["objects"]):
-        words = [said["size"], said["color"], said["shape"]] if said["size"] else [said["color"], said["shape"]]
-        phrase = "a " + " ".join(words)
-        name = names[i] if names else None
-        if name:
-            phrase += f" with the {name} emblem"
-        elif said["pattern"]:
-            phrase += f" with a {said['pattern']} pattern"
-        phrases.append(phrase)
+    phrases = [_object_phrase(said, names[i] if names else None) for i, said in enumerate(draw["objects"])]
     return SYNTHETIC_TEMPLATES[draw["template"]].format(objects=_join(phrases), background=background)
 
 
-def teacher_fusion(scene: dict, alt: str, draw: dict) -> str:
-    """What a strong LLM makes of (alt-text, synthetic caption): structure from the caption, names from the alt.
+# One object of a synthetic caption, as render_description writes it: "a [size] colour shape [with a P pattern]".
+_DESCRIBED_OBJECT = re.compile(rf"\ba (?:(?P<size>{'|'.join(SIZES)}) )?(?P<color>{'|'.join(COLORS)}) "
+                               rf"(?P<shape>{'|'.join(SHAPES)})(?: with a (?P<pattern>{'|'.join(PATTERNS)}) pattern)?")
 
-    Names in the alt-text attach to the object that carries them; an unmatched name (off-topic
-    alt-text) attaches to the first object still without one. A hallucinated colour or shape is
-    corrected when the alt-text contains the true word, as the prompt asks the LLM to trust
-    sentence 1's facts.
+
+def _correct(described: list[dict], key: str, vocabulary, alt_words: list[str]) -> None:
+    """Replace the one `key` value the alt-text leaves unsupported by the one alt-text value no object was said to have.
+
+    Only when the swap is unambiguous: the LLM trusts sentence 1's facts, but a lone word of the
+    alt-text does not say which of two objects it is about.
     """
-    alt_words = set(alt.split())
-    names: list[str | None] = [None] * len(scene["objects"])
-    mentioned = [name for name in ENTITY_NAMES if name in alt_words]
-    for name in list(mentioned):
-        for i, obj in enumerate(scene["objects"]):
-            if obj["entity"] == name:
-                names[i] = name
-                mentioned.remove(name)
+    stated = {word for word in alt_words if word in vocabulary}
+    unsupported = [i for i, said in enumerate(described) if said[key] not in stated]
+    unused = sorted(stated - {said[key] for said in described})
+    if len(unsupported) == 1 and len(unused) == 1:
+        described[unsupported[0]][key] = unused[0]
+
+
+def teacher_fusion(alt: str, synthetic: str) -> str:
+    """What a strong LLM makes of (alt-text, synthetic caption), from those two texts only.
+
+    Structure from the synthetic caption, names from the alt-text. An alt-text that contradicts the
+    caption in two or more attribute words (colour, shape, background) is about another image and
+    is ignored. A name goes to the object whose described pattern is the name's emblem pattern
+    (`ENTITIES`: the world knowledge an LLM brings); a name no described pattern claims goes to the
+    first object with neither a name nor a described pattern (one said to show another pattern
+    cannot carry it); a name with no such object is left out. The alt-text's words carry no object
+    binding (they are shuffled), so with two undescribed objects the name lands on the first, right
+    or wrong. When the alt-text also agrees with the caption on some attribute word, a colour or
+    shape it contradicts is corrected (`_correct`). Text that is not a world synthetic caption
+    comes back unchanged.
+    """
+    alt_words = alt.split()
+    said_words = set(synthetic.replace(".", " ").split())
+    attributes = [w for w in alt_words if w in COLORS or w in SHAPES or w in BACKGROUNDS]
+    if sum(w not in said_words for w in attributes) >= 2:  # sentence 1 is about another image
+        return synthetic
+    matches = list(_DESCRIBED_OBJECT.finditer(synthetic))
+    described = [match.groupdict() for match in matches]
+    names: list[str | None] = [None] * len(described)
+    mentioned = [word for word in dict.fromkeys(alt_words) if word in ENTITIES]
+    for name in list(mentioned):  # the emblem the caption describes tells whose name it is
+        owners = [i for i, said in enumerate(described) if said["pattern"] == ENTITIES[name][0] and names[i] is None]
+        if owners:
+            names[owners[0]] = name
+            mentioned.remove(name)
     for name in mentioned:
-        if None in names:
-            names[names.index(None)] = name
-    fixed = {"objects": [dict(said) for said in draw["objects"]], "template": draw["template"]}
-    for said, obj in zip(fixed["objects"], scene["objects"]):
-        key = said["hallucinated"]
-        if key and obj[key] in alt_words:
-            said[key] = obj[key]
-    return render_description(fixed, scene["background"], names)
+        free = [i for i, said in enumerate(described) if names[i] is None and said["pattern"] is None]
+        if free:
+            names[free[0]] = name
+    if any(w in said_words for w in attributes):
+        _correct(described, "color", COLORS, alt_words)
+        _correct(described, "shape", SHAPES, alt_words)
+    pieces, last = [], 0
+    for match, said, name in zip(matches, described, names):
+        pieces += [synthetic[last:match.start()], _object_phrase(said, name)]
+        last = match.end()
+    return "".join(pieces) + synthetic[last:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,7 +423,7 @@ def make_sample(index: int, split: str, rng: np.random.Generator, cfg: WorldConf
     caption = ground_truth_caption(scene)
     record = {"id": f"{split}-{index:06d}", "split": split, "caption": caption, "refs": [caption],
               "alt_text": alt, "synthetic_caption": synthetic[0], "synthetic_captions": synthetic,
-              "fused": teacher_fusion(scene, alt, draws[0]), "alt_offtopic": offtopic,
+              "fused": teacher_fusion(alt, synthetic[0]), "alt_offtopic": offtopic,
               "background": scene["background"], "objects": scene["objects"]}
     return {"record": record, "pixels": pixels, "mask": mask, "depth": depth}
 
