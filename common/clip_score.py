@@ -101,7 +101,10 @@ def load_clip(model: str, pretrained: str | None = None, device: str | None = No
     is_file = pretrained is not None and Path(pretrained).exists()
     if pretrained is not None and not is_file and pretrained not in open_clip.list_pretrained_tags_by_model(model):
         raise FileNotFoundError(f"--pretrained {pretrained!r} is neither a file nor an open_clip tag of {model}")
-    force_quick_gelu = pacs_checkpoint is not None and model.startswith("ViT-B-32")  # OpenAI's activation
+    # A tag's weights were trained with the tag's activation; open_clip only warns when the architecture's
+    # config disagrees (OpenAI's tags: QuickGELU on configs that say GELU). PAC-S fine-tuned OpenAI's ViT-B/32.
+    tag_cfg = open_clip.get_pretrained_cfg(model, pretrained) if pretrained is not None and not is_file else {}
+    force_quick_gelu = bool(tag_cfg.get("quick_gelu")) or (pacs_checkpoint is not None and model.startswith("ViT-B-32"))
     try:
         net, _, preprocess = open_clip.create_model_and_transforms(
             model, pretrained=pretrained, device=device, precision="fp32", force_quick_gelu=force_quick_gelu)

@@ -1,16 +1,20 @@
 """common/clip_score.py: the metrics' constants by hand, model loading, the command line."""
 
+import functools
 import json
 
 import numpy as np
+import open_clip
 import pytest
 import torch
+from PIL import Image
 
 from common.clip_score import (CLIP_S_WEIGHT, PAC_S_WEIGHT, PREFIX, clip_s, encode_texts, harmonic_mean, load_clip,
                                load_pacs_state_dict, main, pac_s, ref_clip_s, ref_pac_s, ref_similarity,
                                score_from_features)
 from common.data import write_manifest
 from common.miniature import WorldConfig, write_world
+from tests.realarch import serve_open_clip_tag
 
 MICRO = "micro-ViT-16"
 
@@ -138,3 +142,127 @@ def test_command_line_scores_a_manifest_and_counts_bad_samples(micro_bundle, tin
     np.testing.assert_allclose(saved["per_sample"]["CLIP-S"], direct["per_sample"], rtol=1e-5, atol=1e-6)
     with pytest.raises(Exception, match="image file not found"):
         main(argv + ["--strict"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Real-architecture tier: the README's two commands with ViT-B-32 at tiny width, offline
+# ---------------------------------------------------------------------------------------------
+
+
+def photo(seed: int, size=(320, 240)) -> Image.Image:
+    """A non-square RGB test image with smooth gradients and sharp blocks (resize and crop both matter)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    ys, xs = np.mgrid[0:h, 0:w]
+    pixels = np.stack([xs * 255 / w, ys * 255 / h, np.full((h, w), 40.0 * seed % 255)], axis=-1)
+    for _ in range(6):
+        x, y = rng.integers(0, w - 40), rng.integers(0, h - 40)
+        pixels[y:y + 40, x:x + 40] = rng.integers(0, 256, 3)
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+def tag_transform(name: str, tag: str):
+    """The reference preprocessing written out from the tag's settings and the architecture's image size."""
+    from torchvision import transforms as T
+
+    cfg = open_clip.get_pretrained_cfg(name, tag)
+    size = open_clip.get_model_config(name)["vision_cfg"]["image_size"]
+    mode = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}[cfg["interpolation"]]
+    resize = ([T.Resize(size, interpolation=mode), T.CenterCrop(size)] if cfg["resize_mode"] == "shortest"
+              else [T.Resize((size, size), interpolation=mode)])  # "squash"
+    # clipscore and open_clip convert to RGB after the crop (an RGBA or palette image is resized as decoded)
+    return T.Compose([*resize, lambda image: image.convert("RGB"), T.ToTensor(), T.Normalize(cfg["mean"], cfg["std"])])
+
+
+@functools.cache
+def bpe_tokenizer():
+    return open_clip.get_tokenizer("ViT-B-32")  # every architecture here: OpenAI's BPE, context 77
+
+
+def reference_features(model, pixels: torch.Tensor, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """L2-normalised image and PREFIX + text features of a reference model."""
+    tokenizer = bpe_tokenizer()
+    with torch.no_grad():
+        img = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1)
+        txt = torch.nn.functional.normalize(model.encode_text(tokenizer([PREFIX + t for t in texts])), dim=-1)
+    return img.numpy(), txt.numpy()
+
+
+WORDS = "red blue green dog cat road table sky tree car man woman child ball kite bird horse boat water snow".split()
+CAPTION_POOL = [" ".join(np.random.default_rng(i).choice(WORDS, size=1 + i % 7)) for i in range(64)]
+SEED = 2  # random tiny ViT-B-32 weights under which some pool captions score clearly above 0 (see positive_captions)
+
+
+def positive_captions(model, pixels: torch.Tensor) -> list[str]:
+    """For each image the pool caption the reference scores highest: clearly above 0, so the clamp hides nothing."""
+    img, txt = reference_features(model, pixels, CAPTION_POOL)
+    best = (img @ txt.T).argmax(1)
+    assert np.all((img @ txt.T).max(1) > 0.05), "random weights gave no caption a positive cosine; change SEED"
+    return [CAPTION_POOL[i] for i in best]
+
+
+def real_manifest(tmp_path, images: list[Image.Image], captions: list[str], refs: list[list[str]]):
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(tmp_path / f"img{i}.png")
+        image.save(paths[-1])
+    rows = [{"id": f"s{i}", "image": f"img{i}.png", "caption": c, "refs": r}
+            for i, (c, r) in enumerate(zip(captions, refs))]
+    return write_manifest(tmp_path / "coco_test.jsonl", rows), paths
+
+
+def expected_scores(model, pixels, captions, refs, w):
+    img, cand = reference_features(model, pixels, captions)
+    score = w * np.maximum((img * cand).sum(1), 0)
+    r = np.array([(reference_features(model, pixels[:1], group)[1] @ c).max() for c, group in zip(cand, refs)])
+    return score, 2 * score * r / (score + r)
+
+
+def uses_quick_gelu(model) -> bool:
+    return any(isinstance(module, open_clip.transformer.QuickGELU) for module in model.modules())
+
+
+def test_readme_clip_s_command_on_vit_b32_openai_scores_with_quick_gelu(tmp_path, monkeypatch):
+    """`--model ViT-B-32 --pretrained openai`: the OpenAI weights need QuickGELU (open_clip only warns)."""
+    _, reference = serve_open_clip_tag(monkeypatch, tmp_path, "ViT-B-32", "openai", seed=SEED)
+    assert uses_quick_gelu(reference)
+    images = [photo(seed) for seed in range(3)]
+    pixels = torch.stack([tag_transform("ViT-B-32", "openai")(image) for image in images])
+    captions = positive_captions(reference, pixels)
+    refs = [[CAPTION_POOL[0], CAPTION_POOL[5]], [CAPTION_POOL[3]], [captions[2], CAPTION_POOL[1]]]
+    manifest, _ = real_manifest(tmp_path, images, captions, refs)
+    report = main(["--manifest", str(manifest), "--text-field", "caption", "--refs-field", "refs", "--model", "ViT-B-32",
+                   "--pretrained", "openai", "--device", "cpu", "--out", str(tmp_path / "scores.json")])
+    score, ref_score = expected_scores(reference, pixels, captions, refs, CLIP_S_WEIGHT)
+    assert report["ids"] == ["s0", "s1", "s2"]
+    np.testing.assert_allclose(report["per_sample"]["CLIP-S"], score, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(report["per_sample"]["RefCLIP-S"], ref_score, rtol=1e-4, atol=1e-5)
+
+
+def test_readme_pac_s_command_loads_the_state_dict_into_quick_gelu_vit_b32(tmp_path, monkeypatch):
+    """`--model ViT-B-32 --pacs-checkpoint clip_ViT-B-32.pth`: every weight from the file, QuickGELU, w = 2.0."""
+    _, reference = serve_open_clip_tag(monkeypatch, tmp_path, "ViT-B-32", "openai", seed=SEED)
+    torch.save({"state_dict": {"module." + k: v for k, v in reference.state_dict().items()}, "epoch": 5},
+               tmp_path / "clip_ViT-B-32.pth")
+    images = [photo(seed) for seed in (4, 5)]
+    pixels = torch.stack([tag_transform("ViT-B-32", "openai")(image) for image in images])
+    captions = positive_captions(reference, pixels)
+    refs = [[CAPTION_POOL[2]], [captions[1], CAPTION_POOL[7]]]
+    manifest, _ = real_manifest(tmp_path, images, captions, refs)
+    report = main(["--manifest", str(manifest), "--text-field", "caption", "--refs-field", "refs", "--model", "ViT-B-32",
+                   "--pacs-checkpoint", str(tmp_path / "clip_ViT-B-32.pth"), "--device", "cpu",
+                   "--out", str(tmp_path / "scores.json")])
+    score, ref_score = expected_scores(reference, pixels, captions, refs, PAC_S_WEIGHT)
+    np.testing.assert_allclose(report["per_sample"]["PAC-S"], score, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(report["per_sample"]["RefPAC-S"], ref_score, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, tag", [("ViT-B-32", "openai"),  # QuickGELU, OpenAI mean/std
+                                       ("ViT-L-14", "laion2b_s32b_b82k"),  # GELU, mean = std = 0.5
+                                       ("ViT-H-14", "dfn5b")])  # QuickGELU, squash resize
+def test_a_tag_gets_its_own_activation_and_preprocessing(tmp_path, monkeypatch, name, tag):
+    serve_open_clip_tag(monkeypatch, tmp_path, name, tag)
+    bundle = load_clip(name, tag, device="cpu")
+    assert uses_quick_gelu(bundle.model) == bool(open_clip.get_pretrained_cfg(name, tag).get("quick_gelu"))
+    image = photo(1, size=(300, 180))
+    torch.testing.assert_close(bundle.preprocess(image), tag_transform(name, tag)(image), rtol=0, atol=1e-6)
