@@ -186,6 +186,11 @@ def _result(per_sample: np.ndarray) -> dict:
     return {"per_sample": per_sample.astype(float).tolist(), "mean": float(np.mean(per_sample)) if len(per_sample) else float("nan")}
 
 
+def _shown(value: Any) -> str:
+    """A value as the manifest writes it, cut short, for error messages."""
+    return json.dumps(value, default=repr)[:60]
+
+
 def _check(images: Sequence, candidates: Sequence[str], refs: Sequence[Sequence[str]] | None = None) -> None:
     if len(images) != len(candidates):
         raise ValueError(f"{len(images)} images but {len(candidates)} candidates: one candidate per image")
@@ -196,8 +201,10 @@ def _check(images: Sequence, candidates: Sequence[str], refs: Sequence[Sequence[
         if len(refs) != len(candidates):
             raise ValueError(f"{len(refs)} reference lists for {len(candidates)} candidates")
         for i, group in enumerate(refs):
-            if not group:
-                raise ValueError(f"sample {i} has no references")
+            # a bare string would be scored character by character
+            if isinstance(group, str) or not group or not all(isinstance(t, str) and t.strip() for t in group):
+                raise ValueError(f"sample {i}: references must be a non-empty list of non-empty strings, "
+                                 f"got {_shown(group)}")
 
 
 def clip_s(bundle: ClipBundle, images: Sequence, candidates: Sequence[str], w: float = CLIP_S_WEIGHT,
@@ -265,6 +272,31 @@ class Args:
     """where to write the JSON (per-sample scores with ids, means, skipped samples)"""
 
 
+def _field_problem(record: dict, text_field: str, refs_field: str | None) -> str | None:
+    """Why a manifest record cannot be scored as its fields stand (a wrong type, an empty text), or None."""
+    text = record.get(text_field)
+    if not isinstance(text, str) or not text.strip():
+        return f"field {text_field!r} must be a non-empty string, got {_shown(text)}"
+    if not isinstance(record["image"], str):
+        return f"field 'image' must be a path string, got {_shown(record['image'])}"
+    if refs_field is None:
+        return None
+    refs = record.get(refs_field)
+    if not isinstance(refs, list) or not refs:  # a bare string would be scored character by character
+        return f"field {refs_field!r} must be a non-empty list of reference strings, got {_shown(refs)}"
+    for i, ref in enumerate(refs):
+        if not isinstance(ref, str) or not ref.strip():
+            return f"field {refs_field!r}: reference {i} must be a non-empty string, got {_shown(ref)}"
+    return None
+
+
+def _line_of(manifest: str | os.PathLike, sample: Any) -> int:
+    """The line of `sample` in a manifest that read_manifest accepted (looked up only for an error message)."""
+    with open(manifest, "rb") as handle:
+        return next(line_no for line_no, raw in enumerate(handle, start=1)
+                    if raw.strip() and str(json.loads(raw)["id"]) == str(sample))
+
+
 def score_manifest(args: Args, chunk_size: int = 2048) -> dict:
     """Score a manifest chunk by chunk (memory stays bounded), skipping and counting bad samples."""
     records = read_manifest(args.manifest)
@@ -277,15 +309,12 @@ def score_manifest(args: Args, chunk_size: int = 2048) -> dict:
     for start in tqdm(range(0, len(records), chunk_size), desc=f"score {Path(args.manifest).name}"):
         chunk, images = [], []
         for record in records[start:start + chunk_size]:
-            text = record.get(args.text_field)
-            problem = None
-            if not isinstance(text, str) or not text.strip():
-                problem = f"sample {record['id']!r}: field {args.text_field!r} missing or empty"
-            elif args.refs_field is not None and not record.get(args.refs_field):
-                problem = f"sample {record['id']!r}: no references in {args.refs_field!r}"
+            problem = _field_problem(record, args.text_field, args.refs_field)
             if problem is not None:
                 if args.strict:
-                    raise BadSampleError(problem)
+                    raise BadSampleError(f"{args.manifest}:{_line_of(args.manifest, record['id'])} (id "
+                                         f"{str(record['id'])!r}): {problem}; fix it, or drop --strict to skip and "
+                                         "count such samples")
                 skipped.add(str(record["id"]), problem)
                 continue
             image = open_record_image(record, skipped, args.strict)

@@ -81,6 +81,9 @@ def test_end_to_end_metrics_use_prefix_clamp_and_harmonic_mean(micro_bundle, tin
         clip_s(micro_bundle, images[:2], ["ok", " "], progress=False)
     with pytest.raises(ValueError, match="one candidate per image"):
         clip_s(micro_bundle, images, candidates[:-1], progress=False)
+    for group in ("a dog on a road.", ["a dog.", None], []):  # a string was scored character by character
+        with pytest.raises(ValueError, match="sample 1: references must be a non-empty list of non-empty strings"):
+            ref_clip_s(micro_bundle, images[:2], candidates[:2], [refs[0], group], progress=False)
 
 
 def test_local_checkpoint_loads(micro_bundle, tmp_path):
@@ -143,6 +146,46 @@ def test_command_line_scores_a_manifest_and_counts_bad_samples(micro_bundle, tin
     with pytest.raises(Exception, match="image file not found"):
         main(argv + ["--strict"])
 
+
+BAD_FIELDS = {  # field -> a value of the wrong type, and a word the skip reason must contain
+    "refs as a string": ("refs", "a dog on a road.", "list"),  # once scored character by character
+    "null reference": ("refs", ["a dog on a road.", None], "reference"),
+    "empty reference": ("refs", ["a dog on a road.", " "], "reference"),
+    "image as a number": ("image", 7, "image"),
+    "image as a list": ("image", ["a.png"], "image"),
+    "caption as a list": ("synthetic_caption", ["a dog.", "a cat."], "synthetic_caption"),
+}
+
+
+def test_fields_of_the_wrong_type_are_counted_skips_or_a_strict_error_naming_file_line_and_id(micro_bundle, tiny_world,
+                                                                                                 tmp_path):
+    from common.clip_score import Args, score_manifest
+    from common.data import BadSampleError, read_manifest
+
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save(micro_bundle.model.state_dict(), ckpt)
+    good = [{**{k: v for k, v in r.items() if k != "_root"}, "image": str(tiny_world / r["image"]),
+             "refs": [r["caption"], r["fused"]]} for r in read_manifest(tiny_world / "test.jsonl")]
+    bad = [{**good[i % len(good)], "id": f"bad-{i}", field: value}
+           for i, (field, value, _) in enumerate(BAD_FIELDS.values())]
+    write_manifest(tmp_path / "m.jsonl", good[:3] + bad + good[3:])
+
+    def args(manifest, **kw):
+        return Args(manifest=str(manifest), text_field="synthetic_caption", refs_field="refs", model=MICRO,
+                    pretrained=str(ckpt), device="cpu", out=str(tmp_path / "s.json"), **kw)
+
+    report = score_manifest(args(tmp_path / "m.jsonl"))
+    assert report["ids"] == [r["id"] for r in good] and report["skipped"]["count"] == len(bad)
+    reasons = dict(report["skipped"]["examples"])
+    for i, (field, _, word) in enumerate(BAD_FIELDS.values()):
+        assert field in reasons[f"bad-{i}"] and word in reasons[f"bad-{i}"], reasons[f"bad-{i}"]
+    direct = ref_clip_s(micro_bundle, [r["image"] for r in good], [r["synthetic_caption"] for r in good],
+                        [r["refs"] for r in good], progress=False)
+    np.testing.assert_allclose(report["per_sample"]["RefCLIP-S"], direct["per_sample"], rtol=1e-4, atol=1e-6)
+    for i, name in enumerate(BAD_FIELDS):  # strict: the first bad sample stops the job, named by file, line and id
+        (tmp_path / "one.jsonl").write_text("\n" + "".join(json.dumps(r) + "\n" for r in good[:2] + [bad[i]]))
+        with pytest.raises(BadSampleError, match=rf"one\.jsonl:4 \(id 'bad-{i}'\)"):
+            score_manifest(args(tmp_path / "one.jsonl", strict=True))
 
 # ---------------------------------------------------------------------------------------------
 # Real-architecture tier: the README's two commands with ViT-B-32 at tiny width, offline
