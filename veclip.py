@@ -12,8 +12,10 @@ alt-text's knowledge and the rewrite's visual concepts, and the variety of two c
 
 Implements (stages over manifests, each `--stage`):
   1. `vec`    (Sec. 3.2)  x_v = VLM(image, VEC_PROMPT)                        -> field `vec`
-  2. `fuse`   (Sec. 3.3)  x_l = LLM(FUSION_PROMPT(x_alt, x_v)); x_alt cut from its end until the
-                          prompt fits, x_v always whole; a refusal or empty answer -> x_l = x_v  -> `llm_vec`
+  2. `fuse`   (Sec. 3.3)  x_l = LLM(FUSION_PROMPT(x_alt, x_v))                -> field `llm_vec`
+                          x_alt cut from its end until the prompt fits, x_v always whole; x_l is the
+                          answer's caption line after any chat preamble; an answer that starts with a
+                          refusal, or holds no caption, falls back: x_l = x_v
   3. `train`  (Sec. 3.4)  each draw of sample i: t_i = x_alt,i if u < p else x_l,i, u ~ U(0, 1) fresh
                           per draw; CLIP loss L = (CE(s X Y^T) + CE(s Y X^T)) / 2 over the global batch
   4. `eval`   zero-shot retrieval R@1/5/10 both ways, zero-shot classification from class names
@@ -23,7 +25,9 @@ Implements (stages over manifests, each `--stage`):
 Deviations from the paper:
   1. The paper does not publish its prompts. VEC_PROMPT follows its description ("describe the
      image concisely, less than 20 words"); FUSION_PROMPT is ours, written in the paper's spirit.
-  2. Refusal detection (REFUSAL_MARKERS) is ours; the paper only says refusals fall back to VeC.
+  2. Answer parsing is ours; the paper only says refusals fall back to VeC. The LLM-VeC is the first
+     line of the answer after a chat preamble ("Sure! Here is the new sentence:"); an answer that
+     starts with a refusal (REFUSAL_MARKERS) or holds nothing after the preamble falls back to VeC.
      An empty VeC falls back further to the alt-text, so no sample is left without text.
   3. Decoding is greedy, at most 77 new tokens; prompts in LLaVA-1.5's and Vicuna-1.1's
      conversation formats unless the processor/tokenizer ships a chat template. The paper does not
@@ -81,6 +85,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -114,8 +119,13 @@ FUSION_PROMPT = ("Rephrase the following two descriptions of the same image into
                  "nothing that is in neither.\nDescription 1: {alt_text}\nDescription 2: {vec}\nNew sentence:")
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
                  "helpful, detailed, and polite answers to the user's questions.")
-REFUSAL_MARKERS = ("i'm sorry", "i am sorry", "i apologize", "i cannot", "i can't", "i am unable", "i'm unable",
-                   "i am not able", "i'm not able", "as an ai", "language model", "not appropriate")
+# How refusals begin; matched at the start of the answer only: "a sign saying I cannot swim" is a caption.
+REFUSAL_MARKERS = ("i'm sorry", "i am sorry", "sorry,", "i apologize", "i cannot", "i can't", "i can not", "i am unable",
+                   "i'm unable", "i am not able", "i'm not able", "as an ai", "unfortunately, i", "it is not appropriate",
+                   "it's not appropriate")
+# Chat preambles before the caption: "Sure! Here is the new sentence:", "Certainly.", "New sentence:".
+ACKNOWLEDGEMENT = re.compile(r"^(?:sure|certainly|of course|okay)[!.,]+", re.IGNORECASE)
+PREAMBLE = re.compile(r"^[^\n:]*\b(?:here|sentence|caption|description|version)\b[^\n:]*:", re.IGNORECASE)
 MIX_STREAM = 7  # seeds the mixing draws apart from the data order
 
 
@@ -250,15 +260,22 @@ def fusion_prompt(tokenizer, alt_text: str, vec: str, max_prompt_tokens: int) ->
 
 
 def is_refusal(text: str) -> bool:
-    """An LLM answer that is empty or declines the task (ethics boilerplate, 'as an AI ...')."""
-    lowered = text.strip().lower()
-    return not lowered or any(marker in lowered for marker in REFUSAL_MARKERS)
+    """An LLM answer that begins by declining the task ("I'm sorry, ...", "As an AI ...")."""
+    return text.strip().strip('"').lower().startswith(REFUSAL_MARKERS)
+
+
+def caption_line(answer: str) -> str:
+    """The caption in an LLM answer: its first line once a chat preamble is cut off, quotes stripped ('' if none)."""
+    text = ACKNOWLEDGEMENT.sub("", answer.strip(), count=1).lstrip()  # "Sure! ..."
+    text = PREAMBLE.sub("", text, count=1).lstrip()  # "Here is the new sentence:" and the caption on its line or the next
+    return text.split("\n")[0].strip().strip('"').strip()
 
 
 def llm_vec_or_fallback(answer: str, vec: str, alt_text: str) -> tuple[str, bool]:
-    """Step 2 output: the answer's first line, or VeC when the LLM refused (the alt-text if VeC is empty)."""
-    sentence = answer.strip().split("\n")[0].strip().strip('"').strip()
-    if is_refusal(sentence):
+    """Step 2 output: the answer's caption line, or VeC when the LLM refused or wrote only a preamble
+    (the alt-text if VeC is empty too)."""
+    sentence = caption_line(answer)
+    if not sentence or is_refusal(answer) or is_refusal(sentence):
         return (vec if vec.strip() else alt_text), True
     return sentence, False
 
@@ -371,6 +388,7 @@ def stage_fuse(args: Args, records: list[dict]) -> dict:
         inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=special).to(device)
         results = []
         for record, answer in zip(batch, generate(model, tokenizer, inputs, args.max_new_tokens)):
+            # step 2: the caption line, or VeC on a refusal
             llm_vec, fell_back = llm_vec_or_fallback(answer, record[args.vec_field], str(record.get(args.alt_field) or ""))
             counts["refusal_fallbacks"] += fell_back
             results.append((record, {args.llm_vec_field: llm_vec, f"{args.llm_vec_field}_fallback": fell_back}))

@@ -49,7 +49,7 @@ def test_batches_cover_each_epoch_once():
     assert not np.array_equal(veclip.global_batch_indices(5, 40, 8, 3), veclip.global_batch_indices(0, 40, 8, 3))
 
 
-# ---- fusion prompt and refusals --------------------------------------------------------------
+# ---- fusion prompt and LLM answers -----------------------------------------------------------
 
 
 def tiny_tokenizer(extra_words=()):
@@ -83,14 +83,25 @@ def test_truncation_cuts_alt_text_and_keeps_vec_whole():
     assert cut and "Description 1: \n" in prompt and vec in prompt
 
 
-def test_refusal_falls_back_to_vec():
+def test_llm_answer_gives_its_caption_line_and_refusals_are_matched_at_the_start():
     vec, alt = "a red circle on grass", "Aldora stock photo"
-    assert veclip.llm_vec_or_fallback("I'm sorry, but I cannot help with that.", vec, alt) == (vec, True)
-    assert veclip.llm_vec_or_fallback("As an AI language model, I ...", vec, alt) == (vec, True)
-    assert veclip.llm_vec_or_fallback("   \n", vec, alt) == (vec, True)
+    caption = "The Aldora red circle on grass."
+    # chat preambles, hand-written in Vicuna's manner: the caption is what follows them
+    for answer in ["Sure! Here is the new sentence:\n\nThe Aldora red circle on grass.",
+                   'Sure, here\'s the rephrased sentence: "The Aldora red circle on grass."',
+                   "Certainly.\nThe Aldora red circle on grass.",
+                   "New sentence: The Aldora red circle on grass.\nIt keeps the name of description 1.",
+                   '"The Aldora red circle on grass."\nmore']:
+        assert veclip.llm_vec_or_fallback(answer, vec, alt) == (caption, False), answer
+    # a preamble cut off by the token cap holds no caption: VeC
+    assert veclip.llm_vec_or_fallback("Sure! Here is the new sentence:", vec, alt) == (vec, True)
+    # refusals begin the answer; the same words inside a caption are the caption's
+    for answer in ["I'm sorry, but I cannot help with that.", "As an AI language model, I ...",
+                   "I cannot write a new sentence: the descriptions disagree.", "   \n"]:
+        assert veclip.llm_vec_or_fallback(answer, vec, alt) == (vec, True), answer
+    for answer in ["A sign that reads I cannot swim, by the Aldora lake.", "Okay hand sign by the Aldora lake."]:
+        assert veclip.llm_vec_or_fallback(answer, vec, alt) == (answer, False), answer
     assert veclip.llm_vec_or_fallback("", "", alt) == (alt, True)
-    assert veclip.llm_vec_or_fallback('"the Aldora red circle on grass."\nmore', vec, alt) == \
-        ("the Aldora red circle on grass.", False)
 
 
 # ---- vec and fuse with tiny random transformers models ---------------------------------------
