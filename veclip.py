@@ -18,7 +18,11 @@ Implements (stages over manifests, each `--stage`):
                           refusal, or holds no caption, falls back: x_l = x_v
   3. `train`  (Sec. 3.4)  each draw of sample i: t_i = x_alt,i if u < p else x_l,i, u ~ U(0, 1) fresh
                           per draw; CLIP loss L = (CE(s X Y^T) + CE(s Y X^T)) / 2 over the global batch
-  4. `eval`   zero-shot retrieval R@1/5/10 both ways, zero-shot classification from class names
+  4. `eval`   zero-shot retrieval R@1/5/10 both ways over every reference caption of each image (Karpathy
+              COCO/Flickr protocol: I->T hits when any of the image's captions is in the top K, T->I scores
+              each caption's image), zero-shot classification from class names with a prompt-template
+              ensemble (class embedding = mean of its normalised prompt embeddings; CLIP's 80 ImageNet
+              templates by default); on the model's own device
   5. `miniature` (the default): the same small CLIP trained on AltText only, VeC only, LLM-VeC
      only and the AltText/LLM-VeC mix, same steps, on the miniature world; a table.
 
@@ -61,7 +65,8 @@ Commands:
 What the miniature run shows and what it cannot. The world's alt-text keeps emblem names but drops
 half the attribute words and is off-topic 15% of the time; its synthetic caption (VeC) has every
 attribute (20% hallucinated) and no names; its fusion (LLM-VeC) has both. Measured, seed 0, 150
-steps of batch 256 per condition (600 steps, 0.5 s each on 2 idle cores; 22 min on a shared one):
+steps of batch 256 per condition (600 steps, 0.5 s each on 2 idle cores; 22 min on a shared one),
+before retrieval used every reference (the world has one per image, so both protocols score the same):
     captions         I->T R@1  T->I R@1  I->T R@5  zero-shot attributes  zero-shot entity (chance 8.3)
     AltText               0.9       0.7       4.4                  44.7               7.5
     VeC                   8.9       6.2      34.5                  55.9               9.3
@@ -90,21 +95,21 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import open_clip
 import torch
 import torch.distributed as dist
 import tyro
+from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from tqdm.auto import tqdm
 
 from common.clip_train import (MINIATURE_MODEL, TrainConfig, cosine_lr, create_clip, encode_images, encode_texts,
-                               evaluate_world, make_optimizer, preprocess_images, retrieval_metrics, save_checkpoint,
-                               zero_shot_accuracy)
-from common.data import (BadSampleError, SkipCounter, atomic_write_text, generate_sharded, image_path, init_distributed,
-                         load_pretrained, open_image, open_record_image, read_manifest)
-from common.miniature import WorldConfig, ensure_world
+                               make_optimizer, preprocess_images, retrieval_metrics, save_checkpoint, zero_shot_accuracy)
+from common.data import (BadSampleError, ManifestError, SkipCounter, atomic_write_text, generate_sharded, image_path,
+                         init_distributed, load_pretrained, open_image, open_record_image, read_manifest)
+from common.miniature import WorldConfig, ensure_world, zero_shot_tasks
 from kernels.contrastive import clip_loss
 
 log = logging.getLogger("veclip")
@@ -126,6 +131,8 @@ REFUSAL_MARKERS = ("i'm sorry", "i am sorry", "sorry,", "i apologize", "i cannot
 # Chat preambles before the caption: "Sure! Here is the new sentence:", "Certainly.", "New sentence:".
 ACKNOWLEDGEMENT = re.compile(r"^(?:sure|certainly|of course|okay)[!.,]+", re.IGNORECASE)
 PREAMBLE = re.compile(r"^[^\n:]*\b(?:here|sentence|caption|description|version)\b[^\n:]*:", re.IGNORECASE)
+# CLIP's 80 ImageNet prompt templates (Radford et al. 2021), as open_clip ships them
+CLIP_TEMPLATES = tuple(template("{}") for template in OPENAI_IMAGENET_TEMPLATES)
 MIX_STREAM = 7  # seeds the mixing draws apart from the data order
 
 
@@ -200,12 +207,14 @@ class Args:
     """evaluation manifest (eval stage; after train when given)"""
     checkpoint: str | None = None
     """checkpoint.pt to evaluate (default: out/checkpoint.pt)"""
-    text_field: str = "caption"
-    """field the retrieval evaluation matches images against"""
+    text_field: str = "refs"
+    """field of each image's reference captions for retrieval: a list (every caption is a query and a target,
+    the Karpathy COCO/Flickr protocol) or one string"""
     class_field: str | None = None
     """field holding each image's class name, for zero-shot classification on a manifest"""
-    templates: tuple[str, ...] = ("a photo of a {}.",)
-    """prompt templates of zero-shot classification"""
+    templates: Annotated[tuple[str, ...], tyro.conf.arg(
+        help_behavior_hint="(default: CLIP's 80 ImageNet templates, CLIP_TEMPLATES)")] = CLIP_TEMPLATES
+    """prompt templates of zero-shot classification, ensembled: a class is the mean of its prompt embeddings"""
     # ---- miniature
     seeds: int = 1
     """miniature: worlds and trainings with seeds 0..seeds-1; the table shows mean and spread"""
@@ -355,7 +364,7 @@ def stage_vec(args: Args, records: list[dict]) -> dict:
             return []
         inputs = processor(images=images, text=[prompt] * len(images), return_tensors="pt", padding=True).to(device)
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        vecs = generate(model, processor.tokenizer, inputs, args.max_new_tokens)
+        vecs = generate(model, processor.tokenizer, inputs, args.max_new_tokens)  # step 1
         counts["empty_vec"] += sum(not vec for vec in vecs)
         return [(record, {args.vec_field: vec}) for record, vec in zip(kept, vecs)]
 
@@ -436,7 +445,7 @@ class MixedCaptionBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, step: int):
         indices = global_batch_indices(step, len(self.records), self.args.batch_size, self.args.seed)  # (B,)
-        use_alt = draw_alt_text(step, len(indices), self.args.p_alt, self.args.seed)  # (B,)
+        use_alt = draw_alt_text(step, len(indices), self.args.p_alt, self.args.seed)  # (B,)  step 3
         loaded = [self.readable(int(i)) for i in indices[self.mine]]
         used = np.array([index for _, index, _ in loaded])
         texts = mixed_texts(self.alt_texts, self.llm_vecs, used, use_alt[self.mine])
@@ -546,15 +555,44 @@ def train(args: Args, records: list[dict], pixel_cache: torch.Tensor | None = No
 # =============================================================================================
 
 
-def evaluate(model, tokenizer, preprocess, records: list[dict], args: Args, device: str = "cpu") -> dict:
-    """Retrieval R@1/5/10 against `text_field`, zero-shot accuracy (the world's tasks, or `class_field`)."""
-    if "objects" in records[0]:  # a miniature world: attribute tasks and the named-entity task
-        metrics = evaluate_world(model, tokenizer, preprocess, records, args.text_field, device=device)
+def model_device(model) -> torch.device:
+    """Where the model's weights are: evaluation encodes there (cuda:1 under torchrun, never a default 'cpu')."""
+    return next(model.parameters()).device
+
+
+def references(records: list[dict], text_field: str) -> tuple[list[str], list[int]]:
+    """Every reference caption of every image, and the image each belongs to: (texts [T], text_to_image [T]).
+
+    A list field holds several references (COCO and Flickr30k: 5 per image); a string field is one.
+    """
+    texts, text_to_image = [], []
+    for index, record in enumerate(records):
+        value = record.get(text_field)
+        refs = [ref for ref in ([value] if isinstance(value, str) else value or []) if str(ref).strip()]
+        if not refs:
+            raise ManifestError(f"evaluation sample {record.get('id')!r}: no reference caption in field {text_field!r}; "
+                                "pass --text-field with a field that holds the caption(s)")
+        texts += [str(ref) for ref in refs]
+        text_to_image += [index] * len(refs)
+    return texts, text_to_image
+
+
+def evaluate(model, tokenizer, preprocess, records: list[dict], args: Args, images: torch.Tensor | None = None) -> dict:
+    """Retrieval R@1/5/10 over every reference in `text_field`, zero-shot accuracy (the world's tasks, or
+    `class_field` with the `templates` ensemble), computed on the model's device. `images`: preprocessed pixels."""
+    device = model_device(model)
+    images = preprocess_images(records, preprocess) if images is None else images
+    img_emb = encode_images(model, images, device=device)  # (N, E)
+    texts, text_to_image = references(records, args.text_field)
+    # I->T: a hit when any of the image's captions is among the top K of all T; T->I: each caption's image
+    metrics = retrieval_metrics(img_emb, encode_texts(model, tokenizer, texts, device=device), text_to_image)  # step 4
+    if "objects" in records[0]:  # a miniature world: attribute tasks and the named-entity task, own templates
+        for task, spec in zero_shot_tasks(records).items():
+            if spec["indices"]:
+                metrics[f"zeroshot_{task}"] = zero_shot_accuracy(model, tokenizer, img_emb[spec["indices"]],
+                                                                 spec["classes"], spec["templates"], spec["labels"], device)
         metrics["zeroshot_attributes"] = float(np.mean([metrics[f"zeroshot_{t}"] for t in ("background", "shape", "color")]))
-        return metrics
-    img_emb = encode_images(model, preprocess_images(records, preprocess), device=device)
-    metrics = retrieval_metrics(img_emb, encode_texts(model, tokenizer, [r[args.text_field] for r in records], device=device))
-    if args.class_field:
+    elif args.class_field:
         classes = sorted({str(r[args.class_field]) for r in records})
         labels = [classes.index(str(r[args.class_field])) for r in records]
         metrics["zeroshot_top1"] = zero_shot_accuracy(model, tokenizer, img_emb, classes, args.templates, labels, device)
@@ -575,7 +613,7 @@ def stage_eval(args: Args) -> dict:
     else:
         raise FileNotFoundError(f"no checkpoint at {path}: pass --checkpoint or --pretrained")
     model.to(args.device).eval()
-    metrics = evaluate(model, tokenizer, preprocess, read_manifest(args.eval_data), args, args.device)
+    metrics = evaluate(model, tokenizer, preprocess, read_manifest(args.eval_data), args)
     atomic_write_text(Path(args.out) / "eval.json", json.dumps(metrics, indent=2))
     return metrics
 
@@ -595,10 +633,11 @@ def markdown_table(summary: dict, args: Args, seconds: float) -> str:
     """The comparison as Markdown: mean (± std over seeds) per condition and metric, in percent."""
     lines = [f"# VeCLIP in the miniature world ({args.seeds} seed(s), {args.steps} steps of batch {args.batch_size}, "
              f"{args.model}, {seconds / 60:.1f} min)", "",
-             f"Retrieval against the ground-truth `caption` of {args.world.n_test} test images; zero-shot attributes = mean of "
-             "background, shape and colour; entity = the 12 emblem names. VeC = the world's `synthetic_caption` "
-             "(stands in for LLaVA), LLM-VeC = the world's `fused` (stands in for Vicuna). A controlled toy "
-             "world: these numbers show a mechanism, not the paper's effect sizes.", "",
+             f"Retrieval against the `{args.text_field}` of {args.world.n_test} test images (the world's `refs` hold one "
+             "reference, the ground-truth `caption`); zero-shot attributes = mean of background, shape and colour; "
+             "entity = the 12 emblem names. VeC = the world's `synthetic_caption` (stands in for LLaVA), LLM-VeC = the "
+             "world's `fused` (stands in for Vicuna). A controlled toy world: these numbers show a mechanism, not the "
+             "paper's effect sizes.", "",
              "| training captions | " + " | ".join(COLUMNS.values()) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for condition, metrics in summary.items():
         cells = [f"{np.mean(metrics[k]):.1f}" + (f" ± {np.std(metrics[k]):.1f}" if len(metrics[k]) > 1 else "")
@@ -617,13 +656,12 @@ def run_miniature(args: Args) -> dict:
         _, preprocess, _ = create_clip(args.model)
         pixel_cache = preprocess_images(train_records, preprocess)  # (N, 3, H, W), shared by the conditions
         test_pixels = preprocess_images(test_records, preprocess)
-        for condition, (alt_field, llm_vec_field, p_alt) in CONDITIONS.items():
+        for condition, (alt_field, llm_vec_field, p_alt) in CONDITIONS.items():  # step 5
             slug = condition.split()[0].replace("+", "_").lower()
             run_args = dataclasses.replace(args, alt_field=alt_field, llm_vec_field=llm_vec_field, p_alt=p_alt,
                                            seed=seed, resume=False, out=str(out / f"seed{seed}" / slug))
             model, preprocess, tokenizer, train_log = train(run_args, train_records, pixel_cache)
-            metrics = evaluate_world(model, tokenizer, preprocess, test_records, "caption", images=test_pixels)
-            metrics["zeroshot_attributes"] = float(np.mean([metrics[f"zeroshot_{t}"] for t in ("background", "shape", "color")]))
+            metrics = evaluate(model, tokenizer, preprocess, test_records, run_args, images=test_pixels)
             metrics.update(final_loss=train_log["history"][-1]["loss"], train_seconds=train_log["train_seconds"])
             runs[condition].append(metrics)
             print(f"seed {seed} {condition}: " + ", ".join(f"{k} {metrics[k]:.1f}" for k in COLUMNS), flush=True)
@@ -658,8 +696,7 @@ def main(argv=None) -> dict:
         return stage_fuse(args, records)
     model, preprocess, tokenizer, train_log = train(args, usable_records(records, args))
     if args.eval_data is not None and int(os.environ.get("RANK", 0)) == 0:
-        train_log["eval"] = evaluate(model, tokenizer, preprocess, read_manifest(args.eval_data), args,
-                                     next(model.parameters()).device.type)
+        train_log["eval"] = evaluate(model, tokenizer, preprocess, read_manifest(args.eval_data), args)
         atomic_write_text(Path(args.out) / "eval.json", json.dumps(train_log["eval"], indent=2))
     return train_log
 
