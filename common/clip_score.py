@@ -8,8 +8,10 @@ arXiv 2303.12112; aimagelab/pacscore) share one formula and differ in weights an
     Ref-score      = 2 * score * r / (score + r)                                  # harmonic mean
 
 Images: resize the short side to the model's size (bicubic), centre crop, CLIP mean/std: the
-open_clip preprocessing of the OpenAI models, identical to the reference scripts'. Features are
-L2-normalised in float32 after encoding; PAC-S runs its model in fp32 as the reference does.
+open_clip preprocessing of the OpenAI models, identical to the reference scripts'. Each image reaches
+it as decoded (RGBA and palette images are converted to RGB after the crop, as in both references)
+and is preprocessed as soon as it is opened, so memory does not grow with the source resolution.
+Features are L2-normalised in float32 after encoding; PAC-S runs its model in fp32 as the reference does.
 
 Deviation: where score and r are both 0 the references divide 0 by 0 (NaN); here the Ref-score
 is 0 there. DiCO's official evaluation drops the prefix and the clamp; this module implements the
@@ -25,6 +27,7 @@ state dict (OpenAI layout, key "state_dict", every weight) into OpenAI's ViT-B/3
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -35,10 +38,10 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from common.data import (BadSampleError, SkipCounter, atomic_write_text, open_image, open_record_image,
-                         read_manifest)
+from common.data import BadSampleError, SkipCounter, atomic_write_text, image_path, read_manifest
 
 CLIP_S_WEIGHT = 2.5  # jmhessel/clipscore: w = 2.5
 PAC_S_WEIGHT = 2.0  # aimagelab/pacscore: w = 2.0
@@ -129,15 +132,44 @@ def _batches(items: Sequence, size: int, desc: str, progress: bool):
         yield items[start:start + size]
 
 
+def decode_image(source: Any) -> Image.Image:
+    """An image as decoded, mode kept (RGBA, palette, ...), from a path, bytes or a PIL image.
+
+    The model's preprocess converts to RGB after resizing and cropping, as open_clip's and clipscore's do;
+    common.data.open_image converts first, which gives RGBA and palette images other pixels. Same errors as there.
+    """
+    if isinstance(source, Image.Image):
+        return source
+    try:
+        image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+        image.load()
+    except FileNotFoundError as err:
+        raise BadSampleError(f"image file not found: {source}") from err
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        where = "image bytes" if isinstance(source, (bytes, bytearray)) else source
+        raise BadSampleError(f"image cannot be decoded ({err}): {where}") from err
+    return image
+
+
+def image_pixels(bundle: ClipBundle, source: Any) -> torch.Tensor:
+    """One image's model input. Preprocessed as soon as it is decoded, so that only the tensor is held (a decoded
+    12-megapixel image is ~47 MB; the tensor of a 224-pixel model 0.6 MB)."""
+    return bundle.preprocess(decode_image(source))
+
+
 @torch.no_grad()
-def encode_images(bundle: ClipBundle, images: Sequence[Any], batch_size: int = 64, progress: bool = True) -> np.ndarray:
-    """L2-normalised float32 image features (N, E); images are PIL images or paths."""
+def encode_pixels(bundle: ClipBundle, pixels: Sequence[torch.Tensor], batch_size: int = 64) -> np.ndarray:
+    """L2-normalised float32 image features (N, E) of preprocessed images."""
     dtype = next(bundle.model.parameters()).dtype
-    features = []
-    for chunk in _batches(list(images), batch_size, "encode images", progress):
-        pixels = torch.stack([bundle.preprocess(open_image(source, str(source)[:80])) for source in chunk])
-        features.append(bundle.model.encode_image(pixels.to(bundle.device, dtype)).float())
+    features = [bundle.model.encode_image(torch.stack(chunk).to(bundle.device, dtype)).float()
+                for chunk in _batches(pixels, batch_size, "encode images", progress=False)]
     return F.normalize(torch.cat(features), dim=-1).cpu().numpy()
+
+
+def encode_images(bundle: ClipBundle, images: Sequence[Any], batch_size: int = 64, progress: bool = True) -> np.ndarray:
+    """L2-normalised float32 image features (N, E); images are paths, bytes or PIL images (given as decoded)."""
+    return np.concatenate([encode_pixels(bundle, [image_pixels(bundle, source) for source in chunk], batch_size)
+                           for chunk in _batches(list(images), batch_size, "encode images", progress)])
 
 
 @torch.no_grad()
@@ -297,8 +329,11 @@ def _line_of(manifest: str | os.PathLike, sample: Any) -> int:
                     if raw.strip() and str(json.loads(raw)["id"]) == str(sample))
 
 
-def score_manifest(args: Args, chunk_size: int = 2048) -> dict:
-    """Score a manifest chunk by chunk (memory stays bounded), skipping and counting bad samples."""
+def score_manifest(args: Args, chunk_size: int = 512) -> dict:
+    """Score a manifest chunk by chunk, skipping and counting bad samples.
+
+    A chunk holds its images as model inputs (0.6 MB each at 224 pixels), whatever their source resolution.
+    """
     records = read_manifest(args.manifest)
     metric = "pac_s" if args.pacs_checkpoint and args.metric == "clip_s" else args.metric
     if metric not in ("clip_s", "pac_s"):
@@ -307,24 +342,25 @@ def score_manifest(args: Args, chunk_size: int = 2048) -> dict:
     w = PAC_S_WEIGHT if metric == "pac_s" else CLIP_S_WEIGHT
     skipped, kept, scores, ref_sims = SkipCounter(), [], [], []
     for start in tqdm(range(0, len(records), chunk_size), desc=f"score {Path(args.manifest).name}"):
-        chunk, images = [], []
+        chunk, pixels = [], []
         for record in records[start:start + chunk_size]:
-            problem = _field_problem(record, args.text_field, args.refs_field)
-            if problem is not None:
+            try:
+                problem = _field_problem(record, args.text_field, args.refs_field)
+                if problem is not None:
+                    raise BadSampleError(problem)
+                pixels.append(image_pixels(bundle, image_path(record)))
+            except BadSampleError as err:
                 if args.strict:
                     raise BadSampleError(f"{args.manifest}:{_line_of(args.manifest, record['id'])} (id "
-                                         f"{str(record['id'])!r}): {problem}; fix it, or drop --strict to skip and "
-                                         "count such samples")
-                skipped.add(str(record["id"]), problem)
+                                         f"{str(record['id'])!r}): {err}; fix it, or drop --strict to skip and "
+                                         "count such samples") from err
+                skipped.add(str(record["id"]), str(err))
                 continue
-            image = open_record_image(record, skipped, args.strict)
-            if image is not None:
-                images.append(image)
-                chunk.append(record)
+            chunk.append(record)
         if not chunk:
             continue
         cand = encode_texts(bundle, [r[args.text_field] for r in chunk], progress=False)
-        scores.append(score_from_features(encode_images(bundle, images, progress=False), cand, w))
+        scores.append(score_from_features(encode_pixels(bundle, pixels), cand, w))
         if args.refs_field:
             ref_feats = encode_reference_groups(bundle, [r[args.refs_field] for r in chunk], progress=False)
             ref_sims.append(ref_similarity(cand, ref_feats))

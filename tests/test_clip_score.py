@@ -2,6 +2,7 @@
 
 import functools
 import json
+import weakref
 
 import numpy as np
 import open_clip
@@ -187,6 +188,36 @@ def test_fields_of_the_wrong_type_are_counted_skips_or_a_strict_error_naming_fil
         with pytest.raises(BadSampleError, match=rf"one\.jsonl:4 \(id 'bad-{i}'\)"):
             score_manifest(args(tmp_path / "one.jsonl", strict=True))
 
+
+def test_a_chunk_holds_tensors_not_decoded_images(micro_bundle, tiny_world, tmp_path, monkeypatch):
+    """Memory: each image is preprocessed as it is opened, so the decoded images alive at once do not grow with the
+    number of samples (a 12-megapixel image held is ~47 MB; README's "Scoring captions" has the measured RSS)."""
+    from common.clip_score import Args, score_manifest
+    from common.data import read_manifest
+
+    live, peak, init = set(), [0], Image.Image.__init__
+
+    def counted_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        live.add(id(self))
+        peak[0] = max(peak[0], len(live))
+        weakref.finalize(self, live.discard, id(self))
+
+    torch.save(micro_bundle.model.state_dict(), tmp_path / "ckpt.pt")
+    rows = [{**{k: v for k, v in r.items() if k != "_root"}, "image": str(tiny_world / r["image"])}
+            for r in read_manifest(tiny_world / "test.jsonl")]
+    monkeypatch.setattr(Image.Image, "__init__", counted_init)
+    peaks = []
+    for n in (2, len(rows)):
+        write_manifest(tmp_path / f"m{n}.jsonl", rows[:n])
+        report = score_manifest(Args(manifest=str(tmp_path / f"m{n}.jsonl"), text_field="synthetic_caption",
+                                     model=MICRO, pretrained=str(tmp_path / "ckpt.pt"), device="cpu",
+                                     out=str(tmp_path / "s.json")))
+        assert len(report["ids"]) == n
+        peaks.append(peak[0])
+        peak[0] = 0
+    assert peaks[0] == peaks[1] > 0, peaks
+
 # ---------------------------------------------------------------------------------------------
 # Real-architecture tier: the README's two commands with ViT-B-32 at tiny width, offline
 # ---------------------------------------------------------------------------------------------
@@ -309,3 +340,31 @@ def test_a_tag_gets_its_own_activation_and_preprocessing(tmp_path, monkeypatch, 
     assert uses_quick_gelu(bundle.model) == bool(open_clip.get_pretrained_cfg(name, tag).get("quick_gelu"))
     image = photo(1, size=(300, 180))
     torch.testing.assert_close(bundle.preprocess(image), tag_transform(name, tag)(image), rtol=0, atol=1e-6)
+
+
+def test_rgba_and_palette_images_reach_the_preprocess_as_decoded(tmp_path, monkeypatch):
+    """open_clip's preprocess (and clipscore's) converts to RGB after resize and crop: an RGBA image is resized with its
+    alpha, a palette image with the palette's nearest-neighbour rule. Converting first gives other pixels."""
+    _, reference = serve_open_clip_tag(monkeypatch, tmp_path, "ViT-B-32", "openai", seed=SEED)
+    rgba = photo(6).convert("RGBA")
+    alpha = np.clip(np.linspace(-255, 510, 320), 0, 255)  # transparent left third (colours under alpha 0)
+    rgba.putalpha(Image.fromarray(np.tile(alpha, (240, 1)).astype(np.uint8)))
+    noise = np.random.default_rng(7).integers(0, 256, (720, 960, 3), dtype=np.uint8)  # nearest != bicubic when shrunk
+    images = [rgba, Image.fromarray(noise).quantize(16)]
+    assert [image.mode for image in images] == ["RGBA", "P"]
+    manifest, paths = real_manifest(tmp_path, images, ["x", "x"], [["x"], ["x"]])
+    transform = tag_transform("ViT-B-32", "openai")
+    pixels = torch.stack([transform(Image.open(path)) for path in paths])
+    captions = positive_captions(reference, pixels)
+    manifest, paths = real_manifest(tmp_path, images, captions, [["x"], ["x"]])
+    expected, _ = expected_scores(reference, pixels, captions, [["x"], ["x"]], CLIP_S_WEIGHT)
+    converted = torch.stack([transform(Image.open(path).convert("RGB")) for path in paths])
+    wrong, _ = expected_scores(reference, converted, captions, [["x"], ["x"]], CLIP_S_WEIGHT)
+    assert np.all(np.abs(wrong - expected) > 10 * (1e-5 + 1e-4 * expected))  # the tolerances below tell them apart
+    report = main(["--manifest", str(manifest), "--text-field", "caption", "--model", "ViT-B-32", "--pretrained",
+                   "openai", "--device", "cpu", "--out", str(tmp_path / "scores.json")])
+    np.testing.assert_allclose(report["per_sample"]["CLIP-S"], expected, rtol=1e-4, atol=1e-5)
+    bundle = load_clip("ViT-B-32", "openai", device="cpu")
+    for source in (paths, [path.read_bytes() for path in paths], [Image.open(path) for path in paths]):
+        np.testing.assert_allclose(clip_s(bundle, source, captions, progress=False)["per_sample"], expected,
+                                   rtol=1e-4, atol=1e-5)
