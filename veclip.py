@@ -61,6 +61,7 @@ Commands:
         --model ViT-B-16 --batch-size 8192 --steps 30000 --lr 5e-4 --weight-decay 0.2 --warmup 2000 \
         --checkpoint-every 1000 --workers 8 --eval-data coco_karpathy_test.jsonl
     python veclip.py --stage eval --checkpoint runs/veclip_b16/checkpoint.pt --eval-data coco_test.jsonl
+    python veclip.py --stage eval --model ViT-B-16 --pretrained openai --eval-data coco_test.jsonl --out runs/openai_b16
 
 What the miniature run shows and what it cannot. The world's alt-text keeps emblem names but drops
 half the attribute words and is off-topic 15% of the time; its synthetic caption (VeC) has every
@@ -468,12 +469,21 @@ def usable_records(records: list[dict], args: Args) -> list[dict]:
     return kept
 
 
+def tag_settings(model_name: str, pretrained: str | None) -> dict:
+    """open_clip arguments that give `model_name` the settings its pretrained tag was trained with: QuickGELU (open_clip 3
+    only warns when the architecture's activation differs) and the preprocessing; none for no tag or a file path."""
+    cfg = open_clip.get_pretrained_cfg(model_name, pretrained) if pretrained else {}
+    preprocessing = {f"image_{key}": cfg[key] for key in ("mean", "std", "interpolation", "resize_mode") if key in cfg}
+    return {"force_quick_gelu": bool(cfg.get("quick_gelu", False)), **preprocessing}
+
+
 def build_clip(args: Args):
     """(model, preprocess, tokenizer): from scratch (seeded) or from an open_clip tag or checkpoint path."""
     if args.pretrained is None:
         return create_clip(args.model, seed=args.seed)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(args.model, pretrained=args.pretrained)
+        model, _, preprocess = open_clip.create_model_and_transforms(args.model, pretrained=args.pretrained,
+                                                                     **tag_settings(args.model, args.pretrained))
     except (RuntimeError, OSError) as err:
         raise RuntimeError(f"cannot load --pretrained {args.pretrained!r} for --model {args.model}: {err}") from err
     return model, preprocess, open_clip.get_tokenizer(args.model)
@@ -599,6 +609,16 @@ def evaluate(model, tokenizer, preprocess, records: list[dict], args: Args, imag
     return metrics
 
 
+def load_checkpoint(path: Path) -> tuple:
+    """(model, preprocess, tokenizer) of a train checkpoint, built as it was trained: a run started from a
+    QuickGELU tag (OpenAI's) keeps QuickGELU and the tag's preprocessing."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    settings = tag_settings(state["model"], state["recipe"]["pretrained"])
+    model, _, preprocess = open_clip.create_model_and_transforms(state["model"], **settings)
+    model.load_state_dict(state["state_dict"])
+    return model, preprocess, open_clip.get_tokenizer(state["model"])
+
+
 def stage_eval(args: Args) -> dict:
     """Evaluate out/checkpoint.pt (or --checkpoint, or --pretrained) on --eval-data."""
     if args.eval_data is None:
@@ -607,9 +627,7 @@ def stage_eval(args: Args) -> dict:
     if args.pretrained is not None:
         model, preprocess, tokenizer = build_clip(args)
     elif path.exists():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model, preprocess, tokenizer = create_clip(state["model"])
-        model.load_state_dict(state["state_dict"])
+        model, preprocess, tokenizer = load_checkpoint(path)
     else:
         raise FileNotFoundError(f"no checkpoint at {path}: pass --checkpoint or --pretrained")
     model.to(args.device).eval()

@@ -1,27 +1,28 @@
 """veclip.py: mixing per draw, fusion prompt truncation, answer parsing and refusal fallback, vec/fuse
-with tiny random transformers models, retrieval over every reference and the template ensemble
-against hand computations, evaluation on the model's device, 2-process gloo training against one
-process, resume, and the miniature main()."""
+with tiny random LLaVA-1.5 / Vicuna-1.1 stand-ins, retrieval over every reference and the template
+ensemble against hand computations, evaluation on the model's device, the ViT-B/16 train and eval
+commands, 2 torchrun gloo ranks against one process, resume, and the miniature main()."""
 
 import json
 import os
-import socket
 
 import numpy as np
 import open_clip
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import veclip
+from common.clip_train import evaluate_world
 from common.data import ResumableJSONLWriter, read_manifest, write_manifest
 from common.miniature import WorldConfig, ensure_world
+from realarch import run_torchrun, save_hf, serve_open_clip_tag
 
 MICRO = "micro-ViT-16"
 TINY_WORLD = WorldConfig(n_train=64, n_val=4, n_test=24)
 TRAIN_FLAGS = ["--stage", "train", "--model", MICRO, "--batch-size", "8", "--kernel", "torch", "--no-amp",
                "--alt-field", "alt_text", "--llm-vec-field", "fused", "--lr", "1e-3", "--warmup", "2"]
+RETRIEVAL = [f"{way}_R@{k}" for way in ("i2t", "t2i") for k in (1, 5, 10)]
 
 
 @pytest.fixture(scope="module")
@@ -56,19 +57,21 @@ def test_batches_cover_each_epoch_once():
 # ---- fusion prompt and LLM answers -----------------------------------------------------------
 
 
-def tiny_tokenizer(extra_words=()):
-    from tokenizers import Tokenizer, models, pre_tokenizers
+def tiny_tokenizer(pad: bool = True):
+    """A word-level stand-in for the Llama tokenizer of LLaVA-1.5 and Vicuna: <unk> 0, <s> 1, </s> 2 and a
+    prepended <s> as Llama's; Vicuna's ships no pad token (pad=False), llava-hf's adds <pad>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     words = sorted(set(" ".join([veclip.FUSION_PROMPT, veclip.VICUNA_SYSTEM, veclip.VEC_PROMPT]).split())
-                   | {"USER:", "ASSISTANT:", "red", "blue", "circle", "square", "grass", "Aldora", "stock", "photo"}
-                   | set(extra_words))
-    special = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
+                   | {"USER:", "ASSISTANT:", "red", "blue", "circle", "square", "grass", "Aldora", "stock", "photo"})
+    special = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(special + words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
     tok.add_special_tokens(special)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>" if pad else None, extra_special_tokens={"image_token": "<image>"})
 
 
 def test_truncation_cuts_alt_text_and_keeps_vec_whole():
@@ -108,37 +111,55 @@ def test_llm_answer_gives_its_caption_line_and_refusals_are_matched_at_the_start
     assert veclip.llm_vec_or_fallback("", "", alt) == (alt, True)
 
 
-# ---- vec and fuse with tiny random transformers models ---------------------------------------
+# ---- vec and fuse with tiny LLaVA-1.5 and Vicuna-1.1 stand-ins --------------------------------
+
+# llava-hf/llava-1.5-7b-hf's template: "USER: <image>\n{text} ASSISTANT:"
+LLAVA_CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+                       "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}"
+                       "{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+                       "{{ content['text'] + ' ' }}{% endfor %}{% endfor %}"
+                       "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+TINY = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
 
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    """A tiny LLaVA (image-text-to-text) and a tiny Llama, random weights, saved as local folders."""
+    """The `vec` and `fuse` commands' default models at tiny width, random weights: LLaVA-1.5-7B's and
+    Vicuna-1.1-13B's classes and structural settings (from their config.json), saved in fp16 as they ship."""
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
     root = tmp_path_factory.mktemp("models")
-    tokenizer = tiny_tokenizer()
+    tokenizer, llm_tokenizer = tiny_tokenizer(), tiny_tokenizer(pad=False)
     torch.manual_seed(0)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=32, patch_size=16)
-    LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_index=4)).save_pretrained(root / "vlm")
-    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                   tokenizer=tokenizer, patch_size=16, vision_feature_select_strategy="default", image_token="<image>",
-                   num_additional_image_tokens=1).save_pretrained(root / "vlm")
-    llm = LlamaForCausalLM(text)
-    llm.save_pretrained(root / "llm")
-    tokenizer.save_pretrained(root / "llm")
-    with torch.no_grad():  # all logits equal: greedy picks <pad>, which decodes to an empty answer
+    # LLaVA-1.5: CLIP ViT-L/14-336 (patch 14, 336 px, quick_gelu) -> gelu MLP projector -> Llama (rms eps 1e-5)
+    vision = CLIPVisionConfig(**TINY, image_size=336, patch_size=14, projection_dim=16, hidden_act="quick_gelu")
+    text = LlamaConfig(**TINY, vocab_size=len(tokenizer), num_key_value_heads=2, max_position_embeddings=4096,
+                       rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=4)
+    llava = LlavaConfig(vision_config=vision, text_config=text, image_token_index=3, pad_token_id=4,
+                        projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
+                        image_seq_length=576, tie_word_embeddings=False)
+    save_hf(LlavaForConditionalGeneration(llava), root / "vlm")
+    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
+                   tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default", image_token="<image>",
+                   num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE).save_pretrained(root / "vlm")
+    # Vicuna-1.1: Llama, rms eps 1e-6, 2048 positions, untied head, no chat template, no pad token
+    vicuna = LlamaConfig(**TINY, vocab_size=len(llm_tokenizer), num_key_value_heads=2, max_position_embeddings=2048,
+                         rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    llm = LlamaForCausalLM(vicuna)
+    save_hf(llm, root / "llm")
+    llm_tokenizer.save_pretrained(root / "llm")
+    with torch.no_grad():  # all logits equal: greedy picks <unk>, which decodes to an empty answer
         llm.lm_head.weight.zero_()
-    llm.save_pretrained(root / "mute_llm")
-    tokenizer.save_pretrained(root / "mute_llm")
+    save_hf(llm, root / "mute_llm")
+    llm_tokenizer.save_pretrained(root / "mute_llm")
     return root
 
 
-def test_vec_and_fuse_write_resumable_manifests(world, tiny_models, tmp_path):
+def test_vec_and_fuse_write_resumable_manifests(world, tiny_models, tmp_path, monkeypatch):
+    loaded_dtypes, real_generate = [], veclip.generate
+    monkeypatch.setattr(veclip, "generate",
+                        lambda model, *a, **k: loaded_dtypes.append(model.dtype) or real_generate(model, *a, **k))
     records = read_manifest(world / "val.jsonl")  # 4 samples
     vec_out = tmp_path / "out" / "vec.jsonl"
     # a killed run left one finished sample and half a line
@@ -156,7 +177,7 @@ def test_vec_and_fuse_write_resumable_manifests(world, tiny_models, tmp_path):
     assert all((vec_out.parent / r["image"]).exists() for r in vec_records)  # images re-rooted
     # fuse, long alt-texts truncated to a small budget; a second call has nothing left to do
     fused_out = tmp_path / "fused.jsonl"
-    tokenizer = tiny_tokenizer()
+    tokenizer = tiny_tokenizer(pad=False)
     budget = 1 + max(veclip.prompt_length(tokenizer, veclip.llm_prompt(
         tokenizer, veclip.FUSION_PROMPT.format(alt_text="", vec=r["vec"]))) for r in vec_records)
     argv = ["--stage", "fuse", "--data", str(vec_out), "--out", str(fused_out), "--llm", str(tiny_models / "llm"),
@@ -172,6 +193,8 @@ def test_vec_and_fuse_write_resumable_manifests(world, tiny_models, tmp_path):
                                      "--max-new-tokens", "3", "--device", "cpu"])
     assert counts["refusal_fallbacks"] == 4
     assert all(r["llm_vec"] == r["vec"] and r["llm_vec_fallback"] for r in read_manifest(mute_out))
+    # the fp16 checkpoints ran in the dtype asked for (float32 on the CPU), not the one they ship in
+    assert set(loaded_dtypes) == {torch.float32}
 
 
 def test_missing_weights_name_the_flag(world, tmp_path):
@@ -255,42 +278,66 @@ def test_evaluation_encodes_on_the_models_device(world, tmp_path, monkeypatch):
     assert len(asked) >= 3 + 4 * 2 and set(asked) == {torch.device("meta")}
 
 
-# ---- training: distributed equals one process; resume ----------------------------------------
+# ---- train and eval: ViT-B/16 and a pretrained tag at tiny width -------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def test_train_and_eval_commands_run_vit_b_16(world, tmp_path, monkeypatch):
+    """The header's `--stage train --model ViT-B-16 ... --eval-data` and `--stage eval --checkpoint` commands."""
+    serve_open_clip_tag(monkeypatch, tmp_path, "ViT-B-16")  # widths shrunk; 224 px, patch 16, context 77 kept
+    out, test = tmp_path / "veclip_b16", str(world / "test.jsonl")
+    train_log = veclip.main(["--stage", "train", "--data", str(world / "train.jsonl"), "--out", str(out),
+                             "--model", "ViT-B-16", "--batch-size", "4", "--steps", "2", "--lr", "5e-4",
+                             "--weight-decay", "0.2", "--warmup", "1", "--checkpoint-every", "1", "--workers", "1",
+                             "--eval-data", test, "--llm-vec-field", "fused", "--kernel", "torch", "--device", "cpu"])
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 2 and state["state_dict"]["visual.positional_embedding"].shape == (14 * 14 + 1, 64)
+    metrics = veclip.main(["--stage", "eval", "--checkpoint", str(out / "checkpoint.pt"), "--eval-data", test,
+                           "--out", str(tmp_path / "eval")])
+    assert metrics == train_log["eval"]  # the checkpoint rebuilds the model that was evaluated after training
+    # the world has one reference per image: every-reference retrieval scores as the one-caption protocol did
+    model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-16")
+    model.load_state_dict(state["state_dict"])
+    one_caption = evaluate_world(model.eval(), open_clip.get_tokenizer("ViT-B-16"), preprocess, read_manifest(test))
+    assert {k: metrics[k] for k in RETRIEVAL} == {k: one_caption[k] for k in RETRIEVAL}
 
 
-def _train_rank(rank: int, world_size: int, port: int, argv: list, result_path: str):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    try:
-        result = veclip.main(argv)
-        if rank == 0:
-            with open(result_path, "w") as handle:
-                json.dump([entry["loss"] for entry in result["history"]], handle)
-    finally:
-        torch.distributed.destroy_process_group()
+def test_pretrained_tag_runs_with_the_tags_settings(world, tmp_path, monkeypatch):
+    """`--stage eval --model ViT-B-16 --pretrained openai` and a run started from that tag: OpenAI's QuickGELU."""
+    _, reference = serve_open_clip_tag(monkeypatch, tmp_path, "ViT-B-16", "openai")
+    model, preprocess, tokenizer = veclip.build_clip(veclip.Args(model="ViT-B-16", pretrained="openai"))
+    pixels = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(model.eval().encode_image(pixels), reference.encode_image(pixels), atol=1e-5)
+    records, test = read_manifest(world / "test.jsonl"), str(world / "test.jsonl")
+    expected = veclip.evaluate(reference, tokenizer, preprocess, records, veclip.Args())
+    tag = ["--model", "ViT-B-16", "--pretrained", "openai", "--eval-data", test, "--device", "cpu"]
+    assert veclip.main(["--stage", "eval", *tag, "--out", str(tmp_path / "eval")]) == expected
+    # one step from the tag: its checkpoint is evaluated as the QuickGELU model it was trained as
+    veclip.main(["--stage", "train", *tag, "--data", str(world / "train.jsonl"), "--out", str(tmp_path / "ft"),
+                 "--batch-size", "4", "--steps", "1", "--warmup", "1", "--llm-vec-field", "fused", "--kernel", "torch"])
+    model, _, _ = veclip.load_checkpoint(tmp_path / "ft" / "checkpoint.pt")
+    reference.load_state_dict(torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)["state_dict"])
+    with torch.no_grad():
+        assert torch.allclose(model.eval().encode_image(pixels), reference.encode_image(pixels), atol=1e-5)
 
 
-@pytest.mark.slow  # two spawned interpreters: 30-80 s on busy cores
-def test_two_gloo_processes_match_one_process(world, tmp_path):
-    common = TRAIN_FLAGS + ["--data", str(world / "train.jsonl"), "--steps", "3", "--device", "cpu"]
-    single = veclip.main(common + ["--out", str(tmp_path / "one")])
-    result_path = tmp_path / "two.json"
-    mp.spawn(_train_rank, args=(2, _free_port(), common + ["--out", str(tmp_path / "two")], str(result_path)),
-             nprocs=2, join=True)
-    two = json.loads(result_path.read_text())
-    assert np.allclose([h["loss"] for h in single["history"]], two, atol=1e-5)
+# ---- training: torchrun equals one process; resume ---------------------------------------------
+
+
+def test_torchrun_two_gloo_ranks_match_one_process(world, tmp_path):
+    flags = TRAIN_FLAGS + ["--data", str(world / "train.jsonl"), "--steps", "3"]
+    single = veclip.main(flags + ["--out", str(tmp_path / "one"), "--device", "cpu"])
+    run_torchrun("veclip.py", flags + ["--out", str(tmp_path / "two"), "--eval-data", str(world / "test.jsonl")])
+    two = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
+    assert np.allclose([h["loss"] for h in single["history"]], [h["loss"] for h in two["history"]], atol=1e-5)
     one_state = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)["state_dict"]
-    two_state = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["state_dict"]
     # 1e-4, not 1e-5: the attention key biases get a zero gradient in exact arithmetic, and Adam turns
     # rounding noise of ~1e-10 there into steps of up to lr (1e-3); a wrong gradient differs by ~lr everywhere
-    assert all(torch.allclose(one_state[k], two_state[k], atol=1e-4) for k in one_state)
+    assert all(torch.allclose(one_state[k], two["state_dict"][k], atol=1e-4) for k in one_state)
+    # rank 0 evaluated after training: the same as evaluating the checkpoint it wrote
+    evaluated = veclip.main(["--stage", "eval", "--checkpoint", str(tmp_path / "two" / "checkpoint.pt"),
+                             "--eval-data", str(world / "test.jsonl"), "--out", str(tmp_path / "e")])
+    assert json.loads((tmp_path / "two" / "eval.json").read_text()) == evaluated
 
 
 def test_resume_continues_from_checkpoint_step(world, tmp_path, monkeypatch):
