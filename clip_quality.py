@@ -15,7 +15,8 @@ Implements:
      x_real) + L_CLIP(img, x_syn) (`datacompdr_texts`), against L = L_CLIP(img, x_real) ("datacomp"),
      same schedule; and the one-loss variant swapping x_real for x_syn with probability p (`swap_texts`).
   2. Dense transfer: a light head on the patch tokens of the frozen (`--finetune`: trained) image
-     encoder, segmentation (mIoU, mAcc as mmseg computes them) and depth (RMSE in metres).
+     encoder, segmentation (mIoU, mAcc as mmseg computes them) and depth (RMSE in metres), one probe
+     per task as the paper fine-tunes one model per task (`--task`).
   3. Data efficiency: pretraining on nested growing subsets, each probed (curve PNG + JSON).
   4. Mean attention distance (ViT paper App. D.7): per layer and head, the mean over images and
      query patches of sum_j attn(q, j) * distance(q, j) in pixels, CLS row and column dropped.
@@ -25,7 +26,9 @@ Deviations from the paper (no official code exists; the closest is apple/ml-mobi
      bilinearly, not UperNet / Mask-RCNN / a DPT-like depth head; detection is not implemented.
   2. The probe's encoder is frozen by default (a linear probe); `--finetune` trains it too, as the
      paper does, with `--finetune-lr`. Depth is trained with MSE on standardised depth, not SILog.
-  3. RMSE: per image over valid pixels (depth > 0), averaged over images (Eigen); no crop, no cap.
+     Each task the manifests carry gets its own probe (and, with --finetune, its own copy of the
+     encoder); `--task joint` instead trains one head on both with the two losses summed (not the paper).
+  3. RMSE: per image over valid pixels (depth > 0), averaged over images (Eigen); no Eigen crop, no cap.
   4. MobileCLIP's DR also distils teacher embeddings (not this paper's contribution): left out. Same
      budget = same steps and images per step; DR encodes two texts per image (~1.1-1.3x compute).
   5. Every efficiency subset trains for the same steps (small ones repeat); the paper's differ.
@@ -36,13 +39,20 @@ Deviations from the paper (no official code exists; the closest is apple/ml-mobi
      DataCompDR-scale run needs a streaming trainer, which common/ does not have yet. The miniature
      probe trains on the first `--probe-train-images` train images (captions seen in pretraining,
      masks never) and tests on the test split.
+  8. Training and evaluation see one square centre crop per image at the model's input size (224 px
+     for ViT-B/16): images and label maps are resized (short side) and centre-cropped alike, so the
+     pixels outside the crop are never scored. mmseg's ADE20k evaluation scores every pixel of the
+     (resized) whole image, by sliding-window or whole-image inference.
+  9. Only the attention stage runs under torchrun (images sharded over ranks, sums all-reduced,
+     rank 0 writes); pretraining and probes have no multi-process path and refuse to start under it.
 
 Miniature world (CPU; a controlled experiment, not evidence about real data):
     python clip_quality.py                       # = miniature --seeds 0
     python clip_quality.py miniature --seeds 0 1 2   # measured 55 min on 2 cores shared with 3-4 other jobs
 
 What the miniature run shows (seeds 0-2, mean ± std; 200 steps of 128 per pretraining, mini-ViT-8;
-frozen 1x1-conv probes trained 300 steps on 1,000 images, tested on 1,000):
+frozen 1x1-conv probes trained 300 steps on 1,000 images, tested on 1,000; measured before `--task each`
+became the default, with one head on both tasks, i.e. `--task joint`):
     regime       I->T R@1     zero-shot shape  probe mIoU    depth RMSE (m)
     DataComp     0.7 ± 0.2    22.3 ± 0.7       18.8 ± 0.2    2.12 ± 0.04
     DataCompDR   9.3 ± 1.9    21.2 ± 0.9       18.5 ± 0.3    2.21 ± 0.08
@@ -58,21 +68,26 @@ patch's position, which random features keep and contrastive training blurs. The
 the seed-0 DataCompDR model attends slightly more locally (31.8 px against 33.2 px for DataComp;
 one model each). Before 200 steps (120) neither regime trained at all (R@1 0.4 / 1.3).
 Real run (one GPU; a manifest with alt_text + synthetic_captions such as DataCompDR-12M; probe
-manifests whose records carry `mask` (PNG class ids, 255 = ignore: ADE20k's 150 classes as 0..149)
-and/or `depth` (uint16 PNG in millimetres, 0 = invalid: NYUv2 as usually distributed); the schedule
-below is illustrative, not the paper's; LAION is a noisier-caption stand-in for an ALIGN/DataComp model):
+manifests whose records carry `mask` (PNG class ids, 255 = ignore; ADE20k as distributed,
+ADEChallengeData2016, is 0 = other and 1..150: `--reduce-zero-label` maps it to 0..149 as mmseg
+does, and any other out-of-range label is an error naming the file) and/or `depth` (uint16 PNG in
+millimetres, 0 = invalid: NYUv2 as usually distributed); the schedule below is illustrative, not the
+paper's; LAION is a noisier-caption stand-in for an ALIGN/DataComp model):
     python clip_quality.py pretrain --model ViT-B-16 --train-manifest dcdr12m.jsonl --device cuda \
         --kernel auto --regimes datacomp datacompdr --train.steps 30000 --train.batch-size 4096
     python clip_quality.py probe --checkpoints runs/clip_quality/pretrain/*.pt --finetune --device cuda \
-        --probe-train-manifest ade/train.jsonl --probe-test-manifest ade/val.jsonl --num-classes 150
+        --probe-train-manifest ade/train.jsonl --probe-test-manifest ade/val.jsonl --num-classes 150 \
+        --reduce-zero-label
     python clip_quality.py attention --attention-models ViT-B-16@datacomp_xl_s13b_b90k \
         ViT-B-16@laion2b_s34b_b88k runs/clip_quality/pretrain/datacompdr-seed0.pt --images-manifest ade/val.jsonl
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -82,6 +97,7 @@ from typing import Callable, Literal, Sequence
 import numpy as np
 import open_clip
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
@@ -90,7 +106,7 @@ from PIL import Image
 from common.clip_train import (MINIATURE_MODEL, TrainConfig, contrastive_loss, create_clip, encode_images,
                                encode_texts, evaluate_world, preprocess_images, retrieval_metrics, save_checkpoint,
                                train_clip)
-from common.data import ManifestError, atomic_write_text, image_path, read_manifest
+from common.data import ManifestError, atomic_write_text, image_path, init_distributed, read_manifest, shard
 from common.miniature import SEGMENTATION_CLASSES, WorldConfig, ensure_world
 
 Regime = Literal["datacomp", "datacompdr", "swap"]
@@ -110,7 +126,8 @@ class Args:
     world: WorldConfig = WorldConfig()
     """the miniature world used wherever a manifest is not given"""
     model: str = MINIATURE_MODEL
-    """open_clip architecture to pretrain (random initialisation)"""
+    """open_clip architecture to pretrain (random initialisation); the probe's `random` builds the probed
+    checkpoints' architecture instead, and this one only when no other checkpoint is probed"""
     regimes: tuple[Regime, ...] = ("datacomp", "datacompdr")
     """caption regimes: web only, web + synthetic (two losses), or swap-with-probability-p (one loss)"""
     real_field: str = "alt_text"
@@ -132,7 +149,8 @@ class Args:
     eval_text_field: str = "caption"
     """text field the retrieval evaluation uses (the world's ground truth is neutral to both regimes)"""
     checkpoints: tuple[str, ...] = ()
-    """probe stage: checkpoints to probe (default: every *.pt under OUT/pretrain); `random` = untrained"""
+    """probe stage: checkpoints to probe (default: every *.pt under OUT/pretrain); `random` = an untrained encoder
+    of their architecture"""
     probe_train_manifest: str | None = None
     """probe training manifest with `mask` and/or `depth` fields (default: the world's train split)"""
     probe_test_manifest: str | None = None
@@ -140,9 +158,14 @@ class Args:
     probe_train_images: int = 1000
     """first N records of the probe training manifest (0 = all)"""
     num_classes: int = len(SEGMENTATION_CLASSES)
-    """segmentation classes (mask values 0..num_classes-1; others are ignored)"""
+    """segmentation classes: mask values 0..num_classes-1 or --ignore-index; any other value is an error"""
     ignore_index: int = 255
     """mask value that marks unlabelled pixels"""
+    reduce_zero_label: bool = False
+    """mmseg's reduce_zero_label: mask 0 (ADE20k's `other`) -> ignore, k -> k - 1 (raw ADE20k: 1..150 -> 0..149)"""
+    task: Literal["each", "seg", "depth", "joint"] = "each"
+    """probe task: `each` = one probe per task the manifests carry (mask -> seg, depth -> depth), `seg` or
+    `depth` alone, `joint` = one head trained on both with the losses summed"""
     finetune: bool = False
     """train the image encoder with the head (the paper fine-tunes; the default is a frozen probe)"""
     finetune_lr: float = 1e-4
@@ -239,16 +262,17 @@ def patch_tokens(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
 class DenseProbe(nn.Module):
     """A 1x1 convolution per task on the (batch-normalised) patch grid, upsampled bilinearly to pixels."""
 
-    def __init__(self, width: int, num_classes: int):
+    def __init__(self, width: int, num_classes: int, tasks: Sequence[str] = ("seg", "depth")):
         super().__init__()
         self.norm = nn.BatchNorm2d(width)
-        self.segment = nn.Conv2d(width, num_classes, kernel_size=1)
-        self.depth = nn.Conv2d(width, 1, kernel_size=1)
+        self.segment = nn.Conv2d(width, num_classes, kernel_size=1) if "seg" in tasks else None
+        self.depth = nn.Conv2d(width, 1, kernel_size=1) if "depth" in tasks else None
 
-    def forward(self, tokens: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, tokens: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         tokens = self.norm(tokens)  # (B, C, h, w)
-        logits = F.interpolate(self.segment(tokens), size=size, mode="bilinear", align_corners=False)  # (B, K, H, W)
-        depth = F.interpolate(self.depth(tokens), size=size, mode="bilinear", align_corners=False)[:, 0]  # (B, H, W)
+        up = lambda x: F.interpolate(x, size=size, mode="bilinear", align_corners=False)  # noqa: E731
+        logits = up(self.segment(tokens)) if self.segment is not None else None  # (B, K, H, W)
+        depth = up(self.depth(tokens))[:, 0] if self.depth is not None else None  # (B, H, W)
         return logits, depth
 
 
@@ -289,37 +313,95 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def dense_targets(records: Sequence[dict], size: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Masks (N, S, S) long and depth in metres (N, S, S) float, each None if no record carries it."""
+TASK_FIELDS = {"seg": "mask", "depth": "depth"}  # probe task -> the manifest field that carries its labels
+
+
+def reduce_zero_label(labels: np.ndarray, ignore_index: int = 255) -> np.ndarray:
+    """mmseg's LoadAnnotations(reduce_zero_label=True): 0 (ADE20k's `other`) -> ignore, k -> k - 1, ignore stays."""
+    # y' = ignore if y in {0, ignore} else y - 1
+    return np.where((labels == 0) | (labels == ignore_index), ignore_index, labels - 1)
+
+
+def load_mask(record: dict, size: int, num_classes: int, ignore_index: int, reduce_zero: bool) -> torch.Tensor:
+    """A record's class-id PNG as (S, S) long, cropped like its image; a label outside the classes is an error."""
+    path = image_path({**record, "image": record["mask"]})
+    labels = np.asarray(Image.open(path), dtype=np.int64)
+    if labels.ndim != 2:
+        raise ManifestError(f"{path} (sample {record.get('id')!r}): a mask must be one channel of class ids, "
+                            f"got shape {labels.shape}")
+    if reduce_zero:
+        labels = reduce_zero_label(labels, ignore_index)
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    if bad.any():
+        values = np.unique(labels[bad])
+        hint = ("labels run 1..K with 0 = `other` as in raw ADE20k: pass --reduce-zero-label"
+                if not reduce_zero and values.max() == num_classes else "check --num-classes, --ignore-index and "
+                "--reduce-zero-label")
+        raise ManifestError(f"{path} (sample {record.get('id')!r}): label values {values[:10].tolist()} are outside "
+                            f"0..{num_classes - 1} and not --ignore-index {ignore_index}; {hint}")
+    cropped = resize_center_crop(Image.fromarray(labels.astype(np.int32)), size)  # mode I: any class id survives
+    return torch.from_numpy(np.asarray(cropped, np.int64))
+
+
+def dense_targets(records: Sequence[dict], size: int, args: Args,
+                  tasks: Sequence[str] = ("seg", "depth")) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Masks (N, S, S) long and depth in metres (N, S, S) float for `tasks`, each None if not asked or not carried."""
+    load = {"mask": lambda r: load_mask(r, size, args.num_classes, args.ignore_index, args.reduce_zero_label),
+            "depth": lambda r: torch.from_numpy(np.asarray(resize_center_crop(
+                Image.open(image_path({**r, "image": r["depth"]})), size), np.float32) / 1000.0)}
     out = []
-    for field, to_tensor in (("mask", lambda im: torch.from_numpy(np.asarray(im, np.int64))),
-                             ("depth", lambda im: torch.from_numpy(np.asarray(im, np.float32) / 1000.0))):
+    for task, field in TASK_FIELDS.items():
         carriers = [r for r in records if r.get(field)]
-        if not carriers:
+        if task not in tasks or not carriers:
             out.append(None)
             continue
         if len(carriers) < len(records):
             missing = next(r["id"] for r in records if not r.get(field))
             raise ManifestError(f"sample {missing!r} has no {field!r} while others do; give every record one")
-        maps = [to_tensor(resize_center_crop(Image.open(image_path({**r, "image": r[field]})), size))
-                for r in records]
-        out.append(torch.stack(maps))
+        out.append(torch.stack([load[field](r) for r in records]))
     return out[0], out[1]
 
 
-def train_and_evaluate_probe(visual: nn.Module, train_set: tuple, test_set: tuple, args: Args, seed: int) -> dict:
-    """Train a DenseProbe on (images, masks, depth) and return test mIoU/mAcc/aAcc and depth RMSE."""
+def probe_plan(args: Args, records: dict) -> list[tuple[str, ...]]:
+    """The probes to train per encoder: one per task by default, one joint probe only for --task joint."""
+    train = records["probe_train"][:args.probe_train_images or None]
+    carried = []
+    for task, field in TASK_FIELDS.items():
+        has = [any(r.get(field) for r in subset) for subset in (train, records["probe_test"])]
+        if has[0] != has[1]:
+            raise ManifestError(f"the probe {'train' if has[0] else 'test'} manifest carries {field!r} and the "
+                                f"{'test' if has[0] else 'train'} manifest does not; give both or neither")
+        carried += [task] if has[0] else []
+    if not carried:
+        raise ManifestError("the probe manifests carry neither `mask` nor `depth` fields: nothing to probe")
+    if args.task == "each":
+        return [(task,) for task in carried]
+    wanted = ("seg", "depth") if args.task == "joint" else (args.task,)
+    missing = [TASK_FIELDS[t] for t in wanted if t not in carried]
+    if missing:
+        raise ManifestError(f"--task {args.task} needs {missing} in the probe manifests, which carry only "
+                            f"{[TASK_FIELDS[t] for t in carried]}")
+    return [wanted]
+
+
+def train_and_evaluate_probe(visual: nn.Module, train_set: tuple, test_set: tuple, args: Args, seed: int,
+                             tasks: Sequence[str] = ("seg", "depth")) -> dict:
+    """Train one DenseProbe on `tasks` of (images, masks, depth) (losses summed if two); return its test metrics."""
     torch.manual_seed(seed)
     visual = visual.to(args.device)
     train_images, train_masks, train_depth = train_set
+    train_masks = train_masks if "seg" in tasks else None
+    train_depth = train_depth if "depth" in tasks else None
     size = tuple(train_images.shape[-2:])
     with torch.no_grad():
         width = patch_tokens(visual.eval(), train_images[:1].to(args.device)).shape[1]
-        valid_depth = train_depth[train_depth > 0] if train_depth is not None else torch.ones(1)
-        depth_mean, depth_std = valid_depth.mean(), valid_depth.std().clamp_min(1e-6)
+        depth_mean, depth_std = torch.tensor(0.0), torch.tensor(1.0)
+        if train_depth is not None:
+            valid_depth = train_depth[train_depth > 0]
+            depth_mean, depth_std = valid_depth.mean(), valid_depth.std().clamp_min(1e-6)
         frozen_tokens = None if args.finetune else torch.cat([patch_tokens(visual, train_images[i:i + 256].to(args.device))
                                                               for i in range(0, len(train_images), 256)])
-    head = DenseProbe(width, args.num_classes).to(args.device)
+    head = DenseProbe(width, args.num_classes, tasks).to(args.device)
     groups = [{"params": head.parameters(), "lr": args.probe_lr}]
     if args.finetune:
         groups.append({"params": visual.parameters(), "lr": args.finetune_lr})
@@ -343,6 +425,8 @@ def train_and_evaluate_probe(visual: nn.Module, train_set: tuple, test_set: tupl
     head.eval()
     visual.eval()
     test_images, test_masks, test_depth = test_set
+    test_masks = test_masks if "seg" in tasks else None
+    test_depth = test_depth if "depth" in tasks else None
     confusion = torch.zeros(args.num_classes, args.num_classes, dtype=torch.long)
     rmse = []
     with torch.no_grad():
@@ -356,6 +440,16 @@ def train_and_evaluate_probe(visual: nn.Module, train_set: tuple, test_set: tupl
     metrics = segmentation_metrics(confusion) if test_masks is not None else {}
     if test_depth is not None:
         metrics["depth_RMSE"] = torch.cat(rmse).mean().item()
+    return metrics
+
+
+def probe_encoder(visual: nn.Module, train_set: tuple, test_set: tuple, args: Args, seed: int,
+                  plan: Sequence[tuple[str, ...]]) -> dict:
+    """One probe per entry of `plan`, each from the same encoder weights (copied when --finetune trains them)."""
+    metrics = {}
+    for tasks in plan:
+        encoder = copy.deepcopy(visual) if args.finetune and len(plan) > 1 else visual
+        metrics.update(train_and_evaluate_probe(encoder, train_set, test_set, args, seed, tasks))
     return metrics
 
 
@@ -380,13 +474,19 @@ def mean_attention_distance(attn: torch.Tensor, grid: tuple[int, int], patch_siz
     return (patches * patch_distances(grid, patch_size)).sum(-1).mean(dim=(0, 2))
 
 
+def attention_blocks(visual: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of an open_clip ViT tower, each with an nn.MultiheadAttention; else TypeError."""
+    blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+    if blocks is None or not all(isinstance(getattr(block, "attn", None), nn.MultiheadAttention) for block in blocks):
+        raise TypeError(f"{type(visual).__name__} has no blocks with nn.MultiheadAttention: attention "
+                        "distance supports open_clip VisionTransformer towers only")
+    return blocks
+
+
 @torch.no_grad()
 def attention_maps(visual: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
     """Per layer (B, H, L, L) attention probabilities, recomputed from each block's captured input."""
-    blocks = visual.transformer.resblocks
-    if not all(isinstance(getattr(block, "attn", None), nn.MultiheadAttention) for block in blocks):
-        raise TypeError(f"{type(blocks[0]).__name__} blocks lack nn.MultiheadAttention: attention "
-                                  "distance supports open_clip VisionTransformer towers only")
+    blocks = attention_blocks(visual)
     captured = {}
     hooks = [block.attn.register_forward_pre_hook(lambda module, a, kw, i=i: captured.__setitem__(i, (a, kw)),
                                                   with_kwargs=True) for i, block in enumerate(blocks)]
@@ -405,6 +505,26 @@ def attention_maps(visual: nn.Module, images: torch.Tensor) -> list[torch.Tensor
     return maps
 
 
+def tag_quick_gelu(name: str, tag: str) -> bool:
+    """Whether open_clip's pretrained tag `tag` of `name` was trained with QuickGELU (OpenAI-style weights)."""
+    return bool(open_clip.get_pretrained_cfg(name, tag).get("quick_gelu", False)) if tag else False
+
+
+def architecture(spec: str) -> tuple[str, bool]:
+    """(open_clip model name, QuickGELU forced) that `spec` builds: a checkpoint's saved name, a tag's settings."""
+    if Path(spec).is_file():
+        return torch.load(spec, map_location="cpu", weights_only=True, mmap=True)["model"], False
+    name, _, tag = spec.partition("@")
+    return name, tag_quick_gelu(name, tag)
+
+
+def create_random(name: str, quick_gelu: bool, seed: int) -> tuple[nn.Module, Callable]:
+    """An untrained open_clip model of an architecture: (model, preprocess), as create_clip seeds it."""
+    torch.manual_seed(seed)
+    model, _, preprocess = open_clip.create_model_and_transforms(name, force_quick_gelu=quick_gelu)
+    return model, preprocess
+
+
 def load_model_spec(spec: str, device: str = "cpu") -> tuple[str, nn.Module, Callable]:
     """(label, model, preprocess) for a checkpoint path, `NAME@PRETRAINED` or `NAME` (random init)."""
     if Path(spec).is_file():
@@ -416,8 +536,9 @@ def load_model_spec(spec: str, device: str = "cpu") -> tuple[str, nn.Module, Cal
     if not tag:
         model, preprocess, _ = create_clip(name)
         return f"{name} (random init)", model.to(device).eval(), preprocess
-    try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, device=device)
+    try:  # the tag's own settings: QuickGELU for OpenAI-style weights (mean/std come with the tag already)
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, device=device,
+                                                                     force_quick_gelu=tag_quick_gelu(name, tag))
     except Exception as err:  # offline or unknown tag: one clear error, no retries
         raise RuntimeError(f"cannot load open_clip {name!r} with pretrained {tag!r} ({err}); offline, pass a "
                            "local weights file as NAME@/path/to/weights.bin or one of our .pt checkpoints") from err
@@ -429,13 +550,18 @@ def load_model_spec(spec: str, device: str = "cpu") -> tuple[str, nn.Module, Cal
 # ---------------------------------------------------------------------------------------------
 
 
-def world_records(args: Args) -> dict[str, list[dict]]:
-    """The manifests named by the args, falling back to the miniature world's splits."""
-    folder = ensure_world(args.world)  # cached after the first build (seconds)
-    load = lambda given, split: read_manifest(given or folder / f"{split}.jsonl")  # noqa: E731
-    return {"train": load(args.train_manifest, "train"), "test": load(args.test_manifest, "test"),
-            "probe_train": load(args.probe_train_manifest, "train"), "probe_test": load(args.probe_test_manifest, "test"),
-            "images": load(args.images_manifest, "test")}
+MANIFESTS = {"train": ("train_manifest", "train"), "test": ("test_manifest", "test"),
+             "probe_train": ("probe_train_manifest", "train"), "probe_test": ("probe_test_manifest", "test"),
+             "images": ("images_manifest", "test")}  # role -> (flag, the world's split it falls back to)
+STAGE_MANIFESTS = {"pretrain": ("train", "test"), "probe": ("probe_train", "probe_test"), "attention": ("images",),
+                   "efficiency": ("train", "test", "probe_train", "probe_test"), "miniature": tuple(MANIFESTS)}
+
+
+def world_records(args: Args, roles: Sequence[str] = tuple(MANIFESTS)) -> dict[str, list[dict]]:
+    """The manifests of `roles` named by the args, falling back to the miniature world's splits (built only then)."""
+    given = {role: getattr(args, MANIFESTS[role][0]) for role in roles}
+    folder = ensure_world(args.world) if not all(given.values()) else None  # cached after the first build (seconds)
+    return {role: read_manifest(given[role] or folder / f"{MANIFESTS[role][1]}.jsonl") for role in roles}
 
 
 def pretrain_one(args: Args, records: dict, regime: str, seed: int, n_images: int, path: Path) -> dict:
@@ -472,36 +598,49 @@ def run_pretrain(args: Args, records: dict) -> list[dict]:
     return rows
 
 
-def probe_sets(args: Args, records: dict, preprocess: Callable) -> tuple[tuple, tuple]:
+def probe_sets(args: Args, records: dict, preprocess: Callable, tasks: Sequence[str]) -> tuple[tuple, tuple]:
     """(images, masks, depth) for the probe's train and test manifests, at the model's input size."""
     train = records["probe_train"][:args.probe_train_images or None]
     sets = []
     for subset in (train, records["probe_test"]):
         images = preprocess_images(subset, preprocess)
-        masks, depth = dense_targets(subset, images.shape[-1])
-        if masks is not None:  # labels outside 0..K-1 count as unlabelled, as the flag says
-            masks.masked_fill_((masks < 0) | (masks >= args.num_classes), args.ignore_index)
-        sets.append((images, masks, depth))
-    if sets[0][1] is None and sets[0][2] is None:
-        raise ManifestError("the probe manifests carry neither `mask` nor `depth` fields: nothing to probe")
+        sets.append((images, *dense_targets(subset, images.shape[-1], args, tasks)))
     return sets[0], sets[1]
 
 
+def random_architecture(args: Args, checkpoints: Sequence[str]) -> tuple[str, bool]:
+    """The architecture of the `random` baseline: the probed checkpoints' (which must agree), else --model."""
+    found = {spec: architecture(spec) for spec in checkpoints if spec != "random"}
+    kinds = set(found.values())
+    if len(kinds) > 1:
+        listing = ", ".join(f"{spec}: {name}{' (QuickGELU)' if quick else ''}" for spec, (name, quick) in found.items())
+        raise ValueError(f"`random` must be the probed checkpoints' architecture, but they differ ({listing}); "
+                         "probe each architecture with its own `random` in a separate run")
+    return kinds.pop() if kinds else (args.model, False)
+
+
 def run_probe(args: Args, records: dict, checkpoints: Sequence[str], write: Path | None = None) -> list[dict]:
-    """Probe each checkpoint (`random`: an untrained encoder per seed) and write the rows to `write`."""
+    """Probe each checkpoint (`random`: an untrained encoder of their architecture, per seed); write the rows."""
+    plan = probe_plan(args, records)
+    tasks = sorted({task for group in plan for task in group})
+    if "random" in checkpoints:
+        random_name, random_quick_gelu = random_architecture(args, checkpoints)
     rows, cached_sets = [], {}
     for spec in checkpoints:
         for seed in (args.seeds if spec == "random" else args.seeds[:1]):
             if spec == "random":
-                model, preprocess, _ = create_clip(args.model, seed=seed)
-                label = f"{args.model} (random init)"
+                model, preprocess = create_random(random_name, random_quick_gelu, seed)
+                label = f"{random_name}{' (QuickGELU)' if random_quick_gelu else ''} (random init)"
+                arch = random_name
             else:
                 label, model, preprocess = load_model_spec(spec, args.device)
-            key = tuple(model.visual.image_size)
-            if key not in cached_sets:  # same input size, same tensors
-                cached_sets[key] = probe_sets(args, records, preprocess)
-            metrics = train_and_evaluate_probe(model.visual, *cached_sets[key], args, seed)
-            rows.append({"checkpoint": spec, "label": label, "probe_seed": seed, "finetune": args.finetune, **metrics})
+                arch = architecture(spec)[0]
+            key = repr(preprocess)  # same resize, crop and normalisation, same tensors
+            if key not in cached_sets:
+                cached_sets[key] = probe_sets(args, records, preprocess, tasks)
+            metrics = probe_encoder(model.visual, *cached_sets[key], args, seed, plan)
+            rows.append({"checkpoint": spec, "label": label, "architecture": arch, "probe_seed": seed,
+                         "finetune": args.finetune, "task": args.task, **metrics})
             print(f"probe {label}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     if write is not None:
         atomic_write_text(write, json.dumps(rows, indent=2))
@@ -525,23 +664,35 @@ def run_efficiency(args: Args, records: dict, done: Sequence[dict] = ()) -> list
     return rows
 
 
-def run_attention(args: Args, records: dict, specs: Sequence[str]) -> dict:
-    """Mean attention distance per layer and head of each model over the same images (PNG + JSON)."""
+def run_attention(args: Args, records: dict, specs: Sequence[str], rank: int = 0, world_size: int = 1) -> dict:
+    """Mean attention distance per layer and head of each model over the same images (PNG + JSON).
+
+    Under torchrun each rank measures every world_size-th image; the per-image sums are all-reduced
+    and rank 0 writes.
+    """
+    chosen = records["images"][:args.attention_images]
+    mine = shard(chosen, rank, world_size)
     results = {}
     for spec in specs:
         label, model, preprocess = load_model_spec(spec, args.device)
         visual = model.visual
-        images = preprocess_images(records["images"][:args.attention_images], preprocess)  # (N, 3, H, W)
-        total = 0.0
+        blocks = attention_blocks(visual)
+        images = preprocess_images(mine, preprocess) if mine else torch.zeros(0)  # (n, 3, H, W)
+        # sum over images of d_h(image): (layers, heads), divided by the number of images at the end
+        total = torch.zeros(len(blocks), blocks[0].attn.num_heads, dtype=torch.float64, device=args.device)
         for i in range(0, len(images), 32):  # one batch of maps at a time: ViT-B/16 maps are 2 GB per 128 images
             batch = images[i:i + 32].to(args.device)
             maps = attention_maps(visual, batch)
-            total = total + len(batch) * torch.stack([mean_attention_distance(m, visual.grid_size, visual.patch_size)
-                                                      for m in maps])  # (layers, heads)
-        results[label] = {"spec": spec, "per_layer_per_head_px": (total / len(images)).tolist(),
-                          "patch_size": list(visual.patch_size), "grid": list(visual.grid_size), "images": len(images)}
-    atomic_write_text(Path(args.out) / "attention.json", json.dumps(results, indent=2))
-    plot_attention(results, Path(args.out) / "attention.png")
+            total += len(batch) * torch.stack([mean_attention_distance(m, visual.grid_size, visual.patch_size)
+                                               for m in maps]).to(args.device)  # (layers, heads)
+        print(f"attention {label}: {len(mine)} of {len(chosen)} images on rank {rank} of {world_size}")
+        if world_size > 1:
+            dist.all_reduce(total)
+        results[label] = {"spec": spec, "per_layer_per_head_px": (total.cpu() / len(chosen)).tolist(),
+                          "patch_size": list(visual.patch_size), "grid": list(visual.grid_size), "images": len(chosen)}
+    if rank == 0:
+        atomic_write_text(Path(args.out) / "attention.json", json.dumps(results, indent=2))
+        plot_attention(results, Path(args.out) / "attention.png")
     return results
 
 
@@ -682,11 +833,38 @@ def _groups(rows: Sequence[dict], keys: tuple[str, ...]) -> dict:
     return groups
 
 
+def attention_specs(args: Args) -> list[str]:
+    """--attention-models, else every checkpoint under OUT/pretrain, else an untrained --model."""
+    saved = sorted(str(p) for p in (Path(args.out) / "pretrain").glob("*.pt"))
+    return list(args.attention_models) or saved or [args.model]
+
+
+def distributed_attention(args: Args) -> dict:
+    """The attention stage under torchrun: rank 0 builds the world (if needed) before the others read it."""
+    rank, world_size, device = init_distributed(args.device)
+    args = dataclasses.replace(args, device=device)
+    try:
+        if rank == 0:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            records = world_records(args, STAGE_MANIFESTS["attention"])
+        dist.barrier()
+        if rank != 0:
+            records = world_records(args, STAGE_MANIFESTS["attention"])
+        return run_attention(args, records, attention_specs(args), rank, world_size)
+    finally:
+        dist.destroy_process_group()
+
+
 def main(argv=None) -> dict:
     args = tyro.cli(Args, args=argv)
     out = Path(args.out)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        if args.stage != "attention":
+            raise SystemExit(f"the {args.stage} stage has no multi-process path (Deviation 9): run it with python; "
+                             "only the attention stage runs under torchrun")
+        return {"attention": distributed_attention(args)}
     out.mkdir(parents=True, exist_ok=True)
-    records = world_records(args)
+    records = world_records(args, STAGE_MANIFESTS[args.stage])
     start = time.time()
     if args.stage == "pretrain":
         return {"pretrain": run_pretrain(args, records)}
@@ -699,8 +877,7 @@ def main(argv=None) -> dict:
     if args.stage == "efficiency":
         return {"efficiency": run_efficiency(args, records)}
     if args.stage == "attention":
-        specs = list(args.attention_models) or sorted(str(p) for p in (out / "pretrain").glob("*.pt")) or [args.model]
-        return {"attention": run_attention(args, records, specs)}
+        return {"attention": run_attention(args, records, attention_specs(args))}
     pretrain = run_pretrain(args, records)
     probe = run_probe(args, records, [r["checkpoint"] for r in pretrain] + ["random"], out / "probe.json")
     efficiency = run_efficiency(args, records, done=pretrain)
