@@ -114,8 +114,8 @@ from tqdm.auto import tqdm
 
 from common.clip_score import CLIP_S_WEIGHT, encode_texts, load_clip, score_from_features
 from common.clip_train import (MINIATURE_MODEL, TrainConfig, cosine_lr, ensure_miniature_scorer, save_checkpoint)
-from common.data import (SkipCounter, atomic_write_text, generate_sharded, init_distributed, open_record_image,
-                         read_manifest)
+from common.data import (SkipCounter, atomic_write_text, generate_sharded, init_distributed, load_pretrained,
+                         open_record_image, read_manifest)
 from common.miniature import WorldConfig, alt_text, ensure_world, hallucinated_words, names_kept
 
 log = logging.getLogger("altogether")
@@ -268,7 +268,7 @@ class Captioner(nn.Module):
         training batches of mixed prompts supervise the slot that generation reads.
         """
         prompt = self.decoder.get_input_embeddings()(prompt_ids)  # (B, P, d)
-        visual = self.mapper(img_emb.to(self.mapper.project.weight.dtype))  # (B, M, d)
+        visual = self.mapper(img_emb.to(self.mapper.project.weight.dtype)).to(prompt.dtype)  # (B, M, d)
         embeds = torch.cat([visual, prompt], dim=1)
         mask = torch.cat([torch.ones(visual.shape[:2], dtype=torch.long, device=visual.device), prompt_mask], dim=1)
         # [V][pads][prompt] -> [pads][V][prompt]: a stable sort on the mask puts the pads first, the rest in order
@@ -413,12 +413,9 @@ def new_captioner(args: Args, clip_dim: int, texts: list[str]) -> tuple[Captione
         decoder = OPTForCausalLM(config)
     else:
         remote = {"trust_remote_code": args.trust_remote_code}
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(args.decoder, **remote)
-            decoder = AutoModelForCausalLM.from_pretrained(args.decoder, **remote)
-        except (OSError, ValueError) as err:
-            raise RuntimeError(f"cannot load --decoder {args.decoder!r} ({type(err).__name__}: {err}). Pass --decoder a "
-                               "local folder holding the model, or a hub name with network access.") from err
+        tokenizer = load_pretrained(AutoTokenizer, args.decoder, "--decoder", **remote)
+        # fp32 weights whatever the checkpoint ships (OPT: fp16), so AdamW updates them in full precision
+        decoder = load_pretrained(AutoModelForCausalLM, args.decoder, "--decoder", dtype=torch.float32, **remote)
         if not tokenizer.is_fast:
             raise ValueError(f"--decoder {args.decoder!r} has no fast tokenizer; the checkpoint stores a fast one")
         if tokenizer.pad_token is None:  # GPT-2 ships none; pads are masked, whatever their id
@@ -446,7 +443,9 @@ def captioner_from_checkpoint(payload: dict) -> tuple[Captioner, object]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = json.loads(payload["decoder_config"])
-    decoder = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
+    # from_config would take the dtype the config records (a decoder loaded from fp16 files says float16)
+    decoder = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config),
+                                               dtype=torch.float32)
     captioner = Captioner(decoder, payload["clip_dim"], payload["prefix_length"], payload["mapper_layers"])
     captioner.load_state_dict(payload["captioner"])
     return captioner, tokenizer_from_json(payload["tokenizer"], payload["pad_token"], payload["eos_token"])

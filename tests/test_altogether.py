@@ -13,6 +13,7 @@ import torch
 import altogether
 from common.data import read_manifest, write_manifest
 from common.miniature import WorldConfig, ensure_world
+from tests.realarch import run_torchrun, save_hf, serve_open_clip_tag
 
 MICRO = "micro-ViT-16"
 TINY_WORLD = WorldConfig(n_train=32, n_val=6, n_test=12)
@@ -241,6 +242,26 @@ def finetuned(world, tmp_path_factory):
     return out / "pretrain.pt"
 
 
+def test_checkpoint_rebuilds_an_fp32_decoder_whatever_dtype_its_config_records(finetuned):
+    payload = torch.load(finetuned, weights_only=True)
+    # what the config of a decoder loaded from fp16 files without an explicit dtype records
+    payload["decoder_config"] = json.dumps({**json.loads(payload["decoder_config"]), "dtype": "float16"})
+    captioner, _ = altogether.captioner_from_checkpoint(payload)
+    assert {p.dtype for p in captioner.parameters()} == {torch.float32}
+
+
+@torch.no_grad()
+def test_visual_tokens_take_the_dtype_of_a_half_precision_decoder():
+    tok = tokenizer()
+    captioner = tiny_captioner(tok)
+    captioner.decoder.to(torch.bfloat16)  # the mapping network stays fp32
+    img_emb = torch.nn.functional.normalize(torch.randn(3, 16), dim=-1)
+    ids, mask = altogether.encode_prompts(tok, PROMPTS, 128)
+    assert captioner.prefix_inputs(img_emb, ids, mask)[0].dtype == torch.bfloat16
+    tokens, _ = generated(captioner, tok, img_emb, PROMPTS, steps=2)
+    assert tokens.shape == (3, 2)
+
+
 def test_killed_caption_job_resumes_without_lost_or_duplicated_ids(world, finetuned, tmp_path, monkeypatch):
     argv = ["--stage", "caption", "--data", str(world / "test.jsonl"), "--out", str(tmp_path / "test.jsonl"),
             "--checkpoint", str(finetuned), "--gen-batch-size", "5", "--max-new-tokens", "4", "--device", "cpu"]
@@ -306,3 +327,91 @@ def test_miniature_main_writes_the_table(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert all(f"| {row} |" in table for row in altogether.ROWS)
     assert json.loads((tmp_path / "results.json").read_text())["preset"]["decoder"] == "tiny-opt"
+
+
+# ---- the documented real commands: tiny random weights of the real architectures, offline ----------
+
+# facebook/opt-1.3b's config.json with the sizes shrunk (24 layers of 2048, 32 heads, FFN 8192 -> 2 of 32, 2 heads,
+# FFN 128) and every flag kept: pre-norm, no embedding projection, ReLU, 2048 learned positions, pad 1, BOS = EOS = 2
+OPT_1_3B_TINY = dict(hidden_size=32, word_embed_proj_dim=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=128,
+                     do_layer_norm_before=True, activation_function="relu", max_position_embeddings=2048, dropout=0.1,
+                     attention_dropout=0.0, pad_token_id=1, bos_token_id=2, eos_token_id=2)
+
+
+def opt_tokenizer(texts):
+    """OPT's tokenizer class and special tokens (<s> 0, <pad> 1, </s> 2, <unk> 3): byte-level BPE trained on `texts`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2TokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return GPT2TokenizerFast(tokenizer_object=backend, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
+                             unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def opt_1_3b(tmp_path_factory, world):
+    """A local folder standing for facebook/opt-1.3b as the hub ships it: fp16 weights, BPE tokenizer."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    folder = tmp_path_factory.mktemp("opt-1.3b")
+    records = read_manifest(world / "train.jsonl")
+    tok = opt_tokenizer([r["alt_text"] for r in records] + [r["caption"] for r in records])
+    torch.manual_seed(0)
+    rows = -(-len(tok) // 8) * 8  # the hub's embedding has more rows than the tokenizer has tokens (50272 > 50265)
+    save_hf(OPTForCausalLM(OPTConfig(vocab_size=rows, **OPT_1_3B_TINY)), folder, torch.float16)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def plain(record: dict, world) -> dict:
+    """A world record as a user's manifest row: absolute image path, no loader bookkeeping."""
+    return {**{k: v for k, v in record.items() if k != "_root"}, "image": str(world / record["image"])}
+
+
+def test_header_commands_with_vit_h_metaclip_fp16_opt_1_3b_and_vit_b_32_openai(world, opt_1_3b, tmp_path, monkeypatch):
+    """pretrain -> finetune -> caption -> eval as the header writes them (model flags left at their defaults), sizes cut."""
+    serve_open_clip_tag(monkeypatch, tmp_path, "ViT-H-14-quickgelu", "metaclip_fullcc")
+    val = [plain(r, world) for r in read_manifest(world / "val.jsonl")]
+    write_manifest(tmp_path / "alt_pairs.jsonl", [{**r, "alt_text": [r["alt_text"], r["synthetic_caption"]]} for r in val])
+    write_manifest(tmp_path / "altogether_ft.jsonl", [{**r, "round3": r["caption"]} for r in val])
+    write_manifest(tmp_path / "metaclip_shard.jsonl", val)
+    out, small = tmp_path / "ag", ["--batch-size", "2", "--device", "cpu"]
+    altogether.main(["--stage", "pretrain", "--data", str(tmp_path / "alt_pairs.jsonl"), "--out", str(out),
+                     "--decoder", str(opt_1_3b), "--pretrain-steps", "1", *small])
+    log = altogether.main(["--stage", "finetune", "--data", str(tmp_path / "altogether_ft.jsonl"), "--out", str(out),
+                           "--checkpoint", str(out / "pretrain.pt"), "--target-field", "round3", "--finetune-steps", "1",
+                           *small])
+    assert np.isfinite(log["history"][0]["loss"])
+    # the checkpoint's files are fp16; training keeps fp32 weights (AdamW's updates are not rounded to fp16)
+    assert {value.dtype for value in torch.load(out / "finetune.pt", weights_only=True)["captioner"].values()} == {
+        torch.float32}
+    shard = tmp_path / "metaclip_shard.altogether.jsonl"
+    counts = altogether.main(["--stage", "caption", "--checkpoint", str(out / "finetune.pt"), "--data",
+                              str(tmp_path / "metaclip_shard.jsonl"), "--out", str(shard), "--max-new-tokens", "4",
+                              "--device", "cpu"])
+    assert counts["written"] == len(val) and [r["id"] for r in read_manifest(shard)] == [r["id"] for r in val]
+    serve_open_clip_tag(monkeypatch, tmp_path, "ViT-B-32", "openai")
+    metrics = altogether.main(["--stage", "eval", "--data", str(shard), "--out", str(tmp_path / "eval.json"),
+                               "--device", "cpu"])
+    assert metrics["altogether"]["empty"] == counts.get("empty_captions", 0)
+    assert json.loads((tmp_path / "eval.json").read_text()) == metrics
+
+
+def test_caption_under_torchrun_with_two_ranks_equals_one_process(world, finetuned, tmp_path):
+    """`torchrun --nproc-per-node 2 altogether.py --stage caption` (gloo): every id once, in input order, and the
+    greedy captions of one process, though each rank batches other images together (some alt-texts empty)."""
+    rows = [plain(r, world) for r in read_manifest(world / "test.jsonl")]
+    for i in (0, 1, 2, 3, 9):  # one process's first batch has no prompt at all; a rank's first batch mixes them
+        rows[i]["alt_text"] = ""
+    write_manifest(tmp_path / "in.jsonl", rows)
+    argv = ["--stage", "caption", "--data", str(tmp_path / "in.jsonl"), "--checkpoint", str(finetuned), "--decoding",
+            "greedy", "--max-new-tokens", "6", "--gen-batch-size", "4", "--device", "cpu"]
+    altogether.main(argv + ["--out", str(tmp_path / "one.jsonl")])
+    run_torchrun("altogether.py", argv + ["--out", str(tmp_path / "two.jsonl")])
+    one, two = read_manifest(tmp_path / "one.jsonl"), read_manifest(tmp_path / "two.jsonl")
+    assert [r["id"] for r in two] == [r["id"] for r in rows]
+    assert [r["altogether"] for r in two] == [r["altogether"] for r in one]
