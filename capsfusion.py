@@ -19,9 +19,10 @@ Implements (stages over manifests, each `--stage`):
                            teacher's fusion + EOS (the prompt carries no loss), 2 epochs; full or LoRA
   4. `eval`    fusion quality: names of the raw caption kept, hallucinated attributes, BLEU-4/CIDEr
                            against the teacher, length; raw / synthetic / teacher / fuser side by side
-  5. `scaling` (scalability analysis, Fig. 7) the same CLIP trained on raw, synthetic, fused and a 50/50
-                           raw+synthetic mix at growing numbers of samples (one epoch each); PNG + JSON
-  6. `miniature` (the default): sft -> fuse -> eval -> scaling on the miniature world, over seeds.
+  5. `scaling` (scalability analysis, Fig. 7) the same CLIP trained on raw, synthetic, fused (the fuser's
+                           output, `--out-field`) and a 50/50 raw+synthetic mix at growing numbers of samples
+                           (one epoch each), and on the teacher's `--fused-field` as a reference line; PNG + JSON
+  6. `miniature` (the default): sft -> fuse (test split, training samples) -> eval -> scaling, over seeds.
 
 Deviations from the paper:
   1. Prompt lengths are capped as the official script means to: a prompt over 256 tokens (BOS
@@ -43,28 +44,32 @@ Deviations from the paper:
      batch is cut to a multiple of the ranks); gradients clipped at norm 1 (HF Trainer's default). Full fine-tuning
      runs under DDP (models that fit one GPU with their optimiser state); a 13B model needs `--lora`
      here (peft, merged into the weights at the end), as this file has no FSDP/DeepSpeed sharding.
+     Under `--lora` the frozen base is loaded in bf16 on CUDA (`--lora-base-dtype`; float32 on the
+     CPU), the adapters train in float32. Gradients are all-reduced once per step: DDP's `no_sync`
+     on all micro-batches but the last.
   5. `caption`: one caption per image by beam search (LAION-COCO drew 40 BLIP captions and kept the
      best by two CLIP rerankers); any image-text-to-text model works, BLIP-large is the default.
   6. `scaling` trains CLIP (the paper trains an Emu-style multimodal LLM and reports COCO CIDEr and
      VQA): the same small CLIP on nested subsets, one epoch each, so compute grows with data as in
      the paper. Retrieval and zero-shot accuracy stand in for its benchmarks. The mix draws raw or
      synthetic with probability 0.5 each time a sample is drawn (the paper's mixing ratio unstated).
-  7. Miniature world: the world's template `fused` stands in for ChatGPT (a template fusion, not an
-     LLM), its `synthetic_caption` for BLIP; the student is a 2-layer, width-128 Llama trained from
-     scratch with a word-level tokenizer built from the world's text, which holds the fixed
-     instruction as one token (the prompt string is unchanged; a real LLM reads it as ~90 tokens),
-     so that the sequences are 3x shorter; SFT uses lr 3e-3 and batch 32 (MINIATURE_SFT). The fuser
-     fuses the test split only, so `scaling` trains on the teacher's fusion of the train split.
+  7. Miniature world: the world's `fused` stands in for ChatGPT: a template fusion (not an LLM)
+     computed from the alt-text and the synthetic caption only (common.miniature.teacher_fusion:
+     names placed by the emblem pattern the caption describes, else on the first undescribed object;
+     a contradicted colour or shape fixed only when unambiguous); its `synthetic_caption` stands in
+     for BLIP. The student is a 2-layer, width-128 Llama trained from scratch with a word-level
+     tokenizer built from the world's text, which holds the fixed instruction as one token (the
+     prompt string is unchanged; a real LLM reads it as ~90 tokens), so that the sequences are 3x
+     shorter; SFT uses lr 3e-3 and batch 32 (MINIATURE_SFT). The fuser fuses the test split (eval)
+     and the training samples (scaling's `fused` arm, as the paper scales CapsFus-LLaMA's output).
 
 Commands:
-  CPU, miniature world. Measured only on 2 cores shared with two other jobs (load about 4): one seed
-  of the default command 14.1 min (sft 1.1, fuse 1.1, scaling 11.8; scaling's 16 CLIP trainings, 596
-  steps of batch 64 in all, dominate). From the DESIGN's idle figures, 4-7 min on 2 idle cores (not
-  measured); --sizes and --clip-batch-size are the knobs that shorten it:
+  CPU, miniature world (timings in docs/capsfusion.md; scaling's 20 CLIP trainings dominate, and
+  --sizes and --clip-batch-size are the knobs that shorten it):
     python capsfusion.py                        # = python capsfusion.py --stage miniature --seed 0 --seeds 1
     python capsfusion.py --seeds 3 --out runs/capsfusion_miniature
     OMP_NUM_THREADS=1 python capsfusion.py --seed 1 --seeds 1 --out runs/cf_s1   # one process per seed
-  Real run (manifests with `image` + `alt_text`; triplets with the teacher's `fused`):
+  Real run (manifests with `image` + `alt_text`; triplets with the teacher's `fused`, no image needed):
     torchrun --nproc-per-node 8 capsfusion.py --stage caption --data laion.jsonl --out laion.syn.jsonl
     torchrun --nproc-per-node 8 capsfusion.py --stage sft --data chatgpt_triplets.jsonl --out runs/capsfus \
         --base-model meta-llama/Llama-2-13b-hf --lora --micro-batch-size 4 --grad-checkpointing
@@ -74,42 +79,16 @@ Commands:
     python capsfusion.py --stage eval --data heldout.jsonl --out runs/eval --out-field capsfus
     python -m common.clip_train --train-manifest laion.fused.jsonl --test-manifest coco_test.jsonl --text-field fused
 
-What the miniature run shows. Seeds 0, 1, 2 as three single-thread processes side by side on 2 CPU
-cores shared with two other engineers' jobs (load 8-10): 13.2 min wall time each; mean ± std over seeds.
-Fusion quality on the 1000 test images (names kept: of the image's emblem names; raw names kept: of
-the raw caption's capitalised words; hallucinated: colour/shape/name words per caption that nothing
-in the image has; BLEU-4/CIDEr against the teacher):
-    captions    names kept  raw names kept  hallucinated  BLEU-4      CIDEr         words
-    raw         77.0 ± 2.1  100             0.3           0.0         35 ± 2         4.6
-    synthetic    0.0         0              0.3           69.1 ± 0.5  666 ± 8       11.8
-    teacher     77.0 ± 2.1  98.9 ± 0.5      0.2           -           -             13.2
-    fuser       66.3 ± 2.4  86.3 ± 2.4      0.4           83.8 ± 2.2  803 ± 21      13.1
-Scaling, the same mini-ViT-8 CLIP, one epoch of batch 64 on each subset, retrieval R@5 (%, mean of
-image->text and text->image, 1000 test images, chance 0.5) by training samples:
-    captions            625         1250        2500        5000
-    raw                 0.5 ± 0.1   0.5 ± 0.1   1.9 ± 0.3   2.9 ± 0.2
-    synthetic           0.8 ± 0.3   1.6 ± 0.6   2.5 ± 1.0   8.4 ± 3.3
-    fused               0.7 ± 0.2   1.1 ± 0.5   3.3 ± 1.8  11.3 ± 4.5
-    raw+synthetic mix   0.7 ± 0.1   0.8 ± 0.2   2.6 ± 0.3   2.8 ± 0.2
-(zero-shot attributes at 5000: 44.6 / 45.2 / 46.4 / 43.6, all from the background task; shape,
-colour and the emblem names stay at chance for every caption type.)
-Shown: the distillation works in kind. The fuser learns the merge from 5000 teacher triplets in 313
-steps: it restores 66% of the names the synthetic captions lose entirely (the teacher: 77%), and its
-captions are far closer to the teacher's than the synthetic captions are. It falls short of the
-teacher by 11 points of names (it attaches some names to the wrong object or drops them) and
-hallucinates slightly more (0.4 against 0.2 words). Fused captions train the best CLIP at 5000 samples
-and raw captions, noisy and short, the worst, with the mix no better than raw, as in the paper.
-Not shown: the paper's scalability claim. At one epoch of at most 5000 samples (79 steps) every curve
-is still in its steep first rise, so nothing can saturate, and fused beats synthetic by less than the
-spread over seeds (seed by seed: 16.0/5.7, 12.8/13.1, 5.2/6.3). No caption type teaches the emblem
-names, so the world-knowledge advantage of fused captions does not reach zero-shot accuracy at this
-size. Raising --scaling-epochs or --sizes (with a larger world) is the knob; it was not tuned here.
-The world is a controlled caricature (template captions, a template teacher, a 0.36M-parameter
-student, a 5M-parameter CLIP far from convergence), not evidence about the paper's data or effects.
+Results: docs/capsfusion.md. Its miniature tables predate the text-only teacher and the scaling arm
+trained on the fuser's output (they were measured with a teacher that read the scene labels and a
+`fused` arm trained on that teacher's captions); a re-run is pending. The world is a controlled
+caricature (template captions, a template teacher, a 0.36M-parameter student, a 5M-parameter CLIP
+far from convergence), not evidence about the paper's data or effects.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -163,9 +142,9 @@ class Args:
     synthetic_field: str = "synthetic_caption"
     """field of the synthetic caption (sentence 2), written by caption"""
     fused_field: str = "fused"
-    """field of the teacher's fusion: what sft learns, what eval compares against, what scaling trains on"""
+    """field of the teacher's fusion: what sft learns, what eval compares against, scaling's `teacher` reference arm"""
     out_field: str = "fused"
-    """field that fuse writes (use another name to keep a teacher's fusion beside the fuser's)"""
+    """field that fuse writes and scaling's `fused` arm trains on (another name keeps a teacher's fusion beside it)"""
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     """torch device (under torchrun each rank takes cuda:LOCAL_RANK)"""
     seed: int = 0
@@ -221,6 +200,8 @@ class Args:
     """LoRA scale numerator (scale = alpha / r)"""
     lora_dropout: float = 0.05
     """dropout on the LoRA input"""
+    lora_base_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """weights dtype of the frozen base model under --lora on CUDA (CPU: float32; full fine-tuning: float32)"""
     grad_checkpointing: bool = False
     """recompute activations in backward (long prompts, big models)"""
     checkpoint_every: int = 500
@@ -484,14 +465,20 @@ def sft_recipe(args: Args) -> dict:
                                                    "lora_r", "lora_alpha", "seed", "fused_field")}
 
 
+def sft_dtype(args: Args, device: str) -> torch.dtype:
+    """Weights dtype of the SFT model: float32 when its weights train, --lora-base-dtype for a frozen LoRA base on CUDA."""
+    return getattr(torch, args.lora_base_dtype) if args.lora and device.startswith("cuda") else torch.float32
+
+
 def stage_sft(args: Args, records: list[dict]) -> dict:
     """Step 3: fine-tune --base-model on the triplets; the fuser is saved to out/fuser."""
     rank, world_size, device = init_distributed(args.device)
     torch.manual_seed(args.seed)
-    tokenizer, model = load_fuser(args.base_model, "--base-model", args, device, torch.float32)
+    tokenizer, model = load_fuser(args.base_model, "--base-model", args, device, sft_dtype(args, device))
     if args.lora:
         from peft import LoraConfig, get_peft_model
 
+        # the adapters train in float32 over a half-precision frozen base (peft's autocast_adapter_dtype)
         model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
     if args.grad_checkpointing:
@@ -536,11 +523,14 @@ def stage_sft(args: Args, records: list[dict]) -> dict:
         for first in range(0, len(mine), args.micro_batch_size):
             batch = {k: v.to(device) for k, v in pad_batch(mine[first:first + args.micro_batch_size],
                                                            tokenizer.pad_token_id).items()}
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                logits = ddp(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (b, T, V)
-            nll, _ = response_loss(logits, batch["labels"])
-            # DDP averages gradients over ranks: scale by world_size so the sum is the global token mean
-            (nll * world_size / tokens).backward()
+            # accumulate locally; DDP all-reduces the gradients once, in the step's last backward pass
+            last = first + args.micro_batch_size >= len(mine)
+            with contextlib.nullcontext() if ddp is model or last else ddp.no_sync():
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                    logits = ddp(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (b, T, V)
+                nll, _ = response_loss(logits, batch["labels"])
+                # DDP averages gradients over ranks: scale by world_size so the sum is the global token mean
+                (nll * world_size / tokens).backward()
             total += nll.detach()
         if world_size > 1:
             dist.all_reduce(total)
@@ -632,18 +622,25 @@ def stage_eval(args: Args, records: list[dict]) -> dict:
 # Scaling: the same CLIP on raw, synthetic, fused and mixed captions at growing data sizes
 # =============================================================================================
 
-CAPTION_TYPES = ("raw", "synthetic", "fused", "raw+synthetic mix")
+MIX = "raw+synthetic mix"
 
 
-def scaling_texts(records: list[dict], kind: str, args: Args):
+def caption_fields(args: Args, records: list[dict]) -> dict[str, str]:
+    """{caption type: field} of the scaling arms: `fused` is the fuser's output (--out-field, what `fuse` writes);
+    `teacher`, a reference line, the teacher's --fused-field when that is another field and every record has it."""
+    fields = {"raw": args.raw_field, "synthetic": args.synthetic_field, "fused": args.out_field}
+    if args.fused_field != args.out_field and all(args.fused_field in r for r in records):
+        fields["teacher"] = args.fused_field
+    return fields
+
+
+def scaling_texts(records: list[dict], kind: str, fields: dict[str, str]):
     """The `texts_for(indices, rng)` callback of train_clip for one caption type."""
-    raw = [clean(r[args.raw_field]) for r in records]
-    synthetic = [clean(r[args.synthetic_field]) for r in records]
-    fused = [clean(r[args.fused_field]) for r in records]
-    if kind == "raw+synthetic mix":
+    if kind == MIX:
+        raw, synthetic = ([clean(r[fields[k]]) for r in records] for k in ("raw", "synthetic"))
         # each time sample i is drawn: t_i = r_i if u < 0.5 else s_i, u ~ U(0, 1) fresh per draw
         return lambda idx, rng: [raw[i] if u < 0.5 else synthetic[i] for i, u in zip(idx, rng.random(len(idx)))]
-    texts = {"raw": raw, "synthetic": synthetic, "fused": fused}[kind]
+    texts = [clean(r[fields[kind]]) for r in records]
     return lambda idx, rng: [texts[i] for i in idx]
 
 
@@ -660,23 +657,24 @@ def evaluate_clip(model, tokenizer, preprocess, records: list[dict], images: tor
 
 def stage_scaling(args: Args, train_records: list[dict], test_records: list[dict]) -> dict:
     """Step 5: {caption type: [metrics at each size]}; CLIP from scratch on the first n samples, one epoch."""
-    usable = [r for r in train_records if all(clean(r.get(f)) for f in (args.raw_field, args.synthetic_field, args.fused_field))]
+    fields = caption_fields(args, train_records)
+    usable = [r for r in train_records if all(clean(r.get(f)) for f in fields.values())]
     if len(usable) < len(train_records):
-        log.warning("scaling: %d samples without all three captions dropped", len(train_records) - len(usable))
+        log.warning("scaling: %d samples without all of %s dropped", len(train_records) - len(usable), sorted(fields.values()))
     sizes = sorted(n for n in args.sizes if n <= len(usable))
     if not sizes:
         raise ValueError(f"--sizes {args.sizes}: none fits the {len(usable)} usable training samples")
     _, preprocess, _ = create_clip(args.clip_model)
     images = preprocess_images(usable[:sizes[-1]], preprocess)  # (N, 3, H, W), nested subsets share it
     test_images = preprocess_images(test_records, preprocess)
-    curves = {kind: [] for kind in CAPTION_TYPES}
-    for kind in CAPTION_TYPES:
+    curves = {kind: [] for kind in [*fields, MIX]}
+    for kind in curves:
         for n in sizes:
             steps = max(1, math.ceil(args.scaling_epochs * n / args.clip_batch_size))
             model, preprocess, tokenizer = create_clip(args.clip_model, seed=args.seed)
             config = TrainConfig(steps=steps, batch_size=args.clip_batch_size, lr=args.clip_lr,
                                  warmup=max(1, steps // 10), seed=args.seed)
-            history = train_clip(model, tokenizer, images[:n], scaling_texts(usable[:n], kind, args), config, progress=False)
+            history = train_clip(model, tokenizer, images[:n], scaling_texts(usable[:n], kind, fields), config, progress=False)
             metrics = evaluate_clip(model, tokenizer, preprocess, test_records, test_images)
             curves[kind].append({"samples": n, "steps": steps, "final_loss": history[-1]["loss"], **metrics})
             log.info("scaling %s n=%d: R@5 %.1f", kind, n, metrics["retrieval_R@5"])
@@ -697,9 +695,11 @@ def plot_scaling(runs: list[dict], path: Path) -> None:
     metrics = [m for m in PLOTTED if m in runs[0]["curves"]["raw"][0]]
     figure, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.6), squeeze=False)
     for axis, metric in zip(axes[0], metrics):
-        for kind in CAPTION_TYPES:
+        for kind in runs[0]["curves"]:
             values = np.array([[point[metric] for point in run["curves"][kind]] for run in runs])  # (seeds, sizes)
-            axis.errorbar(runs[0]["sizes"], values.mean(0), yerr=values.std(0), marker="o", capsize=3, label=kind)
+            reference = kind == "teacher"  # the teacher's own fusion: a reference line, not an arm of the comparison
+            axis.errorbar(runs[0]["sizes"], values.mean(0), yerr=values.std(0), marker="o", capsize=3,
+                          linestyle="--" if reference else "-", label=f"{kind} (reference)" if reference else kind)
         axis.set(xscale="log", xlabel="training samples", ylabel="%", title=PLOTTED[metric])
     axes[0][0].legend()
     figure.tight_layout()
@@ -745,24 +745,26 @@ def summary_table(fusion: list[dict], scaling: list[dict], args: Args, seconds: 
 
     columns = ("names_kept", "raw_names_kept", "hallucinated", "BLEU-4", "CIDEr", "length")
     lines = [f"# CapsFusion in the miniature world ({args.seeds} seed(s), {seconds / 60:.1f} min)", "",
-             "Fusion quality on the test split. teacher = the world's template `fused` (stands in for ChatGPT); "
-             "fuser = the tiny Llama distilled from it (CapsFus-LLaMA's part); BLEU-4/CIDEr against the teacher.", "",
+             "Fusion quality on the test split. teacher = the world's template `fused`, a function of the raw and "
+             "synthetic captions (stands in for ChatGPT); fuser = the tiny Llama distilled from it (CapsFus-LLaMA's "
+             "part); BLEU-4/CIDEr against the teacher.", "",
              "| captions | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for row in fusion[0]:
         cells = [cell([run[row][c] for run in fusion]) if c in fusion[0][row] else "-" for c in columns]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     sizes = scaling[0]["sizes"]
     for metric, title in PLOTTED.items():
-        lines += ["", f"Scaling, {title}, by training samples (one epoch each):", "",
+        lines += ["", f"Scaling, {title}, by training samples (one epoch each; fused = the fuser's fusion of the "
+                  "training split, teacher = the teacher's, a reference):", "",
                   "| captions | " + " | ".join(map(str, sizes)) + " |", "|---" * (len(sizes) + 1) + "|"]
-        for kind in CAPTION_TYPES:
+        for kind in scaling[0]["curves"]:
             lines.append(f"| {kind} | " + " | ".join(cell([run["curves"][kind][i][metric] for run in scaling])
                                                     for i in range(len(sizes))) + " |")
     return "\n".join(lines) + "\n"
 
 
 def run_miniature(args: Args) -> dict:
-    """sft -> fuse (test split) -> eval -> scaling on worlds of seeds seed..seed+seeds-1; table, plot and JSON in out/."""
+    """sft -> fuse (test and train splits) -> eval -> scaling on worlds of seeds seed..; table, plot and JSON in out/."""
     began, out = time.time(), Path(args.out)
     fusion, scaling, timings = [], [], []
     for seed in range(args.seed, args.seed + args.seeds):
@@ -774,13 +776,16 @@ def run_miniature(args: Args) -> dict:
                                        raw_field="alt_text", synthetic_field="synthetic_caption", fused_field="fused")
         stage_sft(sft_args, train_records)
         clock["sft"] = time.time()
-        fused_path = run / "test.capsfus.jsonl"
-        fused_path.unlink(missing_ok=True)
-        stage_fuse(dataclasses.replace(sft_args, llm=str(run / "fuser"), out=str(fused_path), out_field="capsfus"),
-                   test_records)
+        fuse_args, fused = dataclasses.replace(sft_args, llm=str(run / "fuser"), out_field="capsfus"), {}
+        # the test split for eval; the training samples that scaling uses, as the paper scales the fuser's output
+        for split, records in (("test", test_records), ("train", train_records[:max(args.sizes)])):
+            path = run / f"{split}.capsfus.jsonl"
+            path.unlink(missing_ok=True)
+            stage_fuse(dataclasses.replace(fuse_args, out=str(path)), records)
+            fused[split] = read_manifest(path)
         clock["fuse"] = time.time()
-        fusion.append(stage_eval(dataclasses.replace(sft_args, out=str(run), out_field="capsfus"), read_manifest(fused_path)))
-        scaling.append(stage_scaling(sft_args, train_records, test_records))
+        fusion.append(stage_eval(dataclasses.replace(fuse_args, out=str(run)), fused["test"]))
+        scaling.append(stage_scaling(fuse_args, fused["train"], test_records))  # fused: `capsfus`; teacher: `fused`
         clock["scaling"] = time.time()
         timings.append({stage: clock[stage] - clock[previous] for previous, stage in zip(clock, list(clock)[1:])})
         print(f"seed {seed}: fuser names kept {fusion[-1]['fuser']['names_kept']:.1f}%, CIDEr vs teacher "
@@ -806,7 +811,9 @@ def main(argv=None) -> dict:
         return run_miniature(args)
     if args.data is None:
         raise ValueError(f"--stage {args.stage} needs --data (an input manifest)")
-    records = read_manifest(args.data)
+    # fusion is text only: sft and eval read triplet files without images (fuse's writer, common.data.generate_sharded,
+    # still needs a local `image` on every record)
+    records = read_manifest(args.data, required=("id", "image") if args.stage in ("caption", "scaling") else ("id",))
     if args.stage == "caption":
         return stage_caption(args, records)
     if args.stage == "fuse":

@@ -1,10 +1,16 @@
 """capsfusion.py: the official prompt, the 256-token cap, the SFT label mask, fuse with a tiny random LLM
 (one line per input, resume after a kill), empty captions, caption -> fuse -> eval through manifests,
-SFT (resume, NaN, LoRA), and the miniature main()."""
+SFT (resume, NaN, LoRA over a half-precision base, one gradient all-reduce a step), the scaling arms,
+and the miniature main(). Real architectures at tiny width, offline: BLIP-large's for `caption`,
+LLaMA-2-13B's (fp16, as shipped) for `sft` / `fuse`, including `torchrun --nproc-per-node 2` fuse,
+open_clip ViT-B-32 for `scaling`."""
 
+import contextlib
 import json
 import os
 import socket
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +20,7 @@ import torch.multiprocessing as mp
 import capsfusion
 from common.data import read_manifest, write_manifest
 from common.miniature import WorldConfig, ensure_world
+from tests.realarch import run_torchrun, save_hf, serve_open_clip_tag
 
 TINY_WORLD = WorldConfig(n_train=64, n_val=6, n_test=24)
 # The prompt of baaivision/CapsFusion capsfusion_inference.py, written out here independently.
@@ -34,6 +41,39 @@ def world(tmp_path_factory):
 def tiny_llm(world, tmp_path_factory):
     """A random 2-layer Llama with the miniature word-level tokenizer, saved as a local folder."""
     return capsfusion.miniature_fuser(read_manifest(world / "train.jsonl"), tmp_path_factory.mktemp("llm") / "base", 0)
+
+
+@pytest.fixture(scope="module")
+def llama2(tmp_path_factory):
+    """meta-llama/Llama-2-13b-hf's classes and structural settings at tiny width, saved in fp16 as it ships.
+
+    LlamaForCausalLM (SiLU MLP without biases, RMSNorm eps 1e-5, as many key/value heads as heads, untied
+    output embedding, 4096 positions) and a LlamaTokenizer (byte-fallback BPE, BOS added, no pad token),
+    its 600-token vocabulary trained on the prompt instead of LLaMA's 32000.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+
+    bpe = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    texts = [capsfusion.FUSION_PROMPT, "a red circle with the Aldora emblem on grass, stock photo"]
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False))
+    bpe_model = json.loads(bpe.to_str())["model"]
+    tokenizer = LlamaTokenizer(vocab=bpe_model["vocab"], merges=[tuple(m) for m in bpe_model["merges"]], add_bos_token=True)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, hidden_act="silu", rms_norm_eps=1e-5,
+                         max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("llama2") / "Llama-2-13b-hf"
+    save_hf(LlamaForCausalLM(config), folder, torch.float16)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def text_only(records: list[dict]) -> list[dict]:
+    """Triplets as a teacher's file holds them: no image."""
+    return [{k: r[k] for k in ("id", "alt_text", "synthetic_caption", "fused")} for r in records]
 
 
 def word_tokenizer():
@@ -168,22 +208,30 @@ def test_missing_weights_name_the_flag(world, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_blip(tmp_path_factory):
-    """A random BLIP captioner (the paper's family) with a small BERT vocabulary, saved as a local folder."""
+    """Salesforce/blip-image-captioning-large's classes and structural settings at tiny width, fp32 as it ships.
+
+    BlipForConditionalGeneration, BlipProcessor (BlipImageProcessor at 384 pixels with CLIP's mean/std, a
+    BERT tokenizer with [DEC] as BOS), vision patch 16 at 384, text cross-attending to the vision width,
+    decoding from [DEC] to [SEP]; a 19-word vocabulary instead of BERT's 30524.
+    """
     from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
                               BlipProcessor, BlipTextConfig, BlipVisionConfig)
 
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "a", "red", "blue", "circle", "square", "on",
-             "grass", "sand", "photo", "of", "with", "the"]
-    folder = tmp_path_factory.mktemp("blip")
-    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(words)}, bos_token="[DEC]")
-    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer).save_pretrained(folder)
-    vision = BlipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=32, patch_size=16)
+             "grass", "sand", "photo", "of", "with", "the", "[ENC]"]
+    folder = tmp_path_factory.mktemp("blip") / "blip-image-captioning-large"
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(words)}, bos_token="[DEC]", do_lower_case=True)
+    images = BlipImageProcessor(size={"height": 384, "width": 384}, image_mean=[0.48145466, 0.4578275, 0.40821073],
+                                image_std=[0.26862954, 0.26130258, 0.27577711])
+    BlipProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
+    vision = BlipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=384, patch_size=16, layer_norm_eps=1e-5)
     text = BlipTextConfig(vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                          num_attention_heads=2, encoder_hidden_size=16, bos_token_id=5, sep_token_id=3,
+                          num_attention_heads=2, encoder_hidden_size=32, bos_token_id=5, sep_token_id=3,
                           eos_token_id=3, pad_token_id=0)
     torch.manual_seed(0)
-    BlipForConditionalGeneration(BlipConfig(vision_config=vision.to_dict(), text_config=text.to_dict())).save_pretrained(folder)
+    save_hf(BlipForConditionalGeneration(BlipConfig(vision_config=vision.to_dict(), text_config=text.to_dict())), folder,
+            torch.float32)
     return folder
 
 
@@ -253,17 +301,72 @@ def test_sft_resumes_stops_on_nan_and_saves_a_loadable_fuser(triplets16, tiny_ll
     assert not (tmp_path / "nan" / "sft_state.pt").exists()
 
 
-def test_lora_sft_merges_adapters_into_the_saved_fuser(triplets16, tiny_llm, tmp_path):
+def test_lora_sft_of_the_fp16_llama2_checkpoint_from_a_text_only_triplet_file(world, llama2, tmp_path):
+    """The header's sft command (--lora --grad-checkpointing) on LLaMA-2's architecture, from triplets without images."""
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    result = capsfusion.main(SFT_FLAGS + ["--data", str(triplets16), "--base-model", str(tiny_llm), "--lora",
-                                          "--lora-r", "4", "--out", str(tmp_path)])
-    base = AutoModelForCausalLM.from_pretrained(tiny_llm)
-    fuser = AutoModelForCausalLM.from_pretrained(result["fuser"])  # a plain causal LM, no peft needed to load it
-    assert set(fuser.state_dict()) == set(base.state_dict())
+    write_manifest(tmp_path / "chatgpt_triplets.jsonl", text_only(read_manifest(world / "train.jsonl")[:8]))
+    result = capsfusion.main(["--stage", "sft", "--data", str(tmp_path / "chatgpt_triplets.jsonl"), "--out",
+                              str(tmp_path / "capsfus"), "--base-model", str(llama2), "--lora", "--lora-r", "4",
+                              "--micro-batch-size", "2", "--grad-checkpointing", "--epochs", "1", "--batch-size", "4",
+                              "--lr", "1e-2", "--device", "cpu"])
+    assert result["steps"] == 2 and result["triplets"] == 8 and all(np.isfinite(h["loss"]) for h in result["history"])
+    base = load_file(llama2 / "model.safetensors")
+    assert base["model.norm.weight"].dtype == torch.float16  # the checkpoint is half precision ...
+    trained = torch.load(tmp_path / "capsfus" / "sft_state.pt", weights_only=True)["trainable"]
+    assert trained and all("lora_" in k and v.dtype == torch.float32 for k, v in trained.items())  # ... the CPU run is not
+    fuser = AutoModelForCausalLM.from_pretrained(result["fuser"], dtype=torch.float32)  # merged: no peft needed to load
+    state = fuser.state_dict()
+    assert set(state) == set(base) and load_file(Path(result["fuser"]) / "model.safetensors")["lm_head.weight"].dtype == torch.float32
     weight = "model.layers.0.self_attn.q_proj.weight"
-    assert not torch.equal(fuser.state_dict()[weight], base.state_dict()[weight])
-    assert torch.equal(fuser.state_dict()["model.norm.weight"], base.state_dict()["model.norm.weight"])  # frozen
+    assert not torch.equal(state[weight], base[weight].float())
+    assert torch.equal(state["model.norm.weight"], base["model.norm.weight"].float())  # frozen
+
+
+@pytest.mark.parametrize("device, lora, dtype", [("cuda", True, torch.bfloat16), ("cuda", False, torch.float32),
+                                                 ("cpu", True, torch.float32)])
+def test_lora_loads_the_frozen_base_in_bf16_on_cuda(triplets16, device, lora, dtype, monkeypatch):
+    """A 13B base in float32 is 52 GB a rank; frozen under LoRA it needs only bf16. Trained weights stay float32."""
+    loaded = []
+
+    def load_fuser(name, flag, args, device, dtype):
+        loaded.append(dtype)
+        raise InterruptedError  # the weights' dtype is what this test is about: stop before anything runs on CUDA
+
+    monkeypatch.setattr(capsfusion, "load_fuser", load_fuser)
+    with pytest.raises(InterruptedError):
+        capsfusion.main(["--stage", "sft", "--data", str(triplets16), "--device", device, "--out", "unused"]
+                        + ["--lora"] * lora)
+    assert loaded == [dtype]
+
+
+def test_ddp_all_reduces_gradients_once_per_step_not_per_micro_batch(triplets16, tiny_llm, tmp_path, monkeypatch):
+    """Two micro-batches a step: the first runs under no_sync, DDP's gradient all-reduce fires in the second only."""
+    synced = []
+
+    class CountingDDP(torch.nn.parallel.DistributedDataParallel):
+        def __init__(self, module, **kwargs):
+            super().__init__(module, **kwargs)
+
+            def hook(state, bucket):  # replaces the bucket's all-reduce: count the last bucket of each backward
+                synced.append(bucket.is_last())
+                future = torch.futures.Future()
+                future.set_result(bucket.buffer())
+                return future
+
+            self.register_comm_hook(None, hook)
+
+    # a one-process gloo group that stage_sft takes for rank 0 of 2: DDP wraps the model, the data is rank 0's half
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", CountingDDP)
+    try:
+        result = capsfusion.main(["--stage", "sft", "--data", str(triplets16), "--base-model", str(tiny_llm), "--epochs", "1",
+                                  "--batch-size", "8", "--micro-batch-size", "2", "--device", "cpu", "--out", str(tmp_path)])
+    finally:
+        torch.distributed.destroy_process_group()
+    assert result["steps"] == 2 and sum(synced) == 2  # per micro-batch (the old loop): 4
 
 
 def _free_port() -> int:
@@ -287,7 +390,9 @@ def _sft_and_fuse_rank(rank: int, port: int, sft_argv: list, fuse_argv: list, re
 
 @pytest.mark.slow  # two spawned interpreters: 30-80 s on busy cores
 def test_two_gloo_processes_match_one_process(world, triplets16, tiny_llm, tmp_path):
-    sft_argv = SFT_FLAGS + ["--data", str(triplets16), "--base-model", str(tiny_llm)]
+    # two micro-batches a rank and step: the first accumulates under no_sync, the second all-reduces
+    sft_argv = [("2" if flag == "4" else flag) for flag in SFT_FLAGS] + ["--data", str(triplets16), "--base-model", str(tiny_llm)]
+    assert sft_argv[sft_argv.index("--micro-batch-size") + 1] == "2"
     single = capsfusion.main(sft_argv + ["--out", str(tmp_path / "one")])
     fuse_argv = ["--stage", "fuse", "--data", str(world / "val.jsonl"), "--out", str(tmp_path / "two" / "fused.jsonl"),
                  "--llm", str(tmp_path / "two" / "fuser"), "--max-new-tokens", "4", "--device", "cpu"]
@@ -306,24 +411,100 @@ def test_two_gloo_processes_match_one_process(world, triplets16, tiny_llm, tmp_p
     assert [r["id"] for r in fused] == [r["id"] for r in read_manifest(world / "val.jsonl")]
 
 
+def test_torchrun_fuse_in_two_ranks_equals_one_process(world, llama2, tmp_path):
+    """The header's `torchrun ... --stage fuse` in 2 gloo ranks with LLaMA-2's architecture (fp16 on disk, fp32 on CPU)."""
+    argv = ["--stage", "fuse", "--data", str(world / "val.jsonl"), "--llm", str(llama2), "--max-new-tokens", "4",
+            "--gen-batch-size", "2", "--device", "cpu"]
+    one = capsfusion.main(argv + ["--out", str(tmp_path / "one" / "fused.jsonl")])
+    run_torchrun("capsfusion.py", argv + ["--out", str(tmp_path / "two" / "fused.jsonl")])
+    inputs = read_manifest(world / "val.jsonl")
+    single, sharded = read_manifest(tmp_path / "one" / "fused.jsonl"), read_manifest(tmp_path / "two" / "fused.jsonl")
+    assert one["written"] == len(inputs) and [r["id"] for r in sharded] == [r["id"] for r in inputs]  # all, in order
+    assert [(r["fused"], r["fused_source"]) for r in sharded] == [(r["fused"], r["fused_source"]) for r in single]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["fused.jsonl", "fused.rank0-of-2.jsonl",
+                                                                    "fused.rank1-of-2.jsonl"]
+
+
+@pytest.mark.xfail(strict=True, reason="common.data.generate_sharded re-roots every record's `image` as a local path: "
+                   "a KeyError without one, a URL made into a path. The fix belongs there; then drop this mark")
+def test_fuse_reads_text_only_triplets_and_keeps_image_urls(world, tiny_llm, tmp_path):
+    triplets = text_only(read_manifest(world / "val.jsonl")[:3])
+    triplets[1]["image"] = "https://example.com/images/000001.jpg"
+    write_manifest(tmp_path / "heldout_triplets.jsonl", triplets)
+    counts = capsfusion.main(["--stage", "fuse", "--data", str(tmp_path / "heldout_triplets.jsonl"), "--out",
+                              str(tmp_path / "out" / "heldout.jsonl"), "--out-field", "capsfus", "--llm", str(tiny_llm),
+                              "--max-new-tokens", "4", "--device", "cpu"])
+    out = read_manifest(tmp_path / "out" / "heldout.jsonl", required=("id",))
+    assert counts["written"] == 3 and [r["id"] for r in out] == [r["id"] for r in triplets]
+    assert "image" not in out[0] and out[1]["image"] == triplets[1]["image"] and all(r["capsfus"] for r in out)
+
+
 # ---- scaling and the default run, in miniature -----------------------------------------------------------
 
 
-def test_scaling_on_a_plain_manifest_writes_curves_and_plot(world, tmp_path):
+def recording_train_clip(monkeypatch, train=True) -> list:
+    """Patch capsfusion.train_clip to record, call by call, the texts it would draw for all its images."""
+    calls, real = [], capsfusion.train_clip
+
+    def train_clip(model, tokenizer, images, texts_for, config, **kwargs):
+        calls.append(texts_for(list(range(len(images))), np.random.default_rng(0)))
+        return real(model, tokenizer, images, texts_for, config, **kwargs) if train else [{"loss": 0.0}]
+
+    monkeypatch.setattr(capsfusion, "train_clip", train_clip)
+    return calls
+
+
+def test_scaling_trains_each_arm_on_its_own_captions_with_vit_b_32(world, tmp_path, monkeypatch):
+    """The docs' scaling command (open_clip ViT-B-32 from scratch, tiny width): fused = the fuser's --out-field,
+    teacher = --fused-field, a reference arm; every arm on the same images."""
+    serve_open_clip_tag(monkeypatch, tmp_path, "ViT-B-32")
     plain = [{"id": r["id"], "image": str(world / r["image"]), "caption": r["caption"], "alt_text": r["alt_text"],
-              "synthetic_caption": r["synthetic_caption"], "fused": r["fused"]} for r in read_manifest(world / "train.jsonl")]
-    plain[3]["fused"] = ""  # dropped: every caption type must train on the same images
-    write_manifest(tmp_path / "train.jsonl", plain[:40])
-    write_manifest(tmp_path / "test.jsonl", plain[40:56])
+              "synthetic_caption": r["synthetic_caption"], "fused": r["fused"], "capsfus": f"fuser: {r['synthetic_caption']}"}
+             for r in read_manifest(world / "train.jsonl")]
+    plain[3]["capsfus"] = ""  # dropped: every caption type must train on the same images
+    write_manifest(tmp_path / "train.jsonl", plain[:24])
+    write_manifest(tmp_path / "test.jsonl", plain[40:48])
+    calls = recording_train_clip(monkeypatch)
     result = capsfusion.main(["--stage", "scaling", "--data", str(tmp_path / "train.jsonl"), "--scaling-data",
-                              str(tmp_path / "test.jsonl"), "--sizes", "8", "16", "100", "--clip-model", "micro-ViT-16",
-                              "--clip-batch-size", "8", "--out", str(tmp_path / "out")])
-    assert result["sizes"] == [8, 16]  # 100 > the 39 usable samples
-    for kind in capsfusion.CAPTION_TYPES:
-        assert [point["steps"] for point in result["curves"][kind]] == [1, 2]
-        assert all(0 <= point["retrieval_R@5"] <= 100 for point in result["curves"][kind])
+                              str(tmp_path / "test.jsonl"), "--out-field", "capsfus", "--sizes", "8", "16", "100",
+                              "--clip-model", "ViT-B-32", "--clip-batch-size", "8", "--out", str(tmp_path / "out")])
+    assert result["sizes"] == [8, 16]  # 100 > the 23 usable samples
+    assert list(result["curves"]) == ["raw", "synthetic", "fused", "teacher", "raw+synthetic mix"]
+    usable = plain[:3] + plain[4:24]
+    expected = {kind: [capsfusion.clean(r[field]) for r in usable] for kind, field in
+                (("raw", "alt_text"), ("synthetic", "synthetic_caption"), ("fused", "capsfus"), ("teacher", "fused"))}
+    runs = [(kind, n) for kind in result["curves"] for n in result["sizes"]]
+    assert len(calls) == len(runs)
+    for (kind, n), texts in zip(runs, calls):
+        if kind == "raw+synthetic mix":
+            assert all(t in (r, s) for t, r, s in zip(texts, expected["raw"], expected["synthetic"]))
+            assert set(texts) & set(expected["raw"]) and set(texts) & set(expected["synthetic"])
+        else:
+            assert texts == expected[kind][:n]
+    for kind, curve in result["curves"].items():
+        assert [point["steps"] for point in curve] == [1, 2] and all(np.isfinite(point["final_loss"]) for point in curve)
     assert json.loads((tmp_path / "out" / "scaling.json").read_text()) == result
     assert (tmp_path / "out" / "scaling.png").stat().st_size > 0
+    # fuse writes `fused` by default, the field the teacher's triplets also use: then there is no teacher arm
+    assert list(capsfusion.caption_fields(capsfusion.Args(), plain)) == ["raw", "synthetic", "fused"]
+
+
+def test_miniature_scales_the_fusers_captions_of_the_training_split(tmp_path, monkeypatch):
+    """The paper scales CapsFus-LLaMA's output: the fused arm trains on the fuser's fusion, the teacher's is a reference."""
+    calls = recording_train_clip(monkeypatch, train=False)  # which texts each arm gets; CLIP training is tested above
+    results = capsfusion.main(["--world.n-train", "40", "--world.n-val", "2", "--world.n-test", "8", "--sizes", "16", "32",
+                               "--clip-model", "micro-ViT-16", "--max-new-tokens", "6", "--out", str(tmp_path)])
+    world = ensure_world(WorldConfig(n_train=40, n_val=2, n_test=8))
+    train = read_manifest(world / "train.jsonl")[:32]
+    fuser = read_manifest(tmp_path / "seed0" / "train.capsfus.jsonl")
+    assert [r["id"] for r in fuser] == [r["id"] for r in train]
+    curves = results["scaling"][0]["curves"]
+    assert list(curves) == ["raw", "synthetic", "fused", "teacher", "raw+synthetic mix"]
+    by_arm = dict(zip(curves, calls[1::2]))  # the 32-sample run of each arm (runs go arm by arm, size by size)
+    assert by_arm["fused"] == [r["capsfus"] for r in fuser] != by_arm["teacher"]
+    assert by_arm["teacher"] == [r["fused"] for r in train] and by_arm["raw"] == [r["alt_text"] for r in train]
+    table = (tmp_path / "results.md").read_text()
+    assert "| teacher |" in table and "| fuser |" in table
 
 
 @pytest.mark.slow  # sft, fuse, eval and 8 CLIP trainings: 20-60 s on 2 busy cores
@@ -336,10 +517,10 @@ def test_miniature_main_writes_table_plot_and_json(tmp_path):
     assert fusion["teacher"]["names_kept"] > fusion["synthetic"]["names_kept"] == 0.0
     assert "CIDEr" in fusion["fuser"] and "CIDEr" not in fusion["teacher"]
     curves = results["scaling"][0]["curves"]
-    assert set(curves) == set(capsfusion.CAPTION_TYPES) and all(len(c) == 2 for c in curves.values())
+    assert set(curves) == {"raw", "synthetic", "fused", "teacher", "raw+synthetic mix"} and all(len(c) == 2 for c in curves.values())
     assert all(np.isfinite(point["final_loss"]) and point["steps"] == point["samples"] // 16
                for c in curves.values() for point in c)
     assert (tmp_path / "scaling.png").stat().st_size > 0
     table = (tmp_path / "results.md").read_text()
-    assert all(f"| {kind} |" in table for kind in capsfusion.CAPTION_TYPES) and "| fuser |" in table
+    assert all(f"| {kind} |" in table for kind in curves) and "| fuser |" in table
     assert json.loads((tmp_path / "results.json").read_text())["fusion"][0] == fusion
