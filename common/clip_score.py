@@ -18,11 +18,18 @@ is 0 there. DiCO's official evaluation drops the prefix and the clamp; this modu
 reference metrics and says so (PAPERS.md).
 
 Models: `load_clip(name, pretrained)` takes an open_clip architecture with a pretrained tag or a
-local checkpoint file; `load_clip("ViT-B-32", pacs_checkpoint=path)` loads the PAC-S fine-tuned
-state dict (OpenAI layout, key "state_dict", every weight) into OpenAI's ViT-B/32 architecture;
-`load_clip("miniature")` is the miniature world's scorer (trained on first use, then cached).
+local checkpoint file. A tag brings its own settings (open_clip.get_pretrained_cfg: QuickGELU for
+OpenAI's weights, mean/std, resize), and its weights come from the Hugging Face cache, else from one
+download when the Hub answers (HF_HUB_OFFLINE, or no network: an error at once, not minutes of
+retries). `load_clip("ViT-B-32", pacs_checkpoint=path)` loads the PAC-S fine-tuned state dict
+(OpenAI layout, key "state_dict", every weight) into OpenAI's ViT-B/32 architecture (QuickGELU);
+`load_clip("miniature")` is the miniature world's scorer (trained on first use, then cached). What
+cannot be loaded is a ScorerLoadError naming the argument to change.
 
     python -m common.clip_score --manifest test.jsonl --text-field caption --refs-field refs --out scores.json
+
+The command line skips and counts bad samples (--strict: the first is an error naming file, line and
+id); expected errors are one line on stderr and exit status 1.
 """
 
 from __future__ import annotations
@@ -30,10 +37,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
+import huggingface_hub
 import numpy as np
 import open_clip
 import torch
@@ -41,13 +50,15 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from common.data import BadSampleError, SkipCounter, atomic_write_text, image_path, read_manifest
+from common.data import (BadSampleError, ManifestError, SkipCounter, atomic_write_text, image_path,
+                         read_manifest)
 
 CLIP_S_WEIGHT = 2.5  # jmhessel/clipscore: w = 2.5
 PAC_S_WEIGHT = 2.0  # aimagelab/pacscore: w = 2.0
 PREFIX = "A photo depicts "  # both references prepend it to candidates and references
 MINIATURE = "miniature"
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+HUB_PROBE_TIMEOUT_S = 5  # one request, no retries, before a download (see tag_weights)
 
 
 @dataclass
@@ -61,25 +72,80 @@ class ClipBundle:
     name: str
 
 
+class ScorerLoadError(ValueError):
+    """A scorer that cannot be loaded as asked; `argument` names the load_clip argument to change."""
+
+    def __init__(self, message: str, argument: str):
+        super().__init__(message)
+        self.argument = argument
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    return " ".join(str(err).split())[:limit]
+
+
 def load_pacs_state_dict(model: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module:
     """Load a PAC-S checkpoint (OpenAI CLIP layout, {"state_dict": ...}, maybe "module."-prefixed).
 
     open_clip's CLIP uses OpenAI's parameter names, so the state dict loads strictly; a mismatch
-    is an error listing the first differing keys rather than a silently half-loaded scorer.
+    (names or shapes) is an error listing the first differing keys rather than a half-loaded scorer.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"PAC-S checkpoint not found: {path} (pass the file with --pacs-checkpoint)")
+        raise ScorerLoadError(f"pacs_checkpoint={path} not found", "pacs_checkpoint")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
     state = {key.removeprefix("module."): value for key, value in state.items()}
     for key in ("input_resolution", "context_length", "vocab_size"):  # OpenAI JIT extras
         state.pop(key, None)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path} does not match the model: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]} (is it a ViT-B/32 PAC-S checkpoint?)")
+    own = model.state_dict()
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    reshaped = sorted(key for key in own.keys() & state.keys() if own[key].shape != state[key].shape)
+    if missing or unexpected or reshaped:
+        raise ScorerLoadError(f"pacs_checkpoint={path} does not match the model (a checkpoint of another architecture? "
+                              f"PAC-S's is ViT-B/32): missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                              f"other shapes {reshaped[:3]}", "pacs_checkpoint")
+    model.load_state_dict(state)
     return model
+
+
+def _hub_unreachable(url: str) -> str | None:
+    """Why one request to the Hugging Face Hub failed, or None when it answered (any status)."""
+    try:
+        huggingface_hub.get_session().head(url, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception as err:  # whatever stops this request (DNS, refused, timeout, proxy) stops the download too
+        return _one_line(err, 120)
+    return None
+
+
+def tag_weights(model: str, tag: str) -> str:
+    """The local file of an open_clip tag's weights: from the Hugging Face cache, else downloaded.
+
+    open_clip would go to the Hub directly, and huggingface_hub retries a dead connection for ~25 s per
+    file name (~50 s per tag) before failing. Here the cache is read first; then HF_HUB_OFFLINE, or a
+    Hub that does not answer one request, is an error at once; else the download open_clip would make.
+    """
+    repo_id, filename = os.path.split(open_clip.get_pretrained_cfg(model, tag)["hf_hub"])
+    filename = filename or open_clip.pretrained.HF_WEIGHTS_NAME
+    names = [*open_clip.pretrained._get_safe_alternatives(filename), filename]  # open_clip's names, in its order
+    for name in names:
+        try:
+            return open_clip.pretrained.hf_hub_download(repo_id=repo_id, filename=name, local_files_only=True)
+        except FileNotFoundError:  # huggingface_hub's LocalEntryNotFoundError: not cached
+            continue
+    hint = f"or pass pretrained= a local file of the weights ({repo_id} on the Hub)"
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise ScorerLoadError(f"the {model} weights of tag {tag!r} are not in the Hugging Face cache and "
+                              f"HF_HUB_OFFLINE is set: unset it to download them, {hint}", "pretrained")
+    reason = _hub_unreachable(huggingface_hub.hf_hub_url(repo_id, names[0]))
+    if reason is not None:
+        raise ScorerLoadError(f"the {model} weights of tag {tag!r} are not in the Hugging Face cache and the Hugging "
+                              f"Face Hub cannot be reached ({reason}): connect, {hint}", "pretrained")
+    try:
+        return open_clip.pretrained.download_pretrained_from_hf(repo_id, filename=filename)
+    except FileNotFoundError as err:
+        raise ScorerLoadError(f"could not download the {model} weights of tag {tag!r} ({_one_line(err)}): "
+                              f"{hint}", "pretrained") from err
 
 
 def load_clip(model: str, pretrained: str | None = None, device: str | None = None, precision: str = "fp32",
@@ -88,11 +154,13 @@ def load_clip(model: str, pretrained: str | None = None, device: str | None = No
 
     model: an open_clip architecture ("ViT-B-32", "ViT-L-14", "mini-ViT-8"), or "miniature".
     pretrained: an open_clip tag ("openai") or a local checkpoint file; None = random weights
-    (only sensible in tests). pacs_checkpoint: a PAC-S state dict loaded on top.
+    (only sensible in tests). A tag brings its own settings (open_clip.get_pretrained_cfg): activation,
+    mean/std, interpolation, resize mode; the image size is the architecture's. pacs_checkpoint: a PAC-S
+    state dict loaded on top (QuickGELU: PAC-S fine-tuned OpenAI's ViT-B/32). Errors: ScorerLoadError.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+        raise ScorerLoadError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}", "precision")
     if model == MINIATURE:
         from common.clip_train import MINIATURE_MODEL, ensure_miniature_scorer
 
@@ -100,22 +168,27 @@ def load_clip(model: str, pretrained: str | None = None, device: str | None = No
     else:
         import common.clip_train  # noqa: F401  (registers the miniature architectures with open_clip)
     if model not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip architecture {model!r}; see open_clip.list_models()")
+        raise ScorerLoadError(f"unknown open_clip architecture {model!r}; see open_clip.list_models()", "model")
     is_file = pretrained is not None and Path(pretrained).exists()
-    if pretrained is not None and not is_file and pretrained not in open_clip.list_pretrained_tags_by_model(model):
-        raise FileNotFoundError(f"--pretrained {pretrained!r} is neither a file nor an open_clip tag of {model}")
-    # A tag's weights were trained with the tag's activation; open_clip only warns when the architecture's
-    # config disagrees (OpenAI's tags: QuickGELU on configs that say GELU). PAC-S fine-tuned OpenAI's ViT-B/32.
     tag_cfg = open_clip.get_pretrained_cfg(model, pretrained) if pretrained is not None and not is_file else {}
+    if pretrained is not None and not is_file and not tag_cfg:
+        raise ScorerLoadError(f"pretrained={pretrained!r} is neither a file nor an open_clip tag of {model} (its tags: "
+                              f"{', '.join(open_clip.list_pretrained_tags_by_model(model)) or 'none'})", "pretrained")
+    weights = tag_weights(model, pretrained) if tag_cfg else pretrained
+    # The tag's settings are passed by hand: open_clip applies them only to a tag it downloads itself, and even
+    # then only warns where the architecture's activation differs from the one the weights were trained with
+    # (OpenAI's tags: QuickGELU on configs that say GELU).
     force_quick_gelu = bool(tag_cfg.get("quick_gelu")) or (pacs_checkpoint is not None and model.startswith("ViT-B-32"))
     try:
         net, _, preprocess = open_clip.create_model_and_transforms(
-            model, pretrained=pretrained, device=device, precision="fp32", force_quick_gelu=force_quick_gelu)
-    except (RuntimeError, OSError, ValueError) as err:
-        if is_file:
-            raise ValueError(f"cannot load checkpoint {pretrained} into {model}: {err}") from err
-        raise RuntimeError(f"could not get the {model!r} weights {pretrained!r} (no network, or not cached): "
-                           f"pass a local file with --pretrained /path/to/weights ({err})") from err
+            model, pretrained=weights, device=device, precision="fp32", force_quick_gelu=force_quick_gelu,
+            image_mean=tag_cfg.get("mean"), image_std=tag_cfg.get("std"),
+            image_interpolation=tag_cfg.get("interpolation"), image_resize_mode=tag_cfg.get("resize_mode"))
+    except (RuntimeError, AssertionError, ValueError, OSError, pickle.UnpicklingError) as err:
+        # open_clip's own words for a checkpoint of another architecture: a size mismatch, missing keys, or
+        # an AssertionError ("text pos_embed width changed!")
+        raise ScorerLoadError(f"cannot load {weights} (pretrained={pretrained!r}) into {model} (a checkpoint of "
+                              f"another architecture?): {_one_line(err)}", "pretrained") from err
     if pacs_checkpoint is not None:
         load_pacs_state_dict(net, pacs_checkpoint)
     net = net.to(device=device, dtype=PRECISIONS[precision]).eval()
@@ -366,7 +439,7 @@ def score_manifest(args: Args, chunk_size: int = 512) -> dict:
             ref_sims.append(ref_similarity(cand, ref_feats))
         kept += chunk
     if not kept:
-        raise ValueError(f"{args.manifest}: no sample could be scored ({skipped.count} skipped)")
+        raise ManifestError(f"{args.manifest}: no sample could be scored ({skipped.count} skipped)")
     name = {"clip_s": "CLIP-S", "pac_s": "PAC-S"}[metric]
     per_sample = {name: np.concatenate(scores)}
     if args.refs_field:
@@ -382,9 +455,17 @@ def score_manifest(args: Args, chunk_size: int = 512) -> dict:
 
 
 def main(argv=None) -> dict:
+    """The command line. Expected errors (a missing file, a malformed manifest, a bad sample under --strict, a
+    scorer that cannot be loaded) end it with one line on stderr and exit status 1, no traceback."""
     import tyro
 
-    report = score_manifest(tyro.cli(Args, args=argv))
+    args = tyro.cli(Args, args=argv)
+    try:
+        report = score_manifest(args)
+    except ScorerLoadError as err:
+        raise SystemExit(f"error: {_one_line(err, 2000)} (command line: --{err.argument.replace('_', '-')})") from None
+    except (FileNotFoundError, ManifestError, BadSampleError) as err:
+        raise SystemExit(f"error: {_one_line(err, 2000)}") from None
     for metric_name, mean in report["means"].items():
         print(f"{metric_name:>10}: {mean:.4f}  ({len(report['ids'])} samples, {report['skipped']['count']} skipped)")
     return report

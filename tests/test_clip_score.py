@@ -2,17 +2,19 @@
 
 import functools
 import json
+import time
 import weakref
 
+import huggingface_hub
 import numpy as np
 import open_clip
 import pytest
 import torch
 from PIL import Image
 
-from common.clip_score import (CLIP_S_WEIGHT, PAC_S_WEIGHT, PREFIX, clip_s, encode_texts, harmonic_mean, load_clip,
-                               load_pacs_state_dict, main, pac_s, ref_clip_s, ref_pac_s, ref_similarity,
-                               score_from_features)
+from common.clip_score import (CLIP_S_WEIGHT, PAC_S_WEIGHT, PREFIX, ScorerLoadError, clip_s, encode_texts,
+                               harmonic_mean, load_clip, load_pacs_state_dict, main, pac_s, ref_clip_s, ref_pac_s,
+                               ref_similarity, score_from_features)
 from common.data import write_manifest
 from common.miniature import WorldConfig, write_world
 from tests.realarch import serve_open_clip_tag
@@ -107,19 +109,123 @@ def test_pacs_state_dict_loader(micro_bundle, tmp_path):
     for key, value in fresh.state_dict().items():
         assert torch.equal(value, state["module." + key]), key
     torch.save({"state_dict": {"visual.wrong.weight": torch.zeros(1)}}, tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match="does not match the model"):
+    with pytest.raises(ScorerLoadError, match="does not match the model"):
         load_pacs_state_dict(fresh, tmp_path / "bad.pth")
-    with pytest.raises(FileNotFoundError, match="--pacs-checkpoint"):
+    state["module.positional_embedding"] = torch.zeros(77, 32)  # every name right, one shape of another architecture
+    torch.save({"state_dict": state}, tmp_path / "other.pth")
+    with pytest.raises(ScorerLoadError, match=r"other shapes \['positional_embedding'\]"):
+        load_pacs_state_dict(fresh, tmp_path / "other.pth")
+    with pytest.raises(ScorerLoadError, match="pacs_checkpoint=.*absent.pth not found"):
         load_pacs_state_dict(fresh, tmp_path / "absent.pth")
 
 
-def test_missing_weights_name_the_flag(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--pretrained"):
+@pytest.fixture
+def empty_hf_cache(tmp_path, monkeypatch):
+    """A Hugging Face cache with nothing in it, whatever the machine's cache holds."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-hub"))
+
+
+def hub_answers(monkeypatch, handler):
+    """Every request huggingface_hub makes goes to `handler` (an httpx transport in the test), never the network."""
+    import httpx2
+    from huggingface_hub.utils import _http
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(_http, "_GLOBAL_CLIENT_FACTORY", lambda: httpx2.Client(transport=httpx2.MockTransport(handler)))
+    monkeypatch.setattr(_http, "_GLOBAL_CLIENT", None)
+
+
+def test_load_errors_name_the_argument(tmp_path, empty_hf_cache):
+    with pytest.raises(ScorerLoadError, match="pretrained=.* is neither a file nor an open_clip tag of micro-ViT-16"):
         load_clip(MICRO, pretrained=str(tmp_path / "absent.pt"), device="cpu")
-    with pytest.raises(RuntimeError, match="--pretrained /path/to/weights"):
-        load_clip("ViT-B-32", pretrained="openai", device="cpu")  # HF_HUB_OFFLINE: nothing cached
-    with pytest.raises(ValueError, match="unknown open_clip architecture"):
+    start = time.perf_counter()
+    with pytest.raises(ScorerLoadError, match="not in the Hugging Face cache and HF_HUB_OFFLINE is set.*pretrained="):
+        load_clip("ViT-B-32", pretrained="openai", device="cpu")
+    assert time.perf_counter() - start < 2
+    with pytest.raises(ScorerLoadError, match="unknown open_clip architecture"):
         load_clip("no-such-model", device="cpu")
+
+
+def test_uncached_weights_without_a_network_fail_at_once(empty_hf_cache, monkeypatch):
+    """No HF_HUB_OFFLINE and no network: one failed request, not huggingface_hub's ~50 s of retries."""
+    import httpx2
+
+    def no_network(request):
+        raise httpx2.ConnectError("[Errno -2] Name or service not known", request=request)
+
+    hub_answers(monkeypatch, no_network)
+    start = time.perf_counter()
+    with pytest.raises(ScorerLoadError, match="Hugging Face Hub cannot be reached.*pretrained="):
+        load_clip("ViT-B-32", pretrained="openai", device="cpu")
+    assert time.perf_counter() - start < 2
+
+
+def test_uncached_weights_are_downloaded_when_the_hub_answers(tmp_path, monkeypatch):
+    import httpx2
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    _, reference = serve_open_clip_tag(monkeypatch, tmp_path, "ViT-B-32", "openai")
+    served, asked = open_clip.pretrained.hf_hub_download, []
+
+    def download(repo_id, filename, local_files_only=False, **kwargs):  # a cache that starts empty
+        asked.append((filename, local_files_only))
+        if local_files_only:
+            raise LocalEntryNotFoundError(f"{filename} not cached")
+        return served(repo_id, filename, **kwargs)
+
+    monkeypatch.setattr(open_clip.pretrained, "hf_hub_download", download)
+    hub_answers(monkeypatch, lambda request: httpx2.Response(200))
+    bundle = load_clip("ViT-B-32", pretrained="openai", device="cpu")
+    assert asked == [("open_clip_model.safetensors", True), ("open_clip_pytorch_model.bin", True),
+                     ("open_clip_model.safetensors", False)]  # the cache first, then the download open_clip makes
+    for key, value in reference.state_dict().items():
+        assert torch.equal(bundle.model.state_dict()[key], value), key
+
+    def missing(repo_id, filename, local_files_only=False, **kwargs):
+        raise LocalEntryNotFoundError("not cached") if local_files_only else FileNotFoundError("404 (test)")
+
+    monkeypatch.setattr(open_clip.pretrained, "hf_hub_download", missing)
+    with pytest.raises(ScorerLoadError, match="could not download.*404.*pretrained="):
+        load_clip("ViT-B-32", pretrained="openai", device="cpu")
+
+
+def test_command_line_expected_errors_are_one_line_and_exit_status_1(micro_bundle, tiny_world, tmp_path, monkeypatch,
+                                                                     empty_hf_cache):
+    from common.data import read_manifest
+
+    rows = [{**{k: v for k, v in r.items() if k != "_root"}, "image": str(tiny_world / r["image"])}
+            for r in read_manifest(tiny_world / "test.jsonl")]
+    good = write_manifest(tmp_path / "m.jsonl", rows)
+    write_manifest(tmp_path / "missing_image.jsonl", [rows[0], {**rows[1], "image": str(tmp_path / "gone.png")}])
+    (tmp_path / "broken.jsonl").write_text(json.dumps(rows[0]) + "\n{not json\n")
+    torch.save(open_clip.create_model("mini-ViT-8").state_dict(), tmp_path / "mini.pt")  # text width 96, not 32
+    torch.save({"state_dict": micro_bundle.model.state_dict()}, tmp_path / "micro_pacs.pth")
+    serve_open_clip_tag(monkeypatch, tmp_path, "ViT-B-32")  # tiny config, no weights: the PAC-S case's model
+    cases = {  # argv -> words the one line must hold
+        "missing manifest": (["--manifest", str(tmp_path / "absent.jsonl")], ["manifest not found", "absent.jsonl"]),
+        "malformed manifest": (["--manifest", str(tmp_path / "broken.jsonl")], ["broken.jsonl:2: not valid JSON"]),
+        "strict, missing image": (["--manifest", str(tmp_path / "missing_image.jsonl"), "--model", MICRO, "--strict"],
+                                  ["missing_image.jsonl:2", "image file not found", "gone.png"]),
+        "no sample left": (["--manifest", str(tmp_path / "missing_image.jsonl"), "--model", MICRO, "--text-field",
+                            "no_such_field"], ["no sample could be scored (2 skipped)"]),
+        "checkpoint of another architecture": (
+            ["--manifest", str(good), "--model", MICRO, "--pretrained", str(tmp_path / "mini.pt")],
+            ["mini.pt", "micro-ViT-16", "another architecture", "--pretrained"]),
+        "PAC-S checkpoint of another architecture": (
+            ["--manifest", str(good), "--model", "ViT-B-32", "--pacs-checkpoint", str(tmp_path / "micro_pacs.pth")],
+            ["micro_pacs.pth", "another architecture", "--pacs-checkpoint"]),
+        "weights not cached, offline": (["--manifest", str(good), "--model", "ViT-L-14", "--pretrained", "openai"],
+                                        ["HF_HUB_OFFLINE", "--pretrained"]),
+    }
+    for name, (argv, words) in cases.items():
+        try:
+            main(["--text-field", "synthetic_caption", "--device", "cpu", "--out", str(tmp_path / "s.json"), *argv])
+        except SystemExit as exit_:
+            message = exit_.code  # SystemExit(str): Python prints it to stderr and exits with status 1
+        else:
+            pytest.fail(f"{name}: no error")
+        assert isinstance(message, str) and "\n" not in message, (name, message)
+        assert all(word in message for word in words), (name, message)
 
 
 def test_command_line_scores_a_manifest_and_counts_bad_samples(micro_bundle, tiny_world, tmp_path):
@@ -144,7 +250,7 @@ def test_command_line_scores_a_manifest_and_counts_bad_samples(micro_bundle, tin
     kept = [r for i, r in enumerate(records) if i not in (2, 4)]
     direct = clip_s(micro_bundle, [r["image"] for r in kept], [r["synthetic_caption"] for r in kept], progress=False)
     np.testing.assert_allclose(saved["per_sample"]["CLIP-S"], direct["per_sample"], rtol=1e-5, atol=1e-6)
-    with pytest.raises(Exception, match="image file not found"):
+    with pytest.raises(SystemExit, match="m.jsonl:3 .*image file not found"):
         main(argv + ["--strict"])
 
 
@@ -349,8 +455,10 @@ def test_rgba_and_palette_images_reach_the_preprocess_as_decoded(tmp_path, monke
     rgba = photo(6).convert("RGBA")
     alpha = np.clip(np.linspace(-255, 510, 320), 0, 255)  # transparent left third (colours under alpha 0)
     rgba.putalpha(Image.fromarray(np.tile(alpha, (240, 1)).astype(np.uint8)))
-    noise = np.random.default_rng(7).integers(0, 256, (720, 960, 3), dtype=np.uint8)  # nearest != bicubic when shrunk
-    images = [rgba, Image.fromarray(noise).quantize(16)]
+    rng = np.random.default_rng(7)
+    palette = Image.fromarray(rng.integers(0, 16, (720, 960), dtype=np.uint8), mode="P")  # noise: nearest != bicubic
+    palette.putpalette(rng.integers(0, 256, 48, dtype=np.uint8).tolist())
+    images = [rgba, palette]
     assert [image.mode for image in images] == ["RGBA", "P"]
     manifest, paths = real_manifest(tmp_path, images, ["x", "x"], [["x"], ["x"]])
     transform = tag_transform("ViT-B-32", "openai")
