@@ -5,7 +5,6 @@ and the miniature main(). Real architectures at tiny width, offline: BLIP-large'
 LLaMA-2-13B's (fp16, as shipped) for `sft` / `fuse`, including `torchrun --nproc-per-node 2` fuse,
 open_clip ViT-B-32 for `scaling`."""
 
-import contextlib
 import json
 import os
 import socket
