@@ -811,8 +811,7 @@ def main(argv=None) -> dict:
         return run_miniature(args)
     if args.data is None:
         raise ValueError(f"--stage {args.stage} needs --data (an input manifest)")
-    # fusion is text only: sft and eval read triplet files without images (fuse's writer, common.data.generate_sharded,
-    # still needs a local `image` on every record)
+    # fusion is text only: sft, fuse and eval read triplet files without images
     records = read_manifest(args.data, required=("id", "image") if args.stage in ("caption", "scaling") else ("id",))
     if args.stage == "caption":
         return stage_caption(args, records)

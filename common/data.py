@@ -452,8 +452,8 @@ def generate_sharded(records: Sequence[dict], out: str | os.PathLike, batch_size
 
     The generation loop every paper's captioning/fusion stage shares: each rank takes its
     `shard` of `records` and appends to its own `rank_path(out)`, one flushed line per sample, so a
-    killed job resumes where it stopped (finished ids are skipped); image paths are re-rooted at
-    the output's folder. With several ranks (torch.distributed initialised), the counts are summed
+    killed job resumes where it stopped (finished ids are skipped); local image paths are
+    re-rooted at the output's folder (URLs and records without an image are left as they are). With several ranks (torch.distributed initialised), the counts are summed
     and rank 0 merges the parts into `out` in input order once all have finished. Returns the counts.
     """
     out = Path(out)
@@ -464,9 +464,12 @@ def generate_sharded(records: Sequence[dict], out: str | os.PathLike, batch_size
         counts["already_done"] = len(mine) - len(todo)
         for start in tqdm(range(0, len(todo), batch_size), desc=desc, disable=rank != 0):
             for record, fields in process_batch(todo[start:start + batch_size], counts):
-                # image paths are relative to the manifest's folder: re-root them at the output's
-                moved = os.path.relpath(image_path(record).resolve(), out.resolve().parent)
-                writer.write({**record, "image": moved, **fields})
+                # a local image path is relative to the manifest's folder: re-root it at the output's;
+                # a URL, or no image at all (text-only jobs such as caption fusion), stays as it is
+                image = record.get("image")
+                if isinstance(image, str) and "://" not in image:
+                    fields = {"image": os.path.relpath(image_path(record).resolve(), out.resolve().parent), **fields}
+                writer.write({**record, **fields})
                 counts["written"] += 1
     if world_size > 1:
         parts = [None] * world_size

@@ -424,8 +424,6 @@ def test_torchrun_fuse_in_two_ranks_equals_one_process(world, llama2, tmp_path):
                                                                     "fused.rank1-of-2.jsonl"]
 
 
-@pytest.mark.xfail(strict=True, reason="common.data.generate_sharded re-roots every record's `image` as a local path: "
-                   "a KeyError without one, a URL made into a path. The fix belongs there; then drop this mark")
 def test_fuse_reads_text_only_triplets_and_keeps_image_urls(world, tiny_llm, tmp_path):
     triplets = text_only(read_manifest(world / "val.jsonl")[:3])
     triplets[1]["image"] = "https://example.com/images/000001.jpg"
