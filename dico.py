@@ -1,7 +1,8 @@
 """DiCO: Revisiting Image Captioning Training Paradigm via Direct CLIP-based Optimization.
 
 Paper: https://arxiv.org/abs/2408.14547 (Moratelli, Caffagni, Cornia, Baraldi, Cucchiara, 2024);
-official code: aimagelab/DiCO (trainers/dico_trainer.py).
+official code: aimagelab/DiCO (trainers/dico_trainer.py; defaults from scripts/train_xe_coco.sh and
+scripts/train_dico_coco.sh).
 
 A captioner pre-trained with cross-entropy (XE) becomes the frozen reference pi_ref and the
 initial policy pi_theta. For each image, beam search proposes k captions, a CLIP-based evaluator
@@ -37,13 +38,17 @@ Deviations from the paper:
      references are lowercased and stripped of punctuation here, so numbers differ slightly from
      the COCO toolkit's.
   4. The policy runs without dropout during fine-tuning (eval mode), so that s(y) = 0 at the start
-     and the loss is exactly log 2; the paper does not say. Encoder/decoder use pre-norm layers and
-     dropout 0.1, positions are learned; the official code's choices here are unverified.
-  5. The XE learning rate is warmed up linearly for 5% of the steps and then kept constant (what
-     follows the warm-up is not stated). Steps, not epochs, set the budget.
+     and the loss is exactly log 2; the paper does not say. Encoder and decoder are torch's pre-norm
+     Transformer layers (dropout 0.1, learned positions); the official model (main.py) is a BERT
+     encoder (post-norm, learned positions added to the projected CLIP tokens) and a GPT-2 decoder.
+  5. As the official scripts: XE warms the learning rate up linearly for 5% of the steps, then keeps
+     it constant (constant_with_warmup); steps, not epochs, set the budget (max_steps). Each step
+     draws its images afresh (without replacement within the step; the same draw on every rank, each
+     taking its share), where the official code streams shuffled webdataset shards.
   6. SCST's baseline is the mean reward of the *other* k-1 candidates (PAPERS.md), the loss the
      token-averaged log-prob times the advantage; its candidates are the same k beams as DiCO's.
-  7. Miniature world only (every field left at its default takes MINIATURE_PRESET): a much smaller
+  7. Miniature world only (every field at its paper default and not given on the command line takes
+     MINIATURE_PRESET; a flag you give always wins, even at the paper's value): a much smaller
      captioner; the frozen image encoder is the world's CLIP scorer itself (the paper uses ViT-L/14
      for the captioner and ViT-B/32 for PAC-S), so captioner and evaluator share a visual tower;
      the softmax is restricted to the BPE tokens the training captions use (--restrict-vocab, about
@@ -55,32 +60,25 @@ Deviations from the paper:
      after 14 steps: nothing to see; at 1e-3 DiCO lost 0.12 PAC-S on validation in 40 steps).
   8. XE draws one of an image's references per step (COCO has five; the world one); the paper
      does not say how its XE stage uses the five.
+  9. Batch sizes are global (all ranks together, gradient accumulation over --micro-batch-size
+     chunks), where the official scripts give them per device. XE: 512 = 64 per device x 8
+     accumulation steps with the WORLD_SIZE=1 the script ships (1,024 if it ran on the 2 GPUs its
+     comment names: unverified, its eval_steps 200 fits neither). DiCO: 16 = 8 per device on 2 GPUs,
+     which its eval_steps 1770, "a quarter of epoch with 2 GPUs", implies (113,287 / 16 / 4 = 1770).
+ 10. Checkpoint selection as the official scripts: XE keeps the best validation CIDEr
+     (metric_for_best_model cider), DiCO and SCST the best validation RefPAC-S (ref-PACScore).
+     Validation runs on rank 0 while the other ranks wait (the official trainer shards it).
+ 11. The captioner reads the frozen ViT's last hidden states before ln_post, as the official code
+     (Hugging Face CLIPVisionTransformer's last_hidden_state); the unreadable images of a job are
+     logged, counted, skipped and reported at the end (--strict stops at the first).
 
-Miniature run (CPU; XE, then DiCO and SCST from the same XE checkpoint, then eval; measured 31 min
-for 3 seeds on 2 cores shared with other jobs, single-threaded, so about 10 min a seed there):
+Miniature run (CPU; XE, then DiCO and SCST from the same XE checkpoint, then eval; about 10 min a
+seed on 2 shared cores, single-threaded). Its results, and why the paper's claims do not show in
+the miniature world, are in docs/dico.md:
     python dico.py                                  # = python dico.py miniature
     python dico.py miniature --n-seeds 3            # the table over seeds 0, 1, 2
-
-What the miniature run shows (seeds 0-2, mean ± std; 300 test images; XE 350 steps of 64, then 120
-steps of 16 images for each of DiCO and SCST; `last` = the final weights):
-    model        CLIP-S         PAC-S          RefPAC-S       CIDEr      rep. 3-grams  vocab
-    ground truth 1.827          1.461          1.172          10.0       0.27          42
-    XE           1.780 ± 0.020  1.424 ± 0.016  1.018 ± 0.003  3.15 ± 0.11  0.73 ± 0.15  41.0 ± 0.8
-    DiCO         1.781 ± 0.005  1.425 ± 0.004  1.029 ± 0.005  3.07 ± 0.08  0.69 ± 0.13  37.0 ± 2.2
-    SCST         1.788 ± 0.011  1.430 ± 0.009  1.033 ± 0.003  3.05 ± 0.01  0.71 ± 0.10  37.3 ± 0.5
-The paper's claims do not show here, in either direction: neither fine-tuning moves PAC-S (the
-reward) by more than the spread over seeds, and neither collapses. Why, measured rather than tuned:
-(a) the XE captioner already scores 97% of the ground truth's CLIP-S, so the reward has little
-headroom; (b) the evaluator barely prefers one of the policy's beams over another: the winner's
-reward exceeds the candidates' mean by 0.05-0.08 (a cosine difference of about 0.03), and DiCO's
-loss stays near log 2 (0.684-0.699, averaged over 20 steps) with its reward accuracy near chance
-(0.50-0.58, first to last 20 steps): the implicit reward learns almost no ranking that carries to
-new images in 120 steps; SCST's advantages are as small.
-A larger budget (steps x learning rate) is the knob; at 10x the learning rate DiCO degraded the
-captions (validation PAC-S 1.47 -> 1.35 in 40 steps) before any gain. The world is a controlled
-caricature (template captions, a 0.76M-parameter captioner, the scorer as its own eyes), not
-evidence about COCO.
-Real run (COCO Karpathy splits, ViT-L/14 encoder, PAC-S ViT-B/32 evaluator by path, 8 GPUs):
+Real run (COCO Karpathy splits, ViT-L/14 encoder, PAC-S ViT-B/32 evaluator by path, 8 GPUs; the
+batch sizes are global, so any number of GPUs trains on the same batches):
     C="--coco-karpathy data/dataset_coco.json --coco-images data/coco --out runs/coco \
        --encoder-model ViT-L-14 --encoder-pretrained openai --pacs-checkpoint ckpt/clip_ViT-B-32.pth"
     torchrun --nproc_per_node 8 dico.py xe $C
@@ -91,13 +89,15 @@ Real run (COCO Karpathy splits, ViT-L/14 encoder, PAC-S ViT-B/32 evaluator by pa
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import math
-import os
 import pickle
 import re
 import string
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,15 +113,18 @@ import tyro
 
 from common.clip_score import (CLIP_S_WEIGHT, PAC_S_WEIGHT, PREFIX, encode_images, encode_reference_groups,
                                encode_texts, harmonic_mean, load_clip, ref_similarity, score_from_features)
-from common.clip_train import MINIATURE_MODEL, ensure_miniature_scorer, preprocess_images, save_checkpoint
-from common.data import atomic_write_text, image_path, load_coco_karpathy, read_manifest
+from common.clip_train import MINIATURE_MODEL, ensure_miniature_scorer, save_checkpoint
+from common.data import (BadSampleError, SkipCounter, atomic_write_text, image_path, init_distributed,
+                         load_coco_karpathy, open_record_image, read_manifest)
 from common.miniature import WorldConfig, ensure_world, hallucinated_words, names_kept
 from kernels.dico import dico_loss, dico_stats, sequence_logprobs
 
 
 @dataclass
 class Args:
-    """DiCO / SCST captioner fine-tuning. Stages: miniature (default), xe, dico (--algo scst), eval."""
+    """DiCO / SCST captioner fine-tuning. Stages: miniature (default), xe, dico (--algo scst), eval.
+
+    Batch sizes are global: all torchrun ranks together (each rank takes its share), not per GPU."""
 
     stage: tyro.conf.Positional[Literal["miniature", "xe", "dico", "eval"]] = "miniature"
     """miniature: xe + dico + scst + eval in the miniature world; or one stage"""
@@ -184,25 +187,27 @@ class Args:
     """emit only the BPE tokens of the training captions (miniature speed-up)"""
     cache_features: bool = False
     """keep every image's frozen CLIP tokens in memory (small data sets) instead of per batch"""
-    # --- XE pre-training --------------------------------------------------------------------
-    xe_steps: int = 20000  # unverified: the paper counts epochs
+    # --- XE pre-training (official: scripts/train_xe_coco.sh) ----------------------------------
+    xe_steps: int = 10000  # official: max_steps 10000
     """XE optimiser steps"""
-    xe_batch_size: int = 512  # official
-    """images per XE step (per GPU)"""
-    xe_lr: float = 2.5e-4  # official
+    xe_batch_size: int = 512  # official: 64 per device x 8 accumulation steps, WORLD_SIZE=1 as the script ships
+    """images per XE optimiser step, GLOBAL: all ranks together, each rank takes 1/world-size of it"""
+    xe_lr: float = 2.5e-4  # official: learning_rate 2.5e-4
     """XE peak learning rate (Adam)"""
-    xe_warmup: float = 0.05  # official: 5% warm-up
+    xe_warmup: float = 0.05  # official: constant_with_warmup, warmup_ratio 0.05
     """fraction of XE steps of linear warm-up"""
-    # --- DiCO / SCST fine-tuning ------------------------------------------------------------
+    # --- DiCO / SCST fine-tuning (official: scripts/train_dico_coco.sh) ------------------------
     algo: Literal["dico", "scst"] = "dico"
     """fine-tuning algorithm of the dico stage"""
     init: Optional[str] = None
     """XE checkpoint to start from (default <out>/xe/best.pt)"""
-    steps: int = 10000  # unverified: the paper counts epochs
+    steps: int = 250000  # official: max_steps 250000
     """fine-tuning optimiser steps"""
-    batch_size: int = 8  # official: 8 images (40 captions) per GPU
-    """images per fine-tuning step (per GPU)"""
-    lr: float = 1e-6  # official: constant, Adam
+    batch_size: int = 16  # official: 8 per device on 2 GPUs (eval_steps 1770 = a quarter of 113,287 images / 16)
+    """images per fine-tuning step (--beams candidates each), GLOBAL: all ranks together, each takes its share"""
+    micro_batch_size: int = 0  # memory only: the result is the same
+    """most images a rank puts through the model at once (0 = its whole share); chunks accumulate gradients"""
+    lr: float = 1e-6  # official: learning_rate 1e-6, constant, Adam
     """fine-tuning learning rate"""
     beams: int = 5  # official: k = 5
     """candidates per image (beam width)"""
@@ -217,10 +222,10 @@ class Args:
     # --- evaluation, checkpoints ------------------------------------------------------------
     eval_beam: int = 5
     """beam width of evaluation captions (top beam kept)"""
-    eval_every: int = 1000
-    """fine-tuning steps between validation RefPAC-S evaluations (best checkpoint)"""
-    xe_eval_every: int = 1000
-    """XE steps between validation RefPAC-S evaluations (best checkpoint)"""
+    eval_every: int = 1770  # official: eval_steps 1770, best by ref-PACScore
+    """fine-tuning steps between validations (best.pt = best validation RefPAC-S)"""
+    xe_eval_every: int = 200  # official: eval_steps 200, best by cider
+    """XE steps between validations (best.pt = best validation CIDEr)"""
     save_every: int = 1000
     """steps between last.pt saves"""
     val_images: int = 0
@@ -233,11 +238,14 @@ class Args:
     """eval stage: split to caption"""
     resume: bool = False
     """continue from <out>/<stage>/last.pt when it exists"""
+    strict: bool = False
+    """stop at the first unreadable image instead of skipping it (skipped images are counted and reported)"""
     device: Optional[str] = None
     """cuda or cpu (default: cuda when available)"""
 
 
-# Used in the miniature world for every field left at its default (CPU, a few minutes in all).
+# Used in the miniature world for every field left at its paper default and not given on the
+# command line (CPU, a few minutes in all).
 MINIATURE_PRESET = dict(
     encoder_model="miniature", clip_s_model="miniature", pacs_model="miniature", d_model=128,
     encoder_layers=1, decoder_layers=2, heads=4, ffn=512, restrict_vocab=True, cache_features=True,
@@ -251,11 +259,17 @@ MINIATURE_PRESET = dict(
 # ============================================================================================
 
 
+@functools.cache
+def clip_bpe() -> open_clip.tokenizer.SimpleTokenizer:
+    """CLIP's BPE tokenizer (open_clip ships its files), built once per process."""
+    return open_clip.tokenizer.SimpleTokenizer()
+
+
 class Vocab:
     """The captioner's tokens: CLIP BPE ids it can emit, its own ids 0..n-1 for them, pad = n."""
 
     def __init__(self, bpe_ids: list[int]):
-        self.tokenizer = open_clip.tokenizer.SimpleTokenizer()  # open_clip ships the BPE files
+        self.tokenizer = clip_bpe()
         self.bpe_ids = list(bpe_ids)
         self.index = {bpe: own for own, bpe in enumerate(self.bpe_ids)}
         self.bos = self.index[self.tokenizer.sot_token_id]
@@ -264,7 +278,7 @@ class Vocab:
 
     @classmethod
     def build(cls, captions: list[str], restrict: bool) -> "Vocab":
-        tokenizer = open_clip.tokenizer.SimpleTokenizer()
+        tokenizer = clip_bpe()
         if not restrict:
             return cls(list(range(len(tokenizer.encoder))))
         used = {bpe for text in captions for bpe in tokenizer.encode(text)}
@@ -290,16 +304,19 @@ class Vocab:
         return re.sub(r" ([,.])", r"\1", text)  # the BPE decoder spaces punctuation out
 
 
+ENCODER_TOKENS = "last block, before ln_post"  # what the captioner reads; checkpoints record it
+
+
 @torch.no_grad()
 def clip_hidden_states(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    """The frozen ViT's last hidden states, CLS and patches, after ln_post: (B, 1 + P, W)."""
-    captured = {}
-    hook = visual.transformer.register_forward_hook(lambda module, inputs, output: captured.update(x=output))
-    try:
-        visual(pixels)
-    finally:
-        hook.remove()
-    return visual.ln_post(captured["x"]).float()
+    """The frozen ViT's last hidden states, CLS and patches, before ln_post: (B, 1 + P, W).
+
+    As the official code, which reads Hugging Face CLIPVisionTransformer's last_hidden_state (the
+    last block's output; post_layernorm only touches the pooled CLS).
+    """
+    out = visual.forward_intermediates(pixels, indices=1, output_fmt="NLC", output_extra_tokens=True,
+                                       intermediates_only=True)  # the last block, not normalised
+    return torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1).float()
 
 
 class Captioner(nn.Module):
@@ -463,7 +480,7 @@ def distinct_and_finite(tokens: torch.Tensor, scores: torch.Tensor) -> torch.Ten
 def xe_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> dict:
     # step 1: L_XE = -sum_t log p(y_t | y_<t, x), averaged over the batch's tokens
     token_nll = F.cross_entropy(logits.transpose(1, 2).float(), targets.masked_fill(~mask, 0), reduction="none")
-    return {"loss": (token_nll * mask).sum() / mask.sum()}
+    return {"loss": (token_nll * mask).sum() / mask.sum().clamp_min(1)}
 
 
 def dico_terms(policy_logps, ref_logps, rewards, valid, beta: float, tau: float, impl: str) -> dict:
@@ -507,13 +524,32 @@ def is_miniature(args: Args) -> bool:
     return not (args.coco_karpathy or args.train_manifest or args.val_manifest or args.test_manifest)
 
 
-def resolve(args: Args) -> Args:
-    """In the miniature world, every field left at its paper default takes MINIATURE_PRESET's value."""
+def explicit_flags(argv: list[str]) -> set[str]:
+    """The Args fields named on a command line: `--flag value`, `--flag=value`, `--flag` / `--no-flag`."""
+    fields = {f.name for f in dataclasses.fields(Args)}
+    named = set()
+    for word in argv:
+        if word.startswith("--"):
+            name = word[2:].split("=", 1)[0].replace("-", "_")
+            name = name[3:] if name not in fields and name.startswith("no_") else name
+            named.add(name)
+    return named & fields
+
+
+def resolve(args: Args, explicit: set[str] = frozenset()) -> Args:
+    """In the miniature world, every field at its paper default and not in `explicit` takes MINIATURE_PRESET's value."""
     if not is_miniature(args):
         return args
     defaults = Args()
-    changes = {key: value for key, value in MINIATURE_PRESET.items() if getattr(args, key) == getattr(defaults, key)}
+    changes = {key: value for key, value in MINIATURE_PRESET.items()
+               if key not in explicit and getattr(args, key) == getattr(defaults, key)}
     return dataclasses.replace(args, **changes)
+
+
+def parse(argv: Optional[list[str]] = None) -> Args:
+    """The command line's Args with the miniature preset applied; a flag given explicitly always wins."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return resolve(tyro.cli(Args, args=argv), explicit_flags(argv))
 
 
 def load_split(args: Args, split: str) -> list[dict]:
@@ -559,35 +595,66 @@ def evaluators(args: Args) -> dict:
 
 
 class ImageBank:
-    """Per split: frozen-encoder tokens for the captioner and evaluator image features, by index."""
+    """Per split: frozen-encoder tokens for the captioner and evaluator image features, by index.
+
+    An image that cannot be read is logged, counted in `skipped` (its index in `bad`) and left out
+    wherever it is drawn, so the job goes on; with --strict it stops the run (BadSampleError).
+    """
 
     def __init__(self, args: Args, records: list[dict]):
         self.args, self.records, self.device = args, records, args.device
         self.encoder = load_scorer(args, args.encoder_model, args.encoder_pretrained)
-        self.tokens = self._encode(range(len(records))) if args.cache_features else None
+        self.skipped, self.bad = SkipCounter(), set()
         self.scorer_features: dict = {}
+        self.tokens = None
+        if args.cache_features:
+            tokens, kept = self._encode(range(len(records)))
+            self.tokens = tokens.new_zeros(len(records), *tokens.shape[1:])  # (N, 1 + P, W), bad rows never read
+            self.tokens[kept] = tokens
 
-    def _encode(self, indices) -> torch.Tensor:
-        indices = list(indices)
-        chunks = []
+    def open_images(self, indices) -> tuple[list[int], list]:
+        """The readable ones of `indices` and their PIL images (each unreadable image counted once)."""
+        kept, images = [], []
+        for i in indices:
+            image = None if i in self.bad else open_record_image(self.records[i], self.skipped, self.args.strict)
+            if image is None:
+                self.bad.add(i)
+            else:
+                kept.append(i)
+                images.append(image)
+        return kept, images
+
+    def placeholder(self) -> torch.Tensor:
+        """One all-zero row of tokens (1, 1 + P, W): a rank with no readable image still steps alike."""
+        return torch.zeros(1, *self.encoder.model.visual.positional_embedding.shape, device=self.device)
+
+    def _encode(self, indices) -> tuple[torch.Tensor, list[int]]:
+        indices, kept, chunks = list(indices), [], []
         for start in range(0, len(indices), 256):
-            pixels = preprocess_images([self.records[i] for i in indices[start:start + 256]], self.encoder.preprocess)
-            chunks.append(clip_hidden_states(self.encoder.model.visual, pixels.to(self.device)))
-        return torch.cat(chunks)  # (N, 1 + P, W)
+            ok, images = self.open_images(indices[start:start + 256])
+            if ok:
+                pixels = torch.stack([self.encoder.preprocess(image) for image in images])
+                chunks.append(clip_hidden_states(self.encoder.model.visual, pixels.to(self.device)))
+                kept += ok
+        return (torch.cat(chunks) if chunks else self.placeholder()[:0]), kept  # (n, 1 + P, W)
 
-    def visual_tokens(self, indices) -> torch.Tensor:
+    def visual_tokens(self, indices) -> tuple[torch.Tensor, list[int]]:
+        """Frozen-encoder tokens (n, 1 + P, W) of the readable images among `indices`, and their indices."""
         if self.tokens is not None:
-            return self.tokens[torch.as_tensor(indices)].to(self.device)
+            kept = [i for i in indices if i not in self.bad]
+            return self.tokens[torch.as_tensor(kept, dtype=torch.long)].to(self.device), kept
         return self._encode(indices)
 
     def image_features(self, bundle, indices) -> np.ndarray:
-        """Normalised evaluator image features (n, E), computed once per image and evaluator."""
+        """Normalised evaluator image features (n, E) of readable images, computed once per image and evaluator."""
         cache = self.scorer_features.setdefault(id(bundle), {})
         missing = [i for i in indices if i not in cache]
         if missing:
-            sources = [self.records[i]["image"] if not isinstance(self.records[i]["image"], str)
-                       else image_path(self.records[i]) for i in missing]
-            for i, feature in zip(missing, encode_images(bundle, sources, progress=False)):
+            kept, images = self.open_images(missing)
+            if len(kept) < len(missing):
+                lost = [self.records[i]["id"] for i in missing if i not in kept]
+                raise BadSampleError(f"samples {lost[:5]}: images unreadable after they were read once")
+            for i, feature in zip(kept, encode_images(bundle, images, progress=False)):
                 cache[i] = feature
         return np.stack([cache[i] for i in indices])
 
@@ -650,19 +717,26 @@ def caption_metrics(args: Args, bank: ImageBank, indices: list[int], captions: l
 
 @torch.no_grad()
 def generate_captions(model: Captioner, vocab: Vocab, bank: ImageBank, indices: list[int], beam: int,
-                      batch: int = 100) -> list[str]:
+                      batch: int = 100) -> tuple[list[str], list[int]]:
+    """Top-beam captions of the readable images among `indices`, and their indices."""
     model.eval()
-    captions = []
+    captions, kept = [], []
     for start in range(0, len(indices), batch):
-        tokens, _ = beam_search(model, bank.visual_tokens(indices[start:start + batch]), beam, model.max_len)
-        captions += [vocab.decode(row[0].tolist()) for row in tokens]
-    return captions
+        visual, ok = bank.visual_tokens(indices[start:start + batch])
+        if ok:
+            tokens, _ = beam_search(model, visual, beam, model.max_len)
+            captions += [vocab.decode(row[0].tolist()) for row in tokens]
+            kept += ok
+    return captions, kept
 
 
-def evaluate(args: Args, model: Captioner, vocab: Vocab, bank: ImageBank, limit: int) -> tuple[dict, list[str]]:
+def evaluate(args: Args, model: Captioner, vocab: Vocab, bank: ImageBank, limit: int) -> tuple[dict, list[str], list[int]]:
+    """Metrics, captions and indices of the first `limit` images (0 = all) that can be read."""
     indices = list(range(len(bank.records) if limit <= 0 else min(limit, len(bank.records))))
-    captions = generate_captions(model, vocab, bank, indices, args.eval_beam)
-    return caption_metrics(args, bank, indices, captions), captions
+    captions, kept = generate_captions(model, vocab, bank, indices, args.eval_beam)
+    if not kept:
+        raise BadSampleError(f"none of the {len(indices)} images to evaluate can be read ({bank.skipped.examples[:3]})")
+    return {**caption_metrics(args, bank, kept, captions), "images": len(kept)}, captions, kept
 
 
 # ============================================================================================
@@ -682,6 +756,9 @@ def load_checkpoint(path) -> dict:
                            "or truncated: delete it and rerun (or resume from another)") from err
     if not isinstance(payload, dict) or not {"model", "config", "vocab", "step"} <= set(payload):
         raise RuntimeError(f"{path} is not a dico.py checkpoint (needs model, config, vocab and step)")
+    if payload.get("encoder_tokens") != ENCODER_TOKENS:  # older checkpoints read the tokens after ln_post
+        raise RuntimeError(f"{path} was trained on the encoder's tokens after ln_post (dico.py now reads them "
+                           "before it, as the official code); retrain it with the xe stage")
     return payload
 
 
@@ -689,16 +766,6 @@ def model_from_checkpoint(payload: dict, device: str) -> tuple[Captioner, Vocab]
     model = Captioner(**payload["config"]).to(device)
     model.load_state_dict(payload["model"])
     return model, Vocab(payload["vocab"])
-
-
-def setup_distributed() -> tuple[int, int]:
-    """(rank, world size) under torchrun; (0, 1) otherwise."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return (dist.get_rank(), world_size) if world_size > 1 else (0, 1)
 
 
 def write_log(path: Path, row: dict) -> None:
@@ -712,24 +779,34 @@ def write_log(path: Path, row: dict) -> None:
 
 
 def train(args: Args, stage: str) -> dict:
-    """Run `stage` ("xe", "dico" or "scst") into <out>/<stage>; returns the final validation metrics."""
-    rank, world_size = setup_distributed()
+    """Run `stage` ("xe", "dico" or "scst") into <out>/<stage>; returns the final validation metrics.
+
+    Batch sizes are global: every rank draws the same batch and takes its share, in micro-batches of
+    at most --micro-batch-size images whose gradients accumulate; each micro-batch's loss is weighted
+    by its share of the batch's denominator (tokens for XE, usable images for DiCO, usable candidates
+    for SCST), so any number of ranks and micro-batches takes the step one process would.
+    """
+    rank, world_size, device = init_distributed(args.device)
+    args = dataclasses.replace(args, device=device)
     out = Path(args.out) / stage
     out.mkdir(parents=True, exist_ok=True)
     train_records, val_records = load_split(args, "train"), load_split(args, "val")
     finetune = stage != "xe"
+    select = "RefPAC-S" if finetune else "CIDEr"  # official: metric_for_best_model ref-PACScore (DiCO), cider (XE)
     if finetune:  # the policy and the frozen reference both start from the XE checkpoint
         start = load_checkpoint(args.init or Path(args.out) / "xe" / "best.pt")
         model, vocab = model_from_checkpoint(start, args.device)
         reference, _ = model_from_checkpoint(start, args.device)
         reference.eval().requires_grad_(False)
     else:
-        torch.manual_seed(args.seed)
         vocab = Vocab.build([ref for r in train_records for ref in r["refs"]], args.restrict_vocab)
         width = load_scorer(args, args.encoder_model, args.encoder_pretrained).model.visual.transformer.width
+        torch.manual_seed(args.seed)  # after loading the encoder, whose own initialisation draws numbers (not cached)
         model = Captioner(len(vocab.bpe_ids), vocab.bos, vocab.eos, width, args.d_model, args.encoder_layers,
                           args.decoder_layers, args.heads, args.ffn, args.dropout, args.max_len).to(args.device)
     steps, batch_size = (args.steps, args.batch_size) if finetune else (args.xe_steps, args.xe_batch_size)
+    if batch_size < world_size:
+        raise ValueError(f"the batch size ({batch_size} images) is global and smaller than the {world_size} ranks")
     peak_lr = args.lr if finetune else args.xe_lr
     optimizer = torch.optim.Adam(model.parameters(), lr=peak_lr)
     step, best = 0, -math.inf
@@ -742,76 +819,118 @@ def train(args: Args, stage: str) -> dict:
     policy = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     train_bank, val_bank = ImageBank(args, train_records), ImageBank(args, val_records)
     reward_bundle, reward_w = evaluators(args)[args.reward] if finetune else (None, None)
-    if not finetune:
-        # every reference of an image is a target: one is drawn per image and step (COCO has five)
-        targets_all = [[vocab.encode(ref, args.max_len) for ref in r["refs"]] for r in train_records]
+    # every reference of an image is an XE target: one is drawn per image and step (COCO has five)
+    targets_all = [[vocab.encode(ref, args.max_len) for ref in r["refs"]] for r in train_records] if not finetune else []
 
     def checkpoint(path, metrics=None):
         save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                                "best": best, "config": model.config, "vocab": vocab.bpe_ids, "stage": stage,
+                               "encoder_tokens": ENCODER_TOKENS,
                                "metrics": metrics or {}, "args": json.loads(json.dumps(dataclasses.asdict(args)))})
 
     def validate():
         nonlocal best
-        metrics, _ = evaluate(args, model, vocab, val_bank, args.val_images)
-        if metrics["RefPAC-S"] > best:  # the paper keeps the best validation RefPAC-S
-            best = metrics["RefPAC-S"]
+        metrics, _, _ = evaluate(args, model, vocab, val_bank, args.val_images)
+        if metrics[select] > best:
+            best = metrics[select]
             checkpoint(out / "best.pt", metrics)
         write_log(out / "log.jsonl", {"step": step, "val": metrics})
         print(f"[{stage}] step {step} val " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         return metrics
+
+    def prepare(indices: list[int], picks: list[int]) -> dict:
+        """One micro-batch before any gradient: its readable images, what its loss needs, its denominator."""
+        visual, kept = train_bank.visual_tokens(indices)  # (b, 1 + P, W)
+        if not kept:  # no readable image: one zero row that counts for nothing, so every rank steps alike
+            visual = train_bank.placeholder()
+        if not finetune:
+            pick = dict(zip(indices, picks))
+            rows = [targets_all[i][pick[i]] for i in kept] or [[]]
+            tokens = torch.full((len(rows), max(1, max(map(len, rows)))), vocab.pad, dtype=torch.long)
+            for i, row in enumerate(rows):
+                tokens[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+            inputs, targets, mask = teacher_forcing(tokens.to(args.device), vocab.bos, vocab.pad)
+            return {"visual": visual, "inputs": inputs, "targets": targets, "mask": mask, "images": len(kept),
+                    "count": int(mask.sum())}
+        k = args.beams
+        if args.candidates == "beam":
+            tokens, scores = beam_search(model, visual, k, args.max_len)  # (b, k, T), no autograd
+        else:
+            tokens, scores = sample(model, visual, k, args.max_len)
+        valid = distinct_and_finite(tokens, scores) & bool(kept)  # (b, k)
+        if kept:
+            texts = [vocab.decode(row.tolist()) for row in tokens.flatten(0, 1)]
+            img = train_bank.image_features(reward_bundle, kept)
+            rewards = candidate_rewards(reward_bundle, reward_w, img, texts, k, args.reward_prefix,
+                                        args.reward_clamp).to(args.device)  # (b, k)
+        else:
+            rewards = torch.zeros(valid.shape, device=args.device)
+        inputs, targets, mask = teacher_forcing(tokens.flatten(0, 1), vocab.bos, vocab.pad, valid.flatten())
+        usable = valid.sum(dim=1, keepdim=True) >= 2  # (b, 1): a winner and a loser; the losses average over these
+        count = int(usable.sum()) if stage == "dico" else int((valid & usable).sum())
+        return {"visual": visual, "inputs": inputs, "targets": targets, "mask": mask, "valid": valid,
+                "rewards": rewards, "images": len(kept), "count": count}
+
+    def loss_terms(batch: dict) -> dict:
+        if not finetune:
+            return xe_loss(policy(batch["visual"], batch["inputs"]), batch["targets"], batch["mask"])
+        k, mask = args.beams, batch["mask"]
+        # log pi(y|x) = sum_t log p(y_t | y_<t, x), EOS included, padding masked, not length-normalised
+        policy_logps = sequence_logprobs(policy(batch["visual"], batch["inputs"], beams=k), batch["targets"], mask,
+                                         impl=args.kernel)
+        with torch.no_grad():
+            ref_logps = sequence_logprobs(reference(batch["visual"], batch["inputs"], beams=k), batch["targets"],
+                                          mask, impl=args.kernel)
+        if stage == "dico":
+            return dico_terms(policy_logps.view(-1, k), ref_logps.view(-1, k), batch["rewards"], batch["valid"],
+                              args.beta, args.tau, args.kernel)
+        return scst_terms(policy_logps.view(-1, k), mask.sum(1).view(-1, k), batch["rewards"], batch["valid"])
 
     if rank == 0 and step == 0 and not (out / "best.pt").exists():
         validate()  # the starting point is a candidate too (and the XE/DiCO baseline)
     started = time.time()
     while step < steps:
         torch.manual_seed(args.seed * 100003 + step * world_size + rank)  # dropout / sampling, resumable
-        rng = np.random.default_rng([args.seed, step, rank])
-        indices = rng.choice(len(train_records), size=min(batch_size, len(train_records)), replace=False).tolist()
-        visual = train_bank.visual_tokens(indices)  # (B, 1 + P, W)
+        rng = np.random.default_rng([args.seed, step])  # the same draw on every rank: one global batch
+        chosen = rng.choice(len(train_records), size=min(batch_size, len(train_records)), replace=False).tolist()
+        picks = [int(rng.integers(len(targets_all[i]))) for i in chosen] if not finetune else [0] * len(chosen)
+        share = np.array_split(np.arange(len(chosen)), world_size)[rank].tolist()  # this rank's part
+        size = args.micro_batch_size if args.micro_batch_size > 0 else len(share)
+        model.train(not finetune)  # fine-tuning runs without dropout: s(y) = 0 at the start (Deviation 4)
         if not finetune:
-            model.train()
             for group in optimizer.param_groups:  # linear warm-up over the first xe_warmup of the steps
                 group["lr"] = peak_lr * min(1.0, (step + 1) / max(1.0, args.xe_warmup * steps))
-            rows = [targets_all[i][rng.integers(len(targets_all[i]))] for i in indices]
-            tokens = torch.full((len(rows), max(map(len, rows))), vocab.pad, dtype=torch.long)
-            for i, row in enumerate(rows):
-                tokens[i, :len(row)] = torch.tensor(row)
-            inputs, targets, mask = teacher_forcing(tokens.to(args.device), vocab.bos, vocab.pad)
-            terms = xe_loss(policy(visual, inputs), targets, mask)
-        else:
-            model.eval()  # no dropout: s(y) = 0 at the start (Deviation 4)
-            k = args.beams
-            if args.candidates == "beam":
-                tokens, scores = beam_search(model, visual, k, args.max_len)  # (B, k, T), no autograd
-            else:
-                tokens, scores = sample(model, visual, k, args.max_len)
-            valid = distinct_and_finite(tokens, scores)  # (B, k)
-            texts = [vocab.decode(row.tolist()) for row in tokens.flatten(0, 1)]
-            img = train_bank.image_features(reward_bundle, indices)
-            rewards = candidate_rewards(reward_bundle, reward_w, img, texts, k, args.reward_prefix,
-                                        args.reward_clamp).to(args.device)  # (B, k)
-            inputs, targets, mask = teacher_forcing(tokens.flatten(0, 1), vocab.bos, vocab.pad, valid.flatten())
-            # log pi(y|x) = sum_t log p(y_t | y_<t, x), EOS included, padding masked, not length-normalised
-            policy_logps = sequence_logprobs(policy(visual, inputs, beams=k), targets, mask, impl=args.kernel)
-            with torch.no_grad():
-                ref_logps = sequence_logprobs(reference(visual, inputs, beams=k), targets, mask, impl=args.kernel)
-            if stage == "dico":
-                terms = dico_terms(policy_logps.view(-1, k), ref_logps.view(-1, k), rewards, valid, args.beta,
-                                   args.tau, args.kernel)
-            else:
-                terms = scst_terms(policy_logps.view(-1, k), mask.sum(1).view(-1, k), rewards, valid)
-        loss = terms["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"[{stage}] loss is {loss.item()} at step {step}; stopped before the "
-                                     "checkpoint is poisoned (lower the learning rate?)")
+        batches = [prepare([chosen[j] for j in share[s:s + size]], [picks[j] for j in share[s:s + size]])
+                   for s in range(0, len(share), size)]
+        totals = torch.tensor([sum(b["count"] for b in batches), sum(b["images"] for b in batches)], dtype=torch.float64)
+        if world_size > 1:
+            dist.all_reduce(totals)
+        denominator, images = max(1.0, totals[0].item()), int(totals[1].item())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        sums: dict = {}
+        for j, batch in enumerate(batches):
+            accumulate = world_size > 1 and j < len(batches) - 1  # DDP all-reduces on the last backward only
+            with policy.no_sync() if accumulate else contextlib.nullcontext():
+                terms = loss_terms(batch)
+                loss = terms["loss"]
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"[{stage}] loss is {loss.item()} at step {step}; stopped before the "
+                                             "checkpoint is poisoned (lower the learning rate?)")
+                # the micro-batch's part of the global mean; DDP averages over the ranks, hence x world_size
+                (loss * (batch["count"] * world_size / denominator)).backward()
+            for key, value in terms.items():  # logged: means weighted as the loss is, n_skipped summed
+                weight = 1 if key == "n_skipped" else batch["count"]
+                value = float(value.detach()) if torch.is_tensor(value) else float(value)
+                sums[key] = sums.get(key, 0.0) + (value * weight if weight else 0.0)
         optimizer.step()
         step += 1
+        logged = torch.tensor(list(sums.values()), dtype=torch.float64)
+        if world_size > 1:
+            dist.all_reduce(logged)
         if rank == 0:
-            row = {"step": step, **{k: (v.item() if torch.is_tensor(v) else v) for k, v in terms.items()},
-                   "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - started}
+            row = {"step": step, **{key: value if key == "n_skipped" else value / denominator
+                                    for key, value in zip(sums, logged.tolist())},
+                   "images": images, "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - started}
             write_log(out / "log.jsonl", row)
             if step % (args.eval_every if finetune else args.xe_eval_every) == 0 or step == steps:
                 validate()
@@ -819,12 +938,19 @@ def train(args: Args, stage: str) -> dict:
                 checkpoint(out / "last.pt")
         if world_size > 1:
             dist.barrier()
+    bad = {str(bank.records[i]["id"]) for bank in (train_bank, val_bank) for i in bank.bad}
+    if world_size > 1:  # each rank met its own unreadable images
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, bad)
+        bad = set().union(*gathered)
     if rank != 0:
         return {}
-    final = load_checkpoint(out / "last.pt")
-    atomic_write_text(out / "metrics.json", json.dumps({"step": final["step"], "best_val_RefPAC-S": final["best"],
+    if bad:
+        print(f"[{stage}] {len(bad)} unreadable images skipped, e.g. {sorted(bad)[:5]} (--strict stops at the first)")
+    report = {f"best_val_{select}": best, "unreadable_images": len(bad), "unreadable_ids": sorted(bad)[:20]}
+    atomic_write_text(out / "metrics.json", json.dumps({"step": step, **report,
                                                         "seconds": time.time() - started}, indent=1))
-    return {"best_val_RefPAC-S": final["best"], "last": str(out / "last.pt"), "best": str(out / "best.pt")}
+    return {**report, "last": str(out / "last.pt"), "best": str(out / "best.pt")}
 
 
 # ============================================================================================
@@ -853,18 +979,20 @@ def run_eval(args: Args, checkpoints: list[str], out: Path) -> dict:
     """Caption `args.split` with each checkpoint; metrics JSON, captions manifest, Markdown table."""
     records = load_split(args, args.split)
     bank = ImageBank(args, records)
-    limit = args.eval_images if args.eval_images > 0 else len(records)
-    results = {}
-    gt_captions = [r["caption"] for r in records[:limit]]
-    results["ground truth"] = caption_metrics(args, bank, list(range(limit)), gt_captions)
+    models, kept = {}, []
     for path in checkpoints:
         model, vocab = model_from_checkpoint(load_checkpoint(path), args.device)
         name = f"{Path(path).parent.name}/{Path(path).stem}"
-        metrics, captions = evaluate(args, model, vocab, bank, limit)
-        results[name] = metrics
-        lines = [json.dumps({"id": r["id"], "image": str(image_path(r)), "caption": c, "refs": r["refs"]})
-                 for r, c in zip(records, captions)]  # a manifest: stages chain through files
+        models[name], captions, kept = evaluate(args, model, vocab, bank, args.eval_images)
+        lines = [json.dumps({"id": records[i]["id"], "image": str(image_path(records[i])), "caption": c,
+                             "refs": records[i]["refs"]}) for i, c in zip(kept, captions)]  # stages chain through files
         atomic_write_text(out / f"captions-{name.replace('/', '-')}.jsonl", "\n".join(lines) + "\n")
+    gt = caption_metrics(args, bank, kept, [records[i]["caption"] for i in kept])  # the same images
+    results = {"ground truth": {**gt, "images": len(kept)}, **models}
+    for metrics in results.values():
+        metrics["unreadable_images"] = bank.skipped.count
+    if bank.skipped.count:
+        print(f"[eval] {bank.skipped.count} unreadable images skipped, e.g. {bank.skipped.examples[:3]}")
     atomic_write_text(out / "metrics.json", json.dumps(results, indent=1))
     atomic_write_text(out / "table.md", markdown_table({name: [m] for name, m in results.items()}))
     print(markdown_table({name: [m] for name, m in results.items()}))
@@ -896,7 +1024,7 @@ def run_miniature(args: Args) -> dict:
 
 
 def main(argv=None) -> dict:
-    args = resolve(tyro.cli(Args, args=argv))
+    args = parse(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.stage == "miniature":
         return run_miniature(args)

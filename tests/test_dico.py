@@ -1,18 +1,21 @@
-"""dico.py: beam search against exhaustive search, the loss wiring, SCST by hand, metrics, stages, resume."""
+"""dico.py: beam search against exhaustive search, the loss wiring, SCST by hand, metrics, stages, resume;
+presets and official defaults, global batches (2 gloo ranks), bad images, the real architectures at tiny size."""
 
 import itertools
 import json
 import math
 
+import open_clip
 import pytest
 import torch
 
 import dico
 from common.clip_score import clip_s, pac_s, ref_clip_s, ref_pac_s
 from common.clip_train import TrainConfig, ensure_miniature_scorer
-from common.data import read_manifest
+from common.data import BadSampleError, image_path, open_image, read_manifest
 from common.miniature import WorldConfig, ensure_world
 from kernels.dico import dico_loss_reference, sequence_logprobs
+from tests.realarch import run_torchrun, serve_open_clip_tag
 
 WORLD = WorldConfig(n_train=48, n_val=12, n_test=12, n_synthetic=1)
 WORLD_FLAGS = ["--world.n-train", "48", "--world.n-val", "12", "--world.n-test", "12", "--world.n-synthetic", "1"]
@@ -213,7 +216,8 @@ def test_metrics_match_common_clip_score(scorer):
                                   pacs_pretrained=path, device="cpu"))
     records = dico.load_split(args, "test")[:5]
     bank = dico.ImageBank(args, records)
-    assert bank.visual_tokens([0, 1]).shape == (2, 1 + 16, 32)  # CLS + 4x4 patches, width 32
+    tokens, kept = bank.visual_tokens([0, 1])
+    assert tokens.shape == (2, 1 + 16, 32) and kept == [0, 1]  # CLS + 4x4 patches, width 32
     captions = ["a red circle.", "two squares on sand.", "a small green cross on the left, on water.", "snow.", "x"]
     metrics = dico.caption_metrics(args, bank, list(range(5)), captions)
     bundle = dico.load_scorer(args, "micro-ViT-16", path)
@@ -229,11 +233,13 @@ def test_metrics_match_common_clip_score(scorer):
 
 def test_every_stage_runs_and_writes_its_files(scorer, tmp_path):
     out = tmp_path / "run"
-    xe = dico.main(tiny_args(scorer, out, "xe", "--xe-steps", "4"))
+    # --xe-lr at its paper value is explicit: it wins over the miniature preset's 1e-3
+    xe = dico.main(tiny_args(scorer, out, "xe", "--xe-steps", "4", "--xe-lr", "2.5e-4"))
     assert (out / "xe" / "best.pt").exists() and (out / "xe" / "last.pt").exists()
     log = [json.loads(line) for line in (out / "xe" / "log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log if "loss" in row] == [1, 2, 3, 4]
-    assert math.isfinite(xe["best_val_RefPAC-S"])
+    assert [row["lr"] for row in log if "loss" in row] == [2.5e-4] * 4  # warm-up: 5% of 4 steps
+    assert math.isfinite(xe["best_val_CIDEr"])
     for algo in ("dico", "scst"):
         dico.main(tiny_args(scorer, out, "dico", "--algo", algo, "--steps", "2"))
         rows = [json.loads(line) for line in (out / algo / "log.jsonl").read_text().splitlines()]
@@ -271,6 +277,9 @@ def test_corrupted_checkpoint_gives_a_clear_error(scorer, tmp_path):
         dico.load_checkpoint(tmp_path / "other.pt")
     with pytest.raises(FileNotFoundError, match="run the xe stage"):
         dico.load_checkpoint(tmp_path / "missing.pt")
+    torch.save({"model": {}, "config": {}, "vocab": [], "step": 0}, tmp_path / "old.pt")  # before the fix
+    with pytest.raises(RuntimeError, match="after ln_post"):
+        dico.load_checkpoint(tmp_path / "old.pt")
 
 
 def test_nan_loss_stops_with_the_step(scorer, tmp_path, monkeypatch):
@@ -287,6 +296,214 @@ def test_real_run_without_pacs_checkpoint_names_the_flag(tmp_path):
     args = dico.Args(train_manifest="x.jsonl")
     with pytest.raises(ValueError, match="--pacs-checkpoint"):
         dico.evaluators(args)
+
+
+# --------------------------------------------------------------------------------------------
+# Presets and the official defaults
+# --------------------------------------------------------------------------------------------
+
+
+def test_defaults_are_the_official_scripts():
+    args = dico.Args()
+    # scripts/train_xe_coco.sh: max_steps 10000, eval_steps 200, 64 per device x 8 accumulation, lr 2.5e-4
+    assert (args.xe_steps, args.xe_eval_every, args.xe_batch_size, args.xe_lr) == (10000, 200, 512, 2.5e-4)
+    # scripts/train_dico_coco.sh: max_steps 250000, eval_steps 1770, 8 per device on 2 GPUs, lr 1e-6
+    assert (args.steps, args.eval_every, args.batch_size, args.lr) == (250000, 1770, 16, 1e-6)
+
+
+def test_explicit_flags_win_over_the_miniature_preset():
+    assert {k: getattr(dico.parse([]), k) for k in dico.MINIATURE_PRESET} == dico.MINIATURE_PRESET  # unchanged
+    args = dico.parse(["miniature", "--lr", "1e-6", "--steps=10000", "--no-restrict-vocab", "--xe_batch_size", "512",
+                       "--world.n-train", "48"])
+    assert (args.lr, args.steps, args.restrict_vocab, args.xe_batch_size) == (1e-6, 10000, False, 512)
+    assert (args.xe_lr, args.xe_steps, args.d_model, args.world.n_train) == (1e-3, 350, 128, 48)  # the preset
+    real = dico.parse(["xe", "--train-manifest", "train.jsonl"])  # real data: no preset at all
+    assert (real.xe_steps, real.d_model, real.encoder_model) == (10000, 512, "ViT-L-14")
+    assert dico.explicit_flags(["--steps=3", "--no-cache-features", "--world.n-val", "4", "5", "--nope"]) == {
+        "steps", "cache_features"}
+
+
+def test_xe_keeps_the_best_validation_cider_and_dico_the_best_refpacs(scorer, tmp_path, monkeypatch):
+    script = iter([(0.1, 0.1), (0.5, 0.2), (0.2, 0.6)] * 2)  # (CIDEr, RefPAC-S) at steps 0, 2, 4
+
+    def scripted(args, bank, indices, captions):
+        cider, ref_pac_s = next(script)
+        return {"CIDEr": cider, "RefPAC-S": ref_pac_s}
+
+    monkeypatch.setattr(dico, "caption_metrics", scripted)
+    out = tmp_path / "run"
+    xe = dico.main(tiny_args(scorer, out, "xe", "--xe-steps", "4", "--xe-eval-every", "2"))
+    assert dico.load_checkpoint(out / "xe" / "best.pt")["step"] == 2 and xe["best_val_CIDEr"] == 0.5
+    fine = dico.main(tiny_args(scorer, out, "dico", "--steps", "4"))
+    assert dico.load_checkpoint(out / "dico" / "best.pt")["step"] == 4 and fine["best_val_RefPAC-S"] == 0.6
+
+
+# --------------------------------------------------------------------------------------------
+# Global batches: micro-batches and ranks take the step one process takes
+# --------------------------------------------------------------------------------------------
+
+
+def train_rows(out, stage):
+    return [row for row in map(json.loads, (out / stage / "log.jsonl").read_text().splitlines()) if "loss" in row]
+
+
+def assert_same_weights(a, b, atol):
+    """Equal weights, but for the attention key biases: they cannot change any output (softmax is
+    shift-invariant), so their gradient is round-off and Adam turns it into lr-sized noise."""
+    a, b = (dico.load_checkpoint(path)["model"] for path in (a, b))
+    for key in a:
+        x, y = a[key], b[key]
+        if key.endswith("in_proj_bias"):  # (q | k | v) biases: drop k
+            d = len(x) // 3
+            x, y = torch.cat([x[:d], x[2 * d:]]), torch.cat([y[:d], y[2 * d:]])
+        assert (x - y).abs().max() <= atol, key
+
+
+def test_micro_batches_accumulate_to_the_whole_batch(scorer, tmp_path):
+    quick = ["--dropout", "0", "--xe-eval-every", "100", "--eval-every", "100", "--val-images", "2"]
+    dico.main([*tiny_args(scorer, tmp_path / "xe", "xe", "--xe-steps", "1"), *quick])
+    init = ["--init", str(tmp_path / "xe" / "xe" / "last.pt"), "--steps", "1"]
+    for stage in ("dico", "scst"):
+        for run, micro in (("whole", []), ("micro", ["--micro-batch-size", "3"])):  # 4 images: chunks of 3 and 1
+            dico.main([*tiny_args(scorer, tmp_path / run, "dico", "--algo", stage), *init, *quick, *micro])
+        whole, micro = train_rows(tmp_path / "whole", stage), train_rows(tmp_path / "micro", stage)
+        assert [row["images"] for row in whole] == [row["images"] for row in micro] == [4]
+        assert whole[0]["loss"] == pytest.approx(micro[0]["loss"], rel=1e-5, abs=1e-7), stage
+        assert_same_weights(tmp_path / "whole" / stage / "last.pt", tmp_path / "micro" / stage / "last.pt", 1e-6)
+
+
+def test_torchrun_two_ranks_share_one_global_batch(scorer, tmp_path):
+    """`torchrun --nproc-per-node 2 dico.py xe ...`: 2 gloo ranks with --xe-batch-size 6 see 6 images a step
+    between them (3 each, in micro-batches of 2 and 1) and take the step one process takes."""
+    flags = ["--xe-steps", "2", "--xe-batch-size", "6", "--dropout", "0", "--xe-eval-every", "100", "--val-images", "2"]
+    run_torchrun("dico.py", [*tiny_args(scorer, tmp_path / "two", "xe"), *flags, "--micro-batch-size", "2"])
+    dico.main([*tiny_args(scorer, tmp_path / "one", "xe"), *flags])
+    two, one = train_rows(tmp_path / "two", "xe"), train_rows(tmp_path / "one", "xe")
+    assert [row["images"] for row in two] == [row["images"] for row in one] == [6, 6]
+    for a, b in zip(two, one):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert_same_weights(tmp_path / "two" / "xe" / "last.pt", tmp_path / "one" / "xe" / "last.pt", 1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: an unreadable image is counted and skipped; --strict stops
+# --------------------------------------------------------------------------------------------
+
+
+def manifests_with_a_broken_image(tmp_path):
+    """Train (8 images), val and test manifests of the tiny world, each with an unreadable image first."""
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    root, paths = ensure_world(WORLD), {}
+    for split, n in (("train", 8), ("val", 6), ("test", 6)):
+        records = [{"id": f"broken-{split}", "image": str(broken), "caption": "a red circle.",
+                    "refs": ["a red circle."]}]
+        records += [{"id": r["id"], "image": str(image_path(r)), "caption": r["caption"], "refs": r["refs"]}
+                    for r in read_manifest(root / f"{split}.jsonl")[:n - 1]]
+        paths[split] = tmp_path / f"{split}.jsonl"
+        paths[split].write_text("".join(json.dumps(r) + "\n" for r in records))
+    return ["--train-manifest", str(paths["train"]), "--val-manifest", str(paths["val"]), "--test-manifest",
+            str(paths["test"])]
+
+
+def test_an_unreadable_image_is_skipped_and_counted_and_strict_stops(scorer, tmp_path):
+    data = manifests_with_a_broken_image(tmp_path)
+    out = tmp_path / "run"
+    xe = dico.main([*tiny_args(scorer, out, "xe", "--xe-steps", "2"), *data])  # a batch of 8 draws every image
+    assert xe["unreadable_images"] == 2 and set(xe["unreadable_ids"]) == {"broken-train", "broken-val"}
+    assert [row["images"] for row in train_rows(out, "xe")] == [7, 7]
+    assert json.loads((out / "xe" / "metrics.json").read_text())["unreadable_images"] == 2
+    validation = [json.loads(line)["val"] for line in (out / "xe" / "log.jsonl").read_text().splitlines()
+                  if "val" in line]
+    assert validation[0]["images"] == 5  # the first 6 validation images, one unreadable
+    results = dico.main([*tiny_args(scorer, out, "eval", "--checkpoints", str(out / "xe" / "best.pt")), *data])
+    assert results["xe/best"]["images"] == results["ground truth"]["images"] == 5
+    assert results["xe/best"]["unreadable_images"] == 1
+    captions = read_manifest(out / "eval" / "captions-xe-best.jsonl")
+    assert len(captions) == 5 and "broken-test" not in {r["id"] for r in captions}
+    with pytest.raises(BadSampleError, match="sample 'broken-val': image cannot be decoded"):  # validation at step 0
+        dico.main([*tiny_args(scorer, tmp_path / "strict", "xe", "--xe-steps", "1", "--strict"), *data])
+
+
+# --------------------------------------------------------------------------------------------
+# The real run's models at tiny width: ViT-L/14 (openai) encoder, ViT-B/32 CLIP-S, PAC-S checkpoint
+# --------------------------------------------------------------------------------------------
+
+
+def karpathy_json(tmp_path):
+    """A Karpathy-split JSON over the tiny world's images (6 train, 4 val, 4 test); returns (json, image root)."""
+    root, images = ensure_world(WORLD), []
+    for split, n in (("train", 6), ("val", 4), ("test", 4)):
+        for r in read_manifest(root / f"{split}.jsonl")[:n]:
+            path = image_path(r).resolve()
+            images.append({"filepath": str(path.parent.relative_to(root.resolve())), "filename": path.name,
+                           "split": split, "cocoid": len(images), "sentences": [{"raw": ref} for ref in r["refs"]]})
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": images}))
+    return str(tmp_path / "dataset_coco.json"), str(root.resolve())
+
+
+def last_block_tokens(visual, pixels):
+    """The ViT's last residual block's output (B, 1 + P, W), taken by a hook: pre-ln_post, independently."""
+    captured = []
+    hook = visual.transformer.resblocks[-1].register_forward_hook(lambda module, inputs, output: captured.append(output))
+    with torch.no_grad():
+        visual(pixels)
+    hook.remove()
+    return captured[0] if visual.transformer.batch_first else captured[0].transpose(0, 1)
+
+
+def uses_quick_gelu(model):
+    return any(isinstance(module, open_clip.transformer.QuickGELU) for module in model.modules())
+
+
+def test_real_run_commands_with_the_real_architectures_at_tiny_width(tmp_path, monkeypatch):
+    """The header's real run (xe, dico, scst, eval) with ViT-L-14 / ViT-B-32 `openai` and a PAC-S file, offline."""
+    monkeypatch.setattr(dico, "_BUNDLES", {})
+    _, encoder_ref = serve_open_clip_tag(monkeypatch, tmp_path, "ViT-L-14", "openai")
+    serve_l14 = open_clip.pretrained.hf_hub_download
+    serve_open_clip_tag(monkeypatch, tmp_path, "ViT-B-32", "openai", seed=1)
+    serve_b32 = open_clip.pretrained.hf_hub_download
+
+    def serve_both(repo_id, *args, **kwargs):  # each helper serves one repository
+        try:
+            return serve_b32(repo_id, *args, **kwargs)
+        except FileNotFoundError:
+            return serve_l14(repo_id, *args, **kwargs)
+
+    monkeypatch.setattr(open_clip.pretrained, "hf_hub_download", serve_both)
+    torch.manual_seed(2)
+    pacs_ref = open_clip.create_model("ViT-B-32", pretrained=None, force_quick_gelu=True).eval()
+    torch.save({"state_dict": pacs_ref.state_dict()}, tmp_path / "clip_ViT-B-32.pth")
+    coco, images = karpathy_json(tmp_path)
+    out = tmp_path / "coco"
+    real = ["--coco-karpathy", coco, "--coco-images", images, "--out", str(out), "--encoder-model", "ViT-L-14",
+            "--encoder-pretrained", "openai", "--pacs-checkpoint", str(tmp_path / "clip_ViT-B-32.pth"), *SMALL,
+            "--val-images", "2", "--eval-images", "3"]
+    dico.main(["xe", *real, "--xe-steps", "2"])
+    best = str(out / "xe" / "best.pt")
+    dico.main(["dico", *real, "--init", best, "--steps", "1"])
+    dico.main(["dico", *real, "--init", best, "--steps", "1", "--algo", "scst"])
+    results = dico.main(["eval", *real, "--checkpoints", best, str(out / "dico" / "best.pt"),
+                         str(out / "scst" / "best.pt")])
+    assert set(results) == {"ground truth", "xe/best", "dico/best", "scst/best"} and results["xe/best"]["images"] == 3
+    config = dico.load_checkpoint(best)["config"]
+    assert config["visual_width"] == 64 and config["n_tokens"] == 49408  # tiny ViT-L-14 width; full BPE vocabulary
+    assert train_rows(out, "dico")[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+    args = dico.parse(["eval", *real])
+    bank = dico.ImageBank(args, dico.load_split(args, "test"))
+    tokens, kept = bank.visual_tokens([0, 1])
+    pixels = torch.stack([bank.encoder.preprocess(open_image(image_path(bank.records[i]))) for i in kept])
+    visual = bank.encoder.model.visual
+    expected = last_block_tokens(visual, pixels)  # (2, 1 + 256, 64): CLS + 16 x 16 patches of 14 px
+    assert tokens.shape == (2, 257, 64)
+    torch.testing.assert_close(tokens, expected)  # before ln_post, as the official code
+    assert not torch.allclose(tokens, visual.ln_post(expected), atol=1e-3)
+    pac_s_bundle = dico.evaluators(args)["pac_s"][0]  # the PAC-S file's weights, OpenAI's QuickGELU
+    torch.testing.assert_close(pac_s_bundle.model.encode_image(pixels), pacs_ref.encode_image(pixels))
+    # the `openai` tags get their own activation, QuickGELU: the served OpenAI model's tokens, exactly
+    assert uses_quick_gelu(bank.encoder.model) and uses_quick_gelu(dico.evaluators(args)["clip_s"][0].model)
+    torch.testing.assert_close(tokens, last_block_tokens(encoder_ref.visual, pixels))
 
 
 @pytest.mark.slow
