@@ -529,12 +529,12 @@ def load_model_spec(spec: str, device: str = "cpu") -> tuple[str, nn.Module, Cal
     """(label, model, preprocess) for a checkpoint path, `NAME@PRETRAINED` or `NAME` (random init)."""
     if Path(spec).is_file():
         payload = torch.load(spec, map_location="cpu", weights_only=True)
-        model, preprocess, _ = create_clip(payload["model"])
+        model, preprocess = create_random(payload["model"], False, seed=0)  # no tokenizer: it takes a second to build
         model.load_state_dict(payload["state_dict"])
         return payload.get("label", Path(spec).stem), model.to(device).eval(), preprocess
     name, _, tag = spec.partition("@")
     if not tag:
-        model, preprocess, _ = create_clip(name)
+        model, preprocess = create_random(name, False, seed=0)  # = create_clip(name)'s model
         return f"{name} (random init)", model.to(device).eval(), preprocess
     try:  # the tag's own settings: QuickGELU for OpenAI-style weights (mean/std come with the tag already)
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, device=device,

@@ -352,7 +352,7 @@ def test_real_pretrain_and_probe_commands_on_vit_b16(tmp_path, monkeypatch):
         (type(visual), visual.patch_size, visual.image_size, visual.transformer.width,
          type(visual.transformer.resblocks[0].mlp.gelu))) or probe_one(visual, *a))
     argv = ["probe", "--out", out, "--checkpoints", *checkpoints, "random", "--finetune", "--probe-train-manifest",
-            train, "--probe-test-manifest", val, "--num-classes", "150", "--probe-steps", "10", "--probe-lr", "0.1",
+            train, "--probe-test-manifest", val, "--num-classes", "150", "--probe-steps", "5", "--probe-lr", "0.2",
             "--probe-batch-size", "1"]
     with pytest.raises(cq.ManifestError, match="--reduce-zero-label"):
         cq.main(argv)
