@@ -409,9 +409,13 @@ def manifests_with_a_broken_image(tmp_path):
 def test_an_unreadable_image_is_skipped_and_counted_and_strict_stops(scorer, tmp_path):
     data = manifests_with_a_broken_image(tmp_path)
     out = tmp_path / "run"
-    xe = dico.main([*tiny_args(scorer, out, "xe", "--xe-steps", "2"), *data])  # a batch of 8 draws every image
+    # a batch of 8 draws every image; micro-batches of 1 make one of them hold no readable image at all
+    one_by_one = ["--micro-batch-size", "1"]
+    xe = dico.main([*tiny_args(scorer, out, "xe", "--xe-steps", "2"), *data, *one_by_one])
     assert xe["unreadable_images"] == 2 and set(xe["unreadable_ids"]) == {"broken-train", "broken-val"}
     assert [row["images"] for row in train_rows(out, "xe")] == [7, 7]
+    dico.main([*tiny_args(scorer, out, "dico", "--steps", "1"), "--batch-size", "8", *data, *one_by_one])
+    assert [row["images"] for row in train_rows(out, "dico")] == [7]
     assert json.loads((out / "xe" / "metrics.json").read_text())["unreadable_images"] == 2
     validation = [json.loads(line)["val"] for line in (out / "xe" / "log.jsonl").read_text().splitlines()
                   if "val" in line]
