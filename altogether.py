@@ -13,9 +13,9 @@ is dropped half of the time in training, so one model captions with and without 
 Implements (each a `--stage`):
   1. the captioner: v = normalize(E_img(x)) (frozen); V = Mapper(v), M visual tokens: Linear to
      M x d, M learned prefix tokens appended, a Transformer, its last M outputs     (`MappingNetwork`)
-  2. the sequence [V][alt prompt, <= 128 tokens, left-padded][caption + EOS], attention on every
-     real token, positions counting real tokens only, L = -1/|C| sum_{t in C} log p(y_t | y_<t)
-     over the caption tokens C only                            (`sequence_labels`, `caption_loss`)
+  2. the sequence [V][alt prompt, <= 128 tokens][caption + EOS], left pads in front of V,
+     attention on every real token, positions counting real tokens only, L = -1/|C| sum_{t in C}
+     log p(y_t | y_<t) over the caption tokens C only     (`prefix_inputs`, `sequence_labels`, `caption_loss`)
   3. `pretrain` (stage 1): target = the longest alt-text of the image, prompt = another one;
      `finetune` (stage 2): target = the re-aligned caption (`--target-field`), prompt = the
      alt-text; in both the prompt is dropped with p = 0.5 per draw             (`training_pair`)
@@ -29,15 +29,23 @@ Deviations from the paper:
      128: with the mask and positions below, the logits are the same, the sequence shorter.
   2. Two official-code bugs are not copied (PAPERS.md): with no padding the official attention and
      target masks are all zero ([:-0] is empty), and its left pads are attended. Here pads are
-     masked, and position ids count only attended tokens, so left pads between the visual tokens
-     and the prompt shift nothing (the same positions `generate` derives from the mask).
+     masked, which moves them: the whole prefix is left-padded, [pads][V][prompt], not the prompt
+     alone ([V][pads][prompt]). So each row's last prefix slot, which predicts the first caption
+     token, is a real token, the last prompt token or, with the prompt dropped, the last visual
+     token, whatever the other rows' prompts; with the pads in the middle a dropped prompt was
+     trained from a pad slot in mixed batches and captioned "w/o alt" from the last visual token,
+     a slot training never supervised (docs/altogether.md, Deviation 2, has the measurement).
+     Position ids count attended tokens only and `generate` gets the same ones, so teacher-forced
+     logits equal generated ones and a batch captions as its images would one at a time.
   3. A prompt longer than 128 tokens keeps its first 128 tokens (the official code cuts the same
      way); a caption longer than --max-caption-tokens (with its EOS) is cut, EOS included, so the
      model is never taught to stop mid-sentence. Captions are tokenised without BOS: V starts them.
   4. Training steps and batch size are not in the paper: defaults are ours (unverified). The
      frozen encoder's embeddings of the training manifest are computed once, in memory (ClipCap
      pre-extracts them too); at the paper's 22M images that wants a memory-mapped file instead.
-     Each rank's loss is its own token mean; DDP averages the ranks' gradients.
+     Each rank's loss is its own token mean; DDP averages the ranks' gradients. The decoder
+     trains in fp32 weights (loaded with dtype=float32 whatever the checkpoint ships: OPT's files
+     are fp16) under bf16 autocast on GPU; the paper states no precision.
   5. The mapping network's Transformer: pre-norm layers, 8 heads, FFN 2 x d, no dropout (ClipCap's
      TransformerMapper); the paper states only its depth (8) and length (40).
   6. Miniature world only (every field left at its paper default takes MINIATURE_PRESET): the frozen

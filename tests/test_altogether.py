@@ -152,6 +152,21 @@ def test_batched_generation_equals_one_at_a_time():
         assert torch.allclose(step_logits[i, :alone_logits.shape[1]], alone_logits[0], atol=1e-5), prompt
 
 
+def test_the_paper_settings_are_the_defaults():
+    args = altogether.Args()
+    # 40 visual tokens, 8 mapper layers, prompts of 128 tokens dropped half of the time, OPT-1.3B on MetaCLIP ViT-H/14
+    assert (args.prefix_length, args.mapper_layers, args.max_prompt_tokens, args.p_drop_alt) == (40, 8, 128, 0.5)
+    assert (args.decoder, args.clip_model, args.clip_pretrained) == ("facebook/opt-1.3b", "ViT-H-14-quickgelu",
+                                                                     "metaclip_fullcc")
+    # AdamW lr 2e-4, warm-up 200, wd 0.2; captions sampled at T = 0.2, top-p 0.7, up to 192 new tokens
+    assert (args.lr, args.warmup, args.weight_decay, args.max_new_tokens) == (2e-4, 200, 0.2, 192)
+    assert altogether.decoding_options(args) == {"do_sample": True, "temperature": 0.2, "top_p": 0.7}
+    optimizer = altogether.make_optimizer(tiny_captioner(tokenizer()), args)
+    assert optimizer.defaults["betas"] == (0.9, 0.98) and optimizer.defaults["eps"] == 1e-6
+    decay = {(p.ndim >= 2, group["weight_decay"]) for group in optimizer.param_groups for p in group["params"]}
+    assert decay == {(True, 0.2), (False, 0.0)}  # none on biases and norms
+
+
 # ---- a training step -------------------------------------------------------------------------
 
 
@@ -386,9 +401,10 @@ def test_header_commands_with_vit_h_metaclip_fp16_opt_1_3b_and_vit_b_32_openai(w
                            "--checkpoint", str(out / "pretrain.pt"), "--target-field", "round3", "--finetune-steps", "1",
                            *small])
     assert np.isfinite(log["history"][0]["loss"])
-    # the checkpoint's files are fp16; training keeps fp32 weights (AdamW's updates are not rounded to fp16)
-    assert {value.dtype for value in torch.load(out / "finetune.pt", weights_only=True)["captioner"].values()} == {
-        torch.float32}
+    # the decoder's files are fp16; both stages train fp32 weights (AdamW's updates are not rounded to fp16)
+    for stage in ("pretrain", "finetune"):
+        weights = torch.load(out / f"{stage}.pt", weights_only=True)["captioner"]
+        assert {value.dtype for value in weights.values()} == {torch.float32}, stage
     shard = tmp_path / "metaclip_shard.altogether.jsonl"
     counts = altogether.main(["--stage", "caption", "--checkpoint", str(out / "finetune.pt"), "--data",
                               str(tmp_path / "metaclip_shard.jsonl"), "--out", str(shard), "--max-new-tokens", "4",
