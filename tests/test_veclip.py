@@ -3,19 +3,23 @@ with tiny random LLaVA-1.5 / Vicuna-1.1 stand-ins, retrieval over every referenc
 ensemble against hand computations, evaluation on the model's device, the ViT-B/16 train and eval
 commands, 2 torchrun gloo ranks against one process, resume, and the miniature main()."""
 
+import dataclasses
 import json
+import math
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import veclip
 from common.clip_train import evaluate_world
 from common.data import ResumableJSONLWriter, read_manifest, write_manifest
-from common.miniature import WorldConfig, ensure_world
+from common.miniature import WorldConfig, ensure_world, zero_shot_tasks
 from realarch import run_torchrun, save_hf, serve_open_clip_tag
 
 MICRO = "micro-ViT-16"
@@ -23,6 +27,37 @@ TINY_WORLD = WorldConfig(n_train=64, n_val=4, n_test=24)
 TRAIN_FLAGS = ["--stage", "train", "--model", MICRO, "--batch-size", "8", "--kernel", "torch", "--no-amp",
                "--alt-field", "alt_text", "--llm-vec-field", "fused", "--lr", "1e-3", "--warmup", "2"]
 RETRIEVAL = [f"{way}_R@{k}" for way in ("i2t", "t2i") for k in (1, 5, 10)]
+
+# The prompts as they must reach the models, written out here rather than imported from veclip, so that a
+# changed prompt fails a test. Step 1 (Sec. 3.2: "describe the image concisely, less than 20 words"), in
+# llava-hf/llava-1.5-7b-hf's conversation format:
+VEC_PROMPT_LLAVA = "USER: <image>\nDescribe the image concisely, less than 20 words. ASSISTANT:"
+# Step 2 (Sec. 3.3: merge the alt-text's knowledge and the VeC's visual concepts; the wording is ours), in
+# Vicuna-1.1's format (FastChat's `vicuna_v1.1` template: this system line, " USER: ", " ASSISTANT:")
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                 "helpful, detailed, and polite answers to the user's questions.")
+FUSION_INSTRUCTION = ("Rephrase the following two descriptions of the same image into one short, fluent sentence. "
+                      "Description 1 is web alt-text: it may name people, places, brands or products, but it can be "
+                      "noisy and ungrammatical. Description 2 describes what is visible in the image. Keep the names "
+                      "and facts of description 1 that fit the image and the visual details of description 2; add "
+                      "nothing that is in neither.\nDescription 1: {alt_text}\nDescription 2: {vec}\nNew sentence:")
+
+
+def vicuna_fusion_prompt(alt_text: str, vec: str) -> str:
+    return f"{VICUNA_SYSTEM} USER: {FUSION_INSTRUCTION.format(alt_text=alt_text, vec=vec)} ASSISTANT:"
+
+
+def greedy(model, input_ids: torch.Tensor, max_new_tokens: int, eos: int, **extra) -> list[int]:
+    """Greedy decoding by hand: one unpadded sequence, no cache, argmax of the last position, stop at eos."""
+    new = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(input_ids=input_ids, **extra).logits[0, -1].argmax())
+            if token == eos:
+                break
+            new.append(token)
+            input_ids = torch.cat([input_ids, torch.tensor([[token]])], dim=1)
+    return new
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +76,7 @@ def test_mixing_draws_alt_text_with_probability_p_per_draw():
     # the same sample drawn at many steps gets both texts, at rate p: a draw, not a per-sample choice
     indices = np.stack([veclip.global_batch_indices(step, 128, batch, seed=0) for step in range(steps)])
     alt_for_sample_5 = draws[indices == 5]
-    assert 0 < alt_for_sample_5.mean() < 1 and len(alt_for_sample_5) == steps * batch // 128
+    assert len(alt_for_sample_5) == steps * batch // 128  # drawn once an epoch
     assert abs(alt_for_sample_5.mean() - p) < 4 * np.sqrt(p * (1 - p) / len(alt_for_sample_5))
     assert veclip.draw_alt_text(3, batch, 1.0, 0).all() and not veclip.draw_alt_text(3, batch, 0.0, 0).any()
     texts = veclip.mixed_texts(["a0", "a1"], ["l0", "l1"], np.array([1, 0, 1]), np.array([True, False, False]))
@@ -63,9 +98,10 @@ def tiny_tokenizer(pad: bool = True):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    words = sorted(set(" ".join([veclip.FUSION_PROMPT, veclip.VICUNA_SYSTEM, veclip.VEC_PROMPT]).split())
-                   | {"USER:", "ASSISTANT:", "red", "blue", "circle", "square", "grass", "Aldora", "stock", "photo"})
     special = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]
+    words = sorted((set(" ".join([FUSION_INSTRUCTION, VICUNA_SYSTEM, VEC_PROMPT_LLAVA]).split())
+                    | {"USER:", "ASSISTANT:", "red", "blue", "circle", "square", "grass", "Aldora", "stock", "photo"})
+                   - set(special))
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(special + words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
@@ -74,20 +110,51 @@ def tiny_tokenizer(pad: bool = True):
                                    pad_token="<pad>" if pad else None, extra_special_tokens={"image_token": "<image>"})
 
 
-def test_truncation_cuts_alt_text_and_keeps_vec_whole():
-    tokenizer = tiny_tokenizer()
+def test_truncation_cuts_alt_text_from_its_end_and_keeps_vec_whole():
+    """Sec. 3.3: a prompt over the budget loses the end of its alt-text, token by token; the VeC stays whole."""
+    tokenizer = tiny_tokenizer(pad=False)  # Vicuna-1.1's: no chat template, a prepended <s>, one token a word
     vec = "a red circle on grass"
-    alt = " ".join(["Aldora stock photo"] * 50)
-    full, cut = veclip.fusion_prompt(tokenizer, alt, vec, max_prompt_tokens=10_000)
-    assert not cut and alt in full
-    short_length = veclip.prompt_length(tokenizer, veclip.llm_prompt(tokenizer, veclip.FUSION_PROMPT.format(alt_text="", vec=vec)))
-    prompt, cut = veclip.fusion_prompt(tokenizer, alt, vec, max_prompt_tokens=short_length + 7)
-    assert cut and f"Description 2: {vec}\n" in prompt
-    assert veclip.prompt_length(tokenizer, prompt) <= short_length + 7
-    assert "Description 1: Aldora stock photo Aldora stock photo Aldora\n" in prompt  # the first 7 words
+    words = ["Aldora", "stock", "photo"] * 50
+    alt = " ".join(words)
+    full = vicuna_fusion_prompt(alt, vec)
+    length = lambda prompt: len(tokenizer(prompt)["input_ids"])  # noqa: E731 (<s> + one token a word)
+    assert veclip.fusion_prompt(tokenizer, alt, vec, max_prompt_tokens=10_000) == (full, False)
+    assert veclip.fusion_prompt(tokenizer, alt, vec, max_prompt_tokens=length(full)) == (full, False)  # fits exactly
+    base = length(vicuna_fusion_prompt("", vec))
+    for room in (149, 7, 1, 0):  # room for the first `room` words of the alt-text, no more
+        assert veclip.fusion_prompt(tokenizer, alt, vec, max_prompt_tokens=base + room) == (
+            vicuna_fusion_prompt(" ".join(words[:room]), vec), True), room
     # a budget below the VeC alone: the alt-text goes entirely, the VeC stays
-    prompt, cut = veclip.fusion_prompt(tokenizer, alt, vec, max_prompt_tokens=5)
-    assert cut and "Description 1: \n" in prompt and vec in prompt
+    assert veclip.fusion_prompt(tokenizer, alt, vec, max_prompt_tokens=5) == (vicuna_fusion_prompt("", vec), True)
+
+
+def test_prompts_reach_the_vlm_and_the_llm_in_their_conversation_formats(tiny_models):
+    from transformers import AutoProcessor
+
+    # LLaVA-1.5: llava-hf's chat template, and the same format written out when a processor has none
+    assert veclip.vlm_prompt(AutoProcessor.from_pretrained(tiny_models / "vlm")) == VEC_PROMPT_LLAVA
+    assert veclip.vlm_prompt(SimpleNamespace(image_token="<image>")) == VEC_PROMPT_LLAVA
+    assert veclip.vlm_prompt(SimpleNamespace()) == VEC_PROMPT_LLAVA
+    assert veclip.vlm_prompt(SimpleNamespace(image_token="<img>")) == VEC_PROMPT_LLAVA.replace("<image>", "<img>")
+
+    class ShowsItsInput:  # a processor whose template prints what it was given
+        chat_template = "shown"
+
+        def apply_chat_template(self, conversation, add_generation_prompt=False):
+            return repr((conversation, add_generation_prompt))
+
+    image_then_text = [{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "Describe the image concisely, less than 20 words."}]}]
+    assert veclip.vlm_prompt(ShowsItsInput()) == repr((image_then_text, True))
+    # Vicuna-1.1 ships no template: its format, and the tokenizer's <s> counted once
+    tokenizer = tiny_tokenizer(pad=False)
+    assert veclip.llm_prompt(tokenizer, "Say hi.") == f"{VICUNA_SYSTEM} USER: Say hi. ASSISTANT:"
+    assert veclip.prompt_length(tokenizer, "red blue") == 3  # <s> red blue
+    # a tokenizer with a template: the template's text (its own <s>), no second <s> when counting
+    tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %} [assistant]{% endif %}")
+    assert veclip.llm_prompt(tokenizer, "Say hi.") == "<s>[user] Say hi. [assistant]"
+    assert veclip.prompt_length(tokenizer, "<s> red blue") == 3
 
 
 def test_llm_answer_gives_its_caption_line_and_refusals_are_matched_at_the_start():
@@ -173,19 +240,21 @@ def test_vec_and_fuse_write_resumable_manifests(world, tiny_models, tmp_path, mo
                           "--device", "cpu"])
     assert counts["already_done"] == 1 and counts["written"] == 3
     vec_records = read_manifest(vec_out)
-    assert [r["id"] for r in vec_records] == [r["id"] for r in records] and all("vec" in r for r in vec_records)
+    assert [r["id"] for r in vec_records] == [r["id"] for r in records]
+    assert vec_records[0]["vec"] == "a red circle"  # the finished sample is kept, not generated again
     assert all((vec_out.parent / r["image"]).exists() for r in vec_records)  # images re-rooted
     # fuse, long alt-texts truncated to a small budget; a second call has nothing left to do
     fused_out = tmp_path / "fused.jsonl"
     tokenizer = tiny_tokenizer(pad=False)
-    budget = 1 + max(veclip.prompt_length(tokenizer, veclip.llm_prompt(
-        tokenizer, veclip.FUSION_PROMPT.format(alt_text="", vec=r["vec"]))) for r in vec_records)
+    length = lambda prompt: len(tokenizer(prompt)["input_ids"])  # noqa: E731
+    budget = 1 + max(length(vicuna_fusion_prompt("", r["vec"])) for r in vec_records)
+    too_long = sum(length(vicuna_fusion_prompt(r["alt_text"], r["vec"])) > budget for r in vec_records)
     argv = ["--stage", "fuse", "--data", str(vec_out), "--out", str(fused_out), "--llm", str(tiny_models / "llm"),
             "--max-new-tokens", "3", "--max-prompt-tokens", str(budget), "--device", "cpu"]
     counts = veclip.main(argv)
-    assert counts["written"] == 4 and counts["alt_text_truncated"] >= 1
-    fused = read_manifest(fused_out)
-    assert all(isinstance(r["llm_vec"], str) and r["llm_vec"] for r in fused)
+    assert counts["written"] == 4 and counts["alt_text_truncated"] == too_long >= 1
+    assert counts["refusal_fallbacks"] == 0  # this LLM answers (the mute one below does not)
+    assert [r["id"] for r in read_manifest(fused_out)] == [r["id"] for r in records]
     assert veclip.main(argv) == {"already_done": 4}
     # an LLM that answers nothing: every LLM-VeC falls back to the VeC, counted
     mute_out = tmp_path / "mute.jsonl"
@@ -195,6 +264,79 @@ def test_vec_and_fuse_write_resumable_manifests(world, tiny_models, tmp_path, mo
     assert all(r["llm_vec"] == r["vec"] and r["llm_vec_fallback"] for r in read_manifest(mute_out))
     # the fp16 checkpoints ran in the dtype asked for (float32 on the CPU), not the one they ship in
     assert set(loaded_dtypes) == {torch.float32}
+
+
+def capture_generate(monkeypatch) -> list:
+    """Record the inputs (ids, mask, pixels) of every generate() call of a stage."""
+    calls, real_generate = [], veclip.generate
+
+    def recording(model, tokenizer, inputs, max_new_tokens):
+        calls.append({key: value.clone() for key, value in inputs.items()})
+        return real_generate(model, tokenizer, inputs, max_new_tokens)
+
+    monkeypatch.setattr(veclip, "generate", recording)
+    return calls
+
+
+def test_vec_stage_asks_llava_the_vec_prompt_and_decodes_greedily(world, tiny_models, tmp_path, monkeypatch):
+    """Step 1 against an independent run: each image with the written-out prompt, decoded greedily one at a time."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    calls = capture_generate(monkeypatch)
+    records, out = read_manifest(world / "val.jsonl"), tmp_path / "vec.jsonl"
+    veclip.main(["--stage", "vec", "--data", str(world / "val.jsonl"), "--out", str(out), "--vlm", str(tiny_models / "vlm"),
+                 "--gen-batch-size", "4", "--max-new-tokens", "4", "--device", "cpu"])
+    assert len(calls) == 1  # the 4 images in one batch
+    processor = AutoProcessor.from_pretrained(tiny_models / "vlm")
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_models / "vlm", dtype=torch.float32).eval()
+    expected = []
+    for row, record in enumerate(records):
+        one = processor(images=[Image.open(world / record["image"]).convert("RGB")], text=[VEC_PROMPT_LLAVA],
+                        return_tensors="pt")
+        assert torch.equal(calls[0]["input_ids"][row], one["input_ids"][0])  # same length: no padding
+        assert torch.equal(calls[0]["pixel_values"][row], one["pixel_values"][0])
+        new = greedy(model, one["input_ids"], 4, model.config.text_config.eos_token_id, pixel_values=one["pixel_values"])
+        expected.append(processor.tokenizer.decode(new, skip_special_tokens=True).strip())
+    assert [r["vec"] for r in read_manifest(out)] == expected
+    assert any(expected)  # the comparison is between captions, not empty strings
+
+
+def test_fuse_stage_asks_vicuna_the_left_padded_fusion_prompt_and_decodes_greedily(world, tiny_models, tmp_path,
+                                                                                   monkeypatch):
+    """Step 2 against an independent run: the written-out Vicuna-1.1 prompt per sample (the alt-text cut from its
+    end to the budget, the VeC whole), left-padded in the batch, decoded greedily one at a time, then parsed."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models / "llm")
+    alts = ["Aldora stock photo", "", " ".join(["Aldora", "stock", "photo"] * 10), "red square"]
+    vecs = ["blue circle on grass", "red square", "blue", "grass"]
+    records = [{**record, "image": str(world / record["image"]), "alt_text": alt, "vec": vec}
+               for record, alt, vec in zip(read_manifest(world / "val.jsonl"), alts, vecs)]
+    write_manifest(tmp_path / "vec.jsonl", records)
+    length = lambda prompt: len(tokenizer(prompt)["input_ids"])  # noqa: E731 (<s> + one token a word)
+    budget = length(vicuna_fusion_prompt("", "")) + 10  # every prompt fits but the third's (30 + 1 words)
+    prompts = [vicuna_fusion_prompt(alt, vec) for alt, vec in zip(alts, vecs)]
+    prompts[2] = vicuna_fusion_prompt(" ".join(alts[2].split()[:9]), vecs[2])  # 10 words of room, 1 for the VeC
+    calls = capture_generate(monkeypatch)
+    counts = veclip.main(["--stage", "fuse", "--data", str(tmp_path / "vec.jsonl"), "--out", str(tmp_path / "fused.jsonl"),
+                          "--llm", str(tiny_models / "llm"), "--gen-batch-size", "4", "--max-new-tokens", "5",
+                          "--max-prompt-tokens", str(budget), "--device", "cpu"])
+    assert len(calls) == 1 and counts["alt_text_truncated"] == 1
+    ids, mask = calls[0]["input_ids"], calls[0]["attention_mask"]
+    model = LlamaForCausalLM.from_pretrained(tiny_models / "llm", dtype=torch.float32).eval()
+    expected = []
+    for row, (prompt, alt, vec) in enumerate(zip(prompts, alts, vecs)):
+        one = tokenizer(prompt, return_tensors="pt")["input_ids"]  # (1, n): <s> first
+        pad = ids.shape[1] - one.shape[1]
+        # left padding, with Vicuna's missing pad token set to </s>: [</s>]*pad + prompt, masked
+        assert mask[row].tolist() == [0] * pad + [1] * one.shape[1]
+        assert ids[row].tolist() == [tokenizer.eos_token_id] * pad + one[0].tolist()
+        answer = tokenizer.decode(greedy(model, one, 5, tokenizer.eos_token_id), skip_special_tokens=True).strip()
+        expected.append(veclip.llm_vec_or_fallback(answer, vec, alt))  # parsing: pinned by hand-written answers
+    assert len(set(mask.sum(1).tolist())) == 4  # four prompt lengths: the padding side matters
+    fused = read_manifest(tmp_path / "fused.jsonl")
+    assert [(r["llm_vec"], r["llm_vec_fallback"]) for r in fused] == expected
+    assert counts["refusal_fallbacks"] == sum(fell_back for _, fell_back in expected)
 
 
 def test_missing_weights_name_the_flag(world, tmp_path):
@@ -244,8 +386,6 @@ def test_retrieval_scores_every_reference_and_zero_shot_ensembles_templates():
     assert (metrics["i2t_R@1"], metrics["t2i_R@1"]) == (100.0, 100.0)
     with pytest.raises(ValueError, match="--text-field"):
         veclip.evaluate(model, tokenizer, None, [{"id": "0", "caption": "a"}], args, images=images[:1])
-    # the default ensemble is CLIP's 80 ImageNet templates
-    assert veclip.Args().templates == tuple(t("{}") for t in open_clip.zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES)
 
 
 def test_evaluation_encodes_on_the_models_device(world, tmp_path, monkeypatch):
@@ -275,7 +415,9 @@ def test_evaluation_encodes_on_the_models_device(world, tmp_path, monkeypatch):
                                                                                     "train_seconds": 0.0}))
     veclip.main(["--stage", "miniature", "--world.n-train", "64", "--world.n-val", "4", "--world.n-test", "24",
                  "--model", MICRO, "--batch-size", "16", "--out", str(tmp_path)])
-    assert len(asked) >= 3 + 4 * 2 and set(asked) == {torch.device("meta")}
+    # per condition: the images, the references, and each of the world's zero-shot tasks that has images
+    tasks = sum(bool(spec["indices"]) for spec in zero_shot_tasks(read_manifest(world / "test.jsonl")).values())
+    assert len(asked) == 3 + 4 * (2 + tasks) and set(asked) == {torch.device("meta")}
 
 
 # ---- train and eval: ViT-B/16 and a pretrained tag at tiny width -------------------------------
@@ -324,6 +466,82 @@ def test_pretrained_tag_runs_with_the_tags_settings(world, tmp_path, monkeypatch
 # ---- training: torchrun equals one process; resume ---------------------------------------------
 
 
+def marked_records(world) -> list[dict]:
+    """The world's training samples with texts that name their sample: alt-text 'alt i', LLM-VeC 'llm i'."""
+    return [{**record, "image": str(world / record["image"]), "alt_text": f"alt {i}", "fused": f"llm {i}"}
+            for i, record in enumerate(read_manifest(world / "train.jsonl"))]
+
+
+def expected_batch(step: int, n: int, batch: int, p_alt: float, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """Global batch `step` recomputed by hand (Deviation 6 and step 3): epoch e = step // (n // batch) walks the
+    permutation seeded (seed, e); draw b uses the alt-text iff u_b < p_alt, u ~ U(0, 1) from the stream
+    seeded (seed, 7, step), fresh at every draw."""
+    epoch, position = divmod(step, n // batch)
+    indices = np.random.default_rng([seed, epoch]).permutation(n)[position * batch:(position + 1) * batch]
+    use_alt = np.random.default_rng([seed, 7, step]).random(batch) < p_alt
+    return indices, [f"alt {i}" if alt else f"llm {i}" for i, alt in zip(indices, use_alt)]
+
+
+def test_training_tokenises_the_per_draw_mix_and_steps_on_the_clip_loss(world, tmp_path, monkeypatch):
+    """Step 3 as run: the texts the trainer tokenises are the AltText/LLM-VeC draws recomputed by hand with the
+    default p_alt (0.5); the first loss is (CE(s X Y^T) + CE(s Y X^T)) / 2 by hand; the logit scale is clamped
+    at 100 after each step; the learning rate warms up linearly and decays by a cosine."""
+    records = marked_records(world)
+    write_manifest(tmp_path / "train.jsonl", records)
+    tokenised, real_create = [], veclip.create_clip
+
+    def create_clip(name, seed=0):
+        model, preprocess, tokenizer = real_create(name, seed=seed)
+        with torch.no_grad():
+            model.logit_scale.fill_(math.log(1000.0))  # above the clamp
+        return model, preprocess, lambda texts: tokenised.append(list(texts)) or tokenizer(texts)
+
+    monkeypatch.setattr(veclip, "create_clip", create_clip)
+    steps, batch, lr, warmup = 10, 8, 1e-3, 2  # 8 steps an epoch: the last two start epoch 1
+    result = veclip.main(TRAIN_FLAGS + ["--data", str(tmp_path / "train.jsonl"), "--steps", str(steps), "--weight-decay", "0.2",
+                                  "--out", str(tmp_path / "run"), "--device", "cpu"])
+    expected = [expected_batch(step, len(records), batch, p_alt=0.5) for step in range(steps)]
+    assert tokenised == [texts for _, texts in expected]
+    # the first step's loss by hand, at the initial weights and logit scale 1000
+    model, preprocess, tokenizer = real_create(MICRO, seed=0)
+    indices, texts = expected[0]
+    pixels = torch.stack([preprocess(Image.open(records[i]["image"]).convert("RGB")) for i in indices])
+    with torch.no_grad():
+        logits = 1000.0 * model.encode_image(pixels, normalize=True) @ model.encode_text(tokenizer(texts), normalize=True).T
+    labels = torch.arange(batch)
+    loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    history = result["history"]
+    assert history[0]["loss"] == pytest.approx(loss.item(), rel=1e-4)
+    # open_clip's clamp after each step: 1000 comes down to 100 at once (an unclamped step would leave ~999.5)
+    assert history[0]["logit_scale"] == pytest.approx(100.0) and max(h["logit_scale"] for h in history) < 100.001
+    cosine = [lr * (t + 1) / warmup if t < warmup else 0.5 * lr * (1 + math.cos(math.pi * (t - warmup) / (steps - warmup)))
+              for t in range(steps)]
+    assert [h["lr"] for h in history] == pytest.approx(cosine)
+    groups = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.2, 0.0]  # --weight-decay on matrices, none elsewhere
+
+
+def test_each_rank_serves_its_slice_and_an_unreadable_image_brings_its_neighbours_text(world, tmp_path):
+    records = marked_records(world)
+    args = veclip.Args(batch_size=8, steps=12, alt_field="alt_text", llm_vec_field="fused")
+    cache = torch.arange(64.0).view(64, 1, 1, 1)  # the pixels of sample i are the number i
+    step = 9  # epoch 1
+    indices, texts = expected_batch(step, len(records), 8, p_alt=0.5)
+    pixels, served, substituted = veclip.MixedCaptionBatches(records, args, None, 0, 1, cache)[step]
+    assert pixels.flatten().long().tolist() == indices.tolist() and served == texts and substituted == 0
+    halves = [veclip.MixedCaptionBatches(records, args, None, rank, 2, cache)[step] for rank in (0, 1)]
+    assert torch.equal(torch.cat([halves[0][0], halves[1][0]]), pixels) and halves[0][1] + halves[1][1] == texts
+    # no cache: an unreadable image is replaced by the next sample of the manifest, text and all
+    broken = indices[5]
+    records[broken] = {**records[broken], "image": str(tmp_path / "missing.png")}
+    alt_only = dataclasses.replace(args, p_alt=1.0)
+    opened = lambda image: torch.tensor(image.size, dtype=torch.float32)  # noqa: E731 (any image works)
+    _, served, substituted = veclip.MixedCaptionBatches(records, alt_only, opened, 0, 1)[step]
+    neighbour = (broken + 1) % len(records)
+    assert served == [f"alt {i}" for i in indices[:5]] + [f"alt {neighbour}"] + [f"alt {i}" for i in indices[6:]]
+    assert substituted == 1
+
+
 def test_torchrun_two_gloo_ranks_match_one_process(world, tmp_path):
     flags = TRAIN_FLAGS + ["--data", str(world / "train.jsonl"), "--steps", "3"]
     single = veclip.main(flags + ["--out", str(tmp_path / "one"), "--device", "cpu"])
@@ -362,29 +580,79 @@ def test_resume_continues_from_checkpoint_step(world, tmp_path, monkeypatch):
     assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in straight["history"]], abs=1e-6)
     with pytest.raises(ValueError, match="no-resume"):  # a different recipe does not resume silently
         veclip.main(argv + ["--out", str(tmp_path / "killed"), "--p-alt", "0.9"])
-    # eval: the world's tasks, and a plain manifest with one caption per image and a class-name field
-    metrics = veclip.main(["--stage", "eval", "--eval-data", str(world / "test.jsonl"), "--out", str(tmp_path / "killed")])
-    assert {"i2t_R@10", "t2i_R@1", "zeroshot_attributes", "zeroshot_entity"} <= set(metrics)
+    # eval of the world's manifest (a list of references; the world's tasks) and of a plain one (the same caption in a
+    # string field; the background as a class name, with the world's background templates): the same numbers
+    on_world = veclip.main(["--stage", "eval", "--eval-data", str(world / "test.jsonl"), "--out", str(tmp_path / "killed")])
+    test_records = read_manifest(world / "test.jsonl")
     plain = [{"id": r["id"], "image": str(world / r["image"]), "caption": r["caption"], "label": r["background"]}
-             for r in read_manifest(world / "test.jsonl")]
+             for r in test_records]
     write_manifest(tmp_path / "plain.jsonl", plain)
+    background = zero_shot_tasks(test_records)["background"]
+    assert {r["background"] for r in test_records} == set(background["classes"])  # every class present
     metrics = veclip.main(["--stage", "eval", "--eval-data", str(tmp_path / "plain.jsonl"), "--class-field", "label",
                            "--text-field", "caption", "--checkpoint", str(tmp_path / "killed" / "checkpoint.pt"),
-                           "--out", str(tmp_path / "e")])
-    assert "zeroshot_top1" in metrics and json.loads((tmp_path / "e" / "eval.json").read_text()) == metrics
+                           "--templates", *background["templates"], "--out", str(tmp_path / "e")])
+    assert {k: metrics[k] for k in RETRIEVAL} == {k: on_world[k] for k in RETRIEVAL}
+    assert metrics["zeroshot_top1"] == pytest.approx(on_world["zeroshot_background"])
+    assert json.loads((tmp_path / "e" / "eval.json").read_text()) == metrics
 
 
 # ---- the default run, in miniature -----------------------------------------------------------
 
 
 def test_miniature_main_writes_the_table(tmp_path):
+    flags = ["--model", MICRO, "--steps", "2", "--batch-size", "16", "--kernel", "torch"]
     results = veclip.main(["--stage", "miniature", "--world.n-train", "64", "--world.n-val", "4", "--world.n-test", "24",
-                           "--model", MICRO, "--steps", "2", "--batch-size", "16", "--kernel", "torch",
-                           "--out", str(tmp_path)])
-    assert set(results["conditions"]) == set(veclip.CONDITIONS)
+                           *flags, "--out", str(tmp_path)])
+    conditions = results["conditions"]
+    assert list(conditions) == ["AltText", "VeC", "LLM-VeC", "AltText+LLM-VeC mix"]
     table = (tmp_path / "results.md").read_text()
-    for condition, metrics in results["conditions"].items():
-        assert np.isfinite(metrics["final_loss"][0])
-        # the table's row is the JSON's numbers
+    for condition, metrics in conditions.items():  # the table's row is the JSON's numbers
         assert f"| {condition} | " + " | ".join(f"{metrics[k][0]:.1f}" for k in veclip.COLUMNS) + " |" in table
-    assert json.loads((tmp_path / "results.json").read_text())["steps"] == 2
+    assert json.loads((tmp_path / "results.json").read_text())["conditions"] == conditions
+    # the mix arm is the train stage's default run (p_alt 0.5) on the world's fused captions
+    world = ensure_world(dataclasses.replace(TINY_WORLD, seed=0))
+    mix = veclip.main(["--stage", "train", "--data", str(world / "train.jsonl"), "--llm-vec-field", "fused", *flags,
+                       "--out", str(tmp_path / "mix"), "--eval-data", str(world / "test.jsonl"), "--device", "cpu"])
+    assert conditions["AltText+LLM-VeC mix"]["final_loss"][0] == pytest.approx(mix["history"][-1]["loss"], rel=1e-5)
+    assert conditions["AltText+LLM-VeC mix"]["i2t_R@1"][0] == pytest.approx(mix["eval"]["i2t_R@1"])
+
+
+def test_miniature_arms_differ_only_in_their_captions(tmp_path, monkeypatch):
+    """Step 5: AltText (p_alt 1), VeC (the world's synthetic caption, p_alt 0), LLM-VeC (the world's fusion, p_alt 0)
+    and the mix (p_alt 0.5), each with the same steps, batch and model, on each seed's own world, from scratch."""
+    trained = []
+
+    def train(run_args, records, pixel_cache):
+        trained.append((run_args, len(records), pixel_cache))
+        return None, None, None, {"history": [{"loss": 1.0}], "train_seconds": 0.0}
+
+    monkeypatch.setattr(veclip, "train", train)
+    monkeypatch.setattr(veclip, "evaluate", lambda *_, **__: {key: 0.0 for key in veclip.COLUMNS})
+    veclip.main(["--stage", "miniature", "--world.n-train", "64", "--world.n-val", "4", "--world.n-test", "24",
+                 "--model", MICRO, "--steps", "7", "--batch-size", "16", "--seeds", "2", "--out", str(tmp_path)])
+    arms = [(a.alt_field, a.llm_vec_field, a.p_alt) for a, _, _ in trained]
+    assert arms == [("alt_text", "fused", 1.0), ("alt_text", "synthetic_caption", 0.0), ("alt_text", "fused", 0.0),
+                    ("alt_text", "fused", 0.5)] * 2
+    assert {(a.steps, a.batch_size, a.model, a.lr, a.warmup, n) for a, n, _ in trained} == {(7, 16, MICRO, 2e-3, 30, 64)}
+    assert [a.seed for a, _, _ in trained] == [0] * 4 + [1] * 4
+    assert len({a.out for a, _, _ in trained}) == 8 and not any(a.resume for a, _, _ in trained)
+    # each seed's world is its own: the conditions of a seed share its images, the seeds do not
+    assert all(trained[i][2] is trained[0][2] for i in range(4)) and all(trained[i][2] is trained[4][2] for i in range(4, 8))
+    assert not torch.equal(trained[0][2], trained[4][2])
+
+
+def test_args_defaults_are_the_papers():
+    """Args defaults against the paper, as PAPERS.md's VeCLIP section reads it (the official apple/ml-veclip has no
+    configs: checkpoints only)."""
+    args = veclip.Args()
+    # Sec. 3.4: "each sample, each time it is drawn, uses AltText or LLM-VeC with equal probability"
+    assert args.p_alt == 0.5
+    # Sec. 3.2: LLaVA for the VeC (no size stated; LLaVA-1.5-7B); Sec. 3.3: Vicuna-1.1-13B for the LLM-VeC
+    assert (args.vlm, args.llm) == ("llava-hf/llava-1.5-7b-hf", "lmsys/vicuna-13b-v1.1")
+    # ours (Deviation 3): CLIP reads 77 tokens; half of Vicuna-1.1's 2048-token context for the fusion prompt
+    assert (args.max_new_tokens, args.max_prompt_tokens) == (77, 1024)
+    # zero-shot: CLIP's 80 ImageNet templates (Radford et al. 2021), written out at both ends
+    assert len(args.templates) == 80 and (args.templates[0], args.templates[-1]) == ("a bad photo of a {}.",
+                                                                                      "a tattoo of the {}.")
+    assert args.text_field == "refs"  # every reference caption (Karpathy COCO/Flickr protocol)
