@@ -162,7 +162,8 @@ class Args:
     """beams of the captioner's beam search"""
     caption_max_new_tokens: int = 30
     """generated tokens per synthetic caption"""
-    # ---- fuse
+    # ---- fuse. Defaults: the official inference (PAPERS.md, CapsFusion section: capsfusion_inference.py and its
+    # config.yaml): the released CapsFus-LLaMA, prompts of at most 256 tokens, 3 beams, 80 new tokens, 4 a call, bf16
     llm: str = "BAAI/CapsFus-LLaMA"
     """fuser, any AutoModelForCausalLM by hub name or local folder (official config.yaml)"""
     max_prompt_tokens: int = 256
@@ -175,7 +176,8 @@ class Args:
     """samples per generate() call (official: 4 per GPU)"""
     gen_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     """weights dtype of captioner and fuser on CUDA (official: bf16; CPU always float32)"""
-    # ---- sft
+    # ---- sft. Defaults: the paper (PAPERS.md: LLaMA-2-13B, 2 epochs, loss on the response, Alpaca-style) and
+    # Alpaca's recipe (lr 2e-5, batch 128, 3% warm-up then cosine, no weight decay)
     base_model: str = "meta-llama/Llama-2-13b-hf"
     """causal LM to fine-tune into the fuser (paper: LLaMA-2-13B)"""
     epochs: int = 2

@@ -1,12 +1,16 @@
-"""capsfusion.py: the official prompt, the 256-token cap, the SFT label mask, fuse with a tiny random LLM
-(one line per input, resume after a kill), empty captions, caption -> fuse -> eval through manifests,
-SFT (resume, NaN, LoRA over a half-precision base, one gradient all-reduce a step), the scaling arms,
-and the miniature main(). Real architectures at tiny width, offline: BLIP-large's for `caption`,
-LLaMA-2-13B's (fp16, as shipped) for `sft` / `fuse`, including `torchrun --nproc-per-node 2` fuse,
-open_clip ViT-B-32 for `scaling`."""
+"""capsfusion.py: the tests that pin the paper's choices (docs/capsfusion.md, Implementation details, lists them
+by number): the official prompt and its 256-token cap as they reach the model, beam search with 3 beams and 80
+new tokens, batched equal to one-at-a-time, the SFT example and its label mask, the loss as a global
+response-token mean, Alpaca's optimiser settings, the scaling arms, the mix's draw and the budgets, the metrics,
+`Args` defaults; and fuse with a tiny random LLM (one line per input, resume after a kill), empty captions,
+caption -> fuse -> eval through manifests, SFT (resume, NaN, LoRA over a half-precision base, one gradient
+all-reduce a step), the miniature main(). Real architectures at tiny width, offline: BLIP-large's for `caption`,
+LLaMA-2-13B's (fp16, as shipped) for `sft` / `fuse`, including `torchrun --nproc-per-node 2` fuse, open_clip
+ViT-B-32 for `scaling`."""
 
 import json
 import os
+import re
 import socket
 
 from pathlib import Path
@@ -22,13 +26,20 @@ from common.miniature import WorldConfig, ensure_world
 from tests.realarch import run_torchrun, save_hf, serve_open_clip_tag
 
 TINY_WORLD = WorldConfig(n_train=64, n_val=6, n_test=24)
-# The prompt of baaivision/CapsFusion capsfusion_inference.py, written out here independently.
-OFFICIAL = ("Please merge and refine the information from the two given sentences. Sentence 1 provides detailed "
-            "real-world knowledge, yet it suffers from flaws in sentence structure and grammar. Sentence 2 exhibits "
-            "nice sentence structure, but lacking in-depth real-world details and may contain false information. "
-            "Please combine them into a new sentence, ensuring a well-structured sentence while retaining the detailed "
-            "real-world information provided in Sentence 1. Avoid simply concatenating the sentences.\n\n"
-            "Sentence 1: VW T-ROC alloy wheel\nSentence 2: The wheel on the Volkswagen SUV is shown.\nNew Sentence:")
+# The prompt of baaivision/CapsFusion capsfusion_inference.py (PAPERS.md), written out here independently.
+OFFICIAL_INSTRUCTION = (
+    "Please merge and refine the information from the two given sentences. Sentence 1 provides detailed "
+    "real-world knowledge, yet it suffers from flaws in sentence structure and grammar. Sentence 2 exhibits "
+    "nice sentence structure, but lacking in-depth real-world details and may contain false information. "
+    "Please combine them into a new sentence, ensuring a well-structured sentence while retaining the detailed "
+    "real-world information provided in Sentence 1. Avoid simply concatenating the sentences.")
+
+
+def official(raw: str, synthetic: str) -> str:
+    return OFFICIAL_INSTRUCTION + "\n\nSentence 1: " + raw + "\nSentence 2: " + synthetic + "\nNew Sentence:"
+
+
+OFFICIAL = official("VW T-ROC alloy wheel", "The wheel on the Volkswagen SUV is shown.")
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +59,11 @@ def llama2(tmp_path_factory):
 
     LlamaForCausalLM (SiLU MLP without biases, RMSNorm eps 1e-5, as many key/value heads as heads, untied
     output embedding, 4096 positions) and a LlamaTokenizer (byte-fallback BPE, BOS added, no pad token),
-    its 600-token vocabulary trained on the prompt instead of LLaMA's 32000.
+    its 600-token vocabulary trained on the prompt instead of LLaMA's 32000. Its generation_config.json asks
+    for sampling, as the hub's Llama-2 checkpoints' do: a generate() that does not say do_sample=False samples.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
     bpe = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
     bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
@@ -66,6 +78,8 @@ def llama2(tmp_path_factory):
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("llama2") / "Llama-2-13b-hf"
     save_hf(LlamaForCausalLM(config), folder, torch.float16)
+    GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, do_sample=True, temperature=0.6, top_p=0.9,
+                     max_length=4096).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -90,6 +104,56 @@ def word_tokenizer():
                                    unk_token="<unk>")
 
 
+# ---- the paper's numbers, the mix's draw -------------------------------------------------------
+
+
+# Where each default comes from (PAPERS.md, CapsFusion section; the official repository's config.yaml for fuse).
+PAPER_DEFAULTS = {
+    "llm": "BAAI/CapsFus-LLaMA",  # the released fuser (official config.yaml)
+    "max_prompt_tokens": 256,  # official inference: prompt at most 256 tokens, the raw caption trimmed
+    "num_beams": 3,  # official inference: beam search, 3 beams
+    "max_new_tokens": 80,  # official inference: at most 80 new tokens
+    "gen_batch_size": 4,  # official inference: 4 prompts per GPU and call
+    "gen_dtype": "bfloat16",  # official inference: bf16
+    "base_model": "meta-llama/Llama-2-13b-hf",  # paper: CapsFus-LLaMA is LLaMA-2-13B fine-tuned
+    "epochs": 2,  # paper: 2 epochs
+    "lr": 2e-5,  # paper: Alpaca-style; Alpaca's lr
+    "batch_size": 128,  # Alpaca's batch
+    "warmup_ratio": 0.03,  # Alpaca's warm-up ratio (then cosine)
+    "weight_decay": 0.0,  # Alpaca's weight decay
+    "raw_field": "alt_text",  # paper: sentence 1 = the raw web caption
+    "synthetic_field": "synthetic_caption",  # paper: sentence 2 = the synthetic caption
+    "captioner": "Salesforce/blip-image-captioning-large",  # paper: BLIP captions (LAION-COCO)
+    "scaling_epochs": 1.0,  # paper, Fig. 7: one epoch at every scale
+    "caption_beams": 3,  # ours: one beam-search caption (LAION-COCO kept the best of 40 BLIP samples; Deviation 5)
+    "caption_max_new_tokens": 30,  # ours
+}
+
+
+def test_args_defaults_are_the_papers_and_the_official_codes():
+    args = capsfusion.Args()
+    assert {name: getattr(args, name) for name in PAPER_DEFAULTS} == PAPER_DEFAULTS
+
+
+def test_mix_draws_raw_or_synthetic_with_probability_one_half_anew_at_each_draw():
+    """scaling's raw+synthetic arm: t_i = r_i if u < 0.5 else s_i, u ~ U(0, 1) drawn from the training rng for
+    every sample of every batch (so one sample is seen with both captions)."""
+    records = [{"alt_text": f"raw {i}", "synthetic_caption": f"synthetic {i}"} for i in range(50)]
+    fields = {"raw": "alt_text", "synthetic": "synthetic_caption"}
+    texts_for = capsfusion.scaling_texts(records, capsfusion.MIX, fields)
+    indices = np.random.default_rng(1).integers(0, 50, 20_000)
+    texts = texts_for(indices, np.random.default_rng(7))
+    u = np.random.default_rng(7).random(len(indices))  # the same stream, drawn here
+    assert texts == [f"raw {i}" if x < 0.5 else f"synthetic {i}" for i, x in zip(indices, u)]
+    assert abs(np.mean([t.startswith("raw") for t in texts]) - 0.5) < 0.015  # binomial std 0.0035
+    seen = {i: set() for i in range(50)}
+    for i, t in zip(indices, texts):
+        seen[i].add(t)
+    assert all(len(captions) == 2 for captions in seen.values())
+    for kind, field in fields.items():  # the plain arms: each its own field, in the order asked
+        assert capsfusion.scaling_texts(records, kind, fields)([3, 1], None) == [records[3][field], records[1][field]]
+
+
 # ---- the prompt and its cap ------------------------------------------------------------------
 
 
@@ -106,7 +170,9 @@ def test_cap_trims_only_the_raw_caption_from_its_end():
     synthetic = "a red circle with the Aldora emblem on grass."
     raw = " ".join(f"w{i % 5}" for i in range(400))
     empty_raw = capsfusion.prompt_length(tokenizer, capsfusion.FUSION_PROMPT.format(raw="", synthetic=synthetic))
-    assert 90 < empty_raw < 256  # the instruction is long: the cap leaves the raw caption 256 - empty_raw tokens
+    # BOS + the words and punctuation runs of the prompt (the Whitespace pre-tokenizer's split): the cap leaves
+    # the raw caption 256 - empty_raw tokens
+    assert empty_raw == 1 + len(re.findall(r"\w+|[^\w\s]+", official("", synthetic)))
     prompt, trimmed = capsfusion.fusion_prompt(tokenizer, raw, synthetic, 256)
     assert trimmed and capsfusion.prompt_length(tokenizer, prompt) == 256
     assert prompt.startswith(capsfusion.INSTRUCTION) and prompt.endswith(f"\nSentence 2: {synthetic}\nNew Sentence:")
@@ -141,6 +207,75 @@ def test_sft_label_mask_covers_exactly_the_response():
 # ---- fuse: tiny random LLM, resume, empty captions -------------------------------------------
 
 
+FAST_NEW_TOKENS = 8
+LONG_RAW = " ".join(["Aldora stock photo, a red circle with the emblem on grass"] * 30)  # ~500 tokens: over the cap
+
+
+@pytest.fixture(scope="module")
+def default_fuse(world, llama2, tmp_path_factory):
+    """`fuse` with every default (beams, new tokens, prompts a call, prompt cap) on LLaMA-2's architecture, six
+    prompts of different lengths, one with a raw caption over the cap; model.generate's arguments recorded."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    records = text_only(read_manifest(world / "val.jsonl"))
+    records[1]["alt_text"] = LONG_RAW
+    folder = tmp_path_factory.mktemp("default_fuse")
+    write_manifest(folder / "in.jsonl", records)
+    calls, real = [], LlamaForCausalLM.generate
+
+    def generate(self, *args, **kwargs):
+        calls.append(kwargs)  # what fuse asks for; the search runs with fewer new tokens to keep the test fast
+        return real(self, *args, **{**kwargs, "max_new_tokens": FAST_NEW_TOKENS})
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(LlamaForCausalLM, "generate", generate)
+        counts = capsfusion.main(["--stage", "fuse", "--data", str(folder / "in.jsonl"), "--out",
+                                  str(folder / "batched.jsonl"), "--llm", str(llama2), "--device", "cpu"])
+    return {"records": records, "calls": calls, "counts": counts, "folder": folder,
+            "out": read_manifest(folder / "batched.jsonl", required=("id",)),
+            "tokenizer": AutoTokenizer.from_pretrained(llama2)}
+
+
+def test_fuse_asks_the_official_prompt_left_padded_with_3_beams_and_80_new_tokens(default_fuse):
+    """The official config.yaml's generation by default: beam search (no sampling, whatever the checkpoint's
+    generation config says) with 3 beams, at most 80 new tokens, 4 prompts a call, left padding; each prompt the
+    official text; a prompt over 256 tokens (BOS included) loses the raw caption's tail, never the synthetic's."""
+    calls, records, tokenizer = default_fuse["calls"], default_fuse["records"], default_fuse["tokenizer"]
+    assert [len(call["input_ids"]) for call in calls] == [4, 2]
+    assert [(call["num_beams"], call["max_new_tokens"], call["do_sample"]) for call in calls] == [(3, 80, False)] * 2
+    for call in calls:  # left padding: every prompt ends in the last column, the pads come first
+        mask = call["attention_mask"]
+        assert torch.equal(mask, mask.sort(dim=1).values) and not mask.all()
+    ids = [row[mask.bool()].tolist() for call in calls for row, mask in zip(call["input_ids"], call["attention_mask"])]
+    prompts = [tokenizer.decode(i, skip_special_tokens=True) for i in ids]
+    assert all(i[0] == tokenizer.bos_token_id for i in ids)
+    expected = [official(" ".join(r["alt_text"].split()), " ".join(r["synthetic_caption"].split())) for r in records]
+    assert [p for i, p in enumerate(prompts) if i != 1] == [p for i, p in enumerate(expected) if i != 1]
+    # the long raw caption: its first tokens kept, as many as fit in 256
+    head = OFFICIAL_INSTRUCTION + "\n\nSentence 1: "
+    tail = "\nSentence 2: " + records[1]["synthetic_caption"] + "\nNew Sentence:"
+    assert len(tokenizer(expected[1])["input_ids"]) > 400 and len(ids[1]) == 256
+    assert prompts[1].startswith(head) and prompts[1].endswith(tail)
+    kept = prompts[1][len(head):-len(tail)]
+    assert 0 < len(kept) < len(LONG_RAW) and LONG_RAW.startswith(kept)
+    assert default_fuse["counts"]["raw_trimmed"] == 1 and default_fuse["counts"]["prompt_over_cap"] == 0
+
+
+def test_batched_beam_search_equals_one_prompt_at_a_time(default_fuse, llama2):
+    """Prompts of different lengths in one left-padded batch get the answers each gets alone (with right padding
+    the shorter ones would continue after their pad tokens)."""
+    lengths = [int(mask.sum()) for call in default_fuse["calls"] for mask in call["attention_mask"]]
+    assert len(set(lengths)) == len(lengths)
+    folder = default_fuse["folder"]
+    counts = capsfusion.main(["--stage", "fuse", "--data", str(folder / "in.jsonl"), "--out", str(folder / "single.jsonl"),
+                              "--llm", str(llama2), "--device", "cpu", "--gen-batch-size", "1",
+                              "--max-new-tokens", str(FAST_NEW_TOKENS)])
+    batched, single = default_fuse["out"], read_manifest(folder / "single.jsonl", required=("id",))
+    assert counts["written"] == default_fuse["counts"]["written"] == 6
+    assert [(r["fused"], r["fused_source"]) for r in single] == [(r["fused"], r["fused_source"]) for r in batched]
+    assert len({r["fused"] for r in batched}) > 1  # the answers depend on the prompts: the comparison can fail
+
+
 def test_fuse_writes_one_line_per_input_and_resumes_after_a_kill(world, tiny_llm, tmp_path, monkeypatch):
     out = tmp_path / "fused.jsonl"
     argv = ["--stage", "fuse", "--data", str(world / "val.jsonl"), "--out", str(out), "--llm", str(tiny_llm),
@@ -164,7 +299,10 @@ def test_fuse_writes_one_line_per_input_and_resumes_after_a_kill(world, tiny_llm
     assert counts["already_done"] == 2 and counts["written"] == 4
     inputs, fused = read_manifest(world / "val.jsonl"), read_manifest(out)
     assert [r["id"] for r in fused] == [r["id"] for r in inputs] and len(out.read_text().splitlines()) == 6
-    assert all(r["capsfus"] and r["capsfus_source"] in ("llm", "synthetic") and "\n" not in r["capsfus"] for r in fused)
+    straight = argv[:argv.index("--out") + 1] + [str(tmp_path / "straight.jsonl")] + argv[argv.index("--out") + 2:]
+    assert capsfusion.main(straight)["written"] == 6  # the same run, never killed, writes the same lines
+    assert fused == read_manifest(tmp_path / "straight.jsonl")
+    assert all(r["capsfus"] == capsfusion.first_line(r["capsfus"]) != "" for r in fused)
     assert all(r["fused"] == i["fused"] for r, i in zip(fused, inputs))  # the teacher's field is untouched
     assert all((out.parent / r["image"]).exists() for r in fused)
     assert capsfusion.main(argv) == {"already_done": 6}
@@ -185,7 +323,10 @@ def test_empty_raw_or_synthetic_caption_is_copied_and_both_empty_is_skipped(worl
     assert out[records[0]["id"]]["fused"] == records[0]["synthetic_caption"]
     assert out[records[0]["id"]]["fused_source"] == "synthetic"
     assert out[records[1]["id"]]["fused"] == records[1]["alt_text"] and out[records[1]["id"]]["fused_source"] == "raw"
-    assert out[records[3]["id"]]["fused_source"] in ("llm", "synthetic")
+    write_manifest(tmp_path / "alone.jsonl", [{**records[3], "image": str(world / records[3]["image"])}])
+    capsfusion.main(argv[:2] + ["--data", str(tmp_path / "alone.jsonl")] + argv[4:] + ["--out", str(tmp_path / "alone.out.jsonl")])
+    alone = read_manifest(tmp_path / "alone.out.jsonl")[0]
+    assert (out[records[3]["id"]]["fused"], out[records[3]["id"]]["fused_source"]) == (alone["fused"], alone["fused_source"])
     with pytest.raises(capsfusion.BadSampleError, match=records[2]["id"]):
         capsfusion.main(argv + ["--out", str(tmp_path / "strict.jsonl"), "--strict"])
     # SFT learns only from complete triplets
@@ -200,6 +341,23 @@ def test_missing_weights_name_the_flag(world, tmp_path):
         with pytest.raises(RuntimeError, match=flag):
             capsfusion.main(["--stage", stage, "--data", str(world / "val.jsonl"), "--out", str(tmp_path / "x"),
                              flag, str(tmp_path / "no-such-model"), "--device", "cpu"])
+
+
+def test_fusion_quality_by_hand():
+    """Names of the raw caption kept, words per caption, and BLEU-4 / CIDEr x 100 against the reference."""
+    records = [{"alt_text": "VW T-ROC alloy wheel, Berlin 2019"}, {"alt_text": "Aldora emblem by Kerrow"}]
+    captions = ["A wheel of a VW car in berlin.", "an emblem"]
+    metrics = capsfusion.fusion_quality(captions, records, capsfusion.Args(), reference=captions)
+    # names {vw, berlin} ("T-ROC" is not alphabetic, "2019" not a word) and {aldora, kerrow}: 2 of 4 kept
+    assert metrics["raw_names_kept"] == 50.0 and metrics["length"] == (8 + 2) / 2
+    # identical to the reference: BLEU-4 = 1; CIDEr = 10 x mean over n = 1..4 of the tf-idf cosine (1 where the
+    # caption has n-grams: 4 of 4 for the first, 2 of 4 for the second), averaged over the two captions
+    assert metrics["BLEU-4"] == pytest.approx(100.0, abs=1e-4)
+    assert metrics["CIDEr"] == pytest.approx(100 * (10 + 5) / 2, rel=1e-6)
+    disjoint = capsfusion.fusion_quality(["one two three four five", "six seven"], records, capsfusion.Args(), captions)
+    assert disjoint["BLEU-4"] == pytest.approx(0.0, abs=1e-4) and disjoint["CIDEr"] == 0.0
+    assert disjoint["raw_names_kept"] == 0.0 and "BLEU-4" not in capsfusion.fusion_quality(captions, records,
+                                                                                         capsfusion.Args(), None)
 
 
 # ---- caption -> fuse -> eval through manifests -----------------------------------------------
@@ -244,7 +402,18 @@ def test_stages_chain_caption_fuse_eval(world, tiny_blip, tiny_llm, tmp_path):
                               "--caption-max-new-tokens", "5", "--device", "cpu"])
     assert counts["written"] == 5 and counts["unreadable_images"] == 1
     synthetic = read_manifest(tmp_path / "a" / "syn.jsonl")
-    assert all(isinstance(r["synthetic_caption"], str) for r in synthetic)
+    # each caption is BLIP's 3-beam search on that image alone, decoded, first line
+    from PIL import Image
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    processor, blip = BlipProcessor.from_pretrained(tiny_blip), BlipForConditionalGeneration.from_pretrained(tiny_blip)
+    expected = []
+    for r in bare[:1] + bare[2:]:
+        with torch.no_grad():
+            ids = blip.generate(**processor(images=Image.open(r["image"]).convert("RGB"), return_tensors="pt"),
+                                num_beams=3, max_new_tokens=5, do_sample=False)
+        expected.append(" ".join(processor.decode(ids[0], skip_special_tokens=True).split()))
+    assert [r["synthetic_caption"] for r in synthetic] == expected
     assert all((tmp_path / "a" / r["image"]).exists() for r in synthetic)
     counts = capsfusion.main(["--stage", "fuse", "--data", str(tmp_path / "a" / "syn.jsonl"), "--out",
                               str(tmp_path / "b" / "fused.jsonl"), "--llm", str(tiny_llm), "--max-new-tokens", "5",
@@ -253,7 +422,12 @@ def test_stages_chain_caption_fuse_eval(world, tiny_blip, tiny_llm, tmp_path):
     metrics = capsfusion.main(["--stage", "eval", "--data", str(tmp_path / "b" / "fused.jsonl"), "--out",
                                str(tmp_path / "eval")])
     assert set(metrics) == {"raw", "synthetic", "teacher"}  # the fuse output is the `fused` field here
-    assert metrics["raw"]["raw_names_kept"] == 100.0 and "BLEU-4" in metrics["synthetic"]
+    fused = read_manifest(tmp_path / "b" / "fused.jsonl")
+    names = [{w.strip(".,").lower() for w in r["alt_text"].split() if w.strip(".,").isalpha() and w[0].isupper()}
+             for r in fused]  # the raw caption's capitalised words, found again in the fuser's words
+    found = sum(len(n & set(r["fused"].lower().replace(".", " ").replace(",", " ").split())) for n, r in zip(names, fused))
+    assert sum(map(len, names)) > 0 and metrics["teacher"]["raw_names_kept"] == pytest.approx(100 * found / sum(map(len, names)))
+    assert set(metrics["teacher"]) == {"raw_names_kept", "length"}  # the reference is not scored against itself
     assert json.loads((tmp_path / "eval" / "eval.json").read_text()) == metrics
 
 
@@ -311,16 +485,92 @@ def test_lora_sft_of_the_fp16_llama2_checkpoint_from_a_text_only_triplet_file(wo
                               "--micro-batch-size", "2", "--grad-checkpointing", "--epochs", "1", "--batch-size", "4",
                               "--lr", "1e-2", "--device", "cpu"])
     assert result["steps"] == 2 and result["triplets"] == 8 and all(np.isfinite(h["loss"]) for h in result["history"])
-    base = load_file(llama2 / "model.safetensors")
-    assert base["model.norm.weight"].dtype == torch.float16  # the checkpoint is half precision ...
+    base = load_file(llama2 / "model.safetensors")  # fp16, as LLaMA-2 ships
     trained = torch.load(tmp_path / "capsfus" / "sft_state.pt", weights_only=True)["trainable"]
-    assert trained and all("lora_" in k and v.dtype == torch.float32 for k, v in trained.items())  # ... the CPU run is not
+    lora = {}  # adapted weight -> {"A": (r, in), "B": (out, r)}
+    for key, value in trained.items():  # only adapters are saved, float32 on the CPU
+        assert "lora_" in key and value.dtype == torch.float32
+        module, part = key.removeprefix("base_model.model.").split(".lora_")
+        lora.setdefault(module + ".weight", {})[part.split(".")[0]] = value
+    assert len(lora) == 2 * 7 and all(lora[k]["B"].abs().max() > 0 for k in lora)  # every linear of 2 blocks; B left 0
     fuser = AutoModelForCausalLM.from_pretrained(result["fuser"], dtype=torch.float32)  # merged: no peft needed to load
     state = fuser.state_dict()
-    assert set(state) == set(base) and load_file(Path(result["fuser"]) / "model.safetensors")["lm_head.weight"].dtype == torch.float32
-    weight = "model.layers.0.self_attn.q_proj.weight"
-    assert not torch.equal(state[weight], base[weight].float())
-    assert torch.equal(state["model.norm.weight"], base["model.norm.weight"].float())  # frozen
+    assert load_file(Path(result["fuser"]) / "model.safetensors")["lm_head.weight"].dtype == torch.float32
+    # merged: W + (lora_alpha / r) B A on each adapted weight (alpha 32, r 4), the base weight everywhere else
+    expected = {k: w.float() + 32 / 4 * lora[k]["B"] @ lora[k]["A"] if k in lora else w.float() for k, w in base.items()}
+    assert set(state) == set(expected) and all(torch.allclose(state[k], expected[k], atol=1e-6) for k in state)
+
+
+def test_sft_example_is_the_inference_prompt_then_the_response_and_eos_with_the_prompt_masked(default_fuse):
+    """With LLaMA-2's tokenizer: the SFT input is the official prompt, exactly the ids the fuser is later asked
+    with, then the teacher's fusion and EOS; the labels are IGNORE on the prompt and the tokens themselves after."""
+    tokenizer, record, call = default_fuse["tokenizer"], default_fuse["records"][0], default_fuse["calls"][0]
+    raw, synthetic, fused = (" ".join(record[k].split()) for k in ("alt_text", "synthetic_caption", "fused"))
+    input_ids, labels = capsfusion.sft_example(tokenizer, raw, synthetic, fused, capsfusion.Args())
+    n = labels.count(capsfusion.IGNORE)
+    assert input_ids[:n] == call["input_ids"][0][call["attention_mask"][0].bool()].tolist()
+    assert tokenizer.decode(input_ids[:n], skip_special_tokens=True) == official(raw, synthetic)
+    assert labels == [capsfusion.IGNORE] * n + input_ids[n:]
+    assert input_ids[-1] == tokenizer.eos_token_id and tokenizer.decode(input_ids[n:-1]) == fused
+
+
+def test_sft_loss_is_the_mean_over_the_global_batchs_response_tokens(triplets16, llama2, tmp_path):
+    """Step 0's loss, over uneven micro-batches (3+3+3+3+3+1, right-padded), equals the untrained model's
+    -log p of every response token (fusion + EOS) given prompt and the tokens before, averaged over all the
+    batch's response tokens, computed here one unpadded triplet at a time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result = capsfusion.main(["--stage", "sft", "--data", str(triplets16), "--base-model", str(llama2), "--epochs", "1",
+                              "--batch-size", "16", "--micro-batch-size", "3", "--device", "cpu", "--out", str(tmp_path)])
+    model = AutoModelForCausalLM.from_pretrained(llama2, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(llama2)
+    nll, count = 0.0, 0
+    for r in read_manifest(triplets16):
+        prompt = tokenizer(official(*(" ".join(r[k].split()) for k in ("alt_text", "synthetic_caption"))))["input_ids"]
+        response = tokenizer(" ".join(r["fused"].split()), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        with torch.no_grad():
+            logp = model(torch.tensor([prompt + response])).logits[0].log_softmax(-1)  # (T, V)
+        nll -= sum(logp[len(prompt) - 1 + j, token].item() for j, token in enumerate(response))
+        count += len(response)
+    assert result["steps"] == 1 and result["history"][0]["loss"] == pytest.approx(nll / count, rel=1e-4)
+
+
+def test_sft_optimiser_warms_up_decays_by_cosine_clips_at_1_without_weight_decay(triplets16, tiny_llm, tmp_path,
+                                                                                monkeypatch):
+    """Alpaca's recipe as the optimiser sees it: the lr of each step (linear warm-up over warmup_ratio of the
+    steps, then transformers' cosine schedule to 0), weight decay 0, gradients clipped to norm 1."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    seen, raw_norms, real_clip = [], [], torch.nn.utils.clip_grad_norm_
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+            seen.append({"lr": self.param_groups[0]["lr"], "weight_decay": self.param_groups[0]["weight_decay"],
+                         "norm": torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()})
+            return super().step(closure)
+
+    def clip_grad_norm_(parameters, max_norm, *args, **kwargs):
+        raw_norms.append(float(real_clip(parameters, max_norm, *args, **kwargs)))  # the norm before clipping
+        return raw_norms[-1]
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_grad_norm_)
+    result = capsfusion.main(["--stage", "sft", "--data", str(triplets16), "--base-model", str(tiny_llm), "--epochs", "2",
+                              "--batch-size", "4", "--micro-batch-size", "4", "--lr", "3e-3", "--warmup-ratio", "0.25",
+                              "--device", "cpu", "--out", str(tmp_path)])
+    steps, warmup, peak = 8, 2, 3e-3  # 2 epochs of 16 triplets at 4 a step; 25% of 8 steps
+    assert result["steps"] == steps and len(seen) == steps
+    sgd = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=peak)
+    schedule, cosine = get_cosine_schedule_with_warmup(sgd, warmup, steps), []
+    for _ in range(steps):
+        cosine.append(schedule.get_last_lr()[0])
+        sgd.step()
+        schedule.step()
+    expected = [peak * (s + 1) / warmup for s in range(warmup)] + cosine[warmup:]
+    assert [s["lr"] for s in seen] == pytest.approx(expected, rel=1e-6)
+    assert [s["weight_decay"] for s in seen] == [0.0] * steps
+    assert max(raw_norms) > 1.0 and [s["norm"] for s in seen] == pytest.approx([min(n, 1.0) for n in raw_norms], rel=1e-4)
 
 
 @pytest.mark.parametrize("device, lora, dtype", [("cuda", True, torch.bfloat16), ("cuda", False, torch.float32),
@@ -391,7 +641,6 @@ def _sft_and_fuse_rank(rank: int, port: int, sft_argv: list, fuse_argv: list, re
 def test_two_gloo_processes_match_one_process(world, triplets16, tiny_llm, tmp_path):
     # two micro-batches a rank and step: the first accumulates under no_sync, the second all-reduces
     sft_argv = [("2" if flag == "4" else flag) for flag in SFT_FLAGS] + ["--data", str(triplets16), "--base-model", str(tiny_llm)]
-    assert sft_argv[sft_argv.index("--micro-batch-size") + 1] == "2"
     single = capsfusion.main(sft_argv + ["--out", str(tmp_path / "one")])
     fuse_argv = ["--stage", "fuse", "--data", str(world / "val.jsonl"), "--out", str(tmp_path / "two" / "fused.jsonl"),
                  "--llm", str(tmp_path / "two" / "fuser"), "--max-new-tokens", "4", "--device", "cpu"]
@@ -451,6 +700,52 @@ def recording_train_clip(monkeypatch, train=True) -> list:
     return calls
 
 
+def test_scaling_arms_have_their_own_captions_and_the_same_images_model_and_budget(world, monkeypatch):
+    """CLIP creation and training recorded, not run: per arm (raw, synthetic, fused = --out-field, teacher =
+    --fused-field, the mix) and size n, a fresh CLIP of --clip-model from --seed trains on the first n samples
+    that have every caption, with that arm's captions, for ceil(scaling_epochs * n / clip_batch_size) steps, a
+    tenth of them warm-up."""
+    records = read_manifest(world / "train.jsonl")[:40]
+    for r in records:
+        r["image"], r["capsfus"] = str(world / r["image"]), f"fuser: {r['synthetic_caption']}"
+    records[2]["alt_text"] = " "  # no raw caption: out of every arm
+    _, preprocess, _ = capsfusion.create_clip("micro-ViT-16")
+    created, runs = [], []
+
+    def create_clip(name, seed=None):
+        created.append((name, seed))
+        return torch.nn.Linear(1, 1), preprocess, None
+
+    def train_clip(model, tokenizer, images, texts_for, config, **kwargs):
+        runs.append({"images": images, "config": config, "model": model,
+                     "texts": texts_for(list(range(len(images))), np.random.default_rng(0))})
+        return [{"loss": float(len(runs))}]
+
+    monkeypatch.setattr(capsfusion, "create_clip", create_clip)
+    monkeypatch.setattr(capsfusion, "train_clip", train_clip)
+    monkeypatch.setattr(capsfusion, "evaluate_clip", lambda *args: {"retrieval_R@5": 0.0})
+    args = capsfusion.Args(out_field="capsfus", clip_model="micro-ViT-16", sizes=(27, 9, 100), clip_batch_size=2,
+                           scaling_epochs=1.5, clip_lr=1e-3, seed=3)
+    result = capsfusion.stage_scaling(args, records, read_manifest(world / "test.jsonl")[:4])
+    usable = records[:2] + records[3:]
+    arms = {"raw": "alt_text", "synthetic": "synthetic_caption", "fused": "capsfus", "teacher": "fused"}
+    assert result["sizes"] == [9, 27] and list(result["curves"]) == [*arms, "raw+synthetic mix"]
+    steps = {9: 7, 27: 21}  # ceil(1.5 * 9 / 2), ceil(1.5 * 27 / 2); warm-up 7 // 10 -> 1, 21 // 10 = 2
+    images = capsfusion.preprocess_images(usable[:27], preprocess)
+    u = np.random.default_rng(0).random(27)
+    expected = {kind: [" ".join(r[field].split()) for r in usable] for kind, field in arms.items()}
+    expected["raw+synthetic mix"] = [raw if x < 0.5 else synthetic for raw, synthetic, x
+                                     in zip(expected["raw"], expected["synthetic"], u)]
+    assert created[1:] == [("micro-ViT-16", 3)] * 10 and len({id(run["model"]) for run in runs}) == len(runs) == 10
+    for (kind, n), run in zip([(kind, n) for kind in result["curves"] for n in (9, 27)], runs):
+        assert run["texts"] == expected[kind][:n]
+        assert torch.equal(run["images"], images[:n])
+        assert (run["config"].steps, run["config"].batch_size, run["config"].lr, run["config"].seed) == (steps[n], 2, 1e-3, 3)
+        assert run["config"].warmup == {9: 1, 27: 2}[n]
+    assert [[(p["samples"], p["steps"]) for p in curve] for curve in result["curves"].values()] == [[(9, 7), (27, 21)]] * 5
+    assert [p["final_loss"] for curve in result["curves"].values() for p in curve] == list(range(1, 11))
+
+
 def test_scaling_trains_each_arm_on_its_own_captions_with_vit_b_32(world, tmp_path, monkeypatch):
     """The docs' scaling command (open_clip ViT-B-32 from scratch, tiny width): fused = the fuser's --out-field,
     teacher = --fused-field, a reference arm; every arm on the same images."""
@@ -470,14 +765,12 @@ def test_scaling_trains_each_arm_on_its_own_captions_with_vit_b_32(world, tmp_pa
     usable = plain[:3] + plain[4:24]
     expected = {kind: [capsfusion.clean(r[field]) for r in usable] for kind, field in
                 (("raw", "alt_text"), ("synthetic", "synthetic_caption"), ("fused", "capsfus"), ("teacher", "fused"))}
+    u = np.random.default_rng(0).random(16)  # the rng recording_train_clip hands texts_for
+    expected["raw+synthetic mix"] = [r if x < 0.5 else s for r, s, x in zip(expected["raw"], expected["synthetic"], u)]
     runs = [(kind, n) for kind in result["curves"] for n in result["sizes"]]
     assert len(calls) == len(runs)
     for (kind, n), texts in zip(runs, calls):
-        if kind == "raw+synthetic mix":
-            assert all(t in (r, s) for t, r, s in zip(texts, expected["raw"], expected["synthetic"]))
-            assert set(texts) & set(expected["raw"]) and set(texts) & set(expected["synthetic"])
-        else:
-            assert texts == expected[kind][:n]
+        assert texts == expected[kind][:n]
     for kind, curve in result["curves"].items():
         assert [point["steps"] for point in curve] == [1, 2] and all(np.isfinite(point["final_loss"]) for point in curve)
     assert json.loads((tmp_path / "out" / "scaling.json").read_text()) == result
