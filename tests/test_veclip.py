@@ -87,6 +87,10 @@ def test_batches_cover_each_epoch_once():
     epoch = np.concatenate([veclip.global_batch_indices(step, 40, 8, seed=3) for step in range(5)])
     assert sorted(epoch.tolist()) == list(range(40))
     assert not np.array_equal(veclip.global_batch_indices(5, 40, 8, 3), veclip.global_batch_indices(0, 40, 8, 3))
+    # a batch of the whole set: one step an epoch, each a new permutation; a larger batch says why it cannot run
+    assert sorted(veclip.global_batch_indices(1, 8, 8, seed=3).tolist()) == list(range(8))
+    with pytest.raises(ValueError, match="^batch size 9 exceeds the 8 training samples$"):
+        veclip.global_batch_indices(0, 8, 9, seed=3)
 
 
 # ---- fusion prompt and LLM answers -----------------------------------------------------------
@@ -128,11 +132,47 @@ def test_truncation_cuts_alt_text_from_its_end_and_keeps_vec_whole():
     assert veclip.fusion_prompt(tokenizer, alt, vec, max_prompt_tokens=5) == (vicuna_fusion_prompt("", vec), True)
 
 
-def test_prompts_reach_the_vlm_and_the_llm_in_their_conversation_formats(tiny_models):
-    from transformers import AutoProcessor
+class RetokenisesLonger:
+    """A tokenizer (one token a word, <s> first) whose decoding is not its inverse: the word 'AB' decodes as 'A B',
+    two tokens when read again, as SentencePiece pieces can. Counts its calls."""
+
+    chat_template = None
+
+    def __init__(self):
+        self.vocabulary, self.calls = ["<s>"], 0
+
+    def __call__(self, text, add_special_tokens=True):
+        self.calls += 1
+        for word in text.split():
+            if word not in self.vocabulary:
+                self.vocabulary.append(word)
+        return {"input_ids": [0] * add_special_tokens + [self.vocabulary.index(word) for word in text.split()]}
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(self.vocabulary[i].replace("AB", "A B") for i in ids if i or not skip_special_tokens)
+
+
+def test_truncation_shrinks_until_the_decoded_cut_fits():
+    """The cut alt-text is read again: when it re-tokenises longer than its tokens, the cut shrinks one token at a
+    time to the longest that fits; the first try is the budget left by the prompt without the alt-text."""
+    tokenizer, vec = RetokenisesLonger(), "red circle"
+    base = len(tokenizer(vicuna_fusion_prompt("", vec))["input_ids"])
+    for room, kept in ((6, 3), (7, 3), (8, 4), (1, 0)):  # k words of 'AB' take 2k tokens once decoded
+        tokenizer.calls = 0
+        prompt, cut = veclip.fusion_prompt(tokenizer, " ".join(["AB"] * 20), vec, max_prompt_tokens=base + room)
+        assert (prompt, cut) == (vicuna_fusion_prompt(" ".join(["A B"] * kept), vec), True), room
+        # the whole prompt, the alt-text, the prompt without it, then a try per length from `room` down to `kept`
+        # (an empty cut is not measured)
+        assert tokenizer.calls == 3 + (room - kept) + (kept > 0), room
+
+
+def test_prompts_reach_the_vlm_and_the_llm_in_their_conversation_formats():
+    from transformers import CLIPImageProcessor, LlavaProcessor
 
     # LLaVA-1.5: llava-hf's chat template, and the same format written out when a processor has none
-    assert veclip.vlm_prompt(AutoProcessor.from_pretrained(tiny_models / "vlm")) == VEC_PROMPT_LLAVA
+    processor = LlavaProcessor(image_processor=CLIPImageProcessor(), tokenizer=tiny_tokenizer(), patch_size=14,
+                               image_token="<image>", chat_template=LLAVA_CHAT_TEMPLATE)
+    assert veclip.vlm_prompt(processor) == VEC_PROMPT_LLAVA
     assert veclip.vlm_prompt(SimpleNamespace(image_token="<image>")) == VEC_PROMPT_LLAVA
     assert veclip.vlm_prompt(SimpleNamespace()) == VEC_PROMPT_LLAVA
     assert veclip.vlm_prompt(SimpleNamespace(image_token="<img>")) == VEC_PROMPT_LLAVA.replace("<image>", "<img>")
@@ -170,10 +210,11 @@ def test_llm_answer_gives_its_caption_line_and_refusals_are_matched_at_the_start
     # a preamble cut off by the token cap holds no caption: VeC
     assert veclip.llm_vec_or_fallback("Sure! Here is the new sentence:", vec, alt) == (vec, True)
     # refusals begin the answer; the same words inside a caption are the caption's
-    for answer in ["I'm sorry, but I cannot help with that.", "As an AI language model, I ...",
+    for answer in ["I'm sorry, but I cannot help with that.", "As an AI language model, I ...", '"Sorry, I cannot."',
                    "I cannot write a new sentence: the descriptions disagree.", "   \n"]:
         assert veclip.llm_vec_or_fallback(answer, vec, alt) == (vec, True), answer
-    for answer in ["A sign that reads I cannot swim, by the Aldora lake.", "Okay hand sign by the Aldora lake."]:
+    for answer in ["A sign that reads I cannot swim, by the Aldora lake.", "Okay hand sign by the Aldora lake.",
+                   "X-ray of an Aldora red circle, by MAX"]:
         assert veclip.llm_vec_or_fallback(answer, vec, alt) == (answer, False), answer
     assert veclip.llm_vec_or_fallback("", "", alt) == (alt, True)
 
@@ -384,7 +425,7 @@ def test_retrieval_scores_every_reference_and_zero_shot_ensembles_templates():
     metrics = veclip.evaluate(model, tokenizer, None, [{"id": "0", "refs": "b"}, {"id": "1", "refs": "d"}],
                               veclip.Args(), images=images)
     assert (metrics["i2t_R@1"], metrics["t2i_R@1"]) == (100.0, 100.0)
-    with pytest.raises(ValueError, match="--text-field"):
+    with pytest.raises(ValueError, match="^evaluation sample '0': no reference caption in field 'refs'; pass --text-field"):
         veclip.evaluate(model, tokenizer, None, [{"id": "0", "caption": "a"}], args, images=images[:1])
 
 
@@ -594,6 +635,8 @@ def test_resume_continues_from_checkpoint_step(world, tmp_path, monkeypatch):
                            "--templates", *background["templates"], "--out", str(tmp_path / "e")])
     assert {k: metrics[k] for k in RETRIEVAL} == {k: on_world[k] for k in RETRIEVAL}
     assert metrics["zeroshot_top1"] == pytest.approx(on_world["zeroshot_background"])
+    attributes = [on_world[f"zeroshot_{task}"] for task in ("background", "shape", "color")]
+    assert on_world["zeroshot_attributes"] == pytest.approx(np.mean(attributes))  # the mean, as the table says
     assert json.loads((tmp_path / "e" / "eval.json").read_text()) == metrics
 
 
