@@ -384,6 +384,21 @@ def probe_plan(args: Args, records: dict) -> list[tuple[str, ...]]:
     return [wanted]
 
 
+def probe_loss(logits: torch.Tensor | None, depth: torch.Tensor | None, masks: torch.Tensor | None,
+               target_depth: torch.Tensor | None, depth_mean: torch.Tensor, depth_std: torch.Tensor,
+               ignore_index: int) -> dict:
+    """The probe's training terms for the tasks whose labels are given; `loss` sums them (`--task joint`)."""
+    terms = {}
+    if masks is not None:
+        # cross-entropy over labelled pixels (mask != ignore_index); logits (B, K, H, W), masks (B, H, W)
+        terms["seg"] = F.cross_entropy(logits, masks, ignore_index=ignore_index)
+    if target_depth is not None:
+        # MSE on standardised depth over valid pixels: mean_{d > 0} (d_hat - (d - mu) / sigma)^2
+        terms["depth"] = ((depth - (target_depth - depth_mean) / depth_std) ** 2)[target_depth > 0].mean()
+    terms["loss"] = sum(terms.values())
+    return terms
+
+
 def train_and_evaluate_probe(visual: nn.Module, train_set: tuple, test_set: tuple, args: Args, seed: int,
                              tasks: Sequence[str] = ("seg", "depth")) -> dict:
     """Train one DenseProbe on `tasks` of (images, masks, depth) (losses summed if two); return its test metrics."""
@@ -412,13 +427,9 @@ def train_and_evaluate_probe(visual: nn.Module, train_set: tuple, test_set: tupl
         batch = torch.as_tensor(generator.choice(len(train_images), min(args.probe_batch_size, len(train_images)), replace=False))
         tokens = frozen_tokens[batch] if frozen_tokens is not None else patch_tokens(visual, train_images[batch].to(args.device))
         logits, depth = head(tokens, size)
-        loss = torch.zeros((), device=args.device)
-        if train_masks is not None:
-            loss = loss + F.cross_entropy(logits, train_masks[batch].to(args.device), ignore_index=args.ignore_index)
-        if train_depth is not None:
-            target = train_depth[batch].to(args.device)
-            # MSE on standardised depth over valid pixels (depth > 0)
-            loss = loss + ((depth - (target - depth_mean) / depth_std) ** 2)[target > 0].mean()
+        masks = train_masks[batch].to(args.device) if train_masks is not None else None
+        target = train_depth[batch].to(args.device) if train_depth is not None else None
+        loss = probe_loss(logits, depth, masks, target, depth_mean, depth_std, args.ignore_index)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -570,10 +581,10 @@ def pretrain_one(args: Args, records: dict, regime: str, seed: int, n_images: in
     train_records = records["train"][:n_images]
     real, synthetic = caption_columns(train_records, args.real_field, args.synthetic_field)
     images = preprocess_images(train_records, preprocess)  # (N, 3, H, W)
+    schedule = dataclasses.replace(args.train, seed=seed)  # the same schedule for every regime and subset
     start = time.time()
     history = train_clip(model, tokenizer, images, make_texts_for(regime, real, synthetic, args.swap_probability),
-                         dataclasses.replace(args.train, seed=seed), loss_fn=loss_function(args.kernel),
-                         device=args.device, progress=False)
+                         schedule, loss_fn=loss_function(args.kernel), device=args.device, progress=False)
     seconds = time.time() - start
     if "objects" in records["test"][0]:
         metrics = evaluate_world(model, tokenizer, preprocess, records["test"], args.eval_text_field, device=args.device)
@@ -583,7 +594,7 @@ def pretrain_one(args: Args, records: dict, regime: str, seed: int, n_images: in
         metrics = retrieval_metrics(img_emb, encode_texts(model, tokenizer, texts, device=args.device))
     label = f"{regime}-n{n_images}-seed{seed}"
     save_checkpoint(path, {"state_dict": model.state_dict(), "model": args.model, "label": label, "regime": regime,
-                           "seed": seed, "train_images": n_images, "train": dataclasses.asdict(args.train)})
+                           "seed": seed, "train_images": n_images, "train": dataclasses.asdict(schedule)})
     print(f"pretrained {label}: loss {history[-1]['loss']:.3f} in {seconds:.0f} s; R@1 i2t "
           f"{metrics.get('i2t_R@1', float('nan')):.1f}")
     return {"regime": regime, "seed": seed, "train_images": n_images, "checkpoint": str(path),
