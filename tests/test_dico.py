@@ -1,5 +1,7 @@
-"""dico.py: beam search against exhaustive search, the loss wiring, SCST by hand, metrics, stages, resume;
-presets and official defaults, global batches (2 gloo ranks), bad images, the real architectures at tiny size."""
+"""dico.py: the decisive choices of docs/dico.md's Implementation details, each against an independent
+computation (beam search against exhaustive search; DiCO, SCST, XE and teacher forcing by hand; the rewards and
+the frozen reference recomputed from what the real training loop used), then metrics, stages, resume, presets
+and official defaults, global batches (2 gloo ranks), bad images, the real architectures at tiny size."""
 
 import itertools
 import json
@@ -10,11 +12,11 @@ import pytest
 import torch
 
 import dico
-from common.clip_score import clip_s, pac_s, ref_clip_s, ref_pac_s
+from common.clip_score import PREFIX, clip_s, load_clip, pac_s, ref_clip_s, ref_pac_s
 from common.clip_train import TrainConfig, ensure_miniature_scorer
 from common.data import BadSampleError, image_path, open_image, read_manifest
 from common.miniature import WorldConfig, ensure_world
-from kernels.dico import dico_loss_reference, sequence_logprobs
+from kernels.dico import sequence_logprobs
 from tests.realarch import run_torchrun, serve_open_clip_tag
 
 WORLD = WorldConfig(n_train=48, n_val=12, n_test=12, n_synthetic=1)
@@ -45,8 +47,10 @@ def tiny_args(scorer, out, *extra):
 
 
 @pytest.fixture(autouse=True)
-def world_in_scorer_root(scorer, monkeypatch):
-    monkeypatch.setenv("BETTER_CAPTIONS_CACHE", str(scorer[1]))
+def world_in_scorer_root(request, monkeypatch):
+    """Tests that use the scorer find the tiny world in its folder; unit tests do not build either."""
+    if "scorer" in request.fixturenames:
+        monkeypatch.setenv("BETTER_CAPTIONS_CACHE", str(request.getfixturevalue("scorer")[1]))
 
 
 def tiny_captioner(n_tokens=5, seed=0, max_len=3):
@@ -100,7 +104,6 @@ def test_beam_search_equals_exhaustive_search_when_wide_enough():
     model = tiny_captioner()
     visual = torch.randn(1, 4, 6)
     all_tokens, all_logps = exhaustive(model, visual, max_len=3)  # 1 + 3 + 9 + 27 = 40 sequences
-    assert all_tokens.shape[1] == 40
     tokens, scores = dico.beam_search(model, visual, beam_size=40, max_len=3)
     assert torch.isfinite(scores).all() and dico.distinct_and_finite(tokens, scores).all()
     torch.testing.assert_close(scores[0], all_logps[0].sort(descending=True).values, atol=1e-5, rtol=0)
@@ -116,8 +119,6 @@ def test_beam_search_returns_k_distinct_candidates_scored_as_teacher_forcing():
     assert dico.distinct_and_finite(tokens, scores).all()
     assert (scores[:, :-1] >= scores[:, 1:]).all()  # best first
     torch.testing.assert_close(scores, teacher_forced(model, visual, tokens, 4), atol=1e-5, rtol=0)
-    _, all_logps = exhaustive(model, visual[:1], max_len=5)
-    assert scores[0, 0] <= all_logps.max() + 1e-5  # beam search never beats the true optimum
     greedy, greedy_scores = dico.beam_search(model, visual, beam_size=1, max_len=5)
     torch.testing.assert_close(greedy_scores, teacher_forced(model, visual, greedy, 1), atol=1e-5, rtol=0)
 
@@ -155,20 +156,81 @@ def logps(model, visual, batch):
 
 def test_dico_loss_is_log2_at_init_and_one_step_moves_the_policy_towards_the_winners():
     policy, reference, visual, batch, valid, rewards = dico_step_inputs()
-    ref_before = {k: v.clone() for k, v in reference.state_dict().items()}
     with torch.no_grad():
         ref_logps = logps(reference, visual, batch)
     terms = dico.dico_terms(logps(policy, visual, batch), ref_logps, rewards, valid, 0.2, 300.0, "torch")
     assert terms["loss"].item() == pytest.approx(math.log(2), abs=1e-6)  # policy = reference: s = 0
-    expected = dico_loss_reference(logps(policy, visual, batch), ref_logps, rewards, valid=valid)
-    torch.testing.assert_close(terms["loss"], expected)
     optimizer = torch.optim.Adam(policy.parameters(), lr=1e-3)
     terms["loss"].backward()
     optimizer.step()
     after = dico.dico_terms(logps(policy, visual, batch), ref_logps, rewards, valid, 0.2, 300.0, "torch")
     assert after["loss"].item() < math.log(2) and after["margin"] > 0  # winners up, weighted losers down
-    assert all(torch.equal(ref_before[k], v) for k, v in reference.state_dict().items())
-    assert any(not torch.equal(p, reference.state_dict()[k]) for k, p in policy.state_dict().items())
+
+
+def softplus(x):
+    return math.log1p(math.exp(x))
+
+
+def sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_dico_terms_by_hand():
+    """Every term of `dico_terms`, worked out by hand at beta = 0.5, tau = 10 (not the defaults, so that a
+    dropped or swapped argument shows): winner = argmax (first on ties), gamma_j proportional to
+    exp(tau (r_w - r_j)), z = beta (s_w - sum_j gamma_j s_j), loss = mean -log sigmoid(z)."""
+    rewards = torch.tensor([[0.1, 0.5, 0.3], [0.7, 0.2, 0.7], [9.0, 0.0, 0.0]])
+    valid = torch.tensor([[True, True, True], [True, True, True], [True, False, False]])  # row 2: 1 valid, skipped
+    policy = torch.tensor([[-3.0, -2.0, -4.0], [-1.6, -0.5, -1.5], [-1.0, -1.0, -1.0]], requires_grad=True)
+    ref = torch.tensor([[-2.5, -2.5, -3.0], [-1.2, -1.5, -1.5], [-5.0, -5.0, -5.0]])
+    terms = dico.dico_terms(policy, ref, rewards, valid, 0.5, 10.0, "torch")
+    # row 0: s = (-0.5, 0.5, -1.0), winner 1; gamma over losers 0, 2 = softmax(10 * (0.4, 0.2)) = (sigmoid(2), sigmoid(-2))
+    g0 = (sigmoid(2.0), sigmoid(-2.0))
+    z0 = 0.5 * (0.5 - (g0[0] * -0.5 + g0[1] * -1.0))
+    # row 1: s = (-0.4, 1.0, 0.0), a tie at 0.7: winner 0 (the first); losers 1, 2: softmax(10 * (0.5, 0.0))
+    g1 = (sigmoid(5.0), sigmoid(-5.0))
+    z1 = 0.5 * (-0.4 - (g1[0] * 1.0 + g1[1] * 0.0))
+    assert z0 > 0 > z1
+    assert terms["loss"].item() == pytest.approx((softplus(-z0) + softplus(-z1)) / 2, abs=1e-6)
+    assert terms["margin"] == pytest.approx((z0 + z1) / 2, abs=1e-6)
+    assert terms["reward_accuracy"] == 0.5 and terms["n_skipped"] == 1
+    assert terms["reward_winner"] == pytest.approx((0.5 + 0.7) / 2)  # the skipped row's 9.0 is no winner
+    assert terms["reward_mean"] == pytest.approx((0.1 + 0.5 + 0.3 + 0.7 + 0.2 + 0.7 + 9.0) / 7)
+
+    def entropy(g):
+        return -sum(p * math.log(p) for p in g)
+
+    assert terms["gamma_entropy"] == pytest.approx((entropy(g0) + entropy(g1)) / 2, abs=1e-6)
+    # dL/d log pi_theta(y_i) = beta sigmoid(-z) (gamma_i - [i = w]) / n_usable; nothing for the skipped row
+    terms["loss"].backward()
+    expected = torch.tensor([
+        [0.5 * sigmoid(-z0) * g0[0] / 2, -0.5 * sigmoid(-z0) / 2, 0.5 * sigmoid(-z0) * g0[1] / 2],
+        [-0.5 * sigmoid(-z1) / 2, 0.5 * sigmoid(-z1) * g1[0] / 2, 0.5 * sigmoid(-z1) * g1[1] / 2],
+        [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(policy.grad, expected, atol=1e-6, rtol=0)
+    # no image with 2 valid candidates: nothing to learn from, a zero loss, no winner, all skipped
+    none = dico.dico_terms(policy, ref, rewards, valid & torch.tensor([True, False, False]), 0.5, 10.0, "torch")
+    assert none["loss"].item() == 0.0 and none["n_skipped"] == 3
+    assert math.isnan(none["reward_winner"]) and math.isnan(none["gamma_entropy"])
+
+
+def test_teacher_forcing_by_hand():
+    """Inputs start with BOS and drop the last token; targets are the tokens; EOS counts, padding does not;
+    an invalid candidate counts for nothing."""
+    bos, eos, pad = 0, 1, 5
+    tokens = torch.tensor([[3, 4, eos, pad], [2, eos, pad, pad], [4, 3, 2, 2]])  # the last row: truncated, no EOS
+    inputs, targets, mask = dico.teacher_forcing(tokens, bos, pad)
+    assert inputs.tolist() == [[bos, 3, 4, eos], [bos, 2, eos, pad], [bos, 4, 3, 2]]
+    assert torch.equal(targets, tokens)
+    assert mask.tolist() == [[True, True, True, False], [True, True, False, False], [True] * 4]
+    _, _, mask = dico.teacher_forcing(tokens, bos, pad, torch.tensor([True, False, True]))
+    assert mask.tolist() == [[True, True, True, False], [False] * 4, [True] * 4]
+
+
+def test_distinct_and_finite_by_hand():
+    tokens = torch.tensor([[[1, 2], [1, 2], [3, 4], [1, 2], [5, 6]]])  # (1, 5, 2): candidate 1 and 3 repeat 0
+    scores = torch.tensor([[0.0, -1.0, -2.0, -3.0, -math.inf]])
+    assert dico.distinct_and_finite(tokens, scores).tolist() == [[True, False, True, False, False]]
 
 
 def test_scst_baseline_is_the_mean_of_the_other_candidates():
@@ -184,12 +246,21 @@ def test_scst_baseline_is_the_mean_of_the_other_candidates():
     assert terms["loss"].item() == pytest.approx(expected.item())
     terms["loss"].backward()
     torch.testing.assert_close(policy_logps.grad, -advantage / n_tokens / 5)
+    assert terms["reward_mean"] == pytest.approx((1 + 2 + 3 + 0.5 + 0.5) / 5)  # valid candidates only
+    assert terms["reward_winner"] == pytest.approx((3 + 0.5) / 2)
+    assert terms["advantage_abs"] == pytest.approx(3 / 5)
+    alone = dico.scst_terms(policy_logps, n_tokens, rewards, torch.tensor([[True, False, False], [False, True, False]]))
+    assert alone["loss"].item() == 0.0 and alone["advantage_abs"] == 0.0  # one candidate: no baseline, no signal
 
 
 def test_xe_loss_by_hand():
-    logits = torch.log(torch.tensor([[[0.5, 0.5], [0.25, 0.75]]]))
-    targets, mask = torch.tensor([[0, 1]]), torch.tensor([[True, False]])
-    assert dico.xe_loss(logits, targets, mask)["loss"].item() == pytest.approx(math.log(2))
+    """The mean token cross-entropy over the batch's unmasked tokens (not a mean of per-caption means)."""
+    logits = torch.log(torch.tensor([[[0.5, 0.5], [0.25, 0.75]], [[0.9, 0.1], [0.2, 0.8]]]))
+    targets, mask = torch.tensor([[0, 1], [1, 1]]), torch.tensor([[True, True], [True, False]])
+    expected = -(math.log(0.5) + math.log(0.75) + math.log(0.1)) / 3
+    assert dico.xe_loss(logits, targets, mask)["loss"].item() == pytest.approx(expected)
+    one = torch.tensor([[False, True], [False, False]])  # a batch of a single token
+    assert dico.xe_loss(logits, targets, one)["loss"].item() == pytest.approx(-math.log(0.75))
 
 
 def test_vocab_round_trip_and_restricted_errors():
@@ -231,15 +302,142 @@ def test_metrics_match_common_clip_score(scorer):
     assert perfect["BLEU-4"] == pytest.approx(1.0) and perfect["names_kept"] == 1.0 and perfect["hallucinated"] == 0
 
 
+def clip_features(bundle, images=(), texts=()):
+    """Normalised CLIP image and text features, straight from the open_clip model (no prefix)."""
+    with torch.no_grad():
+        img = torch.stack([bundle.preprocess(image) for image in images]) if images else None
+        img = torch.nn.functional.normalize(bundle.model.encode_image(img), dim=-1) if images else None
+        txt = torch.nn.functional.normalize(bundle.model.encode_text(bundle.tokenizer(list(texts))), dim=-1) if texts else None
+    return img, txt
+
+
+def test_candidate_rewards_are_w_cos_without_clamp_or_prefix(scorer):
+    """r = w cos(E_img, E_txt(y)) as the official training reward: negative cosines stay negative, no prefix;
+    --reward-clamp and --reward-prefix give the metric's max(cos, 0) and prefixed text instead."""
+    bundle = load_clip("micro-ViT-16", scorer[0], "cpu")
+    texts = ["a red circle.", "two squares on sand.", "snow.", "a small green cross on the left, on water."]
+    _, txt = clip_features(bundle, texts=texts)
+    img = torch.nn.functional.normalize(torch.stack([txt[0] - 3 * txt[1], txt[3] - txt[2]]), dim=-1)  # (2, E)
+    cos = torch.einsum("be,bke->bk", img, txt.view(2, 2, -1))  # (2 images, 2 candidates each)
+    assert (cos < 0).any() and (cos > 0).any()  # the test needs both signs
+    rewards = dico.candidate_rewards(bundle, 2.0, img.numpy(), texts, 2, "", False)
+    torch.testing.assert_close(rewards, 2.0 * cos, atol=1e-5, rtol=0)
+    clamped = dico.candidate_rewards(bundle, 2.5, img.numpy(), texts, 2, "", True)
+    torch.testing.assert_close(clamped, 2.5 * cos.clamp_min(0), atol=1e-5, rtol=0)
+    _, prefixed_txt = clip_features(bundle, texts=[PREFIX + t for t in texts])
+    prefixed = dico.candidate_rewards(bundle, 2.0, img.numpy(), texts, 2, PREFIX, False)
+    expected = 2.0 * torch.einsum("be,bke->bk", img, prefixed_txt.view(2, 2, -1))
+    torch.testing.assert_close(prefixed, expected, atol=1e-5, rtol=0)
+    assert (prefixed - rewards).abs().max() > 1e-3
+
+
+def own_logprobs(model, visual, tokens):
+    """sum_t log p(y_t | y_<t, x) of (B, k, T) candidates, EOS included, padding skipped, no length
+    normalisation: computed here from the model's logits, without dico.teacher_forcing or the kernels."""
+    B, k, T = tokens.shape
+    flat = tokens.flatten(0, 1)
+    inputs = torch.cat([torch.full_like(flat[:, :1], model.bos), flat[:, :-1]], dim=1)
+    with torch.no_grad():
+        logp = model(visual, inputs, beams=k).double().log_softmax(-1)
+    token_logp = logp.gather(2, flat[..., None])[..., 0]
+    return torch.where(flat != model.pad, token_logp, 0.0).sum(1).view(B, k)
+
+
+def dico_loss_by_hand(policy, ref, rewards, valid, beta, tau):
+    """DiCO's loss and mean margin with Python floats, one image at a time."""
+    losses, margins = [], []
+    for b in range(len(rewards)):
+        idx = [i for i in range(rewards.shape[1]) if valid[b, i]]
+        if len(idx) < 2:
+            continue
+        r, s = rewards[b].tolist(), (policy[b] - ref[b]).tolist()
+        w = max(idx, key=lambda i: (r[i], -i))  # argmax, first on ties
+        losers = [j for j in idx if j != w]
+        e = [math.exp(tau * (r[w] - r[j]) - tau * (r[w] - min(r[l] for l in losers))) for j in losers]
+        z = beta * (s[w] - sum(e_j / sum(e) * s[j] for e_j, j in zip(e, losers)))
+        losses.append(softplus(-z))
+        margins.append(z)
+    return sum(losses) / len(losses), sum(margins) / len(margins)
+
+
+def test_real_loop_uses_the_frozen_xe_reference_and_w_cos_rewards(scorer, tmp_path, monkeypatch):
+    """Three DiCO steps of `dico.main` (lr 1e-3, so the policy moves), with what the loop used captured:
+    - the candidates: beam search from the policy, k = --beams, at most --max-len tokens (step 1: exactly the
+      XE checkpoint's beams);
+    - the rewards: 2.0 cos(image, caption) of the decoded candidates, recomputed here with the scorer (PAC-S w);
+    - the reference log-probs: the XE checkpoint's at every step, while the policy's leave them;
+    - the loss and margin: the DiCO formula at --beta 0.5 --tau 10, by hand; the optimiser: Adam at --lr."""
+    out = tmp_path / "run"
+    quick = ["--xe-eval-every", "100", "--eval-every", "100", "--val-images", "2"]
+    dico.main(tiny_args(scorer, out, "xe", "--xe-steps", "1", *quick))
+    events = []
+    real_visual_tokens, real_beam_search, real_dico_terms = dico.ImageBank.visual_tokens, dico.beam_search, dico.dico_terms
+
+    def visual_tokens(bank, indices):
+        tokens, kept = real_visual_tokens(bank, indices)
+        events.append(("images", [bank.records[i] for i in kept]))
+        return tokens, kept
+
+    def beam_search(model, visual, beam_size, max_len):
+        tokens, scores = real_beam_search(model, visual, beam_size, max_len)
+        events.append(("beams", visual.clone(), tokens.clone()))
+        return tokens, scores
+
+    def dico_terms(policy_logps, ref_logps, rewards, valid, *rest):
+        events.append(("terms", policy_logps.detach().clone(), ref_logps.clone(), rewards.clone(), valid.clone()))
+        return real_dico_terms(policy_logps, ref_logps, rewards, valid, *rest)
+
+    monkeypatch.setattr(dico.ImageBank, "visual_tokens", visual_tokens)
+    monkeypatch.setattr(dico, "beam_search", beam_search)
+    monkeypatch.setattr(dico, "dico_terms", dico_terms)
+    # --xe-warmup 0.9 would slow the first steps if fine-tuning warmed up: its learning rate is constant
+    dico.main(tiny_args(scorer, out, "dico", "--steps", "3", "--lr", "1e-3", "--beta", "0.5", "--tau", "10",
+                        "--xe-warmup", "0.9", *quick))
+    steps = []
+    for i, event in enumerate(events):
+        if event[0] == "terms":
+            images = next(e for e in reversed(events[:i]) if e[0] == "images")[1]
+            _, visual, tokens = next(e for e in reversed(events[:i]) if e[0] == "beams")
+            steps.append((images, visual, tokens, *event[1:]))
+    assert len(steps) == 3
+    payload = dico.load_checkpoint(out / "xe" / "best.pt")  # the checkpoint the dico stage starts from
+    xe, _ = dico.model_from_checkpoint(payload, "cpu")
+    xe.eval()
+    bundle = load_clip("micro-ViT-16", scorer[0], "cpu")
+    bpe, tokenizer = payload["vocab"], open_clip.tokenizer.SimpleTokenizer()
+    rows = train_rows(out, "dico")
+    for n, (images, visual, tokens, policy, ref, rewards, valid) in enumerate(steps):
+        assert tokens.shape[:2] == (4, 3) and tokens.shape[2] <= 12 and valid.all()
+        xe_logps = own_logprobs(xe, visual, tokens).float()
+        torch.testing.assert_close(ref[valid], xe_logps[valid], atol=1e-4, rtol=0)  # the frozen XE model
+        # the rewards: decode the candidates, encode them and the images with the evaluator here
+        texts = [tokenizer.decode([bpe[t] for t in itertools.takewhile(lambda t: t not in (xe.eos, xe.pad), row)])
+                 for row in tokens.flatten(0, 1).tolist()]
+        img, txt = clip_features(bundle, images=[open_image(image_path(r)) for r in images], texts=texts)
+        torch.testing.assert_close(rewards, 2.0 * torch.einsum("be,bke->bk", img, txt.view(4, 3, -1)), atol=1e-5, rtol=0)
+        loss, margin = dico_loss_by_hand(policy.double(), ref.double(), rewards.double(), valid, 0.5, 10.0)
+        assert rows[n]["loss"] == pytest.approx(loss, abs=1e-5) and rows[n]["margin"] == pytest.approx(margin, abs=1e-5)
+        assert rows[n]["lr"] == 1e-3  # constant: no warm-up in fine-tuning
+    first, last = steps[0], steps[-1]
+    torch.testing.assert_close(first[3], first[4])  # step 1: policy = reference, s = 0, loss ln 2
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert torch.equal(first[2], real_beam_search(xe, first[1], 3, 12)[0])  # deterministic beams of the XE model
+    moved = (last[3] - own_logprobs(xe, last[1], last[2]).float())[last[6]].abs().max()
+    assert moved > 1e-2  # the policy has left the reference, which stayed the XE model
+    optimizer = dico.load_checkpoint(out / "dico" / "last.pt")["optimizer"]
+    assert optimizer["param_groups"][0]["lr"] == 1e-3 and "exp_avg_sq" in optimizer["state"][0]  # Adam
+
+
 def test_every_stage_runs_and_writes_its_files(scorer, tmp_path):
     out = tmp_path / "run"
     # --xe-lr at its paper value is explicit: it wins over the miniature preset's 1e-3
-    xe = dico.main(tiny_args(scorer, out, "xe", "--xe-steps", "4", "--xe-lr", "2.5e-4"))
+    xe = dico.main(tiny_args(scorer, out, "xe", "--xe-steps", "4", "--xe-lr", "2.5e-4", "--xe-warmup", "0.5"))
     assert (out / "xe" / "best.pt").exists() and (out / "xe" / "last.pt").exists()
     log = [json.loads(line) for line in (out / "xe" / "log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log if "loss" in row] == [1, 2, 3, 4]
-    assert [row["lr"] for row in log if "loss" in row] == [2.5e-4] * 4  # warm-up: 5% of 4 steps
-    assert math.isfinite(xe["best_val_CIDEr"])
+    # linear warm-up over the first half of the 4 steps, then constant (constant_with_warmup)
+    assert [row["lr"] for row in log if "loss" in row] == [1.25e-4, 2.5e-4, 2.5e-4, 2.5e-4]
+    assert xe["best_val_CIDEr"] == max(row["val"]["CIDEr"] for row in log if "val" in row)
     for algo in ("dico", "scst"):
         dico.main(tiny_args(scorer, out, "dico", "--algo", algo, "--steps", "2"))
         rows = [json.loads(line) for line in (out / algo / "log.jsonl").read_text().splitlines()]
@@ -257,13 +455,14 @@ def test_every_stage_runs_and_writes_its_files(scorer, tmp_path):
 
 
 def test_resume_continues_from_the_saved_step(scorer, tmp_path):
-    straight = dico.main(tiny_args(scorer, tmp_path / "a", "xe", "--xe-steps", "4", "--eval-every", "100"))
-    dico.main(tiny_args(scorer, tmp_path / "b", "xe", "--xe-steps", "2", "--eval-every", "100"))
-    dico.main(tiny_args(scorer, tmp_path / "b", "xe", "--xe-steps", "4", "--eval-every", "100", "--resume"))
-    steps = [json.loads(line).get("step") for line in (tmp_path / "b" / "xe" / "log.jsonl").read_text().splitlines()]
-    assert steps.count(1) == 1 and steps[-1] == 4  # steps 1, 2 were not run again
+    quick = ["--xe-eval-every", "100", "--val-images", "2"]
+    dico.main(tiny_args(scorer, tmp_path / "a", "xe", "--xe-steps", "3", *quick))
+    dico.main(tiny_args(scorer, tmp_path / "b", "xe", "--xe-steps", "1", *quick))
+    dico.main(tiny_args(scorer, tmp_path / "b", "xe", "--xe-steps", "3", "--resume", *quick))
+    steps = [row["step"] for row in train_rows(tmp_path / "b", "xe")]
+    assert steps == [1, 2, 3]  # step 1 was not run again
     a, b = (dico.load_checkpoint(tmp_path / run / "xe" / "last.pt") for run in ("a", "b"))
-    assert a["step"] == b["step"] == 4 and straight["last"].endswith("last.pt")
+    assert a["step"] == b["step"] == 3
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
@@ -307,8 +506,18 @@ def test_defaults_are_the_official_scripts():
     args = dico.Args()
     # scripts/train_xe_coco.sh: max_steps 10000, eval_steps 200, 64 per device x 8 accumulation, lr 2.5e-4
     assert (args.xe_steps, args.xe_eval_every, args.xe_batch_size, args.xe_lr) == (10000, 200, 512, 2.5e-4)
-    # scripts/train_dico_coco.sh: max_steps 250000, eval_steps 1770, 8 per device on 2 GPUs, lr 1e-6
+    # scripts/train_xe_coco.sh: lr_scheduler_type constant_with_warmup, warmup_ratio 0.05
+    assert args.xe_warmup == 0.05
+    # scripts/train_dico_coco.sh: max_steps 250000, eval_steps 1770, 8 per device on 2 GPUs, lr 1e-6 (constant)
     assert (args.steps, args.eval_every, args.batch_size, args.lr) == (250000, 1770, 16, 1e-6)
+    # scripts/train_dico_coco.sh: generation_num_beams 5 (candidates and evaluation), generation_max_length 30
+    assert (args.beams, args.candidates, args.eval_beam, args.max_len) == (5, "beam", 5, 30)
+    # main.py: --dico_beta 0.2, --dico_tau 300
+    assert (args.beta, args.tau) == (0.2, 300.0)
+    # trainers/trainer_utils.py: the reward is PAC-S with w = 2.0 (clip_ViT-B-32.pth); no prefix, no clamp (PAPERS.md)
+    assert (args.reward, args.reward_prefix, args.reward_clamp) == ("pac_s", "", False)
+    # main.py: 3 layers (n_layer) of 512 (n_embd) with 8 heads (n_head), BertConfig intermediate_size 2048
+    assert (args.d_model, args.encoder_layers, args.decoder_layers, args.heads, args.ffn) == (512, 3, 3, 8, 2048)
 
 
 def test_explicit_flags_win_over_the_miniature_preset():
@@ -460,6 +669,7 @@ def uses_quick_gelu(model):
     return any(isinstance(module, open_clip.transformer.QuickGELU) for module in model.modules())
 
 
+@pytest.mark.usefixtures("scorer")  # the tiny world its Karpathy JSON points at
 def test_real_run_commands_with_the_real_architectures_at_tiny_width(tmp_path, monkeypatch):
     """The header's real run (xe, dico, scst, eval) with ViT-L-14 / ViT-B-32 `openai` and a PAC-S file, offline."""
     monkeypatch.setattr(dico, "_BUNDLES", {})
