@@ -360,6 +360,18 @@ def test_fusion_quality_by_hand():
                                                                                          capsfusion.Args(), None)
 
 
+def test_fusion_quality_on_the_world_counts_names_over_all_captions(world):
+    """The world's labels: % of all the images' emblem names mentioned, mean hallucinated words per caption."""
+    from common.miniature import hallucinated_words, names_kept
+
+    records = read_manifest(world / "val.jsonl")
+    captions = [r["fused"] if i % 2 else r["synthetic_caption"] for i, r in enumerate(records)]
+    metrics = capsfusion.fusion_quality(captions, records, capsfusion.Args(), None)
+    found, total = map(sum, zip(*(names_kept(c, r) for c, r in zip(captions, records))))
+    assert 0 < found < total and metrics["names_kept"] == pytest.approx(100 * found / total)
+    assert metrics["hallucinated"] == pytest.approx(np.mean([len(hallucinated_words(c, r)) for c, r in zip(captions, records)]))
+
+
 # ---- caption -> fuse -> eval through manifests -----------------------------------------------
 
 
@@ -444,6 +456,16 @@ def triplets16(world, tmp_path_factory):
     path = tmp_path_factory.mktemp("triplets") / "train16.jsonl"
     write_manifest(path, [{**r, "image": str(world / r["image"])} for r in read_manifest(world / "train.jsonl")[:16]])
     return path
+
+
+def test_sft_batches_walk_a_fresh_permutation_of_the_triplets_each_epoch():
+    """Step s of epoch e takes the next batch_size triplets of permutation (seed, e); the last batch may be short."""
+    batches = [capsfusion.step_indices(step, 10, 4, 5) for step in range(6)]  # 2 epochs of 3 steps
+    assert [len(batch) for batch in batches] == [4, 4, 2] * 2
+    for epoch in range(2):
+        walked = np.concatenate(batches[3 * epoch:3 * epoch + 3])
+        assert np.array_equal(walked, np.random.default_rng([5, epoch]).permutation(10))
+    assert not np.array_equal(np.concatenate(batches[:3]), np.concatenate(batches[3:]))
 
 
 def test_sft_resumes_stops_on_nan_and_saves_a_loadable_fuser(triplets16, tiny_llm, tmp_path, monkeypatch):
