@@ -234,8 +234,8 @@ TINY = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num
 def tiny_models(tmp_path_factory):
     """The `vec` and `fuse` commands' default models at tiny width, random weights: LLaVA-1.5-7B's and
     Vicuna-1.1-13B's classes and structural settings (from their config.json), saved in fp16 as they ship."""
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, GenerationConfig, LlamaConfig, LlamaForCausalLM,
+                              LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
 
     root = tmp_path_factory.mktemp("models")
     tokenizer, llm_tokenizer = tiny_tokenizer(), tiny_tokenizer(pad=False)
@@ -257,6 +257,14 @@ def tiny_models(tmp_path_factory):
     llm = LlamaForCausalLM(vicuna)
     save_hf(llm, root / "llm")
     llm_tokenizer.save_pretrained(root / "llm")
+    # the same weights with a generation config that samples, as some chat checkpoints ship one (Llama-2-chat:
+    # do_sample, temperature 0.6, top_p 0.9): the stages decode greedily all the same
+    plain = llm.generation_config
+    llm.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, do_sample=True,
+                                             temperature=0.6, top_p=0.9)
+    save_hf(llm, root / "sampling_llm")
+    llm_tokenizer.save_pretrained(root / "sampling_llm")
+    llm.generation_config = plain
     with torch.no_grad():  # all logits equal: greedy picks <unk>, which decodes to an empty answer
         llm.lm_head.weight.zero_()
     save_hf(llm, root / "mute_llm")
@@ -345,7 +353,8 @@ def test_vec_stage_asks_llava_the_vec_prompt_and_decodes_greedily(world, tiny_mo
 def test_fuse_stage_asks_vicuna_the_left_padded_fusion_prompt_and_decodes_greedily(world, tiny_models, tmp_path,
                                                                                    monkeypatch):
     """Step 2 against an independent run: the written-out Vicuna-1.1 prompt per sample (the alt-text cut from its
-    end to the budget, the VeC whole), left-padded in the batch, decoded greedily one at a time, then parsed."""
+    end to the budget, the VeC whole), left-padded in the batch, decoded greedily one at a time, then parsed.
+    The checkpoint's generation config samples: the stage must ask for greedy decoding itself."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_models / "llm")
@@ -360,7 +369,7 @@ def test_fuse_stage_asks_vicuna_the_left_padded_fusion_prompt_and_decodes_greedi
     prompts[2] = vicuna_fusion_prompt(" ".join(alts[2].split()[:9]), vecs[2])  # 10 words of room, 1 for the VeC
     calls = capture_generate(monkeypatch)
     counts = veclip.main(["--stage", "fuse", "--data", str(tmp_path / "vec.jsonl"), "--out", str(tmp_path / "fused.jsonl"),
-                          "--llm", str(tiny_models / "llm"), "--gen-batch-size", "4", "--max-new-tokens", "5",
+                          "--llm", str(tiny_models / "sampling_llm"), "--gen-batch-size", "4", "--max-new-tokens", "5",
                           "--max-prompt-tokens", str(budget), "--device", "cpu"])
     assert len(calls) == 1 and counts["alt_text_truncated"] == 1
     ids, mask = calls[0]["input_ids"], calls[0]["attention_mask"]
@@ -384,6 +393,9 @@ def test_missing_weights_name_the_flag(world, tmp_path):
     with pytest.raises(RuntimeError, match="--llm"):
         veclip.main(["--stage", "fuse", "--data", str(world / "val.jsonl"), "--out", str(tmp_path / "x.jsonl"),
                      "--llm", str(tmp_path / "no-such-model"), "--device", "cpu"])
+    with pytest.raises(RuntimeError, match="--vlm"):
+        veclip.main(["--stage", "vec", "--data", str(world / "val.jsonl"), "--out", str(tmp_path / "x.jsonl"),
+                     "--vlm", str(tmp_path / "no-such-model"), "--device", "cpu"])
 
 
 # ---- evaluation: every reference, the template ensemble, the model's device -------------------
