@@ -258,7 +258,8 @@ def test_fuse_asks_the_official_prompt_left_padded_with_3_beams_and_80_new_token
     assert prompts[1].startswith(head) and prompts[1].endswith(tail)
     kept = prompts[1][len(head):-len(tail)]
     assert 0 < len(kept) < len(LONG_RAW) and LONG_RAW.startswith(kept)
-    assert default_fuse["counts"]["raw_trimmed"] == 1 and default_fuse["counts"]["prompt_over_cap"] == 0
+    assert default_fuse["counts"] == {"already_done": 0, "raw_trimmed": 1, "prompt_over_cap": 0, "empty_answers": 0,
+                                      "written": 6}
 
 
 def test_batched_beam_search_equals_one_prompt_at_a_time(default_fuse, llama2):
@@ -274,6 +275,51 @@ def test_batched_beam_search_equals_one_prompt_at_a_time(default_fuse, llama2):
     assert counts["written"] == default_fuse["counts"]["written"] == 6
     assert [(r["fused"], r["fused_source"]) for r in single] == [(r["fused"], r["fused_source"]) for r in batched]
     assert len({r["fused"] for r in batched}) > 1  # the answers depend on the prompts: the comparison can fail
+    # and each is the new tokens of transformers' own 3-beam search on that prompt, decoded, first line
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(llama2, dtype=torch.float32), default_fuse["tokenizer"]
+    for record, fused in [(default_fuse["records"][i], batched[i]) for i in (0, 2)]:  # prompts under the cap
+        prompt = tokenizer(official(record["alt_text"], record["synthetic_caption"]), return_tensors="pt")
+        new = model.generate(**prompt, num_beams=3, max_new_tokens=FAST_NEW_TOKENS, do_sample=False)[0, prompt["input_ids"].shape[1]:]
+        assert fused["fused"] == capsfusion.first_line(tokenizer.decode(new, skip_special_tokens=True))
+
+
+def test_fuse_keeps_the_answers_first_line_without_special_tokens_else_the_synthetic_caption(world, llama2, tmp_path,
+                                                                                              monkeypatch):
+    """What generate returns (new tokens, finished beams padded) becomes the answer's first non-empty line,
+    special tokens dropped; an answer with nothing in it gives the synthetic caption, counted."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llama2)
+    eos = tokenizer.eos_token_id
+    answer = tokenizer("a red circle with the Aldora emblem.\nSentence 3: more", add_special_tokens=False)["input_ids"]
+    blank = tokenizer("\n \n", add_special_tokens=False)["input_ids"]
+    rows = [answer + [eos], blank + [eos] + [eos] * (len(answer) - len(blank))]  # eos is also the pad id here
+    monkeypatch.setattr(capsfusion, "generate", lambda model, inputs, num_beams, max_new_tokens, **options: torch.tensor(rows))
+    records = text_only(read_manifest(world / "val.jsonl")[:2])
+    write_manifest(tmp_path / "in.jsonl", records)
+    counts = capsfusion.main(["--stage", "fuse", "--data", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out.jsonl"),
+                              "--llm", str(llama2), "--device", "cpu"])
+    out = read_manifest(tmp_path / "out.jsonl", required=("id",))
+    assert [(r["fused"], r["fused_source"]) for r in out] == [("a red circle with the Aldora emblem.", "llm"),
+                                                             (records[1]["synthetic_caption"], "synthetic")]
+    assert counts["empty_answers"] == 1
+
+
+@pytest.mark.parametrize("device, dtype", [("cuda", torch.bfloat16), ("cpu", torch.float32)])
+def test_fuse_loads_the_fuser_in_bf16_on_cuda(world, device, dtype, monkeypatch):
+    """The official inference runs the fuser in bf16 (--gen-dtype); on the CPU float32."""
+    loaded = []
+
+    def load_fuser(name, flag, args, device, dtype):
+        loaded.append((name, flag, dtype))
+        raise InterruptedError  # stop before anything runs on CUDA
+
+    monkeypatch.setattr(capsfusion, "load_fuser", load_fuser)
+    with pytest.raises(InterruptedError):
+        capsfusion.main(["--stage", "fuse", "--data", str(world / "val.jsonl"), "--device", device, "--out", "unused"])
+    assert loaded == [("BAAI/CapsFus-LLaMA", "--llm", dtype)]
 
 
 def test_fuse_writes_one_line_per_input_and_resumes_after_a_kill(world, tiny_llm, tmp_path, monkeypatch):
