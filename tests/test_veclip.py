@@ -164,6 +164,10 @@ def test_truncation_shrinks_until_the_decoded_cut_fits():
         # the whole prompt, the alt-text, the prompt without it, then a try per length from `room` down to `kept`
         # (an empty cut is not measured)
         assert tokenizer.calls == 3 + (room - kept) + (kept > 0), room
+    # no room even for the VeC: the alt-text goes without a try
+    tokenizer.calls = 0
+    assert veclip.fusion_prompt(tokenizer, "AB AB", vec, max_prompt_tokens=base - 1) == (vicuna_fusion_prompt("", vec), True)
+    assert tokenizer.calls == 3
 
 
 def test_prompts_reach_the_vlm_and_the_llm_in_their_conversation_formats():
