@@ -169,21 +169,21 @@ def test_cap_trims_only_the_raw_caption_from_its_end():
     tokenizer = word_tokenizer()
     synthetic = "a red circle with the Aldora emblem on grass."
     raw = " ".join(f"w{i % 5}" for i in range(400))
-    empty_raw = capsfusion.prompt_length(tokenizer, capsfusion.FUSION_PROMPT.format(raw="", synthetic=synthetic))
+    empty_raw = capsfusion.prompt_length(tokenizer, official("", synthetic))
     # BOS + the words and punctuation runs of the prompt (the Whitespace pre-tokenizer's split): the cap leaves
     # the raw caption 256 - empty_raw tokens
     assert empty_raw == 1 + len(re.findall(r"\w+|[^\w\s]+", official("", synthetic)))
     prompt, trimmed = capsfusion.fusion_prompt(tokenizer, raw, synthetic, 256)
     assert trimmed and capsfusion.prompt_length(tokenizer, prompt) == 256
-    assert prompt.startswith(capsfusion.INSTRUCTION) and prompt.endswith(f"\nSentence 2: {synthetic}\nNew Sentence:")
+    assert prompt.startswith(OFFICIAL_INSTRUCTION) and prompt.endswith(f"\nSentence 2: {synthetic}\nNew Sentence:")
     kept = prompt.split("Sentence 1: ")[1].split("\nSentence 2:")[0]
     assert kept == " ".join(raw.split()[:256 - empty_raw])  # the raw caption's first tokens
     # exactly at the cap: nothing is cut (the official `ids[:-0]` would drop the whole raw caption)
     fits = " ".join(raw.split()[:256 - empty_raw])
-    assert capsfusion.fusion_prompt(tokenizer, fits, synthetic, 256) == (capsfusion.FUSION_PROMPT.format(raw=fits, synthetic=synthetic), False)
+    assert capsfusion.fusion_prompt(tokenizer, fits, synthetic, 256) == (official(fits, synthetic), False)
     # a synthetic caption that alone overflows: the raw caption goes, instruction and synthetic stay whole
     prompt, trimmed = capsfusion.fusion_prompt(tokenizer, raw, synthetic, empty_raw - 3)
-    assert trimmed and prompt == capsfusion.FUSION_PROMPT.format(raw="", synthetic=synthetic)
+    assert trimmed and prompt == official("", synthetic)
 
 
 def test_sft_label_mask_covers_exactly_the_response():
@@ -191,12 +191,11 @@ def test_sft_label_mask_covers_exactly_the_response():
     args = capsfusion.Args()
     raw, synthetic, fused = "Aldora stock photo red", "a red circle on grass.", "a red circle with the Aldora emblem on grass."
     input_ids, labels = capsfusion.sft_example(tokenizer, raw, synthetic, fused, args)
-    prompt_ids = tokenizer(capsfusion.FUSION_PROMPT.format(raw=raw, synthetic=synthetic))["input_ids"]
+    prompt_ids = tokenizer(official(raw, synthetic))["input_ids"]
     response_ids = tokenizer(fused, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert input_ids == prompt_ids + response_ids and len(labels) == len(input_ids)
     assert labels[:len(prompt_ids)] == [capsfusion.IGNORE] * len(prompt_ids)
     assert labels[len(prompt_ids):] == response_ids
-    assert tokenizer.decode(labels[len(prompt_ids):-1]) == tokenizer.decode(tokenizer(fused, add_special_tokens=False)["input_ids"])
     # the loss reads exactly those tokens: position t predicts t + 1
     logits = torch.randn(1, len(input_ids), len(tokenizer))
     nll, count = capsfusion.response_loss(logits, torch.tensor([labels]))
