@@ -18,7 +18,7 @@ from PIL import Image
 
 import veclip
 from common.clip_train import evaluate_world
-from common.data import ResumableJSONLWriter, read_manifest, write_manifest
+from common.data import BadSampleError, ResumableJSONLWriter, read_manifest, write_manifest
 from common.miniature import WorldConfig, ensure_world, zero_shot_tasks
 from realarch import run_torchrun, save_hf, serve_open_clip_tag
 
@@ -231,6 +231,8 @@ LLAVA_CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'].upper() 
                        "{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
                        "{{ content['text'] + ' ' }}{% endfor %}{% endfor %}"
                        "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+TEMPLATE_WITH_BOS = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% endfor %}"
+                     "{% if add_generation_prompt %} [assistant]{% endif %}")
 TINY = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
 
 
@@ -269,6 +271,11 @@ def tiny_models(tmp_path_factory):
     save_hf(llm, root / "sampling_llm")
     llm_tokenizer.save_pretrained(root / "sampling_llm")
     llm.generation_config = plain
+    # the same weights behind a tokenizer with a chat template that writes its own <s>
+    save_hf(llm, root / "templated_llm")
+    templated = tiny_tokenizer(pad=False)
+    templated.chat_template = TEMPLATE_WITH_BOS
+    templated.save_pretrained(root / "templated_llm")
     with torch.no_grad():  # all logits equal: greedy picks <unk>, which decodes to an empty answer
         llm.lm_head.weight.zero_()
     save_hf(llm, root / "mute_llm")
@@ -309,12 +316,16 @@ def test_vec_and_fuse_write_resumable_manifests(world, tiny_models, tmp_path, mo
     assert counts["refusal_fallbacks"] == 0  # this LLM answers (the mute one below does not)
     assert [r["id"] for r in read_manifest(fused_out)] == [r["id"] for r in records]
     assert veclip.main(argv) == {"already_done": 4}
-    # an LLM that answers nothing: every LLM-VeC falls back to the VeC, counted
-    mute_out = tmp_path / "mute.jsonl"
-    counts = veclip.main(argv[:3] + [str(vec_out), "--out", str(mute_out), "--llm", str(tiny_models / "mute_llm"),
+    # an LLM that answers nothing: every LLM-VeC falls back to the VeC, counted; with no VeC either, the alt-text
+    mute_in, mute_out = tmp_path / "mute_in.jsonl", tmp_path / "mute.jsonl"
+    vec_records[1] = {**vec_records[1], "image": str(vec_out.parent / vec_records[1]["image"]), "vec": ""}
+    write_manifest(mute_in, [{**r, "image": str(vec_out.parent / r["image"])} if i != 1 else r
+                             for i, r in enumerate(vec_records)])
+    counts = veclip.main(argv[:3] + [str(mute_in), "--out", str(mute_out), "--llm", str(tiny_models / "mute_llm"),
                                      "--max-new-tokens", "3", "--device", "cpu"])
     assert counts["refusal_fallbacks"] == 4
-    assert all(r["llm_vec"] == r["vec"] and r["llm_vec_fallback"] for r in read_manifest(mute_out))
+    assert [(r["llm_vec"], r["llm_vec_fallback"]) for r in read_manifest(mute_out)] == [
+        (r["vec"] or r["alt_text"], True) for r in vec_records]
     # the fp16 checkpoints ran in the dtype asked for (float32 on the CPU), not the one they ship in
     assert set(loaded_dtypes) == {torch.float32}
 
@@ -337,9 +348,12 @@ def test_vec_stage_asks_llava_the_vec_prompt_and_decodes_greedily(world, tiny_mo
 
     calls = capture_generate(monkeypatch)
     records, out = read_manifest(world / "val.jsonl"), tmp_path / "vec.jsonl"
-    veclip.main(["--stage", "vec", "--data", str(world / "val.jsonl"), "--out", str(out), "--vlm", str(tiny_models / "vlm"),
-                 "--gen-batch-size", "4", "--max-new-tokens", "4", "--device", "cpu"])
-    assert len(calls) == 1  # the 4 images in one batch
+    broken = {"id": "broken", "image": str(tmp_path / "missing.png"), "alt_text": "gone"}  # counted and left out
+    write_manifest(tmp_path / "in.jsonl", [{**r, "image": str(world / r["image"])} for r in records[:2]] + [broken]
+                   + [{**r, "image": str(world / r["image"])} for r in records[2:]])
+    counts = veclip.main(["--stage", "vec", "--data", str(tmp_path / "in.jsonl"), "--out", str(out), "--vlm",
+                          str(tiny_models / "vlm"), "--gen-batch-size", "5", "--max-new-tokens", "4", "--device", "cpu"])
+    assert len(calls) == 1  # the 4 readable images in one batch
     processor = AutoProcessor.from_pretrained(tiny_models / "vlm")
     model = LlavaForConditionalGeneration.from_pretrained(tiny_models / "vlm", dtype=torch.float32).eval()
     expected = []
@@ -352,6 +366,8 @@ def test_vec_stage_asks_llava_the_vec_prompt_and_decodes_greedily(world, tiny_mo
         expected.append(processor.tokenizer.decode(new, skip_special_tokens=True).strip())
     assert [r["vec"] for r in read_manifest(out)] == expected
     assert any(expected)  # the comparison is between captions, not empty strings
+    assert counts == {"already_done": 0, "unreadable_images": 1, "empty_vec": sum(not vec for vec in expected),
+                      "written": 4}
 
 
 def test_fuse_stage_asks_vicuna_the_left_padded_fusion_prompt_and_decodes_greedily(world, tiny_models, tmp_path,
@@ -391,15 +407,26 @@ def test_fuse_stage_asks_vicuna_the_left_padded_fusion_prompt_and_decodes_greedi
     fused = read_manifest(tmp_path / "fused.jsonl")
     assert [(r["llm_vec"], r["llm_vec_fallback"]) for r in fused] == expected
     assert counts["refusal_fallbacks"] == sum(fell_back for _, fell_back in expected)
+    # a tokenizer with a chat template: the template's text, whose own <s> is the only one
+    write_manifest(tmp_path / "one.jsonl", records[:1])
+    veclip.main(["--stage", "fuse", "--data", str(tmp_path / "one.jsonl"), "--out", str(tmp_path / "templated.jsonl"),
+                 "--llm", str(tiny_models / "templated_llm"), "--max-new-tokens", "1", "--device", "cpu"])
+    text = "<s>[user] " + FUSION_INSTRUCTION.format(alt_text=alts[0], vec=vecs[0]) + " [assistant]"
+    assert calls[-1]["input_ids"][0].tolist() == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert calls[-1]["input_ids"][0].tolist().count(tokenizer.bos_token_id) == 1
 
 
-def test_missing_weights_name_the_flag(world, tmp_path):
+def test_missing_weights_name_the_flag(world, tiny_models, tmp_path):
     with pytest.raises(RuntimeError, match="--llm"):
         veclip.main(["--stage", "fuse", "--data", str(world / "val.jsonl"), "--out", str(tmp_path / "x.jsonl"),
                      "--llm", str(tmp_path / "no-such-model"), "--device", "cpu"])
     with pytest.raises(RuntimeError, match="--vlm"):
         veclip.main(["--stage", "vec", "--data", str(world / "val.jsonl"), "--out", str(tmp_path / "x.jsonl"),
                      "--vlm", str(tmp_path / "no-such-model"), "--device", "cpu"])
+    # fuse before vec: the sample and the missing field are named
+    with pytest.raises(BadSampleError, match="^sample 'val-000000': no 'vec' field; run --stage vec first$"):
+        veclip.main(["--stage", "fuse", "--data", str(world / "val.jsonl"), "--out", str(tmp_path / "y.jsonl"),
+                     "--llm", str(tiny_models / "llm"), "--device", "cpu"])
 
 
 # ---- evaluation: every reference, the template ensemble, the model's device -------------------
