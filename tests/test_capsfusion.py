@@ -178,12 +178,33 @@ def test_cap_trims_only_the_raw_caption_from_its_end():
     assert prompt.startswith(OFFICIAL_INSTRUCTION) and prompt.endswith(f"\nSentence 2: {synthetic}\nNew Sentence:")
     kept = prompt.split("Sentence 1: ")[1].split("\nSentence 2:")[0]
     assert kept == " ".join(raw.split()[:256 - empty_raw])  # the raw caption's first tokens
+    # one token over: the raw caption's last token goes
+    over = " ".join(raw.split()[:257 - empty_raw])
+    assert capsfusion.fusion_prompt(tokenizer, over, synthetic, 256) == (official(over.rsplit(" ", 1)[0], synthetic), True)
     # exactly at the cap: nothing is cut (the official `ids[:-0]` would drop the whole raw caption)
     fits = " ".join(raw.split()[:256 - empty_raw])
     assert capsfusion.fusion_prompt(tokenizer, fits, synthetic, 256) == (official(fits, synthetic), False)
     # a synthetic caption that alone overflows: the raw caption goes, instruction and synthetic stay whole
     prompt, trimmed = capsfusion.fusion_prompt(tokenizer, raw, synthetic, empty_raw - 3)
     assert trimmed and prompt == official("", synthetic)
+
+
+def test_cap_keeps_the_longest_prefix_of_the_raw_tokens_that_fits(llama2):
+    """LLaMA-2's byte-fallback tokenizer: a cut inside a character decodes to U+FFFD, three byte tokens, so the
+    first cut can still overflow; the prompt is the longest prefix of the raw caption's tokens that fits, found
+    here by trying every prefix from the longest down."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llama2)
+    synthetic = "a red circle on grass."
+    for raw in ("\u00e9" * 300, "Aldora emblem " * 40 + "\u00e9\u00e8" * 40):
+        ids = tokenizer(raw, add_special_tokens=False)["input_ids"]
+        for cap in (256, 257):
+            for k in range(len(ids), -1, -1):
+                longest = official(tokenizer.decode(ids[:k], skip_special_tokens=True).strip(), synthetic)
+                if len(tokenizer(longest)["input_ids"]) <= cap:
+                    break
+            assert capsfusion.fusion_prompt(tokenizer, raw, synthetic, cap) == (longest, True)
 
 
 def test_sft_label_mask_covers_exactly_the_response():
