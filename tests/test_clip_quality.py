@@ -213,6 +213,10 @@ def test_classes_absent_from_labels_and_predictions_are_skipped_as_mmseg():
     pred = torch.tensor([[0, 1, 1, 1], [2, 0, 2, 0]])
     confusion = cq.confusion_matrix(pred, target, 4, ignore_index=255)
     assert confusion[0].tolist() == [2, 1, 1, 0] and confusion[:, 0].tolist() == [2, 0, 0, 0]  # rows = truth
+    # labels outside 0..K-1 (4, -1) are skipped like 255; the one labelled pixel added (truth 0, predicted 1) counts
+    wider = cq.confusion_matrix(torch.cat([pred, torch.tensor([[0, 0, 1, 1]])]),
+                                torch.cat([target, torch.tensor([[4, -1, 0, 255]])]), 4, ignore_index=255)
+    assert (wider - confusion).tolist() == [[0, 1, 0, 0], [0] * 4, [0] * 4, [0] * 4]
     # IoU: 2/4, 2/3, 1/2; Acc: 2/4, 2/2, 1/1; class 3 (never labelled nor predicted) does not count
     assert segmentation_of(pred, target, 4) == pytest.approx(segmentation_of(pred, target, 3))
     assert segmentation_of(pred, target, 4) == pytest.approx(
@@ -262,6 +266,8 @@ def test_probe_head_is_batchnorm_and_a_1x1_convolution_upsampled_bilinearly():
                               by_hand(head.segment)[:, :, 0, 1]) + 0.25 * (0.75 * by_hand(head.segment)[:, :, 1, 0] +
                               0.25 * by_hand(head.segment)[:, :, 1, 1]), atol=1e-5)
     assert cq.DenseProbe(4, 3, ("depth",)).segment is None and cq.DenseProbe(4, 3, ("seg",)).depth is None
+    # nothing else learns: BN's affine (2 x 4) and a 4 -> 3 + 1 map with biases
+    assert sum(p.numel() for p in head.parameters()) == 2 * 4 + (4 * 3 + 3) + (4 * 1 + 1)
 
 
 def test_probe_loss_by_hand():
@@ -440,7 +446,7 @@ def test_kernel_flag_names_the_missing_module(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "kernels.contrastive", None)
-    with pytest.raises(ImportError, match="--kernel none"):
+    with pytest.raises(ImportError, match=r"^--kernel torch needs kernels/contrastive\.py \(.*\); use --kernel none$"):
         cq.loss_function("torch")
 
 
@@ -533,12 +539,15 @@ def test_probe_plan_refuses_a_task_the_manifests_lack():
 
 
 def test_depth_probe_rmse_on_a_hand_made_case(tmp_path):
-    """Train depth 2 m everywhere; test 3 m, and 4 m with a third of the pixels invalid: RMSE = (1 + 2) / 2 m
-    (mm read, 0 skipped, per image then averaged over images; pooled over pixels it would be sqrt(2))."""
-    test_depth = np.full((2, 40, 48), 3000, np.uint16)
-    test_depth[1] = 4000
-    test_depth[1, :, :16] = 0
-    train = write_probe_manifest(tmp_path, "train", depth_mm=np.full((3, 40, 48), 2000, np.uint16))
+    """Train depth 0.5 m wherever valid (a band of 0 = invalid); test 1.5 m, and 2.5 m with half the pixels invalid:
+    RMSE = (1 + 2) / 2 m (mm read, 0 skipped in the statistics and the metric, per image then averaged over images;
+    pooled over pixels it would be about 1.41 m)."""
+    train_depth = np.full((3, 40, 48), 500, np.uint16)
+    train_depth[:, :, :12] = 0
+    test_depth = np.full((2, 40, 48), 1500, np.uint16)
+    test_depth[1] = 2500
+    test_depth[1, :, :24] = 0
+    train = write_probe_manifest(tmp_path, "train", depth_mm=train_depth)
     test = write_probe_manifest(tmp_path, "val", depth_mm=test_depth)
     row = cq.main(["probe", "--out", str(tmp_path / "run"), "--checkpoints", "random", "--model", MICRO,
                    "--probe-train-manifest", train, "--probe-test-manifest", test, *PROBE_FAST])["probe"][0]
