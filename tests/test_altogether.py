@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import altogether
+from common.clip_score import clip_s, load_clip
 from common.data import read_manifest, write_manifest
 from common.miniature import WorldConfig, ensure_world
 from tests.realarch import run_torchrun, save_hf, serve_open_clip_tag
@@ -106,15 +107,20 @@ def test_training_pairs_follow_the_stages():
 PROMPTS = ["Aldora stock photo red circle", "blue square", ""]  # full (the longest: no pads), partial, empty
 
 
-def tiny_captioner(tok, clip_dim=16):
-    from transformers import OPTConfig, OPTForCausalLM
+def tiny_captioner(tok, clip_dim=16, decoder="opt"):
+    """OPT derives positions from the attention mask when given none; GPT-2 counts every slot, pads included:
+    with GPT-2, a forward or a generate() that drops the position ids gives the real tokens other positions."""
+    from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
 
     torch.manual_seed(0)
-    decoder = OPTForCausalLM(OPTConfig(vocab_size=len(tok), hidden_size=32, word_embed_proj_dim=32, num_hidden_layers=2,
-                                       ffn_dim=64, num_attention_heads=2, max_position_embeddings=64,
-                                       pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id,
-                                       eos_token_id=tok.eos_token_id))
-    return altogether.Captioner(decoder, clip_dim, prefix_length=3, mapper_layers=1).eval()
+    ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id,
+               eos_token_id=tok.eos_token_id)
+    if decoder == "opt":
+        model = OPTForCausalLM(OPTConfig(hidden_size=32, word_embed_proj_dim=32, num_hidden_layers=2, ffn_dim=64,
+                                         num_attention_heads=2, max_position_embeddings=64, **ids))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, **ids))
+    return altogether.Captioner(model, clip_dim, prefix_length=3, mapper_layers=1).eval()
 
 
 def generated(captioner, tok, img_emb, prompts, steps=5):
@@ -126,9 +132,10 @@ def generated(captioner, tok, img_emb, prompts, steps=5):
 
 
 @torch.no_grad()
-def test_teacher_forced_logits_equal_generate_step_logits_for_full_partial_empty_and_mixed_prompts():
+@pytest.mark.parametrize("decoder", ["opt", "gpt2"])
+def test_teacher_forced_logits_equal_generate_step_logits_for_full_partial_empty_and_mixed_prompts(decoder):
     tok = tokenizer()
-    captioner = tiny_captioner(tok)
+    captioner = tiny_captioner(tok, decoder=decoder)
     img_emb = torch.nn.functional.normalize(torch.randn(3, 16), dim=-1)
     for rows in ([0], [1], [2], [0, 1, 2], [2, 1]):  # alone, and batches mixing full, partial and empty prompts
         prompts = [PROMPTS[i] for i in rows]
@@ -141,9 +148,10 @@ def test_teacher_forced_logits_equal_generate_step_logits_for_full_partial_empty
 
 
 @torch.no_grad()
-def test_batched_generation_equals_one_at_a_time():
+@pytest.mark.parametrize("decoder", ["opt", "gpt2"])
+def test_batched_generation_equals_one_at_a_time(decoder):
     tok = tokenizer()
-    captioner = tiny_captioner(tok)
+    captioner = tiny_captioner(tok, decoder=decoder)
     img_emb = torch.nn.functional.normalize(torch.randn(3, 16), dim=-1)
     tokens, step_logits = generated(captioner, tok, img_emb, PROMPTS)
     for i, prompt in enumerate(PROMPTS):
@@ -241,11 +249,16 @@ def test_pretrain_finetune_caption_and_eval_with_tiny_decoders(world, tiny_decod
     assert counts["written"] == 6
     captioned = read_manifest(out)
     assert [r["id"] for r in captioned] == [r["id"] for r in read_manifest(world / "val.jsonl")]
-    assert all(isinstance(r["altogether"], str) for r in captioned)
     assert all((out.parent / r["image"]).exists() for r in captioned)  # images re-rooted
     metrics = altogether.main(["--stage", "eval", "--data", str(out), "--score-model", MICRO, "--score-pretrained",
                                "None", "--out", str(tmp_path / "eval.json"), "--device", "cpu"])
-    assert {"CLIP-S", "CIDEr", "BLEU-4", "names kept %"} <= set(metrics["altogether"])
+    # the eval stage's CLIP-S is common.clip_score's on the written captions (an empty caption scores 0)
+    torch.manual_seed(0)  # the eval stage's random scorer
+    bundle = load_clip(MICRO, None, "cpu")
+    written = [(out.parent / r["image"], r["altogether"]) for r in captioned if r["altogether"].strip()]
+    per_sample = clip_s(bundle, *zip(*written), progress=False)["per_sample"] if written else []
+    assert metrics["altogether"]["CLIP-S"] == pytest.approx(100 * sum(per_sample) / len(captioned), abs=1e-4)
+    assert metrics["altogether"]["empty"] == len(captioned) - len(written)
     assert metrics["alt_text"]["empty"] == 0
 
 
@@ -308,13 +321,20 @@ def test_empty_alt_text_unreadable_image_and_no_alt_mode(world, finetuned, tmp_p
     rows[0]["alt_text"] = ""
     rows[1]["image"] = str(tmp_path / "missing.png")
     write_manifest(tmp_path / "in.jsonl", rows)
-    for use_alt in ("--use-alt", "--no-use-alt"):
-        out = tmp_path / f"{use_alt}.jsonl"
-        counts = altogether.main(["--stage", "caption", "--data", str(tmp_path / "in.jsonl"), "--out", str(out),
+    write_manifest(tmp_path / "blanked.jsonl", [{**r, "alt_text": ""} for r in rows])
+    captions = {}
+    for data, use_alt in (("in", "--use-alt"), ("in", "--no-use-alt"), ("blanked", "--use-alt")):
+        out = tmp_path / f"{data}{use_alt}.jsonl"
+        counts = altogether.main(["--stage", "caption", "--data", str(tmp_path / f"{data}.jsonl"), "--out", str(out),
                                   "--checkpoint", str(finetuned), "--decoding", "greedy", "--max-new-tokens", "4",
                                   "--device", "cpu", use_alt])
         assert counts["written"] == 2 and counts["unreadable_images"] == 1
         assert [r["id"] for r in read_manifest(out)] == [records[0]["id"], records[2]["id"]]
+        captions[data, use_alt] = [r["altogether"] for r in read_manifest(out)]
+    # w/o alt captions as if every alt-text were empty; the row with an alt-text gets another caption with it
+    assert captions["in", "--no-use-alt"] == captions["blanked", "--use-alt"]
+    assert captions["in", "--use-alt"][0] == captions["in", "--no-use-alt"][0]  # its alt-text is empty
+    assert captions["in", "--use-alt"][1] != captions["in", "--no-use-alt"][1]
     with pytest.raises(Exception, match="missing.png"):
         altogether.main(["--stage", "caption", "--data", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "s.jsonl"),
                          "--checkpoint", str(finetuned), "--device", "cpu", "--strict"])
