@@ -50,8 +50,17 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from common.data import (BadSampleError, ManifestError, SkipCounter, atomic_write_text, image_path,
-                         read_manifest)
+try:  # in this repository: the shared manifest reader and error types (common/data.py)
+    from common.data import (BadSampleError, ManifestError, SkipCounter, atomic_write_text, image_path,
+                             read_manifest)
+except ModuleNotFoundError:  # copied alone into another project: the scoring functions work, the command line not
+    class BadSampleError(ValueError):
+        """An image that cannot be read or decoded."""
+
+    class ManifestError(ValueError):
+        """A manifest that cannot be scored."""
+
+    read_manifest = None
 
 CLIP_S_WEIGHT = 2.5  # jmhessel/clipscore: w = 2.5
 PAC_S_WEIGHT = 2.0  # aimagelab/pacscore: w = 2.0
@@ -148,6 +157,16 @@ def tag_weights(model: str, tag: str) -> str:
                               f"{hint}", "pretrained") from err
 
 
+def _register_miniature_architectures() -> None:
+    """Register the miniature world's open_clip configs (mini-ViT-8, micro-ViT-16), when asked for one.
+
+    Done on demand, not at import, so this file works copied alone into another project (without common/)."""
+    try:
+        import common.clip_train  # noqa: F401  (its import adds the configs to open_clip)
+    except ModuleNotFoundError:
+        pass
+
+
 def load_clip(model: str, pretrained: str | None = None, device: str | None = None, precision: str = "fp32",
               pacs_checkpoint: str | None = None) -> ClipBundle:
     """Load an open_clip model for scoring.
@@ -165,8 +184,8 @@ def load_clip(model: str, pretrained: str | None = None, device: str | None = No
         from common.clip_train import MINIATURE_MODEL, ensure_miniature_scorer
 
         model, pretrained = MINIATURE_MODEL, str(ensure_miniature_scorer())
-    else:
-        import common.clip_train  # noqa: F401  (registers the miniature architectures with open_clip)
+    elif model not in open_clip.list_models():
+        _register_miniature_architectures()
     if model not in open_clip.list_models():
         raise ScorerLoadError(f"unknown open_clip architecture {model!r}; see open_clip.list_models()", "model")
     is_file = pretrained is not None and Path(pretrained).exists()
@@ -407,6 +426,9 @@ def score_manifest(args: Args, chunk_size: int = 512) -> dict:
 
     A chunk holds its images as model inputs (0.6 MB each at 224 pixels), whatever their source resolution.
     """
+    if read_manifest is None:
+        raise ManifestError("the command line reads manifests with common/data.py: copy it too (as common/data.py), "
+                            "or call load_clip() and clip_s() / ref_clip_s() / pac_s() / ref_pac_s() directly")
     records = read_manifest(args.manifest)
     metric = "pac_s" if args.pacs_checkpoint and args.metric == "clip_s" else args.metric
     if metric not in ("clip_s", "pac_s"):

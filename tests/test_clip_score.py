@@ -476,3 +476,41 @@ def test_rgba_and_palette_images_reach_the_preprocess_as_decoded(tmp_path, monke
     for source in (paths, [path.read_bytes() for path in paths], [Image.open(path) for path in paths]):
         np.testing.assert_allclose(clip_s(bundle, source, captions, progress=False)["per_sample"], expected,
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_the_file_copied_alone_into_another_project_scores_images(tmp_path, monkeypatch):
+    """common/clip_score.py copied into a fresh folder, with no common/ package importable: the library scores
+    (the tag's settings included); the command line, which reads manifests with common/data.py, says so."""
+    import importlib.util
+    import shutil
+    import sys
+
+    from common import clip_score as repo_module
+
+    project = tmp_path / "other_project"
+    project.mkdir()
+    shutil.copy(repo_module.__file__, project / "clip_score.py")
+    monkeypatch.chdir(project)
+    for name in ("common", "common.data", "common.clip_train", "common.miniature"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import common...` now fails as in another project
+    spec = importlib.util.spec_from_file_location("clip_score", project / "clip_score.py")
+    copied = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "clip_score", copied)  # as `import clip_score` would
+    spec.loader.exec_module(copied)
+
+    _, reference = serve_open_clip_tag(monkeypatch, tmp_path, "ViT-B-32", "openai", seed=SEED)
+    images = [photo(seed) for seed in (8, 9)]
+    pixels = torch.stack([tag_transform("ViT-B-32", "openai")(image) for image in images])
+    captions = positive_captions(reference, pixels)
+    expected, _ = expected_scores(reference, pixels, captions, [["x"], ["x"]], CLIP_S_WEIGHT)
+    bundle = copied.load_clip("ViT-B-32", "openai", device="cpu")
+    assert uses_quick_gelu(bundle.model)
+    np.testing.assert_allclose(copied.clip_s(bundle, images, captions, progress=False)["per_sample"], expected,
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(copied.BadSampleError, match="image file not found: missing.png"):
+        copied.clip_s(bundle, ["missing.png"], ["a caption"], progress=False)
+    with pytest.raises(copied.ScorerLoadError, match="unknown open_clip architecture 'mini-ViT-99'") as err:
+        copied.load_clip("mini-ViT-99", None, device="cpu")
+    assert err.value.argument == "model"
+    with pytest.raises(SystemExit, match="reads manifests with common/data.py"):
+        copied.main(["--manifest", "m.jsonl", "--model", "ViT-B-32", "--pretrained", "openai"])
