@@ -103,6 +103,7 @@ import torch.nn.functional as F
 import tyro
 from PIL import Image
 
+from common.claims import mean_spread, verdict
 from common.clip_train import (MINIATURE_MODEL, TrainConfig, contrastive_loss, create_clip, encode_images,
                                encode_texts, evaluate_world, preprocess_images, retrieval_metrics, save_checkpoint,
                                train_clip)
@@ -761,15 +762,14 @@ def summarise(rows: Sequence[dict], key: str, metrics: Sequence[str]) -> dict:
                     if (v := [r[m] for r in members if m in r])} for (group,), members in _groups(rows, (key,)).items()}
 
 
-def claim_line(name: str, summary: dict, metric: str, better: str) -> str:
-    """A sentence on whether DataCompDR beats DataComp on `metric` by more than the seed spread."""
-    if not {"datacomp", "datacompdr"} <= set(summary) or metric not in summary["datacomp"]:
+def claim_line(name: str, rows: Sequence[dict], metric: str, better: str) -> str:
+    """Whether DataCompDR beats DataComp on `metric` over seeds, by the one verdict rule (common.claims.verdict)."""
+    values = {regime: [r[metric] for r in group if metric in r] for (regime,), group in _groups(rows, ("regime",)).items()}
+    datacomp, datacompdr = values.get("datacomp"), values.get("datacompdr")
+    if not datacomp or not datacompdr:
         return f"- {name}: not measured (needs both regimes)."
-    (dc, dc_std, n), (dr, dr_std, _) = summary["datacomp"][metric], summary["datacompdr"][metric]
-    gain = (dr - dc) if better == "higher" else (dc - dr)
-    verdict = ("shows" if gain > max(dc_std, dr_std) else "within seed spread") if gain > 0 else "does not show"
-    verdict = verdict if n > 1 else f"{'same direction as the paper' if gain > 0 else 'does not show'}, one seed"
-    return f"- {name}: DataComp {dc:.2f} vs DataCompDR {dr:.2f} ({metric}, {n} seed(s)): {verdict}."
+    return (f"- {name}: DataComp {mean_spread(datacomp)} vs DataCompDR {mean_spread(datacompdr)} ({metric}, "
+            f"{min(len(datacomp), len(datacompdr))} seed(s)): {verdict(datacompdr, datacomp, '>' if better == 'higher' else '<')}.")
 
 
 def efficiency_line(rows: Sequence[dict]) -> str:
@@ -825,9 +825,9 @@ def write_report(out: Path, pretrain: list, probe: list, efficiency: list, atten
                            for i, h in enumerate(result["per_layer_per_head_px"]))
         lines.append(f"- {label}: {layers}")
     lines += ["", "The paper's claims, as the miniature shows them:",
-              claim_line("better captions -> higher segmentation mIoU", dense, "mIoU", "higher"),
-              claim_line("better captions -> lower depth RMSE", dense, "depth_RMSE", "lower"),
-              claim_line("(context) better captions -> zero-shot shape accuracy", pre, "zeroshot_shape", "higher"),
+              claim_line("better captions -> higher segmentation mIoU", by_regime, "mIoU", "higher"),
+              claim_line("better captions -> lower depth RMSE", by_regime, "depth_RMSE", "lower"),
+              claim_line("(context) better captions -> zero-shot shape accuracy", pretrain, "zeroshot_shape", "higher"),
               efficiency_line(efficiency), attention_line(attention)]
     if dense.get("random init", {}).get("mIoU", (-1,))[0] >= max(d.get("mIoU", (0,))[0] for d in dense.values()):
         lines.append("- caveat: the untrained encoder probes as well as the pretrained ones, so this budget does not "

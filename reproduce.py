@@ -12,10 +12,11 @@ Quality Captions) and checks each paper's claims against what the run measured:
 Writes results/claims.md (+ .json): one row per claim with the numbers (mean ± std over seeds)
 and a verdict; results/world.md (+ .json); and each paper's own tables and plots under
 results/<paper>/. Rows of papers not rerun are kept from an earlier run with the same seeds and
-world, so `--papers dico` refreshes DiCO's rows alone. A verdict compares two means against their spread over seeds: "held" when the
-difference has the claimed sign and exceeds the sum of the two standard deviations, "reversed"
-when it has the opposite sign by as much, "within seed spread" otherwise (with one seed there is
-no spread: the sign decides, and the verdict says "1 seed").
+world, so `--papers dico` refreshes DiCO's rows alone. A verdict compares two means against their
+spread over seeds, by the one rule in common/claims.py (`verdict`): "held" when the difference has
+the claimed sign and exceeds the sum of the two standard deviations, "reversed" when it has the
+opposite sign by as much, "within seed spread" otherwise (with one seed there is no spread: the
+sign decides, and the verdict says "1 seed").
 
 The miniature world is a controlled experiment, not the papers' data: a claim that holds here has
 been shown possible under controlled conditions; one that does not is a finding to explain (each
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 import tyro
 
+from common.claims import Relation, mean_spread, verdict
 from common.clip_score import load_clip, ref_clip_s
 from common.clip_train import MINIATURE_MODEL, SCORER_TRAINING, TrainConfig, ensure_miniature_scorer
 from common.data import atomic_write_text, image_path, read_manifest
@@ -99,11 +101,6 @@ def score_variants(seed: int, args: Args) -> dict:
             "world_statistics": world_statistics(read_manifest(folder / "train.jsonl"))}
 
 
-def mean_spread(values: list[float], digits: int = 2) -> str:
-    text = f"{np.mean(values):.{digits}f}"
-    return text if len(values) == 1 else f"{text} ± {np.std(values):.{digits}f}"
-
-
 def world_markdown(runs: list[dict]) -> str:
     """The world as Markdown tables: the scorer's quality, then one row per caption variant."""
     n = len(runs)
@@ -129,27 +126,8 @@ def world_markdown(runs: list[dict]) -> str:
 # =============================================================================================
 
 
-def verdict(a: list[float], b: list[float], claim: Literal[">", "<", ">="]) -> str:
-    """Whether mean(a) claim mean(b) holds, judged against the seeds' spread (see the module docstring).
-
-    `>=` ("a is not worse than b") holds unless a falls below b by more than the spread.
-    """
-    difference = float(np.mean(a) - np.mean(b))
-    if claim == "<":
-        difference = -difference
-    spread = float(np.std(a) + np.std(b))
-    one_seed = " (1 seed)" if min(len(a), len(b)) == 1 else ""
-    if claim == ">=":
-        return ("held" if difference >= -spread else "reversed") + one_seed
-    if difference > spread:
-        return "held" + one_seed
-    if difference < -spread:
-        return "reversed" + one_seed
-    return "within seed spread"
-
-
 def claim_row(claim: str, metric: str, a_name: str, a: list[float], b_name: str, b: list[float],
-              relation: Literal[">", "<", ">="], digits: int = 2) -> dict:
+              relation: Relation, digits: int = 2) -> dict:
     """One row of the claims table: the claim, what was compared, both numbers and the verdict."""
     return {"claim": claim, "measured": f"{metric}: {a_name} {mean_spread(a, digits)} vs {b_name} {mean_spread(b, digits)}",
             "verdict": verdict(a, b, relation), "a": a, "b": b}

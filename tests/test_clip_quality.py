@@ -403,14 +403,17 @@ def test_miniature_stage_writes_the_report(tmp_path):
 def test_report_lines_judge_the_claims_by_hand():
     """Claim lines: DataCompDR beats DataComp by more than the seed spread; the smallest DataCompDR subset reaching
     DataComp's largest-subset mIoU (mean over seeds); a last-layer attention gap of at least 1 px (heads averaged)."""
-    summary = {"datacomp": {"mIoU": (20.0, 1.0, 3)}, "datacompdr": {"mIoU": (21.5, 0.5, 3)}}
-    assert cq.claim_line("seg", summary, "mIoU", "higher").endswith("(mIoU, 3 seed(s)): shows.")
-    assert cq.claim_line("seg", summary, "mIoU", "lower").endswith(": does not show.")
-    summary["datacompdr"]["mIoU"] = (20.8, 0.5, 3)
-    assert cq.claim_line("seg", summary, "mIoU", "higher").endswith(": within seed spread.")
-    summary = {k: {"mIoU": (v[0], v[1], 1)} for k, v in summary.items() for v in [v["mIoU"]]}
-    assert cq.claim_line("seg", summary, "mIoU", "higher").endswith(": same direction as the paper, one seed.")
-    assert "not measured" in cq.claim_line("seg", {"datacomp": summary["datacomp"]}, "mIoU", "higher")
+    def runs(datacomp, datacompdr):
+        return [{"regime": regime, "mIoU": value, "seed": seed} for regime, values in
+                [("datacomp", datacomp), ("datacompdr", datacompdr), ("random init", [99.0])]
+                for seed, value in enumerate(values)]
+    # common.claims.verdict: held when the gain exceeds the sum of the two stds (here 0.82 + 0.41 = 1.22)
+    assert cq.claim_line("seg", runs([19, 20, 21], [21, 21.5, 22]), "mIoU", "higher") == (
+        "- seg: DataComp 20.00 ± 0.82 vs DataCompDR 21.50 ± 0.41 (mIoU, 3 seed(s)): held.")
+    assert cq.claim_line("seg", runs([19, 20, 21], [21, 21.5, 22]), "mIoU", "lower").endswith(": reversed.")
+    assert cq.claim_line("seg", runs([19, 20, 21], [20.5, 21, 21.5]), "mIoU", "higher").endswith(": within seed spread.")
+    assert cq.claim_line("seg", runs([20], [20.5]), "mIoU", "higher").endswith("(mIoU, 1 seed(s)): held (1 seed).")
+    assert "not measured" in cq.claim_line("seg", runs([20], []), "mIoU", "higher")
 
     rows = [{"regime": regime, "train_images": n, "mIoU": miou, "seed": seed}
             for regime, n, mious in [("datacomp", 100, (9, 11)), ("datacomp", 1000, (19, 21)),

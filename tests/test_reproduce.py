@@ -5,6 +5,7 @@ import json
 import pytest
 
 import reproduce
+from common.claims import verdict
 from common.clip_train import TrainConfig, ensure_miniature_scorer
 from common.miniature import WorldConfig
 
@@ -13,12 +14,12 @@ SCORER = ["--scorer.steps", "3", "--scorer.batch-size", "16", "--scorer.warmup",
 
 
 def test_verdicts_against_the_seed_spread():
-    assert reproduce.verdict([3.0, 5.0], [1.0, 1.0], ">") == "held"  # difference 3 > spread 1
-    assert reproduce.verdict([2.0, 4.0], [1.0, 3.0], ">") == "within seed spread"  # 1 < 1 + 1
-    assert reproduce.verdict([1.0, 1.0], [3.0, 5.0], ">") == "reversed"
-    assert reproduce.verdict([0.5], [0.7], "<") == "held (1 seed)"
-    assert reproduce.verdict([0.9], [1.0], ">=") == "reversed (1 seed)"
-    assert reproduce.verdict([9.0, 11.0], [10.5, 11.5], ">=") == "held"  # -1 >= -(1 + 0.5)
+    assert verdict([3.0, 5.0], [1.0, 1.0], ">") == "held"  # difference 3 > spread 1
+    assert verdict([2.0, 4.0], [1.0, 3.0], ">") == "within seed spread"  # 1 < 1 + 1
+    assert verdict([1.0, 1.0], [3.0, 5.0], ">") == "reversed"
+    assert verdict([0.5], [0.7], "<") == "held (1 seed)"
+    assert verdict([0.9], [1.0], ">=") == "reversed (1 seed)"
+    assert verdict([9.0, 11.0], [10.5, 11.5], ">=") == "held"  # -1 >= -(1 + 0.5)
 
 
 def test_world_arguments_and_paper_arguments():
