@@ -10,7 +10,7 @@ that keeps the alt-text's concrete concepts, drops what the image does not show 
 does. Humans re-aligned alt-texts over rounds to make the fine-tuning targets; the alt-text prompt
 is dropped half of the time in training, so one model captions with and without alt-text.
 
-Implements (each a `--stage`):
+Implements (each a stage, the first argument):
   1. the captioner: v = normalize(E_img(x)) (frozen); V = Mapper(v), M visual tokens: Linear to
      M x d, M learned prefix tokens appended, a Transformer, its last M outputs     (`MappingNetwork`)
   2. the sequence [V][alt prompt, <= 128 tokens][caption + EOS], left pads in front of V,
@@ -64,41 +64,22 @@ Deviations from the paper:
      right name token the same with and without the prompt); at 3000 stage-2 steps copying appears.
 
 Commands:
-  CPU, miniature world (both stages, re-caption the test split with and without alt-text; about
-  5 min a seed on 2 shared cores, 3 seeds 14 min):
-    python altogether.py                                # = --stage miniature --seeds 1
-    python altogether.py --stage miniature --seeds 3 --out runs/altogether_miniature
+  CPU, miniature world (both stages, re-caption the test split with and without alt-text; its
+  timings are in docs/altogether.md):
+    python altogether.py                                # = python altogether.py miniature --seeds 1
+    python altogether.py miniature --seeds 3 --out runs/altogether_miniature
   Real run (manifests with `image`, `alt_text` (a string or a list), stage 2 also `round3`):
-    torchrun --nproc-per-node 8 altogether.py --stage pretrain --data alt_pairs.jsonl --out runs/ag
-    torchrun --nproc-per-node 8 altogether.py --stage finetune --data altogether_ft.jsonl --out runs/ag \
+    torchrun --nproc-per-node 8 altogether.py pretrain --data alt_pairs.jsonl --out runs/ag
+    torchrun --nproc-per-node 8 altogether.py finetune --data altogether_ft.jsonl --out runs/ag \
         --checkpoint runs/ag/pretrain.pt --target-field round3
-    torchrun --nproc-per-node 8 altogether.py --stage caption --checkpoint runs/ag/finetune.pt \
+    torchrun --nproc-per-node 8 altogether.py caption --checkpoint runs/ag/finetune.pt \
         --data metaclip_shard.jsonl --out metaclip_shard.altogether.jsonl
-    python altogether.py --stage eval --data metaclip_shard.altogether.jsonl --out runs/ag/eval.json
-  then e.g. `python veclip.py --stage train --data metaclip_shard.altogether.jsonl --llm-vec-field
+    python altogether.py eval --data metaclip_shard.altogether.jsonl --out runs/ag/eval.json
+  then e.g. `python veclip.py train --data metaclip_shard.altogether.jsonl --llm-vec-field
   altogether --p-alt 0.85` mixes 15% re-aligned captions into CLIP training, the paper's ratio.
 
-Measured, miniature world: `python altogether.py --stage miniature --seeds 3`, 500 + 3000 steps of
-batch 32 per seed, 1000 test images, sampling T = 0.2 / top-p 0.7, mean ± std over seeds 0-2;
-14.2 min wall for the 3 seeds (OMP_NUM_THREADS=1) on 2 CPU cores shared with two other jobs
-(load average 4-5), so about 4.7 min per seed there; less on idle cores. CLIP-S x 100 by the
-world's scorer, CIDEr / BLEU-4 x 100 against the one ground-truth reference:
-    captions                   CLIP-S        CIDEr         BLEU-4     names kept %  hallucinated/caption
-    alt-text (input)            81.9          22.2           0.0          74.1          0.3
-    Altogether w/ alt          180.5 ± 0.6   487.4 ± 36.8   64.8 ± 2.5   48.3 ± 4.1    1.1 ± 0.2
-    Altogether w/o alt         178.9 ± 5.7   295.1 ± 22.6   51.2 ± 3.0   19.0 ± 1.6    1.3 ± 0.1
-    synthetic caption (world)  134.3         120.1          19.6           0.0          0.3
-    ground truth               181.6        1000.0         100.0         100.0          0.0
-What shows: re-aligned captions reach the ground truth's CLIP-S (the alt-text has less than half
-of it) and, with the alt-text, keep names the image alone does not tell: 48% with alt against 19%
-without on the same model, the w/o-alt level being what the frozen embedding carries (the
-scorer's zero-shot entity accuracy is 18%). The alt-text also raises CIDEr by 190 points. What
-does not show: fewer hallucinations than the alt-text. The captioner states every colour and shape
-and, when no name is copied, guesses one, while the alt-text drops half of its attribute words
-and has nothing to get wrong there; 1.1 wrong words per caption against 0.3. And the captioner
-keeps about two thirds of the names the alt-text has (48 of 74%). Copying names from the prompt
-appears late (deviation 7), so the spread over seeds is wide (names kept 45-54%). The world is a
-controlled caricature, not evidence about the paper's data or its effect sizes.
+Results (the miniature world's table, what it shows and what it does not, with the command and
+device): docs/altogether.md.
 """
 
 from __future__ import annotations
@@ -137,7 +118,7 @@ STAGES = {"pretrain": 1, "finetune": 2}
 class Args:
     """Altogether stages: pretrain, finetune, caption, eval over manifests; miniature runs it all on the miniature world."""
 
-    stage: Literal["miniature", "pretrain", "finetune", "caption", "eval"] = "miniature"
+    stage: tyro.conf.Positional[Literal["miniature", "pretrain", "finetune", "caption", "eval"]] = "miniature"
     """what to run"""
     data: str | None = None
     """input manifest (JSONL, see common/data.py)"""
@@ -575,7 +556,7 @@ def usable_for_training(records: list[dict], readable: torch.Tensor, stage: str,
 def stage_train(args: Args, stage: str) -> dict:
     """pretrain / finetune on --data: embeds the images once, trains, writes <out>/<stage>.pt."""
     if args.data is None:
-        raise ValueError(f"--stage {stage} needs --data (a manifest)")
+        raise ValueError(f"the {stage} stage needs --data (a manifest)")
     records = read_manifest(args.data)
     args = dataclasses.replace(args, device=init_distributed(args.device)[2])  # each rank's encoder on its own GPU
     encoder = load_encoder(args)
@@ -584,7 +565,7 @@ def stage_train(args: Args, stage: str) -> dict:
     if args.checkpoint is not None:
         captioner, tokenizer = captioner_from_checkpoint(load_checkpoint(args.checkpoint))
     elif stage == "finetune":
-        raise ValueError("--stage finetune starts from stage 1: pass --checkpoint <out>/pretrain.pt")
+        raise ValueError("the finetune stage starts from stage 1: pass --checkpoint <out>/pretrain.pt")
     else:
         texts = [t for r in records for t in alt_texts_of(r, args.alt_field)] + [str(r.get(args.target_field) or "")
                                                                                  for r in records]
@@ -639,7 +620,7 @@ def caption_records(args: Args, records: list[dict], captioner: Captioner, token
 
 def stage_caption(args: Args) -> dict:
     if args.data is None:
-        raise ValueError("--stage caption needs --data (the manifest to caption)")
+        raise ValueError("the caption stage needs --data (the manifest to caption)")
     payload = load_checkpoint(args.checkpoint)
     captioner, tokenizer = captioner_from_checkpoint(payload)
     args = dataclasses.replace(args, device=init_distributed(args.device)[2])  # each rank's encoder on its own GPU
@@ -690,7 +671,7 @@ def load_scorer(args: Args):
 def stage_eval(args: Args) -> dict:
     """Score each of --eval-fields of --data; writes --out as JSON."""
     if args.data is None:
-        raise ValueError("--stage eval needs --data (a captioned manifest)")
+        raise ValueError("the eval stage needs --data (a captioned manifest)")
     records = read_manifest(args.data)
     scorer = load_scorer(args)
     img_emb, readable = embed_records(scorer, records, args.strict)
@@ -797,7 +778,7 @@ def resolve(args: Args) -> Args:
 
 
 def main(argv=None) -> dict:
-    """Run the stage named by --stage; return its log (train), counts (caption) or metrics (eval, miniature)."""
+    """Run the stage named by the first argument; return its log (train), counts (caption) or metrics (eval, miniature)."""
     args = resolve(tyro.cli(Args, args=argv))
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)

@@ -11,7 +11,7 @@ CapsFusion asks an instruction LLM (ChatGPT) to merge the two captions of each i
 keeping sentence 1's real-world knowledge in sentence 2's structure; it then distils that into an
 open LLM, CapsFus-LLaMA (LLaMA-2-13B fine-tuned on ChatGPT's triplets), which fuses at scale.
 
-Implements (stages over manifests, each `--stage`):
+Implements (stages over manifests, each named by the first argument):
   1. `caption` (method: caption generation)  s_i = captioner(image_i)             -> `synthetic_caption`
   2. `fuse`    (caption fusion; official inference) f_i = LLM(PROMPT(r_i, s_i)); |PROMPT| <= 256 tokens by
                            cutting r_i's tokens from its end; beam search, 3 beams, <= 80 new tokens -> `fused`
@@ -66,22 +66,22 @@ Deviations from the paper:
 Commands:
   CPU, miniature world (timings in docs/capsfusion.md; scaling's 20 CLIP trainings dominate, and
   --sizes and --clip-batch-size are the knobs that shorten it):
-    python capsfusion.py                        # = python capsfusion.py --stage miniature --seed 0 --seeds 1
+    python capsfusion.py                        # = python capsfusion.py miniature --seed 0 --seeds 1
     python capsfusion.py --seeds 3 --out runs/capsfusion_miniature
     OMP_NUM_THREADS=1 python capsfusion.py --seed 1 --seeds 1 --out runs/cf_s1   # one process per seed
   Real run (manifests with `image` + `alt_text`; triplets with the teacher's `fused`, no image needed):
-    torchrun --nproc-per-node 8 capsfusion.py --stage caption --data laion.jsonl --out laion.syn.jsonl
-    torchrun --nproc-per-node 8 capsfusion.py --stage sft --data chatgpt_triplets.jsonl --out runs/capsfus \
+    torchrun --nproc-per-node 8 capsfusion.py caption --data laion.jsonl --out laion.syn.jsonl
+    torchrun --nproc-per-node 8 capsfusion.py sft --data chatgpt_triplets.jsonl --out runs/capsfus \
         --base-model meta-llama/Llama-2-13b-hf --lora --micro-batch-size 4 --grad-checkpointing
-    torchrun --nproc-per-node 8 capsfusion.py --stage fuse --data laion.syn.jsonl --out laion.fused.jsonl \
+    torchrun --nproc-per-node 8 capsfusion.py fuse --data laion.syn.jsonl --out laion.fused.jsonl \
         --llm runs/capsfus/fuser              # or the released BAAI/CapsFus-LLaMA (the default)
-    python capsfusion.py --stage fuse --data heldout_triplets.jsonl --out heldout.jsonl --out-field capsfus
-    python capsfusion.py --stage eval --data heldout.jsonl --out runs/eval --out-field capsfus
+    python capsfusion.py fuse --data heldout_triplets.jsonl --out heldout.jsonl --out-field capsfus
+    python capsfusion.py eval --data heldout.jsonl --out runs/eval --out-field capsfus
     python -m common.clip_train --train-manifest laion.fused.jsonl --test-manifest coco_test.jsonl --text-field fused
 
 Results: docs/capsfusion.md. Its miniature tables predate the text-only teacher and the scaling arm
-trained on the fuser's output (they were measured with a teacher that read the scene labels and a
-`fused` arm trained on that teacher's captions); a re-run is pending. The world is a controlled
+trained on the fuser's output (they came from a teacher that read the scene labels and a `fused`
+arm trained on that teacher's captions); a re-run is pending. The world is a controlled
 caricature (template captions, a template teacher, a 0.36M-parameter student, a 5M-parameter CLIP
 far from convergence), not evidence about the paper's data or effects.
 """
@@ -131,7 +131,7 @@ IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
 class Args:
     """CapsFusion stages: caption, fuse, sft, eval, scaling over manifests; miniature runs them on the miniature world."""
 
-    stage: Literal["miniature", "caption", "fuse", "sft", "eval", "scaling"] = "miniature"
+    stage: tyro.conf.Positional[Literal["miniature", "caption", "fuse", "sft", "eval", "scaling"]] = "miniature"
     """what to run"""
     data: str | None = None
     """input manifest (JSONL, see common/data.py)"""
@@ -805,14 +805,14 @@ def run_miniature(args: Args) -> dict:
 
 
 def main(argv=None) -> dict:
-    """Run the stage named by --stage; return its metrics (sft/eval/scaling/miniature) or counts (caption/fuse)."""
+    """Run the stage named by the first argument; return its metrics (sft/eval/scaling/miniature) or counts (caption/fuse)."""
     args = tyro.cli(Args, args=argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     if args.stage == "miniature":
         return run_miniature(args)
     if args.data is None:
-        raise ValueError(f"--stage {args.stage} needs --data (an input manifest)")
+        raise ValueError(f"the {args.stage} stage needs --data (an input manifest)")
     # fusion is text only: sft, fuse and eval read triplet files without images
     records = read_manifest(args.data, required=("id", "image") if args.stage in ("caption", "scaling") else ("id",))
     if args.stage == "caption":
@@ -824,7 +824,7 @@ def main(argv=None) -> dict:
     if args.stage == "eval":
         return stage_eval(args, records)
     if args.scaling_data is None:
-        raise ValueError("--stage scaling needs --scaling-data (the evaluation manifest)")
+        raise ValueError("the scaling stage needs --scaling-data (the evaluation manifest)")
     result = stage_scaling(args, records, read_manifest(args.scaling_data))
     atomic_write_text(Path(args.out) / "scaling.json", json.dumps(result, indent=2))
     plot_scaling([result], Path(args.out) / "scaling.png")

@@ -72,11 +72,10 @@ Deviations from the paper:
      (Hugging Face CLIPVisionTransformer's last_hidden_state); the unreadable images of a job are
      logged, counted, skipped and reported at the end (--strict stops at the first).
 
-Miniature run (CPU; XE, then DiCO and SCST from the same XE checkpoint, then eval; about 10 min a
-seed on 2 shared cores, single-threaded). Its results, and why the paper's claims do not show in
-the miniature world, are in docs/dico.md:
+Miniature run (CPU; XE, then DiCO and SCST from the same XE checkpoint, then eval). Its results and
+timings, and why the paper's claims do not show in the miniature world, are in docs/dico.md:
     python dico.py                                  # = python dico.py miniature
-    python dico.py miniature --n-seeds 3            # the table over seeds 0, 1, 2
+    python dico.py miniature --seeds 3            # the table over seeds 0, 1, 2
 Real run (COCO Karpathy splits, ViT-L/14 encoder, PAC-S ViT-B/32 evaluator by path, 8 GPUs; the
 batch sizes are global, so any number of GPUs trains on the same batches):
     C="--coco-karpathy data/dataset_coco.json --coco-images data/coco --out runs/coco \
@@ -132,8 +131,8 @@ class Args:
     """output folder: <out>/xe, <out>/dico, <out>/scst, <out>/eval"""
     seed: int = 0
     """seed of initialisation, batch order and dropout"""
-    n_seeds: int = 1
-    """miniature stage: repeat the whole experiment for seeds seed .. seed + n_seeds - 1"""
+    seeds: int = 1
+    """miniature stage: repeat the whole experiment for seeds seed .. seed + seeds - 1"""
     # --- data -------------------------------------------------------------------------------
     coco_karpathy: Optional[str] = None
     """Karpathy split JSON (dataset_coco.json); with --coco-images, the real run's data"""
@@ -1002,7 +1001,7 @@ def run_eval(args: Args, checkpoints: list[str], out: Path) -> dict:
 def run_miniature(args: Args) -> dict:
     """XE, then DiCO and SCST from the same XE checkpoint with the same budget, then eval; per seed."""
     started, per_seed = time.time(), {}
-    for seed in range(args.seed, args.seed + args.n_seeds):
+    for seed in range(args.seed, args.seed + args.seeds):
         seed_args = dataclasses.replace(args, seed=seed, out=str(Path(args.out) / f"seed{seed}"))
         train(seed_args, "xe")
         xe_best = str(Path(seed_args.out) / "xe" / "best.pt")

@@ -251,13 +251,9 @@ def clip_quality_claims(result: dict) -> list[dict]:
     return rows
 
 
-def run_arguments(paper: str, seeds: int, out: Path) -> list[str]:
-    """The command-line arguments of a paper's default miniature run, with the seeds and output folder."""
-    if paper == "dico":
-        return ["miniature", "--n-seeds", str(seeds), "--out", str(out)]
-    if paper == "clip_quality":
-        return ["miniature", "--seeds", *map(str, range(seeds)), "--out", str(out)]
-    return ["--stage", "miniature", "--seeds", str(seeds), "--out", str(out)]
+def run_arguments(seeds: int, out: Path) -> list[str]:
+    """The command-line arguments of a paper's default miniature run (the same for every paper file)."""
+    return ["miniature", "--seeds", str(seeds), "--out", str(out)]
 
 
 CLAIMS: dict[str, Callable[[dict], list[dict]]] = {
@@ -289,7 +285,7 @@ def extra_arguments(paper_args: tuple[str, ...]) -> dict[str, list[str]]:
 def run_paper(paper: str, args: Args, extra: list[str]) -> dict:
     """Import the paper file, run its miniature run into OUT/<paper>, return its results and its claims."""
     out = Path(args.out) / paper
-    argv = run_arguments(paper, args.seeds, out) + world_arguments(args.world) + extra
+    argv = run_arguments(args.seeds, out) + world_arguments(args.world) + extra
     if args.reuse and (out / "results.json").exists():
         print(f"===== {paper}: judging {out / 'results.json'} (--reuse; not run again)", flush=True)
         result = json.loads((out / "results.json").read_text())

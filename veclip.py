@@ -10,7 +10,7 @@ the VeC into one caption (LLM-VeC), and trains CLIP on a mix: each time a sample
 carries its alt-text or its LLM-VeC with equal probability, so the model sees both the
 alt-text's knowledge and the rewrite's visual concepts, and the variety of two caption styles.
 
-Implements (stages over manifests, each `--stage`):
+Implements (stages over manifests, each named by the first argument):
   1. `vec`    (Sec. 3.2)  x_v = VLM(image, VEC_PROMPT)                        -> field `vec`
   2. `fuse`   (Sec. 3.3)  x_l = LLM(FUSION_PROMPT(x_alt, x_v))                -> field `llm_vec`
                           x_alt cut from its end until the prompt fits, x_v always whole; x_l is the
@@ -51,37 +51,20 @@ Deviations from the paper:
      `fused` for Vicuna's LLM-VeC (a template fusion, not an LLM): no VLM or LLM runs there.
 
 Commands:
-  CPU, miniature world (about 6 minutes on 2 idle cores; 3 seeds is 3x that):
-    python veclip.py                         # = python veclip.py --stage miniature --seeds 1
-    python veclip.py --stage miniature --seeds 3 --out runs/veclip_miniature
+  CPU, miniature world (its timings are in docs/veclip.md):
+    python veclip.py                         # = python veclip.py miniature --seeds 1
+    python veclip.py miniature --seeds 3 --out runs/veclip_miniature
   Real run (manifests with `image` + `alt_text`, e.g. from webdataset shards via common/data.py):
-    torchrun --nproc-per-node 8 veclip.py --stage vec  --data cc3m.jsonl --out cc3m.vec.jsonl
-    torchrun --nproc-per-node 8 veclip.py --stage fuse --data cc3m.vec.jsonl --out cc3m.llmvec.jsonl
-    torchrun --nproc-per-node 8 veclip.py --stage train --data cc3m.llmvec.jsonl --out runs/veclip_b16 \
+    torchrun --nproc-per-node 8 veclip.py vec  --data cc3m.jsonl --out cc3m.vec.jsonl
+    torchrun --nproc-per-node 8 veclip.py fuse --data cc3m.vec.jsonl --out cc3m.llmvec.jsonl
+    torchrun --nproc-per-node 8 veclip.py train --data cc3m.llmvec.jsonl --out runs/veclip_b16 \
         --model ViT-B-16 --batch-size 8192 --steps 30000 --lr 5e-4 --weight-decay 0.2 --warmup 2000 \
         --checkpoint-every 1000 --workers 8 --eval-data coco_karpathy_test.jsonl
-    python veclip.py --stage eval --checkpoint runs/veclip_b16/checkpoint.pt --eval-data coco_test.jsonl
-    python veclip.py --stage eval --model ViT-B-16 --pretrained openai --eval-data coco_test.jsonl --out runs/openai_b16
+    python veclip.py eval --checkpoint runs/veclip_b16/checkpoint.pt --eval-data coco_test.jsonl
+    python veclip.py eval --model ViT-B-16 --pretrained openai --eval-data coco_test.jsonl --out runs/openai_b16
 
-What the miniature run shows and what it cannot. The world's alt-text keeps emblem names but drops
-half the attribute words and is off-topic 15% of the time; its synthetic caption (VeC) has every
-attribute (20% hallucinated) and no names; its fusion (LLM-VeC) has both. Measured, seed 0, 150
-steps of batch 256 per condition (600 steps, 0.5 s each on 2 idle cores; 22 min on a shared one),
-before retrieval used every reference (the world has one per image, so both protocols score the same):
-    captions         I->T R@1  T->I R@1  I->T R@5  zero-shot attributes  zero-shot entity (chance 8.3)
-    AltText               0.9       0.7       4.4                  44.7               7.5
-    VeC                   8.9       6.2      34.5                  55.9               9.3
-    LLM-VeC              18.6      18.4      55.6                  54.6               9.1
-    AltText+LLM-VeC mix   6.7       8.1      27.2                  53.0              11.1
-It shows the paper's first claim: rewritten captions beat alt-text by far on retrieval and
-attributes. It does not show the second, that the mix keeps LLM-VeC's retrieval gain and adds
-zero-shot accuracy: here the mix halves retrieval and ties on zero-shot, because the world's
-template fusion already carries every name of the alt-text, so alt-text draws only add noise;
-the paper's mix helps through knowledge and style diversity that its LLM drops and this world has
-no counterpart of. No condition learns the emblem names in 150 steps (entity near chance), so the
-named-entity question stays open at this size. One seed: differences of a point or two are noise.
-The world is a controlled caricature (templates, independent noise, a 5M-parameter CLIP far from
-convergence), not evidence about the paper's data or its effect sizes.
+Results (the miniature world's tables, what they show and what they cannot, each with its command
+and device): docs/veclip.md.
 """
 
 from __future__ import annotations
@@ -141,7 +124,7 @@ MIX_STREAM = 7  # seeds the mixing draws apart from the data order
 class Args:
     """VeCLIP stages: vec, fuse, train, eval over manifests; miniature runs the comparison on the miniature world."""
 
-    stage: Literal["miniature", "vec", "fuse", "train", "eval"] = "miniature"
+    stage: tyro.conf.Positional[Literal["miniature", "vec", "fuse", "train", "eval"]] = "miniature"
     """what to run"""
     data: str | None = None
     """input manifest of vec, fuse and train (JSONL, see common/data.py)"""
@@ -390,7 +373,7 @@ def stage_fuse(args: Args, records: list[dict]) -> dict:
         prompts = []
         for record in batch:
             if args.vec_field not in record:
-                raise BadSampleError(f"sample {record['id']!r}: no {args.vec_field!r} field; run --stage vec first")
+                raise BadSampleError(f"sample {record['id']!r}: no {args.vec_field!r} field; run the vec stage first")
             prompt, truncated = fusion_prompt(tokenizer, str(record.get(args.alt_field) or ""),
                                               record[args.vec_field], args.max_prompt_tokens)
             prompts.append(prompt)
@@ -622,7 +605,7 @@ def load_checkpoint(path: Path) -> tuple:
 def stage_eval(args: Args) -> dict:
     """Evaluate out/checkpoint.pt (or --checkpoint, or --pretrained) on --eval-data."""
     if args.eval_data is None:
-        raise ValueError("--stage eval needs --eval-data (a manifest)")
+        raise ValueError("the eval stage needs --eval-data (a manifest)")
     path = Path(args.checkpoint or Path(args.out) / "checkpoint.pt")
     if args.pretrained is not None:
         model, preprocess, tokenizer = build_clip(args)
@@ -695,7 +678,7 @@ def run_miniature(args: Args) -> dict:
 
 
 def main(argv=None) -> dict:
-    """Run the stage named by --stage; return its metrics (train/eval/miniature) or counts (vec/fuse)."""
+    """Run the stage named by the first argument; return its metrics (train/eval/miniature) or counts (vec/fuse)."""
     args = tyro.cli(Args, args=argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
@@ -706,7 +689,7 @@ def main(argv=None) -> dict:
     if args.stage == "eval":
         return stage_eval(args)
     if args.data is None:
-        raise ValueError(f"--stage {args.stage} needs --data (an input manifest)")
+        raise ValueError(f"the {args.stage} stage needs --data (an input manifest)")
     records = read_manifest(args.data)
     if args.stage == "vec":
         return stage_vec(args, records)

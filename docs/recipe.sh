@@ -24,22 +24,22 @@ python -m common.miniature --out "$OUT/world"
 
 # 1. Altogether re-aligns each image's alt-text with the image: new field `altogether`.
 for split in train test; do
-  python altogether.py --stage caption --checkpoint "$ALTOGETHER" --data "$OUT/world/$split.jsonl" \
+  python altogether.py caption --checkpoint "$ALTOGETHER" --data "$OUT/world/$split.jsonl" \
       --out "$OUT/$split.altogether.jsonl"
 done
 
-python altogether.py --stage eval --data "$OUT/test.altogether.jsonl" --out "$OUT/altogether_eval.json" \
+python altogether.py eval --data "$OUT/test.altogether.jsonl" --out "$OUT/altogether_eval.json" \
     --score-model miniature
 
 # 2. The CapsFusion fuser merges the re-aligned caption (its "raw" sentence) with the synthetic caption: `capsfus`.
 for split in train test; do
-  python capsfusion.py --stage fuse --llm "$FUSER" --data "$OUT/$split.altogether.jsonl" \
+  python capsfusion.py fuse --llm "$FUSER" --data "$OUT/$split.altogether.jsonl" \
       --out "$OUT/$split.capsfus.jsonl" --raw-field altogether --synthetic-field synthetic_caption --out-field capsfus
 done
-python capsfusion.py --stage eval --data "$OUT/test.capsfus.jsonl" --out "$OUT/fusion_eval" --out-field capsfus
+python capsfusion.py eval --data "$OUT/test.capsfus.jsonl" --out "$OUT/fusion_eval" --out-field capsfus
 
 # 3. VeCLIP-style mixed training on alt-text and the chained caption (p = 0.5), evaluated on the test split.
-python veclip.py --stage train --data "$OUT/train.capsfus.jsonl" --llm-vec-field capsfus \
+python veclip.py train --data "$OUT/train.capsfus.jsonl" --llm-vec-field capsfus \
     --eval-data "$OUT/world/test.jsonl" --out "$OUT/veclip"
 
 # 4. The quality-caption probes on that CLIP's image encoder (and an untrained one as the floor).

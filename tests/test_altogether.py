@@ -180,7 +180,7 @@ def test_the_paper_settings_are_the_defaults():
 
 def test_a_step_trains_mapper_and_decoder_but_not_the_clip_encoder(world, tmp_path):
     args = altogether.resolve(altogether.tyro.cli(altogether.Args, args=SMALL + [
-        "--stage", "pretrain", "--decoder", "tiny-opt", "--out", str(tmp_path), "--pretrain-steps", "1"]))
+        "pretrain", "--decoder", "tiny-opt", "--out", str(tmp_path), "--pretrain-steps", "1"]))
     records = read_manifest(world / "train.jsonl")
     encoder = altogether.load_encoder(args)
     clip_before = {k: v.clone() for k, v in encoder.model.state_dict().items()}
@@ -205,7 +205,7 @@ def test_a_step_trains_mapper_and_decoder_but_not_the_clip_encoder(world, tmp_pa
 def test_nan_loss_stops_with_the_step(world, tmp_path, monkeypatch):
     monkeypatch.setattr(altogether, "caption_loss", lambda logits, labels: {"loss": torch.tensor(float("nan"))})
     with pytest.raises(FloatingPointError, match="at step 0"):
-        altogether.main(SMALL + ["--stage", "pretrain", "--decoder", "tiny-opt", "--data", str(world / "train.jsonl"),
+        altogether.main(SMALL + ["pretrain", "--decoder", "tiny-opt", "--data", str(world / "train.jsonl"),
                                  "--out", str(tmp_path), "--pretrain-steps", "2"])
     assert not (tmp_path / "pretrain.pt").exists()
 
@@ -236,21 +236,21 @@ def tiny_decoders(tmp_path_factory, world):
 @pytest.mark.parametrize("name,decoding", [("opt", "sample"), ("gpt2", "beam")])
 def test_pretrain_finetune_caption_and_eval_with_tiny_decoders(world, tiny_decoders, tmp_path, name, decoding):
     train = ["--data", str(world / "train.jsonl"), "--out", str(tmp_path)]
-    log = altogether.main(SMALL + train + ["--stage", "pretrain", "--decoder", str(tiny_decoders / name),
+    log = altogether.main(SMALL + train + ["pretrain", "--decoder", str(tiny_decoders / name),
                                            "--pretrain-steps", "2"])
     assert [h["step"] for h in log["history"]] == [0, 1]
-    log = altogether.main(SMALL + train + ["--stage", "finetune", "--checkpoint", str(tmp_path / "pretrain.pt"),
+    log = altogether.main(SMALL + train + ["finetune", "--checkpoint", str(tmp_path / "pretrain.pt"),
                                            "--finetune-steps", "2"])
     assert np.isfinite(log["history"][-1]["loss"])
     out = tmp_path / "captioned" / "val.jsonl"
-    counts = altogether.main(["--stage", "caption", "--data", str(world / "val.jsonl"), "--out", str(out),
+    counts = altogether.main(["caption", "--data", str(world / "val.jsonl"), "--out", str(out),
                               "--checkpoint", str(tmp_path / "finetune.pt"), "--decoding", decoding,
                               "--max-new-tokens", "6", "--gen-batch-size", "4", "--device", "cpu"])
     assert counts["written"] == 6
     captioned = read_manifest(out)
     assert [r["id"] for r in captioned] == [r["id"] for r in read_manifest(world / "val.jsonl")]
     assert all((out.parent / r["image"]).exists() for r in captioned)  # images re-rooted
-    metrics = altogether.main(["--stage", "eval", "--data", str(out), "--score-model", MICRO, "--score-pretrained",
+    metrics = altogether.main(["eval", "--data", str(out), "--score-model", MICRO, "--score-pretrained",
                                "None", "--out", str(tmp_path / "eval.json"), "--device", "cpu"])
     # the eval stage's CLIP-S is common.clip_score's on the written captions (an empty caption scores 0)
     torch.manual_seed(0)  # the eval stage's random scorer
@@ -265,7 +265,7 @@ def test_pretrain_finetune_caption_and_eval_with_tiny_decoders(world, tiny_decod
 @pytest.fixture(scope="module")
 def finetuned(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    altogether.main(SMALL + ["--stage", "pretrain", "--decoder", "tiny-opt", "--data", str(world / "train.jsonl"),
+    altogether.main(SMALL + ["pretrain", "--decoder", "tiny-opt", "--data", str(world / "train.jsonl"),
                              "--out", str(out), "--pretrain-steps", "1"])
     return out / "pretrain.pt"
 
@@ -291,7 +291,7 @@ def test_visual_tokens_take_the_dtype_of_a_half_precision_decoder():
 
 
 def test_killed_caption_job_resumes_without_lost_or_duplicated_ids(world, finetuned, tmp_path, monkeypatch):
-    argv = ["--stage", "caption", "--data", str(world / "test.jsonl"), "--out", str(tmp_path / "test.jsonl"),
+    argv = ["caption", "--data", str(world / "test.jsonl"), "--out", str(tmp_path / "test.jsonl"),
             "--checkpoint", str(finetuned), "--gen-batch-size", "5", "--max-new-tokens", "4", "--device", "cpu"]
     real = altogether.generate_captions
     calls = {"n": 0}
@@ -325,7 +325,7 @@ def test_empty_alt_text_unreadable_image_and_no_alt_mode(world, finetuned, tmp_p
     captions = {}
     for data, use_alt in (("in", "--use-alt"), ("in", "--no-use-alt"), ("blanked", "--use-alt")):
         out = tmp_path / f"{data}{use_alt}.jsonl"
-        counts = altogether.main(["--stage", "caption", "--data", str(tmp_path / f"{data}.jsonl"), "--out", str(out),
+        counts = altogether.main(["caption", "--data", str(tmp_path / f"{data}.jsonl"), "--out", str(out),
                                   "--checkpoint", str(finetuned), "--decoding", "greedy", "--max-new-tokens", "4",
                                   "--device", "cpu", use_alt])
         assert counts["written"] == 2 and counts["unreadable_images"] == 1
@@ -336,16 +336,16 @@ def test_empty_alt_text_unreadable_image_and_no_alt_mode(world, finetuned, tmp_p
     assert captions["in", "--use-alt"][0] == captions["in", "--no-use-alt"][0]  # its alt-text is empty
     assert captions["in", "--use-alt"][1] != captions["in", "--no-use-alt"][1]
     with pytest.raises(Exception, match="missing.png"):
-        altogether.main(["--stage", "caption", "--data", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "s.jsonl"),
+        altogether.main(["caption", "--data", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "s.jsonl"),
                          "--checkpoint", str(finetuned), "--device", "cpu", "--strict"])
 
 
 def test_missing_decoder_and_checkpoint_name_the_flag(world, tmp_path):
     with pytest.raises(RuntimeError, match="--decoder"):
-        altogether.main(SMALL + ["--stage", "pretrain", "--data", str(world / "val.jsonl"), "--out", str(tmp_path),
+        altogether.main(SMALL + ["pretrain", "--data", str(world / "val.jsonl"), "--out", str(tmp_path),
                                  "--decoder", str(tmp_path / "no-such-model")])
     with pytest.raises(FileNotFoundError, match="--checkpoint"):
-        altogether.main(["--stage", "caption", "--data", str(world / "val.jsonl"), "--out", str(tmp_path / "x.jsonl"),
+        altogether.main(["caption", "--data", str(world / "val.jsonl"), "--out", str(tmp_path / "x.jsonl"),
                          "--checkpoint", str(tmp_path / "none.pt")])
 
 
@@ -415,9 +415,9 @@ def test_header_commands_with_vit_h_metaclip_fp16_opt_1_3b_and_vit_b_32_openai(w
     write_manifest(tmp_path / "altogether_ft.jsonl", [{**r, "round3": r["caption"]} for r in val])
     write_manifest(tmp_path / "metaclip_shard.jsonl", val)
     out, small = tmp_path / "ag", ["--batch-size", "2", "--device", "cpu"]
-    altogether.main(["--stage", "pretrain", "--data", str(tmp_path / "alt_pairs.jsonl"), "--out", str(out),
+    altogether.main(["pretrain", "--data", str(tmp_path / "alt_pairs.jsonl"), "--out", str(out),
                      "--decoder", str(opt_1_3b), "--pretrain-steps", "1", *small])
-    log = altogether.main(["--stage", "finetune", "--data", str(tmp_path / "altogether_ft.jsonl"), "--out", str(out),
+    log = altogether.main(["finetune", "--data", str(tmp_path / "altogether_ft.jsonl"), "--out", str(out),
                            "--checkpoint", str(out / "pretrain.pt"), "--target-field", "round3", "--finetune-steps", "1",
                            *small])
     assert np.isfinite(log["history"][0]["loss"])
@@ -426,25 +426,25 @@ def test_header_commands_with_vit_h_metaclip_fp16_opt_1_3b_and_vit_b_32_openai(w
         weights = torch.load(out / f"{stage}.pt", weights_only=True)["captioner"]
         assert {value.dtype for value in weights.values()} == {torch.float32}, stage
     shard = tmp_path / "metaclip_shard.altogether.jsonl"
-    counts = altogether.main(["--stage", "caption", "--checkpoint", str(out / "finetune.pt"), "--data",
+    counts = altogether.main(["caption", "--checkpoint", str(out / "finetune.pt"), "--data",
                               str(tmp_path / "metaclip_shard.jsonl"), "--out", str(shard), "--max-new-tokens", "4",
                               "--device", "cpu"])
     assert counts["written"] == len(val) and [r["id"] for r in read_manifest(shard)] == [r["id"] for r in val]
     serve_open_clip_tag(monkeypatch, tmp_path, "ViT-B-32", "openai")
-    metrics = altogether.main(["--stage", "eval", "--data", str(shard), "--out", str(tmp_path / "eval.json"),
+    metrics = altogether.main(["eval", "--data", str(shard), "--out", str(tmp_path / "eval.json"),
                                "--device", "cpu"])
     assert metrics["altogether"]["empty"] == counts.get("empty_captions", 0)
     assert json.loads((tmp_path / "eval.json").read_text()) == metrics
 
 
 def test_caption_under_torchrun_with_two_ranks_equals_one_process(world, finetuned, tmp_path):
-    """`torchrun --nproc-per-node 2 altogether.py --stage caption` (gloo): every id once, in input order, and the
+    """`torchrun --nproc-per-node 2 altogether.py caption` (gloo): every id once, in input order, and the
     greedy captions of one process, though each rank batches other images together (some alt-texts empty)."""
     rows = [plain(r, world) for r in read_manifest(world / "test.jsonl")]
     for i in (0, 1, 2, 3, 9):  # one process's first batch has no prompt at all; a rank's first batch mixes them
         rows[i]["alt_text"] = ""
     write_manifest(tmp_path / "in.jsonl", rows)
-    argv = ["--stage", "caption", "--data", str(tmp_path / "in.jsonl"), "--checkpoint", str(finetuned), "--decoding",
+    argv = ["caption", "--data", str(tmp_path / "in.jsonl"), "--checkpoint", str(finetuned), "--decoding",
             "greedy", "--max-new-tokens", "6", "--gen-batch-size", "4", "--device", "cpu"]
     altogether.main(argv + ["--out", str(tmp_path / "one.jsonl")])
     run_torchrun("altogether.py", argv + ["--out", str(tmp_path / "two.jsonl")])

@@ -249,7 +249,7 @@ def default_fuse(world, llama2, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(LlamaForCausalLM, "generate", generate)
-        counts = capsfusion.main(["--stage", "fuse", "--data", str(folder / "in.jsonl"), "--out",
+        counts = capsfusion.main(["fuse", "--data", str(folder / "in.jsonl"), "--out",
                                   str(folder / "batched.jsonl"), "--llm", str(llama2), "--device", "cpu"])
     return {"records": records, "calls": calls, "counts": counts, "folder": folder,
             "out": read_manifest(folder / "batched.jsonl", required=("id",)),
@@ -288,7 +288,7 @@ def test_batched_beam_search_equals_one_prompt_at_a_time(default_fuse, llama2):
     lengths = [int(mask.sum()) for call in default_fuse["calls"] for mask in call["attention_mask"]]
     assert len(set(lengths)) == len(lengths)
     folder = default_fuse["folder"]
-    counts = capsfusion.main(["--stage", "fuse", "--data", str(folder / "in.jsonl"), "--out", str(folder / "single.jsonl"),
+    counts = capsfusion.main(["fuse", "--data", str(folder / "in.jsonl"), "--out", str(folder / "single.jsonl"),
                               "--llm", str(llama2), "--device", "cpu", "--gen-batch-size", "1",
                               "--max-new-tokens", str(FAST_NEW_TOKENS)])
     batched, single = default_fuse["out"], read_manifest(folder / "single.jsonl", required=("id",))
@@ -319,7 +319,7 @@ def test_fuse_keeps_the_answers_first_line_without_special_tokens_else_the_synth
     monkeypatch.setattr(capsfusion, "generate", lambda model, inputs, num_beams, max_new_tokens, **options: torch.tensor(rows))
     records = text_only(read_manifest(world / "val.jsonl")[:2])
     write_manifest(tmp_path / "in.jsonl", records)
-    counts = capsfusion.main(["--stage", "fuse", "--data", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out.jsonl"),
+    counts = capsfusion.main(["fuse", "--data", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out.jsonl"),
                               "--llm", str(llama2), "--device", "cpu"])
     out = read_manifest(tmp_path / "out.jsonl", required=("id",))
     assert [(r["fused"], r["fused_source"]) for r in out] == [("a red circle with the Aldora emblem.", "llm"),
@@ -338,13 +338,13 @@ def test_fuse_loads_the_fuser_in_bf16_on_cuda(world, device, dtype, monkeypatch)
 
     monkeypatch.setattr(capsfusion, "load_fuser", load_fuser)
     with pytest.raises(InterruptedError):
-        capsfusion.main(["--stage", "fuse", "--data", str(world / "val.jsonl"), "--device", device, "--out", "unused"])
+        capsfusion.main(["fuse", "--data", str(world / "val.jsonl"), "--device", device, "--out", "unused"])
     assert loaded == [("BAAI/CapsFus-LLaMA", "--llm", dtype)]
 
 
 def test_fuse_writes_one_line_per_input_and_resumes_after_a_kill(world, tiny_llm, tmp_path, monkeypatch):
     out = tmp_path / "fused.jsonl"
-    argv = ["--stage", "fuse", "--data", str(world / "val.jsonl"), "--out", str(out), "--llm", str(tiny_llm),
+    argv = ["fuse", "--data", str(world / "val.jsonl"), "--out", str(out), "--llm", str(tiny_llm),
             "--out-field", "capsfus", "--gen-batch-size", "2", "--max-new-tokens", "6", "--device", "cpu"]
     real_generate, calls = capsfusion.generate, {"n": 0}
 
@@ -380,7 +380,7 @@ def test_empty_raw_or_synthetic_caption_is_copied_and_both_empty_is_skipped(worl
     records[1]["synthetic_caption"] = ""
     records[2]["alt_text"], records[2]["synthetic_caption"] = "", None
     write_manifest(tmp_path / "in.jsonl", [{**r, "image": str(world / r["image"])} for r in records])
-    argv = ["--stage", "fuse", "--data", str(tmp_path / "in.jsonl"), "--llm", str(tiny_llm), "--max-new-tokens", "4",
+    argv = ["fuse", "--data", str(tmp_path / "in.jsonl"), "--llm", str(tiny_llm), "--max-new-tokens", "4",
             "--device", "cpu"]
     counts = capsfusion.main(argv + ["--out", str(tmp_path / "out.jsonl")])
     assert counts["copied_synthetic"] == 1 and counts["copied_raw"] == 1 and counts["skipped_no_text"] == 1
@@ -390,7 +390,7 @@ def test_empty_raw_or_synthetic_caption_is_copied_and_both_empty_is_skipped(worl
     assert out[records[0]["id"]]["fused_source"] == "synthetic"
     assert out[records[1]["id"]]["fused"] == records[1]["alt_text"] and out[records[1]["id"]]["fused_source"] == "raw"
     write_manifest(tmp_path / "alone.jsonl", [{**records[3], "image": str(world / records[3]["image"])}])
-    capsfusion.main(argv[:2] + ["--data", str(tmp_path / "alone.jsonl")] + argv[4:] + ["--out", str(tmp_path / "alone.out.jsonl")])
+    capsfusion.main(argv[:1] + ["--data", str(tmp_path / "alone.jsonl")] + argv[3:] + ["--out", str(tmp_path / "alone.out.jsonl")])
     alone = read_manifest(tmp_path / "alone.out.jsonl")[0]
     assert (out[records[3]["id"]]["fused"], out[records[3]["id"]]["fused_source"]) == (alone["fused"], alone["fused_source"])
     with pytest.raises(capsfusion.BadSampleError, match=records[2]["id"]):
@@ -405,7 +405,7 @@ def test_missing_weights_name_the_flag(world, tmp_path):
     for flag in ("--llm", "--captioner", "--base-model"):
         stage = {"--llm": "fuse", "--captioner": "caption", "--base-model": "sft"}[flag]
         with pytest.raises(RuntimeError, match=flag):
-            capsfusion.main(["--stage", stage, "--data", str(world / "val.jsonl"), "--out", str(tmp_path / "x"),
+            capsfusion.main([stage, "--data", str(world / "val.jsonl"), "--out", str(tmp_path / "x"),
                              flag, str(tmp_path / "no-such-model"), "--device", "cpu"])
 
 
@@ -475,7 +475,7 @@ def test_stages_chain_caption_fuse_eval(world, tiny_blip, tiny_llm, tmp_path):
     bare = [{"id": r["id"], "image": str(world / r["image"]), "alt_text": r["alt_text"]} for r in records]
     bare[1]["image"] = str(tmp_path / "missing.png")  # an unreadable image is counted and skipped
     write_manifest(tmp_path / "web.jsonl", bare)
-    counts = capsfusion.main(["--stage", "caption", "--data", str(tmp_path / "web.jsonl"), "--out",
+    counts = capsfusion.main(["caption", "--data", str(tmp_path / "web.jsonl"), "--out",
                               str(tmp_path / "a" / "syn.jsonl"), "--captioner", str(tiny_blip), "--gen-batch-size", "3",
                               "--caption-max-new-tokens", "5", "--device", "cpu"])
     assert counts["written"] == 5 and counts["unreadable_images"] == 1
@@ -493,11 +493,11 @@ def test_stages_chain_caption_fuse_eval(world, tiny_blip, tiny_llm, tmp_path):
         expected.append(" ".join(processor.decode(ids[0], skip_special_tokens=True).split()))
     assert [r["synthetic_caption"] for r in synthetic] == expected
     assert all((tmp_path / "a" / r["image"]).exists() for r in synthetic)
-    counts = capsfusion.main(["--stage", "fuse", "--data", str(tmp_path / "a" / "syn.jsonl"), "--out",
+    counts = capsfusion.main(["fuse", "--data", str(tmp_path / "a" / "syn.jsonl"), "--out",
                               str(tmp_path / "b" / "fused.jsonl"), "--llm", str(tiny_llm), "--max-new-tokens", "5",
                               "--device", "cpu"])
     assert counts["written"] == 5
-    metrics = capsfusion.main(["--stage", "eval", "--data", str(tmp_path / "b" / "fused.jsonl"), "--out",
+    metrics = capsfusion.main(["eval", "--data", str(tmp_path / "b" / "fused.jsonl"), "--out",
                                str(tmp_path / "eval")])
     assert set(metrics) == {"raw", "synthetic", "teacher"}  # the fuse output is the `fused` field here
     fused = read_manifest(tmp_path / "b" / "fused.jsonl")
@@ -512,7 +512,7 @@ def test_stages_chain_caption_fuse_eval(world, tiny_blip, tiny_llm, tmp_path):
 # ---- SFT: training, resume, NaN, LoRA --------------------------------------------------------
 
 
-SFT_FLAGS = ["--stage", "sft", "--epochs", "2", "--batch-size", "8", "--micro-batch-size", "4", "--lr", "3e-3",
+SFT_FLAGS = ["sft", "--epochs", "2", "--batch-size", "8", "--micro-batch-size", "4", "--lr", "3e-3",
              "--device", "cpu"]
 
 
@@ -568,7 +568,7 @@ def test_lora_sft_of_the_fp16_llama2_checkpoint_from_a_text_only_triplet_file(wo
     from transformers import AutoModelForCausalLM
 
     write_manifest(tmp_path / "chatgpt_triplets.jsonl", text_only(read_manifest(world / "train.jsonl")[:8]))
-    result = capsfusion.main(["--stage", "sft", "--data", str(tmp_path / "chatgpt_triplets.jsonl"), "--out",
+    result = capsfusion.main(["sft", "--data", str(tmp_path / "chatgpt_triplets.jsonl"), "--out",
                               str(tmp_path / "capsfus"), "--base-model", str(llama2), "--lora", "--lora-r", "4",
                               "--micro-batch-size", "2", "--grad-checkpointing", "--epochs", "1", "--batch-size", "4",
                               "--lr", "1e-2", "--device", "cpu"])
@@ -608,7 +608,7 @@ def test_sft_loss_is_the_mean_over_the_global_batchs_response_tokens(triplets16,
     batch's response tokens, computed here one unpadded triplet at a time."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    result = capsfusion.main(["--stage", "sft", "--data", str(triplets16), "--base-model", str(llama2), "--epochs", "1",
+    result = capsfusion.main(["sft", "--data", str(triplets16), "--base-model", str(llama2), "--epochs", "1",
                               "--batch-size", "16", "--micro-batch-size", "3", "--device", "cpu", "--out", str(tmp_path)])
     model = AutoModelForCausalLM.from_pretrained(llama2, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(llama2)
@@ -644,7 +644,7 @@ def test_sft_optimiser_warms_up_decays_by_cosine_clips_at_1_without_weight_decay
 
     monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_grad_norm_)
-    result = capsfusion.main(["--stage", "sft", "--data", str(triplets16), "--base-model", str(tiny_llm), "--epochs", "2",
+    result = capsfusion.main(["sft", "--data", str(triplets16), "--base-model", str(tiny_llm), "--epochs", "2",
                               "--batch-size", "4", "--micro-batch-size", "4", "--lr", "3e-3", "--warmup-ratio", "0.25",
                               "--device", "cpu", "--out", str(tmp_path)])
     steps, warmup, peak = 8, 2, 3e-3  # 2 epochs of 16 triplets at 4 a step; 25% of 8 steps
@@ -673,7 +673,7 @@ def test_lora_loads_the_frozen_base_in_bf16_on_cuda(triplets16, device, lora, dt
 
     monkeypatch.setattr(capsfusion, "load_fuser", load_fuser)
     with pytest.raises(InterruptedError):
-        capsfusion.main(["--stage", "sft", "--data", str(triplets16), "--device", device, "--out", "unused"]
+        capsfusion.main(["sft", "--data", str(triplets16), "--device", device, "--out", "unused"]
                         + ["--lora"] * lora)
     assert loaded == [dtype]
 
@@ -699,7 +699,7 @@ def test_ddp_all_reduces_gradients_once_per_step_not_per_micro_batch(triplets16,
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", CountingDDP)
     try:
-        result = capsfusion.main(["--stage", "sft", "--data", str(triplets16), "--base-model", str(tiny_llm), "--epochs", "1",
+        result = capsfusion.main(["sft", "--data", str(triplets16), "--base-model", str(tiny_llm), "--epochs", "1",
                                   "--batch-size", "8", "--micro-batch-size", "2", "--device", "cpu", "--out", str(tmp_path)])
     finally:
         torch.distributed.destroy_process_group()
@@ -730,7 +730,7 @@ def test_two_gloo_processes_match_one_process(world, triplets16, tiny_llm, tmp_p
     # two micro-batches a rank and step: the first accumulates under no_sync, the second all-reduces
     sft_argv = [("2" if flag == "4" else flag) for flag in SFT_FLAGS] + ["--data", str(triplets16), "--base-model", str(tiny_llm)]
     single = capsfusion.main(sft_argv + ["--out", str(tmp_path / "one")])
-    fuse_argv = ["--stage", "fuse", "--data", str(world / "val.jsonl"), "--out", str(tmp_path / "two" / "fused.jsonl"),
+    fuse_argv = ["fuse", "--data", str(world / "val.jsonl"), "--out", str(tmp_path / "two" / "fused.jsonl"),
                  "--llm", str(tmp_path / "two" / "fuser"), "--max-new-tokens", "4", "--device", "cpu"]
     result_path = tmp_path / "two.json"
     mp.spawn(_sft_and_fuse_rank, args=(_free_port(), sft_argv + ["--out", str(tmp_path / "two")], fuse_argv,
@@ -748,8 +748,8 @@ def test_two_gloo_processes_match_one_process(world, triplets16, tiny_llm, tmp_p
 
 
 def test_torchrun_fuse_in_two_ranks_equals_one_process(world, llama2, tmp_path):
-    """The header's `torchrun ... --stage fuse` in 2 gloo ranks with LLaMA-2's architecture (fp16 on disk, fp32 on CPU)."""
-    argv = ["--stage", "fuse", "--data", str(world / "val.jsonl"), "--llm", str(llama2), "--max-new-tokens", "4",
+    """The header's `torchrun ... capsfusion.py fuse` in 2 gloo ranks with LLaMA-2's architecture (fp16 on disk, fp32 on CPU)."""
+    argv = ["fuse", "--data", str(world / "val.jsonl"), "--llm", str(llama2), "--max-new-tokens", "4",
             "--gen-batch-size", "2", "--device", "cpu"]
     one = capsfusion.main(argv + ["--out", str(tmp_path / "one" / "fused.jsonl")])
     run_torchrun("capsfusion.py", argv + ["--out", str(tmp_path / "two" / "fused.jsonl")])
@@ -765,7 +765,7 @@ def test_fuse_reads_text_only_triplets_and_keeps_image_urls(world, tiny_llm, tmp
     triplets = text_only(read_manifest(world / "val.jsonl")[:3])
     triplets[1]["image"] = "https://example.com/images/000001.jpg"
     write_manifest(tmp_path / "heldout_triplets.jsonl", triplets)
-    counts = capsfusion.main(["--stage", "fuse", "--data", str(tmp_path / "heldout_triplets.jsonl"), "--out",
+    counts = capsfusion.main(["fuse", "--data", str(tmp_path / "heldout_triplets.jsonl"), "--out",
                               str(tmp_path / "out" / "heldout.jsonl"), "--out-field", "capsfus", "--llm", str(tiny_llm),
                               "--max-new-tokens", "4", "--device", "cpu"])
     out = read_manifest(tmp_path / "out" / "heldout.jsonl", required=("id",))
@@ -845,7 +845,7 @@ def test_scaling_trains_each_arm_on_its_own_captions_with_vit_b_32(world, tmp_pa
     write_manifest(tmp_path / "train.jsonl", plain[:24])
     write_manifest(tmp_path / "test.jsonl", plain[40:48])
     calls = recording_train_clip(monkeypatch)
-    result = capsfusion.main(["--stage", "scaling", "--data", str(tmp_path / "train.jsonl"), "--scaling-data",
+    result = capsfusion.main(["scaling", "--data", str(tmp_path / "train.jsonl"), "--scaling-data",
                               str(tmp_path / "test.jsonl"), "--out-field", "capsfus", "--sizes", "8", "16", "100",
                               "--clip-model", "ViT-B-32", "--clip-batch-size", "8", "--out", str(tmp_path / "out")])
     assert result["sizes"] == [8, 16]  # 100 > the 23 usable samples

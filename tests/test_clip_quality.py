@@ -355,24 +355,24 @@ def test_efficiency_subsets_are_nested_prefixes_with_one_schedule(tmp_path, monk
     monkeypatch.setattr(cq, "train_clip", lambda model, tok, images, texts_for, cfg, **kw: trained.append(
         (images, cfg)) or [{"loss": 0.5}])
     monkeypatch.setattr(cq, "run_probe", lambda args, records, checkpoints: probed.append(
-        (args.seeds, checkpoints)) or [{"mIoU": float(len(probed)), "mAcc": 1.0, "aAcc": 2.0, "depth_RMSE": 3.0}])
+        (list(cq.seed_range(args)), checkpoints)) or [{"mIoU": float(len(probed)), "mAcc": 1.0, "aAcc": 2.0, "depth_RMSE": 3.0}])
     monkeypatch.setattr(cq, "plot_efficiency", lambda rows, path: plotted.append((rows, path)))  # matplotlib: seconds
     train = TrainConfig(steps=7, batch_size=4, warmup=1)
-    args = cq.Args(out=str(tmp_path / "run"), model=MICRO, regimes=("datacompdr",), seeds=(5, 6), train=train)
+    args = cq.Args(out=str(tmp_path / "run"), model=MICRO, regimes=("datacompdr",), seed=5, seeds=2, train=train)
     done = [{"regime": "datacompdr", "seed": 5, "train_images": 20, "checkpoint": "full.pt", "final_loss": 1.0}]
     rows = cq.run_efficiency(args, {"train": records, "test": records[:4]}, done=done)
     saved = [str(tmp_path / f"run/efficiency/datacompdr-n{n}-seed{seed}.pt") for n, seed in [(2, 5), (2, 6), (20, 6)]]
     assert [(r["seed"], r["train_images"], r["checkpoint"], r["mIoU"]) for r in rows] == \
         [(5, 2, saved[0], 1.0), (5, 20, "full.pt", 2.0), (6, 2, saved[1], 3.0), (6, 20, saved[2], 4.0)]
     assert rows[1] == {**done[0], "mIoU": 2.0, "mAcc": 1.0, "aAcc": 2.0, "depth_RMSE": 3.0}  # the probe's metrics
-    assert probed == [((5,), [saved[0]]), ((5,), ["full.pt"]), ((6,), [saved[1]]), ((6,), [saved[2]])]
+    assert probed == [([5], [saved[0]]), ([5], ["full.pt"]), ([6], [saved[1]]), ([6], [saved[2]])]
     # pretrained here: 10% of seed 5, 10% and 100% of seed 6; the first images, each seed's schedule
     full = cq.preprocess_images(records, create_clip(MICRO)[1])
     assert [(len(images), cfg) for images, cfg in trained] == \
         [(2, cq.dataclasses.replace(train, seed=5)), (2, cq.dataclasses.replace(train, seed=6)),
          (20, cq.dataclasses.replace(train, seed=6))]
     assert all(torch.equal(images, full[:len(images)]) for images, _ in trained)
-    rows = cq.run_efficiency(cq.dataclasses.replace(args, seeds=(5,), subset_fractions=(0.25,)),
+    rows = cq.run_efficiency(cq.dataclasses.replace(args, seeds=1, subset_fractions=(0.25,)),
                              {"train": records, "test": records[:4]})
     assert [r["train_images"] for r in rows] == [5] and torch.equal(trained[-1][0], full[:5])
     assert json.loads((tmp_path / "run/efficiency.json").read_text()) == rows

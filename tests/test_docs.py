@@ -122,6 +122,8 @@ def test_paper_header_has_its_parts(paper):
     assert re.search(r"^Implements", text, flags=re.M), f"{paper}: no 'Implements' section"
     deviations = text.find("Deviations from the paper")
     assert deviations >= 0 and re.search(r"^\s*1\.\s", text[deviations:], flags=re.M), f"{paper}: no numbered deviations"
+    # results and timings live in docs/ and the README, written from the runs, never in a header
+    assert not re.search(r"±|\bmeasured\b|\d\s*(min|minutes|s each)\b", text, flags=re.I), f"{paper}: results in the header"
     stem = path.stem
     assert any(re.match(rf"(python3?|torchrun)\s.*\b{stem}\.py", c) for c in commands_in(text)), \
         f"{paper}: its docstring quotes no command that runs it"

@@ -24,7 +24,7 @@ from realarch import run_torchrun, save_hf, serve_open_clip_tag
 
 MICRO = "micro-ViT-16"
 TINY_WORLD = WorldConfig(n_train=64, n_val=4, n_test=24)
-TRAIN_FLAGS = ["--stage", "train", "--model", MICRO, "--batch-size", "8", "--kernel", "torch", "--no-amp",
+TRAIN_FLAGS = ["train", "--model", MICRO, "--batch-size", "8", "--kernel", "torch", "--no-amp",
                "--alt-field", "alt_text", "--llm-vec-field", "fused", "--lr", "1e-3", "--warmup", "2"]
 RETRIEVAL = [f"{way}_R@{k}" for way in ("i2t", "t2i") for k in (1, 5, 10)]
 
@@ -295,7 +295,7 @@ def test_vec_and_fuse_write_resumable_manifests(world, tiny_models, tmp_path, mo
         writer.write({**{k: v for k, v in records[0].items() if k != "_root"}, "image": moved, "vec": "a red circle"})
     with open(vec_out, "ab") as handle:
         handle.write(b'{"id": "val-0000')
-    counts = veclip.main(["--stage", "vec", "--data", str(world / "val.jsonl"), "--out", str(vec_out),
+    counts = veclip.main(["vec", "--data", str(world / "val.jsonl"), "--out", str(vec_out),
                           "--vlm", str(tiny_models / "vlm"), "--gen-batch-size", "2", "--max-new-tokens", "4",
                           "--device", "cpu"])
     assert counts["already_done"] == 1 and counts["written"] == 3
@@ -309,7 +309,7 @@ def test_vec_and_fuse_write_resumable_manifests(world, tiny_models, tmp_path, mo
     length = lambda prompt: len(tokenizer(prompt)["input_ids"])  # noqa: E731
     budget = 1 + max(length(vicuna_fusion_prompt("", r["vec"])) for r in vec_records)
     too_long = sum(length(vicuna_fusion_prompt(r["alt_text"], r["vec"])) > budget for r in vec_records)
-    argv = ["--stage", "fuse", "--data", str(vec_out), "--out", str(fused_out), "--llm", str(tiny_models / "llm"),
+    argv = ["fuse", "--data", str(vec_out), "--out", str(fused_out), "--llm", str(tiny_models / "llm"),
             "--max-new-tokens", "3", "--max-prompt-tokens", str(budget), "--device", "cpu"]
     counts = veclip.main(argv)
     assert counts["written"] == 4 and counts["alt_text_truncated"] == too_long >= 1
@@ -321,7 +321,7 @@ def test_vec_and_fuse_write_resumable_manifests(world, tiny_models, tmp_path, mo
     vec_records[1] = {**vec_records[1], "image": str(vec_out.parent / vec_records[1]["image"]), "vec": ""}
     write_manifest(mute_in, [{**r, "image": str(vec_out.parent / r["image"])} if i != 1 else r
                              for i, r in enumerate(vec_records)])
-    counts = veclip.main(argv[:3] + [str(mute_in), "--out", str(mute_out), "--llm", str(tiny_models / "mute_llm"),
+    counts = veclip.main(argv[:2] + [str(mute_in), "--out", str(mute_out), "--llm", str(tiny_models / "mute_llm"),
                                      "--max-new-tokens", "3", "--device", "cpu"])
     assert counts["refusal_fallbacks"] == 4
     assert [(r["llm_vec"], r["llm_vec_fallback"]) for r in read_manifest(mute_out)] == [
@@ -351,7 +351,7 @@ def test_vec_stage_asks_llava_the_vec_prompt_and_decodes_greedily(world, tiny_mo
     broken = {"id": "broken", "image": str(tmp_path / "missing.png"), "alt_text": "gone"}  # counted and left out
     write_manifest(tmp_path / "in.jsonl", [{**r, "image": str(world / r["image"])} for r in records[:2]] + [broken]
                    + [{**r, "image": str(world / r["image"])} for r in records[2:]])
-    counts = veclip.main(["--stage", "vec", "--data", str(tmp_path / "in.jsonl"), "--out", str(out), "--vlm",
+    counts = veclip.main(["vec", "--data", str(tmp_path / "in.jsonl"), "--out", str(out), "--vlm",
                           str(tiny_models / "vlm"), "--gen-batch-size", "5", "--max-new-tokens", "4", "--device", "cpu"])
     assert len(calls) == 1  # the 4 readable images in one batch
     processor = AutoProcessor.from_pretrained(tiny_models / "vlm")
@@ -388,7 +388,7 @@ def test_fuse_stage_asks_vicuna_the_left_padded_fusion_prompt_and_decodes_greedi
     prompts = [vicuna_fusion_prompt(alt, vec) for alt, vec in zip(alts, vecs)]
     prompts[2] = vicuna_fusion_prompt(" ".join(alts[2].split()[:9]), vecs[2])  # 10 words of room, 1 for the VeC
     calls = capture_generate(monkeypatch)
-    counts = veclip.main(["--stage", "fuse", "--data", str(tmp_path / "vec.jsonl"), "--out", str(tmp_path / "fused.jsonl"),
+    counts = veclip.main(["fuse", "--data", str(tmp_path / "vec.jsonl"), "--out", str(tmp_path / "fused.jsonl"),
                           "--llm", str(tiny_models / "sampling_llm"), "--gen-batch-size", "4", "--max-new-tokens", "5",
                           "--max-prompt-tokens", str(budget), "--device", "cpu"])
     assert len(calls) == 1 and counts["alt_text_truncated"] == 1
@@ -409,7 +409,7 @@ def test_fuse_stage_asks_vicuna_the_left_padded_fusion_prompt_and_decodes_greedi
     assert counts["refusal_fallbacks"] == sum(fell_back for _, fell_back in expected)
     # a tokenizer with a chat template: the template's text, whose own <s> is the only one
     write_manifest(tmp_path / "one.jsonl", records[:1])
-    veclip.main(["--stage", "fuse", "--data", str(tmp_path / "one.jsonl"), "--out", str(tmp_path / "templated.jsonl"),
+    veclip.main(["fuse", "--data", str(tmp_path / "one.jsonl"), "--out", str(tmp_path / "templated.jsonl"),
                  "--llm", str(tiny_models / "templated_llm"), "--max-new-tokens", "1", "--device", "cpu"])
     text = "<s>[user] " + FUSION_INSTRUCTION.format(alt_text=alts[0], vec=vecs[0]) + " [assistant]"
     assert calls[-1]["input_ids"][0].tolist() == tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -418,14 +418,14 @@ def test_fuse_stage_asks_vicuna_the_left_padded_fusion_prompt_and_decodes_greedi
 
 def test_missing_weights_name_the_flag(world, tiny_models, tmp_path):
     with pytest.raises(RuntimeError, match="--llm"):
-        veclip.main(["--stage", "fuse", "--data", str(world / "val.jsonl"), "--out", str(tmp_path / "x.jsonl"),
+        veclip.main(["fuse", "--data", str(world / "val.jsonl"), "--out", str(tmp_path / "x.jsonl"),
                      "--llm", str(tmp_path / "no-such-model"), "--device", "cpu"])
     with pytest.raises(RuntimeError, match="--vlm"):
-        veclip.main(["--stage", "vec", "--data", str(world / "val.jsonl"), "--out", str(tmp_path / "x.jsonl"),
+        veclip.main(["vec", "--data", str(world / "val.jsonl"), "--out", str(tmp_path / "x.jsonl"),
                      "--vlm", str(tmp_path / "no-such-model"), "--device", "cpu"])
     # fuse before vec: the sample and the missing field are named
-    with pytest.raises(BadSampleError, match="^sample 'val-000000': no 'vec' field; run --stage vec first$"):
-        veclip.main(["--stage", "fuse", "--data", str(world / "val.jsonl"), "--out", str(tmp_path / "y.jsonl"),
+    with pytest.raises(BadSampleError, match="^sample 'val-000000': no 'vec' field; run the vec stage first$"):
+        veclip.main(["fuse", "--data", str(world / "val.jsonl"), "--out", str(tmp_path / "y.jsonl"),
                      "--llm", str(tiny_models / "llm"), "--device", "cpu"])
 
 
@@ -497,7 +497,7 @@ def test_evaluation_encodes_on_the_models_device(world, tmp_path, monkeypatch):
     # the default run, each condition's model where train() leaves it
     monkeypatch.setattr(veclip, "train", lambda *_: (model, preprocess, tokenizer, {"history": [{"loss": 1.0}],
                                                                                     "train_seconds": 0.0}))
-    veclip.main(["--stage", "miniature", "--world.n-train", "64", "--world.n-val", "4", "--world.n-test", "24",
+    veclip.main(["miniature", "--world.n-train", "64", "--world.n-val", "4", "--world.n-test", "24",
                  "--model", MICRO, "--batch-size", "16", "--out", str(tmp_path)])
     # per condition: the images, the references, and each of the world's zero-shot tasks that has images
     tasks = sum(bool(spec["indices"]) for spec in zero_shot_tasks(read_manifest(world / "test.jsonl")).values())
@@ -508,16 +508,16 @@ def test_evaluation_encodes_on_the_models_device(world, tmp_path, monkeypatch):
 
 
 def test_train_and_eval_commands_run_vit_b_16(world, tmp_path, monkeypatch):
-    """The header's `--stage train --model ViT-B-16 ... --eval-data` and `--stage eval --checkpoint` commands."""
+    """The header's `train --model ViT-B-16 ... --eval-data` and `eval --checkpoint` commands."""
     serve_open_clip_tag(monkeypatch, tmp_path, "ViT-B-16")  # widths shrunk; 224 px, patch 16, context 77 kept
     out, test = tmp_path / "veclip_b16", str(world / "test.jsonl")
-    train_log = veclip.main(["--stage", "train", "--data", str(world / "train.jsonl"), "--out", str(out),
+    train_log = veclip.main(["train", "--data", str(world / "train.jsonl"), "--out", str(out),
                              "--model", "ViT-B-16", "--batch-size", "4", "--steps", "2", "--lr", "5e-4",
                              "--weight-decay", "0.2", "--warmup", "1", "--checkpoint-every", "1", "--workers", "1",
                              "--eval-data", test, "--llm-vec-field", "fused", "--kernel", "torch", "--device", "cpu"])
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert state["step"] == 2 and state["state_dict"]["visual.positional_embedding"].shape == (14 * 14 + 1, 64)
-    metrics = veclip.main(["--stage", "eval", "--checkpoint", str(out / "checkpoint.pt"), "--eval-data", test,
+    metrics = veclip.main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--eval-data", test,
                            "--out", str(tmp_path / "eval")])
     assert metrics == train_log["eval"]  # the checkpoint rebuilds the model that was evaluated after training
     # the world has one reference per image: every-reference retrieval scores as the one-caption protocol did
@@ -528,7 +528,7 @@ def test_train_and_eval_commands_run_vit_b_16(world, tmp_path, monkeypatch):
 
 
 def test_pretrained_tag_runs_with_the_tags_settings(world, tmp_path, monkeypatch):
-    """`--stage eval --model ViT-B-16 --pretrained openai` and a run started from that tag: OpenAI's QuickGELU."""
+    """`eval --model ViT-B-16 --pretrained openai` and a run started from that tag: OpenAI's QuickGELU."""
     _, reference = serve_open_clip_tag(monkeypatch, tmp_path, "ViT-B-16", "openai")
     model, preprocess, tokenizer = veclip.build_clip(veclip.Args(model="ViT-B-16", pretrained="openai"))
     pixels = torch.randn(2, 3, 224, 224)
@@ -537,9 +537,9 @@ def test_pretrained_tag_runs_with_the_tags_settings(world, tmp_path, monkeypatch
     records, test = read_manifest(world / "test.jsonl"), str(world / "test.jsonl")
     expected = veclip.evaluate(reference, tokenizer, preprocess, records, veclip.Args())
     tag = ["--model", "ViT-B-16", "--pretrained", "openai", "--eval-data", test, "--device", "cpu"]
-    assert veclip.main(["--stage", "eval", *tag, "--out", str(tmp_path / "eval")]) == expected
+    assert veclip.main(["eval", *tag, "--out", str(tmp_path / "eval")]) == expected
     # one step from the tag: its checkpoint is evaluated as the QuickGELU model it was trained as
-    veclip.main(["--stage", "train", *tag, "--data", str(world / "train.jsonl"), "--out", str(tmp_path / "ft"),
+    veclip.main(["train", *tag, "--data", str(world / "train.jsonl"), "--out", str(tmp_path / "ft"),
                  "--batch-size", "4", "--steps", "1", "--warmup", "1", "--llm-vec-field", "fused", "--kernel", "torch"])
     model, _, _ = veclip.load_checkpoint(tmp_path / "ft" / "checkpoint.pt")
     reference.load_state_dict(torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)["state_dict"])
@@ -637,7 +637,7 @@ def test_torchrun_two_gloo_ranks_match_one_process(world, tmp_path):
     # rounding noise of ~1e-10 there into steps of up to lr (1e-3); a wrong gradient differs by ~lr everywhere
     assert all(torch.allclose(one_state[k], two["state_dict"][k], atol=1e-4) for k in one_state)
     # rank 0 evaluated after training: the same as evaluating the checkpoint it wrote
-    evaluated = veclip.main(["--stage", "eval", "--checkpoint", str(tmp_path / "two" / "checkpoint.pt"),
+    evaluated = veclip.main(["eval", "--checkpoint", str(tmp_path / "two" / "checkpoint.pt"),
                              "--eval-data", str(world / "test.jsonl"), "--out", str(tmp_path / "e")])
     assert json.loads((tmp_path / "two" / "eval.json").read_text()) == evaluated
 
@@ -666,14 +666,14 @@ def test_resume_continues_from_checkpoint_step(world, tmp_path, monkeypatch):
         veclip.main(argv + ["--out", str(tmp_path / "killed"), "--p-alt", "0.9"])
     # eval of the world's manifest (a list of references; the world's tasks) and of a plain one (the same caption in a
     # string field; the background as a class name, with the world's background templates): the same numbers
-    on_world = veclip.main(["--stage", "eval", "--eval-data", str(world / "test.jsonl"), "--out", str(tmp_path / "killed")])
+    on_world = veclip.main(["eval", "--eval-data", str(world / "test.jsonl"), "--out", str(tmp_path / "killed")])
     test_records = read_manifest(world / "test.jsonl")
     plain = [{"id": r["id"], "image": str(world / r["image"]), "caption": r["caption"], "label": r["background"]}
              for r in test_records]
     write_manifest(tmp_path / "plain.jsonl", plain)
     background = zero_shot_tasks(test_records)["background"]
     assert {r["background"] for r in test_records} == set(background["classes"])  # every class present
-    metrics = veclip.main(["--stage", "eval", "--eval-data", str(tmp_path / "plain.jsonl"), "--class-field", "label",
+    metrics = veclip.main(["eval", "--eval-data", str(tmp_path / "plain.jsonl"), "--class-field", "label",
                            "--text-field", "caption", "--checkpoint", str(tmp_path / "killed" / "checkpoint.pt"),
                            "--templates", *background["templates"], "--out", str(tmp_path / "e")])
     assert {k: metrics[k] for k in RETRIEVAL} == {k: on_world[k] for k in RETRIEVAL}
@@ -688,7 +688,7 @@ def test_resume_continues_from_checkpoint_step(world, tmp_path, monkeypatch):
 
 def test_miniature_main_writes_the_table(tmp_path):
     flags = ["--model", MICRO, "--steps", "2", "--batch-size", "16", "--kernel", "torch"]
-    results = veclip.main(["--stage", "miniature", "--world.n-train", "64", "--world.n-val", "4", "--world.n-test", "24",
+    results = veclip.main(["miniature", "--world.n-train", "64", "--world.n-val", "4", "--world.n-test", "24",
                            *flags, "--out", str(tmp_path)])
     conditions = results["conditions"]
     assert list(conditions) == ["AltText", "VeC", "LLM-VeC", "AltText+LLM-VeC mix"]
@@ -698,7 +698,7 @@ def test_miniature_main_writes_the_table(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["conditions"] == conditions
     # the mix arm is the train stage's default run (p_alt 0.5) on the world's fused captions
     world = ensure_world(dataclasses.replace(TINY_WORLD, seed=0))
-    mix = veclip.main(["--stage", "train", "--data", str(world / "train.jsonl"), "--llm-vec-field", "fused", *flags,
+    mix = veclip.main(["train", "--data", str(world / "train.jsonl"), "--llm-vec-field", "fused", *flags,
                        "--out", str(tmp_path / "mix"), "--eval-data", str(world / "test.jsonl"), "--device", "cpu"])
     assert conditions["AltText+LLM-VeC mix"]["final_loss"][0] == pytest.approx(mix["history"][-1]["loss"], rel=1e-5)
     assert conditions["AltText+LLM-VeC mix"]["i2t_R@1"][0] == pytest.approx(mix["eval"]["i2t_R@1"])
@@ -715,7 +715,7 @@ def test_miniature_arms_differ_only_in_their_captions(tmp_path, monkeypatch):
 
     monkeypatch.setattr(veclip, "train", train)
     monkeypatch.setattr(veclip, "evaluate", lambda *_, **__: {key: 0.0 for key in veclip.COLUMNS})
-    veclip.main(["--stage", "miniature", "--world.n-train", "64", "--world.n-val", "4", "--world.n-test", "24",
+    veclip.main(["miniature", "--world.n-train", "64", "--world.n-val", "4", "--world.n-test", "24",
                  "--model", MICRO, "--steps", "7", "--batch-size", "16", "--seeds", "2", "--out", str(tmp_path)])
     arms = [(a.alt_field, a.llm_vec_field, a.p_alt) for a, _, _ in trained]
     assert arms == [("alt_text", "fused", 1.0), ("alt_text", "synthetic_caption", 0.0), ("alt_text", "fused", 0.0),
