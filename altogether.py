@@ -48,7 +48,7 @@ Deviations from the paper:
      are fp16) under bf16 autocast on GPU; the paper states no precision.
   5. The mapping network's Transformer: pre-norm layers, 8 heads, FFN 2 x d, no dropout (ClipCap's
      TransformerMapper); the paper states only its depth (8) and length (40).
-  6. Miniature world only (every field left at its paper default takes MINIATURE_PRESET): the frozen
+  6. Miniature world only (the `miniature` preset, PRESETS; a flag you give wins): the frozen
      encoder is the world's CLIP scorer, the same model that computes CLIP-S (so the captioner is
      judged by its own eyes); the decoder is a 2-layer OPT of width 128 from a config with a
      word-level tokenizer built from the training texts (no OPT-1.3B, no BPE offline); the world has
@@ -64,6 +64,8 @@ Deviations from the paper:
      right name token the same with and without the prompt); at 3000 stage-2 steps copying appears.
 
 Commands:
+  Smoke run first (every stage on a tiny world in under a minute, to check that everything runs):
+    python altogether.py --preset smoke --out runs/altogether_smoke
   CPU, miniature world (both stages, re-caption the test split with and without alt-text; its
   timings are in docs/altogether.md):
     python altogether.py                                # = python altogether.py miniature --seeds 1
@@ -92,7 +94,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -101,8 +103,10 @@ import torch.nn.functional as F
 import tyro
 from tqdm.auto import tqdm
 
+from common.cli import parse, preset_help
 from common.clip_score import CLIP_S_WEIGHT, encode_texts, load_clip, score_from_features
-from common.clip_train import (MINIATURE_MODEL, TrainConfig, cosine_lr, ensure_miniature_scorer, save_checkpoint)
+from common.clip_train import (MINIATURE_MODEL, SCORER_TRAINING, TrainConfig, cosine_lr, ensure_miniature_scorer,
+                               save_checkpoint)
 from common.data import (SkipCounter, atomic_write_text, generate_sharded, init_distributed, load_pretrained,
                          open_record_image, read_manifest)
 from common.miniature import WorldConfig, alt_text, ensure_world, hallucinated_words, names_kept
@@ -113,6 +117,16 @@ IGNORE = -100  # label of every position that is not a caption token
 PROMPT_SEPARATOR = "; "  # official inference joins the unique alt-texts of an image with it
 STAGES = {"pretrain": 1, "finetune": 2}
 
+# Presets (common/cli.py): Args holds the paper's values; `miniature` (the miniature stage's default) sizes the run for
+# minutes on 2 CPU cores, `smoke` runs every stage in seconds to check that it works. A flag you give always wins.
+MINIATURE = dict(clip_model="miniature", decoder="tiny-opt", prefix_length=10, mapper_layers=2, max_caption_tokens=40,
+                 pretrain_steps=500, finetune_steps=3000, batch_size=32, lr=1e-3, warmup=50, max_new_tokens=40,
+                 gen_batch_size=250, score_model="miniature")
+PRESETS = {"smoke": {**MINIATURE, "prefix_length": 4, "mapper_layers": 1, "max_caption_tokens": 24, "pretrain_steps": 3,
+                     "finetune_steps": 3, "batch_size": 8, "warmup": 1, "max_new_tokens": 8, "world.n_train": 48,
+                     "world.n_val": 4, "world.n_test": 12, "scorer.steps": 5, "scorer.batch_size": 16, "scorer.warmup": 1},
+           "miniature": MINIATURE, "paper": {}}
+
 
 @dataclass
 class Args:
@@ -120,6 +134,7 @@ class Args:
 
     stage: tyro.conf.Positional[Literal["miniature", "pretrain", "finetune", "caption", "eval"]] = "miniature"
     """what to run"""
+    preset: Annotated[Literal["smoke", "miniature", "paper"] | None, tyro.conf.arg(help=preset_help(PRESETS))] = None
     data: str | None = None
     """input manifest (JSONL, see common/data.py)"""
     out: str = "runs/altogether"
@@ -202,16 +217,14 @@ class Args:
     """miniature: trainings with seeds seed .. seed + seeds - 1; the table shows mean ± std"""
     world: WorldConfig = WorldConfig()
     """miniature: the world's knobs"""
+    scorer: TrainConfig = SCORER_TRAINING
+    """miniature: training of the world's CLIP scorer (encoder and judge; trained once per world and recipe, cached)"""
     extra_alt_texts: int = 2
     """miniature: alt-texts drawn from the world's generator per training image for stage 1"""
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     """torch device (under torchrun each rank takes cuda:LOCAL_RANK)"""
 
 
-# Miniature world: fields left at their paper default take these (sized for minutes on 2 CPU cores).
-MINIATURE_PRESET = dict(clip_model="miniature", decoder="tiny-opt", prefix_length=10, mapper_layers=2,
-                        max_caption_tokens=40, pretrain_steps=500, finetune_steps=3000, batch_size=32, lr=1e-3,
-                        warmup=50, max_new_tokens=40, gen_batch_size=250, score_model="miniature")
 TINY_OPT = dict(hidden_size=128, word_embed_proj_dim=128, num_hidden_layers=2, ffn_dim=512, num_attention_heads=4,
                 max_position_embeddings=512, dropout=0.1)
 
@@ -384,7 +397,7 @@ def tokenizer_from_json(text: str, pad_token: str, eos_token: str):
 def load_encoder(args: Args):
     """The frozen CLIP (a common.clip_score bundle); 'miniature' = the world's cached scorer."""
     if args.clip_model == "miniature":
-        return load_clip(MINIATURE_MODEL, str(ensure_miniature_scorer(args.world)), args.device)
+        return load_clip(MINIATURE_MODEL, str(ensure_miniature_scorer(args.world, args.scorer)), args.device)
     # random weights (pretrained None, tests only) are seeded so that every stage sees the same encoder
     torch.manual_seed(0)
     return load_clip(args.clip_model, args.clip_pretrained, args.device)
@@ -424,7 +437,7 @@ def checkpoint_payload(captioner: Captioner, tokenizer, args: Args, encoder, ste
 
 
 def encoder_source(args: Args) -> str | None:
-    return str(ensure_miniature_scorer(args.world)) if args.clip_model == "miniature" else args.clip_pretrained
+    return str(ensure_miniature_scorer(args.world, args.scorer)) if args.clip_model == "miniature" else args.clip_pretrained
 
 
 def captioner_from_checkpoint(payload: dict) -> tuple[Captioner, object]:
@@ -663,7 +676,7 @@ def caption_metrics(records: list[dict], captions: list[str], scorer, img_feats:
 
 def load_scorer(args: Args):
     if args.score_model == "miniature":
-        return load_clip(MINIATURE_MODEL, str(ensure_miniature_scorer(args.world)), args.device)
+        return load_clip(MINIATURE_MODEL, str(ensure_miniature_scorer(args.world, args.scorer)), args.device)
     torch.manual_seed(0)
     return load_clip(args.score_model, args.score_pretrained, args.device)
 
@@ -763,23 +776,15 @@ def run_miniature(args: Args) -> dict:
     table = markdown_table(summary, args, seconds, len(test_records))
     atomic_write_text(out / "results.md", table)
     results = {"rows": summary, "seeds": args.seeds, "seconds": seconds, "world": dataclasses.asdict(args.world),
-               "preset": {k: getattr(args, k) for k in MINIATURE_PRESET}}
+               "preset": {"name": args.preset, "values": PRESETS[args.preset]}}
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     print(table)
     return results
 
 
-def resolve(args: Args) -> Args:
-    """In the miniature stage, every field left at its paper default takes MINIATURE_PRESET's value."""
-    if args.stage != "miniature":
-        return args
-    defaults = Args()
-    return dataclasses.replace(args, **{k: v for k, v in MINIATURE_PRESET.items() if getattr(args, k) == getattr(defaults, k)})
-
-
 def main(argv=None) -> dict:
     """Run the stage named by the first argument; return its log (train), counts (caption) or metrics (eval, miniature)."""
-    args = resolve(tyro.cli(Args, args=argv))
+    args = parse(Args, argv, PRESETS)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     if not 0.0 <= args.p_drop_alt <= 1.0:

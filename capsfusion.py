@@ -64,6 +64,8 @@ Deviations from the paper:
      and the training samples (scaling's `fused` arm, as the paper scales CapsFus-LLaMA's output).
 
 Commands:
+  Smoke run first (every stage on a tiny world in under a minute, to check that everything runs):
+    python capsfusion.py --preset smoke --out runs/capsfusion_smoke
   CPU, miniature world (timings in docs/capsfusion.md; scaling's 20 CLIP trainings dominate, and
   --sizes and --clip-batch-size are the knobs that shorten it):
     python capsfusion.py                        # = python capsfusion.py miniature --seed 0 --seeds 1
@@ -100,7 +102,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
@@ -108,6 +110,7 @@ import torch.distributed as dist
 import tyro
 from tqdm.auto import tqdm
 
+from common.cli import parse, preset_help
 from common.clip_train import (MINIATURE_MODEL, TrainConfig, create_clip, evaluate_world, encode_images, encode_texts,
                                preprocess_images, retrieval_metrics, save_checkpoint, train_clip)
 from common.data import (BadSampleError, SkipCounter, atomic_write_text, generate_sharded, init_distributed,
@@ -127,12 +130,20 @@ INSTRUCTION = FUSION_PROMPT.split("\n")[0]
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
 
 
+# Presets (common/cli.py): Args holds the defaults of every stage; `smoke` runs every stage of the miniature run in
+# seconds to check that it works. A flag you give always wins.
+PRESETS = {"smoke": {"sizes": (16, 64), "clip_model": "micro-ViT-16", "clip_batch_size": 16, "max_new_tokens": 8,
+                     "world.n_train": 64, "world.n_val": 4, "world.n_test": 24},
+           "miniature": {}}
+
+
 @dataclass
 class Args:
     """CapsFusion stages: caption, fuse, sft, eval, scaling over manifests; miniature runs them on the miniature world."""
 
     stage: tyro.conf.Positional[Literal["miniature", "caption", "fuse", "sft", "eval", "scaling"]] = "miniature"
     """what to run"""
+    preset: Annotated[Literal["smoke", "miniature"] | None, tyro.conf.arg(help=preset_help(PRESETS))] = None
     data: str | None = None
     """input manifest (JSONL, see common/data.py)"""
     out: str = "runs/capsfusion"
@@ -806,7 +817,7 @@ def run_miniature(args: Args) -> dict:
 
 def main(argv=None) -> dict:
     """Run the stage named by the first argument; return its metrics (sft/eval/scaling/miniature) or counts (caption/fuse)."""
-    args = tyro.cli(Args, args=argv)
+    args = parse(Args, argv, PRESETS)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     if args.stage == "miniature":

@@ -46,6 +46,8 @@ Deviations from the paper (no official code exists; the closest is apple/ml-mobi
   9. Only the attention stage runs under torchrun (images sharded over ranks, sums all-reduced,
      rank 0 writes); pretraining and probes have no multi-process path and refuse to start under it.
 
+Smoke run first (every stage on a tiny world in under a minute, to check that everything runs):
+    python clip_quality.py --preset smoke --out runs/clip_quality_smoke
 Miniature world (CPU; a controlled experiment, not evidence about real data):
     python clip_quality.py                       # = python clip_quality.py miniature --seeds 1
     python clip_quality.py miniature --seeds 3   # seeds 0, 1, 2
@@ -77,7 +79,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Annotated, Callable, Literal, Sequence
 
 import numpy as np
 import open_clip
@@ -89,6 +91,7 @@ import tyro
 from PIL import Image
 
 from common.claims import mean_spread, verdict
+from common.cli import parse, preset_help
 from common.clip_train import (MINIATURE_MODEL, TrainConfig, contrastive_loss, create_clip, encode_images,
                                encode_texts, evaluate_world, preprocess_images, retrieval_metrics, save_checkpoint,
                                train_clip)
@@ -101,12 +104,21 @@ Regime = Literal["datacomp", "datacompdr", "swap"]
 MINIATURE_TRAINING = TrainConfig(steps=200, batch_size=128, lr=2e-3, warmup=20, seed=0)
 
 
+# Presets (common/cli.py): Args holds the defaults of every stage; `smoke` runs every stage of the miniature run in
+# seconds to check that it works. A flag you give always wins.
+PRESETS = {"smoke": {"model": "micro-ViT-16", "train.steps": 2, "train.batch_size": 16, "train.warmup": 1,
+                     "probe_steps": 3, "probe_batch_size": 8, "probe_train_images": 16, "attention_images": 4,
+                     "subset_fractions": (0.5, 1.0), "world.n_train": 48, "world.n_val": 4, "world.n_test": 16},
+           "miniature": {}}
+
+
 @dataclass
 class Args:
     """CLIP with Quality Captions: pretrain, probe, efficiency, attention, or the whole miniature run."""
 
     stage: tyro.conf.Positional[Literal["miniature", "pretrain", "probe", "efficiency", "attention"]] = "miniature"
     """what to run; `miniature` runs every stage on the miniature world and writes results.md"""
+    preset: Annotated[Literal["smoke", "miniature"] | None, tyro.conf.arg(help=preset_help(PRESETS))] = None
     out: str = "runs/clip_quality"
     """output folder (each stage writes its JSON/PNG/checkpoints under it)"""
     world: WorldConfig = WorldConfig()
@@ -859,7 +871,7 @@ def distributed_attention(args: Args) -> dict:
 
 
 def main(argv=None) -> dict:
-    args = tyro.cli(Args, args=argv)
+    args = parse(Args, argv, PRESETS)
     out = Path(args.out)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         if args.stage != "attention":

@@ -47,8 +47,8 @@ Deviations from the paper:
      taking its share), where the official code streams shuffled webdataset shards.
   6. SCST's baseline is the mean reward of the *other* k-1 candidates (PAPERS.md), the loss the
      token-averaged log-prob times the advantage; its candidates are the same k beams as DiCO's.
-  7. Miniature world only (every field at its paper default and not given on the command line takes
-     MINIATURE_PRESET; a flag you give always wins, even at the paper's value): a much smaller
+  7. Miniature world only (the `miniature` preset, PRESETS, wherever no data flag is given; a
+     flag you give always wins, even at the paper's value): a much smaller
      captioner; the frozen image encoder is the world's CLIP scorer itself (the paper uses ViT-L/14
      for the captioner and ViT-B/32 for PAC-S), so captioner and evaluator share a visual tower;
      the softmax is restricted to the BPE tokens the training captions use (--restrict-vocab, about
@@ -72,6 +72,8 @@ Deviations from the paper:
      (Hugging Face CLIPVisionTransformer's last_hidden_state); the unreadable images of a job are
      logged, counted, skipped and reported at the end (--strict stops at the first).
 
+Smoke run first (every stage on a tiny world in under a minute, to check that everything runs):
+    python dico.py --preset smoke --out runs/dico_smoke
 Miniature run (CPU; XE, then DiCO and SCST from the same XE checkpoint, then eval). Its results and
 timings, and why the paper's claims do not show in the miniature world, are in docs/dico.md:
     python dico.py                                  # = python dico.py miniature
@@ -96,11 +98,10 @@ import math
 import pickle
 import re
 import string
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import numpy as np
 import open_clip
@@ -110,13 +111,31 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
+from common import cli
 from common.clip_score import (CLIP_S_WEIGHT, PAC_S_WEIGHT, PREFIX, encode_images, encode_reference_groups,
                                encode_texts, harmonic_mean, load_clip, ref_similarity, score_from_features)
-from common.clip_train import MINIATURE_MODEL, ensure_miniature_scorer, save_checkpoint
+from common.clip_train import MINIATURE_MODEL, SCORER_TRAINING, TrainConfig, ensure_miniature_scorer, save_checkpoint
 from common.data import (BadSampleError, SkipCounter, atomic_write_text, image_path, init_distributed,
                          load_coco_karpathy, open_record_image, read_manifest)
 from common.miniature import WorldConfig, ensure_world, hallucinated_words, names_kept
 from kernels.dico import dico_loss, dico_stats, sequence_logprobs
+
+
+# Presets (common/cli.py): Args holds the official scripts' values; `miniature` (the default wherever the data is the
+# miniature world) sizes the run for minutes on 2 CPU cores, `smoke` runs every stage in seconds to check that it
+# works. A flag you give always wins, even at the paper's value.
+MINIATURE = dict(
+    encoder_model="miniature", clip_s_model="miniature", pacs_model="miniature", d_model=128,
+    encoder_layers=1, decoder_layers=2, heads=4, ffn=512, restrict_vocab=True, cache_features=True,
+    xe_steps=350, xe_batch_size=64, xe_lr=1e-3, xe_eval_every=70, steps=120, batch_size=16, lr=1e-4, eval_beam=3,
+    eval_every=40, save_every=40, val_images=100, eval_images=300,
+)
+PRESETS = {"smoke": {**MINIATURE, "d_model": 32, "heads": 2, "ffn": 64, "decoder_layers": 1, "max_len": 12,
+                     "xe_steps": 6, "xe_batch_size": 8, "xe_eval_every": 3, "steps": 4, "batch_size": 4, "eval_beam": 2,
+                     "eval_every": 2, "save_every": 2, "val_images": 6, "eval_images": 6, "world.n_train": 48,
+                     "world.n_val": 12, "world.n_test": 12, "world.n_synthetic": 1, "scorer.steps": 5,
+                     "scorer.batch_size": 16, "scorer.warmup": 1},
+           "miniature": MINIATURE, "paper": {}}
 
 
 @dataclass
@@ -127,6 +146,8 @@ class Args:
 
     stage: tyro.conf.Positional[Literal["miniature", "xe", "dico", "eval"]] = "miniature"
     """miniature: xe + dico + scst + eval in the miniature world; or one stage"""
+    preset: Annotated[Optional[Literal["smoke", "miniature", "paper"]], tyro.conf.arg(
+        help=cli.preset_help(PRESETS) + " (here the miniature preset is the default wherever no data flag is given)")] = None
     out: str = "runs/dico"
     """output folder: <out>/xe, <out>/dico, <out>/scst, <out>/eval"""
     seed: int = 0
@@ -146,6 +167,8 @@ class Args:
     """test manifest (the eval stage)"""
     world: WorldConfig = field(default_factory=WorldConfig)
     """the miniature world, used when no data is given"""
+    scorer: TrainConfig = SCORER_TRAINING
+    """miniature: training of the world's CLIP scorer (encoder, reward and judge; trained once per world and recipe)"""
     # --- models -----------------------------------------------------------------------------
     encoder_model: str = "ViT-L-14"  # official: frozen CLIP ViT-L/14
     """frozen open_clip image encoder whose last hidden states the captioner reads ('miniature' ok)"""
@@ -241,16 +264,6 @@ class Args:
     """stop at the first unreadable image instead of skipping it (skipped images are counted and reported)"""
     device: Optional[str] = None
     """cuda or cpu (default: cuda when available)"""
-
-
-# Used in the miniature world for every field left at its paper default and not given on the
-# command line (CPU, a few minutes in all).
-MINIATURE_PRESET = dict(
-    encoder_model="miniature", clip_s_model="miniature", pacs_model="miniature", d_model=128,
-    encoder_layers=1, decoder_layers=2, heads=4, ffn=512, restrict_vocab=True, cache_features=True,
-    xe_steps=350, xe_batch_size=64, xe_lr=1e-3, xe_eval_every=70, steps=120, batch_size=16, lr=1e-4, eval_beam=3,
-    eval_every=40, save_every=40, val_images=100, eval_images=300,
-)
 
 
 # ============================================================================================
@@ -523,32 +536,9 @@ def is_miniature(args: Args) -> bool:
     return not (args.coco_karpathy or args.train_manifest or args.val_manifest or args.test_manifest)
 
 
-def explicit_flags(argv: list[str]) -> set[str]:
-    """The Args fields named on a command line: `--flag value`, `--flag=value`, `--flag` / `--no-flag`."""
-    fields = {f.name for f in dataclasses.fields(Args)}
-    named = set()
-    for word in argv:
-        if word.startswith("--"):
-            name = word[2:].split("=", 1)[0].replace("-", "_")
-            name = name[3:] if name not in fields and name.startswith("no_") else name
-            named.add(name)
-    return named & fields
-
-
-def resolve(args: Args, explicit: set[str] = frozenset()) -> Args:
-    """In the miniature world, every field at its paper default and not in `explicit` takes MINIATURE_PRESET's value."""
-    if not is_miniature(args):
-        return args
-    defaults = Args()
-    changes = {key: value for key, value in MINIATURE_PRESET.items()
-               if key not in explicit and getattr(args, key) == getattr(defaults, key)}
-    return dataclasses.replace(args, **changes)
-
-
 def parse(argv: Optional[list[str]] = None) -> Args:
-    """The command line's Args with the miniature preset applied; a flag given explicitly always wins."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    return resolve(tyro.cli(Args, args=argv), explicit_flags(argv))
+    """The command line's Args: the miniature preset wherever the data is the miniature world (common/cli.py)."""
+    return cli.parse(Args, argv, PRESETS, lambda args: "miniature" if is_miniature(args) else "paper")
 
 
 def load_split(args: Args, split: str) -> list[dict]:
@@ -574,10 +564,10 @@ _BUNDLES: dict = {}
 
 def load_scorer(args: Args, model: str, pretrained: Optional[str], pacs_checkpoint: Optional[str] = None):
     """An open_clip bundle, loaded once per process; 'miniature' = the scorer of args.world."""
-    key = (model, pretrained, pacs_checkpoint, args.world if model == "miniature" else None)
+    key = (model, pretrained, pacs_checkpoint, (args.world, args.scorer) if model == "miniature" else None)
     if key not in _BUNDLES:
         if model == "miniature":
-            path = ensure_miniature_scorer(args.world)
+            path = ensure_miniature_scorer(args.world, args.scorer)
             _BUNDLES[key] = load_clip(MINIATURE_MODEL, str(path), args.device)
         else:
             _BUNDLES[key] = load_clip(model, pretrained, args.device, pacs_checkpoint=pacs_checkpoint)

@@ -51,6 +51,8 @@ Deviations from the paper:
      `fused` for Vicuna's LLM-VeC (a template fusion, not an LLM): no VLM or LLM runs there.
 
 Commands:
+  Smoke run first (every stage on a tiny world in under a minute, to check that everything runs):
+    python veclip.py --preset smoke --out runs/veclip_smoke
   CPU, miniature world (its timings are in docs/veclip.md):
     python veclip.py                         # = python veclip.py miniature --seeds 1
     python veclip.py miniature --seeds 3 --out runs/veclip_miniature
@@ -89,6 +91,7 @@ import tyro
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from tqdm.auto import tqdm
 
+from common.cli import parse, preset_help
 from common.clip_train import (MINIATURE_MODEL, TrainConfig, cosine_lr, create_clip, encode_images, encode_texts,
                                make_optimizer, preprocess_images, retrieval_metrics, save_checkpoint, zero_shot_accuracy)
 from common.data import (BadSampleError, ManifestError, SkipCounter, atomic_write_text, generate_sharded, image_path,
@@ -120,12 +123,20 @@ CLIP_TEMPLATES = tuple(template("{}") for template in OPENAI_IMAGENET_TEMPLATES)
 MIX_STREAM = 7  # seeds the mixing draws apart from the data order
 
 
+# Presets (common/cli.py): Args holds the defaults of every stage; `smoke` runs every stage of the miniature run in
+# seconds to check that it works. A flag you give always wins.
+PRESETS = {"smoke": {"model": "micro-ViT-16", "steps": 2, "batch_size": 16, "world.n_train": 64, "world.n_val": 4,
+                     "world.n_test": 24},
+           "miniature": {}}
+
+
 @dataclass
 class Args:
     """VeCLIP stages: vec, fuse, train, eval over manifests; miniature runs the comparison on the miniature world."""
 
     stage: tyro.conf.Positional[Literal["miniature", "vec", "fuse", "train", "eval"]] = "miniature"
     """what to run"""
+    preset: Annotated[Literal["smoke", "miniature"] | None, tyro.conf.arg(help=preset_help(PRESETS))] = None
     data: str | None = None
     """input manifest of vec, fuse and train (JSONL, see common/data.py)"""
     out: str = "runs/veclip"
@@ -679,7 +690,7 @@ def run_miniature(args: Args) -> dict:
 
 def main(argv=None) -> dict:
     """Run the stage named by the first argument; return its metrics (train/eval/miniature) or counts (vec/fuse)."""
-    args = tyro.cli(Args, args=argv)
+    args = parse(Args, argv, PRESETS)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     if not 0.0 <= args.p_alt <= 1.0:

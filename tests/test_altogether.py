@@ -65,8 +65,8 @@ def test_labels_cover_exactly_the_caption_tokens_with_and_without_padding():
 
 def test_loss_is_the_mean_cross_entropy_of_caption_tokens_and_positions_skip_pads():
     vocab = 7
-    logits = torch.randn(1, 5, vocab)
-    labels = torch.tensor([[-100, -100, 3, 4, -100]])  # tokens 3 and 4 at positions 2 and 3
+    logits = torch.randn(1, 6, vocab)
+    labels = torch.tensor([[-100, -100, 3, 4, -100, -100]])  # tokens 3 and 4 at positions 2 and 3; 3 others ignored
     terms = altogether.caption_loss(logits, labels)
     expected = -(logits[0, 1].log_softmax(-1)[3] + logits[0, 2].log_softmax(-1)[4]) / 2
     assert torch.allclose(terms["loss"], expected) and terms["tokens"].item() == 2
@@ -87,15 +87,37 @@ def test_long_alt_text_keeps_its_first_128_tokens_and_empty_alt_text_is_no_promp
     assert altogether.inference_prompt({"alt_text": ""}, "alt_text") == ""
 
 
+def test_prompts_and_captions_get_no_special_tokens_from_a_tokenizer_that_adds_a_bos():
+    """OPT's tokenizer puts </s> in front of every text it encodes with special tokens; V starts the sequence instead."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = tokenizer()
+    words = tok("red circle", add_special_tokens=False)["input_ids"]
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="</s> $A", special_tokens=[("</s>", tok.eos_token_id)])
+    assert tok("red circle")["input_ids"] == [tok.eos_token_id] + words  # as OPT's
+    ids, mask = altogether.encode_prompts(tok, ["red circle"], 128)
+    assert ids.tolist() == [words] and mask.tolist() == [[1, 1]]
+    ids, mask = altogether.encode_captions(tok, ["red circle"], 64)
+    assert ids.tolist() == [words + [tok.eos_token_id]] and mask.tolist() == [[True] * 3]
+
+
+def test_decoding_is_the_papers_sampling_or_greedy_or_beam():
+    options = {mode: altogether.decoding_options(altogether.Args(decoding=mode)) for mode in ("sample", "greedy", "beam")}
+    assert options == {"sample": {"do_sample": True, "temperature": 0.2, "top_p": 0.7},
+                       "greedy": {"do_sample": False, "num_beams": 1},
+                       "beam": {"do_sample": False, "num_beams": 3}}
+
+
 def test_training_pairs_follow_the_stages():
     args = altogether.Args(p_drop_alt=0.0, target_field="round3")
-    record = {"alt_text": ["short alt", "the longest alt-text of all", "mid alt text"], "round3": "re-aligned"}
+    # the longest is neither the first nor the last in order nor the largest string ("zebra alt" is)
+    record = {"alt_text": ["zebra alt", "a longest alt-text of all", "mid alt text"], "round3": "re-aligned"}
     rng = np.random.default_rng(0)
     for _ in range(10):
         prompt, target = altogether.training_pair(record, "pretrain", args, rng)
-        assert target == "the longest alt-text of all" and prompt in ("short alt", "mid alt text")
+        assert target == "a longest alt-text of all" and prompt in ("zebra alt", "mid alt text")
     assert altogether.training_pair(record, "finetune", args, rng) == (
-        "short alt; the longest alt-text of all; mid alt text", "re-aligned")
+        "zebra alt; a longest alt-text of all; mid alt text", "re-aligned")
     assert altogether.training_pair({"alt_text": "only one"}, "pretrain", args, rng) == ("", "only one")
     dropped = [altogether.training_pair(record, "finetune", altogether.Args(p_drop_alt=0.5, target_field="round3"), rng)[0] == ""
                for _ in range(2000)]
@@ -179,8 +201,8 @@ def test_the_paper_settings_are_the_defaults():
 
 
 def test_a_step_trains_mapper_and_decoder_but_not_the_clip_encoder(world, tmp_path):
-    args = altogether.resolve(altogether.tyro.cli(altogether.Args, args=SMALL + [
-        "pretrain", "--decoder", "tiny-opt", "--out", str(tmp_path), "--pretrain-steps", "1"]))
+    args = altogether.parse(altogether.Args, SMALL + ["pretrain", "--decoder", "tiny-opt", "--out", str(tmp_path),
+                                                     "--pretrain-steps", "1"], altogether.PRESETS)
     records = read_manifest(world / "train.jsonl")
     encoder = altogether.load_encoder(args)
     clip_before = {k: v.clone() for k, v in encoder.model.state_dict().items()}
@@ -352,16 +374,32 @@ def test_missing_decoder_and_checkpoint_name_the_flag(world, tmp_path):
 # ---- the default run, in miniature -----------------------------------------------------------
 
 
-def test_miniature_main_writes_the_table(tmp_path):
-    results = altogether.main(["--world.n-train", "32", "--world.n-val", "2", "--world.n-test", "10",
-                               "--clip-model", MICRO, "--clip-pretrained", "None", "--score-model", MICRO,
-                               "--score-pretrained", "None", "--pretrain-steps", "2", "--finetune-steps", "2",
-                               "--batch-size", "8", "--max-new-tokens", "5", "--out", str(tmp_path)])
+def test_smoke_preset_runs_every_stage_of_the_miniature_run(tmp_path):
+    """The header's first command: both stages, captioning with and without alt-text, the table; the smoke preset's
+    values ran (a flag given beside it wins)."""
+    results = altogether.main(["--preset", "smoke", "--max-new-tokens", "5", "--out", str(tmp_path)])
     assert set(results["rows"]) == set(altogether.ROWS)
     assert results["rows"]["ground truth"]["names kept %"] == [100.0]
     table = (tmp_path / "results.md").read_text()
     assert all(f"| {row} |" in table for row in altogether.ROWS)
-    assert json.loads((tmp_path / "results.json").read_text())["preset"]["decoder"] == "tiny-opt"
+    assert json.loads((tmp_path / "results.json").read_text())["preset"] == {"name": "smoke",
+                                                                          "values": altogether.PRESETS["smoke"]}
+    assert [h["step"] for h in torch.load(tmp_path / "seed0" / "finetune.pt", weights_only=True)["history"]] == [0, 1, 2]
+    examples = json.loads((tmp_path / "seed0" / "examples.json").read_text())  # word-level tokens: at most 5 words
+    assert examples and all(len(e[row].split()) <= 5 for e in examples for row in ("Altogether w/ alt", "Altogether w/o alt"))
+
+
+def test_presets_set_defaults_and_a_given_flag_wins_even_at_the_paper_value():
+    paper, miniature = altogether.Args(), altogether.parse(altogether.Args, [], altogether.PRESETS)
+    assert (miniature.stage, miniature.preset, miniature.lr, miniature.decoder) == ("miniature", "miniature", 1e-3,
+                                                                                   "tiny-opt")
+    given = altogether.parse(altogether.Args, ["miniature", "--lr", str(paper.lr), "--decoder", paper.decoder],
+                             altogether.PRESETS)
+    assert (given.lr, given.decoder, given.batch_size) == (paper.lr, paper.decoder, 32)
+    assert altogether.parse(altogether.Args, ["caption"], altogether.PRESETS) == altogether.Args(stage="caption",
+                                                                                                   preset="paper")
+    smoke = altogether.parse(altogether.Args, ["--preset", "smoke"], altogether.PRESETS)
+    assert (smoke.world.n_train, smoke.scorer.steps, smoke.finetune_steps) == (48, 5, 3)
 
 
 # ---- the documented real commands: tiny random weights of the real architectures, offline ----------
@@ -451,3 +489,15 @@ def test_caption_under_torchrun_with_two_ranks_equals_one_process(world, finetun
     one, two = read_manifest(tmp_path / "one.jsonl"), read_manifest(tmp_path / "two.jsonl")
     assert [r["id"] for r in two] == [r["id"] for r in rows]
     assert [r["altogether"] for r in two] == [r["altogether"] for r in one]
+
+
+def test_help_shows_the_values_that_will_run(capsys):
+    """`--help` of the miniature stage shows the miniature preset's values; of another stage, the paper's."""
+    import re
+
+    for argv, decoder in ((["--help"], "tiny-opt"), (["pretrain", "--help"], "facebook/opt-1.3b")):
+        with pytest.raises(SystemExit):
+            altogether.main(argv)
+        flat = " ".join(capsys.readouterr().out.replace("│", " ").split())  # the help box's text, unwrapped
+        assert re.search(r"--decoder STR .*?\(default: ([^)]+)\)", flat).group(1) == decoder, argv
+        assert "smoke: --clip-model miniature --decoder tiny-opt --prefix-length 4" in flat

@@ -885,11 +885,8 @@ def test_miniature_scales_the_fusers_captions_of_the_training_split(tmp_path, mo
     assert "| teacher |" in table and "| fuser |" in table
 
 
-@pytest.mark.slow  # sft, fuse, eval and 8 CLIP trainings: 20-60 s on 2 busy cores
-def test_miniature_main_writes_table_plot_and_json(tmp_path):
-    results = capsfusion.main(["--world.n-train", "64", "--world.n-val", "4", "--world.n-test", "24", "--sizes", "16", "64",
-                               "--clip-model", "micro-ViT-16", "--clip-batch-size", "16", "--max-new-tokens", "8",
-                               "--out", str(tmp_path)])
+def test_smoke_preset_runs_every_stage_and_writes_table_plot_and_json(tmp_path):
+    results = capsfusion.main(["--preset", "smoke", "--out", str(tmp_path)])  # the header's first command
     fusion = results["fusion"][0]
     assert set(fusion) == {"raw", "synthetic", "teacher", "fuser"}
     assert fusion["teacher"]["names_kept"] > fusion["synthetic"]["names_kept"] == 0.0

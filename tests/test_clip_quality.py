@@ -387,9 +387,8 @@ def test_efficiency_stage(tmp_path):
     assert (tmp_path / "efficiency.png").exists() and (tmp_path / "efficiency.json").exists()
 
 
-@pytest.mark.slow
-def test_miniature_stage_writes_the_report(tmp_path):
-    results = cq.main(["miniature", "--out", str(tmp_path), "--subset-fractions", "0.5", "1.0", *TINY])
+def test_smoke_preset_runs_every_stage_and_writes_the_report(tmp_path):
+    results = cq.main(["--preset", "smoke", "--out", str(tmp_path)])  # the header's first command
     text = (tmp_path / "results.md").read_text()
     assert "| datacomp |" in text and "| datacompdr |" in text and "| random init |" in text
     assert json.loads((tmp_path / "results.json").read_text())["probe"] == results["probe"]

@@ -282,9 +282,7 @@ def test_collapse_indicators_by_hand():
 
 def test_metrics_match_common_clip_score(scorer):
     path, _ = scorer
-    args = dico.resolve(dico.Args(world=WORLD, encoder_model="micro-ViT-16", encoder_pretrained=path,
-                                  clip_s_model="micro-ViT-16", clip_s_pretrained=path, pacs_model="micro-ViT-16",
-                                  pacs_pretrained=path, device="cpu"))
+    args = dico.parse(["eval", *WORLD_FLAGS, *model_flags(path), "--device", "cpu"])  # the miniature preset
     records = dico.load_split(args, "test")[:5]
     bank = dico.ImageBank(args, records)
     tokens, kept = bank.visual_tokens([0, 1])
@@ -522,15 +520,16 @@ def test_defaults_are_the_official_scripts():
 
 
 def test_explicit_flags_win_over_the_miniature_preset():
-    assert {k: getattr(dico.parse([]), k) for k in dico.MINIATURE_PRESET} == dico.MINIATURE_PRESET  # unchanged
+    assert {k: getattr(dico.parse([]), k) for k in dico.MINIATURE} == dico.MINIATURE  # the miniature stage's default
     args = dico.parse(["miniature", "--lr", "1e-6", "--steps=10000", "--no-restrict-vocab", "--xe_batch_size", "512",
                        "--world.n-train", "48"])
     assert (args.lr, args.steps, args.restrict_vocab, args.xe_batch_size) == (1e-6, 10000, False, 512)
     assert (args.xe_lr, args.xe_steps, args.d_model, args.world.n_train) == (1e-3, 350, 128, 48)  # the preset
-    real = dico.parse(["xe", "--train-manifest", "train.jsonl"])  # real data: no preset at all
-    assert (real.xe_steps, real.d_model, real.encoder_model) == (10000, 512, "ViT-L-14")
-    assert dico.explicit_flags(["--steps=3", "--no-cache-features", "--world.n-val", "4", "5", "--nope"]) == {
-        "steps", "cache_features"}
+    assert dico.parse(["xe"]).xe_steps == 350  # no data flag: the miniature world and its preset
+    real = dico.parse(["xe", "--train-manifest", "train.jsonl"])  # real data: the paper's values
+    assert (real.xe_steps, real.d_model, real.encoder_model, real.preset) == (10000, 512, "ViT-L-14", "paper")
+    smoke = dico.parse(["--preset", "smoke", "--steps", "5"])
+    assert (smoke.xe_steps, smoke.steps, smoke.scorer.steps, smoke.world.n_train) == (6, 5, 5, 48)
 
 
 def test_xe_keeps_the_best_validation_cider_and_dico_the_best_refpacs(scorer, tmp_path, monkeypatch):
@@ -721,8 +720,9 @@ def test_real_run_commands_with_the_real_architectures_at_tiny_width(tmp_path, m
     torch.testing.assert_close(tokens, last_block_tokens(encoder_ref.visual, pixels))
 
 
-@pytest.mark.slow
-def test_miniature_stage_end_to_end(scorer, tmp_path):
-    result = dico.main(tiny_args(scorer, tmp_path / "mini", "miniature", "--xe-steps", "6", "--steps", "4"))
+def test_smoke_preset_runs_every_stage_of_the_miniature_run(tmp_path):
+    """The header's first command: XE, DiCO, SCST and eval on a tiny world with a scorer trained for 5 steps."""
+    result = dico.main(["--preset", "smoke", "--out", str(tmp_path / "mini")])
     assert set(result["per_seed"][0]) >= {"ground truth", "xe/best", "dico/last", "scst/last"}
+    assert [row["step"] for row in train_rows(tmp_path / "mini" / "seed0", "dico")][-1] == 4  # the preset's 4 steps
     assert (tmp_path / "mini" / "results.md").exists()

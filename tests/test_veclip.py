@@ -686,10 +686,10 @@ def test_resume_continues_from_checkpoint_step(world, tmp_path, monkeypatch):
 # ---- the default run, in miniature -----------------------------------------------------------
 
 
-def test_miniature_main_writes_the_table(tmp_path):
-    flags = ["--model", MICRO, "--steps", "2", "--batch-size", "16", "--kernel", "torch"]
-    results = veclip.main(["miniature", "--world.n-train", "64", "--world.n-val", "4", "--world.n-test", "24",
-                           *flags, "--out", str(tmp_path)])
+def test_smoke_preset_runs_the_miniature_run_and_writes_the_table(tmp_path):
+    """The header's first command (the smoke preset: tiny world, micro CLIP, 2 steps per condition)."""
+    flags = ["--model", MICRO, "--steps", "2", "--batch-size", "16"]  # the smoke preset's, for the train stage below
+    results = veclip.main(["--preset", "smoke", "--out", str(tmp_path)])
     conditions = results["conditions"]
     assert list(conditions) == ["AltText", "VeC", "LLM-VeC", "AltText+LLM-VeC mix"]
     table = (tmp_path / "results.md").read_text()
