@@ -574,11 +574,16 @@ def load_scorer(args: Args, model: str, pretrained: Optional[str], pacs_checkpoi
     return _BUNDLES[key]
 
 
-def evaluators(args: Args) -> dict:
-    """{"clip_s": (bundle, w), "pac_s": (bundle, w)}."""
+def require_pacs_weights(args: Args) -> None:
+    """PAC-S's fine-tuned weights, checked when a run starts rather than at its first validation."""
     own_file = args.pacs_pretrained is not None and Path(args.pacs_pretrained).is_file()
     if args.pacs_model != "miniature" and args.pacs_checkpoint is None and not own_file:
         raise ValueError("PAC-S needs its fine-tuned weights: pass --pacs-checkpoint /path/to/clip_ViT-B-32.pth")
+
+
+def evaluators(args: Args) -> dict:
+    """{"clip_s": (bundle, w), "pac_s": (bundle, w)}."""
+    require_pacs_weights(args)
     return {"clip_s": (load_scorer(args, args.clip_s_model, args.clip_s_pretrained), CLIP_S_WEIGHT),
             "pac_s": (load_scorer(args, args.pacs_model, args.pacs_pretrained, args.pacs_checkpoint), PAC_S_WEIGHT)}
 
@@ -775,6 +780,7 @@ def train(args: Args, stage: str) -> dict:
     by its share of the batch's denominator (tokens for XE, usable images for DiCO, usable candidates
     for SCST), so any number of ranks and micro-batches takes the step one process would.
     """
+    require_pacs_weights(args)  # the first validation needs them: say so before any training
     rank, world_size, device = init_distributed(args.device)
     args = dataclasses.replace(args, device=device)
     out = Path(args.out) / stage

@@ -494,6 +494,10 @@ def test_real_run_without_pacs_checkpoint_names_the_flag(tmp_path):
     args = dico.Args(train_manifest="x.jsonl")
     with pytest.raises(ValueError, match="--pacs-checkpoint"):
         dico.evaluators(args)
+    # checked when the run starts: before the data (here missing) is read or anything is trained
+    with pytest.raises(ValueError, match="--pacs-checkpoint"):
+        dico.main(["xe", "--train-manifest", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path)])
+    assert not (tmp_path / "xe").exists()
 
 
 # --------------------------------------------------------------------------------------------
