@@ -249,7 +249,7 @@ class MappingNetwork(nn.Module):
     def forward(self, img_emb: torch.Tensor) -> torch.Tensor:
         b = img_emb.shape[0]
         projected = self.project(img_emb).view(b, self.prefix_length, -1)  # (B, M, d)
-        # V = Transformer([Linear(v); P])[M:], P the M learned prefix tokens
+        # step 1: V = Transformer([Linear(v); P])[M:], P the M learned prefix tokens
         return self.transformer(torch.cat([projected, self.prefix.expand(b, -1, -1)], dim=1))[:, self.prefix_length:]
 
 
@@ -329,7 +329,7 @@ def sequence_labels(n_visual: int, prompt_mask: torch.Tensor, caption_ids: torch
 
 def caption_loss(logits: torch.Tensor, labels: torch.Tensor) -> dict:
     """Cross-entropy on the caption tokens only: {"loss", "tokens"}."""
-    # L = -1/|C| sum_{t in C} log p(y_t | y_<t, prompt, V): the logits at t - 1 predict token t
+    # step 2: L = -1/|C| sum_{t in C} log p(y_t | y_<t, prompt, V): the logits at t - 1 predict token t
     targets = labels[:, 1:]
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
     return {"loss": loss, "tokens": (targets != IGNORE).sum()}
@@ -346,7 +346,7 @@ def training_pair(record: dict, stage: str, args: Args, rng: np.random.Generator
     """(prompt, target) of one draw; the prompt is dropped with probability p_drop_alt."""
     alts = alt_texts_of(record, args.alt_field)
     if stage == "pretrain":
-        # stage 1: target = the longest alt-text, prompt = another alt-text of the same image
+        # step 3, stage 1: target = the longest alt-text, prompt = another alt-text of the same image
         target = max(alts, key=len)
         others = [text for text in alts if text != target]
         prompt = others[int(rng.integers(len(others)))] if others else ""
@@ -605,7 +605,7 @@ def generate_captions(captioner: Captioner, tokenizer, img_emb: torch.Tensor, pr
     new_tokens = captioner.generate(img_emb.to(device), prompt_ids.to(device), prompt_mask.to(device),
                                     max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                     eos_token_id=tokenizer.eos_token_id,
-                                    **decoding_options(args))  # (B, new): with inputs_embeds only new tokens
+                                    **decoding_options(args))  # step 4; (B, new): with inputs_embeds only new tokens
     return [" ".join(text.split()) for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
@@ -658,7 +658,7 @@ def caption_metrics(records: list[dict], captions: list[str], scorer, img_feats:
     from pycocoevalcap.cider.cider import Cider
 
     txt_feats = encode_texts(scorer, [c or "." for c in captions], progress=False)
-    # CLIP-S(x, c) = 2.5 * max(cos(E_img(x), E_txt("A photo depicts " + c)), 0)
+    # step 5: CLIP-S(x, c) = 2.5 * max(cos(E_img(x), E_txt("A photo depicts " + c)), 0)
     clip_scores = score_from_features(img_feats, txt_feats, CLIP_S_WEIGHT) * np.array([bool(c) for c in captions])
     metrics = {"CLIP-S": 100 * float(clip_scores.mean()), "empty": sum(not c for c in captions)}
     refs = [r.get(refs_field) or ([r["caption"]] if r.get("caption") else []) for r in records]

@@ -304,6 +304,7 @@ def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     """(sum of -log p over labelled tokens, their count): position t predicts token t + 1."""
     shifted = logits[:, :-1].float()  # (B, T-1, V)
     targets = labels[:, 1:]  # (B, T-1)
+    # step 3: -sum_{t in Y} log p(y_t | PROMPT(r, s), y_<t); the caller divides by |Y| over the global batch
     nll = torch.nn.functional.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1),
                                             ignore_index=IGNORE, reduction="sum")
     return nll, (targets != IGNORE).sum()
@@ -373,7 +374,8 @@ def stage_caption(args: Args, records: list[dict]) -> dict:
         text = {"text": [prompt] * len(images)} if prompt is not None else {}
         inputs = processor(images=images, return_tensors="pt", padding=True, **text).to(device)
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        new = generate(model, inputs, args.caption_beams, args.caption_max_new_tokens)  # BLIP sets its own pad id
+        # step 1: s_i = captioner(image_i); BLIP sets its own pad id
+        new = generate(model, inputs, args.caption_beams, args.caption_max_new_tokens)
         captions = [first_line(text) for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
         counts["empty_captions"] += sum(not caption for caption in captions)
         return [(record, {args.synthetic_field: caption}) for record, caption in zip(kept, captions)]
@@ -413,13 +415,14 @@ def stage_fuse(args: Args, records: list[dict]) -> dict:
                 counts[f"copied_{source}"] += 1
                 results[position] = (record, {args.out_field: synthetic or raw, f"{args.out_field}_source": source})
             else:
-                prompt, trimmed = fusion_prompt(tokenizer, raw, synthetic, args.max_prompt_tokens)
+                prompt, trimmed = fusion_prompt(tokenizer, raw, synthetic, args.max_prompt_tokens)  # step 2: PROMPT(r_i, s_i)
                 counts["raw_trimmed"] += trimmed
                 counts["prompt_over_cap"] += prompt_length(tokenizer, prompt) > args.max_prompt_tokens
                 prompts.append(prompt)
                 asked.append((position, record, synthetic))
         if prompts:
             inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+            # step 2: f_i = LLM(PROMPT(r_i, s_i)), beam search
             new = generate(model, inputs, args.num_beams, args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
             for (position, record, synthetic), answer in zip(asked, tokenizer.batch_decode(new, skip_special_tokens=True)):
                 fused = first_line(answer)
@@ -596,6 +599,7 @@ def proper_names(text: str) -> set[str]:
 
 def fusion_quality(captions: list[str], records: list[dict], args: Args, reference: list[str] | None) -> dict:
     """Names of the raw caption kept, (world) names kept and hallucinations, BLEU-4/CIDEr against `reference`, length."""
+    # step 4: the raw caption's names kept by each caption
     raw_names = [proper_names(clean(r.get(args.raw_field))) for r in records]
     kept = sum(len(names & set(words(c))) for names, c in zip(raw_names, captions))
     metrics = {"raw_names_kept": 100.0 * kept / max(1, sum(map(len, raw_names))),
@@ -651,7 +655,7 @@ def scaling_texts(records: list[dict], kind: str, fields: dict[str, str]):
     """The `texts_for(indices, rng)` callback of train_clip for one caption type."""
     if kind == MIX:
         raw, synthetic = ([clean(r[fields[k]]) for r in records] for k in ("raw", "synthetic"))
-        # each time sample i is drawn: t_i = r_i if u < 0.5 else s_i, u ~ U(0, 1) fresh per draw
+        # step 5, the mix arm: each time sample i is drawn, t_i = r_i if u < 0.5 else s_i, u ~ U(0, 1) fresh per draw
         return lambda idx, rng: [raw[i] if u < 0.5 else synthetic[i] for i, u in zip(idx, rng.random(len(idx)))]
     texts = [clean(r[fields[kind]]) for r in records]
     return lambda idx, rng: [texts[i] for i in idx]
@@ -780,7 +784,7 @@ def run_miniature(args: Args) -> dict:
     """sft -> fuse (test and train splits) -> eval -> scaling on worlds of seeds seed..; table, plot and JSON in out/."""
     began, out = time.time(), Path(args.out)
     fusion, scaling, timings = [], [], []
-    for seed in range(args.seed, args.seed + args.seeds):
+    for seed in range(args.seed, args.seed + args.seeds):  # step 6: sft -> fuse -> eval -> scaling per seed
         folder, run = ensure_world(dataclasses.replace(args.world, seed=seed)), out / f"seed{seed}"
         train_records, test_records = read_manifest(folder / "train.jsonl"), read_manifest(folder / "test.jsonl")
         clock = {"start": time.time()}

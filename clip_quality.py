@@ -204,7 +204,7 @@ def datacompdr_texts(indices: np.ndarray, real: Sequence[str], synthetic: Sequen
 
     The synthetic caption is drawn anew at every step, uniformly among the sample's captions.
     """
-    # x_syn ~ Uniform{syn_1..syn_K}; L = L_CLIP(img, x_real) + L_CLIP(img, x_syn)
+    # step 1: x_syn ~ Uniform{syn_1..syn_K}; L = L_CLIP(img, x_real) + L_CLIP(img, x_syn)
     picks = [synthetic[i][int(rng.integers(len(synthetic[i])))] for i in indices]
     return [real[i] for i in indices], picks
 
@@ -395,7 +395,7 @@ def probe_loss(logits: torch.Tensor | None, depth: torch.Tensor | None, masks: t
     """The probe's training terms for the tasks whose labels are given; `loss` sums them (`--task joint`)."""
     terms = {}
     if masks is not None:
-        # cross-entropy over labelled pixels (mask != ignore_index); logits (B, K, H, W), masks (B, H, W)
+        # step 2: cross-entropy over labelled pixels (mask != ignore_index); logits (B, K, H, W), masks (B, H, W)
         terms["seg"] = F.cross_entropy(logits, masks, ignore_index=ignore_index)
     if target_depth is not None:
         # MSE on standardised depth over valid pixels: mean_{d > 0} (d_hat - (d - mu) / sigma)^2
@@ -486,7 +486,7 @@ def patch_distances(grid: tuple[int, int], patch_size: tuple[int, int]) -> torch
 def mean_attention_distance(attn: torch.Tensor, grid: tuple[int, int], patch_size: tuple[int, int]) -> torch.Tensor:
     """attn (B, H, 1+P, 1+P), rows = queries, token 0 = CLS -> (H,) mean distance in pixels."""
     patches = attn[:, :, 1:, 1:].double()  # (B, H, P, P): CLS row and column dropped, not renormalised
-    # d_h = mean_b mean_q sum_j attn_bh(q, j) * distance(q, j)
+    # step 4: d_h = mean_b mean_q sum_j attn_bh(q, j) * distance(q, j)
     return (patches * patch_distances(grid, patch_size)).sum(-1).mean(dim=(0, 2))
 
 
@@ -666,7 +666,7 @@ def run_probe(args: Args, records: dict, checkpoints: Sequence[str], write: Path
 def run_efficiency(args: Args, records: dict, done: Sequence[dict] = ()) -> list[dict]:
     """Pretrain each regime on nested subsets and probe each; reuse full-set runs already in `done`."""
     rows = []
-    for seed in seed_range(args):
+    for seed in seed_range(args):  # step 3: nested subsets, each pretrained with one schedule and probed
         for regime in args.regimes:
             for fraction in args.subset_fractions:
                 n_images = max(1, round(fraction * len(records["train"])))

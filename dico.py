@@ -849,7 +849,7 @@ def train(args: Args, stage: str) -> dict:
                     "count": int(mask.sum())}
         k = args.beams
         if args.candidates == "beam":
-            tokens, scores = beam_search(model, visual, k, args.max_len)  # (b, k, T), no autograd
+            tokens, scores = beam_search(model, visual, k, args.max_len)  # step 2: (b, k, T), no autograd
         else:
             tokens, scores = sample(model, visual, k, args.max_len)
         valid = distinct_and_finite(tokens, scores) & bool(kept)  # (b, k)
@@ -873,10 +873,12 @@ def train(args: Args, stage: str) -> dict:
         # log pi(y|x) = sum_t log p(y_t | y_<t, x), EOS included, padding masked, not length-normalised
         policy_logps = sequence_logprobs(policy(batch["visual"], batch["inputs"], beams=k), batch["targets"], mask,
                                          impl=args.kernel)
-        with torch.no_grad():
+        with torch.no_grad():  # step 5: log pi_ref(y|x), teacher-forced sums over tokens
             ref_logps = sequence_logprobs(reference(batch["visual"], batch["inputs"], beams=k), batch["targets"],
                                           mask, impl=args.kernel)
         if stage == "dico":
+            # steps 4-6 (kernels/dico.py): w = argmax_i r_i, gamma_j = softmax_{j != w}(tau (r_w - r_j)),
+            # s = log pi_theta - log pi_ref, L = mean_x -log sigmoid(beta (s(y_w) - sum_j gamma_j s(y_j)))
             return dico_terms(policy_logps.view(-1, k), ref_logps.view(-1, k), batch["rewards"], batch["valid"],
                               args.beta, args.tau, args.kernel)
         return scst_terms(policy_logps.view(-1, k), mask.sum(1).view(-1, k), batch["rewards"], batch["valid"])

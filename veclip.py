@@ -296,7 +296,7 @@ def global_batch_indices(step: int, n_samples: int, batch_size: int, seed: int) 
 
 def draw_alt_text(step: int, batch_size: int, p_alt: float, seed: int) -> np.ndarray:
     """Step 3 mixing (B,) bool: draw b of step t uses the alt-text iff u_tb < p, u_tb ~ U(0, 1) fresh per draw."""
-    return np.random.default_rng([seed, MIX_STREAM, step]).random(batch_size) < p_alt
+    return np.random.default_rng([seed, MIX_STREAM, step]).random(batch_size) < p_alt  # step 3: u < p
 
 
 def mixed_texts(alt_texts: list[str], llm_vecs: list[str], indices: np.ndarray, use_alt: np.ndarray) -> list[str]:
@@ -527,7 +527,8 @@ def train(args: Args, records: list[dict], pixel_cache: torch.Tensor | None = No
         substituted += int(n_substituted)
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=use_amp):
             img_emb, txt_emb, logit_scale = ddp(pixels.to(device), tokenizer(texts).to(device))  # (b, E), (b, E), ()
-        # L = (CE(s X Y^T) + CE(s Y X^T)) / 2 over the global batch; each rank holds its rows
+        # step 3: L = (CE(s X Y^T) + CE(s Y X^T)) / 2 over the global batch (kernels/contrastive.py);
+        # each rank holds its rows
         loss = clip_loss(img_emb, txt_emb.to(img_emb.dtype), logit_scale, impl=args.kernel, distributed=world_size > 1)
         global_loss = loss.detach().float().clone()
         if world_size > 1:

@@ -127,3 +127,16 @@ def test_paper_header_has_its_parts(paper):
     stem = path.stem
     assert any(re.match(rf"(python3?|torchrun)\s.*\b{stem}\.py", c) for c in commands_in(text)), \
         f"{paper}: its docstring quotes no command that runs it"
+
+
+@pytest.mark.parametrize("paper", PAPER_FILES)
+def test_each_step_of_the_header_is_tagged_where_it_is_computed(paper):
+    """The header's numbered `Implements` list: step N has a `# step N` comment at the line that computes it
+    (`# steps 4-6` where kernels/ computes several, with the formula at the call)."""
+    source = (ROOT / paper).read_text()
+    implements = docstring(ROOT / paper).split("Implements", 1)[1].split("Deviations from the paper", 1)[0]
+    steps = {int(n) for n in re.findall(r"^\s+(\d+)\.", implements, flags=re.M)}
+    tagged = set()
+    for first, last in re.findall(r"#[^\n]*\bsteps? (\d+)(?:-(\d+))?\b", source):
+        tagged |= set(range(int(first), int(last or first) + 1))
+    assert steps and steps <= tagged, f"{paper}: steps {sorted(steps - tagged)} have no `# step N` tag"
