@@ -750,3 +750,9 @@ def test_attention_under_torchrun_equals_one_process(tmp_path):
     assert list(ranks) == list(single) and all(r["images"] == 5 for r in ranks.values())
     for label in single:
         assert np.allclose(ranks[label]["per_layer_per_head_px"], single[label]["per_layer_per_head_px"], rtol=1e-6)
+
+
+def test_a_missing_checkpoint_is_named_before_any_probe_trains(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"^--checkpoints: no such checkpoint file .*missing\.pt$"):
+        cq.main(["probe", "--out", str(tmp_path), "--checkpoints", "random", str(tmp_path / "missing.pt"), *TINY])
+    assert not (tmp_path / "probe.json").exists()
