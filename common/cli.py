@@ -35,15 +35,19 @@ def preset_help(presets: Mapping[str, Mapping[str, object]]) -> str:
     default = ("miniature for the miniature stage, paper for the others" if "paper" in presets else "miniature")
     lines = [f"defaults for this run (a flag you give always wins); default: {default}."]
     for name, values in presets.items():
-        shown = " ".join(f"--{key.replace('_', '-')} {_shown(value)}" for key, value in values.items())
+        shown = " ".join(_as_flag(key, value) for key, value in values.items())
         lines.append(f"{name}: {shown or 'no change (the Args defaults)'}")
     return " | ".join(lines)
 
 
-def _shown(value: object) -> str:
+def _as_flag(key: str, value: object) -> str:
+    """A preset's value as the command line would give it: `--steps 3`, `--sizes 16 64`, `--no-resume`."""
+    flag = key.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--{'.'.join(flag.split('.')[:-1] + ['no-' + flag.split('.')[-1]])}"
     if isinstance(value, (tuple, list)):
-        return " ".join(str(v) for v in value)
-    return str(value)
+        return f"--{flag} " + " ".join(str(v) for v in value)
+    return f"--{flag} {value}"
 
 
 def with_values(args: T, values: Mapping[str, object]) -> T:
