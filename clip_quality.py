@@ -888,9 +888,11 @@ def main(argv=None) -> dict:
         if not checkpoints:
             raise FileNotFoundError(f"no checkpoints given and none in {out / 'pretrain'}; run the pretrain stage "
                                     "or pass --checkpoints (`random` probes an untrained encoder)")
-        missing = [spec for spec in checkpoints if spec != "random" and not Path(spec).is_file()]
-        if missing:  # before the first probe trains, not after it
-            raise FileNotFoundError(f"--checkpoints: no such checkpoint file {', '.join(missing)}")
+        unknown = [spec for spec in checkpoints if spec != "random" and not Path(spec).is_file()
+                   and spec.partition("@")[0] not in open_clip.list_models()]
+        if unknown:  # before the first probe trains, not after it
+            raise FileNotFoundError(f"--checkpoints: {', '.join(unknown)}: neither a checkpoint file nor an open_clip "
+                                    "model (NAME or NAME@PRETRAINED_TAG)")
         return {"probe": run_probe(args, records, checkpoints, out / "probe.json")}
     if args.stage == "efficiency":
         return {"efficiency": run_efficiency(args, records)}
