@@ -4,10 +4,7 @@ import io
 import json
 import os
 import signal
-import subprocess
-import sys
 import tarfile
-import textwrap
 import time
 from pathlib import Path
 
@@ -18,8 +15,6 @@ from common.data import (BadSampleError, ManifestDataset, ManifestError, Resumab
                          collate_skip_bad,
                          iter_webdataset, load_coco_karpathy, merge_rank_outputs, rank_path, read_manifest, shard,
                          write_manifest, write_webdataset_shard)
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_images(folder: Path, n: int) -> list[dict]:
@@ -91,33 +86,30 @@ def test_dataset_tokenises_and_draws_from_list_fields(tmp_path):
         ManifestDataset(dataset.records, "nope")[0]
 
 
-WRITER_JOB = textwrap.dedent("""
-    import sys, time
-    sys.path.insert(0, {root!r})
-    from common.data import ResumableJSONLWriter
-    with ResumableJSONLWriter({path!r}) as out:
-        for i in range(int(sys.argv[1])):
+def write_ids(path: Path, n: int, delay: float) -> None:
+    """A generation job: ids 0..n-1, skipping those a previous run finished."""
+    with ResumableJSONLWriter(path) as out:
+        for i in range(n):
             if str(i) in out.done:
                 continue
-            out.write({{"id": str(i), "text": "x" * 200}})
-            time.sleep(float(sys.argv[2]))
-""")
-
-
-def run_writer(path: Path, n: int, delay: float) -> subprocess.Popen:
-    script = WRITER_JOB.format(root=str(ROOT), path=str(path))
-    return subprocess.Popen([sys.executable, "-c", script, str(n), str(delay)])
+            out.write({"id": str(i), "text": "x" * 200})
+            time.sleep(delay)
 
 
 def test_resumable_writer_survives_a_kill(tmp_path):
+    """SIGKILL a writing job (a forked process: it shares this one's imports) mid-run, then run it again."""
+    import multiprocessing
+
     path = tmp_path / "out.jsonl"
-    job = run_writer(path, 10_000, 0.002)
+    job = multiprocessing.get_context("fork").Process(target=write_ids, args=(path, 10_000, 0.002))
+    job.start()
     deadline = time.time() + 60
     while (not path.exists() or path.stat().st_size < 3000) and time.time() < deadline:
         time.sleep(0.01)
     os.kill(job.pid, signal.SIGKILL)
-    job.wait()
-    assert run_writer(path, 200, 0.0).wait() == 0
+    job.join()
+    assert job.exitcode == -signal.SIGKILL
+    write_ids(path, 200, 0.0)
     ids = [json.loads(line)["id"] for line in path.read_text().splitlines()]
     assert sorted(ids, key=int) == [str(i) for i in range(max(200, len(ids)))][: len(ids)]
     assert len(ids) == len(set(ids)) and set(map(str, range(200))) <= set(ids)

@@ -262,5 +262,6 @@ def _free_port():
 
 
 def test_distributed_matches_open_clip_and_the_global_batch():
-    torch.multiprocessing.spawn(_distributed_worker, args=(_free_port(),), nprocs=WORLD_SIZE,
-                                join=True)
+    # fork, not spawn: the ranks inherit this process's imports (torch, open_clip, triton) instead of paying them again
+    torch.multiprocessing.start_processes(_distributed_worker, args=(_free_port(),), nprocs=WORLD_SIZE, join=True,
+                                          start_method="fork")
