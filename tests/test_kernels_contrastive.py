@@ -11,6 +11,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import socket  # noqa: E402
+import time  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -207,6 +208,7 @@ WORLD_SIZE, LOCAL_N, DIM = 2, 33, 24
 
 
 def _distributed_worker(rank, port):
+    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool (libgomp is not fork-safe)
     torch.distributed.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE)
     try:
@@ -263,5 +265,11 @@ def _free_port():
 
 def test_distributed_matches_open_clip_and_the_global_batch():
     # fork, not spawn: the ranks inherit this process's imports (torch, open_clip, triton) instead of paying them again
-    torch.multiprocessing.start_processes(_distributed_worker, args=(_free_port(),), nprocs=WORLD_SIZE, join=True,
-                                          start_method="fork")
+    ranks = torch.multiprocessing.start_processes(_distributed_worker, args=(_free_port(),), nprocs=WORLD_SIZE,
+                                                  join=False, start_method="fork")
+    deadline = time.time() + 120
+    while not ranks.join(timeout=1):  # raises if a rank failed; a hung rank fails the test instead of the run
+        if time.time() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail("the two gloo ranks did not finish in 120 s")
