@@ -105,17 +105,54 @@ def free_port() -> int:
 def run_torchrun(script: str, argv: list[str], nproc: int = 2, timeout: float = 240, env: dict | None = None):
     """Run `torchrun --nproc-per-node nproc script argv` (gloo on the CPU), as a user would, offline.
 
-    Returns the CompletedProcess; a non-zero exit raises with the last lines of both ranks' output.
+    The launcher is torchrun's own `main`, run in a forked copy of this process (it inherits the torch import,
+    about 5 s of a fresh interpreter's start); the ranks are fresh processes, as under the command line.
+    A non-zero exit or a run over `timeout` seconds raises with the end of the ranks' output.
     """
-    import subprocess
-    import sys
+    import signal
+    import tempfile
+    import time
+    import traceback
 
     repo = Path(__file__).resolve().parents[1]
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(repo / script), *argv]
-    run_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": str(repo), "CUDA_VISIBLE_DEVICES": "", **(env or {})}
-    done = subprocess.run(command, cwd=repo, env=run_env, capture_output=True, text=True, timeout=timeout)
-    if done.returncode != 0:
-        raise AssertionError(f"torchrun {script} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
-    return done
+    launcher_args = [f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={free_port()}",
+                     str(repo / script), *argv]
+    run_env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo),
+               "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+    log = Path(tempfile.mkstemp(prefix="torchrun-", suffix=".log")[1])
+    pid = os.fork()
+    if pid == 0:  # the launcher: its own process group, so that a timeout can stop it and its ranks together
+        code = 1
+        try:
+            os.setpgrp()
+            os.chdir(repo)
+            os.environ.update(run_env)
+            out = os.open(log, os.O_WRONLY | os.O_TRUNC)
+            os.dup2(out, 1)
+            os.dup2(out, 2)
+            from torch.distributed.run import main as torchrun_main
+
+            torchrun_main(launcher_args)
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    deadline = time.time() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.time() > deadline:
+            os.killpg(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"torchrun {script} ran over {timeout} s:\n{log.read_text()[-5000:]}")
+        time.sleep(0.1)
+    output = log.read_text()
+    log.unlink()
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise AssertionError(f"torchrun {script} exited {code}:\n{output[-8000:]}")
+    return output

@@ -743,9 +743,9 @@ def test_attention_under_torchrun_equals_one_process(tmp_path):
     images, _ = tag_images(tmp_path / "img", count=5)
     argv = ["attention", "--attention-models", checkpoint, MICRO, "--images-manifest", images]
     single = cq.main([*argv, "--out", str(tmp_path / "one")])["attention"]
-    done = run_torchrun("clip_quality.py", [*argv, "--out", str(tmp_path / "two")])
-    assert "micro-trained: 3 of 5 images on rank 0 of 2" in done.stdout
-    assert "micro-trained: 2 of 5 images on rank 1 of 2" in done.stdout
+    output = run_torchrun("clip_quality.py", [*argv, "--out", str(tmp_path / "two")])
+    assert "micro-trained: 3 of 5 images on rank 0 of 2" in output
+    assert "micro-trained: 2 of 5 images on rank 1 of 2" in output
     ranks = json.loads((tmp_path / "two" / "attention.json").read_text())
     assert list(ranks) == list(single) and all(r["images"] == 5 for r in ranks.values())
     for label in single:
