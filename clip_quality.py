@@ -92,6 +92,7 @@ from PIL import Image
 
 from common.claims import mean_spread, verdict
 from common.cli import parse, preset_help
+from common.clip_score import tag_settings
 from common.clip_train import (MINIATURE_MODEL, TrainConfig, contrastive_loss, create_clip, encode_images,
                                encode_texts, evaluate_world, preprocess_images, retrieval_metrics, save_checkpoint,
                                train_clip)
@@ -521,17 +522,12 @@ def attention_maps(visual: nn.Module, images: torch.Tensor) -> list[torch.Tensor
     return maps
 
 
-def tag_quick_gelu(name: str, tag: str) -> bool:
-    """Whether open_clip's pretrained tag `tag` of `name` was trained with QuickGELU (OpenAI-style weights)."""
-    return bool(open_clip.get_pretrained_cfg(name, tag).get("quick_gelu", False)) if tag else False
-
-
 def architecture(spec: str) -> tuple[str, bool]:
     """(open_clip model name, QuickGELU forced) that `spec` builds: a checkpoint's saved name, a tag's settings."""
     if Path(spec).is_file():
         return torch.load(spec, map_location="cpu", weights_only=True, mmap=True)["model"], False
     name, _, tag = spec.partition("@")
-    return name, tag_quick_gelu(name, tag)
+    return name, tag_settings(name, tag)["force_quick_gelu"]
 
 
 def create_random(name: str, quick_gelu: bool, seed: int) -> tuple[nn.Module, Callable]:
@@ -552,9 +548,9 @@ def load_model_spec(spec: str, device: str = "cpu") -> tuple[str, nn.Module, Cal
     if not tag:
         model, preprocess = create_random(name, False, seed=0)  # = create_clip(name)'s model
         return f"{name} (random init)", model.to(device).eval(), preprocess
-    try:  # the tag's own settings: QuickGELU for OpenAI-style weights (mean/std come with the tag already)
+    try:  # the tag's own settings: QuickGELU for OpenAI-style weights, its preprocessing
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, device=device,
-                                                                     force_quick_gelu=tag_quick_gelu(name, tag))
+                                                                     **tag_settings(name, tag))
     except Exception as err:  # offline or unknown tag: one clear error, no retries
         raise RuntimeError(f"cannot load open_clip {name!r} with pretrained {tag!r} ({err}); offline, pass a "
                            "local weights file as NAME@/path/to/weights.bin or one of our .pt checkpoints") from err

@@ -92,6 +92,7 @@ from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from tqdm.auto import tqdm
 
 from common.cli import parse, preset_help
+from common.clip_score import tag_settings
 from common.clip_train import (MINIATURE_MODEL, TrainConfig, cosine_lr, create_clip, encode_images, encode_texts,
                                make_optimizer, preprocess_images, retrieval_metrics, save_checkpoint, zero_shot_accuracy)
 from common.data import (BadSampleError, ManifestError, SkipCounter, atomic_write_text, generate_sharded, image_path,
@@ -461,14 +462,6 @@ def usable_records(records: list[dict], args: Args) -> list[dict]:
     if skipped.count:
         log.warning("dropped %d of %d samples without text (first: %s)", skipped.count, len(records), skipped.examples[:3])
     return kept
-
-
-def tag_settings(model_name: str, pretrained: str | None) -> dict:
-    """open_clip arguments that give `model_name` the settings its pretrained tag was trained with: QuickGELU (open_clip 3
-    only warns when the architecture's activation differs) and the preprocessing; none for no tag or a file path."""
-    cfg = open_clip.get_pretrained_cfg(model_name, pretrained) if pretrained else {}
-    preprocessing = {f"image_{key}": cfg[key] for key in ("mean", "std", "interpolation", "resize_mode") if key in cfg}
-    return {"force_quick_gelu": bool(cfg.get("quick_gelu", False)), **preprocessing}
 
 
 def build_clip(args: Args):

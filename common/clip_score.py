@@ -167,6 +167,15 @@ def _register_miniature_architectures() -> None:
         pass
 
 
+def tag_settings(model: str, pretrained: str | None) -> dict:
+    """open_clip keyword arguments that build `model` as its pretrained tag was trained: QuickGELU (open_clip only
+    warns when the architecture's activation differs from the weights') and the tag's preprocessing (mean/std,
+    interpolation, resize mode). None for no tag or a file."""
+    cfg = open_clip.get_pretrained_cfg(model, pretrained) if pretrained else {}
+    preprocessing = {f"image_{key}": cfg[key] for key in ("mean", "std", "interpolation", "resize_mode") if key in cfg}
+    return {"force_quick_gelu": bool(cfg.get("quick_gelu", False)), **preprocessing}
+
+
 def load_clip(model: str, pretrained: str | None = None, device: str | None = None, precision: str = "fp32",
               pacs_checkpoint: str | None = None) -> ClipBundle:
     """Load an open_clip model for scoring.
@@ -197,12 +206,11 @@ def load_clip(model: str, pretrained: str | None = None, device: str | None = No
     # The tag's settings are passed by hand: open_clip applies them only to a tag it downloads itself, and even
     # then only warns where the architecture's activation differs from the one the weights were trained with
     # (OpenAI's tags: QuickGELU on configs that say GELU).
-    force_quick_gelu = bool(tag_cfg.get("quick_gelu")) or (pacs_checkpoint is not None and model.startswith("ViT-B-32"))
+    settings = tag_settings(model, pretrained) if tag_cfg else {"force_quick_gelu": False}
+    settings["force_quick_gelu"] |= pacs_checkpoint is not None and model.startswith("ViT-B-32")
     try:
-        net, _, preprocess = open_clip.create_model_and_transforms(
-            model, pretrained=weights, device=device, precision="fp32", force_quick_gelu=force_quick_gelu,
-            image_mean=tag_cfg.get("mean"), image_std=tag_cfg.get("std"),
-            image_interpolation=tag_cfg.get("interpolation"), image_resize_mode=tag_cfg.get("resize_mode"))
+        net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=weights, device=device,
+                                                                   precision="fp32", **settings)
     except (RuntimeError, AssertionError, ValueError, OSError, pickle.UnpicklingError) as err:
         # open_clip's own words for a checkpoint of another architecture: a size mismatch, missing keys, or
         # an AssertionError ("text pos_embed width changed!")
