@@ -44,7 +44,8 @@ def _as_flag(key: str, value: object) -> str:
     """A preset's value as the command line would give it: `--steps 3`, `--sizes 16 64`, `--no-resume`."""
     flag = key.replace("_", "-")
     if isinstance(value, bool):
-        return f"--{flag}" if value else f"--{'.'.join(flag.split('.')[:-1] + ['no-' + flag.split('.')[-1]])}"
+        parent, dot, name = flag.rpartition(".")
+        return f"--{flag}" if value else f"--{parent}{dot}no-{name}"
     if isinstance(value, (tuple, list)):
         return f"--{flag} " + " ".join(str(v) for v in value)
     return f"--{flag} {value}"
