@@ -93,12 +93,11 @@ from tqdm.auto import tqdm
 
 from common.cli import parse, preset_help
 from common.clip_score import tag_settings
-from common.clip_train import (MINIATURE_MODEL, TrainConfig, cosine_lr, create_clip, encode_images, encode_texts,
-                               make_optimizer, preprocess_images, retrieval_metrics, save_checkpoint, zero_shot_accuracy)
-from common.data import (BadSampleError, ManifestError, SkipCounter, atomic_write_text, generate_sharded, image_path,
-                         init_distributed, load_pretrained, open_image, open_record_image, read_manifest)
+from common.clip_train import (MINIATURE_MODEL, ImageRows, TrainConfig, create_clip, encode_images, encode_texts,
+                               preprocess_images, retrieval_metrics, train_clip, usable_rows, zero_shot_accuracy)
+from common.data import (BadSampleError, Columns, ManifestError, SkipCounter, atomic_write_text, generate_sharded,
+                         index_data, index_manifest, init_distributed, load_pretrained, open_record_image, read_manifest)
 from common.miniature import WorldConfig, ensure_world, zero_shot_tasks
-from kernels.contrastive import clip_loss
 
 log = logging.getLogger("veclip")
 
@@ -121,7 +120,6 @@ ACKNOWLEDGEMENT = re.compile(r"^(?:sure|certainly|of course|okay)[!.,]+", re.IGN
 PREAMBLE = re.compile(r"^[^\n:]*\b(?:here|sentence|caption|description|version)\b[^\n:]*:", re.IGNORECASE)
 # CLIP's 80 ImageNet prompt templates (Radford et al. 2021), as open_clip ships them
 CLIP_TEMPLATES = tuple(template("{}") for template in OPENAI_IMAGENET_TEMPLATES)
-MIX_STREAM = 7  # seeds the mixing draws apart from the data order
 
 
 # Presets (common/cli.py): Args holds the defaults of every stage; `smoke` runs every stage of the miniature run in
@@ -139,7 +137,8 @@ class Args:
     """what to run"""
     preset: Annotated[Literal["smoke", "miniature"] | None, tyro.conf.arg(help=preset_help(PRESETS))] = None
     data: str | None = None
-    """input manifest of vec, fuse and train (JSONL, see common/data.py)"""
+    """input manifest of vec, fuse and train (JSONL, see common/data.py); train also reads webdataset shards (a .tar
+    or a pattern such as shards/{000..099}.tar), indexed once into <data>.index"""
     out: str = "runs/veclip"
     """output: the manifest written by vec/fuse, the folder of train/eval/miniature"""
     # ---- vec and fuse
@@ -285,24 +284,25 @@ def llm_vec_or_fallback(answer: str, vec: str, alt_text: str) -> tuple[str, bool
     return sentence, False
 
 
-def global_batch_indices(step: int, n_samples: int, batch_size: int, seed: int) -> np.ndarray:
-    """Sample indices of global batch `step` (B,): epoch e = step // (N // B) walks permutation_(seed, e)."""
-    steps_per_epoch = n_samples // batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"batch size {batch_size} exceeds the {n_samples} training samples")
-    epoch, position = divmod(step, steps_per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(n_samples)
-    return order[position * batch_size:(position + 1) * batch_size]
+def draw_alt_text(rng: np.random.Generator, batch_size: int, p_alt: float) -> np.ndarray:
+    """Step 3 mixing (B,) bool: draw b of a step uses the alt-text iff u_b < p, u_b ~ U(0, 1) fresh per draw."""
+    return rng.random(batch_size) < p_alt  # step 3: u < p
 
 
-def draw_alt_text(step: int, batch_size: int, p_alt: float, seed: int) -> np.ndarray:
-    """Step 3 mixing (B,) bool: draw b of step t uses the alt-text iff u_tb < p, u_tb ~ U(0, 1) fresh per draw."""
-    return np.random.default_rng([seed, MIX_STREAM, step]).random(batch_size) < p_alt  # step 3: u < p
-
-
-def mixed_texts(alt_texts: list[str], llm_vecs: list[str], indices: np.ndarray, use_alt: np.ndarray) -> list[str]:
+def mixed_texts(alt_texts: list[str], llm_vecs: list[str], use_alt: np.ndarray) -> list[str]:
     """t_i = x_alt,i where use_alt else x_l,i, for the drawn samples."""
-    return [alt_texts[i] if alt else llm_vecs[i] for i, alt in zip(indices.tolist(), use_alt.tolist())]
+    return [alt if use else llm for alt, llm, use in zip(alt_texts, llm_vecs, use_alt.tolist())]
+
+
+class MixedTexts:
+    """The trainer's `texts_for`: each draw of a sample carries its alt-text or its LLM-VeC (step 3)."""
+
+    def __init__(self, columns, alt_field: str, llm_vec_field: str, p_alt: float):
+        self.columns, self.alt_field, self.llm_vec_field, self.p_alt = columns, alt_field, llm_vec_field, p_alt
+
+    def __call__(self, rows: np.ndarray, rng: np.random.Generator) -> list[str]:
+        use_alt = draw_alt_text(rng, len(rows), self.p_alt)  # (B,)  step 3
+        return mixed_texts(self.columns.column(self.alt_field, rows), self.columns.column(self.llm_vec_field, rows), use_alt)
 
 
 # =============================================================================================
@@ -407,63 +407,6 @@ def stage_fuse(args: Args, records: list[dict]) -> dict:
 # =============================================================================================
 
 
-class MixedCaptionBatches(torch.utils.data.Dataset):
-    """Item `step`: this rank's share of global batch `step`, (pixels (b, 3, H, W), texts [b], substitutions).
-
-    A pure function of (seed, step), so resuming and changing the number of ranks keep the data order.
-    `pixel_cache` (N, 3, H, W) holds preprocessed images of a small world in memory.
-    """
-
-    def __init__(self, records, args: Args, preprocess, rank: int, world_size: int, pixel_cache=None):
-        self.records, self.args, self.preprocess, self.pixel_cache = records, args, preprocess, pixel_cache
-        self.alt_texts = [r[args.alt_field] for r in records]
-        self.llm_vecs = [r[args.llm_vec_field] for r in records]
-        self.local = args.batch_size // world_size
-        self.mine = slice(rank * self.local, (rank + 1) * self.local)
-
-    def __len__(self) -> int:
-        return self.args.steps
-
-    def readable(self, index: int) -> tuple[torch.Tensor, int, int]:
-        """(pixels, index used, substitutions): the sample, or the next readable one when its image is bad."""
-        if self.pixel_cache is not None:
-            return self.pixel_cache[index], index, 0
-        for offset in range(len(self.records)):
-            candidate = (index + offset) % len(self.records)
-            record = self.records[candidate]
-            try:
-                return self.preprocess(open_image(image_path(record), str(record["id"]))), candidate, offset
-            except BadSampleError as err:
-                if self.args.strict:
-                    raise
-                log.warning("step batch: %s; using the next sample", err)
-        raise BadSampleError("no readable image in the training manifest")
-
-    def __getitem__(self, step: int):
-        indices = global_batch_indices(step, len(self.records), self.args.batch_size, self.args.seed)  # (B,)
-        use_alt = draw_alt_text(step, len(indices), self.args.p_alt, self.args.seed)  # (B,)  step 3
-        loaded = [self.readable(int(i)) for i in indices[self.mine]]
-        used = np.array([index for _, index, _ in loaded])
-        texts = mixed_texts(self.alt_texts, self.llm_vecs, used, use_alt[self.mine])
-        return torch.stack([pixels for pixels, _, _ in loaded]), texts, sum(bool(s) for _, _, s in loaded)
-
-
-def usable_records(records: list[dict], args: Args) -> list[dict]:
-    """Records with a non-empty alt-text and LLM-VeC; the others are counted and dropped (or raise)."""
-    kept, skipped = [], SkipCounter()
-    for record in records:
-        missing = [f for f in (args.alt_field, args.llm_vec_field) if not str(record.get(f) or "").strip()]
-        if not missing:
-            kept.append(record)
-        elif args.strict:
-            raise BadSampleError(f"sample {record['id']!r}: empty or missing {missing}")
-        else:
-            skipped.add(str(record["id"]), f"empty or missing {missing}")
-    if skipped.count:
-        log.warning("dropped %d of %d samples without text (first: %s)", skipped.count, len(records), skipped.examples[:3])
-    return kept
-
-
 def build_clip(args: Args):
     """(model, preprocess, tokenizer): from scratch (seeded) or from an open_clip tag or checkpoint path."""
     if args.pretrained is None:
@@ -477,75 +420,24 @@ def build_clip(args: Args):
 
 
 def recipe_of(args: Args) -> dict:
-    """What a checkpoint must agree on to be resumed: changing any of it would change the run."""
-    return {name: getattr(args, name) for name in ("model", "pretrained", "steps", "batch_size", "lr", "weight_decay",
-                                                   "warmup", "seed", "p_alt", "alt_field", "llm_vec_field")}
+    """What a checkpoint must agree on to be resumed, besides the schedule: changing any of it would change the run."""
+    return {name: getattr(args, name) for name in ("model", "pretrained", "p_alt", "alt_field", "llm_vec_field")}
 
 
-def train(args: Args, records: list[dict], pixel_cache: torch.Tensor | None = None) -> tuple:
-    """Step 3: mixed AltText/LLM-VeC CLIP training; returns (model, preprocess, tokenizer, log dict)."""
-    rank, world_size, device = init_distributed(args.device)
-    if args.batch_size % world_size:
-        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {world_size} ranks")
+def train(args: Args, columns: Columns, pixel_cache: torch.Tensor | None = None) -> tuple:
+    """Step 3: mixed AltText/LLM-VeC CLIP training with common.clip_train's trainer (lazy images, epochs as
+    permutations, DDP under torchrun, exact resume); returns (model, preprocess, tokenizer, log dict).
+    `pixel_cache` (N, 3, H, W): the preprocessed images of a small world, shared by the miniature's conditions."""
     model, preprocess, tokenizer = build_clip(args)
-    model.to(device)
-    if args.grad_checkpointing:
-        model.set_grad_checkpointing(True)
     schedule = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                           warmup=args.warmup, seed=args.seed)
-    optimizer = make_optimizer(model, schedule)
-    out, history, start = Path(args.out), [], 0
-    checkpoint_path = out / "checkpoint.pt"
-    if args.resume and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        if state["recipe"] != recipe_of(args):
-            raise ValueError(f"{checkpoint_path} was trained with {state['recipe']}, not {recipe_of(args)}; "
-                             "use another --out or --no-resume")
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, history = state["step"], state["history"]
-        log.info("resuming from %s at step %d", checkpoint_path, start)
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
-    batches = MixedCaptionBatches(records, args, preprocess, rank, world_size, pixel_cache)
-    loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start, args.steps),
-                                         num_workers=args.workers)
-    use_amp = args.amp and device.startswith("cuda")
-    substituted, began = 0, time.time()
-    model.train()
-    bar = tqdm(zip(range(start, args.steps), loader), total=args.steps - start, desc="train veclip",
-               disable=rank != 0)
-    for step, (pixels, texts, n_substituted) in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, schedule)
-        substituted += int(n_substituted)
-        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=use_amp):
-            img_emb, txt_emb, logit_scale = ddp(pixels.to(device), tokenizer(texts).to(device))  # (b, E), (b, E), ()
-        # step 3: L = (CE(s X Y^T) + CE(s Y X^T)) / 2 over the global batch (kernels/contrastive.py);
-        # each rank holds its rows
-        loss = clip_loss(img_emb, txt_emb.to(img_emb.dtype), logit_scale, impl=args.kernel, distributed=world_size > 1)
-        global_loss = loss.detach().float().clone()
-        if world_size > 1:
-            dist.all_reduce(global_loss)
-            global_loss /= world_size  # mean of the per-rank losses = the loss of the global batch
-        if not torch.isfinite(global_loss):
-            raise FloatingPointError(f"loss is {global_loss.item()} at step {step}; stopped before saving a checkpoint")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():  # open_clip keeps the logit scale at most 100
-            model.logit_scale.clamp_(0, math.log(100))
-        history.append({"step": step, "loss": global_loss.item(), "lr": optimizer.param_groups[0]["lr"],
-                        "logit_scale": model.logit_scale.exp().item()})
-        bar.set_postfix(loss=f"{global_loss.item():.3f}")
-        if rank == 0 and ((step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps):
-            save_checkpoint(checkpoint_path, {"state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                              "step": step + 1, "history": history, "recipe": recipe_of(args),
-                                              "model": args.model})
-    model.eval()
-    if substituted:
-        log.warning("%d unreadable images were replaced by the next readable sample", substituted)
-    return model, preprocess, tokenizer, {"history": history, "resumed_from": start, "substituted_images": substituted,
-                                          "train_seconds": time.time() - began}
+                           warmup=args.warmup, seed=args.seed, grad_checkpointing=args.grad_checkpointing, amp=args.amp,
+                           kernel=args.kernel, workers=args.workers, checkpoint_every=args.checkpoint_every)
+    rows = usable_rows(columns, [args.alt_field, args.llm_vec_field], args.strict)
+    train_log = train_clip(model, tokenizer, columns if pixel_cache is None else pixel_cache,
+                           MixedTexts(columns, args.alt_field, args.llm_vec_field, args.p_alt), schedule,
+                           preprocess=preprocess, rows=rows, device=args.device, checkpoint=Path(args.out) / "checkpoint.pt",
+                           resume=args.resume, recipe=recipe_of(args), strict=args.strict, desc="train veclip")
+    return model, preprocess, tokenizer, train_log
 
 
 # =============================================================================================
@@ -579,8 +471,8 @@ def evaluate(model, tokenizer, preprocess, records: list[dict], args: Args, imag
     """Retrieval R@1/5/10 over every reference in `text_field`, zero-shot accuracy (the world's tasks, or
     `class_field` with the `templates` ensemble), computed on the model's device. `images`: preprocessed pixels."""
     device = model_device(model)
-    images = preprocess_images(records, preprocess) if images is None else images
-    img_emb = encode_images(model, images, device=device)  # (N, E)
+    images = ImageRows(records, preprocess) if images is None else images  # decoded batch by batch
+    img_emb = encode_images(model, images, device=device, workers=args.workers)  # (N, E)
     texts, text_to_image = references(records, args.text_field)
     # I->T: a hit when any of the image's captions is among the top K of all T; T->I: each caption's image
     metrics = retrieval_metrics(img_emb, encode_texts(model, tokenizer, texts, device=device), text_to_image)  # step 4
@@ -601,10 +493,10 @@ def load_checkpoint(path: Path) -> tuple:
     """(model, preprocess, tokenizer) of a train checkpoint, built as it was trained: a run started from a
     QuickGELU tag (OpenAI's) keeps QuickGELU and the tag's preprocessing."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    settings = tag_settings(state["model"], state["recipe"]["pretrained"])
-    model, _, preprocess = open_clip.create_model_and_transforms(state["model"], **settings)
+    name = state["recipe"]["model"]
+    model, _, preprocess = open_clip.create_model_and_transforms(name, **tag_settings(name, state["recipe"]["pretrained"]))
     model.load_state_dict(state["state_dict"])
-    return model, preprocess, open_clip.get_tokenizer(state["model"])
+    return model, preprocess, open_clip.get_tokenizer(name)
 
 
 def stage_eval(args: Args) -> dict:
@@ -661,12 +553,13 @@ def run_miniature(args: Args) -> dict:
         train_records, test_records = read_manifest(folder / "train.jsonl"), read_manifest(folder / "test.jsonl")
         _, preprocess, _ = create_clip(args.model)
         pixel_cache = preprocess_images(train_records, preprocess)  # (N, 3, H, W), shared by the conditions
+        columns = index_manifest(folder / "train.jsonl")
         test_pixels = preprocess_images(test_records, preprocess)
         for condition, (alt_field, llm_vec_field, p_alt) in CONDITIONS.items():  # step 5
             slug = condition.split()[0].replace("+", "_").lower()
             run_args = dataclasses.replace(args, alt_field=alt_field, llm_vec_field=llm_vec_field, p_alt=p_alt,
                                            seed=seed, resume=False, out=str(out / f"seed{seed}" / slug))
-            model, preprocess, tokenizer, train_log = train(run_args, train_records, pixel_cache)
+            model, preprocess, tokenizer, train_log = train(run_args, columns, pixel_cache)
             metrics = evaluate(model, tokenizer, preprocess, test_records, run_args, images=test_pixels)
             metrics.update(final_loss=train_log["history"][-1]["loss"], train_seconds=train_log["train_seconds"])
             runs[condition].append(metrics)
@@ -695,12 +588,11 @@ def main(argv=None) -> dict:
         return stage_eval(args)
     if args.data is None:
         raise ValueError(f"the {args.stage} stage needs --data (an input manifest)")
-    records = read_manifest(args.data)
     if args.stage == "vec":
-        return stage_vec(args, records)
+        return stage_vec(args, read_manifest(args.data))
     if args.stage == "fuse":
-        return stage_fuse(args, records)
-    model, preprocess, tokenizer, train_log = train(args, usable_records(records, args))
+        return stage_fuse(args, read_manifest(args.data))
+    model, preprocess, tokenizer, train_log = train(args, index_data(args.data))
     if args.eval_data is not None and int(os.environ.get("RANK", 0)) == 0:
         train_log["eval"] = evaluate(model, tokenizer, preprocess, read_manifest(args.eval_data), args)
         atomic_write_text(Path(args.out) / "eval.json", json.dumps(train_log["eval"], indent=2))

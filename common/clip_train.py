@@ -1,21 +1,34 @@
-"""Plain CLIP training and zero-shot evaluation: what every paper builds on and none changes.
+"""The one CLIP trainer and zero-shot evaluation: what every paper builds on and none changes.
 
 - Tiny open_clip configs for the miniature world and the tests (`mini-ViT-8`, `micro-ViT-16`,
   registered with open_clip by importing this module; JSON files in common/model_configs/).
 - `train_clip`: the symmetric InfoNCE loss (CLIP, Radford et al. 2021, eq. in Fig. 3), AdamW,
-  linear warm-up then cosine decay, learnable temperature clamped at 100 as open_clip does. Which
-  text a sample uses at a step is a callback, so VeCLIP's mixing or DataCompDR's sampling plug in
-  from the paper files without changing this loop; the loss is an argument (kernels/ plugs in).
-- `retrieval_metrics` (image->text and text->image R@1/5/10), `zero_shot_accuracy`.
+  linear warm-up then cosine decay, learnable temperature clamped at 100 as open_clip does.
+  Data: images decoded lazily in DataLoader workers from `common.data.Columns` (a manifest or
+  webdataset shards, indexed once; nothing grows with the data set in RAM), or a preprocessed
+  tensor for small worlds. Epochs are seeded permutations (each sample once per epoch), the
+  position is saved with the checkpoint and a resume is exact. Which text a sample uses at a step
+  is a callback with a random stream of its own (so arms with one seed see the same image
+  batches): VeCLIP's mixing, DataCompDR's real + synthetic sum and CapsFusion's arms plug in from
+  the paper files. torchrun: DDP, features all-gathered for the loss (kernels/contrastive.py,
+  gloo on CPU, NCCL on GPU); bf16 autocast on CUDA; gradient accumulation that keeps the loss of
+  the whole batch; gradient checkpointing.
+- `retrieval_metrics` (image->text and text->image R@1/5/10, in chunks), `zero_shot_accuracy`,
+  image embeddings streamed batch by batch.
 - The miniature world's scorer: a small CLIP trained once on the world's ground-truth captions
   and cached, so that every script can score captions there (`load_clip("miniature")`).
 
-`python -m common.clip_train --help` trains and evaluates on any manifest pair.
+`python -m common.clip_train --help` trains and evaluates on any manifest or shards, e.g.
+    python -m common.clip_train --train.steps 20 --train.batch-size 64 --out runs/clip_train_smoke
+    torchrun --nproc-per-node 8 -m common.clip_train --data shards/{00000..00999}.tar --eval-data coco_test.jsonl \
+        --model ViT-B-16 --train.batch-size 8192 --train.workers 8 --out runs/clip_b16
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -24,16 +37,19 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import open_clip
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from common.data import image_path, open_image, read_manifest
+from common.data import (BadSampleError, Columns, atomic_write_text, image_path, index_data, init_distributed,
+                         open_image, open_row_image, read_manifest)
 from common.miniature import WorldConfig, cache_root, ensure_world, zero_shot_tasks
+from kernels.contrastive import clip_loss
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +59,12 @@ MINIATURE_MODEL = "mini-ViT-8"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings of the plain CLIP trainer."""
+    """Optimisation settings of the CLIP trainer (what a checkpoint must agree on to be resumed, and how)."""
 
     steps: int = 500
     """optimiser steps"""
     batch_size: int = 256
-    """image-text pairs per step"""
+    """image-text pairs per step, over all ranks (the contrastive loss sees all of them)"""
     lr: float = 2e-3
     """peak learning rate of AdamW"""
     weight_decay: float = 0.1
@@ -56,7 +72,25 @@ class TrainConfig:
     warmup: int = 50
     """linear warm-up steps before the cosine decay"""
     seed: int = 0
-    """seed of the batch order and the initialisation"""
+    """seed of the initialisation, the epochs' permutations and (a stream of its own) the caption draws"""
+    accum_steps: int = 1
+    """micro-batches per step: features of the whole batch from gradient-free passes, then gradients one micro-batch
+    at a time (open_clip's --accum-freq), so the loss and the update are those of the whole batch"""
+    grad_checkpointing: bool = False
+    """recompute the towers' activations in backward (less memory, more compute)"""
+    amp: bool = True
+    """bf16 autocast on CUDA (CPU runs in float32)"""
+    kernel: Literal["auto", "triton", "torch"] = "auto"
+    """contrastive loss implementation (kernels/contrastive.py)"""
+    workers: int = 0
+    """DataLoader worker processes that decode images and tokenise captions ahead of the step"""
+    checkpoint_every: int = 1000
+    """save the checkpoint every this many steps (and at the end) when a checkpoint path is given"""
+
+
+# fields that change how a run is executed, not what it computes: a resume may change them
+RUNTIME_FIELDS = ("workers", "checkpoint_every", "kernel", "grad_checkpointing")
+TEXT_STREAM = 1  # the caption draws' generator, apart from the data order: arms with one seed see one image order
 
 
 def create_clip(name: str = MINIATURE_MODEL, seed: int = 0, device: str = "cpu"):
@@ -66,17 +100,35 @@ def create_clip(name: str = MINIATURE_MODEL, seed: int = 0, device: str = "cpu")
     return model, preprocess, open_clip.get_tokenizer(name)
 
 
-def preprocess_images(records: Sequence[dict], preprocess: Callable) -> torch.Tensor:
-    """Stack the preprocessed images of `records` into one (N, 3, H, W) tensor (small worlds fit)."""
-    tensors = []
-    for record in records:
+class ImageRows(torch.utils.data.Dataset):
+    """The preprocessed image (3, H, W) of each row, decoded when asked for: over `Columns` (any size) or a
+    list of records (small sets). An unreadable image is an error naming the sample."""
+
+    def __init__(self, source: "Columns | Sequence[dict]", preprocess: Callable, rows: Sequence[int] | None = None):
+        self.source, self.preprocess = source, preprocess
+        self.rows = np.arange(len(source)) if rows is None else np.asarray(rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        row = int(self.rows[index])
+        if isinstance(self.source, Columns):
+            return self.preprocess(open_row_image(self.source, row))
+        record = self.source[row]
         source = record["image"] if not isinstance(record["image"], str) else image_path(record)
-        tensors.append(preprocess(open_image(source, str(record.get("id")))))
-    return torch.stack(tensors)
+        return self.preprocess(open_image(source, str(record.get("id"))))
+
+
+def preprocess_images(records: "Sequence[dict] | Columns", preprocess: Callable) -> torch.Tensor:
+    """All preprocessed images of `records` in one (N, 3, H, W) tensor: only for small sets (the miniature world),
+    where decoding once and sharing the tensor between runs is the fast path."""
+    rows = ImageRows(records, preprocess)
+    return torch.stack([rows[i] for i in range(len(rows))])
 
 
 # ---------------------------------------------------------------------------------------------
-# The loss and the training loop
+# The loss, the schedule, the data order
 # ---------------------------------------------------------------------------------------------
 
 
@@ -104,46 +156,208 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
                               {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
 
 
+def epoch_and_position(step: int, n_rows: int, batch_size: int) -> tuple[int, int]:
+    """(epoch, batch within it) of global batch `step`: an epoch is n_rows // batch_size batches (last partial dropped)."""
+    steps_per_epoch = n_rows // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch size {batch_size} exceeds the {n_rows} training samples")
+    return divmod(step, steps_per_epoch)
+
+
+def epoch_permutation(epoch: int, n_rows: int, seed: int) -> np.ndarray:
+    """The order of epoch `epoch`: a permutation of 0..n_rows-1 seeded by (seed, epoch), so each sample once."""
+    return np.random.default_rng([seed, epoch]).permutation(n_rows)
+
+
+def caption_rng(step: int, seed: int) -> np.random.Generator:
+    """The generator of step `step`'s caption draws: its own stream, a pure function of (seed, step)."""
+    return np.random.default_rng([seed, TEXT_STREAM, step])
+
+
 TextsFor = Callable[[np.ndarray, np.random.Generator], "list[str] | tuple[list[str], ...]"]
 
 
-def train_clip(model, tokenizer, images: torch.Tensor, texts_for: TextsFor, cfg: TrainConfig,
-               loss_fn: Callable = contrastive_loss, device: str = "cpu", progress: bool = True) -> list[dict]:
-    """Train `model` for cfg.steps; return the per-step log [{"step", "loss", "logit_scale", "lr"}].
+class StepBatches(torch.utils.data.Dataset):
+    """Item `step`: this rank's share of global batch `step` as (pixels (b, 3, H, W), tokens (L, b, ctx), substitutions).
 
-    `texts_for(indices, rng)` gives the text of each sampled image for this step, which is where
-    a paper changes what the model sees. It may also return a tuple of such lists (several texts
-    per image, e.g. one real and one synthetic caption): the loss is then the sum of one loss per
-    list against the same images. A NaN or infinite loss stops training with the step.
+    Global batch `step` is the slice `position` of epoch `epoch`'s permutation of `rows` (computed once per epoch),
+    and its texts come from `texts_for(rows of the batch, caption_rng(step))`: a pure function of (seed, step), so a
+    resumed run, any number of ranks and any number of workers see the batches of one uninterrupted process.
+    `images` is a preprocessed (N, 3, H, W) tensor (small worlds) or Columns decoded here with `preprocess`. An
+    unreadable image is replaced by the next readable sample of the epoch's order (counted; `strict` raises), so
+    every rank keeps its batch size for the all-gathered loss.
     """
-    model.to(device).train()
+
+    def __init__(self, images, rows: np.ndarray, texts_for: TextsFor, tokenizer, cfg: TrainConfig,
+                 preprocess: Callable | None, rank: int, world_size: int, strict: bool = False):
+        self.images, self.rows, self.texts_for, self.tokenizer = images, rows, texts_for, tokenizer
+        self.cfg, self.preprocess, self.strict = cfg, preprocess, strict
+        self.local = cfg.batch_size // world_size
+        self.mine = slice(rank * self.local, (rank + 1) * self.local)
+        self._epoch, self._order = -1, None
+
+    def __len__(self) -> int:
+        return self.cfg.steps
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, epoch_permutation(epoch, len(self.rows), self.cfg.seed)
+        return self._order
+
+    def pixels(self, order: np.ndarray, position: int) -> tuple[torch.Tensor, int, int]:
+        """(pixels, row used, substitutions): the sample at `position` of the order, or the next readable one."""
+        for offset in range(len(order)):
+            row = int(self.rows[order[(position + offset) % len(order)]])
+            if isinstance(self.images, torch.Tensor):
+                return self.images[row], row, 0
+            try:
+                return self.preprocess(open_row_image(self.images, row)), row, offset
+            except BadSampleError as err:
+                if self.strict:
+                    raise
+                log.warning("%s; using the next sample of the epoch", err)
+        raise BadSampleError("no readable image among the training samples")
+
+    def __getitem__(self, step: int):
+        epoch, position = epoch_and_position(step, len(self.rows), self.cfg.batch_size)
+        order = self.order(epoch)
+        first = position * self.cfg.batch_size
+        batch_rows = self.rows[order[first:first + self.cfg.batch_size]].copy()  # (B,) global batch
+        loaded = [self.pixels(order, first + i) for i in range(self.mine.start, self.mine.stop)]
+        batch_rows[self.mine] = [row for _, row, _ in loaded]  # a substitute brings its own texts
+        texts = self.texts_for(batch_rows, caption_rng(step, self.cfg.seed))
+        text_lists = texts if isinstance(texts, tuple) else (texts,)
+        tokens = torch.stack([self.tokenizer(list(t[self.mine])) for t in text_lists])  # (L, b, ctx)
+        return torch.stack([p for p, _, _ in loaded]), tokens, sum(bool(s) for _, _, s in loaded)
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop: one process or torchrun, whole batch or micro-batches
+# ---------------------------------------------------------------------------------------------
+
+
+def _features(ddp, pixels: torch.Tensor, tokens: torch.Tensor):
+    """(img_emb (b, E), txt_emb (L, b, E), logit_scale) through the (DDP-wrapped) model's forward."""
+    img_emb, txt_emb, logit_scale = ddp(pixels, tokens.flatten(0, 1))[:3]  # one forward, so DDP syncs once
+    return img_emb, txt_emb.view(*tokens.shape[:2], -1), logit_scale
+
+
+def _batch_loss(loss_fn: Callable, img_emb, txt_emb, logit_scale) -> torch.Tensor:
+    # several texts per image (L > 1, e.g. DataCompDR's real + synthetic): the sum of one loss per text list
+    return sum(loss_fn(img_emb, txt_emb[i].to(img_emb.dtype), logit_scale) for i in range(len(txt_emb)))
+
+
+def _accumulated_step(ddp, pixels, tokens, loss_fn, accum_steps: int, autocast) -> torch.Tensor:
+    """Backward of the whole batch's loss, one micro-batch at a time; returns the loss.
+
+    The loss depends on every micro-batch's features, so they are first computed without gradients; then
+    micro-batch j is recomputed with gradients and put in place of its cached features, and the loss is
+    backpropagated. Summed over j, the gradients are those of the whole batch. The logit scale enters
+    every one of those losses, so each passes it 1/accum_steps of its gradient.
+    """
+    micro_pixels, micro_tokens = pixels.chunk(accum_steps), tokens.chunk(accum_steps, dim=1)
+    with torch.no_grad(), autocast():
+        cached = [_features(ddp, p, t) for p, t in zip(micro_pixels, micro_tokens)]
+    for j, (p, t) in enumerate(zip(micro_pixels, micro_tokens)):
+        sync = j == accum_steps - 1 or not isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
+        with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast():
+            img_j, txt_j, scale_j = _features(ddp, p, t)
+            img_emb = torch.cat([img_j if i == j else c[0] for i, c in enumerate(cached)])
+            txt_emb = torch.cat([txt_j if i == j else c[1] for i, c in enumerate(cached)], dim=1)
+            logit_scale = scale_j.detach() + (scale_j - scale_j.detach()) / accum_steps  # value s, gradient 1/k
+            loss = _batch_loss(loss_fn, img_emb, txt_emb, logit_scale)
+        loss.backward()
+    return loss.detach()
+
+
+def train_clip(model, tokenizer, images, texts_for: TextsFor, cfg: TrainConfig, *, preprocess: Callable | None = None,
+               rows: np.ndarray | None = None, loss_fn: Callable | None = None, device: str = "cpu",
+               checkpoint: str | os.PathLike | None = None, resume: bool = True, recipe: dict | None = None,
+               strict: bool = False, progress: bool = True, desc: str = "train clip") -> dict:
+    """Train `model` for cfg.steps; return {"history": [per-step log], "resumed_from", "substituted_images",
+    "train_seconds", "images_per_second"}.
+
+    `images`: a preprocessed (N, 3, H, W) tensor (small worlds) or `Columns` decoded lazily with `preprocess` in
+    cfg.workers DataLoader workers. `rows`: the samples to train on (default all N). `texts_for(rows, rng)` gives
+    the text of each row of the global batch, which is where a paper changes what the model sees; it may return
+    a tuple of such lists (several texts per image): the loss is then the sum of one loss per list. Under
+    torchrun each rank takes its share of every global batch, the features are all-gathered for the loss
+    (kernels.contrastive) and DDP averages the gradients. `checkpoint`: a path saved every cfg.checkpoint_every
+    steps and at the end (rank 0, atomically), from which a run with the same recipe resumes exactly (`resume=False`
+    starts afresh and overwrites it). A NaN or
+    infinite loss stops training with the step, before any checkpoint is written.
+    """
+    rank, world_size, device = init_distributed(device)
+    if cfg.batch_size % (world_size * cfg.accum_steps):
+        raise ValueError(f"batch size {cfg.batch_size} must be a multiple of {world_size} ranks x {cfg.accum_steps} "
+                         "micro-batches")
+    rows = np.arange(len(images), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+    if loss_fn is None:
+        loss_fn = functools.partial(clip_loss, impl=cfg.kernel, distributed=world_size > 1)
+    model.to(device)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     optimizer = make_optimizer(model, cfg)
-    rng = np.random.default_rng(cfg.seed)
-    history = []
-    bar = tqdm(range(cfg.steps), desc="train clip", disable=not progress)
-    for step in bar:
+    recipe = {**(recipe or {}), **{k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUNTIME_FIELDS},
+              "rows": len(rows)}
+    start, history = 0, []
+    if checkpoint is not None and resume and Path(checkpoint).exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        if state.get("recipe") != recipe:
+            found = state.get("recipe") or {}
+            changed = {k: (found.get(k), recipe.get(k)) for k in sorted(set(found) | set(recipe)) if found.get(k) != recipe.get(k)}
+            listing = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in changed.items())
+            raise ValueError(f"{checkpoint} was trained with another recipe ({listing}); use another output folder, "
+                             "or --no-resume to start afresh")
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, history = state["step"], state["history"]
+        log.info("resuming from %s at step %d (epoch %d, batch %d)", checkpoint, start, *state["position"])
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    batches = StepBatches(images, rows, texts_for, tokenizer, cfg, preprocess, rank, world_size, strict)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start, cfg.steps),
+                                         num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None)
+    use_amp = cfg.amp and device.startswith("cuda")
+    autocast = functools.partial(torch.autocast, device.split(":")[0], dtype=torch.bfloat16, enabled=use_amp)
+    substituted, began = 0, time.time()
+    model.train()
+    bar = tqdm(zip(range(start, cfg.steps), loader), total=cfg.steps - start, desc=desc, disable=not progress or rank)
+    for step, (pixels, tokens, n_substituted) in bar:
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, cfg)
-        indices = rng.choice(len(images), size=min(cfg.batch_size, len(images)), replace=False)
-        texts = texts_for(indices, rng)
-        text_lists = texts if isinstance(texts, tuple) else (texts,)
-        img_emb = F.normalize(model.encode_image(images[indices].to(device)), dim=-1)  # (B, E)
-        loss = 0.0
-        for text_list in text_lists:
-            txt_emb = F.normalize(model.encode_text(tokenizer(text_list).to(device)), dim=-1)  # (B, E)
-            loss = loss + loss_fn(img_emb, txt_emb, model.logit_scale.exp())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}; stopping before the weights are poisoned")
+        substituted += int(n_substituted)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        pixels, tokens = pixels.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
+        if cfg.accum_steps == 1:
+            with autocast():
+                loss = _batch_loss(loss_fn, *_features(ddp, pixels, tokens))
+        else:
+            loss = _accumulated_step(ddp, pixels, tokens, loss_fn, cfg.accum_steps, autocast)
+        global_loss = loss.detach().float().clone()
+        if world_size > 1:
+            dist.all_reduce(global_loss)
+            global_loss /= world_size  # mean of the per-rank losses = the loss of the global batch
+        if not torch.isfinite(global_loss):
+            raise FloatingPointError(f"loss is {global_loss.item()} at step {step}; stopping before the weights are poisoned")
+        if cfg.accum_steps == 1:
+            loss.backward()
         optimizer.step()
         with torch.no_grad():  # open_clip clamps the temperature so logits stay below 100
             model.logit_scale.clamp_(0, math.log(100))
-        history.append({"step": step, "loss": loss.item(), "logit_scale": model.logit_scale.exp().item(),
+        history.append({"step": step, "epoch": epoch_and_position(step, len(rows), cfg.batch_size)[0],
+                        "loss": global_loss.item(), "logit_scale": model.logit_scale.exp().item(),
                         "lr": optimizer.param_groups[0]["lr"]})
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{global_loss.item():.3f}")
+        if checkpoint is not None and rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+            save_checkpoint(checkpoint, {"state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                         "step": step + 1, "position": list(epoch_and_position(step + 1, len(rows), cfg.batch_size)),
+                                         "history": history, "recipe": recipe})
     model.eval()
-    return history
+    if substituted:
+        log.warning("%d unreadable images were replaced by the next readable sample", substituted)
+    seconds = time.time() - began
+    return {"history": history, "resumed_from": start, "substituted_images": substituted, "train_seconds": seconds,
+            "images_per_second": (cfg.steps - start) * cfg.batch_size / max(seconds, 1e-9)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,35 +366,50 @@ def train_clip(model, tokenizer, images: torch.Tensor, texts_for: TextsFor, cfg:
 
 
 @torch.no_grad()
-def encode_images(model, images: torch.Tensor, batch_size: int = 512, device: str = "cpu") -> torch.Tensor:
-    """L2-normalised image embeddings (N, E) in float32."""
-    out = [model.encode_image(images[i:i + batch_size].to(device)).float() for i in range(0, len(images), batch_size)]
-    return F.normalize(torch.cat(out), dim=-1).cpu()
+def encode_images(model, images: "torch.Tensor | torch.utils.data.Dataset", batch_size: int = 256, device: str = "cpu",
+                  workers: int = 0) -> torch.Tensor:
+    """L2-normalised image embeddings (N, E) in float32, batch by batch: from a preprocessed tensor, or from a
+    Dataset of preprocessed images (`ImageRows`: decoded in `workers` processes, never all in memory)."""
+    if isinstance(images, torch.Tensor):
+        batches = (images[i:i + batch_size] for i in range(0, len(images), batch_size))
+    else:
+        batches = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=workers)
+    out = [F.normalize(model.encode_image(batch.to(device)).float(), dim=-1).cpu() for batch in batches]
+    return torch.cat(out)
 
 
 @torch.no_grad()
 def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 512, device: str = "cpu") -> torch.Tensor:
     """L2-normalised text embeddings (T, E) in float32."""
-    out = [model.encode_text(tokenizer(list(texts[i:i + batch_size])).to(device)).float()
+    out = [F.normalize(model.encode_text(tokenizer(list(texts[i:i + batch_size])).to(device)).float(), dim=-1).cpu()
            for i in range(0, len(texts), batch_size)]
-    return F.normalize(torch.cat(out), dim=-1).cpu()
+    return torch.cat(out)
 
 
 def retrieval_metrics(img_emb: torch.Tensor, txt_emb: torch.Tensor, text_to_image: Sequence[int] | None = None,
-                      ks: Sequence[int] = (1, 5, 10)) -> dict:
+                      ks: Sequence[int] = (1, 5, 10), chunk: int = 4096) -> dict:
     """Zero-shot retrieval recall@K in percent, both directions.
 
     `text_to_image[t]` is the image of text t (default: text t belongs to image t). Image->text
     counts a hit when any of the image's texts is in the top K; text->image when its image is.
+    The similarities are computed `chunk` texts at a time (5k images x 25k captions never as one matrix), in
+    two passes: the first finds each image's best correct text and ranks each text's image, the second counts
+    the texts above each image's best; both passes compute the same products, so ties are judged alike.
     """
     text_to_image = torch.arange(len(txt_emb)) if text_to_image is None else torch.as_tensor(text_to_image)
-    sims = img_emb @ txt_emb.t()  # (N_img, N_txt)
-    owner = text_to_image[None, :] == torch.arange(len(img_emb))[:, None]  # (N_img, N_txt): text belongs to image
-    # rank of the best correct text per image = how many texts score strictly above it
-    best_correct = sims.masked_fill(~owner, -torch.inf).max(dim=1).values
-    i2t_rank = (sims > best_correct[:, None]).sum(dim=1)
-    correct_sim = sims[text_to_image, torch.arange(len(txt_emb))]
-    t2i_rank = (sims > correct_sim[None, :]).sum(dim=0)
+    images = torch.arange(len(img_emb))
+    best_correct = torch.full((len(img_emb),), -torch.inf)
+    t2i_rank = torch.empty(len(txt_emb), dtype=torch.long)
+    for first in range(0, len(txt_emb), chunk):
+        sims = img_emb @ txt_emb[first:first + chunk].t()  # (N_img, chunk)
+        owners = text_to_image[first:first + chunk]
+        owner = owners[None, :] == images[:, None]  # (N_img, chunk): text belongs to image
+        best_correct = torch.maximum(best_correct, sims.masked_fill(~owner, -torch.inf).max(dim=1).values)
+        correct_sim = sims[owners, torch.arange(len(owners))]
+        t2i_rank[first:first + chunk] = (sims > correct_sim[None, :]).sum(dim=0)  # images scoring above its own
+    i2t_rank = torch.zeros(len(img_emb), dtype=torch.long)
+    for first in range(0, len(txt_emb), chunk):
+        i2t_rank += (img_emb @ txt_emb[first:first + chunk].t() > best_correct[:, None]).sum(dim=1)
     out = {}
     for k in ks:
         out[f"i2t_R@{k}"] = 100.0 * (i2t_rank < k).float().mean().item()
@@ -201,8 +430,7 @@ def zero_shot_accuracy(model, tokenizer, img_emb: torch.Tensor, classes: Sequenc
 def evaluate_world(model, tokenizer, preprocess, records: Sequence[dict], text_field: str = "caption",
                    images: torch.Tensor | None = None, device: str = "cpu") -> dict:
     """Retrieval against `text_field` and the world's zero-shot tasks on miniature-world records."""
-    images = preprocess_images(records, preprocess) if images is None else images
-    img_emb = encode_images(model, images, device=device)
+    img_emb = encode_images(model, ImageRows(records, preprocess) if images is None else images, device=device)
     txt_emb = encode_texts(model, tokenizer, [r[text_field] for r in records], device=device)
     metrics = retrieval_metrics(img_emb, txt_emb)
     for task, spec in zero_shot_tasks(list(records)).items():
@@ -248,7 +476,8 @@ def ensure_miniature_scorer(world: WorldConfig = WorldConfig(), train: TrainConf
     images = preprocess_images(train_records, preprocess)
     captions = [r["caption"] for r in train_records]
     start = time.time()
-    history = train_clip(model, tokenizer, images, lambda idx, rng: [captions[i] for i in idx], train, progress=progress)
+    history = train_clip(model, tokenizer, images, lambda rows, rng: [captions[i] for i in rows], train,
+                         progress=progress, desc="train the miniature scorer")["history"]
     metrics = evaluate_world(model, tokenizer, preprocess, test_records)
     metrics["train_seconds"] = time.time() - start
     log.info("miniature scorer trained: %s", metrics)
@@ -257,43 +486,82 @@ def ensure_miniature_scorer(world: WorldConfig = WorldConfig(), train: TrainConf
     return path
 
 
+class FieldTexts:
+    """`texts_for` of one caption field of Columns: a list field (several references) gives one drawn uniformly."""
+
+    def __init__(self, columns: Columns, field: str):
+        if field not in columns.fields:
+            raise ValueError(f"{columns.source}: no caption field {field!r}; fields present: {columns.fields}")
+        self.columns, self.field = columns, field
+
+    def __call__(self, rows: np.ndarray, rng: np.random.Generator) -> list[str]:
+        values = self.columns.column(self.field, rows)
+        draws = rng.random(len(values))  # one draw per sample, used only by list fields
+        return [v[int(u * len(v))] if isinstance(v, list) else v for v, u in zip(values, draws)]
+
+
+def usable_rows(columns: Columns, fields: Sequence[str], strict: bool = False) -> np.ndarray:
+    """Rows whose `fields` all hold a non-empty text (or non-empty list); the others are counted (strict: an error)."""
+    def usable(values: dict) -> bool:
+        return all(isinstance(v, str) and v.strip() or isinstance(v, list) and any(str(x).strip() for x in v)
+                   for v in values.values())
+
+    rows = columns.rows_where(usable, fields)
+    if len(rows) < len(columns):
+        message = f"{columns.source}: {len(columns) - len(rows)} of {len(columns)} samples lack a text in {list(fields)}"
+        if strict:
+            raise BadSampleError(message)
+        log.warning("%s; they are left out", message)
+    return rows
+
+
 def main(argv=None) -> dict:
-    """Train the plain CLIP on a manifest and evaluate it on another (`--help` lists the flags)."""
+    """Train the plain CLIP on a manifest or shards and evaluate it on a manifest (`--help` lists the flags)."""
     import tyro
 
     @dataclass
     class Args:
-        train_manifest: str | None = None
-        """training manifest (default: the miniature world's train split)"""
-        test_manifest: str | None = None
+        data: tuple[str, ...] = ()
+        """training data: a manifest (.jsonl) or webdataset shards (.tar files or a {000..099} pattern); default: the
+        miniature world's train split"""
+        eval_data: str | None = None
         """evaluation manifest (default: the miniature world's test split)"""
         text_field: str = "caption"
-        """caption field to train and evaluate on"""
+        """caption field to train and evaluate on (a list field: one caption drawn per sample and step)"""
         model: str = MINIATURE_MODEL
         """open_clip architecture name"""
         train: TrainConfig = TrainConfig()
         """optimisation settings"""
         out: str = "runs/clip_train"
-        """output folder: metrics.json, history.json, checkpoint.pt"""
+        """output folder: metrics.json, history.json, checkpoint.pt (resumed when it exists)"""
+        device: str = "cuda" if torch.cuda.is_available() else "cpu"
+        """torch device (under torchrun each rank takes cuda:LOCAL_RANK)"""
+        strict: bool = False
+        """stop at the first unreadable image or empty caption instead of counting it"""
 
     args = tyro.cli(Args, args=argv)
-    folder = ensure_world() if args.train_manifest is None or args.test_manifest is None else None
-    train_records = read_manifest(args.train_manifest or folder / "train.jsonl")
-    test_records = read_manifest(args.test_manifest or folder / "test.jsonl")
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    folder = ensure_world() if not args.data or args.eval_data is None else None
+    columns = index_data(args.data or str(folder / "train.jsonl"), Path(args.out) / "train.index")
+    rows = usable_rows(columns, [args.text_field], args.strict)
     model, preprocess, tokenizer = create_clip(args.model, seed=args.train.seed)
-    images = preprocess_images(train_records, preprocess)
-    texts = [r[args.text_field] for r in train_records]
-    history = train_clip(model, tokenizer, images, lambda idx, rng: [texts[i] for i in idx], args.train)
-    if "objects" in test_records[0]:
-        metrics = evaluate_world(model, tokenizer, preprocess, test_records, args.text_field)
-    else:
-        img_emb = encode_images(model, preprocess_images(test_records, preprocess))
-        metrics = retrieval_metrics(img_emb, encode_texts(model, tokenizer, [r[args.text_field] for r in test_records]))
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (out / "history.json").write_text(json.dumps(history))
-    save_checkpoint(out / "checkpoint.pt", {"state_dict": model.state_dict(), "model": args.model})
+    log_ = train_clip(model, tokenizer, columns, FieldTexts(columns, args.text_field), args.train, preprocess=preprocess,
+                      rows=rows, device=args.device, checkpoint=out / "checkpoint.pt", strict=args.strict,
+                      recipe={"model": args.model, "text_field": args.text_field, "data": columns.source})
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return log_
+    eval_records = read_manifest(args.eval_data or folder / "test.jsonl")
+    device = next(model.parameters()).device
+    if "objects" in eval_records[0]:
+        metrics = evaluate_world(model, tokenizer, preprocess, eval_records, args.text_field, device=str(device))
+    else:
+        img_emb = encode_images(model, ImageRows(eval_records, preprocess), device=device, workers=args.train.workers)
+        metrics = retrieval_metrics(img_emb, encode_texts(model, tokenizer, [r[args.text_field] for r in eval_records],
+                                                          device=device))
+    metrics["images_per_second"] = log_["images_per_second"]
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    atomic_write_text(out / "history.json", json.dumps(log_["history"]))
     print(json.dumps(metrics, indent=2))
     return metrics
 

@@ -1,7 +1,9 @@
 """common/clip_train.py: the loss against open_clip, retrieval by hand, training, the cached scorer."""
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -9,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.clip_train import (TrainConfig, contrastive_loss, cosine_lr, create_clip, ensure_miniature_scorer,
+from common.clip_train import (FieldTexts, TrainConfig, contrastive_loss, cosine_lr, create_clip, ensure_miniature_scorer,
                                evaluate_world, preprocess_images, retrieval_metrics, train_clip, zero_shot_accuracy)
-from common.data import read_manifest
+from common.data import BadSampleError, read_manifest
 from common.miniature import WorldConfig, ensure_world
 
 MICRO = "micro-ViT-16"
@@ -69,7 +71,7 @@ def test_training_lowers_the_loss_and_stops_on_nan(world_records):
     images = preprocess_images(train, preprocess)
     captions = [r["caption"] for r in train]
     history = train_clip(model, tokenizer, images, lambda idx, rng: [captions[i] for i in idx],
-                         TrainConfig(steps=30, batch_size=32, lr=3e-3, warmup=3), progress=False)
+                         TrainConfig(steps=30, batch_size=32, lr=3e-3, warmup=3), progress=False)["history"]
     assert np.mean([h["loss"] for h in history[-5:]]) < history[0]["loss"] - 0.3
     assert all(h["logit_scale"] <= 100 + 1e-4 for h in history)
     nan_loss = lambda *args: torch.tensor(math.nan, requires_grad=True)  # noqa: E731
@@ -123,5 +125,172 @@ def test_several_texts_per_image_sum_their_losses(world_records):
 
     history = train_clip(model, tokenizer, images,
                          lambda idx, rng: ([train[i]["caption"] for i in idx], [train[i]["alt_text"] for i in idx]),
-                         TrainConfig(steps=1, batch_size=8, lr=0.0, warmup=1), loss_fn=recording_loss, progress=False)
+                         TrainConfig(steps=1, batch_size=8, lr=0.0, warmup=1), loss_fn=recording_loss,
+                         progress=False)["history"]
     assert len(seen) == 2 and history[0]["loss"] == pytest.approx(sum(seen), rel=1e-5)
+
+
+# ---- the one trainer: epochs, caption stream, resume, accumulation, lazy images, torchrun ------------------
+
+
+def recorded_rows(images, steps: int, batch: int, texts, rows=None, seed: int = 0, **kwargs) -> list[np.ndarray]:
+    """The rows of every global batch a run trains on (as texts_for sees them), with lr 0 (nothing learnt)."""
+    model, preprocess, tokenizer = create_clip(MICRO, seed=seed)
+    seen = []
+
+    def texts_for(batch_rows, rng):
+        seen.append(np.array(batch_rows))
+        return texts(batch_rows, rng)
+
+    train_clip(model, tokenizer, images, texts_for, TrainConfig(steps=steps, batch_size=batch, lr=0.0, warmup=1,
+                                                                seed=seed), rows=rows, progress=False, **kwargs)
+    return seen
+
+
+def test_an_epoch_is_a_permutation_and_arms_with_one_seed_see_the_same_images(world_records):
+    """Each sample once an epoch (64 rows, batch 16: 4 steps an epoch, last partial batch dropped); the caption
+    draws have a generator of their own, so an arm that draws its captions at random sees the image batches of
+    an arm that draws nothing; another seed, another order."""
+    train, _ = world_records
+    images = torch.zeros(len(train), 3, 64, 64)
+    captions = [r["caption"] for r in train]
+    fixed = recorded_rows(images, 8, 16, lambda rows, rng: [captions[i] for i in rows])
+    drawn = recorded_rows(images, 4, 16, lambda rows, rng: [captions[i] if u < 0.5 else train[i]["alt_text"]
+                                                            for i, u in zip(rows, rng.random(len(rows)) * rng.random())])
+    assert all(np.array_equal(a, b) for a, b in zip(fixed, drawn))
+    for epoch in (0, 1):
+        assert sorted(np.concatenate(fixed[4 * epoch:4 * epoch + 4]).tolist()) == list(range(64))
+    assert not np.array_equal(np.concatenate(fixed[:4]), np.concatenate(fixed[4:]))  # each epoch its own order
+    other = recorded_rows(images, 4, 16, lambda rows, rng: [captions[i] for i in rows], seed=1)
+    assert not np.array_equal(np.concatenate(fixed[:4]), np.concatenate(other))
+    subset = recorded_rows(images, 3, 16, lambda rows, rng: [captions[i] for i in rows], rows=np.arange(10, 58))
+    assert sorted(np.concatenate(subset).tolist()) == list(range(10, 58))  # `rows`: only those, each once
+    with pytest.raises(ValueError, match="batch size 65 exceeds the 64 training samples"):
+        recorded_rows(images, 1, 65, lambda rows, rng: [captions[i] for i in rows])
+
+
+def test_resume_from_a_killed_run_is_exact_and_a_changed_recipe_is_refused(world_records, tmp_path, monkeypatch):
+    train, _ = world_records
+    model, preprocess, tokenizer = create_clip(MICRO)
+    images = preprocess_images(train, preprocess)
+    texts_for = lambda rows, rng: [train[i]["caption"] if u < 0.5 else train[i]["alt_text"]  # noqa: E731
+                                   for i, u in zip(rows, rng.random(len(rows)))]
+    cfg = TrainConfig(steps=6, batch_size=16, lr=3e-3, warmup=1, checkpoint_every=2)
+    straight = train_clip(model, tokenizer, images, texts_for, cfg, progress=False)
+    import common.clip_train as clip_train
+
+    calls, real_loss = {"n": 0}, clip_train.clip_loss
+
+    def killed_at_step_4(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(clip_train, "clip_loss", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train_clip(create_clip(MICRO)[0], tokenizer, images, texts_for, cfg, checkpoint=tmp_path / "c.pt", progress=False)
+    monkeypatch.setattr(clip_train, "clip_loss", real_loss)
+    state = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert state["step"] == 2 and state["position"] == [0, 2]  # 64 rows / 16: epoch 0, batch 2 is next
+    resumed_model = create_clip(MICRO, seed=5)[0]  # other initial weights: the checkpoint's must win
+    resumed = train_clip(resumed_model, tokenizer, images, texts_for, cfg, checkpoint=tmp_path / "c.pt", progress=False)
+    assert resumed["resumed_from"] == 2
+    assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in straight["history"]], abs=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(model.state_dict().values(),
+                                                               resumed_model.state_dict().values()))
+    with pytest.raises(ValueError, match="lr: 0.003 there, 0.001 now"):
+        train_clip(resumed_model, tokenizer, images, texts_for, dataclasses.replace(cfg, lr=1e-3),
+                   checkpoint=tmp_path / "c.pt", progress=False)
+
+
+def test_micro_batches_give_the_whole_batchs_loss_and_update(world_records):
+    """accum_steps 4: the same losses and weights as one batch of 16 (the logit scale's gradient counted once)."""
+    train, _ = world_records
+    _, preprocess, tokenizer = create_clip(MICRO)
+    images = preprocess_images(train, preprocess)
+    texts_for = lambda rows, rng: ([train[i]["caption"] for i in rows], [train[i]["alt_text"] for i in rows])  # noqa
+    runs = []
+    for accum in (1, 4):
+        model = create_clip(MICRO)[0]
+        log_ = train_clip(model, tokenizer, images, texts_for, TrainConfig(steps=3, batch_size=16, lr=3e-3, warmup=1,
+                                                                           accum_steps=accum), progress=False)
+        runs.append((model, [h["loss"] for h in log_["history"]], [h["logit_scale"] for h in log_["history"]]))
+    (whole, losses, scales), (micro, micro_losses, micro_scales) = runs
+    assert micro_losses == pytest.approx(losses, abs=1e-5) and micro_scales == pytest.approx(scales, abs=1e-6)
+    for name, value in whole.state_dict().items():
+        other = micro.state_dict()[name]
+        if name.endswith("in_proj_bias"):  # the key bias has a zero gradient in exact arithmetic (softmax is shift
+            third = len(value) // 3        # invariant), and Adam turns rounding noise there into steps of up to lr
+            value, other = torch.cat([value[:third], value[2 * third:]]), torch.cat([other[:third], other[2 * third:]])
+        assert torch.allclose(value, other, atol=2e-5), name
+    with pytest.raises(ValueError, match="multiple of 1 ranks x 3 micro-batches"):
+        train_clip(whole, tokenizer, images, texts_for, TrainConfig(steps=1, batch_size=16, accum_steps=3), progress=False)
+
+
+def test_lazy_images_in_workers_train_as_the_in_memory_tensor(world_records, tmp_path):
+    """Columns decoded in 2 DataLoader workers: the same losses as the preprocessed tensor; an unreadable image is
+    replaced by the next sample of the epoch's order and counted, or stops a strict run naming the sample."""
+    from common.data import index_manifest, write_manifest
+
+    train, _ = world_records
+    write_manifest(tmp_path / "train.jsonl", [{**r, "image": str(Path(r["_root"]) / r["image"])} for r in train])
+    columns = index_manifest(tmp_path / "train.jsonl")
+    _, preprocess, tokenizer = create_clip(MICRO)
+    texts_for = FieldTexts(columns, "caption")
+    cfg = TrainConfig(steps=3, batch_size=16, lr=3e-3, warmup=1)
+    in_memory = train_clip(create_clip(MICRO)[0], tokenizer, preprocess_images(train, preprocess), texts_for, cfg,
+                           progress=False)
+    lazy = train_clip(create_clip(MICRO)[0], tokenizer, columns, texts_for, dataclasses.replace(cfg, workers=2),
+                      preprocess=preprocess, progress=False)
+    assert [h["loss"] for h in lazy["history"]] == pytest.approx([h["loss"] for h in in_memory["history"]], abs=1e-6)
+    broken = [dict(r) for r in train]
+    broken[3]["image"] = str(tmp_path / "missing.png")
+    write_manifest(tmp_path / "broken.jsonl", [{**r, "image": str(Path(r["_root"]) / r["image"])} if i != 3 else r
+                                               for i, r in enumerate(broken)])
+    columns = index_manifest(tmp_path / "broken.jsonl")
+    steps = TrainConfig(steps=4, batch_size=16, lr=0.0, warmup=1)  # one epoch: sample 3 is drawn once
+    counted = train_clip(create_clip(MICRO)[0], tokenizer, columns, FieldTexts(columns, "caption"), steps,
+                         preprocess=preprocess, progress=False)
+    assert counted["substituted_images"] == 1
+    with pytest.raises(BadSampleError, match=f"sample '{train[3]['id']}'"):
+        train_clip(create_clip(MICRO)[0], tokenizer, columns, FieldTexts(columns, "caption"), steps,
+                   preprocess=preprocess, strict=True, progress=False)
+
+
+def test_retrieval_in_chunks_equals_one_matrix():
+    torch.manual_seed(0)
+    img, txt = F.normalize(torch.randn(9, 8), dim=-1), F.normalize(torch.randn(23, 8), dim=-1)
+    owners = torch.randint(0, 9, (23,))
+    sims = img @ txt.t()
+    owner = owners[None, :] == torch.arange(9)[:, None]
+    best = sims.masked_fill(~owner, -torch.inf).max(dim=1).values  # by hand, the whole matrix at once
+    i2t = (sims > best[:, None]).sum(dim=1)
+    t2i = (sims > sims[owners, torch.arange(23)][None, :]).sum(dim=0)
+    has_text = owner.any(dim=1)
+    for chunk in (1, 5, 4096):
+        metrics = retrieval_metrics(img, txt, owners, ks=(1, 3), chunk=chunk)
+        assert metrics["t2i_R@3"] == pytest.approx(100 * (t2i < 3).float().mean().item())
+        assert metrics["i2t_R@1"] == pytest.approx(100 * ((i2t < 1) & has_text).float().mean().item())
+
+
+def test_torchrun_two_gloo_ranks_train_as_one_process(tmp_path):
+    """`python -m common.clip_train` on a manifest: 2 gloo ranks (each half of every batch, features all-gathered,
+    gradients averaged by DDP) give the losses and weights of one process."""
+    from realarch import run_torchrun
+
+    folder = ensure_world(TINY_WORLD, tmp_path / "world")
+    flags = ["--data", str(folder / "train.jsonl"), "--eval-data", str(folder / "test.jsonl"), "--model", MICRO,
+             "--train.steps", "3", "--train.batch-size", "16", "--train.warmup", "1", "--train.kernel", "torch",
+             "--train.workers", "1"]
+    from common.clip_train import main
+
+    one = main(flags + ["--out", str(tmp_path / "one"), "--device", "cpu"])
+    run_torchrun("common/clip_train.py", flags + ["--out", str(tmp_path / "two")])
+    a = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
+    assert [h["loss"] for h in a["history"]] == pytest.approx([h["loss"] for h in b["history"]], abs=1e-5)
+    # 1e-4: Adam turns rounding noise in zero-gradient entries (attention key biases) into steps of up to lr
+    assert all(torch.allclose(a["state_dict"][k], b["state_dict"][k], atol=1e-4) for k in a["state_dict"])
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["i2t_R@1"] == pytest.approx(one["i2t_R@1"], abs=1e-6)

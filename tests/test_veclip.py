@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import veclip
-from common.clip_train import evaluate_world
-from common.data import BadSampleError, ResumableJSONLWriter, read_manifest, write_manifest
+from common import clip_train
+from common.clip_train import StepBatches, TrainConfig, evaluate_world
+from common.data import BadSampleError, ResumableJSONLWriter, index_manifest, read_manifest, write_manifest
 from common.miniature import WorldConfig, ensure_world, zero_shot_tasks
 from realarch import run_torchrun, save_hf, serve_open_clip_tag
 
@@ -68,29 +69,30 @@ def world(tmp_path_factory):
 # ---- mixing ----------------------------------------------------------------------------------
 
 
+def global_batch(step: int, n: int, batch: int, seed: int = 0) -> np.ndarray:
+    """Rows of global batch `step` (Deviation 6): epoch e = step // (n // batch) walks the permutation seeded (seed, e)."""
+    epoch, position = divmod(step, n // batch)
+    return np.random.default_rng([seed, epoch]).permutation(n)[position * batch:(position + 1) * batch]
+
+
+def mix_rng(step: int, seed: int = 0) -> np.random.Generator:
+    """The caption draws of step t: common.clip_train's stream of its own, seeded (seed, 1, t)."""
+    return np.random.default_rng([seed, 1, step])
+
+
 def test_mixing_draws_alt_text_with_probability_p_per_draw():
     p, steps, batch = 0.3, 400, 64
-    draws = np.stack([veclip.draw_alt_text(step, batch, p, seed=0) for step in range(steps)])  # (T, B)
+    draws = np.stack([veclip.draw_alt_text(mix_rng(step), batch, p) for step in range(steps)])  # (T, B)
     sigma = np.sqrt(p * (1 - p) / draws.size)
     assert abs(draws.mean() - p) < 4 * sigma
     # the same sample drawn at many steps gets both texts, at rate p: a draw, not a per-sample choice
-    indices = np.stack([veclip.global_batch_indices(step, 128, batch, seed=0) for step in range(steps)])
+    indices = np.stack([global_batch(step, 128, batch) for step in range(steps)])
     alt_for_sample_5 = draws[indices == 5]
     assert len(alt_for_sample_5) == steps * batch // 128  # drawn once an epoch
     assert abs(alt_for_sample_5.mean() - p) < 4 * np.sqrt(p * (1 - p) / len(alt_for_sample_5))
-    assert veclip.draw_alt_text(3, batch, 1.0, 0).all() and not veclip.draw_alt_text(3, batch, 0.0, 0).any()
-    texts = veclip.mixed_texts(["a0", "a1"], ["l0", "l1"], np.array([1, 0, 1]), np.array([True, False, False]))
+    assert veclip.draw_alt_text(mix_rng(3), batch, 1.0).all() and not veclip.draw_alt_text(mix_rng(3), batch, 0.0).any()
+    texts = veclip.mixed_texts(["a1", "a0", "a1"], ["l1", "l0", "l1"], np.array([True, False, False]))
     assert texts == ["a1", "l0", "l1"]
-
-
-def test_batches_cover_each_epoch_once():
-    epoch = np.concatenate([veclip.global_batch_indices(step, 40, 8, seed=3) for step in range(5)])
-    assert sorted(epoch.tolist()) == list(range(40))
-    assert not np.array_equal(veclip.global_batch_indices(5, 40, 8, 3), veclip.global_batch_indices(0, 40, 8, 3))
-    # a batch of the whole set: one step an epoch, each a new permutation; a larger batch says why it cannot run
-    assert sorted(veclip.global_batch_indices(1, 8, 8, seed=3).tolist()) == list(range(8))
-    with pytest.raises(ValueError, match="^batch size 9 exceeds the 8 training samples$"):
-        veclip.global_batch_indices(0, 8, 9, seed=3)
 
 
 # ---- fusion prompt and LLM answers -----------------------------------------------------------
@@ -559,10 +561,9 @@ def marked_records(world) -> list[dict]:
 def expected_batch(step: int, n: int, batch: int, p_alt: float, seed: int = 0) -> tuple[np.ndarray, list[str]]:
     """Global batch `step` recomputed by hand (Deviation 6 and step 3): epoch e = step // (n // batch) walks the
     permutation seeded (seed, e); draw b uses the alt-text iff u_b < p_alt, u ~ U(0, 1) from the stream
-    seeded (seed, 7, step), fresh at every draw."""
-    epoch, position = divmod(step, n // batch)
-    indices = np.random.default_rng([seed, epoch]).permutation(n)[position * batch:(position + 1) * batch]
-    use_alt = np.random.default_rng([seed, 7, step]).random(batch) < p_alt
+    seeded (seed, 1, step), fresh at every draw."""
+    indices = global_batch(step, n, batch, seed)
+    use_alt = mix_rng(step, seed).random(batch) < p_alt
     return indices, [f"alt {i}" if alt else f"llm {i}" for i, alt in zip(indices, use_alt)]
 
 
@@ -607,22 +608,30 @@ def test_training_tokenises_the_per_draw_mix_and_steps_on_the_clip_loss(world, t
 
 def test_each_rank_serves_its_slice_and_an_unreadable_image_brings_its_neighbours_text(world, tmp_path):
     records = marked_records(world)
-    args = veclip.Args(batch_size=8, steps=12, alt_field="alt_text", llm_vec_field="fused")
+    write_manifest(tmp_path / "train.jsonl", records)
+    columns = index_manifest(tmp_path / "train.jsonl")
+    texts_for = veclip.MixedTexts(columns, "alt_text", "fused", 0.5)
+    schedule = TrainConfig(batch_size=8, steps=12)
     cache = torch.arange(64.0).view(64, 1, 1, 1)  # the pixels of sample i are the number i
-    step = 9  # epoch 1
+    tokenizer = lambda texts: torch.tensor([[int(t.split()[1]), t.startswith("alt")] for t in texts])  # noqa: E731
+    rows, step = np.arange(64), 9  # epoch 1
     indices, texts = expected_batch(step, len(records), 8, p_alt=0.5)
-    pixels, served, substituted = veclip.MixedCaptionBatches(records, args, None, 0, 1, cache)[step]
-    assert pixels.flatten().long().tolist() == indices.tolist() and served == texts and substituted == 0
-    halves = [veclip.MixedCaptionBatches(records, args, None, rank, 2, cache)[step] for rank in (0, 1)]
-    assert torch.equal(torch.cat([halves[0][0], halves[1][0]]), pixels) and halves[0][1] + halves[1][1] == texts
-    # no cache: an unreadable image is replaced by the next sample of the manifest, text and all
+    pixels, tokens, substituted = StepBatches(cache, rows, texts_for, tokenizer, schedule, None, 0, 1)[step]
+    assert pixels.flatten().long().tolist() == indices.tolist() and torch.equal(tokens[0], tokenizer(texts))
+    halves = [StepBatches(cache, rows, texts_for, tokenizer, schedule, None, rank, 2)[step] for rank in (0, 1)]
+    assert torch.equal(torch.cat([halves[0][0], halves[1][0]]), pixels)
+    assert torch.equal(torch.cat([halves[0][1], halves[1][1]], dim=1), tokens)
+    # lazy decoding: an unreadable image is replaced by the next sample of the epoch's order, text and all
+    order = np.random.default_rng([0, 1]).permutation(64)
     broken = indices[5]
     records[broken] = {**records[broken], "image": str(tmp_path / "missing.png")}
-    alt_only = dataclasses.replace(args, p_alt=1.0)
+    write_manifest(tmp_path / "train.jsonl", records)
+    columns = index_manifest(tmp_path / "train.jsonl")
+    alt_only = veclip.MixedTexts(columns, "alt_text", "fused", 1.0)
     opened = lambda image: torch.tensor(image.size, dtype=torch.float32)  # noqa: E731 (any image works)
-    _, served, substituted = veclip.MixedCaptionBatches(records, alt_only, opened, 0, 1)[step]
-    neighbour = (broken + 1) % len(records)
-    assert served == [f"alt {i}" for i in indices[:5]] + [f"alt {neighbour}"] + [f"alt {i}" for i in indices[6:]]
+    _, tokens, substituted = StepBatches(columns, rows, alt_only, tokenizer, schedule, opened, 0, 1)[step]
+    neighbour = order[(step - 8) * 8 + 6]  # the sample after the broken one in epoch 1's order
+    assert tokens[0, :, 0].tolist() == [*indices[:5], neighbour, *indices[6:]] and tokens[0, :, 1].all()
     assert substituted == 1
 
 
@@ -647,7 +656,7 @@ def test_resume_continues_from_checkpoint_step(world, tmp_path, monkeypatch):
                           "--device", "cpu"]
     straight = veclip.main(argv + ["--out", str(tmp_path / "straight")])
     calls = {"n": 0}
-    real_loss = veclip.clip_loss
+    real_loss = clip_train.clip_loss
 
     def killed_at_step_3(*args, **kwargs):
         calls["n"] += 1
@@ -655,10 +664,10 @@ def test_resume_continues_from_checkpoint_step(world, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # the job dies after the checkpoint of step 2
         return real_loss(*args, **kwargs)
 
-    monkeypatch.setattr(veclip, "clip_loss", killed_at_step_3)
+    monkeypatch.setattr(clip_train, "clip_loss", killed_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         veclip.main(argv + ["--out", str(tmp_path / "killed")])
-    monkeypatch.setattr(veclip, "clip_loss", real_loss)
+    monkeypatch.setattr(clip_train, "clip_loss", real_loss)
     resumed = veclip.main(argv + ["--out", str(tmp_path / "killed")])
     assert resumed["resumed_from"] == 2 and len(resumed["history"]) == 6
     assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in straight["history"]], abs=1e-6)
