@@ -79,7 +79,9 @@ Commands:
         --llm runs/capsfus/fuser              # or the released BAAI/CapsFus-LLaMA (the default)
     python capsfusion.py fuse --data heldout_triplets.jsonl --out heldout.jsonl --out-field capsfus
     python capsfusion.py eval --data heldout.jsonl --out runs/eval --out-field capsfus
-    python -m common.clip_train --train-manifest laion.fused.jsonl --test-manifest coco_test.jsonl --text-field fused
+    torchrun --nproc-per-node 8 capsfusion.py scaling --data laion.fused.jsonl --scaling-data coco_test.jsonl \
+        --clip-model ViT-B-32 --sizes 1000000 10000000 --clip-batch-size 4096 --device cuda
+    torchrun --nproc-per-node 8 -m common.clip_train --data laion.fused.jsonl --eval-data coco_test.jsonl --text-field fused
 
 Results: docs/capsfusion.md. Its miniature tables predate the text-only teacher and the scaling arm
 trained on the fuser's output (they came from a teacher that read the scene labels and a `fused`
@@ -111,10 +113,10 @@ import tyro
 from tqdm.auto import tqdm
 
 from common.cli import parse, preset_help
-from common.clip_train import (MINIATURE_MODEL, TrainConfig, create_clip, evaluate_world, encode_images, encode_texts,
-                               preprocess_images, retrieval_metrics, save_checkpoint, train_clip)
-from common.data import (BadSampleError, SkipCounter, atomic_write_text, generate_sharded, init_distributed,
-                         load_pretrained, open_record_image, read_manifest)
+from common.clip_train import (MINIATURE_MODEL, ImageRows, TrainConfig, create_clip, evaluate_world, encode_images,
+                               encode_texts, preprocess_images, retrieval_metrics, save_checkpoint, train_clip, usable_rows)
+from common.data import (BadSampleError, Columns, SkipCounter, atomic_write_text, generate_sharded, index_data,
+                         index_manifest, init_distributed, load_pretrained, open_record_image, read_manifest)
 from common.miniature import WorldConfig, ensure_world, hallucinated_words, names_kept
 
 log = logging.getLogger("capsfusion")
@@ -642,48 +644,57 @@ def stage_eval(args: Args, records: list[dict]) -> dict:
 MIX = "raw+synthetic mix"
 
 
-def caption_fields(args: Args, records: list[dict]) -> dict[str, str]:
+def caption_fields(args: Args, columns: Columns) -> dict[str, str]:
     """{caption type: field} of the scaling arms: `fused` is the fuser's output (--out-field, what `fuse` writes);
-    `teacher`, a reference line, the teacher's --fused-field when that is another field and every record has it."""
+    `teacher`, a reference line, the teacher's --fused-field when that is another field and every sample has it."""
     fields = {"raw": args.raw_field, "synthetic": args.synthetic_field, "fused": args.out_field}
-    if args.fused_field != args.out_field and all(args.fused_field in r for r in records):
+    if (args.fused_field != args.out_field and args.fused_field in columns.fields
+            and len(columns.rows_where(lambda v: v[args.fused_field] is not None, [args.fused_field])) == len(columns)):
         fields["teacher"] = args.fused_field
     return fields
 
 
-def scaling_texts(records: list[dict], kind: str, fields: dict[str, str]):
-    """The `texts_for(indices, rng)` callback of train_clip for one caption type."""
-    if kind == MIX:
-        raw, synthetic = ([clean(r[fields[k]]) for r in records] for k in ("raw", "synthetic"))
-        # step 5, the mix arm: each time sample i is drawn, t_i = r_i if u < 0.5 else s_i, u ~ U(0, 1) fresh per draw
-        return lambda idx, rng: [raw[i] if u < 0.5 else synthetic[i] for i, u in zip(idx, rng.random(len(idx)))]
-    texts = [clean(r[fields[kind]]) for r in records]
-    return lambda idx, rng: [texts[i] for i in idx]
+class ArmTexts:
+    """The trainer's `texts_for` of one scaling arm: each row's caption of the arm's field, whitespace collapsed."""
+
+    def __init__(self, columns: Columns, kind: str, fields: dict[str, str]):
+        self.columns, self.kind, self.fields = columns, kind, fields
+
+    def __call__(self, rows: np.ndarray, rng: np.random.Generator) -> list[str]:
+        if self.kind == MIX:
+            raw, synthetic = (self.columns.column(self.fields[k], rows) for k in ("raw", "synthetic"))
+            # step 5, the mix arm: each time sample i is drawn, t_i = r_i if u < 0.5 else s_i, u ~ U(0, 1) fresh per draw
+            return [clean(r if u < 0.5 else s) for r, s, u in zip(raw, synthetic, rng.random(len(rows)))]
+        return [clean(text) for text in self.columns.column(self.fields[self.kind], rows)]
 
 
-def evaluate_clip(model, tokenizer, preprocess, records: list[dict], images: torch.Tensor) -> dict:
-    """Retrieval against `caption` (and the world's zero-shot tasks when the records have labels)."""
+def evaluate_clip(model, tokenizer, preprocess, records: list[dict], images) -> dict:
+    """Retrieval against `caption` (and the world's zero-shot tasks when the records have labels), on the model's
+    device; `images`: the preprocessed test images (a tensor, or ImageRows decoded batch by batch)."""
+    device = next(model.parameters()).device
     if "objects" in records[0]:
-        metrics = evaluate_world(model, tokenizer, preprocess, records, "caption", images=images)
+        metrics = evaluate_world(model, tokenizer, preprocess, records, "caption", images=images, device=device)
         metrics["zeroshot_attributes"] = float(np.mean([metrics[f"zeroshot_{t}"] for t in ("background", "shape", "color")]))
     else:
-        metrics = retrieval_metrics(encode_images(model, images), encode_texts(model, tokenizer, [r["caption"] for r in records]))
+        metrics = retrieval_metrics(encode_images(model, images, device=device),
+                                    encode_texts(model, tokenizer, [r["caption"] for r in records], device=device))
     metrics["retrieval_R@5"] = (metrics["i2t_R@5"] + metrics["t2i_R@5"]) / 2
     return metrics
 
 
-def stage_scaling(args: Args, train_records: list[dict], test_records: list[dict]) -> dict:
-    """Step 5: {caption type: [metrics at each size]}; CLIP from scratch on the first n samples, one epoch."""
-    fields = caption_fields(args, train_records)
-    usable = [r for r in train_records if all(clean(r.get(f)) for f in fields.values())]
-    if len(usable) < len(train_records):
-        log.warning("scaling: %d samples without all of %s dropped", len(train_records) - len(usable), sorted(fields.values()))
+def stage_scaling(args: Args, columns: Columns, test_records: list[dict], in_memory: bool = False) -> dict:
+    """Step 5: {caption type: [metrics at each size]}; CLIP from scratch on the first n samples, one epoch.
+
+    `columns`: the training samples (a manifest or shards, common.data.Columns); their images are decoded lazily
+    by common.clip_train's trainer, or, `in_memory` (the miniature world), preprocessed once for every run."""
+    fields = caption_fields(args, columns)
+    usable = usable_rows(columns, list(fields.values()), args.strict)  # rows with every caption type
     sizes = sorted(n for n in args.sizes if n <= len(usable))
     if not sizes:
         raise ValueError(f"--sizes {args.sizes}: none fits the {len(usable)} usable training samples")
     _, preprocess, _ = create_clip(args.clip_model)
-    images = preprocess_images(usable[:sizes[-1]], preprocess)  # (N, 3, H, W), nested subsets share it
-    test_images = preprocess_images(test_records, preprocess)
+    images = preprocess_images(columns, preprocess) if in_memory else columns  # (N, 3, H, W) shared, or lazy
+    test_images = ImageRows(test_records, preprocess)
     curves = {kind: [] for kind in [*fields, MIX]}
     for kind in curves:
         for n in sizes:
@@ -691,9 +702,10 @@ def stage_scaling(args: Args, train_records: list[dict], test_records: list[dict
             model, preprocess, tokenizer = create_clip(args.clip_model, seed=args.seed)
             config = TrainConfig(steps=steps, batch_size=args.clip_batch_size, lr=args.clip_lr,
                                  warmup=max(1, steps // 10), seed=args.seed)
-            history = train_clip(model, tokenizer, images[:n], scaling_texts(usable[:n], kind, fields), config, progress=False)
+            train_log = train_clip(model, tokenizer, images, ArmTexts(columns, kind, fields), config, preprocess=preprocess,
+                                   rows=usable[:n], device=args.device, strict=args.strict, progress=False)
             metrics = evaluate_clip(model, tokenizer, preprocess, test_records, test_images)
-            curves[kind].append({"samples": n, "steps": steps, "final_loss": history[-1]["loss"], **metrics})
+            curves[kind].append({"samples": n, "steps": steps, "final_loss": train_log["history"][-1]["loss"], **metrics})
             log.info("scaling %s n=%d: R@5 %.1f", kind, n, metrics["retrieval_R@5"])
     return {"sizes": sizes, "curves": curves}
 
@@ -802,7 +814,8 @@ def run_miniature(args: Args) -> dict:
             fused[split] = read_manifest(path)
         clock["fuse"] = time.time()
         fusion.append(stage_eval(dataclasses.replace(fuse_args, out=str(run)), fused["test"]))
-        scaling.append(stage_scaling(fuse_args, fused["train"], test_records))  # fused: `capsfus`; teacher: `fused`
+        scaling.append(stage_scaling(fuse_args, index_manifest(run / "train.capsfus.jsonl"), test_records,
+                                     in_memory=True))  # fused: `capsfus`; teacher: `fused`
         clock["scaling"] = time.time()
         timings.append({stage: clock[stage] - clock[previous] for previous, stage in zip(clock, list(clock)[1:])})
         print(f"seed {seed}: fuser names kept {fusion[-1]['fuser']['names_kept']:.1f}%, CIDEr vs teacher "
@@ -828,22 +841,23 @@ def main(argv=None) -> dict:
         return run_miniature(args)
     if args.data is None:
         raise ValueError(f"the {args.stage} stage needs --data (an input manifest)")
+    if args.stage == "scaling":
+        if args.scaling_data is None:
+            raise ValueError("the scaling stage needs --scaling-data (the evaluation manifest)")
+        result = stage_scaling(args, index_data(args.data), read_manifest(args.scaling_data))
+        if int(os.environ.get("RANK", 0)) == 0:  # every rank evaluated the same weights; one writes
+            atomic_write_text(Path(args.out) / "scaling.json", json.dumps(result, indent=2))
+            plot_scaling([result], Path(args.out) / "scaling.png")
+        return result
     # fusion is text only: sft, fuse and eval read triplet files without images
-    records = read_manifest(args.data, required=("id", "image") if args.stage in ("caption", "scaling") else ("id",))
+    records = read_manifest(args.data, required=("id", "image") if args.stage == "caption" else ("id",))
     if args.stage == "caption":
         return stage_caption(args, records)
     if args.stage == "fuse":
         return stage_fuse(args, records)
     if args.stage == "sft":
         return stage_sft(args, records)
-    if args.stage == "eval":
-        return stage_eval(args, records)
-    if args.scaling_data is None:
-        raise ValueError("the scaling stage needs --scaling-data (the evaluation manifest)")
-    result = stage_scaling(args, records, read_manifest(args.scaling_data))
-    atomic_write_text(Path(args.out) / "scaling.json", json.dumps(result, indent=2))
-    plot_scaling([result], Path(args.out) / "scaling.png")
-    return result
+    return stage_eval(args, records)
 
 
 if __name__ == "__main__":

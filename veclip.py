@@ -41,11 +41,13 @@ Deviations from the paper:
      tokenizer, no image augmentation beyond open_clip's resize + centre crop. The default
      optimiser settings are this project's miniature ones (AdamW, cosine with linear warm-up);
      the real-run command below uses open_clip's usual ViT-B/16 recipe, not a verified paper recipe.
-  6. Data order: epoch e is a permutation seeded by (seed, e), last partial batch dropped; the
-     mixing draws of step t are seeded by (seed, t). Both are pure functions of the step, so a
-     resumed run, and any number of ranks, see exactly the batches of one uninterrupted process.
-  7. An unreadable image is replaced by the next readable sample of the manifest (logged,
-     counted), so every rank keeps the same batch size for the all-gathered loss.
+  6. Data order (common.clip_train, the trainer the CLIP-training files share): epoch e is a permutation of the
+     samples seeded by (seed, e), last partial batch dropped; the mixing draws of step t come from a stream of
+     their own seeded by (seed, 1, t). Both are pure functions of the step, so a resumed run, and any number of
+     ranks, see exactly the batches of one uninterrupted process, and the four conditions of one seed see the
+     same image batches.
+  7. An unreadable image is replaced by the next readable sample of the epoch's order (logged, counted),
+     so every rank keeps the same batch size for the all-gathered loss.
   8. bf16 autocast only on CUDA; CPU runs in float32.
   9. In the miniature world the world's `synthetic_caption` stands in for LLaVA's VeC and its
      `fused` for Vicuna's LLM-VeC (a template fusion, not an LLM): no VLM or LLM runs there.

@@ -428,7 +428,7 @@ def zero_shot_accuracy(model, tokenizer, img_emb: torch.Tensor, classes: Sequenc
 
 
 def evaluate_world(model, tokenizer, preprocess, records: Sequence[dict], text_field: str = "caption",
-                   images: torch.Tensor | None = None, device: str = "cpu") -> dict:
+                   images: "torch.Tensor | ImageRows | None" = None, device: str = "cpu") -> dict:
     """Retrieval against `text_field` and the world's zero-shot tasks on miniature-world records."""
     img_emb = encode_images(model, ImageRows(records, preprocess) if images is None else images, device=device)
     txt_emb = encode_texts(model, tokenizer, [r[text_field] for r in records], device=device)

@@ -21,7 +21,7 @@ import torch
 import torch.multiprocessing as mp
 
 import capsfusion
-from common.data import read_manifest, write_manifest
+from common.data import index_manifest, read_manifest, write_manifest
 from common.miniature import WorldConfig, ensure_world
 from tests.realarch import run_torchrun, save_hf, serve_open_clip_tag
 
@@ -135,12 +135,14 @@ def test_args_defaults_are_the_papers_and_the_official_codes():
     assert {name: getattr(args, name) for name in PAPER_DEFAULTS} == PAPER_DEFAULTS
 
 
-def test_mix_draws_raw_or_synthetic_with_probability_one_half_anew_at_each_draw():
+def test_mix_draws_raw_or_synthetic_with_probability_one_half_anew_at_each_draw(tmp_path):
     """scaling's raw+synthetic arm: t_i = r_i if u < 0.5 else s_i, u ~ U(0, 1) drawn from the training rng for
     every sample of every batch (so one sample is seen with both captions)."""
-    records = [{"alt_text": f"raw {i}", "synthetic_caption": f"synthetic {i}"} for i in range(50)]
+    records = [{"id": str(i), "alt_text": f"raw {i}", "synthetic_caption": f"synthetic {i}"} for i in range(50)]
+    write_manifest(tmp_path / "texts.jsonl", records)
+    columns = index_manifest(tmp_path / "texts.jsonl", required=("id",))
     fields = {"raw": "alt_text", "synthetic": "synthetic_caption"}
-    texts_for = capsfusion.scaling_texts(records, capsfusion.MIX, fields)
+    texts_for = capsfusion.ArmTexts(columns, capsfusion.MIX, fields)
     indices = np.random.default_rng(1).integers(0, 50, 20_000)
     texts = texts_for(indices, np.random.default_rng(7))
     u = np.random.default_rng(7).random(len(indices))  # the same stream, drawn here
@@ -151,7 +153,7 @@ def test_mix_draws_raw_or_synthetic_with_probability_one_half_anew_at_each_draw(
         seen[i].add(t)
     assert all(len(captions) == 2 for captions in seen.values())
     for kind, field in fields.items():  # the plain arms: each its own field, in the order asked
-        assert capsfusion.scaling_texts(records, kind, fields)([3, 1], None) == [records[3][field], records[1][field]]
+        assert capsfusion.ArmTexts(columns, kind, fields)([3, 1], None) == [records[3][field], records[1][field]]
 
 
 # ---- the prompt and its cap ------------------------------------------------------------------
@@ -781,14 +783,14 @@ def recording_train_clip(monkeypatch, train=True) -> list:
     calls, real = [], capsfusion.train_clip
 
     def train_clip(model, tokenizer, images, texts_for, config, **kwargs):
-        calls.append(texts_for(list(range(len(images))), np.random.default_rng(0)))
-        return real(model, tokenizer, images, texts_for, config, **kwargs) if train else [{"loss": 0.0}]
+        calls.append(texts_for(kwargs["rows"], np.random.default_rng(0)))
+        return real(model, tokenizer, images, texts_for, config, **kwargs) if train else {"history": [{"loss": 0.0}]}
 
     monkeypatch.setattr(capsfusion, "train_clip", train_clip)
     return calls
 
 
-def test_scaling_arms_have_their_own_captions_and_the_same_images_model_and_budget(world, monkeypatch):
+def test_scaling_arms_have_their_own_captions_and_the_same_images_model_and_budget(world, tmp_path, monkeypatch):
     """CLIP creation and training recorded, not run: per arm (raw, synthetic, fused = --out-field, teacher =
     --fused-field, the mix) and size n, a fresh CLIP of --clip-model from --seed trains on the first n samples
     that have every caption, with that arm's captions, for ceil(scaling_epochs * n / clip_batch_size) steps, a
@@ -805,21 +807,23 @@ def test_scaling_arms_have_their_own_captions_and_the_same_images_model_and_budg
         return torch.nn.Linear(1, 1), preprocess, None
 
     def train_clip(model, tokenizer, images, texts_for, config, **kwargs):
-        runs.append({"images": images, "config": config, "model": model,
-                     "texts": texts_for(list(range(len(images))), np.random.default_rng(0))})
-        return [{"loss": float(len(runs))}]
+        runs.append({"images": images, "rows": kwargs["rows"], "config": config, "model": model,
+                     "texts": texts_for(kwargs["rows"], np.random.default_rng(0))})
+        return {"history": [{"loss": float(len(runs))}]}
 
     monkeypatch.setattr(capsfusion, "create_clip", create_clip)
     monkeypatch.setattr(capsfusion, "train_clip", train_clip)
     monkeypatch.setattr(capsfusion, "evaluate_clip", lambda *args: {"retrieval_R@5": 0.0})
     args = capsfusion.Args(out_field="capsfus", clip_model="micro-ViT-16", sizes=(27, 9, 100), clip_batch_size=2,
                            scaling_epochs=1.5, clip_lr=1e-3, seed=3)
-    result = capsfusion.stage_scaling(args, records, read_manifest(world / "test.jsonl")[:4])
+    write_manifest(tmp_path / "train.jsonl", records)
+    columns = index_manifest(tmp_path / "train.jsonl")
+    result = capsfusion.stage_scaling(args, columns, read_manifest(world / "test.jsonl")[:4], in_memory=True)
     usable = records[:2] + records[3:]
     arms = {"raw": "alt_text", "synthetic": "synthetic_caption", "fused": "capsfus", "teacher": "fused"}
     assert result["sizes"] == [9, 27] and list(result["curves"]) == [*arms, "raw+synthetic mix"]
     steps = {9: 7, 27: 21}  # ceil(1.5 * 9 / 2), ceil(1.5 * 27 / 2); warm-up 7 // 10 -> 1, 21 // 10 = 2
-    images = capsfusion.preprocess_images(usable[:27], preprocess)
+    images = capsfusion.preprocess_images(records, preprocess)  # every row, indexed by row
     u = np.random.default_rng(0).random(27)
     expected = {kind: [" ".join(r[field].split()) for r in usable] for kind, field in arms.items()}
     expected["raw+synthetic mix"] = [raw if x < 0.5 else synthetic for raw, synthetic, x
@@ -827,7 +831,7 @@ def test_scaling_arms_have_their_own_captions_and_the_same_images_model_and_budg
     assert created[1:] == [("micro-ViT-16", 3)] * 10 and len({id(run["model"]) for run in runs}) == len(runs) == 10
     for (kind, n), run in zip([(kind, n) for kind in result["curves"] for n in (9, 27)], runs):
         assert run["texts"] == expected[kind][:n]
-        assert torch.equal(run["images"], images[:n])
+        assert torch.equal(run["images"], images) and run["rows"].tolist() == [0, 1, *range(3, n + 1)]
         assert (run["config"].steps, run["config"].batch_size, run["config"].lr, run["config"].seed) == (steps[n], 2, 1e-3, 3)
         assert run["config"].warmup == {9: 1, 27: 2}[n]
     assert [[(p["samples"], p["steps"]) for p in curve] for curve in result["curves"].values()] == [[(9, 7), (27, 21)]] * 5
@@ -864,7 +868,8 @@ def test_scaling_trains_each_arm_on_its_own_captions_with_vit_b_32(world, tmp_pa
     assert json.loads((tmp_path / "out" / "scaling.json").read_text()) == result
     assert (tmp_path / "out" / "scaling.png").stat().st_size > 0
     # fuse writes `fused` by default, the field the teacher's triplets also use: then there is no teacher arm
-    assert list(capsfusion.caption_fields(capsfusion.Args(), plain)) == ["raw", "synthetic", "fused"]
+    assert list(capsfusion.caption_fields(capsfusion.Args(), index_manifest(tmp_path / "train.jsonl"))) == [
+        "raw", "synthetic", "fused"]
 
 
 def test_smoke_preset_runs_every_stage_and_writes_table_plot_and_json(tmp_path, monkeypatch):
