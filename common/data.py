@@ -631,20 +631,33 @@ def _check_unique_ids(columns: Columns, where: Callable[[int], str]) -> None:
             raise ManifestError(f"{where(second)}: id {columns.value('id', second)!r} already used at {where(first)}")
 
 
+def _remove_index(folder: Path) -> None:
+    for child in folder.iterdir():
+        child.unlink()
+    folder.rmdir()
+
+
 def _build_under_lock(folder: Path, stamp: list, build: Callable[[Path], None]) -> Columns:
     """Build the index into a temporary folder and rename it into place; with several ranks, rank 0 builds."""
     distributed = dist.is_available() and dist.is_initialized()
     if not _fresh_index(folder, stamp) and (not distributed or dist.get_rank() == 0):
         tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
         tmp.mkdir(parents=True, exist_ok=True)
-        build(tmp)
+        try:
+            build(tmp)
+        except BaseException:
+            _remove_index(tmp)  # a bad line stops the build: nothing half-built is left behind
+            raise
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old{os.getpid()}")
             os.replace(folder, old)
-            for child in old.iterdir():
-                child.unlink()
-            old.rmdir()
-        os.replace(tmp, folder)
+            _remove_index(old)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process built the same index meanwhile: keep theirs if it is fresh
+            _remove_index(tmp)
+            if not _fresh_index(folder, stamp):
+                raise
     if distributed:
         dist.barrier()
     return Columns(folder)

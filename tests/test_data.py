@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from common.data import (BadSampleError, ManifestDataset, ManifestError, ResumableJSONLWriter, SkipCounter,
-                         collate_skip_bad,
-                         iter_webdataset, load_coco_karpathy, merge_rank_outputs, rank_path, read_manifest, shard,
-                         write_manifest, write_webdataset_shard)
+                         collate_skip_bad, index_data, index_manifest, iter_webdataset, load_coco_karpathy,
+                         merge_rank_outputs, open_row_image, rank_path, read_manifest, shard, write_manifest,
+                         write_webdataset_shard)
 
 
 def make_images(folder: Path, n: int) -> list[dict]:
@@ -192,3 +192,72 @@ def test_webdataset_shards(tmp_path):
     assert skipped.count == 1 and skipped.examples[0][0] == "k3"
     with pytest.raises(BadSampleError, match="'k3': image cannot be decoded"):
         list(iter_webdataset(str(shard_path), strict=True))
+
+
+# ---- columnar records: a manifest or shards indexed once, read back by row ------------------------------
+
+
+def test_columns_read_back_what_read_manifest_reads(tmp_path):
+    """Every field of every row, a field some rows lack (None there), lists, non-ASCII text, across the 64k-offset
+    blocks the writer flushes; rebuilt when the manifest changes, reused (same files) when it does not."""
+    records = [{"id": f"s{i}", "image": f"images/{i % 3}.png", "caption": f"légende {i}",
+                **({"refs": [f"r{i}", "x"]} if i % 3 == 0 else {}), **({"late": i} if i > 70_000 else {})}
+               for i in range(70_010)]
+    write_manifest(tmp_path / "m.jsonl", records)
+    columns = index_manifest(tmp_path / "m.jsonl")
+    expected = read_manifest(tmp_path / "m.jsonl")
+    assert len(columns) == len(expected) and columns.fields == ["caption", "id", "image", "late", "refs"]
+    for row in (0, 1, 2, 65_535, 65_536, 65_537, 70_000, 70_001, 70_009):
+        assert columns.record(row) == expected[row]
+    assert columns.column("refs", [3, 4]) == [["r3", "x"], None] and columns.value("late", 70_005) == 70_005
+    assert [value for _, value in columns.scan("caption")] == [r["caption"] for r in expected]
+    assert columns.rows_where(lambda v: v["refs"] is not None, ["refs"]).tolist() == list(range(0, 70_010, 3))
+    stamp = (tmp_path / "m.jsonl.index" / "meta.json").stat().st_mtime_ns
+    assert index_manifest(tmp_path / "m.jsonl").n == len(expected)
+    assert (tmp_path / "m.jsonl.index" / "meta.json").stat().st_mtime_ns == stamp  # reused
+    write_manifest(tmp_path / "m.jsonl", records[:5])
+    assert len(index_manifest(tmp_path / "m.jsonl")) == 5  # the manifest changed: rebuilt
+    with pytest.raises(ManifestError, match="no field 'nope'"):
+        columns.value("nope", 0)
+
+
+def test_columns_refuse_bad_manifests_naming_file_and_line(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"id": "a", "image": "x.png"}\n\n{"id": "b", "image": "y.png"}\n{"id": "a", "image": "z.png"}\n')
+    with pytest.raises(ManifestError, match=r"m.jsonl:4: id 'a' already used at .*m.jsonl:1"):
+        index_manifest(path)
+    path.write_text('{"id": "a", "image": "x.png"}\n{"id": "b"}\n')
+    with pytest.raises(ManifestError, match=r"m.jsonl:2 \(id 'b'\): missing field 'image'"):
+        index_manifest(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.jsonl"]  # nothing half-built left behind
+
+
+def test_columns_of_shards_open_the_images_inside_the_tar(tmp_path):
+    """index_data on a brace pattern of webdataset shards: the json fields and each image's bytes by offset,
+    the same pixels and texts iter_webdataset yields."""
+    pytest.importorskip("webdataset")
+    for shard in range(2):
+        write_webdataset_shard(tmp_path / f"shard-{shard:03d}.tar",
+                               [{"id": f"k{shard}{i}", "image": Image.new("RGB", (4, 4), (shard, i, 7)),
+                                 "caption": f"c{shard}{i}"} for i in range(3)])
+    columns = index_data(str(tmp_path / "shard-{000..001}.tar"), tmp_path / "index")
+    streamed = list(iter_webdataset([str(tmp_path / f"shard-{s:03d}.tar") for s in range(2)]))
+    assert len(columns) == 6 and columns.column("caption", range(6)) == [r["caption"] for r in streamed]
+    for row, record in enumerate(streamed):
+        assert columns.value("id", row) == record["id"]
+        assert list(open_row_image(columns, row).getdata()) == list(record["image"].getdata())
+
+
+def test_columns_survive_a_fork_and_pickling(tmp_path):
+    """DataLoader workers: each process opens its own descriptors (pread shares no file position)."""
+    import pickle
+
+    write_manifest(tmp_path / "m.jsonl", [{"id": str(i), "image": "x.png", "caption": f"c{i}"} for i in range(50)])
+    columns = index_manifest(tmp_path / "m.jsonl")
+    assert columns.value("caption", 7) == "c7"
+    clone = pickle.loads(pickle.dumps(columns))
+    assert clone.column("caption", [49, 0]) == ["c49", "c0"]
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if columns.column("caption", range(50)) == [f"c{i}" for i in range(50)] else 1)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
