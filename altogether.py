@@ -41,8 +41,9 @@ Deviations from the paper:
      way); a caption longer than --max-caption-tokens (with its EOS) is cut, EOS included, so the
      model is never taught to stop mid-sentence. Captions are tokenised without BOS: V starts them.
   4. Training steps and batch size are not in the paper: defaults are ours (unverified). The
-     frozen encoder's embeddings of the training manifest are computed once, in memory (ClipCap
-     pre-extracts them too); at the paper's 22M images that wants a memory-mapped file instead.
+     frozen encoder's embeddings of the training manifest are computed once (ClipCap pre-extracts
+     them too), sharded over the ranks, into one float32 memory-mapped file in --out, which
+     training and a resumed run read row by row (`image_embeddings`), never whole in RAM.
      Each rank's loss is its own token mean; DDP averages the ranks' gradients. The decoder
      trains in fp32 weights (loaded with dtype=float32 whatever the checkpoint ships: OPT's files
      are fp16) under bf16 autocast on GPU; the paper states no precision.
@@ -87,17 +88,22 @@ device): docs/altogether.md.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
+import os
+import shutil
 import string
 import time
 from collections import Counter
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
@@ -488,6 +494,166 @@ def embed_records(encoder, records: list[dict], strict: bool, batch_size: int = 
     return emb, readable
 
 
+# The training set's embeddings live in one memory-mapped file per stage in --out, computed once and read row by row:
+# at the paper's 22M images and E = 1024 they are 90 GB, which no rank should hold in RAM (DESIGN.md section 8).
+EMBED_CHUNK = 4096  # rows per part file; a multiple of embed_records' batch, so the batches (and floats) of one pass
+EMBED_WAIT = timedelta(hours=4)  # for the slowest rank and rank 0's merge (minutes at 22M), past NCCL's 10-min timeout
+SOURCE_KEYS = ("format", "records_sha256", "n", "dim", "dtype", "encoder", "encoder_source")  # what decides the floats
+
+
+def embedding_files(out: str | Path, name: str) -> dict[str, Path]:
+    """<out>/<name>.image_embeddings.npy (N, E) float32, .image_readable.npy (N,) bool, the .json sidecar, the parts."""
+    stem = Path(out) / f"{name}.image_"
+    return {"emb": Path(f"{stem}embeddings.npy"), "readable": Path(f"{stem}readable.npy"),
+            "sidecar": Path(f"{stem}embeddings.json"), "parts": Path(f"{stem}embeddings.parts")}
+
+
+def embedding_signature(records: list[dict], encoder, args: Args, manifest: str | Path | None) -> dict:
+    """What the embedding file is computed from: the records' ids and image paths in order (hashed), the encoder.
+
+    The manifest's path, size and time are recorded for the reader; the match is on SOURCE_KEYS, so a manifest
+    copied or touched elsewhere with the same rows reuses the file, and any other row or encoder recomputes it.
+    """
+    digest = hashlib.sha256()
+    for record in records:  # the image as image_path resolves it (folder + path as written), without 22M Path objects
+        image = record["image"] if isinstance(record["image"], str) else "<inline image>"
+        digest.update(f"{record['id']}\t{record.get('_root', '')}\t{image}\n".encode())
+    stat = Path(manifest).stat() if manifest is not None else None
+    return {"format": 1, "records_sha256": digest.hexdigest(), "n": len(records),
+            "dim": int(encoder.model.visual.output_dim), "dtype": "float32", "encoder": encoder.name,
+            "encoder_source": encoder_source(args), "manifest": str(Path(manifest).resolve()) if stat else None,
+            "manifest_bytes": stat.st_size if stat else None, "manifest_mtime": stat.st_mtime if stat else None}
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def same_source(found: dict | None, signature: dict) -> bool:
+    return found is not None and all(found.get(key) == signature[key] for key in SOURCE_KEYS)
+
+
+def embeddings_ready(files: dict[str, Path], signature: dict) -> bool:
+    """A finished file of these inputs: the sidecar is written last, so its presence marks both arrays whole."""
+    found = read_json(files["sidecar"])
+    if found is not None and not same_source(found, signature):
+        changed = [key for key in SOURCE_KEYS if found.get(key) != signature[key]]
+        log.warning("%s was computed from other inputs (%s differ): computing it again", files["emb"], changed)
+    return same_source(found, signature) and files["emb"].is_file() and files["readable"].is_file()
+
+
+def prepare_parts(files: dict[str, Path], signature: dict, chunk_rows: int) -> None:
+    """Rank 0, before any rank embeds: unmark the old file, keep the parts of these inputs (a killed job's) only."""
+    files["sidecar"].unlink(missing_ok=True)  # from now on the old arrays never pass for finished ones
+    marker, expected = files["parts"] / "source.json", {**signature, "chunk_rows": chunk_rows}
+    found = read_json(marker)
+    if files["parts"].exists() and not (same_source(found, signature) and found.get("chunk_rows") == chunk_rows):
+        shutil.rmtree(files["parts"])
+    files["parts"].mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, json.dumps(expected, indent=2))
+
+
+def part_path(files: dict[str, Path], chunk: int) -> Path:
+    return files["parts"] / f"chunk{chunk:07d}.npz"
+
+
+def save_part(path: Path, emb: np.ndarray, readable: np.ndarray) -> None:
+    """One chunk's rows through a temporary file and a rename: a part on disk is a whole part."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        np.savez(handle, emb=emb, readable=readable)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def embed_shard(encoder, records: list[dict], files: dict[str, Path], strict: bool, rank: int = 0,
+                world_size: int = 1, chunk_rows: int = EMBED_CHUNK) -> int:
+    """Embed this rank's chunks not on disk yet, one part file each; returns how many it embedded.
+
+    Chunk c (rows c * chunk_rows ..) is rank c % world_size's: contiguous rows per part, the chunks dealt round-robin
+    so the ranks finish together; only this rank writes its parts, so no check races another rank's write.
+    """
+    chunks = range(rank, -(-len(records) // chunk_rows), world_size)
+    todo = [chunk for chunk in chunks if not part_path(files, chunk).exists()]  # a killed job's parts are kept
+    for chunk in tqdm(todo, desc="embed images", disable=rank != 0):
+        rows = records[chunk * chunk_rows:(chunk + 1) * chunk_rows]
+        emb, readable = embed_records(encoder, rows, strict, progress=False)
+        save_part(part_path(files, chunk), emb.numpy(), readable.numpy())
+    return len(todo)
+
+
+def merge_parts(files: dict[str, Path], signature: dict, chunk_rows: int) -> None:
+    """Rank 0: the parts, one at a time, into the .npy memmap and the mask; then the sidecar, then the parts go."""
+    n, dim = signature["n"], signature["dim"]
+    # fixed temporary names: only rank 0 writes them, and a merge killed mid-way leaves no 90 GB orphan for the next one
+    tmp_emb, tmp_readable = (files[key].with_name(f".{files[key].name}.tmp") for key in ("emb", "readable"))
+    emb = np.lib.format.open_memmap(tmp_emb, mode="w+", dtype=np.float32, shape=(n, dim))
+    readable = np.zeros(n, dtype=bool)
+    for chunk in range(-(-n // chunk_rows)):
+        rows = slice(chunk * chunk_rows, min((chunk + 1) * chunk_rows, n))
+        with np.load(part_path(files, chunk)) as part:
+            emb[rows], readable[rows] = part["emb"], part["readable"]
+    emb.flush()
+    del emb
+    with open(tmp_readable, "wb") as handle:  # a handle: np.save would append .npy to the temporary name
+        np.save(handle, readable)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp_emb, files["emb"])
+    os.replace(tmp_readable, files["readable"])
+    atomic_write_text(files["sidecar"], json.dumps(signature, indent=2))  # written last: the completion marker
+    shutil.rmtree(files["parts"])
+
+
+def image_embeddings(encoder, records: list[dict], out: str | Path, name: str, signature: dict, strict: bool,
+                     rank: int = 0, world_size: int = 1,
+                     chunk_rows: int = EMBED_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """(N, E) float32 read-only memmap of the frozen encoder's embeddings of `records` and readable (N,) bool.
+
+    Computed once into <out>/<name>.image_embeddings.npy, each rank embedding its chunks; found there (same
+    records, same encoder) it is only mapped, so a resumed run does not embed again. Only the rows a step indexes
+    enter RAM. float32, as embed_records returns them: training reads the floats of the in-memory pass.
+    """
+    if not records:
+        raise ValueError(f"no records to embed for {name!r}: the manifest is empty")
+    files = embedding_files(out, name)
+    # a gloo group of its own: its barriers outlast NCCL's 10-minute timeout while rank 0 merges 90 GB
+    group = dist.new_group(backend="gloo", timeout=EMBED_WAIT) if world_size > 1 else None
+    ready = embeddings_ready(files, signature)  # every rank decides before rank 0 touches a file (next barrier)
+    if not ready and rank == 0:
+        prepare_parts(files, signature, chunk_rows)
+    elif rank == 0 and files["parts"].exists():  # a job killed after its sidecar, before removing its parts
+        shutil.rmtree(files["parts"])
+    wait_for_ranks(group)
+    if not ready:
+        embed_shard(encoder, records, files, strict, rank, world_size, chunk_rows)
+    wait_for_ranks(group)  # every part written
+    if not ready and rank == 0:
+        merge_parts(files, signature, chunk_rows)
+    wait_for_ranks(group)  # the file is whole before any rank maps it
+    if group is not None:
+        dist.destroy_process_group(group)
+    emb, readable = np.load(files["emb"], mmap_mode="r"), np.load(files["readable"])
+    log.info("image embeddings %s: %s, %d unreadable images%s", files["emb"], emb.shape, (~readable).sum(),
+             "" if not ready else " (computed by an earlier run)")
+    return emb, readable
+
+
+def wait_for_ranks(group) -> None:
+    if group is not None:
+        dist.barrier(group=group)
+
+
+def embedding_rows(img_emb, indices: np.ndarray) -> torch.Tensor:
+    """(b, E) rows of the embeddings (a memmap or a tensor): only these rows are read into RAM."""
+    rows = img_emb[indices]
+    return rows if isinstance(rows, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(rows))
+
+
 def make_optimizer(captioner: Captioner, args: Args) -> torch.optim.Optimizer:
     """AdamW, betas (0.9, 0.98), eps 1e-6, weight decay on matrices only (paper)."""
     params = [p for p in captioner.parameters() if p.requires_grad]
@@ -496,9 +662,12 @@ def make_optimizer(captioner: Captioner, args: Args) -> torch.optim.Optimizer:
                              lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
 
 
-def train_stage(args: Args, stage: str, captioner: Captioner, tokenizer, encoder, records: list[dict],
-                img_emb: torch.Tensor) -> dict:
-    """Stage 1 or 2 on `records` with their embeddings; saves <out>/<stage>.pt; returns the log."""
+def train_stage(args: Args, stage: str, captioner: Captioner, tokenizer, encoder, records: list[dict], img_emb,
+                emb_rows: np.ndarray | None = None) -> dict:
+    """Stage 1 or 2 on `records` with their embeddings; saves <out>/<stage>.pt; returns the log.
+
+    img_emb: (N, E), a memmap (image_embeddings) or a tensor; record i's row is emb_rows[i] (None: row i).
+    """
     rank, world_size, device = init_distributed(args.device)
     steps = args.pretrain_steps if stage == "pretrain" else args.finetune_steps
     if args.batch_size % world_size:
@@ -527,11 +696,12 @@ def train_stage(args: Args, stage: str, captioner: Captioner, tokenizer, encoder
         rng = np.random.default_rng([args.seed, STAGES[stage], step])
         pairs = [training_pair(records[i], stage, args, rng) for i in indices][rank * local:(rank + 1) * local]
         indices = indices[rank * local:(rank + 1) * local]
+        batch_emb = embedding_rows(img_emb, indices if emb_rows is None else emb_rows[indices])  # (b, E)
         prompts, targets = zip(*pairs)
         prompt_ids, prompt_mask = encode_prompts(tokenizer, list(prompts), args.max_prompt_tokens)
         caption_ids, caption_mask = encode_captions(tokenizer, list(targets), args.max_caption_tokens)
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=use_amp):
-            logits = model(img_emb[indices].to(device), prompt_ids.to(device), prompt_mask.to(device),
+            logits = model(batch_emb.to(device), prompt_ids.to(device), prompt_mask.to(device),
                            caption_ids.to(device), caption_mask.to(device))  # (b, M + P + C, V)
         labels = sequence_labels(captioner.mapper.prefix_length, prompt_mask, caption_ids, caption_mask)
         terms = caption_loss(logits, labels.to(device))
@@ -547,7 +717,7 @@ def train_stage(args: Args, stage: str, captioner: Captioner, tokenizer, encoder
     return {"history": history, "resumed_from": start, "checkpoint": str(path)}
 
 
-def usable_for_training(records: list[dict], readable: torch.Tensor, stage: str, args: Args) -> list[int]:
+def usable_for_training(records: list[dict], readable: np.ndarray, stage: str, args: Args) -> list[int]:
     """Indices of records with a readable image and the stage's texts; the others are counted."""
     kept, skipped = [], SkipCounter()
     for i, record in enumerate(records):
@@ -567,13 +737,15 @@ def usable_for_training(records: list[dict], readable: torch.Tensor, stage: str,
 
 
 def stage_train(args: Args, stage: str) -> dict:
-    """pretrain / finetune on --data: embeds the images once, trains, writes <out>/<stage>.pt."""
+    """pretrain / finetune on --data: images embedded once into <out>/<stage>.image_embeddings.npy; <out>/<stage>.pt."""
     if args.data is None:
         raise ValueError(f"the {stage} stage needs --data (a manifest)")
     records = read_manifest(args.data)
-    args = dataclasses.replace(args, device=init_distributed(args.device)[2])  # each rank's encoder on its own GPU
+    rank, world_size, device = init_distributed(args.device)
+    args = dataclasses.replace(args, device=device)  # each rank's encoder on its own GPU
     encoder = load_encoder(args)
-    img_emb, readable = embed_records(encoder, records, args.strict)
+    signature = embedding_signature(records, encoder, args, args.data)
+    img_emb, readable = image_embeddings(encoder, records, args.out, stage, signature, args.strict, rank, world_size)
     keep = usable_for_training(records, readable, stage, args)
     if args.checkpoint is not None:
         captioner, tokenizer = captioner_from_checkpoint(load_checkpoint(args.checkpoint))
@@ -583,7 +755,8 @@ def stage_train(args: Args, stage: str) -> dict:
         texts = [t for r in records for t in alt_texts_of(r, args.alt_field)] + [str(r.get(args.target_field) or "")
                                                                                  for r in records]
         captioner, tokenizer = new_captioner(args, img_emb.shape[1], texts)
-    return train_stage(args, stage, captioner, tokenizer, encoder, [records[i] for i in keep], img_emb[keep])
+    # the kept records and their rows of the memmap: no (N, E) copy of the kept embeddings
+    return train_stage(args, stage, captioner, tokenizer, encoder, [records[i] for i in keep], img_emb, np.array(keep))
 
 
 # =============================================================================================
@@ -741,7 +914,8 @@ def run_miniature(args: Args) -> dict:
     folder = ensure_world(args.world)
     train_records, test_records = read_manifest(folder / "train.jsonl"), read_manifest(folder / "test.jsonl")
     encoder, scorer = load_encoder(args), load_scorer(args)
-    train_emb, _ = embed_records(encoder, train_records, strict=True)
+    signature = embedding_signature(train_records, encoder, args, folder / "train.jsonl")
+    train_emb, _ = image_embeddings(encoder, train_records, out, "train", signature, strict=True)  # both stages, seeds
     test_emb, _ = embed_records(encoder, test_records, strict=True)
     score_feats = test_emb.numpy() if args.score_model == args.clip_model else embed_records(scorer, test_records, True)[0].numpy()
     runs = {row: [] for row in ROWS}

@@ -1,8 +1,10 @@
 """altogether.py: the caption-only loss mask, the prefix layout that training and generate() share
 (teacher-forced = generated, batched = one at a time), what a step trains, generation into a manifest
-with tiny random OPT and GPT-2 decoders, resuming a killed captioning job, prompt truncation, empty
-alt-text, the miniature main() at toy size, and the documented real commands with tiny random
-weights of the real architectures (fp16 OPT files, the open_clip tags), one under torchrun."""
+with tiny random OPT and GPT-2 decoders, resuming a killed captioning job, the training set's image
+embeddings in one memory-mapped file (the in-memory floats, computed once, resumed by chunk, two gloo
+ranks writing one process's file), prompt truncation, empty alt-text, the miniature main() at toy
+size, and the documented real commands with tiny random weights of the real architectures (fp16 OPT
+files, the open_clip tags), one under torchrun."""
 
 import json
 
@@ -230,6 +232,139 @@ def test_nan_loss_stops_with_the_step(world, tmp_path, monkeypatch):
         altogether.main(SMALL + ["pretrain", "--decoder", "tiny-opt", "--data", str(world / "train.jsonl"),
                                  "--out", str(tmp_path), "--pretrain-steps", "2"])
     assert not (tmp_path / "pretrain.pt").exists()
+
+
+# ---- image embeddings: one memory-mapped file per stage, computed once ---------------------------
+
+
+def micro_encoder():
+    return altogether.load_encoder(altogether.parse(altogether.Args, SMALL + ["pretrain"], altogether.PRESETS))
+
+
+def embedding_inputs(world, tmp_path):
+    """The train split with one image missing, the micro encoder, and the signature of the pair."""
+    records = [plain(r, world) for r in read_manifest(world / "train.jsonl")]
+    records[5]["image"] = str(tmp_path / "missing.png")
+    write_manifest(tmp_path / "in.jsonl", records)
+    records = read_manifest(tmp_path / "in.jsonl")
+    encoder = micro_encoder()
+    args = altogether.parse(altogether.Args, SMALL + ["pretrain"], altogether.PRESETS)
+    return records, encoder, altogether.embedding_signature(records, encoder, args, tmp_path / "in.jsonl")
+
+
+def count_embed_calls(monkeypatch, fail_at: int | None = None) -> dict:
+    """Wrap embed_records: count its calls; the `fail_at`-th one dies as a killed job would."""
+    real, calls = altogether.embed_records, {"n": 0}
+
+    def counted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == fail_at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(altogether, "embed_records", counted)
+    return calls
+
+
+def test_embedding_file_holds_the_in_memory_embeddings_and_a_second_run_maps_it(world, tmp_path, monkeypatch, caplog):
+    records, encoder, signature = embedding_inputs(world, tmp_path)
+    emb, readable = altogether.embed_records(encoder, records, strict=False)  # the former in-memory pass
+    mapped, mask = altogether.image_embeddings(encoder, records, tmp_path / "out", "pretrain", signature, False)
+    files = altogether.embedding_files(tmp_path / "out", "pretrain")
+    assert isinstance(mapped, np.memmap) and mapped.dtype == np.float32 and not mapped.flags.writeable
+    assert torch.equal(torch.from_numpy(np.array(mapped)), emb)  # bit for bit: the miniature's captions stay the same
+    assert mask.dtype == bool and mask.tolist() == readable.tolist() and not mask[5] and mask.sum() == len(records) - 1
+    sidecar = json.loads(files["sidecar"].read_text())
+    assert (sidecar["n"], sidecar["dim"], sidecar["encoder"]) == (len(records), emb.shape[1], MICRO)
+    assert sidecar["manifest"] == str((tmp_path / "in.jsonl").resolve()) and not files["parts"].exists()
+    calls = count_embed_calls(monkeypatch)
+    files["parts"].mkdir()  # as a job killed after writing its sidecar leaves them
+    again, _ = altogether.image_embeddings(encoder, records, tmp_path / "out", "pretrain", signature, False)
+    assert calls["n"] == 0 and np.array_equal(again, mapped) and not files["parts"].exists()
+    # other records (or encoder): the file is computed again, and the log says what differs
+    args = altogether.parse(altogether.Args, SMALL + ["pretrain"], altogether.PRESETS)
+    fewer = altogether.embedding_signature(records[1:], encoder, args, tmp_path / "in.jsonl")
+    with caplog.at_level("WARNING", logger="altogether"):
+        other, _ = altogether.image_embeddings(encoder, records[1:], tmp_path / "out", "pretrain", fewer, False)
+    assert calls["n"] == 1 and "records_sha256" in caplog.text and np.array_equal(other, mapped[1:])
+
+
+def test_killed_embedding_job_resumes_from_its_finished_chunks_and_no_half_file_is_read(world, tmp_path, monkeypatch):
+    records, encoder, signature = embedding_inputs(world, tmp_path)
+    out, files = tmp_path / "out", altogether.embedding_files(tmp_path / "out", "finetune")
+    calls = count_embed_calls(monkeypatch, fail_at=3)  # 4 chunks of 8 rows: dies in the third
+    with pytest.raises(KeyboardInterrupt):
+        altogether.image_embeddings(encoder, records, out, "finetune", signature, False, chunk_rows=8)
+    assert not files["sidecar"].exists() and len(list(files["parts"].glob("chunk*.npz"))) == 2
+    files["emb"].write_bytes(b"half a file")  # what a kill mid-merge would leave, without the .json
+    calls = count_embed_calls(monkeypatch)
+    mapped, mask = altogether.image_embeddings(encoder, records, out, "finetune", signature, False, chunk_rows=8)
+    assert calls["n"] == 2  # the two missing chunks only
+    expected = [altogether.embed_records(encoder, records[i:i + 8], False) for i in range(0, len(records), 8)]
+    assert torch.equal(torch.from_numpy(np.array(mapped)), torch.cat([emb for emb, _ in expected]))
+    assert mask.tolist() == torch.cat([ok for _, ok in expected]).tolist()
+
+
+def _embedding_rank(rank, port, encoder, records, out, signature):
+    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool (libgomp is not fork-safe)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        altogether.image_embeddings(encoder, records, out, "pretrain", signature, False, rank, 2, chunk_rows=6)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_ranks_write_the_embedding_file_of_one_process(world, tmp_path):
+    """Ranks embed their chunks of 6 rows (0, 2, 4 / 1, 3, 5), rank 0 merges them after a barrier: one process's file."""
+    import time
+
+    from tests.realarch import free_port
+
+    records, encoder, signature = embedding_inputs(world, tmp_path)
+    one, mask = altogether.image_embeddings(encoder, records, tmp_path / "one", "pretrain", signature, False,
+                                            chunk_rows=6)
+    # fork, not spawn: the ranks inherit the encoder and the imports instead of paying for them again
+    ranks = torch.multiprocessing.start_processes(_embedding_rank, nprocs=2, join=False, start_method="fork",
+                                                  args=(free_port(), encoder, records, tmp_path / "two", signature))
+    deadline = time.time() + 120
+    while not ranks.join(timeout=1):  # raises if a rank failed; a hung rank fails the test instead of the run
+        if time.time() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail("the two gloo ranks did not finish in 120 s")
+    two, two_mask = altogether.image_embeddings(encoder, records, tmp_path / "two", "pretrain", signature, True)
+    assert np.allclose(two, one, atol=1e-6) and two_mask.tolist() == mask.tolist()  # one thread vs the parent's
+    assert json.loads(altogether.embedding_files(tmp_path / "two", "pretrain")["sidecar"].read_text()) == signature
+
+
+def test_training_reads_the_kept_records_rows_of_the_memmap_and_a_resume_embeds_nothing(world, tmp_path, monkeypatch):
+    records = [plain(r, world) for r in read_manifest(world / "train.jsonl")][:16]
+    records[0]["alt_text"], records[5]["alt_text"] = "", ""  # not trained on in stage 1: the rows shift past them
+    records[3]["image"] = str(tmp_path / "missing.png")
+    write_manifest(tmp_path / "in.jsonl", records)
+    argv = SMALL + ["pretrain", "--decoder", "tiny-opt", "--data", str(tmp_path / "in.jsonl"), "--out", str(tmp_path)]
+    seen, real_pair, real_rows = [], altogether.training_pair, altogether.embedding_rows
+
+    def pair(record, *args):
+        seen.append(record["id"])
+        return real_pair(record, *args)
+
+    def rows(img_emb, indices):
+        assert isinstance(img_emb, np.memmap)
+        batch = real_rows(img_emb, indices)
+        seen.append(batch)
+        return batch
+
+    monkeypatch.setattr(altogether, "training_pair", pair)
+    monkeypatch.setattr(altogether, "embedding_rows", rows)
+    altogether.main(argv + ["--pretrain-steps", "1"])
+    emb, _ = altogether.embed_records(micro_encoder(), read_manifest(tmp_path / "in.jsonl"), strict=False)
+    ids, batch = seen[:-1], seen[-1]
+    assert len(ids) == 8 and not {records[i]["id"] for i in (0, 3, 5)} & set(ids)
+    assert torch.equal(batch, emb[[[r["id"] for r in records].index(sample) for sample in ids]])
+    calls = count_embed_calls(monkeypatch)
+    log = altogether.main(argv + ["--pretrain-steps", "2"])
+    assert log["resumed_from"] == 1 and calls["n"] == 0
 
 
 # ---- generation with tiny random OPT and GPT-2 decoders ---------------------------------------
