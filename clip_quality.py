@@ -34,9 +34,12 @@ Deviations from the paper (no official code exists; the closest is apple/ml-mobi
   5. Every efficiency subset trains for the same steps (small ones repeat); the paper's differ.
   6. Attention distance does not renormalise a row after dropping the CLS column (as common App. D.7
      reimplementations); it needs open_clip ViTs with nn.MultiheadAttention (timm towers are refused).
-  7. Pretraining and probes hold their preprocessed images in memory (common.clip_train.train_clip
-     takes one tensor): fine for the miniature world and for probe sets of a few thousand images; a
-     DataCompDR-scale run needs a streaming trainer, which common/ does not have yet. The miniature
+  7. Pretraining holds its preprocessed images in memory (common.clip_train.train_clip takes one
+     tensor): fine for the miniature world; a DataCompDR-scale run needs a streaming trainer, which
+     common/ does not have yet. The probes stream: images and label maps decode per batch in
+     `--probe-workers` DataLoader workers, the test set is scored batch by batch, and a frozen
+     encoder's training tokens are computed once into a memory-mapped file in the run folder (deleted
+     after). Probe epochs are seeded permutations cut into whole batches, not i.i.d. draws. The miniature
      probe trains on the first `--probe-train-images` train images (captions seen in pretraining,
      masks never) and tests on the test split.
   8. Training and evaluation see one square centre crop per image at the model's input size (224 px
@@ -64,7 +67,7 @@ paper's; LAION is a noisier-caption stand-in for an ALIGN/DataComp model):
         --kernel auto --regimes datacomp datacompdr --train.steps 30000 --train.batch-size 4096
     python clip_quality.py probe --checkpoints runs/clip_quality/pretrain/*.pt --finetune --device cuda \
         --probe-train-manifest ade/train.jsonl --probe-test-manifest ade/val.jsonl --num-classes 150 \
-        --reduce-zero-label
+        --reduce-zero-label --probe-workers 8
     python clip_quality.py attention --attention-models ViT-B-16@datacomp_xl_s13b_b90k \
         ViT-B-16@laion2b_s34b_b88k runs/clip_quality/pretrain/datacompdr-seed0.pt --images-manifest ade/val.jsonl
 """
@@ -73,13 +76,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Callable, Literal, Sequence
+from typing import Annotated, Callable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 import open_clip
@@ -96,7 +101,8 @@ from common.clip_score import tag_settings
 from common.clip_train import (MINIATURE_MODEL, TrainConfig, contrastive_loss, create_clip, encode_images,
                                encode_texts, evaluate_world, preprocess_images, retrieval_metrics, save_checkpoint,
                                train_clip)
-from common.data import ManifestError, atomic_write_text, image_path, init_distributed, read_manifest, shard
+from common.data import (ManifestError, atomic_write_text, image_path, init_distributed, open_image, read_manifest,
+                         shard)
 from common.miniature import SEGMENTATION_CLASSES, WorldConfig, ensure_world
 
 Regime = Literal["datacomp", "datacompdr", "swap"]
@@ -177,6 +183,8 @@ class Args:
     """probe images per step"""
     probe_lr: float = 3e-3
     """AdamW learning rate of the head"""
+    probe_workers: int = 0
+    """DataLoader worker processes that decode probe images and label maps (0 = in the main process)"""
     subset_fractions: tuple[float, ...] = (0.1, 1.0)  # the paper: DataCompDR matches DataComp on 10x less data
     """efficiency: nested fractions of the pretraining set, each pretrained with the same schedule"""
     attention_models: tuple[str, ...] = ()
@@ -349,23 +357,54 @@ def load_mask(record: dict, size: int, num_classes: int, ignore_index: int, redu
     return torch.from_numpy(np.asarray(cropped, np.int64))
 
 
-def dense_targets(records: Sequence[dict], size: int, args: Args,
-                  tasks: Sequence[str] = ("seg", "depth")) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Masks (N, S, S) long and depth in metres (N, S, S) float for `tasks`, each None if not asked or not carried."""
-    load = {"mask": lambda r: load_mask(r, size, args.num_classes, args.ignore_index, args.reduce_zero_label),
-            "depth": lambda r: torch.from_numpy(np.asarray(resize_center_crop(
-                Image.open(image_path({**r, "image": r["depth"]})), size), np.float32) / 1000.0)}
-    out = []
+def load_depth(record: dict, size: int) -> torch.Tensor:
+    """A record's uint16 millimetre PNG as (S, S) float metres, cropped like its image (0 stays 0 = invalid)."""
+    depth = resize_center_crop(Image.open(image_path({**record, "image": record["depth"]})), size)
+    return torch.from_numpy(np.asarray(depth, np.float32) / 1000.0)
+
+
+def dense_targets(record: dict, size: int, args: Args, fields: Sequence[str]) -> dict:
+    """A record's label maps at (S, S) for `fields`: `mask` long class ids, `depth` float metres."""
+    load = {"mask": lambda: load_mask(record, size, args.num_classes, args.ignore_index, args.reduce_zero_label),
+            "depth": lambda: load_depth(record, size)}
+    return {field: load[field]() for field in fields}
+
+
+def label_fields(records: Sequence[dict], tasks: Sequence[str]) -> tuple[str, ...]:
+    """The label fields of `tasks` that `records` carry; one that some records carry and others lack is an error."""
+    fields = []
     for task, field in TASK_FIELDS.items():
-        carriers = [r for r in records if r.get(field)]
-        if task not in tasks or not carriers:
-            out.append(None)
-            continue
-        if len(carriers) < len(records):
+        carriers = sum(bool(r.get(field)) for r in records) if task in tasks else 0
+        if 0 < carriers < len(records):
             missing = next(r["id"] for r in records if not r.get(field))
             raise ManifestError(f"sample {missing!r} has no {field!r} while others do; give every record one")
-        out.append(torch.stack([load[field](r) for r in records]))
-    return out[0], out[1]
+        fields += [field] if carriers else []
+    return tuple(fields)
+
+
+class ProbeDataset(torch.utils.data.Dataset):
+    """A probe manifest decoded item by item: {"image": (3, S, S), "mask": (S, S) long, "depth": (S, S) metres}, the
+    `fields` asked. It holds the records only: DataLoader workers decode each batch, the set never sits in memory."""
+
+    def __init__(self, records: Sequence[dict], preprocess: Callable, size: int, args: Args, fields: Sequence[str]):
+        self.records, self.preprocess, self.size, self.args = records, preprocess, size, args
+        self.fields = tuple(fields)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        item = dense_targets(record, self.size, self.args, [f for f in self.fields if f != "image"])
+        if "image" in self.fields:
+            source = record["image"] if not isinstance(record["image"], str) else image_path(record)
+            item["image"] = self.preprocess(open_image(source, str(record.get("id"))))  # as preprocess_images
+        return item
+
+    def only(self, fields: Sequence[str]) -> "ProbeDataset":
+        """The same records, decoding only those of `fields` that this set carries."""
+        kept = [f for f in self.fields if f in fields]
+        return ProbeDataset(self.records, self.preprocess, self.size, self.args, kept)
 
 
 def probe_plan(args: Args, records: dict) -> list[tuple[str, ...]]:
@@ -405,62 +444,134 @@ def probe_loss(logits: torch.Tensor | None, depth: torch.Tensor | None, masks: t
     return terms
 
 
-def train_and_evaluate_probe(visual: nn.Module, train_set: tuple, test_set: tuple, args: Args, seed: int,
+EVAL_BATCH = 256  # images per encoder pass outside training: the frozen token cache and the test set
+
+
+def probe_loader(dataset: ProbeDataset, args: Args, **batching) -> torch.utils.data.DataLoader:
+    """`dataset` in batches (`batch_size` or `batch_sampler`) decoded by --probe-workers processes (0: this one)."""
+    return torch.utils.data.DataLoader(dataset, num_workers=args.probe_workers, **batching)
+
+
+def epoch_batches(n: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
+    """Endless batches of min(batch_size, n) indices: epoch e is np.random.default_rng([seed, e]).permutation(n) cut
+    into whole batches (the remainder sits that epoch out), each sorted so that a memory-mapped cache reads in order."""
+    size = min(batch_size, n)
+    for epoch in itertools.count():
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+        for start in range(0, n - size + 1, size):
+            yield np.sort(order[start:start + size])
+
+
+def depth_moments(depth: torch.Tensor) -> np.ndarray:
+    """(count, sum, sum of squares) of the valid pixels (> 0) of a batch of depth maps, in float64."""
+    valid = depth[depth > 0].double()
+    return np.array([valid.numel(), valid.sum().item(), (valid ** 2).sum().item()])
+
+
+def depth_statistics(moments: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std (Bessel-corrected, as torch.std) of the valid training depth, from its summed moments."""
+    count, total, squares = moments
+    if count == 0:
+        raise ManifestError("the probe training set has no valid depth pixel (every depth PNG is 0 = invalid)")
+    mean = total / count
+    # sigma^2 = (sum d^2 - n mu^2) / (n - 1): float64 sums over float32 metres, exact to float32 precision
+    variance = max(squares - count * mean ** 2, 0.0) / max(count - 1, 1)
+    return torch.tensor(mean, dtype=torch.float32), torch.tensor(variance ** 0.5, dtype=torch.float32).clamp_min(1e-6)
+
+
+def cache_frozen(visual: nn.Module, dataset: ProbeDataset, args: Args, folder: Path) -> tuple[dict, np.ndarray]:
+    """One pass of the frozen encoder over `dataset`: its patch tokens and label maps written to memory-mapped .npy
+    files in `folder` (tokens in the encoder's float32: the numbers a recomputation gives), and the depth moments."""
+    cache, moments, start = {}, np.zeros(3), 0
+    with torch.no_grad():
+        for batch in probe_loader(dataset, args, batch_size=EVAL_BATCH):
+            batch["tokens"] = patch_tokens(visual, batch.pop("image").to(args.device)).cpu()  # (B, C, h, w)
+            moments += depth_moments(batch["depth"]) if "depth" in batch else 0
+            for field, values in batch.items():
+                if field not in cache:  # (N, ...) of the first batch's dtype: float32 tokens, long masks, float depth
+                    cache[field] = np.lib.format.open_memmap(folder / f"{field}.npy", mode="w+", shape=(
+                        len(dataset), *values.shape[1:]), dtype=values.numpy().dtype)
+                cache[field][start:start + len(values)] = values.numpy()
+            start += len(values)
+    return cache, moments
+
+
+def training_batches(visual: nn.Module, train_set: ProbeDataset, args: Args, seed: int,
+                     folder: Path) -> tuple[Iterable[dict], np.ndarray]:
+    """(--probe-steps batches in epoch order, the moments of the training set's valid depth pixels).
+
+    A frozen encoder's tokens are computed once and read back from a memory-mapped cache in `folder` (batches carry
+    "tokens"); a fine-tuned encoder's batches carry "image"s decoded per step by the DataLoader's workers."""
+    batches = itertools.islice(epoch_batches(len(train_set), args.probe_batch_size, seed), args.probe_steps)
+    if args.finetune:
+        moments = np.zeros(3)
+        if "depth" in train_set.fields:  # a pass over the depth maps alone: the statistics need no image
+            for batch in probe_loader(train_set.only(("depth",)), args, batch_size=EVAL_BATCH):
+                moments += depth_moments(batch["depth"])
+        return probe_loader(train_set, args, batch_sampler=batches), moments
+    cache, moments = cache_frozen(visual, train_set, args, folder)
+    return ({field: torch.from_numpy(values[order]) for field, values in cache.items()} for order in batches), moments
+
+
+def evaluate_probe(visual: nn.Module, head: DenseProbe, test_set: ProbeDataset, tasks: Sequence[str],
+                   depth_mean: torch.Tensor, depth_std: torch.Tensor, args: Args) -> dict:
+    """A trained probe's test metrics, the test set streamed in batches: confusion and per-image RMSEs summed."""
+    confusion = torch.zeros(args.num_classes, args.num_classes, dtype=torch.long)
+    rmse_sum, images = 0.0, 0
+    with torch.no_grad():
+        for batch in probe_loader(test_set, args, batch_size=EVAL_BATCH):
+            pixels = batch["image"].to(args.device)
+            logits, depth = head(patch_tokens(visual, pixels), pixels.shape[-2:])
+            if "seg" in tasks:
+                predicted = logits.argmax(1).cpu()  # (B, H, W)
+                confusion += confusion_matrix(predicted, batch["mask"], args.num_classes, args.ignore_index)
+            if "depth" in tasks:  # Deviation 3: RMSE per image, then the mean over images
+                rmse_sum += depth_rmse(depth.cpu() * depth_std + depth_mean, batch["depth"]).double().sum().item()
+                images += len(pixels)
+    metrics = segmentation_metrics(confusion) if "seg" in tasks else {}
+    if "depth" in tasks:
+        metrics["depth_RMSE"] = rmse_sum / images
+    return metrics
+
+
+def train_and_evaluate_probe(visual: nn.Module, train_set: ProbeDataset, test_set: ProbeDataset, args: Args, seed: int,
                              tasks: Sequence[str] = ("seg", "depth")) -> dict:
-    """Train one DenseProbe on `tasks` of (images, masks, depth) (losses summed if two); return its test metrics."""
+    """Train one DenseProbe on `tasks` of the probe datasets (losses summed if two); return its test metrics."""
     torch.manual_seed(seed)
     visual = visual.to(args.device)
-    train_images, train_masks, train_depth = train_set
-    train_masks = train_masks if "seg" in tasks else None
-    train_depth = train_depth if "depth" in tasks else None
-    size = tuple(train_images.shape[-2:])
+    fields = ("image", *(TASK_FIELDS[task] for task in tasks))
+    train_set, test_set = train_set.only(fields), test_set.only(fields)
+    first = train_set[0]["image"][None].to(args.device)  # (1, 3, H, W)
+    size = tuple(first.shape[-2:])
     with torch.no_grad():
-        width = patch_tokens(visual.eval(), train_images[:1].to(args.device)).shape[1]
-        depth_mean, depth_std = torch.tensor(0.0), torch.tensor(1.0)
-        if train_depth is not None:
-            valid_depth = train_depth[train_depth > 0]
-            depth_mean, depth_std = valid_depth.mean(), valid_depth.std().clamp_min(1e-6)
-        frozen_tokens = None if args.finetune else torch.cat([patch_tokens(visual, train_images[i:i + 256].to(args.device))
-                                                              for i in range(0, len(train_images), 256)])
-    head = DenseProbe(width, args.num_classes, tasks).to(args.device)
+        width = patch_tokens(visual.eval(), first).shape[1]
+    head = DenseProbe(width, args.num_classes, tasks).to(args.device)  # before a DataLoader draws from torch's RNG
     groups = [{"params": head.parameters(), "lr": args.probe_lr}]
     if args.finetune:
         groups.append({"params": visual.parameters(), "lr": args.finetune_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=1e-4)
-    generator = np.random.default_rng(seed)
-    visual.train(args.finetune)  # the head is a fresh module, in training mode
-    for _ in range(args.probe_steps):
-        batch = torch.as_tensor(generator.choice(len(train_images), min(args.probe_batch_size, len(train_images)), replace=False))
-        tokens = frozen_tokens[batch] if frozen_tokens is not None else patch_tokens(visual, train_images[batch].to(args.device))
-        logits, depth = head(tokens, size)
-        masks = train_masks[batch].to(args.device) if train_masks is not None else None
-        target = train_depth[batch].to(args.device) if train_depth is not None else None
-        loss = probe_loss(logits, depth, masks, target, depth_mean, depth_std, args.ignore_index)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="probe-cache-", dir=args.out) as folder:  # frozen tokens, deleted after
+        batches, moments = training_batches(visual, train_set, args, seed, Path(folder))
+        depth_mean, depth_std = (depth_statistics(moments) if "depth" in tasks else
+                                 (torch.tensor(0.0), torch.tensor(1.0)))
+        visual.train(args.finetune)  # the head is a fresh module, in training mode
+        for batch in batches:
+            tokens = (batch["tokens"].to(args.device) if "tokens" in batch else  # (B, C, h, w)
+                      patch_tokens(visual, batch["image"].to(args.device)))
+            logits, depth = head(tokens, size)
+            masks = batch["mask"].to(args.device) if "seg" in tasks else None
+            target = batch["depth"].to(args.device) if "depth" in tasks else None
+            loss = probe_loss(logits, depth, masks, target, depth_mean, depth_std, args.ignore_index)["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
     head.eval()
     visual.eval()
-    test_images, test_masks, test_depth = test_set
-    test_masks = test_masks if "seg" in tasks else None
-    test_depth = test_depth if "depth" in tasks else None
-    confusion = torch.zeros(args.num_classes, args.num_classes, dtype=torch.long)
-    rmse = []
-    with torch.no_grad():
-        for i in range(0, len(test_images), 256):
-            logits, depth = head(patch_tokens(visual, test_images[i:i + 256].to(args.device)), size)
-            if test_masks is not None:
-                confusion += confusion_matrix(logits.argmax(1).cpu(), test_masks[i:i + 256], args.num_classes,
-                                              args.ignore_index)
-            if test_depth is not None:
-                rmse.append(depth_rmse(depth.cpu() * depth_std + depth_mean, test_depth[i:i + 256]))
-    metrics = segmentation_metrics(confusion) if test_masks is not None else {}
-    if test_depth is not None:
-        metrics["depth_RMSE"] = torch.cat(rmse).mean().item()
-    return metrics
+    return evaluate_probe(visual, head, test_set, tasks, depth_mean, depth_std, args)
 
 
-def probe_encoder(visual: nn.Module, train_set: tuple, test_set: tuple, args: Args, seed: int,
+def probe_encoder(visual: nn.Module, train_set: ProbeDataset, test_set: ProbeDataset, args: Args, seed: int,
                   plan: Sequence[tuple[str, ...]]) -> dict:
     """One probe per entry of `plan`, each from the same encoder weights (copied when --finetune trains them)."""
     metrics = {}
@@ -610,14 +721,15 @@ def run_pretrain(args: Args, records: dict) -> list[dict]:
     return rows
 
 
-def probe_sets(args: Args, records: dict, preprocess: Callable, tasks: Sequence[str]) -> tuple[tuple, tuple]:
-    """(images, masks, depth) for the probe's train and test manifests, at the model's input size."""
+def probe_sets(args: Args, records: dict, preprocess: Callable,
+               tasks: Sequence[str]) -> tuple[ProbeDataset, ProbeDataset]:
+    """Datasets over the probe's train and test manifests that decode image and label maps per item, at the model's
+    input size."""
     train = records["probe_train"][:args.probe_train_images or None]
-    sets = []
-    for subset in (train, records["probe_test"]):
-        images = preprocess_images(subset, preprocess)
-        sets.append((images, *dense_targets(subset, images.shape[-1], args, tasks)))
-    return sets[0], sets[1]
+    size = preprocess(Image.new("RGB", (8, 8))).shape[-1]  # the side of the transform's square crop, whatever the input
+    train_set, test_set = (ProbeDataset(subset, preprocess, size, args, ("image", *label_fields(subset, tasks)))
+                           for subset in (train, records["probe_test"]))
+    return train_set, test_set
 
 
 def random_architecture(args: Args, checkpoints: Sequence[str]) -> tuple[str, bool]:
@@ -637,7 +749,7 @@ def run_probe(args: Args, records: dict, checkpoints: Sequence[str], write: Path
     tasks = sorted({task for group in plan for task in group})
     if "random" in checkpoints:
         random_name, random_quick_gelu = random_architecture(args, checkpoints)
-    rows, cached_sets = [], {}
+    rows = []
     for spec in checkpoints:
         for seed in (seed_range(args) if spec == "random" else [args.seed]):
             if spec == "random":
@@ -647,10 +759,7 @@ def run_probe(args: Args, records: dict, checkpoints: Sequence[str], write: Path
             else:
                 label, model, preprocess = load_model_spec(spec, args.device)
                 arch = architecture(spec)[0]
-            key = repr(preprocess)  # same resize, crop and normalisation, same tensors
-            if key not in cached_sets:
-                cached_sets[key] = probe_sets(args, records, preprocess, tasks)
-            metrics = probe_encoder(model.visual, *cached_sets[key], args, seed, plan)
+            metrics = probe_encoder(model.visual, *probe_sets(args, records, preprocess, tasks), args, seed, plan)
             rows.append({"checkpoint": spec, "label": label, "architecture": arch, "probe_seed": seed,
                          "finetune": args.finetune, "task": args.task, **metrics})
             print(f"probe {label}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))

@@ -1,7 +1,9 @@
 """clip_quality.py: attention distance by hand, DataCompDR sampling, probe metrics, every stage end to end."""
 
+import itertools
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -287,20 +289,21 @@ def test_probe_loss_by_hand():
     assert cq.probe_loss(logits, depth, masks, None, 2.0, 0.5, 255)["loss"].item() == pytest.approx(seg)
 
 
-def test_frozen_probe_keeps_the_encoder_and_finetune_trains_it_at_its_own_rate():
+def test_frozen_probe_keeps_the_encoder_and_finetune_trains_it_at_its_own_rate(tmp_path):
     """Default: only the head learns (frozen tokens); --finetune adds the encoder at --finetune-lr, so with that
     rate at 0 it equals the frozen probe, metric for metric."""
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(4, 3, 64, 64, generator=generator)
-    masks = torch.randint(0, 3, (4, 64, 64), generator=generator)
+    rng = np.random.default_rng(0)
+    masks = rng.integers(0, 3, (4, 64, 64))
     masks[:, :8] = 255
-    depth = torch.rand(4, 64, 64, generator=generator) * 3
-    data = (images, masks, depth)
-    args = cq.Args(num_classes=3, probe_steps=3, probe_batch_size=2, probe_lr=0.05)
+    records = cq.read_manifest(write_probe_manifest(tmp_path, "p", masks=masks, size=(64, 64),
+                                                    depth_mm=rng.integers(1, 3000, (4, 64, 64))))
+    args = cq.Args(num_classes=3, probe_steps=3, probe_batch_size=2, probe_lr=0.05, out=str(tmp_path / "run"))
+    preprocess = cq.create_random(MICRO, False, seed=0)[1]
+    data = cq.probe_sets(args, {"probe_train": records, "probe_test": records}, preprocess, ("seg", "depth"))
 
     def probe(**changes):
         visual = create_clip(MICRO, seed=2)[0].visual
-        metrics = cq.train_and_evaluate_probe(visual, data, data, cq.dataclasses.replace(args, **changes), seed=0)
+        metrics = cq.train_and_evaluate_probe(visual, *data, cq.dataclasses.replace(args, **changes), seed=0)
         return metrics, torch.cat([p.flatten() for p in visual.parameters()])
 
     untouched = torch.cat([p.flatten() for p in create_clip(MICRO, seed=2)[0].visual.parameters()])
@@ -318,6 +321,114 @@ def test_label_maps_follow_the_image_crop():
     mask = Image.fromarray(np.repeat(np.arange(8, dtype=np.uint8)[None], 4, axis=0))  # (4, 8): column index
     cropped = np.asarray(cq.resize_center_crop(mask, 4))
     assert cropped.shape == (4, 4) and cropped[0].tolist() == [2, 3, 4, 5]
+
+
+# ---- streamed probe data ---------------------------------------------------------------------
+
+def tiny_probe_world(folder, count):
+    """`count` records of 40 x 48 noise images with class ids 0..3 (a band of 255) and millimetres (a band of 0)."""
+    rng = np.random.default_rng(3)
+    masks = rng.integers(0, 4, (count, 40, 48))
+    masks[:, :5] = 255
+    depth_mm = rng.integers(200, 9000, (count, 40, 48))
+    depth_mm[:, :, :7] = 0
+    return cq.read_manifest(write_probe_manifest(folder, "w", masks=masks, depth_mm=depth_mm))
+
+
+def in_memory_probe_set(records, preprocess, args):
+    """What probe_sets held before it streamed: every image, mask and depth map of `records` in one tensor each."""
+    from PIL import Image
+
+    images = cq.preprocess_images(records, preprocess)
+    size = images.shape[-1]
+    masks = torch.stack([cq.load_mask(r, size, args.num_classes, args.ignore_index, args.reduce_zero_label)
+                         for r in records])
+    depth = torch.stack([torch.from_numpy(np.asarray(cq.resize_center_crop(Image.open(cq.image_path(
+        {**r, "image": r["depth"]})), size), np.float32) / 1000.0) for r in records])
+    return images, masks, depth
+
+
+def test_streamed_probe_data_equal_the_in_memory_tensors(tmp_path, monkeypatch):
+    """The datasets decode, through two DataLoader workers, the images, masks and depth the in-memory sets held; the
+    frozen cache holds the encoder's tokens of them in a memory-mapped .npy and the depth statistics are the same."""
+    records = tiny_probe_world(tmp_path, count=5)
+    model, preprocess = cq.create_random(MICRO, False, seed=1)  # no tokenizer: it takes a second to build
+    args = cq.Args(num_classes=4, probe_train_images=0, probe_workers=2, out=str(tmp_path / "run"))
+    train_set, test_set = cq.probe_sets(args, {"probe_train": records, "probe_test": records[:2]}, preprocess,
+                                        ("depth", "seg"))
+    assert (len(train_set), len(test_set), train_set.fields) == (5, 2, ("image", "mask", "depth"))
+    images, masks, depth = in_memory_probe_set(records, preprocess, args)
+    batches = list(cq.probe_loader(train_set, args, batch_size=2))  # 2, 2, 1 images from two worker processes
+    for field, expected in [("image", images), ("mask", masks), ("depth", depth)]:
+        assert torch.equal(torch.cat([batch[field] for batch in batches]), expected), field
+    depth_only = train_set.only(("depth",))[4]  # the statistics' pass decodes no image
+    assert list(depth_only) == ["depth"] and torch.equal(depth_only["depth"], depth[4])
+
+    monkeypatch.setattr(cq, "EVAL_BATCH", 2)
+    visual = model.visual.eval()
+    cache, moments = cq.cache_frozen(visual, train_set, cq.dataclasses.replace(args, probe_workers=0), tmp_path)
+    assert isinstance(cache["tokens"], np.memmap) and Path(cache["tokens"].filename) == tmp_path / "tokens.npy"
+    with torch.no_grad():
+        assert np.allclose(cache["tokens"], cq.patch_tokens(visual, images).numpy(), atol=1e-5)
+    assert np.array_equal(cache["mask"], masks.numpy()) and np.array_equal(cache["depth"], depth.numpy())
+    valid = depth[depth > 0]  # the in-memory statistics: torch's mean and (Bessel-corrected) std
+    assert [t.item() for t in cq.depth_statistics(moments)] == pytest.approx([valid.mean().item(), valid.std().item()],
+                                                                             rel=1e-6)
+
+
+def test_depth_statistics_from_streamed_moments():
+    """Sums over batches of uneven size give torch's mean and std of all valid pixels; no valid pixel is an error."""
+    generator = torch.Generator().manual_seed(0)
+    depth = torch.rand(7, 5, 6, generator=generator) * 9 * (torch.rand(7, 5, 6, generator=generator) > 0.3)
+    moments = sum(cq.depth_moments(depth[i:j]) for i, j in [(0, 1), (1, 5), (5, 7)])
+    valid = depth[depth > 0]
+    assert moments[0] == valid.numel()
+    assert [t.item() for t in cq.depth_statistics(moments)] == pytest.approx([valid.mean().item(), valid.std().item()],
+                                                                             rel=1e-6)
+    with pytest.raises(cq.ManifestError, match="no valid depth pixel"):
+        cq.depth_statistics(cq.depth_moments(torch.zeros(2, 3, 3)))
+
+
+def test_probe_epochs_are_seeded_permutations_in_whole_batches():
+    """Epoch e: np.random.default_rng([seed, e]).permutation(n) cut into batches (each sorted); the n mod B left over
+    sit that epoch out; a batch larger than the set is the whole set."""
+    batches = [b.tolist() for b in itertools.islice(cq.epoch_batches(7, 3, seed=5), 5)]
+    epochs = [np.random.default_rng([5, epoch]).permutation(7) for epoch in range(3)]
+    assert batches == [sorted(epochs[0][:3]), sorted(epochs[0][3:6]), sorted(epochs[1][:3]), sorted(epochs[1][3:6]),
+                       sorted(epochs[2][:3])]
+    assert [b.tolist() for b in itertools.islice(cq.epoch_batches(2, 8, seed=0), 2)] == [[0, 1], [0, 1]]
+
+
+@pytest.mark.parametrize("finetune", [False, True])
+def test_a_probe_holds_records_and_encodes_one_batch_at_a_time(tmp_path, monkeypatch, finetune):
+    """The datasets hold manifest records, no tensor; the encoder sees one image (its width), then batches of at most
+    EVAL_BATCH (3 here: the frozen cache, the test set) or --probe-batch-size (fine-tuning); frozen tokens go to a
+    memory-mapped file in a folder of the run, removed when the probe ends."""
+    records = tiny_probe_world(tmp_path, count=7)
+    monkeypatch.setattr(cq, "EVAL_BATCH", 3)
+    seen, cached = [], []
+    patch_tokens, cache_frozen = cq.patch_tokens, cq.cache_frozen
+    monkeypatch.setattr(cq, "patch_tokens", lambda visual, images: seen.append(len(images)) or
+                        patch_tokens(visual, images))
+    monkeypatch.setattr(cq, "cache_frozen", lambda *a: cached.append(cache_frozen(*a)) or cached[-1])
+    out = tmp_path / "run"
+    args = cq.Args(num_classes=4, probe_steps=3, probe_batch_size=2, finetune=finetune, out=str(out))
+    model, preprocess = cq.create_random(MICRO, False, seed=1)
+    train_set, test_set = cq.probe_sets(args, {"probe_train": records, "probe_test": records[2:]}, preprocess,
+                                        ("seg", "depth"))
+    for dataset, subset in [(train_set, records), (test_set, records[2:])]:
+        assert dataset.records == subset
+        assert not [v for v in vars(dataset).values() if isinstance(v, (torch.Tensor, np.ndarray))]
+    metrics = cq.train_and_evaluate_probe(model.visual, train_set, test_set, args, seed=0)
+    assert set(metrics) == {"mIoU", "mAcc", "aAcc", "depth_RMSE"}
+    assert seen == [1, *([2, 2, 2] if finetune else [3, 3, 1]), 3, 2]  # then the 5 test images
+    if finetune:
+        assert cached == []  # the tokens of a trained encoder are recomputed at every step
+    else:
+        (cache, _), = cached
+        assert isinstance(cache["tokens"], np.memmap) and cache["tokens"].shape[0] == 7
+        assert Path(cache["tokens"].filename).parent.parent == out
+    assert list(out.iterdir()) == []
 
 
 # ---- stages end to end -----------------------------------------------------------------------
@@ -578,7 +689,7 @@ def test_random_baseline_takes_the_checkpoints_architecture(tmp_path, monkeypatc
 
 
 def test_probe_sets_follow_each_models_preprocessing(tmp_path, monkeypatch):
-    """Two encoders of one input size but different normalisation must not share cached probe images."""
+    """Two encoders of one input size but different normalisation each decode the probe images their own way."""
     import torchvision.transforms as T
 
     def load_model_spec(spec, device="cpu"):
@@ -590,7 +701,7 @@ def test_probe_sets_follow_each_models_preprocessing(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(cq, "load_model_spec", load_model_spec)
     monkeypatch.setattr(cq, "train_and_evaluate_probe",
-                        lambda visual, train_set, *a: (seen.setdefault(len(seen), train_set[0]), {})[1])
+                        lambda visual, train_set, *a: (seen.setdefault(len(seen), train_set[0]["image"]), {})[1])
     monkeypatch.setattr(cq, "probe_plan", lambda *a: [("seg",)], raising=False)
     cq.main([*probe_world_args(tmp_path), "--checkpoints", MICRO, f"{MICRO}@halved"])
     assert torch.allclose(seen[1], seen[0] / 2)
