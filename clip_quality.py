@@ -34,9 +34,11 @@ Deviations from the paper (no official code exists; the closest is apple/ml-mobi
   5. Every efficiency subset trains for the same steps (small ones repeat); the paper's differ.
   6. Attention distance does not renormalise a row after dropping the CLS column (as common App. D.7
      reimplementations); it needs open_clip ViTs with nn.MultiheadAttention (timm towers are refused).
-  7. Pretraining holds its preprocessed images in memory (common.clip_train.train_clip takes one
-     tensor): fine for the miniature world; a DataCompDR-scale run needs a streaming trainer, which
-     common/ does not have yet. The probes stream: images and label maps decode per batch in
+  7. Pretraining uses the project's one CLIP trainer (common/clip_train.py): the manifest or webdataset
+     shards indexed once, images decoded in --train.workers workers, epochs as seeded permutations
+     with exact resume (<checkpoint>.train-state.pt while training), DDP under torchrun; an efficiency
+     subset of n is the first n samples; only the miniature world's images are preprocessed once into
+     memory, shared by every pretraining of a run. The probes stream: images and label maps decode per batch in
      `--probe-workers` DataLoader workers, the test set is scored batch by batch, and a frozen
      encoder's training tokens are computed once into a memory-mapped file in the run folder (deleted
      after). Probe epochs are seeded permutations cut into whole batches, not i.i.d. draws. The miniature
@@ -46,8 +48,9 @@ Deviations from the paper (no official code exists; the closest is apple/ml-mobi
      for ViT-B/16): images and label maps are resized (short side) and centre-cropped alike, so the
      pixels outside the crop are never scored. mmseg's ADE20k evaluation scores every pixel of the
      (resized) whole image, by sliding-window or whole-image inference.
-  9. Only the attention stage runs under torchrun (images sharded over ranks, sums all-reduced,
-     rank 0 writes); pretraining and probes have no multi-process path and refuse to start under it.
+  9. Pretraining runs under torchrun (DDP, features all-gathered: pass --kernel auto or torch) and the
+     attention stage too (images sharded over ranks, sums all-reduced); rank 0 evaluates and writes.
+     The probes have no multi-process path and refuse to start under it.
 
 Smoke run first (every stage on a tiny world in under a minute, to check that everything runs):
     python clip_quality.py --preset smoke --out runs/clip_quality_smoke
@@ -57,14 +60,16 @@ Miniature world (CPU; a controlled experiment, not evidence about real data):
 Results (the tables, what they show and why the dense claims cannot show here, with the command and
 device): docs/clip_quality.md.
 
-Real run (one GPU; a manifest with alt_text + synthetic_captions such as DataCompDR-12M; probe
+Real run (pretraining on 8 GPUs, the rest on one; webdataset shards or a manifest with alt_text +
+synthetic_captions such as DataCompDR-12M; probe
 manifests whose records carry `mask` (PNG class ids, 255 = ignore; ADE20k as distributed,
 ADEChallengeData2016, is 0 = other and 1..150: `--reduce-zero-label` maps it to 0..149 as mmseg
 does, and any other out-of-range label is an error naming the file) and/or `depth` (uint16 PNG in
 millimetres, 0 = invalid: NYUv2 as usually distributed); the schedule below is illustrative, not the
 paper's; LAION is a noisier-caption stand-in for an ALIGN/DataComp model):
-    python clip_quality.py pretrain --model ViT-B-16 --train-manifest dcdr12m.jsonl --device cuda \
-        --kernel auto --regimes datacomp datacompdr --train.steps 30000 --train.batch-size 4096
+    torchrun --nproc-per-node 8 clip_quality.py pretrain --model ViT-B-16 --device cuda --kernel auto \
+        --train-manifest dcdr12m/{00000..01199}.tar --test-manifest coco_test.jsonl --regimes datacomp datacompdr \
+        --train.steps 30000 --train.batch-size 8192 --train.workers 8 --train.checkpoint-every 1000
     python clip_quality.py probe --checkpoints runs/clip_quality/pretrain/*.pt --finetune --device cuda \
         --probe-train-manifest ade/train.jsonl --probe-test-manifest ade/val.jsonl --num-classes 150 \
         --reduce-zero-label --probe-workers 8
@@ -98,11 +103,11 @@ from PIL import Image
 from common.claims import mean_spread, verdict
 from common.cli import parse, preset_help
 from common.clip_score import tag_settings
-from common.clip_train import (MINIATURE_MODEL, TrainConfig, contrastive_loss, create_clip, encode_images,
+from common.clip_train import (MINIATURE_MODEL, ImageRows, TrainConfig, contrastive_loss, create_clip, encode_images,
                                encode_texts, evaluate_world, preprocess_images, retrieval_metrics, save_checkpoint,
                                train_clip)
-from common.data import (ManifestError, atomic_write_text, image_path, init_distributed, open_image, read_manifest,
-                         shard)
+from common.data import (Columns, ManifestError, atomic_write_text, image_path, index_data, init_distributed,
+                         open_image, read_manifest, shard)
 from common.miniature import SEGMENTATION_CLASSES, WorldConfig, ensure_world
 
 Regime = Literal["datacomp", "datacompdr", "swap"]
@@ -226,22 +231,23 @@ def swap_texts(indices: np.ndarray, real: Sequence[str], synthetic: Sequence[Seq
     return [synthetic[i][int(rng.integers(len(synthetic[i])))] if s else real[i] for i, s in zip(indices, swap)]
 
 
-def caption_columns(records: Sequence[dict], real_field: str, synthetic_field: str) -> tuple[list, list]:
-    """(real captions, lists of synthetic captions) of `records`, with an error naming a bad sample."""
-    real, synthetic = [], []
-    for record in records:
-        value = record.get(synthetic_field)
-        value = [value] if isinstance(value, str) else value
-        if not record.get(real_field) or not value or not all(isinstance(v, str) and v for v in value):
-            raise ManifestError(f"sample {record.get('id')!r}: needs a non-empty {real_field!r} and "
-                                f"{synthetic_field!r} (list of captions); fields present: {sorted(record)}")
-        real.append(record[real_field])
-        synthetic.append(list(value))
-    return real, synthetic
+def check_captions(columns: Columns, rows: np.ndarray, real_field: str, synthetic_field: str) -> None:
+    """Every training row has a real caption and a non-empty list of synthetic ones: else an error naming the sample."""
+    def good(values: dict) -> bool:
+        synthetic = values[synthetic_field]
+        synthetic = [synthetic] if isinstance(synthetic, str) else synthetic
+        return bool(values[real_field]) and bool(synthetic) and all(isinstance(v, str) and v for v in synthetic)
+
+    kept = columns.rows_where(good, [real_field, synthetic_field])
+    bad = np.setdiff1d(rows, kept)
+    if len(bad):
+        raise ManifestError(f"{columns.source}: sample {columns.value('id', int(bad[0]))!r} (and {len(bad) - 1} more) "
+                            f"needs a non-empty {real_field!r} and {synthetic_field!r} (list of captions); fields "
+                            f"present: {sorted(columns.record(int(bad[0])))}")
 
 
 def make_texts_for(regime: str, real: list[str], synthetic: list[list[str]], swap_probability: float) -> Callable:
-    """The `texts_for(indices, rng)` callback of common.clip_train.train_clip for a regime."""
+    """`texts_for(indices, rng)` of a regime over caption lists: the captions of `indices`."""
     if regime == "datacomp":
         return lambda indices, rng: [real[i] for i in indices]
     if regime == "datacompdr":
@@ -251,15 +257,31 @@ def make_texts_for(regime: str, real: list[str], synthetic: list[list[str]], swa
     raise ValueError(f"unknown regime {regime!r}; choose datacomp, datacompdr or swap")
 
 
-def loss_function(kernel: str) -> Callable:
-    """The contrastive loss: the plain PyTorch one, or the fused kernel when asked for by --kernel."""
+class RegimeTexts:
+    """The trainer's `texts_for(rows, rng)` of a regime: the batch's captions read from the columns, then drawn."""
+
+    def __init__(self, columns: Columns, regime: str, args: Args):
+        make_texts_for(regime, [], [], args.swap_probability)  # an unknown regime fails here, before training
+        self.columns, self.regime, self.args = columns, regime, args
+
+    def __call__(self, rows: np.ndarray, rng: np.random.Generator):
+        real = self.columns.column(self.args.real_field, rows)
+        synthetic = [[v] if isinstance(v, str) else v for v in self.columns.column(self.args.synthetic_field, rows)]
+        return make_texts_for(self.regime, real, synthetic, self.args.swap_probability)(np.arange(len(rows)), rng)
+
+
+def loss_function(kernel: str, distributed: bool = False) -> Callable:
+    """The contrastive loss: the plain PyTorch one, or the fused kernel when asked for by --kernel (under torchrun
+    the kernel's all-gathered form: each rank's rows against the global batch)."""
     if kernel == "none":
+        if distributed:
+            raise ValueError("--kernel none is the one-process loss; under torchrun pass --kernel auto (or torch)")
         return contrastive_loss
     try:
         from kernels.contrastive import clip_loss
     except ImportError as err:
         raise ImportError(f"--kernel {kernel} needs kernels/contrastive.py ({err}); use --kernel none") from err
-    return partial(clip_loss, impl=kernel)
+    return partial(clip_loss, impl=kernel, distributed=distributed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -680,44 +702,68 @@ STAGE_MANIFESTS = {"pretrain": ("train", "test"), "probe": ("probe_train", "prob
                    "efficiency": ("train", "test", "probe_train", "probe_test"), "miniature": tuple(MANIFESTS)}
 
 
-def world_records(args: Args, roles: Sequence[str] = tuple(MANIFESTS)) -> dict[str, list[dict]]:
-    """The manifests of `roles` named by the args, falling back to the miniature world's splits (built only then)."""
+def world_records(args: Args, roles: Sequence[str] = tuple(MANIFESTS)) -> dict:
+    """The manifests of `roles` named by the args, falling back to the miniature world's splits (built only then).
+    The pretraining set (`train`) is indexed into common.data.Columns (a manifest or webdataset shards, any size);
+    the others are lists of records."""
     given = {role: getattr(args, MANIFESTS[role][0]) for role in roles}
     folder = ensure_world(args.world) if not all(given.values()) else None  # cached after the first build (seconds)
-    return {role: read_manifest(given[role] or folder / f"{MANIFESTS[role][1]}.jsonl") for role in roles}
+    return {role: (index_data(given[role] or str(folder / "train.jsonl")) if role == "train"
+                   else read_manifest(given[role] or folder / f"{MANIFESTS[role][1]}.jsonl")) for role in roles}
 
 
-def pretrain_one(args: Args, records: dict, regime: str, seed: int, n_images: int, path: Path) -> dict:
-    """Pretrain one CLIP on the first n_images of the training set in a regime; save and evaluate it."""
+def training_images(args: Args, columns: Columns):
+    """What the trainer decodes: the Columns themselves (lazily, in --train.workers workers), or for the miniature
+    world (no --train-manifest) its images preprocessed once into one tensor shared by every pretraining."""
+    if args.train_manifest is not None:
+        return columns
+    return preprocess_images(columns, create_clip(args.model)[1])  # (N, 3, H, W)
+
+
+def pretrain_one(args: Args, records: dict, regime: str, seed: int, n_images: int, path: Path, images=None) -> dict:
+    """Pretrain one CLIP on the first n_images of the training set in a regime (torchrun: DDP); save and evaluate it
+    (rank 0). `images`: what training_images gives, computed once by the caller (default: computed here)."""
+    columns = records["train"]
+    rows = np.arange(n_images)
+    check_captions(columns, rows, args.real_field, args.synthetic_field)
     model, preprocess, tokenizer = create_clip(args.model, seed=seed)
-    train_records = records["train"][:n_images]
-    real, synthetic = caption_columns(train_records, args.real_field, args.synthetic_field)
-    images = preprocess_images(train_records, preprocess)  # (N, 3, H, W)
     schedule = dataclasses.replace(args.train, seed=seed)  # the same schedule for every regime and subset
-    start = time.time()
-    history = train_clip(model, tokenizer, images, make_texts_for(regime, real, synthetic, args.swap_probability),
-                         schedule, loss_fn=loss_function(args.kernel), device=args.device, progress=False)
-    seconds = time.time() - start
+    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    state = path.with_name(f"{path.stem}.train-state.pt")  # resumable while training; removed once the model is saved
+    train_log = train_clip(model, tokenizer, training_images(args, columns) if images is None else images,
+                           RegimeTexts(columns, regime, args), schedule, preprocess=preprocess, rows=rows,
+                           loss_fn=loss_function(args.kernel, distributed), device=args.device, checkpoint=state,
+                           recipe={"model": args.model, "regime": regime, "data": columns.source}, progress=False)
+    history, seconds = train_log["history"], train_log["train_seconds"]
+    row = {"regime": regime, "seed": seed, "train_images": n_images, "checkpoint": str(path),
+           "final_loss": history[-1]["loss"], "train_seconds": seconds}
+    if distributed and dist.get_rank() != 0:
+        return row
+    device = next(model.parameters()).device
+    test_images = ImageRows(records["test"], preprocess)  # decoded batch by batch
     if "objects" in records["test"][0]:
-        metrics = evaluate_world(model, tokenizer, preprocess, records["test"], args.eval_text_field, device=args.device)
+        metrics = evaluate_world(model, tokenizer, preprocess, records["test"], args.eval_text_field,
+                                 images=test_images, device=device)
     else:
-        img_emb = encode_images(model, preprocess_images(records["test"], preprocess), device=args.device)
+        img_emb = encode_images(model, test_images, device=device, workers=args.train.workers)
         texts = [r[args.eval_text_field] for r in records["test"]]
-        metrics = retrieval_metrics(img_emb, encode_texts(model, tokenizer, texts, device=args.device))
+        metrics = retrieval_metrics(img_emb, encode_texts(model, tokenizer, texts, device=device))
     label = f"{regime}-n{n_images}-seed{seed}"
     save_checkpoint(path, {"state_dict": model.state_dict(), "model": args.model, "label": label, "regime": regime,
                            "seed": seed, "train_images": n_images, "train": dataclasses.asdict(schedule)})
+    state.unlink(missing_ok=True)
     print(f"pretrained {label}: loss {history[-1]['loss']:.3f} in {seconds:.0f} s; R@1 i2t "
           f"{metrics.get('i2t_R@1', float('nan')):.1f}")
-    return {"regime": regime, "seed": seed, "train_images": n_images, "checkpoint": str(path),
-            "final_loss": history[-1]["loss"], "train_seconds": seconds, **metrics}
+    return {**row, **metrics}
 
 
 def run_pretrain(args: Args, records: dict) -> list[dict]:
+    images = training_images(args, records["train"])
     rows = [pretrain_one(args, records, regime, seed, len(records["train"]),
-                         Path(args.out) / "pretrain" / f"{regime}-seed{seed}.pt")
+                         Path(args.out) / "pretrain" / f"{regime}-seed{seed}.pt", images)
             for seed in seed_range(args) for regime in args.regimes]
-    atomic_write_text(Path(args.out) / "pretrain.json", json.dumps(rows, indent=2))
+    if int(os.environ.get("RANK", 0)) == 0:
+        atomic_write_text(Path(args.out) / "pretrain.json", json.dumps(rows, indent=2))
     return rows
 
 
@@ -770,14 +816,16 @@ def run_probe(args: Args, records: dict, checkpoints: Sequence[str], write: Path
 
 def run_efficiency(args: Args, records: dict, done: Sequence[dict] = ()) -> list[dict]:
     """Pretrain each regime on nested subsets and probe each; reuse full-set runs already in `done`."""
-    rows = []
+    rows, images = [], None
     for seed in seed_range(args):  # step 3: nested subsets, each pretrained with one schedule and probed
         for regime in args.regimes:
             for fraction in args.subset_fractions:
                 n_images = max(1, round(fraction * len(records["train"])))
                 run = next((r for r in done if (r["regime"], r["seed"], r["train_images"]) == (regime, seed, n_images)), None)
-                run = run or pretrain_one(args, records, regime, seed, n_images,
-                                          Path(args.out) / "efficiency" / f"{regime}-n{n_images}-seed{seed}.pt")
+                if run is None:
+                    images = training_images(args, records["train"]) if images is None else images
+                    run = pretrain_one(args, records, regime, seed, n_images,
+                                       Path(args.out) / "efficiency" / f"{regime}-n{n_images}-seed{seed}.pt", images)
                 probe = run_probe(dataclasses.replace(args, seed=seed, seeds=1), records, [run["checkpoint"]])[0]
                 rows.append({**run, **{k: v for k, v in probe.items() if k in ("mIoU", "mAcc", "aAcc", "depth_RMSE")}})
     atomic_write_text(Path(args.out) / "efficiency.json", json.dumps(rows, indent=2))
@@ -975,14 +1023,30 @@ def distributed_attention(args: Args) -> dict:
         dist.destroy_process_group()
 
 
+def distributed_pretrain(args: Args) -> list[dict]:
+    """The pretrain stage under torchrun: rank 0 builds the world (if needed) and the index first; every regime and
+    seed then trains with DDP over all ranks (common.clip_train), and rank 0 evaluates and saves."""
+    rank, _, _ = init_distributed(args.device)
+    try:
+        if rank == 0:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            ensure_world(args.world) if not all(getattr(args, MANIFESTS[r][0]) for r in STAGE_MANIFESTS["pretrain"]) else None
+        dist.barrier()
+        return run_pretrain(args, world_records(args, STAGE_MANIFESTS["pretrain"]))
+    finally:
+        dist.destroy_process_group()
+
+
 def main(argv=None) -> dict:
     args = parse(Args, argv, PRESETS)
     out = Path(args.out)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        if args.stage != "attention":
+        if args.stage not in ("attention", "pretrain"):
             raise SystemExit(f"the {args.stage} stage has no multi-process path (Deviation 9): run it with python; "
-                             "only the attention stage runs under torchrun")
-        return {"attention": distributed_attention(args)}
+                             "the pretrain and attention stages run under torchrun")
+        if args.stage == "attention":
+            return {"attention": distributed_attention(args)}
+        return {"pretrain": distributed_pretrain(args)}
     out.mkdir(parents=True, exist_ok=True)
     records = world_records(args, STAGE_MANIFESTS[args.stage])
     start = time.time()

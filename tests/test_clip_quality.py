@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import clip_quality as cq
 from common.clip_train import create_clip
-from tests.realarch import run_torchrun, serve_open_clip_tag
+from common.miniature import WorldConfig, ensure_world
+from tests.realarch import assert_same_weights, run_torchrun, serve_open_clip_tag
 
 MICRO = "micro-ViT-16"
 TINY = ["--world.n-train", "48", "--world.n-val", "4", "--world.n-test", "16", "--model", MICRO,
@@ -114,10 +116,14 @@ def test_swap_variant_rate(p):
     assert len(set(swapped)) == 50 * (p > 0)  # every synthetic caption of every sample is drawn
 
 
-def test_caption_columns_name_the_bad_sample():
-    with pytest.raises(cq.ManifestError, match="'b'"):
-        cq.caption_columns([{"id": "a", "alt_text": "x", "synthetic_captions": ["y"]},
-                            {"id": "b", "alt_text": "x", "synthetic_captions": []}], "alt_text", "synthetic_captions")
+def test_check_captions_names_the_bad_sample(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"id": "a", "image": "x.png", "alt_text": "x", "synthetic_captions": ["y"]}\n'
+                    '{"id": "b", "image": "x.png", "alt_text": "x", "synthetic_captions": []}\n')
+    columns = cq.index_data(str(path))
+    cq.check_captions(columns, np.arange(1), "alt_text", "synthetic_captions")  # the first row alone is fine
+    with pytest.raises(cq.ManifestError, match="sample 'b'"):
+        cq.check_captions(columns, np.arange(2), "alt_text", "synthetic_captions")
 
 
 def clip_loss_by_hand(img_emb, txt_emb, scale):
@@ -130,7 +136,7 @@ def clip_loss_by_hand(img_emb, txt_emb, scale):
 
 @pytest.mark.parametrize("kernel", ["none", "torch", "auto"])
 def test_loss_function_is_the_symmetric_clip_loss(kernel):
-    """Every --kernel on one process is Eq. 1 (no world-size factor: pretraining refuses torchrun, and
+    """Every --kernel on one process is Eq. 1 (no world-size factor on one process, and
     kernels.contrastive's distributed factor is pinned by test_kernels_contrastive.py)."""
     generator = torch.Generator().manual_seed(0)
     img, txt = (torch.nn.functional.normalize(torch.randn(5, 3, generator=generator), dim=-1) for _ in range(2))
@@ -153,17 +159,19 @@ def test_pretraining_step_loss_recomputed_from_the_seed(tmp_path, monkeypatch, r
     (DataCompDR: L(img, x_real) + L(img, x_syn) on the same images; DataComp and swap: one loss)."""
     from common.clip_train import TrainConfig
 
-    records = cq.read_manifest(write_probe_manifest(tmp_path / "data", "d", count=6))
-    seen = []
-    texts_for = cq.make_texts_for
-    monkeypatch.setattr(cq, "make_texts_for", lambda *a: lambda indices, rng: seen.append(
-        (indices, texts_for(*a)(indices, rng))) or seen[-1][1])
+    manifest = write_probe_manifest(tmp_path / "data", "d", count=6)
+    records = cq.read_manifest(manifest)
+    columns = cq.index_data(manifest)
+    seen, call = [], cq.RegimeTexts.__call__
+    monkeypatch.setattr(cq.RegimeTexts, "__call__", lambda self, rows, rng: seen.append(
+        (rows, call(self, rows, rng))) or seen[-1][1])
     args = cq.Args(model=MICRO, kernel=kernel, swap_probability=0.5,
                    train=TrainConfig(steps=1, batch_size=4, warmup=1, seed=99))
-    row = cq.pretrain_one(args, {"train": records, "test": records[:4]}, regime, 3, 5, tmp_path / "m.pt")
-    # the texts recomputed from the seed: train_clip's generator draws the batch, then the captions
-    rng = np.random.default_rng(3)
-    batch = rng.choice(5, size=4, replace=False)  # the first 5 images only (n_images = 5)
+    row = cq.pretrain_one(args, {"train": columns, "test": records[:4]}, regime, 3, 5, tmp_path / "m.pt")
+    # recomputed from the seed: epoch 0 is the permutation of the first 5 images seeded (3, 0), its first 4 the
+    # batch; the captions come from the trainer's caption stream seeded (3, 1, step 0)
+    batch = np.random.default_rng([3, 0]).permutation(5)[:4]
+    rng = np.random.default_rng([3, 1, 0])
     real = [records[i]["alt_text"] for i in batch]
     synthetic = [records[i]["synthetic_captions"] for i in batch]
     if regime == "datacomp":
@@ -173,8 +181,8 @@ def test_pretraining_step_loss_recomputed_from_the_seed(tmp_path, monkeypatch, r
     else:
         swap = rng.random(4) < 0.5
         expected = [[s[rng.integers(len(s))] if w else r for r, s, w in zip(real, synthetic, swap)]]
-    (indices, texts), = seen
-    assert indices.tolist() == batch.tolist()
+    (rows, texts), = seen
+    assert rows.tolist() == batch.tolist()
     assert (list(texts) if regime == "datacompdr" else [texts]) == expected
     # the loss of step 0, by hand from the same initialisation: one Eq. 1 per caption list, summed
     model, preprocess, tokenizer = create_clip(MICRO, seed=3)
@@ -194,7 +202,7 @@ def test_pretraining_step_loss_recomputed_from_the_seed(tmp_path, monkeypatch, r
     if kernel == "torch":  # --kernel reaches the training loss: triton on CPU tensors refuses
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(ValueError, match="impl='triton'"):
-            cq.pretrain_one(cq.dataclasses.replace(args, kernel="triton"), {"train": records, "test": records},
+            cq.pretrain_one(cq.dataclasses.replace(args, kernel="triton"), {"train": columns, "test": records},
                             regime, 3, 5, tmp_path / "t.pt")
 
 
@@ -461,17 +469,18 @@ def test_efficiency_subsets_are_nested_prefixes_with_one_schedule(tmp_path, monk
     and seed, each checkpoint probed with its seed; a full-set run already done is reused, not retrained."""
     from common.clip_train import TrainConfig
 
-    records = cq.read_manifest(write_probe_manifest(tmp_path / "data", "d", count=20))
+    manifest = write_probe_manifest(tmp_path / "data", "d", count=20)
+    records, columns = cq.read_manifest(manifest), cq.index_data(manifest)
     trained, probed, plotted = [], [], []
     monkeypatch.setattr(cq, "train_clip", lambda model, tok, images, texts_for, cfg, **kw: trained.append(
-        (images, cfg)) or [{"loss": 0.5}])
+        (images, kw["rows"], cfg)) or {"history": [{"loss": 0.5}], "train_seconds": 0.0})
     monkeypatch.setattr(cq, "run_probe", lambda args, records, checkpoints: probed.append(
         (list(cq.seed_range(args)), checkpoints)) or [{"mIoU": float(len(probed)), "mAcc": 1.0, "aAcc": 2.0, "depth_RMSE": 3.0}])
     monkeypatch.setattr(cq, "plot_efficiency", lambda rows, path: plotted.append((rows, path)))  # matplotlib: seconds
     train = TrainConfig(steps=7, batch_size=4, warmup=1)
     args = cq.Args(out=str(tmp_path / "run"), model=MICRO, regimes=("datacompdr",), seed=5, seeds=2, train=train)
     done = [{"regime": "datacompdr", "seed": 5, "train_images": 20, "checkpoint": "full.pt", "final_loss": 1.0}]
-    rows = cq.run_efficiency(args, {"train": records, "test": records[:4]}, done=done)
+    rows = cq.run_efficiency(args, {"train": columns, "test": records[:4]}, done=done)
     saved = [str(tmp_path / f"run/efficiency/datacompdr-n{n}-seed{seed}.pt") for n, seed in [(2, 5), (2, 6), (20, 6)]]
     assert [(r["seed"], r["train_images"], r["checkpoint"], r["mIoU"]) for r in rows] == \
         [(5, 2, saved[0], 1.0), (5, 20, "full.pt", 2.0), (6, 2, saved[1], 3.0), (6, 20, saved[2], 4.0)]
@@ -479,13 +488,13 @@ def test_efficiency_subsets_are_nested_prefixes_with_one_schedule(tmp_path, monk
     assert probed == [([5], [saved[0]]), ([5], ["full.pt"]), ([6], [saved[1]]), ([6], [saved[2]])]
     # pretrained here: 10% of seed 5, 10% and 100% of seed 6; the first images, each seed's schedule
     full = cq.preprocess_images(records, create_clip(MICRO)[1])
-    assert [(len(images), cfg) for images, cfg in trained] == \
-        [(2, cq.dataclasses.replace(train, seed=5)), (2, cq.dataclasses.replace(train, seed=6)),
-         (20, cq.dataclasses.replace(train, seed=6))]
-    assert all(torch.equal(images, full[:len(images)]) for images, _ in trained)
+    assert [(rows.tolist(), cfg) for _, rows, cfg in trained] == \
+        [([0, 1], cq.dataclasses.replace(train, seed=5)), ([0, 1], cq.dataclasses.replace(train, seed=6)),
+         (list(range(20)), cq.dataclasses.replace(train, seed=6))]
+    assert all(torch.equal(images, full) for images, _, _ in trained)  # decoded once, indexed by row
     rows = cq.run_efficiency(cq.dataclasses.replace(args, seeds=1, subset_fractions=(0.25,)),
-                             {"train": records, "test": records[:4]})
-    assert [r["train_images"] for r in rows] == [5] and torch.equal(trained[-1][0], full[:5])
+                             {"train": columns, "test": records[:4]})
+    assert [r["train_images"] for r in rows] == [5] and trained[-1][1].tolist() == list(range(5))
     assert json.loads((tmp_path / "run/efficiency.json").read_text()) == rows
     assert plotted[-1] == (rows, tmp_path / "run/efficiency.png")
 
@@ -707,10 +716,36 @@ def test_probe_sets_follow_each_models_preprocessing(tmp_path, monkeypatch):
     assert torch.allclose(seen[1], seen[0] / 2)
 
 
-def test_only_the_attention_stage_runs_under_torchrun(monkeypatch, tmp_path):
+def test_only_the_pretrain_and_attention_stages_run_under_torchrun(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SystemExit, match="no multi-process path"):
-        cq.main(["pretrain", "--out", str(tmp_path), *TINY])
+    with pytest.raises(SystemExit, match="the probe stage has no multi-process path"):
+        cq.main(["probe", "--out", str(tmp_path), *TINY])
+    with pytest.raises(ValueError, match="under torchrun pass --kernel auto"):
+        cq.loss_function("none", distributed=True)
+
+
+def test_pretrain_from_webdataset_shards_under_torchrun_equals_one_process(tmp_path):
+    """The header's real pretraining command at tiny size: DataCompDR from webdataset shards (a brace pattern),
+    torchrun with 2 gloo ranks and a DataLoader worker each: the losses and weights of one process."""
+    from common.data import write_webdataset_shard
+
+    world = ensure_world(WorldConfig(n_train=48, n_val=4, n_test=16), tmp_path / "world")
+    train = cq.read_manifest(world / "train.jsonl")
+    for shard in range(2):
+        write_webdataset_shard(tmp_path / f"shards/{shard:03d}.tar",
+                               [{**r, "image": Image.open(world / r["image"]).convert("RGB")}
+                                for r in train[shard * 24:(shard + 1) * 24]])
+    argv = ["pretrain", "--model", MICRO, "--train-manifest", str(tmp_path / "shards/{000..001}.tar"),
+            "--test-manifest", str(world / "test.jsonl"), "--kernel", "torch", "--regimes", "datacompdr",
+            "--train.steps", "3", "--train.batch-size", "16", "--train.warmup", "1", "--train.workers", "1"]
+    one = cq.main([*argv, "--out", str(tmp_path / "one")])["pretrain"]
+    run_torchrun("clip_quality.py", [*argv, "--out", str(tmp_path / "two")])
+    two = json.loads((tmp_path / "two" / "pretrain.json").read_text())
+    assert two[0]["final_loss"] == pytest.approx(one[0]["final_loss"], abs=1e-5)
+    assert two[0]["i2t_R@1"] == pytest.approx(one[0]["i2t_R@1"])
+    a, b = (torch.load(tmp_path / run / "pretrain" / "datacompdr-seed0.pt", weights_only=True)["state_dict"]
+            for run in ("one", "two"))
+    assert_same_weights(a, b)
 
 
 # ---- real architectures at tiny width (the header's and docs' commands), offline ---------------
