@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 import open_clip
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -171,3 +172,20 @@ def assert_same_weights(a: dict, b: dict, atol: float = 2e-5) -> None:
             third = len(value) // 3
             value, other = (torch.cat([t[:third], t[2 * third:]]) for t in (value, other))
         assert torch.allclose(value, other, atol=atol), f"{name}: max difference {(value - other).abs().max():.2e}"
+
+
+def run_forked_ranks(worker, args: tuple, nprocs: int = 2, timeout: float = 120) -> None:
+    """Run `worker(rank, *args)` in `nprocs` forked processes and wait; a failed rank raises, a hung one fails.
+
+    Fork, not spawn: the ranks inherit this process's imports (torch, open_clip, triton) and objects instead of
+    paying for them again. A worker sets torch.set_num_threads(1) first: libgomp's pool does not survive a fork.
+    """
+    import time
+
+    ranks = torch.multiprocessing.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="fork")
+    deadline = time.time() + timeout
+    while not ranks.join(timeout=1):  # raises if a rank failed
+        if time.time() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(f"the {nprocs} forked ranks did not finish in {timeout:.0f} s")

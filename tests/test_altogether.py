@@ -316,22 +316,12 @@ def _embedding_rank(rank, port, encoder, records, out, signature):
 
 def test_two_gloo_ranks_write_the_embedding_file_of_one_process(world, tmp_path):
     """Ranks embed their chunks of 6 rows (0, 2, 4 / 1, 3, 5), rank 0 merges them after a barrier: one process's file."""
-    import time
-
-    from tests.realarch import free_port
+    from tests.realarch import free_port, run_forked_ranks
 
     records, encoder, signature = embedding_inputs(world, tmp_path)
     one, mask = altogether.image_embeddings(encoder, records, tmp_path / "one", "pretrain", signature, False,
                                             chunk_rows=6)
-    # fork, not spawn: the ranks inherit the encoder and the imports instead of paying for them again
-    ranks = torch.multiprocessing.start_processes(_embedding_rank, nprocs=2, join=False, start_method="fork",
-                                                  args=(free_port(), encoder, records, tmp_path / "two", signature))
-    deadline = time.time() + 120
-    while not ranks.join(timeout=1):  # raises if a rank failed; a hung rank fails the test instead of the run
-        if time.time() > deadline:
-            for process in ranks.processes:
-                process.kill()
-            pytest.fail("the two gloo ranks did not finish in 120 s")
+    run_forked_ranks(_embedding_rank, (free_port(), encoder, records, tmp_path / "two", signature))  # inherit the encoder
     two, two_mask = altogether.image_embeddings(encoder, records, tmp_path / "two", "pretrain", signature, True)
     assert np.allclose(two, one, atol=1e-6) and two_mask.tolist() == mask.tolist()  # one thread vs the parent's
     assert json.loads(altogether.embedding_files(tmp_path / "two", "pretrain")["sidecar"].read_text()) == signature

@@ -10,8 +10,6 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import socket  # noqa: E402
-import time  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -257,19 +255,7 @@ def _distributed_worker(rank, port):
         torch.distributed.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_distributed_matches_open_clip_and_the_global_batch():
-    # fork, not spawn: the ranks inherit this process's imports (torch, open_clip, triton) instead of paying them again
-    ranks = torch.multiprocessing.start_processes(_distributed_worker, args=(_free_port(),), nprocs=WORLD_SIZE,
-                                                  join=False, start_method="fork")
-    deadline = time.time() + 120
-    while not ranks.join(timeout=1):  # raises if a rank failed; a hung rank fails the test instead of the run
-        if time.time() > deadline:
-            for process in ranks.processes:
-                process.kill()
-            pytest.fail("the two gloo ranks did not finish in 120 s")
+    from tests.realarch import free_port, run_forked_ranks
+
+    run_forked_ranks(_distributed_worker, (free_port(),), nprocs=WORLD_SIZE)
