@@ -838,6 +838,28 @@ def test_scaling_arms_have_their_own_captions_and_the_same_images_model_and_budg
     assert [p["final_loss"] for curve in result["curves"].values() for p in curve] == list(range(1, 11))
 
 
+def test_scaling_under_torchrun_equals_one_process(world, tmp_path):
+    """The docs' real scaling command at tiny size: `torchrun --nproc-per-node 2 capsfusion.py scaling` (gloo, the
+    one trainer's DDP) gives every arm's losses and retrieval of one process."""
+    plain = [{**r, "image": str(world / r["image"]), "capsfus": f"fuser: {r['synthetic_caption']}"}
+             for r in read_manifest(world / "train.jsonl")[:32]]
+    write_manifest(tmp_path / "train.jsonl", plain)
+    write_manifest(tmp_path / "test.jsonl", [{**r, "image": str(world / r["image"])}
+                                             for r in read_manifest(world / "test.jsonl")[:8]])
+    argv = ["scaling", "--data", str(tmp_path / "train.jsonl"), "--scaling-data", str(tmp_path / "test.jsonl"),
+            "--out-field", "capsfus", "--sizes", "32", "--clip-model", "micro-ViT-16", "--clip-batch-size", "16",
+            "--device", "cpu"]
+    one = capsfusion.main([*argv, "--out", str(tmp_path / "one")])
+    run_torchrun("capsfusion.py", [*argv, "--out", str(tmp_path / "two")])
+    two = json.loads((tmp_path / "two" / "scaling.json").read_text())
+    assert list(two["curves"]) == list(one["curves"]) == ["raw", "synthetic", "fused", "teacher", "raw+synthetic mix"]
+    for kind, curve in one["curves"].items():
+        (point,), (other,) = curve, two["curves"][kind]
+        assert point["steps"] == other["steps"] == 2
+        assert other["final_loss"] == pytest.approx(point["final_loss"], rel=1e-5)
+        assert other["retrieval_R@5"] == pytest.approx(point["retrieval_R@5"])
+
+
 def test_scaling_trains_each_arm_on_its_own_captions_with_vit_b_32(world, tmp_path, monkeypatch):
     """The docs' scaling command (open_clip ViT-B-32 from scratch, tiny width): fused = the fuser's --out-field,
     teacher = --fused-field, a reference arm; every arm on the same images."""
