@@ -315,8 +315,9 @@ def train_clip(model, tokenizer, images, texts_for: TextsFor, cfg: TrainConfig, 
         log.info("resuming from %s at step %d (epoch %d, batch %d)", checkpoint, start, *state["position"])
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     batches = StepBatches(images, rows, texts_for, tokenizer, cfg, preprocess, rank, world_size, strict)
+    # an item is a whole rank batch: each worker keeps 2 in flight (the default), pinned for the copy to a GPU
     loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(start, cfg.steps),
-                                         num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None)
+                                         num_workers=cfg.workers, pin_memory=device.startswith("cuda"))
     use_amp = cfg.amp and device.startswith("cuda")
     autocast = functools.partial(torch.autocast, device.split(":")[0], dtype=torch.bfloat16, enabled=use_amp)
     substituted, began = 0, time.time()
