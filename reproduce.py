@@ -15,8 +15,8 @@ results/<paper>/. Rows of papers not rerun are kept from an earlier run with the
 world, so `--papers dico` refreshes DiCO's rows alone. A verdict compares two means against their
 spread over seeds, by the one rule in common/claims.py (`verdict`): "held" when the difference has
 the claimed sign and exceeds the sum of the two standard deviations, "reversed" when it has the
-opposite sign by as much, "within seed spread" otherwise (with one seed there is no spread: the
-sign decides, and the verdict says "1 seed").
+opposite sign by as much, "within seed spread" otherwise; with one seed there is no spread to judge
+against, and the row says "1 seed: no verdict" (run `--seeds 2` or more for verdicts).
 
 The miniature world is a controlled experiment, not the papers' data: a claim that holds here has
 been shown possible under controlled conditions; one that does not is a finding to explain (each

@@ -3,7 +3,7 @@
 A claim says mean(a) > mean(b) (or <, or >= for "a is not worse than b"). Its verdict over seeds:
 "held" when the difference has the claimed sign and exceeds the sum of the two standard deviations,
 "reversed" when it has the opposite sign by as much, "within seed spread" otherwise. With one seed
-there is no spread: the sign decides, and the verdict says "(1 seed)".
+there is no spread to judge a difference against, so there is no verdict: "1 seed: no verdict".
 """
 
 from __future__ import annotations
@@ -20,17 +20,18 @@ def verdict(a: Sequence[float], b: Sequence[float], claim: Relation) -> str:
 
     `>=` ("a is not worse than b") holds unless a falls below b by more than the spread.
     """
+    if min(len(a), len(b)) < 2:
+        return "1 seed: no verdict"
     difference = float(np.mean(a) - np.mean(b))
     if claim == "<":
         difference = -difference
     spread = float(np.std(a) + np.std(b))
-    one_seed = " (1 seed)" if min(len(a), len(b)) == 1 else ""
     if claim == ">=":
-        return ("held" if difference >= -spread else "reversed") + one_seed
+        return "held" if difference >= -spread else "reversed"
     if difference > spread:
-        return "held" + one_seed
+        return "held"
     if difference < -spread:
-        return "reversed" + one_seed
+        return "reversed"
     return "within seed spread"
 
 

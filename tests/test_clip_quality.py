@@ -531,7 +531,7 @@ def test_report_lines_judge_the_claims_by_hand():
         "- seg: DataComp 20.00 ± 0.82 vs DataCompDR 21.50 ± 0.41 (mIoU, 3 seed(s)): held.")
     assert cq.claim_line("seg", runs([19, 20, 21], [21, 21.5, 22]), "mIoU", "lower").endswith(": reversed.")
     assert cq.claim_line("seg", runs([19, 20, 21], [20.5, 21, 21.5]), "mIoU", "higher").endswith(": within seed spread.")
-    assert cq.claim_line("seg", runs([20], [20.5]), "mIoU", "higher").endswith("(mIoU, 1 seed(s)): held (1 seed).")
+    assert cq.claim_line("seg", runs([20], [20.5]), "mIoU", "higher").endswith("(mIoU, 1 seed(s)): 1 seed: no verdict.")
     assert "not measured" in cq.claim_line("seg", runs([20], []), "mIoU", "higher")
 
     rows = [{"regime": regime, "train_images": n, "mIoU": miou, "seed": seed}
