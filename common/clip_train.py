@@ -539,6 +539,8 @@ def main(argv=None) -> dict:
         """torch device (under torchrun each rank takes cuda:LOCAL_RANK)"""
         strict: bool = False
         """stop at the first unreadable image or empty caption instead of counting it"""
+        resume: bool = True
+        """continue from out/checkpoint.pt when it exists (same recipe); --no-resume starts afresh"""
 
     args = tyro.cli(Args, args=argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -548,8 +550,8 @@ def main(argv=None) -> dict:
     model, preprocess, tokenizer = create_clip(args.model, seed=args.train.seed)
     out = Path(args.out)
     log_ = train_clip(model, tokenizer, columns, FieldTexts(columns, args.text_field), args.train, preprocess=preprocess,
-                      rows=rows, device=args.device, checkpoint=out / "checkpoint.pt", strict=args.strict,
-                      recipe={"model": args.model, "text_field": args.text_field, "data": columns.source})
+                      rows=rows, device=args.device, checkpoint=out / "checkpoint.pt", resume=args.resume,
+                      strict=args.strict, recipe={"model": args.model, "text_field": args.text_field, "data": columns.source})
     if dist.is_initialized() and dist.get_rank() != 0:
         return log_
     eval_records = read_manifest(args.eval_data or folder / "test.jsonl")
