@@ -489,6 +489,7 @@ def generate_sharded(records: Sequence[dict], out: str | os.PathLike, batch_size
 # ---------------------------------------------------------------------------------------------
 
 INDEX_VERSION = 1
+OFFSET_BLOCK = 65536  # offsets the index writer buffers before it appends them to a column's .idx file
 
 
 class Columns:
@@ -585,7 +586,7 @@ class _ColumnsWriter:
                 column["bin"].write(payload)
                 column["size"] += len(payload)
                 column["offsets"].append(column["size"])  # the end of row n
-                if len(column["offsets"]) > 65536:  # keep the last offset: the next row starts there
+                if len(column["offsets"]) > OFFSET_BLOCK:  # keep the last offset: the next row starts there
                     column["idx"].write(np.asarray(column["offsets"][:-1], dtype="<i8").tobytes())
                     column["written"] += len(column["offsets"]) - 1
                     column["offsets"] = column["offsets"][-1:]
@@ -674,7 +675,7 @@ def index_manifest(path: str | os.PathLike, folder: str | os.PathLike | None = N
     stamp = _source_stamp([path])
 
     def build(tmp: Path) -> None:
-        writer, line_of, block = _ColumnsWriter(tmp), [], []  # line numbers for errors, packed in 64k blocks
+        writer, line_of, block = _ColumnsWriter(tmp), [], []  # line numbers for errors, packed in blocks
         with open(path, "rb") as handle:
             for line_no, raw in enumerate(handle, start=1):
                 if raw.strip():
@@ -682,7 +683,7 @@ def index_manifest(path: str | os.PathLike, folder: str | os.PathLike | None = N
                     validate_record(record, required, where=f"{path}:{line_no}")
                     writer.add(record)
                     block.append(line_no)
-                    if len(block) == 65536:
+                    if len(block) == OFFSET_BLOCK:
                         line_of.append(np.asarray(block, dtype=np.int64))
                         block = []
         lines = np.concatenate(line_of + [np.asarray(block, dtype=np.int64)])

@@ -270,9 +270,11 @@ def test_retrieval_in_chunks_equals_one_matrix():
         assert metrics["i2t_R@1"] == pytest.approx(100 * ((i2t < 1) & has_text).float().mean().item())
 
 
+@pytest.mark.slow
 def test_torchrun_two_gloo_ranks_train_as_one_process(tmp_path):
     """`python -m common.clip_train` on a manifest: 2 gloo ranks (each half of every batch, features all-gathered,
-    gradients averaged by DDP) give the losses and weights of one process."""
+    gradients averaged by DDP) give the losses and weights of one process. Slow (20 s): the default run checks the
+    same trainer under torchrun through veclip's train stage, capsfusion's scaling and clip_quality's pretraining."""
     folder = ensure_world(TINY_WORLD, tmp_path / "world")
     flags = ["--data", str(folder / "train.jsonl"), "--eval-data", str(folder / "test.jsonl"), "--model", MICRO,
              "--train.steps", "3", "--train.batch-size", "16", "--train.warmup", "1", "--train.kernel", "torch",

@@ -17,7 +17,7 @@ from common.clip_train import TrainConfig, ensure_miniature_scorer
 from common.data import BadSampleError, image_path, open_image, read_manifest
 from common.miniature import WorldConfig, ensure_world
 from kernels.dico import sequence_logprobs
-from tests.realarch import run_torchrun, serve_open_clip_tag
+from tests.realarch import assert_same_weights, run_torchrun, serve_open_clip_tag
 
 WORLD = WorldConfig(n_train=48, n_val=12, n_test=12, n_synthetic=1)
 WORLD_FLAGS = ["--world.n-train", "48", "--world.n-val", "12", "--world.n-test", "12", "--world.n-synthetic", "1"]
@@ -560,16 +560,9 @@ def train_rows(out, stage):
     return [row for row in map(json.loads, (out / stage / "log.jsonl").read_text().splitlines()) if "loss" in row]
 
 
-def assert_same_weights(a, b, atol):
-    """Equal weights, but for the attention key biases: they cannot change any output (softmax is
-    shift-invariant), so their gradient is round-off and Adam turns it into lr-sized noise."""
-    a, b = (dico.load_checkpoint(path)["model"] for path in (a, b))
-    for key in a:
-        x, y = a[key], b[key]
-        if key.endswith("in_proj_bias"):  # (q | k | v) biases: drop k
-            d = len(x) // 3
-            x, y = torch.cat([x[:d], x[2 * d:]]), torch.cat([y[:d], y[2 * d:]])
-        assert (x - y).abs().max() <= atol, key
+def assert_same_checkpoints(a, b, atol):
+    """The captioners saved at paths a and b hold the same weights (tests/realarch.py: but for attention key biases)."""
+    assert_same_weights(*(dico.load_checkpoint(path)["model"] for path in (a, b)), atol=atol)
 
 
 def test_micro_batches_accumulate_to_the_whole_batch(scorer, tmp_path):
@@ -582,7 +575,7 @@ def test_micro_batches_accumulate_to_the_whole_batch(scorer, tmp_path):
         whole, micro = train_rows(tmp_path / "whole", stage), train_rows(tmp_path / "micro", stage)
         assert [row["images"] for row in whole] == [row["images"] for row in micro] == [4]
         assert whole[0]["loss"] == pytest.approx(micro[0]["loss"], rel=1e-5, abs=1e-7), stage
-        assert_same_weights(tmp_path / "whole" / stage / "last.pt", tmp_path / "micro" / stage / "last.pt", 1e-6)
+        assert_same_checkpoints(tmp_path / "whole" / stage / "last.pt", tmp_path / "micro" / stage / "last.pt", 1e-6)
 
 
 def test_torchrun_two_ranks_share_one_global_batch(scorer, tmp_path):
@@ -595,7 +588,8 @@ def test_torchrun_two_ranks_share_one_global_batch(scorer, tmp_path):
     assert [row["images"] for row in two] == [row["images"] for row in one] == [6, 6]
     for a, b in zip(two, one):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    assert_same_weights(tmp_path / "two" / "xe" / "last.pt", tmp_path / "one" / "xe" / "last.pt", 1e-6)
+    # 5e-6: 2 ranks in micro-batches sum the gradient in another order than one process (1.5e-6 seen)
+    assert_same_checkpoints(tmp_path / "two" / "xe" / "last.pt", tmp_path / "one" / "xe" / "last.pt", 5e-6)
 
 
 # --------------------------------------------------------------------------------------------
