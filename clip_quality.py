@@ -724,14 +724,13 @@ def pretrain_one(args: Args, records: dict, regime: str, seed: int, n_images: in
     """Pretrain one CLIP on the first n_images of the training set in a regime (torchrun: DDP); save and evaluate it
     (rank 0). `images`: what training_images gives, computed once by the caller (default: computed here)."""
     columns = records["train"]
-    rows = np.arange(n_images)
-    check_captions(columns, rows, args.real_field, args.synthetic_field)
     model, preprocess, tokenizer = create_clip(args.model, seed=seed)
     schedule = dataclasses.replace(args.train, seed=seed)  # the same schedule for every regime and subset
     distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
     state = path.with_name(f"{path.stem}.train-state.pt")  # resumable while training; removed once the model is saved
     train_log = train_clip(model, tokenizer, training_images(args, columns) if images is None else images,
-                           RegimeTexts(columns, regime, args), schedule, preprocess=preprocess, rows=rows,
+                           RegimeTexts(columns, regime, args), schedule, preprocess=preprocess,
+                           rows=np.arange(n_images),
                            loss_fn=loss_function(args.kernel, distributed), device=args.device, checkpoint=state,
                            recipe={"model": args.model, "regime": regime, "data": columns.source}, progress=False)
     history, seconds = train_log["history"], train_log["train_seconds"]
@@ -758,6 +757,8 @@ def pretrain_one(args: Args, records: dict, regime: str, seed: int, n_images: in
 
 
 def run_pretrain(args: Args, records: dict) -> list[dict]:
+    # one pass over the captions for every regime and seed (a scan of the whole set at DataCompDR's 12M)
+    check_captions(records["train"], np.arange(len(records["train"])), args.real_field, args.synthetic_field)
     images = training_images(args, records["train"])
     rows = [pretrain_one(args, records, regime, seed, len(records["train"]),
                          Path(args.out) / "pretrain" / f"{regime}-seed{seed}.pt", images)
@@ -822,8 +823,11 @@ def run_efficiency(args: Args, records: dict, done: Sequence[dict] = ()) -> list
             for fraction in args.subset_fractions:
                 n_images = max(1, round(fraction * len(records["train"])))
                 run = next((r for r in done if (r["regime"], r["seed"], r["train_images"]) == (regime, seed, n_images)), None)
+                if run is None and images is None:  # the first subset to pretrain: check the largest, decode once
+                    largest = max(max(1, round(f * len(records["train"]))) for f in args.subset_fractions)
+                    check_captions(records["train"], np.arange(largest), args.real_field, args.synthetic_field)
+                    images = training_images(args, records["train"])
                 if run is None:
-                    images = training_images(args, records["train"]) if images is None else images
                     run = pretrain_one(args, records, regime, seed, n_images,
                                        Path(args.out) / "efficiency" / f"{regime}-n{n_images}-seed{seed}.pt", images)
                 probe = run_probe(dataclasses.replace(args, seed=seed, seeds=1), records, [run["checkpoint"]])[0]

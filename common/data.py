@@ -728,7 +728,8 @@ def index_shards(urls: Sequence[str | os.PathLike], folder: str | os.PathLike,
             for key, sample in samples.items():
                 log.warning("%s: sample %r has no %s; skipped", shard_path, key, "image" if "meta" in sample else "json")
         writer.close({"source": ", ".join(str(s) for s in shards), "root": "/", "stamp": stamp})
-        _check_unique_ids(Columns(tmp), lambda row: f"{Columns(tmp).source} (row {row})")
+        columns = Columns(tmp)
+        _check_unique_ids(columns, lambda row: f"{columns.source} (row {row})")
 
     return _build_under_lock(Path(folder), stamp, build)
 
