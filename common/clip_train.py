@@ -48,8 +48,8 @@ from tqdm.auto import tqdm
 
 from common.data import (BadSampleError, Columns, atomic_write_text, image_path, index_data, init_distributed,
                          open_image, open_row_image, read_manifest)
-from common.miniature import WorldConfig, cache_root, ensure_world, zero_shot_tasks
-from kernels.contrastive import clip_loss
+from common.miniature import SWAP_TYPES, WorldConfig, cache_root, ensure_world, swapped_captions, zero_shot_tasks
+from kernels.contrastive import clip_loss, gather_features
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,8 @@ class TrainConfig:
     """DataLoader worker processes that decode images and tokenise captions ahead of the step"""
     checkpoint_every: int = 1000
     """save the checkpoint every this many steps (and at the end) when a checkpoint path is given"""
+    hard_negatives: bool = False
+    """`texts_for` gives (texts, one hard negative per text) and the loss is NegCLIP's (`hard_negative_loss`)"""
 
 
 # fields that change how a run is executed, not what it computes: a resume may change them
@@ -138,6 +140,24 @@ def contrastive_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor, logit_scale: 
     labels = torch.arange(len(logits), device=logits.device)
     # L = (CE(rows) + CE(columns)) / 2: each image picks its text among N, each text its image
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+def hard_negative_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor, negative_emb: torch.Tensor,
+                       logit_scale: torch.Tensor, distributed: bool = False) -> torch.Tensor:
+    """NegCLIP's loss (Yuksekgonul et al., ICLR 2023, Sec. 5): each image picks its text among the batch's texts
+    and their hard negatives (one per text, the same caption with one thing changed); each text picks its image
+    among the batch's images. Under torchrun the texts, negatives and images of every rank are gathered.
+    """
+    all_img, all_txt, all_neg, offset = img_emb, txt_emb, negative_emb, 0
+    if distributed:
+        all_img, all_txt, all_neg = (gather_features(x) for x in (img_emb, txt_emb, negative_emb))
+        offset = dist.get_rank() * len(img_emb)
+    labels = torch.arange(offset, offset + len(img_emb), device=img_emb.device)
+    # image -> text: softmax over the N texts and the N negatives, so a one-word change has to be told apart
+    image_to_text = logit_scale * img_emb @ torch.cat([all_txt, all_neg]).t()
+    # text -> image: as CLIP's, over the N images (a negative describes no image, so it picks none)
+    text_to_image = logit_scale * txt_emb @ all_img.t()
+    return (F.cross_entropy(image_to_text, labels) + F.cross_entropy(text_to_image, labels)) / 2
 
 
 def cosine_lr(step: int, cfg: TrainConfig) -> float:
@@ -242,12 +262,18 @@ def _features(ddp, pixels: torch.Tensor, tokens: torch.Tensor):
     return img_emb, txt_emb.view(*tokens.shape[:2], -1), logit_scale
 
 
-def _batch_loss(loss_fn: Callable, img_emb, txt_emb, logit_scale) -> torch.Tensor:
+def _sum_over_text_lists(loss_fn: Callable, img_emb, txt_emb, logit_scale) -> torch.Tensor:
     # several texts per image (L > 1, e.g. DataCompDR's real + synthetic): the sum of one loss per text list
     return sum(loss_fn(img_emb, txt_emb[i].to(img_emb.dtype), logit_scale) for i in range(len(txt_emb)))
 
 
-def _accumulated_step(ddp, pixels, tokens, loss_fn, accum_steps: int, autocast) -> torch.Tensor:
+def _hard_negative_batch_loss(distributed: bool, img_emb, txt_emb, logit_scale) -> torch.Tensor:
+    # the two text lists are (texts, hard negatives)
+    return hard_negative_loss(img_emb, txt_emb[0].to(img_emb.dtype), txt_emb[1].to(img_emb.dtype), logit_scale,
+                              distributed)
+
+
+def _accumulated_step(ddp, pixels, tokens, batch_loss, accum_steps: int, autocast) -> torch.Tensor:
     """Backward of the whole batch's loss, one micro-batch at a time; returns the loss.
 
     The loss depends on every micro-batch's features, so they are first computed without gradients; then
@@ -265,7 +291,7 @@ def _accumulated_step(ddp, pixels, tokens, loss_fn, accum_steps: int, autocast) 
             img_emb = torch.cat([img_j if i == j else c[0] for i, c in enumerate(cached)])
             txt_emb = torch.cat([txt_j if i == j else c[1] for i, c in enumerate(cached)], dim=1)
             logit_scale = scale_j.detach() + (scale_j - scale_j.detach()) / accum_steps  # value s, gradient 1/k
-            loss = _batch_loss(loss_fn, img_emb, txt_emb, logit_scale)
+            loss = batch_loss(img_emb, txt_emb, logit_scale)
         loss.backward()
     return loss.detach()
 
@@ -292,8 +318,11 @@ def train_clip(model, tokenizer, images, texts_for: TextsFor, cfg: TrainConfig, 
         raise ValueError(f"batch size {cfg.batch_size} must be a multiple of {world_size} ranks x {cfg.accum_steps} "
                          "micro-batches")
     rows = np.arange(len(images), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
-    if loss_fn is None:
-        loss_fn = functools.partial(clip_loss, impl=cfg.kernel, distributed=world_size > 1)
+    if cfg.hard_negatives:
+        batch_loss = functools.partial(_hard_negative_batch_loss, world_size > 1)
+    else:
+        batch_loss = functools.partial(_sum_over_text_lists, loss_fn or functools.partial(
+            clip_loss, impl=cfg.kernel, distributed=world_size > 1))
     model.to(device)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -331,9 +360,9 @@ def train_clip(model, tokenizer, images, texts_for: TextsFor, cfg: TrainConfig, 
         pixels, tokens = pixels.to(device, non_blocking=True), tokens.to(device, non_blocking=True)
         if cfg.accum_steps == 1:
             with autocast():
-                loss = _batch_loss(loss_fn, *_features(ddp, pixels, tokens))
+                loss = batch_loss(*_features(ddp, pixels, tokens))
         else:
-            loss = _accumulated_step(ddp, pixels, tokens, loss_fn, cfg.accum_steps, autocast)
+            loss = _accumulated_step(ddp, pixels, tokens, batch_loss, cfg.accum_steps, autocast)
         global_loss = loss.detach().float().clone()
         if world_size > 1:
             dist.all_reduce(global_loss)
@@ -441,11 +470,48 @@ def evaluate_world(model, tokenizer, preprocess, records: Sequence[dict], text_f
     return metrics
 
 
+def swap_accuracy(model, tokenizer, img_emb: torch.Tensor, records: Sequence[dict], seed: int = 0,
+                  device: str = "cpu") -> dict:
+    """SugarCrepe-style: per swap type, % of images whose ground-truth caption outscores the one-swap caption.
+
+    `img_emb[i]` is record i's image; the swaps come from `swapped_captions` with a generator seeded by (seed, i),
+    so every model is tested on the same pairs.
+    """
+    truth = encode_texts(model, tokenizer, [r["caption"] for r in records], device=device)
+    right = (img_emb * truth).sum(dim=1)
+    swaps = [swapped_captions(r, np.random.default_rng([seed, i])) for i, r in enumerate(records)]
+    out = {}
+    for kind in SWAP_TYPES:
+        rows = [i for i, s in enumerate(swaps) if kind in s]
+        if rows:
+            wrong = (img_emb[rows] * encode_texts(model, tokenizer, [swaps[i][kind] for i in rows], device=device)).sum(1)
+            out[f"swap_{kind}"] = 100.0 * (right[rows] > wrong).float().mean().item()
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # The miniature world's scorer, trained once and cached
 # ---------------------------------------------------------------------------------------------
 
 SCORER_TRAINING = TrainConfig(steps=500, batch_size=256, lr=2e-3, warmup=50, seed=0)
+
+
+class ScorerTexts:
+    """The scorer's `texts_for`: each sample's ground-truth caption, and with hard negatives also that caption with
+    one thing changed (`swapped_captions`, a swap type drawn per sample among those its image allows)."""
+
+    def __init__(self, records: Sequence[dict], hard_negatives: bool):
+        self.records, self.hard_negatives = records, hard_negatives
+
+    def __call__(self, rows: np.ndarray, rng: np.random.Generator):
+        captions = [self.records[i]["caption"] for i in rows]
+        if not self.hard_negatives:
+            return captions
+        negatives = []
+        for i in rows:
+            swaps = swapped_captions(self.records[i], rng)
+            negatives.append(swaps[list(swaps)[int(rng.integers(len(swaps)))]])
+        return captions, negatives
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
@@ -475,11 +541,11 @@ def ensure_miniature_scorer(world: WorldConfig = WorldConfig(), train: TrainConf
     train_records, test_records = read_manifest(folder / "train.jsonl"), read_manifest(folder / "test.jsonl")
     model, preprocess, tokenizer = create_clip(model_name, seed=train.seed)
     images = preprocess_images(train_records, preprocess)
-    captions = [r["caption"] for r in train_records]
     start = time.time()
-    history = train_clip(model, tokenizer, images, lambda rows, rng: [captions[i] for i in rows], train,
+    history = train_clip(model, tokenizer, images, ScorerTexts(train_records, train.hard_negatives), train,
                          progress=progress, desc="train the miniature scorer")["history"]
     metrics = evaluate_world(model, tokenizer, preprocess, test_records)
+    metrics.update(swap_accuracy(model, tokenizer, encode_images(model, ImageRows(test_records, preprocess)), test_records))
     metrics["train_seconds"] = time.time() - start
     log.info("miniature scorer trained: %s", metrics)
     save_checkpoint(path, {"state_dict": model.state_dict(), "model": model_name, "recipe": recipe,

@@ -18,9 +18,11 @@ for the dense probes. Per image there are caption variants, each a controlled ca
   pattern at most), drops sizes and positions, and replaces one attribute of an object with a
   wrong one at rate `syn_hallucination`; `synthetic_captions` holds `n_synthetic` independent
   draws (DataCompDR keeps five per image), the first being `synthetic_caption`;
-- `refs`: the ground truth as a one-element reference list, for RefCLIP-S / RefPAC-S;
-- `fused`: what a strong LLM would write from alt-text + synthetic caption (CapsFusion's teacher),
-  a function of those two texts only (`teacher_fusion`): the synthetic caption's sentence, each
+- `refs`: `n_refs` human references that vary in specificity as COCO's five do
+  (`reference_captions`), for RefCLIP-S / RefPAC-S and for training captioners;
+- `fused`: what a strong LLM would write from alt-text + synthetic caption (CapsFusion's teacher,
+  VeCLIP's LLM-VeC), a function of those two texts only (`teacher_fusion`), except that the LLM
+  forgets each name with probability `llm_forget`: the synthetic caption's sentence, each
   name of the alt-text attached to the object whose described pattern is that name's emblem
   (world knowledge, as an LLM knows a landmark), else to the first object without a name whose
   description does not contradict it (so off-topic alt-text can leak a wrong name, as real fusion
@@ -49,6 +51,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Collection
 
 import numpy as np
 from PIL import Image
@@ -106,6 +109,10 @@ class WorldConfig:
     """probability that the synthetic caption describes an emblem's pattern (never its name)"""
     n_synthetic: int = 5
     """independent synthetic captions per image (DataCompDR keeps 5)"""
+    n_refs: int = 5
+    """human references per image (`refs`, COCO has 5), each from an annotator of its own specificity"""
+    llm_forget: float = 0.25
+    """probability that the LLM's fusion (`fused`) leaves out a name the alt-text gives (rewriting loses knowledge)"""
     noise: float = 8.0
     """standard deviation of the pixel noise (0-255 scale)"""
 
@@ -113,12 +120,12 @@ class WorldConfig:
         if self.max_objects not in (1, 2):
             raise ValueError(f"max_objects must be 1 or 2, got {self.max_objects}")
         for name in ("entity_rate", "alt_name_keep", "alt_attr_keep", "alt_offtopic", "alt_spam",
-                     "syn_hallucination", "syn_pattern_mention"):
+                     "syn_hallucination", "syn_pattern_mention", "llm_forget"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
-        if self.n_synthetic < 1 or min(self.n_train, self.n_val, self.n_test) < 0 or self.image_size < 16:
-            raise ValueError("need n_synthetic >= 1, non-negative split sizes and image_size >= 16")
+        if self.n_synthetic < 1 or self.n_refs < 1 or min(self.n_train, self.n_val, self.n_test) < 0 or self.image_size < 16:
+            raise ValueError("need n_synthetic >= 1, n_refs >= 1, non-negative split sizes and image_size >= 16")
 
     def digest(self) -> str:
         """A short hash naming this world's cache folder."""
@@ -126,7 +133,7 @@ class WorldConfig:
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-WORLD_VERSION = 3  # bump when the generator changes, so stale caches are rebuilt
+WORLD_VERSION = 4  # bump when the generator changes, so stale caches are rebuilt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,6 +244,75 @@ def ground_truth_caption(scene: dict) -> str:
     return f"{_join(phrases)}, on {scene['background']}."
 
 
+SWAP_TYPES = ("color", "shape", "size", "position", "background", "name", "binding")
+
+
+def swapped_captions(record: dict, rng: np.random.Generator) -> dict[str, str]:
+    """The ground-truth caption with one thing changed, per swap type (a SugarCrepe-style test of a scorer).
+
+    color/shape/size: one object's attribute replaced by another value; position: one object moved (two
+    objects: their places exchanged); background: another background; name: an emblem's name replaced by
+    another (images with an emblem); binding: the two objects' colours exchanged, the same words said of the
+    wrong objects (images with two differently coloured objects). A type that does not apply is absent.
+    """
+    scene = {"background": record["background"], "objects": [dict(o) for o in record["objects"]]}
+    objects = scene["objects"]
+    out = {}
+
+    def with_change(change) -> str:
+        changed = {"background": scene["background"], "objects": [dict(o) for o in objects]}
+        change(changed)
+        return ground_truth_caption(changed)
+
+    target = int(rng.integers(len(objects)))
+    for key, values in (("color", COLORS), ("shape", SHAPES), ("size", SIZES)):
+        other = str(rng.choice([v for v in values if v != objects[target][key]]))
+        out[key] = with_change(lambda s, key=key, other=other: s["objects"][target].update({key: other}))
+    if len(objects) == 2:
+        out["position"] = with_change(lambda s: [o.update(position={"left": "right", "right": "left"}[o["position"]])
+                                                 for o in s["objects"]])
+    else:
+        moved = str(rng.choice([p for p in ("left", "right", "center") if p != objects[0]["position"]]))
+        out["position"] = with_change(lambda s: s["objects"][0].update(position=moved))
+    other = str(rng.choice([b for b in BACKGROUNDS if b != scene["background"]]))
+    out["background"] = with_change(lambda s: s.update(background=other))
+    named = [i for i, o in enumerate(objects) if o["entity"]]
+    if named:
+        i = named[int(rng.integers(len(named)))]
+        taken = {o["entity"] for o in objects}
+        name = str(rng.choice([n for n in ENTITY_NAMES if n not in taken]))
+        out["name"] = with_change(lambda s: s["objects"][i].update(entity=name))
+    if len(objects) == 2 and objects[0]["color"] != objects[1]["color"]:
+        a, b = objects[0]["color"], objects[1]["color"]
+        out["binding"] = with_change(lambda s: (s["objects"][0].update(color=b), s["objects"][1].update(color=a)))
+    return out
+
+
+def reference_captions(scene: dict, rng: np.random.Generator, n_refs: int) -> list[str]:
+    """Human references that vary in specificity, as COCO's five do.
+
+    Each annotator has a level of detail d ~ U(0, 1) and states each detail (an object's size, colour, emblem name
+    and place, the background) with probability d; the shape, the head noun, is always said. So some references
+    are generic ("a circle and a square."), some nearly complete, and a captioner trained on them by maximum
+    likelihood learns their generic mean (the reason DiCO gives for optimising a CLIP reward instead).
+    """
+    refs = []
+    for _ in range(n_refs):
+        detail = rng.random()
+        phrases = []
+        for obj in scene["objects"]:
+            words = [obj[key] for key in ("size", "color") if rng.random() < detail] + [obj["shape"]]
+            phrase = "a " + " ".join(words)
+            if obj["entity"] and rng.random() < detail:
+                phrase += f" with the {obj['entity']} emblem"
+            if rng.random() < detail:
+                phrase += " in the center" if obj["position"] == "center" else f" on the {obj['position']}"
+            phrases.append(phrase)
+        background = f", on {scene['background']}" if rng.random() < detail else ""
+        refs.append(f"{_join(phrases)}{background}.")
+    return refs
+
+
 def alt_text(scene: dict, rng: np.random.Generator, cfg: WorldConfig) -> tuple[str, bool]:
     """Web-like alt-text and whether it is off-topic: names kept, attributes dropped, no grammar, spam."""
     offtopic = rng.random() < cfg.alt_offtopic
@@ -311,7 +387,7 @@ def _correct(described: list[dict], key: str, vocabulary, alt_words: list[str]) 
         described[unsupported[0]][key] = unused[0]
 
 
-def teacher_fusion(alt: str, synthetic: str) -> str:
+def teacher_fusion(alt: str, synthetic: str, forget: Collection[str] = ()) -> str:
     """What a strong LLM makes of (alt-text, synthetic caption), from those two texts only.
 
     Structure from the synthetic caption, names from the alt-text. An alt-text that contradicts the
@@ -323,7 +399,8 @@ def teacher_fusion(alt: str, synthetic: str) -> str:
     binding (they are shuffled), so with two undescribed objects the name lands on the first, right
     or wrong. When the alt-text also agrees with the caption on some attribute word, a colour or
     shape it contradicts is corrected (`_correct`). Text that is not a world synthetic caption
-    comes back unchanged.
+    comes back unchanged. Names in `forget` are left out: an LLM's rewrite loses some of the alt-text's knowledge
+    (VeCLIP's reason to keep alt-text in the mix).
     """
     alt_words = alt.split()
     said_words = set(synthetic.replace(".", " ").split())
@@ -333,7 +410,7 @@ def teacher_fusion(alt: str, synthetic: str) -> str:
     matches = list(_DESCRIBED_OBJECT.finditer(synthetic))
     described = [match.groupdict() for match in matches]
     names: list[str | None] = [None] * len(described)
-    mentioned = [word for word in dict.fromkeys(alt_words) if word in ENTITIES]
+    mentioned = [word for word in dict.fromkeys(alt_words) if word in ENTITIES and word not in forget]
     for name in list(mentioned):  # the emblem the caption describes tells whose name it is
         owners = [i for i, said in enumerate(described) if said["pattern"] == ENTITIES[name][0] and names[i] is None]
         if owners:
@@ -382,23 +459,21 @@ def zero_shot_tasks(records: list[dict]) -> dict[str, dict]:
 
     Attributes: `background` (every image), `shape` and `color` (images with one object, so the
     label is unambiguous). Named entities: `entity` (images whose objects carry exactly one emblem).
-    Templates ensemble over the attributes a task does not ask about (CLIP's prompt ensembling,
-    with the world's own words), so a class prototype is not tied to one colour or shape.
+    The prompts are short, in the style of class names ("circle", "a photo of a circle."), as CLIP's
+    zero-shot prompts are and as alt-text is, not in the style of the world's full sentences: VeCLIP
+    keeps alt-text in its mix because rewritten captions narrow the text style away from such prompts.
+    Each class is the mean over its templates (CLIP's prompt ensembling).
     """
     single = [i for i, r in enumerate(records) if len(r["objects"]) == 1]
     named = [i for i, r in enumerate(records) if sum(bool(o["entity"]) for o in r["objects"]) == 1]
-    some_colors, some_shapes = ("red", "blue", "yellow", "white"), ("circle", "square", "triangle")
     tasks = {
-        "background": (list(BACKGROUNDS), [f"a {size} {color} {shape} in the center, on {{}}."
-                                           for size in SIZES for color in some_colors[:2] for shape in some_shapes],
-                       range(len(records)), lambda r: r["background"]),
-        "shape": (list(SHAPES), [f"a {size} {color} {{}}." for size in SIZES for color in COLORS],
-                  single, lambda r: r["objects"][0]["shape"]),
-        "color": (list(COLORS), [f"a {size} {{}} {shape}." for size in SIZES for shape in SHAPES],
-                  single, lambda r: r["objects"][0]["color"]),
-        "entity": (list(ENTITY_NAMES), [f"a large {color} {shape} with the {{}} emblem."
-                                        for color in some_colors for shape in some_shapes],
-                   named, lambda r: next(o["entity"] for o in r["objects"] if o["entity"])),
+        "background": (list(BACKGROUNDS), ["{}", "on {}.", "a photo on {}."], range(len(records)),
+                       lambda r: r["background"]),
+        "shape": (list(SHAPES), ["{}", "a {}.", "a photo of a {}."], single, lambda r: r["objects"][0]["shape"]),
+        "color": (list(COLORS), ["{}", "{} object.", "a photo of a {} object."], single,
+                  lambda r: r["objects"][0]["color"]),
+        "entity": (list(ENTITY_NAMES), ["{}", "the {} emblem.", "a photo of {}."], named,
+                   lambda r: next(o["entity"] for o in r["objects"] if o["entity"])),
     }
     out = {}
     for task, (classes, templates, indices, label_of) in tasks.items():
@@ -420,10 +495,11 @@ def make_sample(index: int, split: str, rng: np.random.Generator, cfg: WorldConf
     alt, offtopic = alt_text(scene, rng, cfg)
     draws = [synthetic_draw(scene, rng, cfg) for _ in range(cfg.n_synthetic)]
     synthetic = [render_description(draw, scene["background"]) for draw in draws]
-    caption = ground_truth_caption(scene)
-    record = {"id": f"{split}-{index:06d}", "split": split, "caption": caption, "refs": [caption],
+    refs = reference_captions(scene, rng, cfg.n_refs)
+    forget = {word for word in alt.split() if word in ENTITIES and rng.random() < cfg.llm_forget}
+    record = {"id": f"{split}-{index:06d}", "split": split, "caption": ground_truth_caption(scene), "refs": refs,
               "alt_text": alt, "synthetic_caption": synthetic[0], "synthetic_captions": synthetic,
-              "fused": teacher_fusion(alt, synthetic[0]), "alt_offtopic": offtopic,
+              "fused": teacher_fusion(alt, synthetic[0], forget), "alt_offtopic": offtopic,
               "background": scene["background"], "objects": scene["objects"]}
     return {"record": record, "pixels": pixels, "mask": mask, "depth": depth}
 

@@ -8,9 +8,10 @@ import pytest
 from PIL import Image
 
 from common.data import read_manifest
-from common.miniature import (COLORS, ENTITIES, SEGMENTATION_CLASSES, SHAPES, WorldConfig, build_world,
-                              generate_split, hallucinated_words, load_depth, names_kept, teacher_fusion,
-                              world_statistics, write_world, zero_shot_tasks)
+from common.miniature import (COLORS, ENTITIES, ENTITY_NAMES, SEGMENTATION_CLASSES, SHAPES, SWAP_TYPES, WorldConfig,
+                              build_world, generate_split, ground_truth_caption, hallucinated_words, load_depth,
+                              names_kept, swapped_captions, teacher_fusion, world_statistics, write_world,
+                              zero_shot_tasks)
 
 SMALL = WorldConfig(n_train=30, n_val=5, n_test=10)
 
@@ -66,12 +67,13 @@ def test_noise_rates_match_the_config():
     # a hallucination replaces one colour or shape per object at rate 0.2; it is invisible only
     # when the wrong word happens to name the other object's attribute
     assert 0.2 * 1.5 * 0.85 < stats["synthetic_hallucinated_words_per_caption"] < 0.2 * 1.5 * 1.01
-    assert stats["fused_name_keep_rate"] > 0.7 and stats["fused_hallucinated_words_per_caption"] < stats[
+    assert 0.7 * 0.75 < stats["fused_name_keep_rate"] < 0.75 and stats["fused_hallucinated_words_per_caption"] < stats[
         "synthetic_hallucinated_words_per_caption"]
 
 
 def test_knobs_switch_mechanisms_off():
-    clean = WorldConfig(n_train=400, alt_offtopic=0.0, alt_name_keep=1.0, syn_hallucination=0.0, alt_spam=0.0)
+    clean = WorldConfig(n_train=400, alt_offtopic=0.0, alt_name_keep=1.0, syn_hallucination=0.0, alt_spam=0.0,
+                        llm_forget=0.0)
     records = [s["record"] for s in generate_split(clean, "train")]
     stats = world_statistics(records)
     assert stats["alt_offtopic_rate"] == 0 and stats["alt_name_keep_rate"] == 1.0
@@ -118,7 +120,7 @@ def test_teacher_fusion_by_hand():
 
 
 def test_teacher_fusion_is_a_function_of_the_two_texts():
-    records = [s["record"] for s in generate_split(WorldConfig(n_train=300), "train")]
+    records = [s["record"] for s in generate_split(WorldConfig(n_train=300, llm_forget=0.0), "train")]
     # the world's `fused` is what the teacher makes of the two texts, whatever the hidden labels are
     assert all(r["fused"] == teacher_fusion(r["alt_text"], r["synthetic_caption"]) for r in records)
     # its parse of a synthetic caption is exact: with nothing to add, the caption comes back
@@ -149,3 +151,48 @@ def test_zero_shot_tasks_label_what_is_there():
         assert list(COLORS)[label] == records[i]["objects"][0]["color"]
     for i, label in zip(tasks["entity"]["indices"], tasks["entity"]["labels"]):
         assert tasks["entity"]["classes"][label] in {o["entity"] for o in records[i]["objects"]}
+
+
+def test_the_llm_forgets_names_at_its_rate():
+    remembered = world_statistics([s["record"] for s in generate_split(WorldConfig(n_train=2000, llm_forget=0.0), "train")])
+    records = [s["record"] for s in generate_split(WorldConfig(n_train=2000), "train")]
+    forgetful = world_statistics(records)
+    # a quarter of the names the fusion would carry are lost; nothing else of the fusion changes
+    assert forgetful["fused_name_keep_rate"] == pytest.approx(0.75 * remembered["fused_name_keep_rate"], abs=0.03)
+    for r in records:
+        forgotten = {w for w in r["alt_text"].split() if w in ENTITIES and w not in r["fused"]}
+        assert r["fused"] == teacher_fusion(r["alt_text"], r["synthetic_caption"], forgotten)
+    assert teacher_fusion("Aldora", "a red circle with a stripes pattern on grass.", {"Aldora"}) == \
+        "a red circle with a stripes pattern on grass."
+
+
+def test_references_vary_in_specificity_as_cocos_do():
+    records = [s["record"] for s in generate_split(WorldConfig(n_train=500), "train")]
+    assert all(len(r["refs"]) == 5 for r in records)
+    refs = [(ref, r) for r in records for ref in r["refs"]]
+    # every reference names each shape (the head noun), and says nothing the image does not have
+    assert all(all(o["shape"] in ref for o in r["objects"]) and not hallucinated_words(ref, r) for ref, r in refs)
+    words = np.array([len(ref.split()) for ref, _ in refs])
+    generic = np.mean([not any(c in ref for c in COLORS) for ref, _ in refs])
+    complete = np.mean([ref == r["caption"] for ref, r in refs])
+    assert 0.15 < generic < 0.5 and 0.02 < complete < 0.2 and words.std() > 3
+    named = [(ref, r) for ref, r in refs if any(o["entity"] for o in r["objects"])]
+    assert 0.35 < np.mean([names_kept(ref, r)[0] / names_kept(ref, r)[1] for ref, r in named]) < 0.65
+
+
+def test_swapped_captions_change_one_thing():
+    caption = ground_truth_caption(SCENE)
+    assert caption == "a large red circle with the Aldora emblem on the left and a small blue square on the right, on grass."
+    swaps = swapped_captions(dict(SCENE), np.random.default_rng(0))
+    assert set(swaps) == set(SWAP_TYPES)
+    assert swaps["binding"] == "a large blue circle with the Aldora emblem on the left and a small red square on the right, on grass."
+    assert swaps["position"] == "a large red circle with the Aldora emblem on the right and a small blue square on the left, on grass."
+    for kind in ("position", "binding"):  # the same words, bound differently: a bag of words cannot tell
+        assert sorted(swaps[kind].replace(",", "").split()) == sorted(caption.replace(",", "").split())
+    for kind in ("color", "shape", "size", "background", "name"):
+        changed = [(a, b) for a, b in zip(caption.split(), swaps[kind].split()) if a != b]
+        assert len(changed) == 1 and len(swaps[kind].split()) == len(caption.split()), kind
+        assert changed[0][1].strip(".,") in {"color": COLORS, "shape": SHAPES, "size": ("small", "large"),
+                                             "background": ("sand", "water", "snow", "night"), "name": ENTITY_NAMES}[kind]
+    alone = {"background": "sand", "objects": [dict(SCENE["objects"][1], position="center")]}
+    assert set(swapped_captions(alone, np.random.default_rng(0))) == {"color", "shape", "size", "position", "background"}
