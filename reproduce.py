@@ -39,13 +39,14 @@ import numpy as np
 import torch
 import tyro
 
-from common.claims import Relation, mean_spread, verdict
+from common.claims import Relation, mean_spread, reason, verdict
 from common.clip_score import load_clip, ref_clip_s
 from common.clip_train import MINIATURE_MODEL, SCORER_TRAINING, TrainConfig, ensure_miniature_scorer
 from common.data import atomic_write_text, image_path, read_manifest
-from common.miniature import WorldConfig, ensure_world, hallucinated_words, names_kept, world_statistics
+from common.miniature import SWAP_TYPES, WorldConfig, ensure_world, hallucinated_words, names_kept, world_statistics
 
 VARIANTS = ("caption", "alt_text", "synthetic_caption", "fused")
+SWAP_TARGET = 90.0  # % of one-swap pairs the scorer should rank right, per swap type
 Paper = Literal["veclip", "capsfusion", "altogether", "dico", "clip_quality"]
 PAPERS: tuple[Paper, ...] = ("veclip", "capsfusion", "altogether", "dico", "clip_quality")
 
@@ -82,13 +83,16 @@ class Args:
 def score_variants(seed: int, args: Args) -> dict:
     """One seed: the scorer's own quality and every caption variant's scores on the test split."""
     world = dataclasses.replace(args.world, seed=seed)
+    began = time.time()
     folder = ensure_world(world)
+    world_seconds = time.time() - began
     checkpoint = ensure_miniature_scorer(world, dataclasses.replace(args.scorer, seed=seed), args.scorer_model)
+    scorer_seconds = time.time() - began - world_seconds
     scorer_metrics = torch.load(checkpoint, map_location="cpu", weights_only=True)["test_metrics"]
     bundle = load_clip(args.scorer_model, pretrained=str(checkpoint), device="cpu")
     records = read_manifest(folder / "test.jsonl")
     images = [image_path(r) for r in records]
-    refs = [r["refs"] for r in records]  # the ground-truth caption
+    refs = [r["refs"] for r in records]  # the human references, of varying specificity
     variants = {}
     for field in VARIANTS:
         texts = [r[field] for r in records]
@@ -97,7 +101,8 @@ def score_variants(seed: int, args: Args) -> dict:
         variants[field] = {"CLIP-S": result["score"]["mean"], "RefCLIP-S": result["mean"],
                            "names_kept_%": 100.0 * kept / max(total, 1),
                            "hallucinated_words": float(np.mean([len(hallucinated_words(t, r)) for t, r in zip(texts, records)]))}
-    return {"seed": seed, "scorer": scorer_metrics, "variants": variants,
+    return {"seed": seed, "scorer": scorer_metrics, "variants": variants, "seconds": {
+                "world": world_seconds, "scorer": scorer_seconds, "variants": time.time() - began - world_seconds - scorer_seconds},
             "world_statistics": world_statistics(read_manifest(folder / "train.jsonl"))}
 
 
@@ -106,13 +111,29 @@ def world_markdown(runs: list[dict]) -> str:
     n = len(runs)
     lines = [f"# The miniature world ({n} seed{'s' * (n > 1)}; mean ± std over seeds)", "",
              "A controlled experiment, not the papers' data.", "",
-             "## The scorer (a small CLIP trained on the ground-truth captions), test split", "",
+             "## The scorer (a small CLIP trained on the ground-truth captions with hard negatives), test split", "",
              "| metric | value |", "|---|---|"]
     for key in runs[0]["scorer"]:
-        if key != "train_seconds":
+        if key != "train_seconds" and not key.startswith("swap_"):
             lines.append(f"| {key} | {mean_spread([r['scorer'][key] for r in runs])} |")
+    lines += ["", "## Does the scorer see what captions say? A swap test", "",
+              "For each test image, the ground-truth caption against the same caption with one thing changed "
+              "(`common.miniature.swapped_captions`, SugarCrepe-style): the % of images where the scorer ranks the true "
+              f"caption higher (chance: 50%). Target: {SWAP_TARGET:.0f}% for each type. The scorer is trained with hard "
+              "negatives of the same kinds (NegCLIP) on the training images, so this measures them on unseen images, as "
+              "NegCLIP's numbers on ARO do.", "",
+              "| swap | what changes | scorer accuracy % | target |", "|---|---|---|---|"]
+    what = {"color": "one object's colour", "shape": "one object's shape", "size": "one object's size",
+            "position": "the objects' places (one object: moved)", "background": "the background",
+            "name": "an emblem's name", "binding": "the two objects' colours exchanged (same words)"}
+    for kind in SWAP_TYPES:
+        values = [r["scorer"][f"swap_{kind}"] for r in runs if f"swap_{kind}" in r["scorer"]]
+        if values:
+            short = np.mean(values) < SWAP_TARGET
+            lines.append(f"| {kind} | {what[kind]} | {mean_spread(values, 1)} | "
+                         f"{f'short by {SWAP_TARGET - np.mean(values):.1f} points' if short else 'met'} |")
     lines += ["", "## Caption variants of the test split under that scorer", "",
-              "| variant | CLIP-S | RefCLIP-S (ref: ground truth) | names kept % | hallucinated words / caption |",
+              "| variant | CLIP-S | RefCLIP-S (refs: the human references) | names kept % | hallucinated words / caption |",
               "|---|---|---|---|---|"]
     for field in VARIANTS:
         cells = [mean_spread([r["variants"][field][key] for r in runs])
@@ -130,7 +151,7 @@ def claim_row(claim: str, metric: str, a_name: str, a: list[float], b_name: str,
               relation: Relation, digits: int = 2) -> dict:
     """One row of the claims table: the claim, what was compared, both numbers and the verdict."""
     return {"claim": claim, "measured": f"{metric}: {a_name} {mean_spread(a, digits)} vs {b_name} {mean_spread(b, digits)}",
-            "verdict": verdict(a, b, relation), "a": a, "b": b}
+            "verdict": verdict(a, b, relation), "why": reason(a, b, relation), "a": a, "b": b}
 
 
 # =============================================================================================
@@ -238,9 +259,9 @@ def clip_quality_claims(result: dict) -> list[dict]:
                               "probe mIoU %", f"DataCompDR n={small}", pick("datacompdr", small),
                               f"DataComp n={large}", pick("datacomp", large), ">=", 1))
     control = rows[3]
-    if not control["verdict"].startswith("held"):  # no transfer at all: which encoder transfers better is moot
+    if control["verdict"] in ("reversed", "within seed spread"):  # no transfer at all: which encoder transfers better is moot
         for row in rows[1:3] + rows[4:]:
-            row["verdict"] = "untestable (the control fails)"
+            row["verdict"], row["why"] = "untestable (the control fails)", "pretrained encoders probe no better than an untrained one"
     attention = result["attention"]
     last_layer = {label: float(np.mean(values["per_layer_per_head_px"][-1])) for label, values in attention.items()}
     local = lambda regime: [v for label, v in last_layer.items() if label.startswith(regime + "-")]  # noqa: E731
@@ -299,19 +320,27 @@ def run_paper(paper: str, args: Args, extra: list[str]) -> dict:
     return {"minutes": minutes, "argv": argv, "claims": CLAIMS[paper](result)}
 
 
-def claims_markdown(papers: dict[str, dict], seeds: int, minutes: float) -> str:
+def claims_markdown(papers: dict[str, dict], world_runs: list[dict], seeds: int, minutes: float,
+                    plots: list[str]) -> str:
+    """The claims table (verdict and one line of why per row), the time of every stage, and links to the plots."""
     lines = [f"# The papers' claims in the miniature world ({seeds} seed{'s' * (seeds > 1)}, {minutes:.1f} min)", "",
              "A controlled experiment, not the papers' data. Verdict: `held` when the difference has the claimed sign "
              "and exceeds the sum of the two standard deviations over seeds; `reversed` when the opposite does; "
              "`within seed spread` otherwise; `untestable` when the claim's own control fails (no transfer to "
-             "compare). Each paper file's header and docs/<paper>.md explain the rows.", "",
-             "| paper | claim | measured (mean ± std over seeds) | verdict |", "|---|---|---|---|"]
+             "compare); `1 seed: no verdict` with one seed (run `--seeds 3`). Rows marked (baseline) or (control) "
+             "bound the claims above them. Why each row comes out as it does: docs/<paper>.md.", "",
+             "| paper | claim | measured (mean ± std over seeds) | verdict | why |", "|---|---|---|---|---|"]
     for paper, run in papers.items():
         for row in run["claims"]:
-            lines.append(f"| {paper} | {row['claim']} | {row['measured']} | {row['verdict']} |")
-    lines += ["", "| paper | minutes | command |", "|---|---|---|"]
+            lines.append(f"| {paper} | {row['claim']} | {row['measured']} | {row['verdict']} | {row.get('why', '')} |")
+    lines += ["", "## Time of each stage", "", "| stage | minutes | command |", "|---|---|---|"]
+    for stage, text in (("world", "build the miniature world (cached)"), ("scorer", "train the world's scorer (cached)"),
+                        ("variants", "score the caption variants")):
+        lines.append(f"| {stage} | {sum(r.get('seconds', {}).get(stage, 0.0) for r in world_runs) / 60:.1f} | {text} |")
     lines += [f"| {paper} | {run['minutes']:.1f} | `python {paper}.py {shlex.join(run['argv'])}` |"
               for paper, run in papers.items()]
+    if plots:
+        lines += ["", "## Plots", ""] + [f"- [{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
 
 
@@ -348,10 +377,12 @@ def main(argv=None) -> dict:
     minutes = (time.time() - start) / 60
     report = {"world": world, "papers": papers, "minutes": minutes, "seeds": args.seeds}
     atomic_write_text(out / "claims.json", json.dumps(report, indent=1))
-    table = claims_markdown(papers, args.seeds, minutes)
+    plots = []
+    for png in sorted(out.glob("*/*.png")):  # the papers' plots side by side, linked from claims.md
+        plots.append(f"{png.parent.name}-{png.name}")
+        shutil.copyfile(png, out / plots[-1])
+    table = claims_markdown(papers, runs, args.seeds, minutes, plots)
     atomic_write_text(out / "claims.md", table)
-    for png in out.glob("*/*.png"):  # the papers' plots side by side, for the README
-        shutil.copyfile(png, out / f"{png.parent.name}-{png.name}")
     print(table)
     print(f"written to {out}/ in {minutes:.1f} min")
     return report

@@ -35,6 +35,15 @@ def verdict(a: Sequence[float], b: Sequence[float], claim: Relation) -> str:
     return "within seed spread"
 
 
+def reason(a: Sequence[float], b: Sequence[float], claim: Relation) -> str:
+    """One line of why a verdict is what it is: the difference in the claimed direction against the seeds' spread."""
+    if min(len(a), len(b)) < 2:
+        return "one seed has no spread to judge a difference against"
+    difference = float(np.mean(a) - np.mean(b)) * (-1 if claim == "<" else 1)
+    spread = float(np.std(a) + np.std(b))
+    return f"difference {difference:+.3g} in the claimed direction against a seed spread of {spread:.3g}"
+
+
 def mean_spread(values: Sequence[float], digits: int = 2) -> str:
     """'m ± s' over seeds (population std), or 'm' for one seed."""
     text = f"{np.mean(values):.{digits}f}"

@@ -493,7 +493,7 @@ def swap_accuracy(model, tokenizer, img_emb: torch.Tensor, records: Sequence[dic
 # The miniature world's scorer, trained once and cached
 # ---------------------------------------------------------------------------------------------
 
-SCORER_TRAINING = TrainConfig(steps=500, batch_size=256, lr=2e-3, warmup=50, seed=0)
+SCORER_TRAINING = TrainConfig(steps=150, batch_size=128, lr=2e-3, warmup=15, seed=0, hard_negatives=True)
 
 
 class ScorerTexts:

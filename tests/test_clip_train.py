@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.clip_train import (FieldTexts, TrainConfig, contrastive_loss, cosine_lr, create_clip, ensure_miniature_scorer,
-                               evaluate_world, preprocess_images, retrieval_metrics, train_clip, zero_shot_accuracy)
+from common.clip_train import (FieldTexts, ScorerTexts, TrainConfig, contrastive_loss, cosine_lr, create_clip,
+                               ensure_miniature_scorer, evaluate_world, hard_negative_loss, preprocess_images,
+                               retrieval_metrics, swap_accuracy, train_clip, zero_shot_accuracy)
 from common.data import BadSampleError, read_manifest
 from common.miniature import WorldConfig, ensure_world
 from realarch import assert_same_weights, run_torchrun
@@ -27,6 +29,60 @@ def test_loss_equals_open_clip():
     scale = torch.tensor(14.3)
     expected = open_clip.loss.ClipLoss()(img, txt, scale)
     assert torch.allclose(contrastive_loss(img, txt, scale), expected, atol=1e-6)
+
+
+def test_hard_negative_loss_by_hand():
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    txt = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    neg = torch.tensor([[0.8, 0.6], [0.0, -1.0]])
+    scale = torch.tensor(2.0)
+    # image 0 against texts (1, 0.6) and negatives (0.8, 0): -log softmax at its own text; image 1: (0, 0.8 | 0.6, -1)
+    image_to_text = (-math.log(math.exp(2.0) / (math.exp(2.0) + math.exp(1.2) + math.exp(1.6) + 1.0))
+                     - math.log(math.exp(1.6) / (1.0 + math.exp(1.6) + math.exp(1.2) + math.exp(-2.0)))) / 2
+    # text 0 against images (1, 0); text 1 against images (0.6, 0.8): negatives pick no image
+    text_to_image = (-math.log(math.exp(2.0) / (math.exp(2.0) + 1.0))
+                     - math.log(math.exp(1.6) / (math.exp(1.2) + math.exp(1.6)))) / 2
+    assert hard_negative_loss(img, txt, neg, scale).item() == pytest.approx((image_to_text + text_to_image) / 2, rel=1e-6)
+    # negatives far from every image leave CLIP's loss
+    far = -img
+    assert hard_negative_loss(img, txt, far, torch.tensor(30.0)).item() == pytest.approx(
+        contrastive_loss(img, txt, torch.tensor(30.0)).item(), abs=1e-6)
+
+
+def test_the_scorer_trains_with_one_hard_negative_per_caption(world_records):
+    train, test = world_records
+    texts = ScorerTexts(train, hard_negatives=True)
+    captions, negatives = texts(np.arange(16), np.random.default_rng(0))
+    assert captions == [r["caption"] for r in train[:16]]
+    assert all(n != c and len(n.split()) == len(c.split()) for n, c in zip(negatives, captions))
+    model, preprocess, tokenizer = create_clip(MICRO)
+    images = preprocess_images(train[:16], preprocess)
+    seen = []
+
+    def spy(img_emb, txt_emb, logit_scale):  # the hard-negative recipe must not fall back to a per-list loss
+        seen.append(1)
+        return contrastive_loss(img_emb, txt_emb, logit_scale)
+
+    history = train_clip(model, tokenizer, images, texts, TrainConfig(steps=1, batch_size=16, lr=0.0, warmup=1,
+                                                                     hard_negatives=True), loss_fn=spy, progress=False)["history"]
+    assert not seen and np.isfinite(history[0]["loss"])
+
+
+def test_swap_accuracy_counts_the_true_caption_winning(world_records):
+    _, test = world_records
+
+    class Exact:  # an "encoder" that sees exactly what a caption says: its text is the image
+        def encode_text(self, tokens):
+            return tokens.float()
+
+    def tokenizer(texts):  # a fixed random vector per text
+        return torch.stack([torch.randn(16, generator=torch.Generator().manual_seed(zlib.crc32(t.encode()))) for t in texts])
+
+    truth = torch.nn.functional.normalize(tokenizer([r["caption"] for r in test]).float(), dim=-1)
+    scores = swap_accuracy(Exact(), tokenizer, truth, test)
+    assert set(scores) >= {"swap_color", "swap_shape", "swap_size", "swap_position", "swap_background"}
+    assert all(value == 100.0 for value in scores.values())
+    assert all(value == 0.0 for value in swap_accuracy(Exact(), tokenizer, -truth, test).values())
 
 
 def test_retrieval_by_hand():

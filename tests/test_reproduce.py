@@ -40,7 +40,11 @@ def test_world_table_alone(tmp_path):
         assert run["variants"]["synthetic_caption"]["names_kept_%"] == 0.0
         assert run["variants"]["caption"]["hallucinated_words"] == 0.0
         assert 0 <= run["variants"]["alt_text"]["CLIP-S"] <= 2.5
-    assert "| `fused` |" in (tmp_path / "world.md").read_text()
+    table = (tmp_path / "world.md").read_text()
+    assert "| `fused` |" in table
+    for kind in ("color", "shape", "size", "position", "background"):  # the swap test, one row per type
+        swapped = [run["scorer"][f"swap_{kind}"] for run in report["world"]["runs"]]
+        assert f"| {kind} |" in table and all(value in {100.0 * k / 16 for k in range(17)} for value in swapped)
 
 
 @pytest.mark.slow
