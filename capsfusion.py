@@ -56,18 +56,22 @@ Deviations from the paper:
   7. Miniature world: the world's `fused` stands in for ChatGPT: a template fusion (not an LLM)
      computed from the alt-text and the synthetic caption only (common.miniature.teacher_fusion:
      names placed by the emblem pattern the caption describes, else on the first undescribed object;
-     a contradicted colour or shape fixed only when unambiguous); its `synthetic_caption` stands in
-     for BLIP. The student is a 2-layer, width-128 Llama trained from scratch with a word-level
-     tokenizer built from the world's text, which holds the fixed instruction as one token (the
-     prompt string is unchanged; a real LLM reads it as ~90 tokens), so that the sequences are 3x
-     shorter; SFT uses lr 3e-3 and batch 32 (MINIATURE_SFT). The fuser fuses the test split (eval)
-     and the training samples (scaling's `fused` arm, as the paper scales CapsFus-LLaMA's output).
+     a contradicted colour or shape fixed only when unambiguous), which forgets each name with
+     probability `--world.llm-forget` (0.25), as an LLM's rewrite loses some knowledge; its
+     `synthetic_caption` stands in for BLIP. The student is a 2-layer, width-128 Llama trained from
+     scratch with a word-level tokenizer built from the world's text, which holds the fixed
+     instruction as one token (the prompt string is unchanged; a real LLM reads it as ~90 tokens), so
+     that the sequences are 3x shorter; SFT uses lr 3e-3 and batch 32 (MINIATURE_SFT) on the
+     teacher's fusions of every training image. The fuser fuses the test split (eval) and the
+     training samples scaling uses (its `fused` arm, as the paper scales CapsFus-LLaMA's output).
+     Scaling is sized to fit a 10-minute reproduce.py: 1,250 and 2,500 samples at CLIP batch 32
+     (`--sizes`, `--clip-batch-size`); the larger is 79 steps, about where this CLIP starts to align.
 
 Commands:
   Smoke run first (every stage on a tiny world in under a minute, to check that everything runs):
     python capsfusion.py --preset smoke --out runs/capsfusion_smoke
-  CPU, miniature world (timings in docs/capsfusion.md; scaling's 20 CLIP trainings dominate, and
-  --sizes and --clip-batch-size are the knobs that shorten it):
+  CPU, miniature world (timings in docs/capsfusion.md; scaling's 10 CLIP trainings take about
+  two thirds, --sizes and --clip-batch-size are its knobs):
     python capsfusion.py                        # = python capsfusion.py miniature --seed 0 --seeds 1
     python capsfusion.py --seeds 3 --out runs/capsfusion_miniature
     OMP_NUM_THREADS=1 python capsfusion.py --seed 1 --seeds 1 --out runs/cf_s1   # one process per seed
@@ -83,11 +87,9 @@ Commands:
         --clip-model ViT-B-32 --sizes 1000000 10000000 --clip-batch-size 4096 --device cuda
     torchrun --nproc-per-node 8 -m common.clip_train --data laion.fused.jsonl --eval-data coco_test.jsonl --text-field fused
 
-Results: docs/capsfusion.md. Its miniature tables predate the text-only teacher and the scaling arm
-trained on the fuser's output (they came from a teacher that read the scene labels and a `fused`
-arm trained on that teacher's captions); a re-run is pending. The world is a controlled
-caricature (template captions, a template teacher, a 0.36M-parameter student, a 5M-parameter CLIP
-far from convergence), not evidence about the paper's data or effects.
+Results: docs/capsfusion.md, each table with the world version and the settings it comes
+from. The world is a controlled caricature (template captions, a template teacher, a 0.36M-parameter
+student, a 5M-parameter CLIP far from convergence), not evidence about the paper's data or effects.
 """
 
 from __future__ import annotations
@@ -228,12 +230,12 @@ class Args:
     """open_clip architecture trained from scratch for each point"""
     scaling_data: str | None = None
     """evaluation manifest of the scaling stage (retrieval against `caption`; world tasks if present)"""
-    sizes: tuple[int, ...] = (625, 1250, 2500, 5000)
-    """numbers of training samples, nested subsets"""
+    sizes: tuple[int, ...] = (1250, 2500)
+    """numbers of training samples, nested subsets (miniature: a doubling, sized for a 10-minute reproduce.py)"""
     scaling_epochs: float = 1.0
     """passes over each subset (paper: 1 epoch at every scale)"""
-    clip_batch_size: int = 64
-    """CLIP pairs per step"""
+    clip_batch_size: int = 32
+    """CLIP pairs per step (miniature: small, so that one epoch of 2,500 samples is 79 steps)"""
     clip_lr: float = 2e-3
     """peak CLIP learning rate (the project's miniature value)"""
     # ---- miniature
@@ -686,7 +688,8 @@ def stage_scaling(args: Args, columns: Columns, test_records: list[dict], in_mem
     """Step 5: {caption type: [metrics at each size]}; CLIP from scratch on the first n samples, one epoch.
 
     `columns`: the training samples (a manifest or shards, common.data.Columns); their images are decoded lazily
-    by common.clip_train's trainer, or, `in_memory` (the miniature world), preprocessed once for every run."""
+    by common.clip_train's trainer and the test images at each evaluation, or, `in_memory` (the miniature world),
+    both preprocessed once for every run."""
     fields = caption_fields(args, columns)
     usable = usable_rows(columns, list(fields.values()), args.strict)  # rows with every caption type
     sizes = sorted(n for n in args.sizes if n <= len(usable))
@@ -694,7 +697,7 @@ def stage_scaling(args: Args, columns: Columns, test_records: list[dict], in_mem
         raise ValueError(f"--sizes {args.sizes}: none fits the {len(usable)} usable training samples")
     _, preprocess, _ = create_clip(args.clip_model)
     images = preprocess_images(columns, preprocess) if in_memory else columns  # (N, 3, H, W) shared, or lazy
-    test_images = ImageRows(test_records, preprocess)
+    test_images = preprocess_images(test_records, preprocess) if in_memory else ImageRows(test_records, preprocess)
     curves = {kind: [] for kind in [*fields, MIX]}
     for kind in curves:
         for n in sizes:
@@ -814,6 +817,7 @@ def run_miniature(args: Args) -> dict:
             fused[split] = read_manifest(path)
         clock["fuse"] = time.time()
         fusion.append(stage_eval(dataclasses.replace(fuse_args, out=str(run)), fused["test"]))
+        clock["eval"] = time.time()
         scaling.append(stage_scaling(fuse_args, index_manifest(run / "train.capsfus.jsonl"), test_records,
                                      in_memory=True))  # fused: `capsfus`; teacher: `fused`
         clock["scaling"] = time.time()

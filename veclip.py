@@ -24,7 +24,7 @@ Implements (stages over manifests, each named by the first argument):
               ensemble (class embedding = mean of its normalised prompt embeddings; CLIP's 80 ImageNet
               templates by default); on the model's own device
   5. `miniature` (the default): the same small CLIP trained on AltText only, VeC only, LLM-VeC
-     only and the AltText/LLM-VeC mix, same steps, on the miniature world; a table.
+     only and the AltText/LLM-VeC mix, same steps, on the miniature world; a table and a bar chart.
 
 Deviations from the paper:
   1. The paper does not publish its prompts. VEC_PROMPT follows its description ("describe the
@@ -50,14 +50,16 @@ Deviations from the paper:
      so every rank keeps the same batch size for the all-gathered loss.
   8. bf16 autocast only on CUDA; CPU runs in float32.
   9. In the miniature world the world's `synthetic_caption` stands in for LLaVA's VeC and its
-     `fused` for Vicuna's LLM-VeC (a template fusion, not an LLM): no VLM or LLM runs there.
+     `fused` for Vicuna's LLM-VeC (a template fusion, not an LLM, that forgets each of the alt-text's
+     names with probability `--world.llm-forget` 0.25): no VLM or LLM runs there. Its zero-shot prompts are
+     short, alt-text-like class-name prompts ("circle", "a photo of a circle."), not the world's sentences.
 
 Commands:
   Smoke run first (every stage on a tiny world in under a minute, to check that everything runs):
     python veclip.py --preset smoke --out runs/veclip_smoke
   CPU, miniature world (its timings are in docs/veclip.md):
     python veclip.py                         # = python veclip.py miniature --seeds 1
-    python veclip.py miniature --seeds 3 --out runs/veclip_miniature
+    python veclip.py miniature --seeds 3 --out runs/veclip_miniature   # + results.md, conditions.png
   Real run (manifests with `image` + `alt_text`, e.g. from webdataset shards via common/data.py):
     torchrun --nproc-per-node 8 veclip.py vec  --data cc3m.jsonl --out cc3m.vec.jsonl
     torchrun --nproc-per-node 8 veclip.py fuse --data cc3m.vec.jsonl --out cc3m.llmvec.jsonl
@@ -173,16 +175,16 @@ class Args:
     """open_clip pretrained tag or checkpoint path to start from (default: from scratch)"""
     p_alt: float = 0.5
     """probability that a draw uses the alt-text instead of LLM-VeC (paper: equal probability)"""
-    steps: int = 150
-    """optimiser steps (miniature default, sized for a few minutes on 2 CPU cores)"""
-    batch_size: int = 256
-    """global batch: pairs per step over all ranks"""
+    steps: int = 120
+    """optimiser steps (miniature default, sized with the batch to reproduce.py's time budget: docs/veclip.md)"""
+    batch_size: int = 64
+    """global batch: pairs per step over all ranks (miniature default)"""
     lr: float = 2e-3
     """peak AdamW learning rate (miniature value)"""
     weight_decay: float = 0.1
     """AdamW weight decay on weight matrices"""
-    warmup: int = 30
-    """linear warm-up steps before the cosine decay"""
+    warmup: int = 24
+    """linear warm-up steps before the cosine decay (a fifth of the miniature steps)"""
     kernel: Literal["auto", "triton", "torch"] = "auto"
     """contrastive loss implementation in kernels/contrastive.py"""
     amp: bool = True
@@ -527,17 +529,19 @@ CONDITIONS = {"AltText": ("alt_text", "fused", 1.0), "VeC": ("alt_text", "synthe
               "LLM-VeC": ("alt_text", "fused", 0.0), "AltText+LLM-VeC mix": ("alt_text", "fused", 0.5)}
 COLUMNS = {"i2t_R@1": "I->T R@1", "i2t_R@5": "I->T R@5", "t2i_R@1": "T->I R@1", "t2i_R@5": "T->I R@5",
            "zeroshot_attributes": "zero-shot attributes", "zeroshot_entity": "zero-shot entity"}
+PLOTTED = ("i2t_R@1", "zeroshot_attributes", "zeroshot_entity")  # the metrics of the paper's claims
 
 
 def markdown_table(summary: dict, args: Args, seconds: float) -> str:
     """The comparison as Markdown: mean (± std over seeds) per condition and metric, in percent."""
     lines = [f"# VeCLIP in the miniature world ({args.seeds} seed(s), {args.steps} steps of batch {args.batch_size}, "
              f"{args.model}, {seconds / 60:.1f} min)", "",
-             f"Retrieval against the `{args.text_field}` of {args.world.n_test} test images (the world's `refs` hold one "
-             "reference, the ground-truth `caption`); zero-shot attributes = mean of background, shape and colour; "
-             "entity = the 12 emblem names. VeC = the world's `synthetic_caption` (stands in for LLaVA), LLM-VeC = the "
-             "world's `fused` (stands in for Vicuna). A controlled toy world: these numbers show a mechanism, not the "
-             "paper's effect sizes.", "",
+             f"Retrieval against the `{args.text_field}` of {args.world.n_test} test images (the world's `refs`: "
+             f"{args.world.n_refs} human references per image of varying detail, which no condition trains on); "
+             "zero-shot attributes = mean of background, shape and colour; entity = the 12 emblem names; short "
+             "class-name prompts. VeC = the world's `synthetic_caption` (stands in for LLaVA), LLM-VeC = the world's "
+             f"`fused` (stands in for Vicuna; forgets each alt-text name with probability {args.world.llm_forget}). "
+             "A controlled toy world: these numbers show a mechanism, not the paper's effect sizes.", "",
              "| training captions | " + " | ".join(COLUMNS.values()) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for condition, metrics in summary.items():
         cells = [f"{np.mean(metrics[k]):.1f}" + (f" ± {np.std(metrics[k]):.1f}" if len(metrics[k]) > 1 else "")
@@ -546,8 +550,38 @@ def markdown_table(summary: dict, args: Args, seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def chance_levels(records: list[dict]) -> dict:
+    """A random guess's zero-shot accuracy in percent, per plotted task (attributes: the mean of its three tasks)."""
+    guess = {task: 100 / len(spec["classes"]) for task, spec in zero_shot_tasks(records).items()}
+    return {"zeroshot_attributes": float(np.mean([guess[t] for t in ("background", "shape", "color")])),
+            "zeroshot_entity": guess["entity"]}
+
+
+def conditions_figure(summary: dict, chance: dict):
+    """The claims' metrics as bars, one panel per metric and one bar per condition: mean over seeds, error bar = std
+    over seeds (0 with one seed), a dashed line at chance on the zero-shot panels. Rendered by Agg without pyplot:
+    no display, no global figure state in a process that runs all five papers."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(4.2 * len(PLOTTED), 3.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    seeds = len(next(iter(summary.values()))[PLOTTED[0]])
+    figure.suptitle(f"VeCLIP in the miniature world ({seeds} seed{'s' * (seeds > 1)}; mean ± std over seeds)")
+    for axis, metric in zip(figure.subplots(1, len(PLOTTED)), PLOTTED):
+        values = [summary[condition][metric] for condition in summary]
+        axis.bar(range(len(summary)), [np.mean(v) for v in values], yerr=[np.std(v) for v in values], capsize=4,
+                 color=[f"C{i}" for i in range(len(summary))])
+        if metric in chance:
+            axis.axhline(chance[metric], color="grey", linestyle="--", label="chance")
+            axis.legend(fontsize=8)
+        axis.set_xticks(range(len(summary)), [c.replace(" mix", "\nmix") for c in summary], fontsize=8)
+        axis.set(title=COLUMNS[metric], ylabel="%")
+    return figure
+
+
 def run_miniature(args: Args) -> dict:
-    """Train the same CLIP on each caption condition of the world, seeds 0..seeds-1; write the table."""
+    """Train the same CLIP on each caption condition of the world, seeds 0..seeds-1; write the table and the plot."""
     began, out = time.time(), Path(args.out)
     runs = {condition: [] for condition in CONDITIONS}
     for seed in range(args.seeds):
@@ -570,8 +604,10 @@ def run_miniature(args: Args) -> dict:
     seconds = time.time() - began
     table = markdown_table(summary, args, seconds)
     atomic_write_text(out / "results.md", table)
+    plot = out / "conditions.png"
+    conditions_figure(summary, chance_levels(test_records)).savefig(plot, dpi=120)
     results = {"conditions": summary, "seeds": args.seeds, "steps": args.steps, "batch_size": args.batch_size,
-               "model": args.model, "world": dataclasses.asdict(args.world), "seconds": seconds}
+               "model": args.model, "world": dataclasses.asdict(args.world), "seconds": seconds, "plot": str(plot)}
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     print(table)
     return results

@@ -813,12 +813,14 @@ def test_scaling_arms_have_their_own_captions_and_the_same_images_model_and_budg
 
     monkeypatch.setattr(capsfusion, "create_clip", create_clip)
     monkeypatch.setattr(capsfusion, "train_clip", train_clip)
-    monkeypatch.setattr(capsfusion, "evaluate_clip", lambda *args: {"retrieval_R@5": 0.0})
+    evaluated = []  # the test images each evaluation gets
+    monkeypatch.setattr(capsfusion, "evaluate_clip", lambda *args: evaluated.append(args[-1]) or {"retrieval_R@5": 0.0})
     args = capsfusion.Args(out_field="capsfus", clip_model="micro-ViT-16", sizes=(27, 9, 100), clip_batch_size=2,
                            scaling_epochs=1.5, clip_lr=1e-3, seed=3)
     write_manifest(tmp_path / "train.jsonl", records)
     columns = index_manifest(tmp_path / "train.jsonl")
-    result = capsfusion.stage_scaling(args, columns, read_manifest(world / "test.jsonl")[:4], in_memory=True)
+    test = read_manifest(world / "test.jsonl")[:4]
+    result = capsfusion.stage_scaling(args, columns, test, in_memory=True)
     usable = records[:2] + records[3:]
     arms = {"raw": "alt_text", "synthetic": "synthetic_caption", "fused": "capsfus", "teacher": "fused"}
     assert result["sizes"] == [9, 27] and list(result["curves"]) == [*arms, "raw+synthetic mix"]
@@ -836,6 +838,27 @@ def test_scaling_arms_have_their_own_captions_and_the_same_images_model_and_budg
         assert run["config"].warmup == {9: 1, 27: 2}[n]
     assert [[(p["samples"], p["steps"]) for p in curve] for curve in result["curves"].values()] == [[(9, 7), (27, 21)]] * 5
     assert [p["final_loss"] for curve in result["curves"].values() for p in curve] == list(range(1, 11))
+    # in memory, the test images too are preprocessed once, and every arm is evaluated on the same tensor
+    assert len({id(images) for images in evaluated}) == 1 and len(evaluated) == 10
+    assert torch.equal(evaluated[0], capsfusion.preprocess_images(test, preprocess))
+
+
+def test_scaling_plot_draws_the_teacher_as_a_dashed_reference_line(tmp_path, monkeypatch):
+    """The teacher's own fusion is a reference, not an arm of the comparison: dashed and labelled so in every panel."""
+    import matplotlib.figure
+
+    figures, save = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda figure, *a, **k: figures.append(figure) or save(figure, *a, **k))
+    point = {"retrieval_R@5": 1.0, "zeroshot_attributes": 40.0, "zeroshot_entity": 8.0}
+    kinds = ["raw", "synthetic", "fused", "teacher", "raw+synthetic mix"]
+    capsfusion.plot_scaling([{"sizes": [10, 20], "curves": {kind: [point, point] for kind in kinds}}], tmp_path / "plot.png")
+    (figure,) = figures
+    assert len(figure.axes) == 3
+    for axis in figure.axes:
+        styles = {container.get_label(): container.lines[0].get_linestyle() for container in axis.containers}
+        assert styles == {"raw": "-", "synthetic": "-", "fused": "-", "teacher (reference)": "--", "raw+synthetic mix": "-"}
+    assert [text.get_text() for text in figure.axes[0].get_legend().get_texts()] == [
+        "raw", "synthetic", "fused", "teacher (reference)", "raw+synthetic mix"]
 
 
 def test_scaling_under_torchrun_equals_one_process(world, tmp_path):

@@ -6,6 +6,8 @@ and official defaults, global batches (2 gloo ranks), bad images, the real archi
 import itertools
 import json
 import math
+import shutil
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -429,7 +431,39 @@ def test_real_loop_uses_the_frozen_xe_reference_and_w_cos_rewards(scorer, tmp_pa
     assert optimizer["param_groups"][0]["lr"] == 1e-3 and "exp_avg_sq" in optimizer["state"][0]  # Adam
 
 
-def test_every_stage_runs_and_writes_its_files(scorer, tmp_path):
+def test_xe_targets_are_drawn_from_every_reference(scorer, tmp_path, monkeypatch):
+    """Each XE target is one of its image's five references (as the vocabulary encodes it), and over a few steps
+    the draws reach beyond the first reference: no code path keeps only one reference per image."""
+    events = []
+    real_visual_tokens, real_xe_loss = dico.ImageBank.visual_tokens, dico.xe_loss
+
+    def visual_tokens(bank, indices):
+        tokens, kept = real_visual_tokens(bank, indices)
+        events.append(("images", [bank.records[i] for i in kept]))
+        return tokens, kept
+
+    def xe_loss(logits, targets, mask):
+        events.append(("targets", [row[m].tolist() for row, m in zip(targets, mask)]))
+        return real_xe_loss(logits, targets, mask)
+
+    monkeypatch.setattr(dico.ImageBank, "visual_tokens", visual_tokens)
+    monkeypatch.setattr(dico, "xe_loss", xe_loss)
+    out = tmp_path / "run"
+    dico.main(tiny_args(scorer, out, "xe", "--xe-steps", "4", "--xe-eval-every", "100", "--val-images", "2"))
+    vocab = dico.Vocab(dico.load_checkpoint(out / "xe" / "last.pt")["vocab"])
+    used = []
+    for i, event in enumerate(events):
+        if event[0] == "targets":
+            images = next(e for e in reversed(events[:i]) if e[0] == "images")[1]
+            assert len(images) == len(event[1]) == 8
+            for record, target in zip(images, event[1]):
+                encoded = [vocab.encode(ref, 12) for ref in record["refs"]]
+                assert len(record["refs"]) == 5 and target in encoded
+                used.append(encoded.index(target))
+    assert len(used) == 32 and len(set(used)) >= 4
+
+
+def test_every_stage_runs_and_writes_its_files(scorer, tmp_path, monkeypatch):
     out = tmp_path / "run"
     # --xe-lr at its paper value is explicit: it wins over the miniature preset's 1e-3
     xe = dico.main(tiny_args(scorer, out, "xe", "--xe-steps", "4", "--xe-lr", "2.5e-4", "--xe-warmup", "0.5"))
@@ -448,11 +482,30 @@ def test_every_stage_runs_and_writes_its_files(scorer, tmp_path):
         assert keys <= set(train_rows[0])
         if algo == "dico":
             assert train_rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    # each validation of a fine-tuning stage logs the training reward (2.0 cos, no prefix, no clamp) of the captions
+    # the judge scores, the plot's curve: at step 0 both validate the XE model, whose captions the eval stage writes
+    dico.main(tiny_args(scorer, tmp_path / "val", "eval", "--split", "val", "--checkpoints", str(out / "xe" / "best.pt")))
+    written = read_manifest(tmp_path / "val" / "eval" / "captions-xe-best.jsonl")
+    img, txt = clip_features(load_clip("micro-ViT-16", scorer[0], "cpu"), images=[open_image(image_path(r)) for r in written],
+                             texts=[r["caption"] for r in written])
+    for algo in ("dico", "scst"):
+        first = next(row["val"] for row in map(json.loads, (out / algo / "log.jsonl").read_text().splitlines()) if "val" in row)
+        assert first["reward"] == pytest.approx(float(2.0 * (img * txt).sum(-1).mean()), abs=1e-5)
     results = dico.main(tiny_args(scorer, out, "eval"))
     assert set(results) == {"ground truth", "xe/best", "dico/best", "scst/best"}
     assert {"CIDEr", "BLEU-4", "CLIP-S", "RefPAC-S", "vocab", "distinct", "names_kept"} <= set(results["xe/best"])
     assert (out / "eval" / "table.md").read_text().startswith("| model |")
     assert len(read_manifest(out / "eval" / "captions-dico-best.jsonl")) == 6
+    # checkpoints with the same weights are captioned once (a best.pt that is its last.pt, or the XE start)
+    (tmp_path / "copy").mkdir()
+    shutil.copyfile(out / "xe" / "best.pt", tmp_path / "copy" / "best.pt")
+    real_evaluate, evaluated = dico.evaluate, []
+    monkeypatch.setattr(dico, "evaluate", lambda *a: evaluated.append(a[1]) or real_evaluate(*a))
+    paths = [str(out / "xe" / "best.pt"), str(tmp_path / "copy" / "best.pt"), str(out / "dico" / "last.pt")]
+    again = dico.main(tiny_args(scorer, tmp_path / "again", "eval", "--checkpoints", *paths))
+    assert len(evaluated) == 2 and again["copy/best"] == again["xe/best"] == results["xe/best"]
+    assert (read_manifest(tmp_path / "again" / "eval" / "captions-copy-best.jsonl")
+            == read_manifest(tmp_path / "again" / "eval" / "captions-xe-best.jsonl"))
 
 
 def test_resume_continues_from_the_saved_step(scorer, tmp_path):
@@ -530,8 +583,8 @@ def test_explicit_flags_win_over_the_miniature_preset():
     args = dico.parse(["miniature", "--lr", "1e-6", "--steps=10000", "--no-restrict-vocab", "--xe_batch_size", "512",
                        "--world.n-train", "48"])
     assert (args.lr, args.steps, args.restrict_vocab, args.xe_batch_size) == (1e-6, 10000, False, 512)
-    assert (args.xe_lr, args.xe_steps, args.d_model, args.world.n_train) == (1e-3, 350, 128, 48)  # the preset
-    assert dico.parse(["xe"]).xe_steps == 350  # no data flag: the miniature world and its preset
+    assert (args.xe_lr, args.xe_steps, args.d_model, args.world.n_train) == (1e-3, 150, 128, 48)  # the preset
+    assert dico.parse(["xe"]).xe_steps == 150  # no data flag: the miniature world and its preset
     real = dico.parse(["xe", "--train-manifest", "train.jsonl"])  # real data: the paper's values
     assert (real.xe_steps, real.d_model, real.encoder_model, real.preset) == (10000, 512, "ViT-L-14", "paper")
     smoke = dico.parse(["--preset", "smoke", "--steps", "5"])
@@ -726,3 +779,22 @@ def test_smoke_preset_runs_every_stage_of_the_miniature_run(tmp_path):
     assert set(result["per_seed"][0]) >= {"ground truth", "xe/best", "dico/last", "scst/last"}
     assert [row["step"] for row in train_rows(tmp_path / "mini" / "seed0", "dico")][-1] == 4  # the preset's 4 steps
     assert (tmp_path / "mini" / "results.md").exists()
+    assert result["plot"] == str(tmp_path / "mini" / "training.png") and Path(result["plot"]).read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((tmp_path / "mini" / "results.json").read_text())
+    assert list(saved["stage_seconds"]["0"]) == ["xe", "dico", "scst", "eval"] and saved["plot"] == result["plot"]
+
+
+def test_training_curves_read_the_validation_rows_of_every_seed(tmp_path):
+    """The plot's numbers: per algorithm the validation steps and (seeds, steps) arrays of reward and CLIP-S; a step
+    validated twice (a resumed run) counts once, with its last value."""
+    logs = {"seed0": [{"step": 0, "val": {"reward": 1.0, "CLIP-S": 2.0}}, {"step": 1, "loss": 0.7},
+                      {"step": 2, "val": {"reward": 1.5, "CLIP-S": 1.0}}, {"step": 2, "val": {"reward": 1.2, "CLIP-S": 1.8}}],
+            "seed1": [{"step": 0, "val": {"reward": 3.0, "CLIP-S": 4.0}}, {"step": 2, "val": {"reward": 0.2, "CLIP-S": 0.8}}]}
+    for seed, rows in logs.items():
+        (tmp_path / seed / "dico").mkdir(parents=True)
+        (tmp_path / seed / "dico" / "log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    curves = dico.training_curves([tmp_path / "seed0", tmp_path / "seed1"], "dico")
+    assert curves["steps"] == [0, 2]
+    assert curves["reward"].tolist() == [[1.0, 1.2], [3.0, 0.2]] and curves["CLIP-S"].tolist() == [[2.0, 1.8], [4.0, 0.8]]
+    dico.plot_training({"dico": curves, "scst": curves}, "pac_s", tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"

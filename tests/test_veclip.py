@@ -708,6 +708,8 @@ def test_smoke_preset_runs_the_miniature_run_and_writes_the_table(tmp_path):
     for condition, metrics in conditions.items():  # the table's row is the JSON's numbers
         assert f"| {condition} | " + " | ".join(f"{metrics[k][0]:.1f}" for k in veclip.COLUMNS) + " |" in table
     assert json.loads((tmp_path / "results.json").read_text())["conditions"] == conditions
+    assert results["plot"] == str(tmp_path / "conditions.png")  # written next to the table, as a PNG
+    assert (tmp_path / "conditions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the mix arm is the train stage's default run (p_alt 0.5) on the world's fused captions
     world = ensure_world(dataclasses.replace(TINY_WORLD, seed=0))
     mix = veclip.main(["train", "--data", str(world / "train.jsonl"), "--llm-vec-field", "fused", *flags,
@@ -732,12 +734,35 @@ def test_miniature_arms_differ_only_in_their_captions(tmp_path, monkeypatch):
     arms = [(a.alt_field, a.llm_vec_field, a.p_alt) for a, _, _ in trained]
     assert arms == [("alt_text", "fused", 1.0), ("alt_text", "synthetic_caption", 0.0), ("alt_text", "fused", 0.0),
                     ("alt_text", "fused", 0.5)] * 2
-    assert {(a.steps, a.batch_size, a.model, a.lr, a.warmup, n) for a, n, _ in trained} == {(7, 16, MICRO, 2e-3, 30, 64)}
+    assert {(a.steps, a.batch_size, a.model, a.lr, a.warmup, n) for a, n, _ in trained} == {(7, 16, MICRO, 2e-3, 24, 64)}
     assert [a.seed for a, _, _ in trained] == [0] * 4 + [1] * 4
     assert len({a.out for a, _, _ in trained}) == 8 and not any(a.resume for a, _, _ in trained)
     # each seed's world is its own: the conditions of a seed share its images, the seeds do not
     assert all(trained[i][2] is trained[0][2] for i in range(4)) and all(trained[i][2] is trained[4][2] for i in range(4, 8))
     assert not torch.equal(trained[0][2], trained[4][2])
+
+
+def test_plot_shows_each_conditions_mean_and_spread_over_seeds_against_chance(world):
+    """The bar chart of the miniature run: per claim metric, one bar per condition at the mean over seeds with an
+    error bar of the (population) std, and the zero-shot panels' chance lines: 100/12 for the 12 emblem names,
+    the mean of 100/5 (backgrounds), 100/5 (shapes) and 100/8 (colours) for the attributes."""
+    summary = {"AltText": {"i2t_R@1": [1.0, 3.0], "zeroshot_attributes": [40.0, 40.0], "zeroshot_entity": [8.0, 10.0]},
+               "AltText+LLM-VeC mix": {"i2t_R@1": [6.0, 10.0], "zeroshot_attributes": [50.0, 56.0],
+                                       "zeroshot_entity": [9.0, 9.0]}}
+    chance = veclip.chance_levels(read_manifest(world / "test.jsonl"))
+    attributes_chance, entity_chance = (20 + 20 + 12.5) / 3, 100 / 12
+    assert chance == pytest.approx({"zeroshot_attributes": attributes_chance, "zeroshot_entity": entity_chance})
+    figure = veclip.conditions_figure(summary, chance)
+    expected = [("I->T R@1", [2.0, 8.0], [1.0, 2.0], []),  # (panel title, means, stds, chance line)
+                ("zero-shot attributes", [40.0, 53.0], [0.0, 3.0], [pytest.approx([attributes_chance] * 2)]),
+                ("zero-shot entity", [9.0, 9.0], [1.0, 0.0], [pytest.approx([entity_chance] * 2)])]
+    assert [axis.get_title() for axis in figure.axes] == [title for title, *_ in expected]
+    for axis, (title, means, stds, chance_line) in zip(figure.axes, expected):
+        assert [bar.get_height() for bar in axis.patches] == means
+        error_bars = next(c for c in axis.containers if hasattr(c, "errorbar")).errorbar.lines[2][0].get_segments()
+        assert [(low, high) for (_, low), (_, high) in error_bars] == [(m - s, m + s) for m, s in zip(means, stds)]
+        assert [label.get_text() for label in axis.get_xticklabels()] == ["AltText", "AltText+LLM-VeC\nmix"]
+        assert [list(line.get_ydata()) for line in axis.get_lines() if line.get_linestyle() == "--"] == chance_line
 
 
 def test_args_defaults_are_the_papers():
