@@ -58,11 +58,12 @@ Deviations from the paper:
      alt-text being the first; the ground-truth `caption` plays the human re-aligned caption; the
      test images keep their single alt-text; seeds vary the training (init, data order, drops,
      extra alt-texts, sampling), not the world, so all seeds share the cached scorer.
-  7. Miniature budget: 500 + 3000 steps of batch 32 at lr 1e-3 (warm-up 50) instead of the paper's
-     schedule. Sizing runs (seed 0): with 300 + 500 steps of 64, 500 + 1000, 1500 + 1000 or
-     500 + 1500 (lr 2e-3) steps of 32 the captioner learned the caption grammar but did not copy
-     names from the alt-text (names kept 21-22% with alt vs 19-20% without, the probability of the
-     right name token the same with and without the prompt); at 3000 stage-2 steps copying appears.
+  7. Miniature budget: 500 + 2000 steps of batch 32 at lr 1e-3 (warm-up 50) instead of the paper's
+     schedule, sized for the 10-minute reproduce.py. Sizing runs (seed 0): with 300 + 500 steps of 64,
+     500 + 1000, 1500 + 1000 or 500 + 1500 (lr 2e-3) steps of 32 the captioner learned the caption
+     grammar but did not copy names from the alt-text (the probability of the right name token the
+     same with and without the prompt); at 2000 stage-2 steps copying appears, and 3000 copy more
+     (docs/altogether.md has the figures).
 
 Commands:
   Smoke run first (every stage on a tiny world in under a minute, to check that everything runs):
@@ -126,7 +127,7 @@ STAGES = {"pretrain": 1, "finetune": 2}
 # Presets (common/cli.py): Args holds the paper's values; `miniature` (the miniature stage's default) sizes the run for
 # minutes on 2 CPU cores, `smoke` runs every stage in seconds to check that it works. A flag you give always wins.
 MINIATURE = dict(clip_model="miniature", decoder="tiny-opt", prefix_length=10, mapper_layers=2, max_caption_tokens=40,
-                 pretrain_steps=500, finetune_steps=3000, batch_size=32, lr=1e-3, warmup=50, max_new_tokens=40,
+                 pretrain_steps=500, finetune_steps=2000, batch_size=32, lr=1e-3, warmup=50, max_new_tokens=40,
                  gen_batch_size=250, score_model="miniature")
 PRESETS = {"smoke": {**MINIATURE, "prefix_length": 4, "mapper_layers": 1, "max_caption_tokens": 24, "pretrain_steps": 3,
                      "finetune_steps": 3, "batch_size": 8, "warmup": 1, "max_new_tokens": 8, "world.n_train": 48,

@@ -495,6 +495,20 @@ def test_efficiency_subsets_are_nested_prefixes_with_one_schedule(tmp_path, monk
     rows = cq.run_efficiency(cq.dataclasses.replace(args, seeds=1, subset_fractions=(0.25,)),
                              {"train": columns, "test": records[:4]})
     assert [r["train_images"] for r in rows] == [5] and trained[-1][1].tolist() == list(range(5))
+    # a full-set run's probe row from the probe stage is reused too: same checkpoint and probe seed, not probed again
+    before = len(probed)
+    probe_rows = [{"checkpoint": "full.pt", "probe_seed": 5, "mIoU": 42.0, "mAcc": 1.0, "aAcc": 2.0, "depth_RMSE": 3.0},
+                  {"checkpoint": "full.pt", "probe_seed": 6, "mIoU": 43.0, "mAcc": 1.0, "aAcc": 2.0, "depth_RMSE": 3.0}]
+    rows = cq.run_efficiency(cq.dataclasses.replace(args, seeds=1, subset_fractions=(1.0,)),
+                             {"train": columns, "test": records[:4]}, done=done, probed=probe_rows)
+    assert [r["mIoU"] for r in rows] == [42.0] and len(probed) == before
+    # by default only DataCompDR trains on the smaller subsets; DataComp only on the largest, the claim's reference
+    both = cq.dataclasses.replace(args, seeds=1, regimes=("datacomp", "datacompdr"))
+    assert both.efficiency_regimes == ("datacompdr",)
+    full = [{**done[0], "regime": regime, "checkpoint": f"{regime}.pt"} for regime in both.regimes]
+    rows = cq.run_efficiency(both, {"train": columns, "test": records[:4]}, done=full)
+    assert [(r["regime"], r["train_images"]) for r in rows] == [("datacomp", 20), ("datacompdr", 2), ("datacompdr", 20)]
+    assert trained[-1][1].tolist() == [0, 1] and len(trained) == 5  # one pretraining: DataCompDR on 2 images
     assert json.loads((tmp_path / "run/efficiency.json").read_text()) == rows
     assert plotted[-1] == (rows, tmp_path / "run/efficiency.png")
 
@@ -516,7 +530,23 @@ def test_smoke_preset_runs_every_stage_and_writes_the_report(tmp_path):
     assert [r["checkpoint"] for r in results["efficiency"] if r["train_images"] == 48] == \
         [r["checkpoint"] for r in results["pretrain"]]
     assert list(results["attention"]) == ["datacomp-n48-seed0", "datacompdr-n48-seed0", f"{MICRO} (random init)"]
-    assert {p.name for p in tmp_path.iterdir()} >= {"results.md", "results.json", "attention.png", "efficiency.png"}
+    assert {p.name for p in tmp_path.iterdir()} >= {"results.md", "results.json", "attention.png", "efficiency.png",
+                                                    "baselines.json"}
+    # the no-encoder floors are rows of the dense table, with the numbers of results.json
+    baselines = results["baselines"]
+    assert f"| (no encoder) class 0 at every pixel | - | - | - | - | {baselines['majority_class_mIoU']:.2f} |" in text
+    assert f"| (no encoder) each pixel's mean training depth | - | - | - | - | - | - | {baselines['position_only_depth_RMSE']:.2f} |" in text
+
+
+def test_attention_runs_over_every_seeds_models(tmp_path, monkeypatch):
+    """The locality claim is judged over models: the miniature run measures every seed's checkpoint of each regime
+    (and one untrained model), not only the first seed's."""
+    measured = []
+    monkeypatch.setattr(cq, "run_attention", lambda args, records, specs: measured.append(specs) or {})
+    monkeypatch.setattr(cq, "write_report", lambda *a: "")
+    cq.main(["--preset", "smoke", "--out", str(tmp_path), "--seeds", "2", "--probe-steps", "1"])
+    regimes_seeds = [(regime, seed) for seed in (0, 1) for regime in ("datacomp", "datacompdr")]
+    assert measured == [[str(tmp_path / "pretrain" / f"{regime}-seed{seed}.pt") for regime, seed in regimes_seeds] + [MICRO]]
 
 
 def test_report_lines_judge_the_claims_by_hand():
@@ -543,13 +573,23 @@ def test_report_lines_judge_the_claims_by_hand():
     low = [{**r, "mIoU": r["mIoU"] - 10 * (r["regime"] == "datacompdr")} for r in rows]
     assert cq.efficiency_line(low).endswith("reaches DataComp's 20.00 mIoU on 1000 images: does not show.")
 
-    def attention(datacomp_last, datacompdr_last):
-        return {f"{regime}-n5000-seed0": {"per_layer_per_head_px": [[0.0, 0.0], last]}
-                for regime, last in [("datacomp", datacomp_last), ("datacompdr", datacompdr_last)]}
-    assert cq.attention_line(attention([30, 32], [29, 31])).endswith("31.0 px (DataComp) vs 30.0 px (DataCompDR), "
-                                                                     "one seed: shows.")
-    assert cq.attention_line(attention([30, 32], [30.5, 31])).endswith(": no measurable difference.")
-    assert cq.attention_line(attention([30, 32], [32.5, 33])).endswith(": does not show.")
+    def attention(datacomp_lasts, datacompdr_lasts):  # per regime, each seed's model's last-layer head distances
+        return {f"{regime}-n5000-seed{seed}": {"per_layer_per_head_px": [[0.0, 0.0], last], "uniform_px": 33.3}
+                for regime, lasts in [("datacomp", datacomp_lasts), ("datacompdr", datacompdr_lasts)]
+                for seed, last in enumerate(lasts)} | {"mini-ViT-8 (random init)": {"per_layer_per_head_px": [[1.0], [1.0]]}}
+    # head means: DataComp 31, 32, 33 (std 0.82), DataCompDR 29, 29.5, 30 (std 0.41): a gap of 2.5 > 1.22
+    assert cq.attention_line(attention([[30, 32], [31, 33], [32, 34]], [[29, 29], [29, 30], [30, 30]])) == (
+        "- more local deep heads with DataCompDR: last layer DataComp 32.0 ± 0.8 px vs DataCompDR 29.5 ± 0.4 px "
+        "(3 model(s) a regime; uniform attention 33.3 px): held.")
+    assert cq.attention_line(attention([[30, 32], [31, 33], [32, 34]], [[31, 31], [32, 31], [30, 32]])).endswith(
+        ": within seed spread.")
+    assert cq.attention_line(attention([[29, 29], [29, 30], [30, 30]], [[30, 32], [31, 33], [32, 34]])).endswith(
+        ": reversed.")
+    assert cq.attention_line(attention([[30, 32]], [[29, 31]])).endswith(": 1 seed: no verdict.")
+    assert "not measured" in cq.attention_line({k: v for k, v in attention([[1, 1]], [[1, 1]]).items() if "dr" not in k})
+    assert cq.attention_by_group(attention([[1, 1]] * 2, [[1, 1]])) == {
+        "datacomp": ["datacomp-n5000-seed0", "datacomp-n5000-seed1"], "datacompdr": ["datacompdr-n5000-seed0"],
+        "mini-ViT-8 (random init)": ["mini-ViT-8 (random init)"]}
 
 
 def test_args_defaults_are_the_papers_choices():
@@ -675,6 +715,37 @@ def test_depth_probe_rmse_on_a_hand_made_case(tmp_path):
                    "--probe-train-manifest", train, "--probe-test-manifest", test, *PROBE_FAST])["probe"][0]
     assert set(row) & {"mIoU", "depth_RMSE"} == {"depth_RMSE"}
     assert row["depth_RMSE"] == pytest.approx(1.5, abs=1e-4)
+
+
+def test_trivial_baselines_by_hand(tmp_path):
+    """The no-encoder floors on 16x16 label maps (no resize): the training masks' majority class (ignored pixels not
+    counted) at every test pixel, and each pixel's mean valid training depth (a pixel never valid: the mean of all
+    valid pixels), scored as the probes are (mmseg mIoU / mAcc, per-image RMSE then the mean over images)."""
+    train_masks = np.zeros((2, 16, 16), np.uint8)
+    train_masks[0, :8], train_masks[0, 8:] = 255, 2  # 128 ignored pixels: more than class 2 has in this image
+    train_masks[1, :13], train_masks[1, 13:] = 1, 2  # class 1: 208 pixels, class 2: 176, class 0: none
+    test_masks = np.zeros((1, 16, 16), np.uint8)
+    test_masks[0, :8] = 1
+    train_depth = np.full((2, 16, 16), 1000, np.uint16)
+    train_depth[0, :, 15] = 0  # column 15 is never valid in training
+    train_depth[1, :, :8], train_depth[1, :, 8:] = 3000, 0
+    test_depth = np.full((2, 16, 16), 2000, np.uint16)
+    test_depth[1, :, :8], test_depth[1, :, 8:] = 4000, 0
+    args = cq.Args(num_classes=3, out=str(tmp_path))
+    sets = []
+    for name, masks, depth in [("train", train_masks, train_depth), ("test", np.repeat(test_masks, 2, 0), test_depth)]:
+        records = cq.read_manifest(write_probe_manifest(tmp_path, name, masks=masks, depth_mm=depth, size=(16, 16)))
+        sets.append(cq.ProbeDataset(records, None, 16, args, ("mask", "depth")))
+    baselines = cq.trivial_baselines(*sets, ("seg", "depth"), args)
+    # class 1 everywhere: IoU_1 = 256 / (256 + 256 false positives), IoU_0 = 0, class 2 absent; Acc_1 = 1, Acc_0 = 0
+    assert baselines["majority_class"] == 1
+    assert baselines["majority_class_mIoU"] == pytest.approx(25.0) and baselines["majority_class_mAcc"] == pytest.approx(50.0)
+    # mean training depth: columns 0-7 (1 + 3) / 2 = 2 m, columns 8-14 1 m, column 15 (240 x 1 + 128 x 3) / 368 m
+    column_15 = (240 * 1.0 + 128 * 3.0) / 368
+    first = math.sqrt((16 * 7 * 1.0 ** 2 + 16 * (2 - column_15) ** 2) / 256)  # 2 m everywhere
+    second = 2.0  # 4 m on columns 0-7, the rest invalid
+    assert baselines["position_only_depth_RMSE"] == pytest.approx((first + second) / 2, rel=1e-6)
+    assert cq.trivial_baselines(*sets, ("depth",), args).keys() == {"position_only_depth_RMSE"}
 
 
 def test_random_baseline_takes_the_checkpoints_architecture(tmp_path, monkeypatch):
