@@ -5,7 +5,7 @@ that scores captions there, measures what each caption variant of the world is w
 each paper file's default miniature run in turn (VeCLIP, CapsFusion, Altogether, DiCO, CLIP with
 Quality Captions) and checks each paper's claims against what the run measured:
 
-    python reproduce.py                # one seed, the whole job in about 20 minutes on 2 CPU cores
+    python reproduce.py                # one seed, sized for 10 minutes on 2 idle CPU cores (world and scorer included)
     python reproduce.py --seeds 3      # mean and spread over seeds 0, 1, 2 (about 3x as long)
     python reproduce.py --papers dico veclip --seeds 3
 
