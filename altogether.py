@@ -899,7 +899,9 @@ def markdown_table(summary: dict, args: Args, seconds: float, n_test: int) -> st
     lines = [f"# Altogether in the miniature world ({args.seeds} seed(s), {args.pretrain_steps} + {args.finetune_steps} "
              f"steps of batch {args.batch_size}, {n_test} test images, {seconds / 60:.1f} min)", "",
              "CLIP-S x 100 by the world's scorer (also the captioner's frozen encoder); CIDEr / BLEU-4 x 100 against "
-             "the ground truth; `synthetic caption (world)` is the world's stand-in for a plain captioner. A controlled "
+             "the world's five human references an image (`refs`; the ground truth is the complete description, which no "
+             "reference need be); `synthetic "
+             "caption (world)` is the world's stand-in for a plain captioner. A controlled "
              "toy world: these numbers show a mechanism, not the paper's effect sizes.", "",
              "| captions | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for row in ROWS:
