@@ -881,8 +881,8 @@ def run_baselines(args: Args, records: dict) -> dict:
 
 
 def run_efficiency(args: Args, records: dict, done: Sequence[dict] = (), probed: Sequence[dict] = ()) -> list[dict]:
-    """Pretrain each regime on nested subsets and probe each; reuse full-set runs already in `done` and the probe
-    rows of `probed` (same checkpoint, same probe seed)."""
+    """Pretrain each regime on nested subsets and probe each; reuse full-set runs already in `done` and their probe
+    rows in `probed` (the same checkpoint: the efficiency table shows the numbers of the regime table)."""
     rows, images = [], None
     for seed in seed_range(args):  # step 3: nested subsets, each pretrained with one schedule and probed
         for regime in args.regimes:
@@ -896,7 +896,7 @@ def run_efficiency(args: Args, records: dict, done: Sequence[dict] = (), probed:
                 if run is None:
                     run = pretrain_one(args, records, regime, seed, n_images,
                                        Path(args.out) / "efficiency" / f"{regime}-n{n_images}-seed{seed}.pt", images)
-                probe = next((p for p in probed if (p["checkpoint"], p["probe_seed"]) == (run["checkpoint"], seed)), None)
+                probe = next((p for p in probed if p["checkpoint"] == run["checkpoint"]), None)
                 if probe is None:
                     probe = run_probe(dataclasses.replace(args, seed=seed, seeds=1), records, [run["checkpoint"]])[0]
                 rows.append({**run, **{k: v for k, v in probe.items() if k in ("mIoU", "mAcc", "aAcc", "depth_RMSE")}})

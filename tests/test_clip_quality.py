@@ -495,10 +495,10 @@ def test_efficiency_subsets_are_nested_prefixes_with_one_schedule(tmp_path, monk
     rows = cq.run_efficiency(cq.dataclasses.replace(args, seeds=1, subset_fractions=(0.25,)),
                              {"train": columns, "test": records[:4]})
     assert [r["train_images"] for r in rows] == [5] and trained[-1][1].tolist() == list(range(5))
-    # a full-set run's probe row from the probe stage is reused too: same checkpoint and probe seed, not probed again
+    # a full-set run's probe row from the probe stage is reused too (the same checkpoint), not probed again
     before = len(probed)
-    probe_rows = [{"checkpoint": "full.pt", "probe_seed": 5, "mIoU": 42.0, "mAcc": 1.0, "aAcc": 2.0, "depth_RMSE": 3.0},
-                  {"checkpoint": "full.pt", "probe_seed": 6, "mIoU": 43.0, "mAcc": 1.0, "aAcc": 2.0, "depth_RMSE": 3.0}]
+    probe_rows = [{"checkpoint": "other.pt", "probe_seed": 5, "mIoU": 41.0, "mAcc": 1.0, "aAcc": 2.0, "depth_RMSE": 3.0},
+                  {"checkpoint": "full.pt", "probe_seed": 0, "mIoU": 42.0, "mAcc": 1.0, "aAcc": 2.0, "depth_RMSE": 3.0}]
     rows = cq.run_efficiency(cq.dataclasses.replace(args, seeds=1, subset_fractions=(1.0,)),
                              {"train": columns, "test": records[:4]}, done=done, probed=probe_rows)
     assert [r["mIoU"] for r in rows] == [42.0] and len(probed) == before
