@@ -55,7 +55,7 @@ def test_main_job_runs_every_paper_on_a_tiny_world(tmp_path):
     paper_args = [
         "veclip=--model micro-ViT-16 --steps 2 --batch-size 16 --kernel torch",
         "clip_quality=--model micro-ViT-16 --train.steps 2 --train.batch-size 16 --train.warmup 1 --probe-steps 2 "
-        "--probe-batch-size 8 --probe-train-images 16 --attention-images 4",
+        "--probe-batch-size 8 --probe-train-images 16 --attention-images 4 --subset-fractions 0.5 1.0",
         f"dico={dico_models} --d-model 32 --heads 2 --ffn 64 --encoder-layers 1 --decoder-layers 1 --max-len 12 "
         "--eval-beam 2 --val-images 6 --eval-images 6 --eval-every 2 --save-every 2 --xe-steps 4 --xe-batch-size 8 "
         "--steps 2 --batch-size 4 --beams 3",
@@ -67,7 +67,7 @@ def test_main_job_runs_every_paper_on_a_tiny_world(tmp_path):
     assert set(report["papers"]) == set(reproduce.PAPERS)
     for paper, run in report["papers"].items():
         verdicts = {row["verdict"].split(" (")[0] for row in run["claims"]}
-        assert verdicts and verdicts <= {"held", "reversed", "within seed spread", "untestable"}, paper
+        assert verdicts == {"1 seed: no verdict"}, paper  # one seed: no spread to judge against
         assert (tmp_path / paper / "results.md").exists()
     table = (tmp_path / "claims.md").read_text()
     assert all(table.count(f"| {paper} |") >= 4 for paper in reproduce.PAPERS) and "1 seed: no verdict" in table
