@@ -614,20 +614,18 @@ def majority_class(train_set: ProbeDataset, args: Args) -> int:
     """The most frequent labelled class over the probe's training masks (the miniature world's: background)."""
     counts = torch.zeros(args.num_classes, dtype=torch.long)
     for batch in probe_loader(train_set.only(("mask",)), args, batch_size=EVAL_BATCH):
-        labels = batch["mask"][(batch["mask"] != args.ignore_index)]
-        counts += torch.bincount(labels.flatten(), minlength=args.num_classes)[:args.num_classes]
+        labels = batch["mask"][batch["mask"] != args.ignore_index]  # load_mask refused any other out-of-range id
+        counts += torch.bincount(labels, minlength=args.num_classes)
     return int(counts.argmax())
 
 
 def position_mean_depth(train_set: ProbeDataset, args: Args) -> torch.Tensor:
     """(S, S) each pixel's mean valid training depth: what position alone predicts; a pixel never valid in training
     gets the mean of all valid pixels."""
-    total, count = None, None
+    total, count = 0, 0  # (S, S) sums after the first batch
     for batch in probe_loader(train_set.only(("depth",)), args, batch_size=EVAL_BATCH):
         valid = (batch["depth"] > 0).double()
-        batch_total, batch_count = (batch["depth"].double() * valid).sum(0), valid.sum(0)
-        total = batch_total if total is None else total + batch_total
-        count = batch_count if count is None else count + batch_count
+        total, count = total + (batch["depth"].double() * valid).sum(0), count + valid.sum(0)
     overall = total.sum() / count.sum().clamp_min(1)
     # step 5: d_hat(p) = sum_i d_i(p) [d_i(p) > 0] / sum_i [d_i(p) > 0]
     return torch.where(count > 0, total / count.clamp_min(1), overall).float()
@@ -874,7 +872,7 @@ def run_probe(args: Args, records: dict, checkpoints: Sequence[str], write: Path
 def run_baselines(args: Args, records: dict) -> dict:
     """The trivial baselines of the probe's tasks (`trivial_baselines`) at --model's input size; baselines.json."""
     tasks = sorted({task for group in probe_plan(args, records) for task in group})
-    _, preprocess, _ = create_clip(args.model)
+    _, preprocess = create_random(args.model, False, seed=0)  # only its crop size is used: no tokenizer to build
     baselines = trivial_baselines(*probe_sets(args, records, preprocess, tasks), tasks, args)
     atomic_write_text(Path(args.out) / "baselines.json", json.dumps(baselines, indent=2))
     return baselines
