@@ -114,8 +114,8 @@ from common.cli import parse, preset_help
 from common.clip_score import CLIP_S_WEIGHT, encode_texts, load_clip, score_from_features
 from common.clip_train import (MINIATURE_MODEL, SCORER_TRAINING, TrainConfig, cosine_lr, ensure_miniature_scorer,
                                save_checkpoint)
-from common.data import (SkipCounter, atomic_write_text, generate_sharded, init_distributed, load_pretrained,
-                         open_record_image, read_manifest)
+from common.data import (SkipCounter, atomic_write_text, generate_sharded, init_distributed, load_model,
+                         load_pretrained, open_record_image, read_manifest)
 from common.miniature import WorldConfig, alt_text, ensure_world, hallucinated_words, names_kept
 
 log = logging.getLogger("altogether")
@@ -424,7 +424,7 @@ def new_captioner(args: Args, clip_dim: int, texts: list[str]) -> tuple[Captione
         remote = {"trust_remote_code": args.trust_remote_code}
         tokenizer = load_pretrained(AutoTokenizer, args.decoder, "--decoder", **remote)
         # fp32 weights whatever the checkpoint ships (OPT: fp16), so AdamW updates them in full precision
-        decoder = load_pretrained(AutoModelForCausalLM, args.decoder, "--decoder", dtype=torch.float32, **remote)
+        decoder = load_model(AutoModelForCausalLM, args.decoder, "--decoder", dtype=torch.float32, **remote)
         if not tokenizer.is_fast:
             raise ValueError(f"--decoder {args.decoder!r} has no fast tokenizer; the checkpoint stores a fast one")
         if tokenizer.pad_token is None:  # GPT-2 ships none; pads are masked, whatever their id

@@ -118,7 +118,7 @@ from common.cli import parse, preset_help
 from common.clip_train import (MINIATURE_MODEL, ImageRows, TrainConfig, create_clip, evaluate_world, encode_images,
                                encode_texts, preprocess_images, retrieval_metrics, save_checkpoint, train_clip, usable_rows)
 from common.data import (BadSampleError, Columns, SkipCounter, atomic_write_text, generate_sharded, index_data,
-                         index_manifest, init_distributed, load_pretrained, open_record_image, read_manifest)
+                         index_manifest, init_distributed, load_model, load_pretrained, open_record_image, read_manifest)
 from common.miniature import WorldConfig, ensure_world, hallucinated_words, names_kept
 
 log = logging.getLogger("capsfusion")
@@ -353,7 +353,7 @@ def stage_caption(args: Args, records: list[dict]) -> dict:
     _, _, device = init_distributed(args.device)
     remote = {"trust_remote_code": args.trust_remote_code}
     processor = load_pretrained(AutoProcessor, args.captioner, "--captioner", **remote)
-    model = load_pretrained(AutoModelForImageTextToText, args.captioner, "--captioner",
+    model = load_model(AutoModelForImageTextToText, args.captioner, "--captioner",
                             dtype=weights_dtype(args, device), **remote)
     model.to(device).eval()
     tokenizer = processor.tokenizer
@@ -393,7 +393,7 @@ def load_fuser(name: str, flag: str, args: Args, device: str, dtype: torch.dtype
 
     remote = {"trust_remote_code": args.trust_remote_code}
     tokenizer = load_pretrained(AutoTokenizer, name, flag, **remote)
-    model = load_pretrained(AutoModelForCausalLM, name, flag, dtype=dtype, **remote).to(device)
+    model = load_model(AutoModelForCausalLM, name, flag, dtype=dtype, **remote).to(device)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer, model

@@ -157,7 +157,7 @@ class Args:
     seeds: int = 1
     """how many seeds: seed .. seed + seeds - 1; the tables report mean and std over them"""
     kernel: Literal["none", "auto", "triton", "torch"] = "none"
-    """contrastive loss: `none` = common.clip_train.contrastive_loss, else kernels.contrastive.clip_loss(impl=...)"""
+    """contrastive loss: `none` = common.clip_train.contrastive_loss, else caption_kernels.contrastive.clip_loss(impl=...)"""
     train_manifest: str | None = None
     """pretraining manifest (default: the world's train split)"""
     test_manifest: str | None = None
@@ -285,9 +285,9 @@ def loss_function(kernel: str, distributed: bool = False) -> Callable:
             raise ValueError("--kernel none is the one-process loss; under torchrun pass --kernel auto (or torch)")
         return contrastive_loss
     try:
-        from kernels.contrastive import clip_loss
+        from caption_kernels.contrastive import clip_loss
     except ImportError as err:
-        raise ImportError(f"--kernel {kernel} needs kernels/contrastive.py ({err}); use --kernel none") from err
+        raise ImportError(f"--kernel {kernel} needs caption_kernels/contrastive.py ({err}); use --kernel none") from err
     return partial(clip_loss, impl=kernel, distributed=distributed)
 
 

@@ -22,7 +22,7 @@ numbers could not be checked offline, so each comment quotes the formula instead
   4. winner w = argmax_i r_i, loser weights gamma_j = softmax_{j != w}(tau (r_w - r_j))
   5. s(y) = log pi_theta(y|x) - log pi_ref(y|x), teacher-forced sums over tokens
   6. L_DiCO = mean_x -log sigmoid(beta (s(y_w) - sum_j gamma_j s(y_j)))            (`dico_terms`;
-     steps 4-6 are kernels/dico.py's `dico_loss`)
+     steps 4-6 are caption_kernels/dico.py's `dico_loss`)
   SCST (Rennie et al. 2017) with the mean-of-others baseline, the paper's comparison (`scst_terms`);
   evaluation: BLEU-4, CIDEr, CLIP-S, RefCLIP-S, PAC-S, RefPAC-S, collapse indicators (`evaluate`).
 
@@ -124,7 +124,7 @@ from common.clip_train import MINIATURE_MODEL, SCORER_TRAINING, TrainConfig, ens
 from common.data import (BadSampleError, SkipCounter, atomic_write_text, image_path, init_distributed,
                          load_coco_karpathy, open_record_image, read_manifest)
 from common.miniature import WorldConfig, ensure_world, hallucinated_words, names_kept
-from kernels.dico import dico_loss, dico_stats, sequence_logprobs
+from caption_kernels.dico import dico_loss, dico_stats, sequence_logprobs
 
 
 # Presets (common/cli.py): Args holds the official scripts' values; `miniature` (the default wherever the data is the
@@ -246,7 +246,7 @@ class Args:
     tau: float = 300.0  # official
     """DiCO tau (loser-weight temperature)"""
     kernel: Literal["auto", "triton", "torch"] = "auto"
-    """kernels/dico.py implementation"""
+    """caption_kernels/dico.py implementation"""
     # --- evaluation, checkpoints ------------------------------------------------------------
     eval_beam: int = 5
     """beam width of evaluation captions (top beam kept)"""
@@ -502,7 +502,7 @@ def xe_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> 
 
 
 def dico_terms(policy_logps, ref_logps, rewards, valid, beta: float, tau: float, impl: str) -> dict:
-    """DiCO loss (steps 4-6, in kernels/dico.py) and the numbers a training log wants."""
+    """DiCO loss (steps 4-6, in caption_kernels/dico.py) and the numbers a training log wants."""
     # L = mean_x -log sigmoid(beta (s(y_w) - sum_{j != w} gamma_j s(y_j))),  s = log pi_theta - log pi_ref
     loss = dico_loss(policy_logps, ref_logps, rewards, beta=beta, tau=tau, valid=valid, impl=impl)
     stats = dico_stats(policy_logps.detach(), ref_logps, rewards, beta=beta, tau=tau, valid=valid)
@@ -924,7 +924,7 @@ def train(args: Args, stage: str) -> dict:
             ref_logps = sequence_logprobs(reference(batch["visual"], batch["inputs"], beams=k), batch["targets"],
                                           mask, impl=args.kernel)
         if stage == "dico":
-            # steps 4-6 (kernels/dico.py): w = argmax_i r_i, gamma_j = softmax_{j != w}(tau (r_w - r_j)),
+            # steps 4-6 (caption_kernels/dico.py): w = argmax_i r_i, gamma_j = softmax_{j != w}(tau (r_w - r_j)),
             # s = log pi_theta - log pi_ref, L = mean_x -log sigmoid(beta (s(y_w) - sum_j gamma_j s(y_j)))
             return dico_terms(policy_logps.view(-1, k), ref_logps.view(-1, k), batch["rewards"], batch["valid"],
                               args.beta, args.tau, args.kernel)

@@ -100,7 +100,8 @@ from common.clip_score import tag_settings
 from common.clip_train import (MINIATURE_MODEL, ImageRows, TrainConfig, create_clip, encode_images, encode_texts,
                                preprocess_images, retrieval_metrics, train_clip, usable_rows, zero_shot_accuracy)
 from common.data import (BadSampleError, Columns, ManifestError, SkipCounter, atomic_write_text, generate_sharded,
-                         index_data, index_manifest, init_distributed, load_pretrained, open_record_image, read_manifest)
+                         index_data, index_manifest, init_distributed, load_model, load_pretrained, open_record_image,
+                         read_manifest)
 from common.miniature import WorldConfig, ensure_world, zero_shot_tasks
 
 log = logging.getLogger("veclip")
@@ -186,7 +187,7 @@ class Args:
     warmup: int = 24
     """linear warm-up steps before the cosine decay (a fifth of the miniature steps)"""
     kernel: Literal["auto", "triton", "torch"] = "auto"
-    """contrastive loss implementation in kernels/contrastive.py"""
+    """contrastive loss implementation in caption_kernels/contrastive.py"""
     amp: bool = True
     """bf16 autocast on CUDA"""
     grad_checkpointing: bool = False
@@ -346,7 +347,7 @@ def stage_vec(args: Args, records: list[dict]) -> dict:
     _, _, device = init_distributed(args.device)
     remote = {"trust_remote_code": args.trust_remote_code}
     processor = load_pretrained(AutoProcessor, args.vlm, "--vlm", **remote)
-    model = load_pretrained(AutoModelForImageTextToText, args.vlm, "--vlm", dtype=gen_dtype(args, device), **remote)
+    model = load_model(AutoModelForImageTextToText, args.vlm, "--vlm", dtype=gen_dtype(args, device), **remote)
     model.to(device).eval()
     processor.tokenizer.padding_side = "left"  # decoder-only generation continues from the right end
     prompt, skipped = vlm_prompt(processor), SkipCounter()
@@ -378,7 +379,7 @@ def stage_fuse(args: Args, records: list[dict]) -> dict:
     _, _, device = init_distributed(args.device)
     remote = {"trust_remote_code": args.trust_remote_code}
     tokenizer = load_pretrained(AutoTokenizer, args.llm, "--llm", **remote)
-    model = load_pretrained(AutoModelForCausalLM, args.llm, "--llm", dtype=gen_dtype(args, device), **remote)
+    model = load_model(AutoModelForCausalLM, args.llm, "--llm", dtype=gen_dtype(args, device), **remote)
     model.to(device).eval()
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:  # Llama tokenizers ship none; padding is masked anyway

@@ -10,7 +10,7 @@
   position is saved with the checkpoint and a resume is exact. Which text a sample uses at a step
   is a callback with a random stream of its own (so arms with one seed see the same image
   batches): VeCLIP's mixing, DataCompDR's real + synthetic sum and CapsFusion's arms plug in from
-  the paper files. torchrun: DDP, features all-gathered for the loss (kernels/contrastive.py,
+  the paper files. torchrun: DDP, features all-gathered for the loss (caption_kernels/contrastive.py,
   gloo on CPU, NCCL on GPU); bf16 autocast on CUDA; gradient accumulation that keeps the loss of
   the whole batch; gradient checkpointing.
 - `retrieval_metrics` (image->text and text->image R@1/5/10, in chunks), `zero_shot_accuracy`,
@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from common.data import (BadSampleError, Columns, atomic_write_text, image_path, index_data, init_distributed,
                          open_image, open_row_image, read_manifest)
 from common.miniature import SWAP_TYPES, WorldConfig, cache_root, ensure_world, swapped_captions, zero_shot_tasks
-from kernels.contrastive import clip_loss, gather_features
+from caption_kernels.contrastive import clip_loss, gather_features
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class TrainConfig:
     amp: bool = True
     """bf16 autocast on CUDA (CPU runs in float32)"""
     kernel: Literal["auto", "triton", "torch"] = "auto"
-    """contrastive loss implementation (kernels/contrastive.py)"""
+    """contrastive loss implementation (caption_kernels/contrastive.py)"""
     workers: int = 0
     """DataLoader worker processes that decode images and tokenise captions ahead of the step"""
     checkpoint_every: int = 1000
@@ -308,7 +308,7 @@ def train_clip(model, tokenizer, images, texts_for: TextsFor, cfg: TrainConfig, 
     the text of each row of the global batch, which is where a paper changes what the model sees; it may return
     a tuple of such lists (several texts per image): the loss is then the sum of one loss per list. Under
     torchrun each rank takes its share of every global batch, the features are all-gathered for the loss
-    (kernels.contrastive) and DDP averages the gradients. `checkpoint`: a path saved every cfg.checkpoint_every
+    (caption_kernels.contrastive) and DDP averages the gradients. `checkpoint`: a path saved every cfg.checkpoint_every
     steps and at the end (rank 0, atomically), from which a run with the same recipe resumes exactly (`resume=False`
     starts afresh and overwrites it). A NaN or
     infinite loss stops training with the step, before any checkpoint is written.

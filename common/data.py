@@ -352,6 +352,16 @@ def load_pretrained(loader, name: str, flag: str, **kwargs):
                            "folder holding the model, or a hub name with network access.") from err
 
 
+def load_model(loader, name: str, flag: str, **kwargs):
+    """A transformers model by `load_pretrained`, its layers exactly as the checkpoint defines them.
+
+    use_kernels=False on purpose: transformers 5 defaults to True whenever Hugging Face's `kernels`
+    package is installed (transformers 5 requires it), and then swaps layers for hub kernels fetched
+    at run time on a GPU machine, which changes the numerics and breaks offline runs.
+    """
+    return load_pretrained(loader, name, flag, use_kernels=False, **kwargs)
+
+
 def shard(records: Sequence[dict], rank: int, world_size: int) -> list[dict]:
     """Rank `rank`'s share of `records`: every world_size-th record, so the shares cover all once."""
     if world_size < 1 or not 0 <= rank < world_size:

@@ -137,7 +137,7 @@ def clip_loss_by_hand(img_emb, txt_emb, scale):
 @pytest.mark.parametrize("kernel", ["none", "torch", "auto"])
 def test_loss_function_is_the_symmetric_clip_loss(kernel):
     """Every --kernel on one process is Eq. 1 (no world-size factor on one process, and
-    kernels.contrastive's distributed factor is pinned by test_kernels_contrastive.py)."""
+    caption_kernels.contrastive's distributed factor is pinned by test_kernels_contrastive.py)."""
     generator = torch.Generator().manual_seed(0)
     img, txt = (torch.nn.functional.normalize(torch.randn(5, 3, generator=generator), dim=-1) for _ in range(2))
     loss = cq.loss_function(kernel)(img, txt, torch.tensor(2.5))
@@ -607,8 +607,8 @@ def test_args_defaults_are_the_papers_choices():
 def test_kernel_flag_names_the_missing_module(monkeypatch):
     import sys
 
-    monkeypatch.setitem(sys.modules, "kernels.contrastive", None)
-    with pytest.raises(ImportError, match=r"^--kernel torch needs kernels/contrastive\.py \(.*\); use --kernel none$"):
+    monkeypatch.setitem(sys.modules, "caption_kernels.contrastive", None)
+    with pytest.raises(ImportError, match=r"^--kernel torch needs caption_kernels/contrastive\.py \(.*\); use --kernel none$"):
         cq.loss_function("torch")
 
 

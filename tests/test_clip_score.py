@@ -1,6 +1,7 @@
 """common/clip_score.py: the metrics' constants by hand, model loading, the command line."""
 
 import functools
+import importlib
 import json
 import time
 import weakref
@@ -125,13 +126,20 @@ def empty_hf_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-hub"))
 
 
-def hub_answers(monkeypatch, handler):
-    """Every request huggingface_hub makes goes to `handler` (an httpx transport in the test), never the network."""
-    import httpx2
+def hub_http():
+    """The HTTP library huggingface_hub is built on: httpx for huggingface_hub 1.x, httpx2 for 2.x."""
     from huggingface_hub.utils import _http
 
+    return importlib.import_module(type(_http.get_session()).__module__.partition(".")[0])
+
+
+def hub_answers(monkeypatch, handler):
+    """Every request huggingface_hub makes goes to `handler` (an httpx transport in the test), never the network."""
+    from huggingface_hub.utils import _http
+
+    http = hub_http()
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(_http, "_GLOBAL_CLIENT_FACTORY", lambda: httpx2.Client(transport=httpx2.MockTransport(handler)))
+    monkeypatch.setattr(_http, "_GLOBAL_CLIENT_FACTORY", lambda: http.Client(transport=http.MockTransport(handler)))
     monkeypatch.setattr(_http, "_GLOBAL_CLIENT", None)
 
 
@@ -148,10 +156,10 @@ def test_load_errors_name_the_argument(tmp_path, empty_hf_cache):
 
 def test_uncached_weights_without_a_network_fail_at_once(empty_hf_cache, monkeypatch):
     """No HF_HUB_OFFLINE and no network: one failed request, not huggingface_hub's ~50 s of retries."""
-    import httpx2
+    http = hub_http()
 
     def no_network(request):
-        raise httpx2.ConnectError("[Errno -2] Name or service not known", request=request)
+        raise http.ConnectError("[Errno -2] Name or service not known", request=request)
 
     hub_answers(monkeypatch, no_network)
     start = time.perf_counter()
@@ -161,7 +169,6 @@ def test_uncached_weights_without_a_network_fail_at_once(empty_hf_cache, monkeyp
 
 
 def test_uncached_weights_are_downloaded_when_the_hub_answers(tmp_path, monkeypatch):
-    import httpx2
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     _, reference = serve_open_clip_tag(monkeypatch, tmp_path, "ViT-B-32", "openai")
@@ -174,7 +181,7 @@ def test_uncached_weights_are_downloaded_when_the_hub_answers(tmp_path, monkeypa
         return served(repo_id, filename, **kwargs)
 
     monkeypatch.setattr(open_clip.pretrained, "hf_hub_download", download)
-    hub_answers(monkeypatch, lambda request: httpx2.Response(200))
+    hub_answers(monkeypatch, lambda request: hub_http().Response(200))
     bundle = load_clip("ViT-B-32", pretrained="openai", device="cpu")
     assert asked == [("open_clip_model.safetensors", True), ("open_clip_pytorch_model.bin", True),
                      ("open_clip_model.safetensors", False)]  # the cache first, then the download open_clip makes

@@ -18,7 +18,7 @@ from common.clip_score import PREFIX, clip_s, load_clip, pac_s, ref_clip_s, ref_
 from common.clip_train import TrainConfig, ensure_miniature_scorer
 from common.data import BadSampleError, image_path, open_image, read_manifest
 from common.miniature import WorldConfig, ensure_world
-from kernels.dico import sequence_logprobs
+from caption_kernels.dico import sequence_logprobs
 from tests.realarch import assert_same_weights, run_torchrun, serve_open_clip_tag
 
 WORLD = WorldConfig(n_train=48, n_val=12, n_test=12, n_synthetic=1)

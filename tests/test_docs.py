@@ -29,7 +29,7 @@ def documented_texts() -> dict[str, str]:
     """{source name: text} for README.md, docs/*.md, docs/*.sh and the docstring of every top-level/common/kernels module."""
     texts = {"README.md": (ROOT / "README.md").read_text()}
     texts.update({f"docs/{p.name}": p.read_text() for p in sorted([*(ROOT / "docs").glob("*.md"), *(ROOT / "docs").glob("*.sh")])})
-    for path in sorted([*ROOT.glob("*.py"), *ROOT.glob("common/*.py"), *ROOT.glob("kernels/*.py")]):
+    for path in sorted([*ROOT.glob("*.py"), *ROOT.glob("common/*.py"), *ROOT.glob("caption_kernels/*.py")]):
         texts[str(path.relative_to(ROOT))] = docstring(path)
     return texts
 
@@ -132,7 +132,7 @@ def test_paper_header_has_its_parts(paper):
 @pytest.mark.parametrize("paper", PAPER_FILES)
 def test_each_step_of_the_header_is_tagged_where_it_is_computed(paper):
     """The header's numbered `Implements` list: step N has a `# step N` comment at the line that computes it
-    (`# steps 4-6` where kernels/ computes several, with the formula at the call)."""
+    (`# steps 4-6` where caption_kernels/ computes several, with the formula at the call)."""
     source = (ROOT / paper).read_text()
     implements = docstring(ROOT / paper).split("Implements", 1)[1].split("Deviations from the paper", 1)[0]
     steps = {int(n) for n in re.findall(r"^\s+(\d+)\.", implements, flags=re.M)}

@@ -1,8 +1,8 @@
-"""kernels/contrastive.py against open_clip's ClipLoss and SigLipLoss, on the CPU.
+"""caption_kernels/contrastive.py against open_clip's ClipLoss and SigLipLoss, on the CPU.
 
 The Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1, set before triton is
 imported); the reference is open_clip's dense loss in float64 on the same (rounded) inputs, so
-the measured error is ours alone. GPU speed is the benchmark's business (`python -m kernels.bench`).
+the measured error is ours alone. GPU speed is the benchmark's business (`python -m caption_kernels.bench`).
 """
 
 import os
@@ -16,8 +16,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from open_clip.loss import ClipLoss, SigLipLoss  # noqa: E402
 
-from kernels import contrastive  # noqa: E402
-from kernels.contrastive import clip_loss, siglip_loss  # noqa: E402
+from caption_kernels import contrastive  # noqa: E402
+from caption_kernels.contrastive import clip_loss, siglip_loss  # noqa: E402
 
 pytest.importorskip("triton")
 

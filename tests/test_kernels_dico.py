@@ -1,4 +1,4 @@
-"""kernels/dico.py on the CPU: the Triton kernels under TRITON_INTERPRET=1, the PyTorch reference,
+"""caption_kernels/dico.py on the CPU: the Triton kernels under TRITON_INTERPRET=1, the PyTorch reference,
 and a float64 transcription of DiCO's formula written here, independently of both."""
 
 import os
@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.dico import (
+from caption_kernels.dico import (
     SequenceLogprobsTriton,
     dico_loss,
     dico_loss_reference,

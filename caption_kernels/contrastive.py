@@ -98,7 +98,7 @@ Work per step (useful work is 6 N^2 D FLOPs: the logits and the two gradient pro
 At N = 32768, D = 768 that is 6.6 TFLOP of matmul plus 6 GB of G - I traffic (about 2 ms at
 3 TB/s, overlapping with the products): about 13 ms on an H100 if the matmuls run at 550 TFLOP/s,
 against 57 ms for open_clip and 47 ms for memeff (an estimate from the design; the measured
-figures come from `python -m kernels.bench`). Memory beyond the inputs and gradients: one strip
+figures come from `python -m caption_kernels.bench`). Memory beyond the inputs and gradients: one strip
 of G - I (max(512 MiB, 4096 x N x 2 bytes) in bf16: 0.5 GiB at N = 32768, 2 GiB at N = 262144),
 the float32 d_txt accumulator (N x D x 4 bytes), the per-row-block column statistics
 (<= 512 MiB) and O(N) floats. float32 features use the "tf32x3" dot product (three TF32

@@ -1,7 +1,7 @@
-"""Benchmark kernels/dico.py against the plain PyTorch formula, eager and torch.compile (CUDA only).
+"""Benchmark caption_kernels/dico.py against the plain PyTorch formula, eager and torch.compile (CUDA only).
 
-    python -m kernels.bench_dico                      # all sizes, Markdown table on stdout
-    python -m kernels.bench_dico --json dico.json     # and the figures as JSON
+    python -m caption_kernels.bench_dico                      # all sizes, Markdown table on stdout
+    python -m caption_kernels.bench_dico --json dico.json     # and the figures as JSON
 
 Time is the median of triton.testing.do_bench over forward + backward; memory is the peak
 allocated during one forward + backward minus what was allocated before it (inputs included in the
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from kernels.dico import dico_loss, sequence_logprobs, sequence_logprobs_from_hidden
+from caption_kernels.dico import dico_loss, sequence_logprobs, sequence_logprobs_from_hidden
 
 DICO_SIZES = [(B, k) for B in (8, 512, 4096) for k in (5, 16)]
 SEQUENCE_SIZES = [(40, 30, 49409), (320, 30, 49409), (64, 128, 50272)]

@@ -1,14 +1,14 @@
 """Benchmark: fused CLIP / SigLIP losses against open_clip, Inf-CL and memeff, one GPU, one run.
 
-    python -m kernels.bench                                   # the full table, bf16, D = 512, 768
-    python -m kernels.bench --sizes 8192 32768 --dims 768 --losses clip --out bench.json
+    python -m caption_kernels.bench                                   # the full table, bf16, D = 512, 768
+    python -m caption_kernels.bench --sizes 8192 32768 --dims 768 --losses clip --out bench.json
 
 For each loss, N and D: forward + backward time (median of `triton.testing.do_bench`), peak
 memory allocated beyond the inputs, and useful TFLOP/s = 6 N^2 D / time (the logits and the two
 gradient products: the work any implementation must do), for
 
-    ours        kernels.contrastive (Triton) with a learnable logit scale (and bias)
-    torch_ref   kernels.contrastive impl="torch": the chunked PyTorch reference (--with-reference)
+    ours        caption_kernels.contrastive (Triton) with a learnable logit scale (and bias)
+    torch_ref   caption_kernels.contrastive impl="torch": the chunked PyTorch reference (--with-reference)
     open_clip   open_clip.loss.ClipLoss / SigLipLoss (materialises the N x N logits)
     inf_cl      inf_cl.cal_flash_loss, both directions, learnable scale        (if installed)
     memeff      memeff.MemoryEfficientCLIPLoss, fixed temperature: no d_scale  (if installed)
@@ -28,7 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kernels.contrastive import clip_loss, siglip_loss
+from caption_kernels.contrastive import clip_loss, siglip_loss
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LOGIT_SCALE = 1 / 0.07  # CLIP's initial temperature
@@ -206,14 +206,14 @@ def cell(ms, peak, n, d, ours_ms):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        sys.exit("kernels.bench needs a CUDA GPU (torch.cuda.is_available() is False); the "
+        sys.exit("caption_kernels.bench needs a CUDA GPU (torch.cuda.is_available() is False); the "
                  "kernels' correctness is tested on the CPU by tests/test_kernels_contrastive.py")
     import triton
 
     dtype = DTYPES[args.dtype]
     results = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-        "triton": triton.__version__, "command": " ".join(["python -m kernels.bench"] + (argv or sys.argv[1:])),
+        "triton": triton.__version__, "command": " ".join(["python -m caption_kernels.bench"] + (argv or sys.argv[1:])),
         "dtype": args.dtype, "bf16_matmul_tflops": bf16_matmul_ceiling(), "tables": {},
         "gradient_errors": {}, "notes": [],
     }
