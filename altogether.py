@@ -94,7 +94,6 @@ import json
 import logging
 import os
 import shutil
-import string
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -110,6 +109,7 @@ import torch.nn.functional as F
 import tyro
 from tqdm.auto import tqdm
 
+from common.caption_metrics import coco_scores, table_note
 from common.cli import parse, preset_help
 from common.clip_score import CLIP_S_WEIGHT, encode_texts, load_clip, score_from_features
 from common.clip_train import (MINIATURE_MODEL, SCORER_TRAINING, TrainConfig, cosine_lr, ensure_miniature_scorer,
@@ -821,26 +821,17 @@ def stage_caption(args: Args) -> dict:
 # =============================================================================================
 
 
-def normalize_text(text: str) -> str:
-    """Lower-cased, punctuation removed: a stand-in for the COCO toolkit's PTB tokenizer."""
-    return " ".join(text.lower().translate(str.maketrans(string.punctuation, " " * len(string.punctuation))).split())
-
-
 def caption_metrics(records: list[dict], captions: list[str], scorer, img_feats: np.ndarray, refs_field: str) -> dict:
-    """CLIP-S (an empty caption scores 0), CIDEr and BLEU-4 against references, world labels when present."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-
+    """CLIP-S (an empty caption scores 0), CIDEr and BLEU-4 against references (COCO toolkit, x 100, with their
+    "tokenizer" label), world labels when present."""
     txt_feats = encode_texts(scorer, [c or "." for c in captions], progress=False)
     # step 5: CLIP-S(x, c) = 2.5 * max(cos(E_img(x), E_txt("A photo depicts " + c)), 0)
     clip_scores = score_from_features(img_feats, txt_feats, CLIP_S_WEIGHT) * np.array([bool(c) for c in captions])
     metrics = {"CLIP-S": 100 * float(clip_scores.mean()), "empty": sum(not c for c in captions)}
     refs = [r.get(refs_field) or ([r["caption"]] if r.get("caption") else []) for r in records]
     if all(refs):
-        gts = {i: [normalize_text(ref) for ref in group] for i, group in enumerate(refs)}
-        res = {i: [normalize_text(c) or "<empty>"] for i, c in enumerate(captions)}
-        metrics["CIDEr"] = 100 * float(Cider().compute_score(gts, res)[0])
-        metrics["BLEU-4"] = 100 * float(Bleu(4).compute_score(gts, res, verbose=0)[0][3])
+        metrics.update(coco_scores(dict(enumerate(refs)), dict(enumerate(captions)), scale=100.0,
+                                   metrics=("BLEU-4", "CIDEr")))
     if "objects" in records[0]:  # miniature world: its labels say which names are kept or invented
         kept, total = np.sum([names_kept(c, r) for c, r in zip(captions, records)], axis=0)
         metrics["names kept %"] = 100 * float(kept / max(total, 1))
@@ -908,7 +899,9 @@ def markdown_table(summary: dict, args: Args, seconds: float, n_test: int) -> st
         cells = [f"{np.mean(summary[row][k]):.1f}" + (f" ± {np.std(summary[row][k]):.1f}" if args.seeds > 1 else "")
                  for k in COLUMNS]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    runs = [dict(zip(summary[row], values)) for row in ROWS for values in zip(*summary[row].values())]  # one per seed
+    note = table_note(runs)  # how CIDEr and BLEU-4 were tokenized
+    return "\n".join(lines + ([f"\n{note}."] if note else [])) + "\n"
 
 
 def run_miniature(args: Args) -> dict:

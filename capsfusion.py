@@ -114,6 +114,7 @@ import torch.distributed as dist
 import tyro
 from tqdm.auto import tqdm
 
+from common.caption_metrics import coco_scores, plain_words, table_note
 from common.cli import parse, preset_help
 from common.clip_train import (MINIATURE_MODEL, ImageRows, TrainConfig, create_clip, evaluate_world, encode_images,
                                encode_texts, preprocess_images, retrieval_metrics, save_checkpoint, train_clip, usable_rows)
@@ -590,11 +591,6 @@ def save_fuser(model, tokenizer, folder: Path) -> None:
 # =============================================================================================
 
 
-def words(text: str) -> list[str]:
-    """Lower-cased words, punctuation removed (our stand-in for the COCO toolkit's PTB tokenizer)."""
-    return text.lower().translate(str.maketrans(string.punctuation, " " * len(string.punctuation))).split()
-
-
 def proper_names(text: str) -> set[str]:
     """The raw caption's proper-name proxy: alphabetic words that start with a capital, lower-cased."""
     return {w.strip(string.punctuation).lower() for w in text.split() if w.strip(string.punctuation).isalpha()
@@ -602,24 +598,20 @@ def proper_names(text: str) -> set[str]:
 
 
 def fusion_quality(captions: list[str], records: list[dict], args: Args, reference: list[str] | None) -> dict:
-    """Names of the raw caption kept, (world) names kept and hallucinations, BLEU-4/CIDEr against `reference`, length."""
+    """Names of the raw caption kept, (world) names kept and hallucinations, BLEU-4/CIDEr against `reference` (COCO
+    toolkit, x 100, with their "tokenizer" label), length in words (lower-cased, punctuation removed)."""
     # step 4: the raw caption's names kept by each caption
     raw_names = [proper_names(clean(r.get(args.raw_field))) for r in records]
-    kept = sum(len(names & set(words(c))) for names, c in zip(raw_names, captions))
+    kept = sum(len(names & set(plain_words(c))) for names, c in zip(raw_names, captions))
     metrics = {"raw_names_kept": 100.0 * kept / max(1, sum(map(len, raw_names))),
-               "length": float(np.mean([len(words(c)) for c in captions]))}
+               "length": float(np.mean([len(plain_words(c)) for c in captions]))}
     if "objects" in records[0]:  # the miniature world's labels: true names, and words nothing in the image has
         found, total = np.sum([names_kept(c, r) for c, r in zip(captions, records)], axis=0)
         metrics["names_kept"] = float(100.0 * found / max(1, total))
         metrics["hallucinated"] = float(np.mean([len(hallucinated_words(c, r)) for c, r in zip(captions, records)]))
     if reference is not None:
-        from pycocoevalcap.bleu.bleu import Bleu
-        from pycocoevalcap.cider.cider import Cider
-
-        refs = {i: [" ".join(words(t)) or "<empty>"] for i, t in enumerate(reference)}
-        cands = {i: [" ".join(words(c)) or "<empty>"] for i, c in enumerate(captions)}
-        metrics["BLEU-4"] = 100.0 * float(Bleu(4).compute_score(refs, cands, verbose=0)[0][3])
-        metrics["CIDEr"] = 100.0 * float(Cider().compute_score(refs, cands)[0])
+        metrics.update(coco_scores({i: [t] for i, t in enumerate(reference)}, dict(enumerate(captions)), scale=100.0,
+                                   metrics=("BLEU-4", "CIDEr")))
     return metrics
 
 
@@ -776,10 +768,11 @@ def summary_table(fusion: list[dict], scaling: list[dict], args: Args, seconds: 
         return f"{np.mean(values):.1f}" + (f" ± {np.std(values):.1f}" if len(values) > 1 else "")
 
     columns = ("names_kept", "raw_names_kept", "hallucinated", "BLEU-4", "CIDEr", "length")
+    note = table_note(row for run in fusion for row in run.values())  # how BLEU-4 and CIDEr were tokenized
     lines = [f"# CapsFusion in the miniature world ({args.seeds} seed(s), {seconds / 60:.1f} min)", "",
              "Fusion quality on the test split. teacher = the world's template `fused`, a function of the raw and "
              "synthetic captions (stands in for ChatGPT); fuser = the tiny Llama distilled from it (CapsFus-LLaMA's "
-             "part); BLEU-4/CIDEr against the teacher.", "",
+             "part); BLEU-4/CIDEr against the teacher" + (f" ({note})" if note else "") + ".", "",
              "| captions | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for row in fusion[0]:
         cells = [cell([run[row][c] for run in fusion]) if c in fusion[0][row] else "-" for c in columns]

@@ -34,9 +34,9 @@ Deviations from the paper:
   2. Evaluation uses the reference metrics (common/clip_score: "A photo depicts " prefix, clamp at
      0); the official DiCO evaluation drops both. The training reward follows the official code:
      no prefix, no clamp, no references (`--reward-prefix`, `--reward-clamp` change that).
-  3. BLEU and CIDEr use pycocoevalcap's scorers without its Java PTB tokenizer: captions and
-     references are lowercased and stripped of punctuation here, so numbers differ slightly from
-     the COCO toolkit's.
+  3. BLEU-4 and CIDEr are the COCO caption toolkit's (common/caption_metrics: pycocoevalcap's Java
+     PTB tokenizer and scorers, as COCOEvalCap). Only where Java is missing do they deviate: a
+     fallback tokenization (lowercase, punctuation stripped), labelled in every result ("tokenizer").
   4. The policy runs without dropout during fine-tuning (eval mode), so that s(y) = 0 at the start
      and the loss is exactly log 2; the paper does not say. Encoder and decoder are torch's pre-norm
      Transformer layers (dropout 0.1, learned positions); the official model (main.py) is a BERT
@@ -103,7 +103,6 @@ import json
 import math
 import pickle
 import re
-import string
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +117,7 @@ import torch.nn.functional as F
 import tyro
 
 from common import cli
+from common.caption_metrics import coco_scores, plain_words, table_note
 from common.clip_score import (CLIP_S_WEIGHT, PAC_S_WEIGHT, PREFIX, encode_images, encode_reference_groups,
                                encode_texts, harmonic_mean, load_clip, ref_similarity, score_from_features)
 from common.clip_train import MINIATURE_MODEL, SCORER_TRAINING, TrainConfig, ensure_miniature_scorer, save_checkpoint
@@ -698,14 +698,9 @@ def candidate_rewards(bundle, w: float, img_feats: np.ndarray, texts: list[str],
 # ============================================================================================
 
 
-def normalize_text(text: str) -> str:
-    """Lowercase, punctuation removed: our stand-in for the COCO toolkit's PTB tokenizer."""
-    return " ".join(text.lower().translate(str.maketrans(string.punctuation, " " * len(string.punctuation))).split())
-
-
 def collapse_indicators(captions: list[str], n: int = 3) -> dict:
     """Vocabulary used, fraction of distinct captions, repeated n-grams per caption, mean length."""
-    words = [normalize_text(c).split() for c in captions]
+    words = [plain_words(c) for c in captions]  # lower-cased, punctuation removed
     repeated = []
     for w in words:
         grams = [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
@@ -715,15 +710,11 @@ def collapse_indicators(captions: list[str], n: int = 3) -> dict:
 
 
 def caption_metrics(args: Args, bank: ImageBank, indices: list[int], captions: list[str]) -> dict:
-    """BLEU-4, CIDEr, the CLIP-based scores, collapse indicators and (miniature) names/hallucinations."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-
+    """BLEU-4, CIDEr (fractions, as COCOEvalCap; their "tokenizer" label beside them), the CLIP-based scores,
+    collapse indicators and (miniature) names/hallucinations."""
     records = [bank.records[i] for i in indices]
-    gts = {i: [normalize_text(r) for r in rec["refs"]] for i, rec in enumerate(records)}
-    res = {i: [normalize_text(c) or "<empty>"] for i, c in enumerate(captions)}
-    metrics = {"BLEU-4": float(Bleu(4).compute_score(gts, res, verbose=0)[0][3]),
-               "CIDEr": float(Cider().compute_score(gts, res)[0])}
+    metrics = coco_scores({i: rec["refs"] for i, rec in enumerate(records)}, dict(enumerate(captions)), scale=1.0,
+                          metrics=("BLEU-4", "CIDEr"))
     features = {}  # per evaluator model: in the miniature CLIP-S and PAC-S are one model with two weights w
     for name, (bundle, w) in evaluators(args).items():
         if id(bundle) not in features:
@@ -866,6 +857,8 @@ def train(args: Args, stage: str) -> dict:
                                "encoder_tokens": ENCODER_TOKENS,
                                "metrics": metrics or {}, "args": json.loads(json.dumps(dataclasses.asdict(args)))})
 
+    labels = {}  # how the validation's BLEU/CIDEr were tokenized ("tokenizer", "backend"), for metrics.json
+
     def validate():
         nonlocal best
         metrics, captions, kept = evaluate(args, model, vocab, val_bank, args.val_images)
@@ -877,7 +870,8 @@ def train(args: Args, stage: str) -> dict:
             best = metrics[select]
             checkpoint(out / "best.pt", metrics)
         write_log(out / "log.jsonl", {"step": step, "val": metrics})
-        print(f"[{stage}] step {step} val " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        labels.update({k: v for k, v in metrics.items() if isinstance(v, str)})
+        print(f"[{stage}] step {step} val " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in labels))
         return metrics
 
     def prepare(indices: list[int], picks: list[int]) -> dict:
@@ -991,7 +985,7 @@ def train(args: Args, stage: str) -> dict:
         return {}
     if bad:
         print(f"[{stage}] {len(bad)} unreadable images skipped, e.g. {sorted(bad)[:5]} (--strict stops at the first)")
-    report = {f"best_val_{select}": best, "unreadable_images": len(bad), "unreadable_ids": sorted(bad)[:20]}
+    report = {f"best_val_{select}": best, "unreadable_images": len(bad), "unreadable_ids": sorted(bad)[:20], **labels}
     atomic_write_text(out / "metrics.json", json.dumps({"step": step, **report,
                                                         "seconds": time.time() - started}, indent=1))
     return {**report, "last": str(out / "last.pt"), "best": str(out / "best.pt")}
@@ -1006,7 +1000,8 @@ COLUMNS = ("CIDEr", "BLEU-4", "CLIP-S", "RefCLIP-S", "PAC-S", "RefPAC-S", "vocab
 
 
 def markdown_table(rows: dict[str, list[dict]]) -> str:
-    """Mean (and +- std over seeds when there are several) of each metric, one row per model."""
+    """Mean (and +- std over seeds when there are several) of each metric, one row per model; below, the
+    COCO metrics' tokenizer."""
     columns = [c for c in COLUMNS if any(c in runs[0] for runs in rows.values())]
     lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for name, runs in rows.items():
@@ -1016,7 +1011,8 @@ def markdown_table(rows: dict[str, list[dict]]) -> str:
             cell = f"{values.mean():.3f}" if values.mean() < 10 else f"{values.mean():.1f}"
             cells.append(cell + (f" ± {values.std():.3f}" if len(values) > 1 else ""))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    note = table_note(run for runs in rows.values() for run in runs)  # how BLEU-4 and CIDEr were tokenized
+    return "\n".join(lines + ([f"\n{note}."] if note else [])) + "\n"
 
 
 def run_eval(args: Args, checkpoints: list[str], out: Path) -> dict:

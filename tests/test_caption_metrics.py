@@ -144,3 +144,26 @@ def test_table_note_names_backend_and_tokenizer():
     assert cm.table_note(rows) == f"COCO caption metrics by pycocoevalcap 1.2, tokenizer: {cm.PTB_LABEL}"
     assert cm.table_note([{"names kept": 1.0}]) == ""
 
+
+def test_each_caller_labels_its_results_and_tables(monkeypatch):
+    """capsfusion, altogether and dico: the fallback's label reaches the metrics they write and each results table."""
+    import altogether
+    import capsfusion
+    import dico
+
+    monkeypatch.setattr(cm, "java_missing", lambda: "no `java` on PATH")
+    monkeypatch.setattr(cm, "_warned", set())
+    records = [{"alt_text": "VW wheel, Berlin"}, {"alt_text": "Aldora emblem"}]
+    metrics = capsfusion.fusion_quality(["a wheel in berlin.", "an emblem"], records, capsfusion.Args(),
+                                        reference=["A wheel of a VW car in Berlin.", "the emblem"])
+    assert metrics["tokenizer"] == cm.FALLBACK_LABEL and {"BLEU-4", "CIDEr", "backend"} <= set(metrics)
+    row = {"BLEU-4": 1.0, "CIDEr": 2.0, "tokenizer": cm.FALLBACK_LABEL, "backend": "pycocoevalcap 1.2"}
+    fusion = [{"teacher": {"names_kept": 1.0}, "fuser": {"names_kept": 1.0, **row}}]
+    scaling = [{"sizes": [8], "curves": {"raw": [dict.fromkeys(capsfusion.PLOTTED, 1.0)]}}]
+    tables = {"capsfusion": capsfusion.summary_table(fusion, scaling, capsfusion.Args(), 60.0),
+              "dico": dico.markdown_table({"xe/best": [row], "ground truth": [{**row, "CIDEr": 3.0}]}),
+              "altogether": altogether.markdown_table(
+                  {name: {**{k: [1.0] for k in altogether.COLUMNS}, **{k: [v] for k, v in row.items()}}
+                   for name in altogether.ROWS}, altogether.Args(), 60.0, 2)}
+    for caller, table in tables.items():
+        assert f"tokenizer: {cm.FALLBACK_LABEL}" in table, caller
