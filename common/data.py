@@ -15,6 +15,7 @@ its id and counted, and the job goes on (`strict=True` makes it an error instead
 
 from __future__ import annotations
 
+import atexit
 import io
 import json
 import logging
@@ -340,7 +341,16 @@ def init_distributed(device: str) -> tuple[int, int, str]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        # torch's own advice: destroy the group before exit; left to the interpreter's finalization, gloo's worker
+        # threads can free tensors after Python is gone ("terminate called without an active exception")
+        atexit.register(destroy_distributed)
     return dist.get_rank(), world_size, device
+
+
+def destroy_distributed() -> None:
+    """Destroy the default process group if it is still alive (a no-op after an explicit destroy)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def load_pretrained(loader, name: str, flag: str, **kwargs):
