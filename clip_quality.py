@@ -109,9 +109,9 @@ from common.cli import parse, preset_help
 from common.clip_score import tag_settings
 from common.clip_train import (MINIATURE_MODEL, ImageRows, TrainConfig, contrastive_loss, create_clip, encode_images,
                                encode_texts, evaluate_world, preprocess_images, retrieval_metrics, save_checkpoint,
-                               train_clip)
-from common.data import (Columns, ManifestError, atomic_write_text, image_path, index_data, init_distributed,
-                         open_image, read_manifest, shard)
+                               texts_of, train_clip)
+from common.data import (Columns, ManifestError, atomic_write_text, check_device, image_source, index_data,
+                         init_distributed, open_image, read_manifest, run_command, shard, text_problem)
 from common.miniature import SEGMENTATION_CLASSES, WorldConfig, ensure_world
 
 Regime = Literal["datacomp", "datacompdr", "swap"]
@@ -239,18 +239,20 @@ def swap_texts(indices: np.ndarray, real: Sequence[str], synthetic: Sequence[Seq
 
 
 def check_captions(columns: Columns, rows: np.ndarray, real_field: str, synthetic_field: str) -> None:
-    """Every training row has a real caption and a non-empty list of synthetic ones: else an error naming the sample."""
-    def good(values: dict) -> bool:
-        synthetic = values[synthetic_field]
-        synthetic = [synthetic] if isinstance(synthetic, str) else synthetic
-        return bool(values[real_field]) and bool(synthetic) and all(isinstance(v, str) and v for v in synthetic)
+    """Every training row has a real caption (a string) and synthetic ones (a string or a list of them), by
+    common.data.text_problem's rule: else an error naming the first bad sample's file and line."""
+    def problem(values: dict) -> str | None:
+        return text_problem(values[real_field], real_field) or text_problem(values[synthetic_field], synthetic_field,
+                                                                           lists=True)
 
-    kept = columns.rows_where(good, [real_field, synthetic_field])
+    kept = columns.rows_where(lambda values: problem(values) is None, [real_field, synthetic_field])
     bad = np.setdiff1d(rows, kept)
     if len(bad):
-        raise ManifestError(f"{columns.source}: sample {columns.value('id', int(bad[0]))!r} (and {len(bad) - 1} more) "
-                            f"needs a non-empty {real_field!r} and {synthetic_field!r} (list of captions); fields "
-                            f"present: {sorted(columns.record(int(bad[0])))}")
+        first = int(bad[0])
+        why = problem({name: columns.value(name, first) for name in (real_field, synthetic_field)})
+        raise ManifestError(f"{columns.where(first)} (id {columns.value('id', first)!r}): {why} (and {len(bad) - 1} "
+                            f"more samples); pretraining needs a caption in {real_field!r} and a list of captions in "
+                            f"{synthetic_field!r}")
 
 
 def make_texts_for(regime: str, real: list[str], synthetic: list[list[str]], swap_probability: float) -> Callable:
@@ -367,7 +369,7 @@ def reduce_zero_label(labels: np.ndarray, ignore_index: int = 255) -> np.ndarray
 
 def load_mask(record: dict, size: int, num_classes: int, ignore_index: int, reduce_zero: bool) -> torch.Tensor:
     """A record's class-id PNG as (S, S) long, cropped like its image; a label outside the classes is an error."""
-    path = image_path({**record, "image": record["mask"]})
+    path = image_source(record, "mask")
     labels = np.asarray(Image.open(path), dtype=np.int64)
     if labels.ndim != 2:
         raise ManifestError(f"{path} (sample {record.get('id')!r}): a mask must be one channel of class ids, "
@@ -388,7 +390,7 @@ def load_mask(record: dict, size: int, num_classes: int, ignore_index: int, redu
 
 def load_depth(record: dict, size: int) -> torch.Tensor:
     """A record's uint16 millimetre PNG as (S, S) float metres, cropped like its image (0 stays 0 = invalid)."""
-    depth = resize_center_crop(Image.open(image_path({**record, "image": record["depth"]})), size)
+    depth = resize_center_crop(Image.open(image_source(record, "depth")), size)
     return torch.from_numpy(np.asarray(depth, np.float32) / 1000.0)
 
 
@@ -426,8 +428,8 @@ class ProbeDataset(torch.utils.data.Dataset):
         record = self.records[index]
         item = dense_targets(record, self.size, self.args, [f for f in self.fields if f != "image"])
         if "image" in self.fields:
-            source = record["image"] if not isinstance(record["image"], str) else image_path(record)
-            item["image"] = self.preprocess(open_image(source, str(record.get("id"))))  # as preprocess_images
+            image = open_image(image_source(record), str(record.get("id")))
+            item["image"] = self.preprocess(image)  # as preprocess_images
         return item
 
     def only(self, fields: Sequence[str]) -> "ProbeDataset":
@@ -762,8 +764,10 @@ def world_records(args: Args, roles: Sequence[str] = tuple(MANIFESTS)) -> dict:
     the others are lists of records."""
     given = {role: getattr(args, MANIFESTS[role][0]) for role in roles}
     folder = ensure_world(args.world) if not all(given.values()) else None  # cached after the first build (seconds)
+    texts = {"test": (args.eval_text_field,)}  # what a role's records are read for as text, checked line by line
     return {role: (index_data(given[role] or str(folder / "train.jsonl")) if role == "train"
-                   else read_manifest(given[role] or folder / f"{MANIFESTS[role][1]}.jsonl")) for role in roles}
+                   else read_manifest(given[role] or folder / f"{MANIFESTS[role][1]}.jsonl", texts=texts.get(role, ())))
+            for role in roles}
 
 
 def training_images(args: Args, columns: Columns):
@@ -786,7 +790,8 @@ def pretrain_one(args: Args, records: dict, regime: str, seed: int, n_images: in
                            RegimeTexts(columns, regime, args), schedule, preprocess=preprocess,
                            rows=np.arange(n_images),
                            loss_fn=loss_function(args.kernel, distributed), device=args.device, checkpoint=state,
-                           recipe={"model": args.model, "regime": regime, "data": columns.source}, progress=False)
+                           recipe={"model": args.model, "regime": regime, "data": columns.source}, progress=False,
+                           desc=f"pretrain {regime}-n{n_images}-seed{seed}")
     history, seconds = train_log["history"], train_log["train_seconds"]
     row = {"regime": regime, "seed": seed, "train_images": n_images, "checkpoint": str(path),
            "final_loss": history[-1]["loss"], "train_seconds": seconds}
@@ -794,14 +799,14 @@ def pretrain_one(args: Args, records: dict, regime: str, seed: int, n_images: in
         return row
     device = next(model.parameters()).device
     test_images = ImageRows(records["test"], preprocess)  # decoded batch by batch
+    label = f"{regime}-n{n_images}-seed{seed}"
     if "objects" in records["test"][0]:
         metrics = evaluate_world(model, tokenizer, preprocess, records["test"], args.eval_text_field,
-                                 images=test_images, device=device)
+                                 images=test_images, device=device, name=label)
     else:
         img_emb = encode_images(model, test_images, device=device, workers=args.train.workers)
-        texts = [r[args.eval_text_field] for r in records["test"]]
-        metrics = retrieval_metrics(img_emb, encode_texts(model, tokenizer, texts, device=device))
-    label = f"{regime}-n{n_images}-seed{seed}"
+        texts = texts_of(records["test"], args.eval_text_field)
+        metrics = retrieval_metrics(img_emb, encode_texts(model, tokenizer, texts, device=device), name=label)
     save_checkpoint(path, {"state_dict": model.state_dict(), "model": args.model, "label": label, "regime": regime,
                            "seed": seed, "train_images": n_images, "train": dataclasses.asdict(schedule)})
     state.unlink(missing_ok=True)
@@ -1156,6 +1161,7 @@ def distributed_pretrain(args: Args) -> list[dict]:
 
 def main(argv=None) -> dict:
     args = parse(Args, argv, PRESETS)
+    check_device(args.device)  # before any stage loads weights onto it (a tag's loader would take the blame)
     out = Path(args.out)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         if args.stage not in ("attention", "pretrain"):
@@ -1199,4 +1205,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

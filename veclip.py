@@ -99,9 +99,9 @@ from common.cli import parse, preset_help
 from common.clip_score import tag_settings
 from common.clip_train import (MINIATURE_MODEL, ImageRows, TrainConfig, create_clip, encode_images, encode_texts,
                                preprocess_images, retrieval_metrics, train_clip, usable_rows, zero_shot_accuracy)
-from common.data import (BadSampleError, Columns, ManifestError, SkipCounter, atomic_write_text, generate_sharded,
-                         index_data, index_manifest, init_distributed, load_model, load_pretrained, open_record_image,
-                         read_manifest)
+from common.data import (BadSampleError, Columns, ManifestError, SkipCounter, atomic_write_text, check_device,
+                         generate_sharded, index_data, index_manifest, init_distributed, load_model, load_pretrained,
+                         open_record_image, read_manifest, run_command, shown, text_problem)
 from common.miniature import WorldConfig, ensure_world, zero_shot_tasks
 
 log = logging.getLogger("veclip")
@@ -372,10 +372,24 @@ def stage_vec(args: Args, records: list[dict]) -> dict:
     return run_generation(args, records, process_batch)
 
 
+def fusion_inputs(record: dict, args: Args) -> tuple[str, str]:
+    """(alt-text, VeC) of a record for step 2. The alt-text may be absent or empty (the VeC alone is rephrased) and
+    the VeC empty (the vec stage counts those), but each is a string: a list or a number is an error naming the
+    sample, never a prompt holding "['a', 'b']"."""
+    if args.vec_field not in record:
+        raise BadSampleError(f"sample {record['id']!r}: no {args.vec_field!r} field; run the vec stage first")
+    for name in (args.alt_field, args.vec_field):
+        if record.get(name) is not None and not isinstance(record[name], str):
+            raise BadSampleError(f"sample {record['id']!r}: field {name!r} must be a string, got {shown(record[name])}")
+    return record.get(args.alt_field) or "", record[args.vec_field] or ""
+
+
 def stage_fuse(args: Args, records: list[dict]) -> dict:
     """Step 2: LLM-VeC from alt-text + VeC, written as `llm_vec_field` (+ `<field>_fallback`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    for record in records:  # every input checked before the LLM loads, not hours into the run
+        fusion_inputs(record, args)
     _, _, device = init_distributed(args.device)
     remote = {"trust_remote_code": args.trust_remote_code}
     tokenizer = load_pretrained(AutoTokenizer, args.llm, "--llm", **remote)
@@ -389,17 +403,15 @@ def stage_fuse(args: Args, records: list[dict]) -> dict:
     def process_batch(batch: list[dict], counts: Counter):
         prompts = []
         for record in batch:
-            if args.vec_field not in record:
-                raise BadSampleError(f"sample {record['id']!r}: no {args.vec_field!r} field; run the vec stage first")
-            prompt, truncated = fusion_prompt(tokenizer, str(record.get(args.alt_field) or ""),
-                                              record[args.vec_field], args.max_prompt_tokens)
+            prompt, truncated = fusion_prompt(tokenizer, *fusion_inputs(record, args), args.max_prompt_tokens)
             prompts.append(prompt)
             counts["alt_text_truncated"] += truncated
         inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=special).to(device)
         results = []
         for record, answer in zip(batch, generate(model, tokenizer, inputs, args.max_new_tokens)):
             # step 2: the caption line, or VeC on a refusal
-            llm_vec, fell_back = llm_vec_or_fallback(answer, record[args.vec_field], str(record.get(args.alt_field) or ""))
+            alt_text, vec = fusion_inputs(record, args)
+            llm_vec, fell_back = llm_vec_or_fallback(answer, vec, alt_text)
             counts["refusal_fallbacks"] += fell_back
             results.append((record, {args.llm_vec_field: llm_vec, f"{args.llm_vec_field}_fallback": fell_back}))
         return results
@@ -463,34 +475,58 @@ def references(records: list[dict], text_field: str) -> tuple[list[str], list[in
     texts, text_to_image = [], []
     for index, record in enumerate(records):
         value = record.get(text_field)
-        refs = [ref for ref in ([value] if isinstance(value, str) else value or []) if str(ref).strip()]
-        if not refs:
+        if value in (None, "", []):
             raise ManifestError(f"evaluation sample {record.get('id')!r}: no reference caption in field {text_field!r}; "
                                 "pass --text-field with a field that holds the caption(s)")
-        texts += [str(ref) for ref in refs]
+        problem = text_problem(value, text_field, lists=True)  # a number or a list of them is no caption
+        if problem is not None:
+            raise ManifestError(f"evaluation sample {record.get('id')!r}: {problem}")
+        refs = [value] if isinstance(value, str) else value
+        texts += refs
         text_to_image += [index] * len(refs)
     return texts, text_to_image
 
 
+def class_names(records: list[dict], class_field: str) -> list[str]:
+    """Each record's class name in `class_field` (a string: an id such as 3 would be prompted as "a photo of a 3.")."""
+    for record in records:
+        problem = text_problem(record.get(class_field), class_field)
+        if problem is not None:
+            raise ManifestError(f"evaluation sample {record.get('id')!r}: {problem}")
+    return [record[class_field] for record in records]
+
+
+def model_label(args: Args) -> str:
+    """The evaluated model as errors name it: its open_clip tag, or the checkpoint it was trained into or read from."""
+    if args.pretrained is not None:
+        return f"--model {args.model} --pretrained {args.pretrained}"
+    return str(args.checkpoint or Path(args.out) / "checkpoint.pt")
+
+
 def evaluate(model, tokenizer, preprocess, records: list[dict], args: Args, images: torch.Tensor | None = None) -> dict:
     """Retrieval R@1/5/10 over every reference in `text_field`, zero-shot accuracy (the world's tasks, or
-    `class_field` with the `templates` ensemble), computed on the model's device. `images`: preprocessed pixels."""
-    device = model_device(model)
+    `class_field` with the `templates` ensemble), computed on the model's device. `images`: preprocessed pixels.
+    Non-finite embeddings (a diverged model) are an error naming the model, not R@K = 100."""
+    device, name = model_device(model), model_label(args)
     images = ImageRows(records, preprocess) if images is None else images  # decoded batch by batch
     img_emb = encode_images(model, images, device=device, workers=args.workers)  # (N, E)
     texts, text_to_image = references(records, args.text_field)
     # I->T: a hit when any of the image's captions is among the top K of all T; T->I: each caption's image
-    metrics = retrieval_metrics(img_emb, encode_texts(model, tokenizer, texts, device=device), text_to_image)  # step 4
+    metrics = retrieval_metrics(img_emb, encode_texts(model, tokenizer, texts, device=device), text_to_image,
+                                name=name)  # step 4
     if "objects" in records[0]:  # a miniature world: attribute tasks and the named-entity task, own templates
         for task, spec in zero_shot_tasks(records).items():
             if spec["indices"]:
                 metrics[f"zeroshot_{task}"] = zero_shot_accuracy(model, tokenizer, img_emb[spec["indices"]],
-                                                                 spec["classes"], spec["templates"], spec["labels"], device)
+                                                                 spec["classes"], spec["templates"], spec["labels"],
+                                                                 device, name=name)
         metrics["zeroshot_attributes"] = float(np.mean([metrics[f"zeroshot_{t}"] for t in ("background", "shape", "color")]))
     elif args.class_field:
-        classes = sorted({str(r[args.class_field]) for r in records})
-        labels = [classes.index(str(r[args.class_field])) for r in records]
-        metrics["zeroshot_top1"] = zero_shot_accuracy(model, tokenizer, img_emb, classes, args.templates, labels, device)
+        names = class_names(records, args.class_field)
+        classes = sorted(set(names))
+        labels = [classes.index(n) for n in names]
+        metrics["zeroshot_top1"] = zero_shot_accuracy(model, tokenizer, img_emb, classes, args.templates, labels,
+                                                      device, name=name)
     return metrics
 
 
@@ -619,6 +655,7 @@ def main(argv=None) -> dict:
     args = parse(Args, argv, PRESETS)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
+    check_device(args.device)  # before any stage loads weights onto it
     if not 0.0 <= args.p_alt <= 1.0:
         raise ValueError(f"--p-alt must be a probability, got {args.p_alt}")
     if args.stage == "miniature":
@@ -639,4 +676,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -46,8 +46,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from common.data import (BadSampleError, Columns, atomic_write_text, image_path, index_data, init_distributed,
-                         open_image, open_row_image, read_manifest)
+from common.data import (BadSampleError, Columns, ManifestError, NonFiniteError, atomic_write_text, check_device,
+                         image_source, index_data, init_distributed, open_image, open_row_image, read_manifest,
+                         run_command, text_problem)
 from common.miniature import SWAP_TYPES, WorldConfig, cache_root, ensure_world, swapped_captions, zero_shot_tasks
 from caption_kernels.contrastive import clip_loss, gather_features
 
@@ -118,8 +119,7 @@ class ImageRows(torch.utils.data.Dataset):
         if isinstance(self.source, Columns):
             return self.preprocess(open_row_image(self.source, row))
         record = self.source[row]
-        source = record["image"] if not isinstance(record["image"], str) else image_path(record)
-        return self.preprocess(open_image(source, str(record.get("id"))))
+        return self.preprocess(open_image(image_source(record), str(record.get("id"))))
 
 
 def preprocess_images(records: "Sequence[dict] | Columns", preprocess: Callable) -> torch.Tensor:
@@ -296,6 +296,31 @@ def _accumulated_step(ddp, pixels, tokens, batch_loss, accum_steps: int, autocas
     return loss.detach()
 
 
+def assert_finite_state(model: torch.nn.Module | None, loss, where: str) -> None:
+    """The trainers' one guard against a diverged run: NonFiniteError, in one line naming `where`, when `loss` (a
+    number or a scalar tensor) or a floating-point tensor of `model`'s state_dict (what a checkpoint holds) is NaN
+    or inf; None skips either.
+
+    Call it before every checkpoint write, the last one included, with the step's loss and the weights its update
+    left: a finite loss does not make a finite update (too high a learning rate puts NaN in the weights while the
+    loss that led there looks fine), and a checkpoint of NaN weights would be evaluated and resumed as if it were a
+    model. Raising there leaves the checkpoint on disk the last good one.
+    """
+    problems = []
+    if loss is not None and not math.isfinite(float(loss)):
+        problems.append(f"the loss is {float(loss)}")
+    if model is not None:
+        named = [(name, t) for name, t in model.state_dict().items() if t.is_floating_point()]
+        finite = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist() if named else []  # one sync
+        bad = [name for (name, _), ok in zip(named, finite) if not ok]
+        if bad:
+            problems.append(f"{len(bad)} of {len(named)} weight tensors hold NaN or inf "
+                            f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
+    if problems:
+        raise NonFiniteError(f"{where}: {' and '.join(problems)}; the run diverged and stops before writing a "
+                             "checkpoint of it (lower the learning rate, or warm up longer)")
+
+
 def train_clip(model, tokenizer, images, texts_for: TextsFor, cfg: TrainConfig, *, preprocess: Callable | None = None,
                rows: np.ndarray | None = None, loss_fn: Callable | None = None, device: str = "cpu",
                checkpoint: str | os.PathLike | None = None, resume: bool = True, recipe: dict | None = None,
@@ -310,8 +335,9 @@ def train_clip(model, tokenizer, images, texts_for: TextsFor, cfg: TrainConfig, 
     torchrun each rank takes its share of every global batch, the features are all-gathered for the loss
     (caption_kernels.contrastive) and DDP averages the gradients. `checkpoint`: a path saved every cfg.checkpoint_every
     steps and at the end (rank 0, atomically), from which a run with the same recipe resumes exactly (`resume=False`
-    starts afresh and overwrites it). A NaN or
-    infinite loss stops training with the step, before any checkpoint is written.
+    starts afresh and overwrites it). `assert_finite_state` checks the loss before each update and the loss and
+    weights before each checkpoint write and after the last step: a diverged run raises NonFiniteError, naming the
+    step and what the checkpoint on disk still holds, and never saves NaN weights.
     """
     rank, world_size, device = init_distributed(device)
     if cfg.batch_size % (world_size * cfg.accum_steps):
@@ -350,6 +376,13 @@ def train_clip(model, tokenizer, images, texts_for: TextsFor, cfg: TrainConfig, 
     use_amp = cfg.amp and device.startswith("cuda")
     autocast = functools.partial(torch.autocast, device.split(":")[0], dtype=torch.bfloat16, enabled=use_amp)
     substituted, began = 0, time.time()
+    saved = start or None  # the step the checkpoint on disk holds, for the guard's message
+
+    def where(step: int, when: str) -> str:
+        kept = ("no checkpoint asked for" if checkpoint is None else f"{checkpoint} keeps step {saved}" if saved
+                else f"{checkpoint} not written by this run")
+        return f"{desc} at step {step} of {cfg.steps}, {when} ({kept})"
+
     model.train()
     bar = tqdm(zip(range(start, cfg.steps), loader), total=cfg.steps - start, desc=desc, disable=not progress or rank)
     for step, (pixels, tokens, n_substituted) in bar:
@@ -367,8 +400,7 @@ def train_clip(model, tokenizer, images, texts_for: TextsFor, cfg: TrainConfig, 
         if world_size > 1:
             dist.all_reduce(global_loss)
             global_loss /= world_size  # mean of the per-rank losses = the loss of the global batch
-        if not torch.isfinite(global_loss):
-            raise FloatingPointError(f"loss is {global_loss.item()} at step {step}; stopping before the weights are poisoned")
+        assert_finite_state(None, global_loss, where(step, "before its update"))  # a NaN gradient would poison them
         if cfg.accum_steps == 1:
             loss.backward()
         optimizer.step()
@@ -378,10 +410,15 @@ def train_clip(model, tokenizer, images, texts_for: TextsFor, cfg: TrainConfig, 
                         "loss": global_loss.item(), "logit_scale": model.logit_scale.exp().item(),
                         "lr": optimizer.param_groups[0]["lr"]})
         bar.set_postfix(loss=f"{global_loss.item():.3f}")
-        if checkpoint is not None and rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+        last = step + 1 == cfg.steps
+        saving = checkpoint is not None and ((step + 1) % cfg.checkpoint_every == 0 or last)
+        if saving or last:  # on every rank: DDP keeps the weights equal, so the ranks stop together
+            assert_finite_state(model, global_loss, where(step, "after its update"))
+        if saving and rank == 0:
             save_checkpoint(checkpoint, {"state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
                                          "step": step + 1, "position": list(epoch_and_position(step + 1, len(rows), cfg.batch_size)),
                                          "history": history, "recipe": recipe})
+            saved = step + 1
     model.eval()
     if substituted:
         log.warning("%d unreadable images were replaced by the next readable sample", substituted)
@@ -416,9 +453,18 @@ def encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 512, 
     return torch.cat(out)
 
 
+def check_embeddings(embeddings: torch.Tensor, what: str) -> None:
+    """NonFiniteError when an embedding holds NaN or inf: a NaN similarity is never greater than another, so every
+    query of a diverged model would rank its own item first (R@K = 100) and every image would pick class 0."""
+    bad = ~torch.isfinite(embeddings).all(dim=-1)
+    if bad.any():
+        raise NonFiniteError(f"{what} contain NaN or inf ({int(bad.sum())} of {len(embeddings)}): its weights are not "
+                             "finite (a diverged training?); no metric is computed from them")
+
+
 def retrieval_metrics(img_emb: torch.Tensor, txt_emb: torch.Tensor, text_to_image: Sequence[int] | None = None,
-                      ks: Sequence[int] = (1, 5, 10), chunk: int = 4096) -> dict:
-    """Zero-shot retrieval recall@K in percent, both directions.
+                      ks: Sequence[int] = (1, 5, 10), chunk: int = 4096, name: str = "the model") -> dict:
+    """Zero-shot retrieval recall@K in percent, both directions; non-finite embeddings of model `name` are refused.
 
     `text_to_image[t]` is the image of text t (default: text t belongs to image t). Image->text
     counts a hit when any of the image's texts is in the top K; text->image when its image is.
@@ -426,6 +472,8 @@ def retrieval_metrics(img_emb: torch.Tensor, txt_emb: torch.Tensor, text_to_imag
     two passes: the first finds each image's best correct text and ranks each text's image, the second counts
     the texts above each image's best; both passes compute the same products, so ties are judged alike.
     """
+    check_embeddings(img_emb, f"image embeddings of {name}")
+    check_embeddings(txt_emb, f"text embeddings of {name}")
     text_to_image = torch.arange(len(txt_emb)) if text_to_image is None else torch.as_tensor(text_to_image)
     images = torch.arange(len(img_emb))
     best_correct = torch.full((len(img_emb),), -torch.inf)
@@ -448,26 +496,41 @@ def retrieval_metrics(img_emb: torch.Tensor, txt_emb: torch.Tensor, text_to_imag
 
 
 def zero_shot_accuracy(model, tokenizer, img_emb: torch.Tensor, classes: Sequence[str], templates: Sequence[str],
-                       labels: Sequence[int], device: str = "cpu") -> float:
-    """Top-1 accuracy in percent: each class is the mean of its prompt embeddings (CLIP's ensembling)."""
-    prompts = [template.format(name) for name in classes for template in templates]
+                       labels: Sequence[int], device: str = "cpu", name: str = "the model") -> float:
+    """Top-1 accuracy in percent: each class is the mean of its prompt embeddings (CLIP's ensembling); non-finite
+    embeddings of model `name` are refused."""
+    check_embeddings(img_emb, f"image embeddings of {name}")
+    prompts = [template.format(class_name) for class_name in classes for template in templates]
     class_emb = encode_texts(model, tokenizer, prompts, device=device).view(len(classes), len(templates), -1)
+    check_embeddings(class_emb.flatten(0, 1), f"class prompt embeddings of {name}")
     class_emb = F.normalize(class_emb.mean(dim=1), dim=-1)  # (C, E)
     predictions = (img_emb @ class_emb.t()).argmax(dim=1)
     return 100.0 * (predictions == torch.as_tensor(labels)).float().mean().item()
 
 
 def evaluate_world(model, tokenizer, preprocess, records: Sequence[dict], text_field: str = "caption",
-                   images: "torch.Tensor | ImageRows | None" = None, device: str = "cpu") -> dict:
-    """Retrieval against `text_field` and the world's zero-shot tasks on miniature-world records."""
+                   images: "torch.Tensor | ImageRows | None" = None, device: str = "cpu",
+                   name: str = "the model") -> dict:
+    """Retrieval against `text_field` and the world's zero-shot tasks on miniature-world records (model `name`)."""
     img_emb = encode_images(model, ImageRows(records, preprocess) if images is None else images, device=device)
-    txt_emb = encode_texts(model, tokenizer, [r[text_field] for r in records], device=device)
-    metrics = retrieval_metrics(img_emb, txt_emb)
+    txt_emb = encode_texts(model, tokenizer, texts_of(records, text_field), device=device)
+    metrics = retrieval_metrics(img_emb, txt_emb, name=name)
     for task, spec in zero_shot_tasks(list(records)).items():
         if spec["indices"]:
             metrics[f"zeroshot_{task}"] = zero_shot_accuracy(model, tokenizer, img_emb[spec["indices"]],
-                                                             spec["classes"], spec["templates"], spec["labels"], device)
+                                                             spec["classes"], spec["templates"], spec["labels"], device,
+                                                             name=name)
     return metrics
+
+
+def texts_of(records: Sequence[dict], field: str) -> list[str]:
+    """Every record's text in `field` for an evaluation, by `text_problem`'s rule: a record without one is an error
+    naming it (a test set that silently shrank would not be the test set)."""
+    for record in records:
+        problem = text_problem(record.get(field), field)
+        if problem is not None:
+            raise ManifestError(f"evaluation sample {record.get('id')!r}: {problem}")
+    return [record[field] for record in records]
 
 
 def swap_accuracy(model, tokenizer, img_emb: torch.Tensor, records: Sequence[dict], seed: int = 0,
@@ -477,7 +540,9 @@ def swap_accuracy(model, tokenizer, img_emb: torch.Tensor, records: Sequence[dic
     `img_emb[i]` is record i's image; the swaps come from `swapped_captions` with a generator seeded by (seed, i),
     so every model is tested on the same pairs.
     """
-    truth = encode_texts(model, tokenizer, [r["caption"] for r in records], device=device)
+    truth = encode_texts(model, tokenizer, texts_of(records, "caption"), device=device)
+    check_embeddings(img_emb, "image embeddings of the model")
+    check_embeddings(truth, "text embeddings of the model")
     right = (img_emb * truth).sum(dim=1)
     swaps = [swapped_captions(r, np.random.default_rng([seed, i])) for i, r in enumerate(records)]
     out = {}
@@ -567,15 +632,19 @@ class FieldTexts:
         return [v[int(u * len(v))] if isinstance(v, list) else v for v, u in zip(values, draws)]
 
 
-def usable_rows(columns: Columns, fields: Sequence[str], strict: bool = False) -> np.ndarray:
-    """Rows whose `fields` all hold a non-empty text (or non-empty list); the others are counted (strict: an error)."""
-    def usable(values: dict) -> bool:
-        return all(isinstance(v, str) and v.strip() or isinstance(v, list) and any(str(x).strip() for x in v)
-                   for v in values.values())
+def usable_rows(columns: Columns, fields: Sequence[str], strict: bool = False, lists: bool = False) -> np.ndarray:
+    """Rows whose `fields` all hold a text by `text_problem`'s rule (`lists`: or a list of texts, which FieldTexts
+    draws from); the others are counted and left out, the first named by file and line (strict: an error)."""
+    def problem(values: dict) -> str | None:
+        return next((p for name, v in values.items() if (p := text_problem(v, name, lists)) is not None), None)
 
-    rows = columns.rows_where(usable, fields)
+    rows = columns.rows_where(lambda values: problem(values) is None, fields)
     if len(rows) < len(columns):
-        message = f"{columns.source}: {len(columns) - len(rows)} of {len(columns)} samples lack a text in {list(fields)}"
+        gaps = np.flatnonzero(rows != np.arange(len(rows)))  # rows is sorted: the first gap is the first left out
+        first = int(gaps[0]) if len(gaps) else len(rows)
+        why = problem({name: columns.value(name, first) for name in fields})
+        message = (f"{columns.where(first)} (id {columns.value('id', first)!r}): {why}; {len(columns) - len(rows)} of "
+                   f"{len(columns)} samples lack a text in {list(fields)}")
         if strict:
             raise BadSampleError(message)
         log.warning("%s; they are left out", message)
@@ -610,9 +679,10 @@ def main(argv=None) -> dict:
 
     args = tyro.cli(Args, args=argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    check_device(args.device)
     folder = ensure_world() if not args.data or args.eval_data is None else None
     columns = index_data(args.data or str(folder / "train.jsonl"), Path(args.out) / "train.index")
-    rows = usable_rows(columns, [args.text_field], args.strict)
+    rows = usable_rows(columns, [args.text_field], args.strict, lists=True)
     model, preprocess, tokenizer = create_clip(args.model, seed=args.train.seed)
     out = Path(args.out)
     log_ = train_clip(model, tokenizer, columns, FieldTexts(columns, args.text_field), args.train, preprocess=preprocess,
@@ -620,14 +690,15 @@ def main(argv=None) -> dict:
                       strict=args.strict, recipe={"model": args.model, "text_field": args.text_field, "data": columns.source})
     if dist.is_initialized() and dist.get_rank() != 0:
         return log_
-    eval_records = read_manifest(args.eval_data or folder / "test.jsonl")
-    device = next(model.parameters()).device
+    eval_records = read_manifest(args.eval_data or folder / "test.jsonl", texts=(args.text_field,))
+    device, name = next(model.parameters()).device, f"the model of {out / 'checkpoint.pt'}"
     if "objects" in eval_records[0]:
-        metrics = evaluate_world(model, tokenizer, preprocess, eval_records, args.text_field, device=str(device))
+        metrics = evaluate_world(model, tokenizer, preprocess, eval_records, args.text_field, device=str(device),
+                                 name=name)
     else:
         img_emb = encode_images(model, ImageRows(eval_records, preprocess), device=device, workers=args.train.workers)
-        metrics = retrieval_metrics(img_emb, encode_texts(model, tokenizer, [r[args.text_field] for r in eval_records],
-                                                          device=device))
+        txt_emb = encode_texts(model, tokenizer, texts_of(eval_records, args.text_field), device=device)
+        metrics = retrieval_metrics(img_emb, txt_emb, name=name)
     metrics["images_per_second"] = log_["images_per_second"]
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     atomic_write_text(out / "history.json", json.dumps(log_["history"]))
@@ -636,4 +707,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -48,6 +48,82 @@ class BadSampleError(ValueError):
     """One sample that cannot be used (unreadable image, empty caption), raised in strict mode."""
 
 
+class NonFiniteError(ValueError, FloatingPointError):
+    """NaN or inf in a loss, in weights or in embeddings: a diverged run, whose checkpoint or metrics would mean
+    nothing. A FloatingPointError, as the trainers raised before, and a ValueError like the other expected errors."""
+
+
+class DeviceError(ValueError):
+    """A --device that this machine does not have."""
+
+
+# The errors a command line ends with as one line (`run_command`); any other exception is a bug and keeps its traceback.
+EXPECTED_ERRORS = (FileNotFoundError, ManifestError, BadSampleError, NonFiniteError, DeviceError)
+
+
+def run_command(main: Callable, argv: Sequence[str] | None = None):
+    """`main(argv)`, with an expected error printed as one line on stderr and exit status 1, no traceback."""
+    try:
+        return main(argv)
+    except EXPECTED_ERRORS as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+def check_device(device: str) -> str:
+    """`device` if this machine has it; else DeviceError in one line (not a driver traceback from the first tensor
+    moved there, nor an error blaming whatever was loading at the time, such as --pretrained weights)."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as err:
+        raise DeviceError(f"--device {device!r} is not a torch device ({err})") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}, "
+                          f"CUDA build {torch.version.cuda or 'none'}); pass --device cpu")
+    index = torch.device(device).index
+    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        raise DeviceError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed fields: the one rule every reader applies
+# ---------------------------------------------------------------------------------------------
+
+
+def shown(value: Any) -> str:
+    """A value as the manifest writes it, cut short, for error messages."""
+    return json.dumps(value, default=repr)[:60]
+
+
+def text_problem(value: Any, name: str, lists: bool = False) -> str | None:
+    """Why `value` cannot be field `name`'s text, or None. A text is a str with a non-blank character; `lists` also
+    allows a non-empty list of them (references, several captions per image).
+
+    The rule of every reader that pulls a field as text (a caption, an alt-text, a class name): a number, null, a
+    dict, or a list where one text is read is refused, never turned into "123" or "['a', 'b']" and trained or scored
+    on as if someone had written it. The caller refuses the line (file:line) or counts the sample as skipped.
+    """
+    if isinstance(value, str):
+        return None if value.strip() else f"field {name!r} is empty"
+    if lists and isinstance(value, list):
+        if not value:
+            return f"field {name!r} is an empty list"
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not item.strip():
+                return f"field {name!r}: item {i} must be a non-empty string, got {shown(item)}"
+        return None
+    if value is None:
+        return f"field {name!r} is missing or null"
+    return f"field {name!r} must be a string{' or a list of strings' if lists else ''}, got {shown(value)}"
+
+
+def sample_id_problem(value: Any) -> str | None:
+    """Why `value` cannot be a sample id (a string or an integer), or None: str() of a list or a float is no id."""
+    if isinstance(value, str) or isinstance(value, int) and not isinstance(value, bool):
+        return None
+    return f"field 'id' must be a string or an integer, got {shown(value)}"
+
+
 # ---------------------------------------------------------------------------------------------
 # Manifests: read, validate, write
 # ---------------------------------------------------------------------------------------------
@@ -67,8 +143,12 @@ def _parse_line(raw: bytes, path: Path, line_no: int) -> dict:
     return record
 
 
-def validate_record(record: dict, required: Sequence[str] = REQUIRED_FIELDS, where: str = "record") -> None:
-    """Raise ManifestError naming `where` and the sample id if a required field is missing or empty."""
+def validate_record(record: dict, required: Sequence[str] = REQUIRED_FIELDS, where: str = "record",
+                    texts: Sequence[str] = (), text_lists: Sequence[str] = ()) -> None:
+    """Raise ManifestError naming `where` and the sample id if a required field is missing or empty, if `id` is no
+    id, or if a field of `texts` (a string) or `text_lists` (a string or a list of them) breaks `text_problem`'s
+    rule. An image of the wrong type is a bad sample, counted where it is opened (`image_source`), as an unreadable
+    one is."""
     sample = record.get("id", "<no id>")
     for name in required:
         if name not in record:
@@ -76,11 +156,20 @@ def validate_record(record: dict, required: Sequence[str] = REQUIRED_FIELDS, whe
         value = record[name]
         if value is None or (isinstance(value, str) and not value.strip()):
             raise ManifestError(f"{where} (id {sample!r}): field {name!r} is empty")
+    problems = [sample_id_problem(sample) if "id" in record else None]
+    problems += [text_problem(record.get(name), name) for name in texts]
+    problems += [text_problem(record.get(name), name, lists=True) for name in text_lists]
+    problem = next((p for p in problems if p is not None), None)
+    if problem is not None:
+        raise ManifestError(f"{where} (id {sample!r}): {problem}")
 
 
-def read_manifest(path: str | os.PathLike, required: Sequence[str] = REQUIRED_FIELDS) -> list[dict]:
+def read_manifest(path: str | os.PathLike, required: Sequence[str] = REQUIRED_FIELDS, texts: Sequence[str] = (),
+                  text_lists: Sequence[str] = ()) -> list[dict]:
     """Read a JSONL manifest, check each line and that ids are unique; blank lines are allowed.
 
+    `texts` / `text_lists`: the fields the caller reads as text (an evaluation's captions), which every line must
+    hold as a string / a string or a list of them; any other value is an error naming the file and line.
     Each record gets `_root`, the manifest's folder, so that relative image paths resolve later.
     """
     path = Path(path)
@@ -92,7 +181,7 @@ def read_manifest(path: str | os.PathLike, required: Sequence[str] = REQUIRED_FI
             if not raw.strip():
                 continue
             record = _parse_line(raw, path, line_no)
-            validate_record(record, required, where=f"{path}:{line_no}")
+            validate_record(record, required, f"{path}:{line_no}", texts, text_lists)
             sample = str(record["id"])
             if sample in seen:
                 raise ManifestError(f"{path}:{line_no}: id {sample!r} already used on line {seen[sample]}")
@@ -136,29 +225,65 @@ def image_path(record: dict) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
+# 8-bit value = stored value / divisor: 65535 / 257 = 255, so a 16-bit image maps onto 0..255 exactly
+SIXTEEN_BIT = 257.0
+FLOAT_RANGE = 255.0  # mode F holds floats in 0..1, the convention of float images
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB.
+
+    PIL's convert("RGB") clips 16-bit and float values at 255, so a 16-bit PNG decodes as white, and it drops
+    alpha, which shows whatever colour a transparent pixel happens to store (often black). Here 16-bit modes
+    (I;16*, and I, Pillow's mode for 16-bit PNGs before 10.x) are divided by 257, F is scaled from 0..1, and
+    transparency (RGBA, LA, PA, a palette's or a colour key's) is composited on white, as a page shows it; the
+    other modes (L, 1, P, CMYK, YCbCr, LAB, HSV) are PIL's conversions.
+    """
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)  # (H, W)
+        values = values * FLOAT_RANGE if image.mode == "F" else values / SIXTEEN_BIT
+        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if image.mode.endswith(("A", "a")) or "transparency" in image.info:  # RGBA, LA, PA, RGBa; a tRNS chunk
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
 def open_image(source: Any, sample: str = "?") -> Image.Image:
-    """Open an image as RGB from a path, bytes or a PIL image; BadSampleError says which sample failed."""
-    if isinstance(source, Image.Image):
-        return source.convert("RGB")
+    """Open an image as RGB (`to_rgb`) from a path, bytes or a PIL image; BadSampleError says which sample failed."""
+    if not isinstance(source, (Image.Image, str, os.PathLike, bytes, bytearray)) and not hasattr(source, "read"):
+        raise BadSampleError(f"sample {sample!r}: an image is a path, bytes or a PIL image, got {shown(source)}")
     try:
-        if isinstance(source, (bytes, bytearray)):
-            image = Image.open(io.BytesIO(source))
+        if isinstance(source, Image.Image):
+            image = source
         else:
-            image = Image.open(source)
-        image.load()
+            image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+            image.load()
+        return to_rgb(image)
     except FileNotFoundError as err:
         raise BadSampleError(f"sample {sample!r}: image file not found: {source}") from err
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:  # ValueError: a mode PIL cannot convert
         raise BadSampleError(f"sample {sample!r}: image cannot be decoded ({err})") from err
-    return image.convert("RGB")
+
+
+def image_source(record: dict, field: str = "image") -> "Image.Image | bytes | Path":
+    """What `open_image` reads for a record's `field` (its image; a mask or a depth map): a PIL image or bytes held
+    in memory, else the path, relative to the manifest's folder. Any other value (a number, a list, null) is a
+    BadSampleError naming the sample, not a TypeError from deep inside pathlib."""
+    value = record.get(field)
+    if isinstance(value, (Image.Image, bytes, bytearray)):
+        return value
+    if isinstance(value, (str, os.PathLike)) and str(value).strip():
+        return image_path({**record, "image": value})
+    raise BadSampleError(f"sample {str(record.get('id', '?'))!r}: field {field!r} must be an image path, image bytes "
+                         f"or a PIL image, got {shown(value)}")
 
 
 def open_record_image(record: dict, skipped: "SkipCounter", strict: bool = False) -> Image.Image | None:
     """A record's image as RGB, or None after counting it in `skipped` (strict: BadSampleError)."""
     sample = str(record.get("id", "?"))
-    source = record["image"] if isinstance(record["image"], Image.Image) else image_path(record)
     try:
-        return open_image(source, sample)
+        return open_image(image_source(record), sample)
     except BadSampleError as err:
         if strict:
             raise
@@ -167,18 +292,15 @@ def open_record_image(record: dict, skipped: "SkipCounter", strict: bool = False
 
 
 def pick_text(record: dict, text_field: str, rng: random.Random | None = None) -> str:
-    """The record's text for `text_field`; a list field yields one element drawn uniformly by `rng`."""
+    """The record's text for `text_field` (`text_problem`'s rule); a list field yields one element drawn by `rng`."""
     sample = record.get("id", "?")
     if text_field not in record:
         raise ManifestError(f"sample {sample!r}: no text field {text_field!r}; fields present: {sorted(record)}")
     value = record[text_field]
-    if isinstance(value, list):
-        if not value:
-            raise BadSampleError(f"sample {sample!r}: field {text_field!r} is an empty list")
-        value = (rng or random).choice(value)
-    if not isinstance(value, str) or not value.strip():
-        raise BadSampleError(f"sample {sample!r}: field {text_field!r} is empty")
-    return value
+    problem = text_problem(value, text_field, lists=True)
+    if problem is not None:
+        raise BadSampleError(f"sample {sample!r}: {problem}")
+    return (rng or random).choice(value) if isinstance(value, list) else value
 
 
 @dataclass
@@ -222,8 +344,7 @@ class ManifestDataset(torch.utils.data.Dataset):
         sample = str(record.get("id", index))
         try:
             text = pick_text(record, self.text_field, self.rng)
-            source = record["image"] if isinstance(record["image"], Image.Image) else image_path(record)
-            image = open_image(source, sample)
+            image = open_image(image_source(record), sample)
         except BadSampleError as err:
             if self.strict:
                 raise
@@ -265,13 +386,19 @@ def load_coco_karpathy(json_path: str | os.PathLike, image_root: str | os.PathLi
     records = []
     for position, entry in enumerate(data["images"]):
         where = f"{json_path}: images[{position}]"
-        for name in ("filename", "split", "sentences"):
+        for name, kind in (("filename", str), ("split", str), ("sentences", list)):
             if name not in entry:
                 raise ManifestError(f"{where}: missing {name!r}")
+            if not isinstance(entry[name], kind):
+                raise ManifestError(f"{where}: {name!r} must be a {kind.__name__}, got {shown(entry[name])}")
         split = "train" if (entry["split"] == "restval" and restval_as_train) else entry["split"]
         if splits is not None and split not in splits:
             continue
-        refs = [s["raw"].strip() for s in entry["sentences"] if s.get("raw", "").strip()]
+        raws = [s.get("raw", "") if isinstance(s, dict) else s for s in entry["sentences"]]
+        bad = next((j for j, raw in enumerate(raws) if not isinstance(raw, str)), None)
+        if bad is not None:  # str() of it would be a reference no one wrote
+            raise ManifestError(f"{where}: sentences[{bad}]: 'raw' must be a string, got {shown(raws[bad])}")
+        refs = [raw.strip() for raw in raws if raw.strip()]
         if not refs:
             raise ManifestError(f"{where}: no non-empty sentence")
         image = Path(image_root) / entry.get("filepath", "") / entry["filename"]
@@ -295,9 +422,9 @@ def iter_webdataset(urls: str | Sequence[str], image_keys: Sequence[str] = ("jpg
     skipped = skipped if skipped is not None else SkipCounter()
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
         key = sample["__key__"]
-        meta = json.loads(sample["json"]) if "json" in sample else {}
         raw = next((sample[name] for name in image_keys if name in sample), None)
         try:
+            meta = shard_meta(sample.get("json"), key)
             if raw is None:
                 raise BadSampleError(f"sample {key!r}: no image among {list(image_keys)}")
             image = open_image(raw, key)
@@ -306,7 +433,22 @@ def iter_webdataset(urls: str | Sequence[str], image_keys: Sequence[str] = ("jpg
                 raise
             skipped.add(key, str(err))
             continue
-        yield {**meta, "id": str(meta.get("id", key)), "image": image}
+        yield {**meta, "image": image}
+
+
+def shard_meta(payload: bytes | None, key: str) -> dict:
+    """A shard sample's json (none: {}) as a record without its image: its fields, and `id` its own (a string or an
+    integer) or else the sample's key. BadSampleError if the json is not an object or its id is no id."""
+    try:
+        meta = {} if payload is None else json.loads(payload)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BadSampleError(f"sample {key!r}: its json is not valid JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise BadSampleError(f"sample {key!r}: its json must be an object, got {shown(meta)}")
+    problem = sample_id_problem(meta.get("id", key))
+    if problem is not None:
+        raise BadSampleError(f"sample {key!r}: {problem}")
+    return {**meta, "id": str(meta.get("id", key))}
 
 
 def write_webdataset_shard(path: str | os.PathLike, records: Iterable[dict]) -> Path:
@@ -333,6 +475,7 @@ def write_webdataset_shard(path: str | os.PathLike, records: Iterable[dict]) -> 
 
 def init_distributed(device: str) -> tuple[int, int, str]:
     """(rank, world size, this rank's device) under torchrun (gloo on CPU, nccl on CUDA); (0, 1, device) otherwise."""
+    check_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if world_size == 1:
         return 0, 1, device
@@ -422,6 +565,8 @@ class ResumableJSONLWriter:
                 except (UnicodeDecodeError, json.JSONDecodeError) as err:
                     raise ManifestError(f"{self.path}:{line_no}: corrupt line inside the file ({err}); "
                                         "only a truncated last line can be repaired") from err
+                if not isinstance(record, dict) or self.key not in record:
+                    raise ManifestError(f"{self.path}:{line_no}: a line without {self.key!r}: not this job's output")
                 self.done.add(str(record[self.key]))
             offset += len(raw) + 1
         if tail:
@@ -508,7 +653,8 @@ def generate_sharded(records: Sequence[dict], out: str | os.PathLike, batch_size
 # Columnar records: millions of samples without a Python dict each
 # ---------------------------------------------------------------------------------------------
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: a manifest's index keeps each row's line number (`Columns.where`)
+LINES_FILE = "lines.i64"  # not a column's name: a field's files end in .bin and .idx
 OFFSET_BLOCK = 65536  # offsets the index writer buffers before it appends them to a column's .idx file
 
 
@@ -553,6 +699,14 @@ class Columns:
     def column(self, name: str, rows: Iterable[int]) -> list:
         """The field's values of `rows`, in order."""
         return [self.value(name, int(row)) for row in rows]
+
+    def where(self, row: int) -> str:
+        """Where row `row` comes from, for messages: `manifest:line`, or the shards and the row."""
+        lines = self.folder / LINES_FILE
+        if not lines.exists():
+            return f"{self.source} (row {row})"
+        with open(lines, "rb") as handle:
+            return f"{self.source}:{struct.unpack('<q', os.pread(handle.fileno(), 8, 8 * row))[0]}"
 
     def record(self, row: int) -> dict:
         """One row as the dict `read_manifest` would give (with `_root`)."""
@@ -706,9 +860,10 @@ def index_manifest(path: str | os.PathLike, folder: str | os.PathLike | None = N
                     if len(block) == OFFSET_BLOCK:
                         line_of.append(np.asarray(block, dtype=np.int64))
                         block = []
-        lines = np.concatenate(line_of + [np.asarray(block, dtype=np.int64)])
+        np.concatenate(line_of + [np.asarray(block, dtype="<i8")]).astype("<i8").tofile(tmp / LINES_FILE)
         writer.close({"source": str(path), "root": str(path.parent.resolve()), "stamp": stamp})
-        _check_unique_ids(Columns(tmp), lambda row: f"{path}:{lines[row]}")
+        columns = Columns(tmp)
+        _check_unique_ids(columns, columns.where)
 
     return _build_under_lock(folder, stamp, build)
 
@@ -735,21 +890,20 @@ def index_shards(urls: Sequence[str | os.PathLike], folder: str | os.PathLike,
                     sample = samples.setdefault(key, {})
                     if extension == "json":
                         try:
-                            sample["meta"] = json.loads(tar.extractfile(member).read())
-                        except json.JSONDecodeError as err:
-                            raise ManifestError(f"{shard_path}: {member.name}: not valid JSON ({err.msg})") from err
+                            sample["meta"] = shard_meta(tar.extractfile(member).read(), key)
+                        except BadSampleError as err:
+                            raise ManifestError(f"{shard_path}: {member.name}: {err}") from err
                     elif extension.lower() in image_keys:
                         sample["image"] = {"shard": str(shard_path.resolve()), "offset": member.offset_data,
                                            "size": member.size}
                     if "meta" in sample and "image" in sample:  # complete: write it, forget it
-                        meta = sample["meta"] if isinstance(sample["meta"], dict) else {}
-                        writer.add({**meta, "id": str(meta.get("id", key)), "image": sample["image"]})
+                        writer.add({**sample["meta"], "image": sample["image"]})
                         del samples[key]
             for key, sample in samples.items():
                 log.warning("%s: sample %r has no %s; skipped", shard_path, key, "image" if "meta" in sample else "json")
         writer.close({"source": ", ".join(str(s) for s in shards), "root": "/", "stamp": stamp})
         columns = Columns(tmp)
-        _check_unique_ids(columns, lambda row: f"{columns.source} (row {row})")
+        _check_unique_ids(columns, columns.where)
 
     return _build_under_lock(Path(folder), stamp, build)
 
@@ -777,5 +931,4 @@ def open_row_image(columns: Columns, row: int) -> Image.Image:
                 return open_image(handle.read(image["size"]), sample)
         except OSError as err:
             raise BadSampleError(f"sample {sample!r}: cannot read its bytes in {image['shard']} ({err})") from err
-    path = Path(image)
-    return open_image(path if path.is_absolute() else Path(columns.root) / path, sample)
+    return open_image(image_source({"id": sample, "image": image, "_root": columns.root}), sample)

@@ -12,6 +12,7 @@ from PIL import Image
 
 import clip_quality as cq
 from common.clip_train import create_clip
+from common.data import DeviceError, NonFiniteError, image_path
 from common.miniature import WorldConfig, ensure_world
 from tests.realarch import assert_same_weights, run_torchrun, serve_open_clip_tag
 
@@ -122,7 +123,7 @@ def test_check_captions_names_the_bad_sample(tmp_path):
                     '{"id": "b", "image": "x.png", "alt_text": "x", "synthetic_captions": []}\n')
     columns = cq.index_data(str(path))
     cq.check_captions(columns, np.arange(1), "alt_text", "synthetic_captions")  # the first row alone is fine
-    with pytest.raises(cq.ManifestError, match="sample 'b'"):
+    with pytest.raises(cq.ManifestError, match=r"m.jsonl:2 \(id 'b'\): field 'synthetic_captions' is an empty list"):
         cq.check_captions(columns, np.arange(2), "alt_text", "synthetic_captions")
 
 
@@ -351,7 +352,7 @@ def in_memory_probe_set(records, preprocess, args):
     size = images.shape[-1]
     masks = torch.stack([cq.load_mask(r, size, args.num_classes, args.ignore_index, args.reduce_zero_label)
                          for r in records])
-    depth = torch.stack([torch.from_numpy(np.asarray(cq.resize_center_crop(Image.open(cq.image_path(
+    depth = torch.stack([torch.from_numpy(np.asarray(cq.resize_center_crop(Image.open(image_path(
         {**r, "image": r["depth"]})), size), np.float32) / 1000.0) for r in records])
     return images, masks, depth
 
@@ -973,3 +974,37 @@ def test_a_missing_checkpoint_is_named_before_any_probe_trains(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"^--checkpoints: .*missing\.pt: neither a checkpoint file nor an open_clip"):
         cq.main(["probe", "--out", str(tmp_path), "--checkpoints", "random", str(tmp_path / "missing.pt"), *TINY])
     assert not (tmp_path / "probe.json").exists()
+
+
+# ---- nothing silently wrong: a diverged pretraining, a missing device, captions that are not text ---------
+
+
+def test_a_diverged_pretraining_saves_no_checkpoint(tmp_path):
+    """--train.lr inf: the first update's weights are NaN while its loss looks fine. The run saved them and reported
+    R@1 = 100; now it stops naming the run and the step, and OUT/pretrain holds no checkpoint."""
+    flags = dict(zip(TINY[::2], TINY[1::2])) | {"--train.steps": "1", "--train.warmup": "0", "--train.lr": "inf"}
+    with pytest.raises(NonFiniteError, match=r"^pretrain datacomp-n48-seed0 at step 0 of 1, after its update"):
+        cq.main(["pretrain", "--out", str(tmp_path), "--regimes", "datacomp", *itertools.chain(*flags.items())])
+    assert not list((tmp_path / "pretrain").glob("*.pt"))
+
+
+def test_device_cuda_without_cuda_is_not_blamed_on_the_tag(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match="^--device cuda: CUDA is not available on this machine"):
+        cq.main(["attention", "--attention-models", f"{MICRO}@laion2b_s34b_b88k", "--device", "cuda", "--out",
+                 str(tmp_path), *TINY])
+
+
+def test_captions_of_the_wrong_type_are_refused_naming_file_and_line(tmp_path):
+    """A real caption that is a number passed check_captions (bool(5)) and reached the tokenizer; a test caption that
+    is a list was scored as one. Both are errors naming the file and line."""
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"id": "a", "image": "x.png", "alt_text": "x", "synthetic_captions": ["y"]}\n'
+                    '{"id": "b", "image": "x.png", "alt_text": 5, "synthetic_captions": ["y"]}\n')
+    with pytest.raises(cq.ManifestError, match=r"train.jsonl:2 \(id 'b'\): field 'alt_text' must be a string, got 5"):
+        cq.check_captions(cq.index_data(str(path)), np.arange(2), "alt_text", "synthetic_captions")
+    test = tmp_path / "test.jsonl"
+    test.write_text('{"id": "t", "image": "x.png", "caption": ["a", "b"]}\n')
+    args = cq.Args(train_manifest=str(path), test_manifest=str(test))
+    with pytest.raises(cq.ManifestError, match=r"test.jsonl:1 \(id 't'\): field 'caption' must be a string"):
+        cq.world_records(args, ("train", "test"))

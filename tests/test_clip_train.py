@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import re
 import zlib
 from pathlib import Path
 
@@ -345,3 +346,74 @@ def test_torchrun_two_gloo_ranks_train_as_one_process(tmp_path):
     assert_same_weights(a["state_dict"], b["state_dict"])
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert two["i2t_R@1"] == pytest.approx(one["i2t_R@1"], abs=1e-6)
+
+
+# ---- nothing silently wrong: a diverged run, non-finite embeddings, texts of the wrong type --------------
+
+
+def test_non_finite_embeddings_are_refused_not_scored_100():
+    """A NaN similarity is never greater than another: every query of a NaN model ranked its own item first and
+    scored R@K = 100. Retrieval and zero-shot refuse such embeddings, naming the model."""
+    from common import data
+
+    good = F.normalize(torch.randn(4, 8), dim=-1)
+    broken = good.clone()
+    broken[2, 3] = math.nan
+    with pytest.raises(data.NonFiniteError, match=r"^image embeddings of run/ckpt.pt contain NaN or inf \(1 of 4\)"):
+        retrieval_metrics(broken, good, name="run/ckpt.pt")
+    with pytest.raises(ValueError, match="^text embeddings of the model contain NaN or inf"):
+        retrieval_metrics(good, torch.full((4, 8), math.inf))
+    model = type("Fixed", (torch.nn.Module,), {"encode_text": lambda self, tokens: torch.full((len(tokens), 8), math.nan)})()
+    with pytest.raises(data.NonFiniteError, match="^image embeddings of m contain"):
+        zero_shot_accuracy(model, lambda texts: torch.zeros(len(texts), 1), broken, ["a", "b"], ["{}"], [0, 1, 0, 1], name="m")
+    with pytest.raises(data.NonFiniteError, match="^class prompt embeddings of m contain"):
+        zero_shot_accuracy(model, lambda texts: torch.zeros(len(texts), 1), good, ["a", "b"], ["{}"], [0, 1, 0, 1], name="m")
+
+
+def test_the_guard_checks_every_update_before_its_checkpoint_and_keeps_the_last_good_one(world_records, tmp_path,
+                                                                                           monkeypatch):
+    """The learning rate turns infinite at step 2, the last: its loss is finite, its update is not. The checkpoint
+    of step 2 was written before the guard checked the weights; now the run stops naming the step, and the file
+    keeps step 2's finite weights."""
+    from common import clip_train, data
+
+    train, _ = world_records
+    model, preprocess, tokenizer = create_clip(MICRO)
+    images = preprocess_images(train[:16], preprocess)
+    captions = [r["caption"] for r in train]
+    texts_for = lambda idx, rng: [captions[i] for i in idx]  # noqa: E731
+    monkeypatch.setattr(clip_train, "cosine_lr", lambda step, cfg: 1e-3 if step < 2 else math.inf)
+    path = tmp_path / "checkpoint.pt"
+    with pytest.raises(data.NonFiniteError, match=re.escape(
+            f"train clip at step 2 of 3, after its update ({path} keeps step 2): ")) as caught:
+        train_clip(model, tokenizer, images, texts_for, TrainConfig(steps=3, batch_size=8, checkpoint_every=1),
+                   checkpoint=path, progress=False)
+    assert "weight tensors hold NaN or inf" in str(caught.value) and "\n" not in str(caught.value)
+    state = torch.load(path, weights_only=True)
+    assert state["step"] == 2 and all(torch.isfinite(t).all() for t in state["state_dict"].values())
+    # no checkpoint asked for: the last update is still checked, so a NaN model is never handed back
+    with pytest.raises(FloatingPointError, match=r"at step 2 of 3, after its update \(no checkpoint asked for\)"):
+        train_clip(create_clip(MICRO)[0], tokenizer, images, texts_for, TrainConfig(steps=3, batch_size=8), progress=False)
+    clip_train.assert_finite_state(create_clip(MICRO)[0], torch.tensor(1.0), "fine")  # finite: nothing raised
+    with pytest.raises(data.NonFiniteError, match=r"^here: the loss is nan; the run diverged"):
+        clip_train.assert_finite_state(None, math.nan, "here")
+
+
+def test_training_rows_need_texts_of_the_right_type(tmp_path):
+    """usable_rows applies common.data's text rule: a caption that is a number, null or a list (where one text is
+    read) is left out and counted, the first named by file and line; lists=True lets a list of texts through (a
+    list of numbers never)."""
+    from common.clip_train import usable_rows
+    from common.data import index_manifest, write_manifest
+
+    values = ["fine", 123, None, ["a", "b"], [1, 2], "also fine"]
+    write_manifest(tmp_path / "m.jsonl", [{"id": str(i), "image": "x.png", "caption": v} for i, v in enumerate(values)])
+    columns = index_manifest(tmp_path / "m.jsonl")
+    assert usable_rows(columns, ["caption"]).tolist() == [0, 5]
+    assert usable_rows(columns, ["caption"], lists=True).tolist() == [0, 3, 5]
+    with pytest.raises(BadSampleError, match=re.escape(f"{tmp_path / 'm.jsonl'}:2 (id '1'): field 'caption' must be a "
+                                                       "string, got 123; 4 of 6 samples lack a text")):
+        usable_rows(columns, ["caption"], strict=True)
+    with pytest.raises(BadSampleError, match=re.escape(":2 (id '1'): field 'caption' must be a string or a list of "
+                                                       "strings, got 123; 3 of 6 samples lack a text")):
+        usable_rows(columns, ["caption"], strict=True, lists=True)

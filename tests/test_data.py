@@ -3,11 +3,13 @@
 import io
 import json
 import os
+import re
 import signal
 import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -264,3 +266,148 @@ def test_columns_survive_a_fork_and_pickling(tmp_path):
     if pid == 0:
         os._exit(0 if columns.column("caption", range(50)) == [f"c{i}" for i in range(50)] else 1)
     assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+
+# ---- typed fields: one rule for every reader -----------------------------------------------------
+
+
+def test_manifest_readers_refuse_a_field_of_the_wrong_type_naming_file_and_line(tmp_path):
+    """An id that is no id, or a field read as text holding a number, a list or null: an error at its line, never
+    a TypeError mid-run nor a caption "123" or "['a', 'b']". (An image of the wrong type is a bad sample where it
+    is opened: the next test.)"""
+    from common import data
+
+    good = '{"id": "a", "image": "x.png", "caption": "a cat"}\n'
+    for line, texts, message in [
+            ('{"id": ["b"], "image": "y.png"}\n', (), "m.jsonl:2 (id ['b']): field 'id' must be a string or an integer, got [\"b\"]"),
+            ('{"id": "b", "image": "y.png", "caption": 123}\n', ("caption",), "m.jsonl:2 (id 'b'): field 'caption' must be a string, got 123"),
+            ('{"id": "b", "image": "y.png", "caption": ["a", "b"]}\n', ("caption",), "must be a string, got [\"a\", \"b\"]"),
+            ('{"id": "b", "image": "y.png", "caption": null}\n', ("caption",), "field 'caption' is missing or null")]:
+        (tmp_path / "m.jsonl").write_text(good + line)
+        with pytest.raises(ManifestError, match=re.escape(message)):
+            read_manifest(tmp_path / "m.jsonl", texts=texts)
+        if not texts:  # the index of a training set checks them alike
+            with pytest.raises(ManifestError, match=re.escape(message)):
+                index_manifest(tmp_path / "m.jsonl", tmp_path / f"index{len(line)}")
+    (tmp_path / "m.jsonl").write_text('{"id": "a", "image": "x.png", "refs": "r"}\n'
+                                      '{"id": "b", "image": "y.png", "refs": ["r", 3]}\n')
+    with pytest.raises(ManifestError, match=re.escape("field 'refs': item 1 must be a non-empty string, got 3")):
+        read_manifest(tmp_path / "m.jsonl", text_lists=("refs",))
+    assert data.text_problem(["r", "s"], "refs", lists=True) is None and data.text_problem("r", "refs", lists=True) is None
+
+
+def test_record_readers_skip_and_count_a_text_or_image_of_the_wrong_type(tmp_path):
+    """ManifestDataset and open_record_image count a caption that is a number or a list of numbers, and an image
+    that is neither a path nor bytes nor a PIL image, as bad samples (strict: BadSampleError naming the sample)."""
+    records = make_images(tmp_path, 4)
+    records[0]["caption"], records[1]["refs"], records[2]["image"] = 123, [1, 2], 7
+    dataset = ManifestDataset([{**r, "_root": str(tmp_path)} for r in records], "caption")
+    assert [dataset[i] is None for i in range(4)] == [True, False, True, False]
+    reasons = dict(dataset.skipped.examples)
+    assert reasons["s0"] == "sample 's0': field 'caption' must be a string or a list of strings, got 123"
+    assert reasons["s2"] == "sample 's2': field 'image' must be an image path, image bytes or a PIL image, got 7"
+    refs = ManifestDataset([{**r, "_root": str(tmp_path)} for r in records], "refs", strict=True)
+    with pytest.raises(BadSampleError, match=re.escape("sample 's1': field 'refs': item 0 must be a non-empty string, got 1")):
+        refs[1]
+    from common.data import open_record_image
+
+    skipped = SkipCounter()
+    assert open_record_image(records[2], skipped) is None and skipped.count == 1
+    with pytest.raises(BadSampleError, match="sample 's2': field 'image' must be an image path"):
+        open_record_image(records[2], SkipCounter(), strict=True)
+    write_manifest(tmp_path / "m.jsonl", records)  # read as a manifest and indexed: counted where it is opened
+    assert read_manifest(tmp_path / "m.jsonl")[2]["image"] == 7
+    with pytest.raises(BadSampleError, match=re.escape("sample 's2': field 'image' must be an image path, image bytes "
+                                                       "or a PIL image, got 7")):
+        open_row_image(index_manifest(tmp_path / "m.jsonl"), 2)
+
+
+def test_shard_readers_refuse_json_that_is_not_a_record(tmp_path):
+    """A shard sample whose json is not an object, or whose id is a list: iter_webdataset skips and counts it (strict:
+    an error naming it), index_shards refuses the shard naming the member; neither crashes on `meta.get`."""
+    pytest.importorskip("webdataset")
+    shard_path = tmp_path / "bad.tar"
+    png = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(png, format="PNG")
+    with tarfile.open(shard_path, "w") as tar:
+        for key, meta in (("k0", b'{"caption": "fine"}'), ("k1", b'["not", "a", "record"]'), ("k2", b'{"id": [1]}')):
+            for name, payload in ((f"{key}.png", png.getvalue()), (f"{key}.json", meta)):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    skipped = SkipCounter()
+    assert [r["id"] for r in iter_webdataset(str(shard_path), skipped=skipped)] == ["k0"]
+    assert [reason for _, reason in skipped.examples] == [
+        "sample 'k1': its json must be an object, got [\"not\", \"a\", \"record\"]",
+        "sample 'k2': field 'id' must be a string or an integer, got [1]"]
+    with pytest.raises(BadSampleError, match="sample 'k1'"):
+        list(iter_webdataset(str(shard_path), strict=True))
+    with pytest.raises(ManifestError, match=re.escape(f"{shard_path}: k1.json: sample 'k1': its json must be an object")):
+        index_data(str(shard_path), tmp_path / "index")
+
+
+def test_karpathy_json_with_a_sentence_that_is_not_text_names_it(tmp_path):
+    entry = {"filename": "a.jpg", "split": "test", "cocoid": 1, "sentences": [{"raw": "a cat"}, {"raw": 42}]}
+    (tmp_path / "k.json").write_text(json.dumps({"images": [entry]}))
+    with pytest.raises(ManifestError, match=re.escape("images[0]: sentences[1]: 'raw' must be a string, got 42")):
+        load_coco_karpathy(tmp_path / "k.json", tmp_path)
+
+
+def test_columns_name_the_manifest_line_of_a_row(tmp_path):
+    (tmp_path / "m.jsonl").write_text('{"id": "a", "image": "x.png"}\n\n{"id": "b", "image": "y.png"}\n')
+    columns = index_manifest(tmp_path / "m.jsonl")
+    assert [columns.where(row) for row in range(2)] == [f"{tmp_path / 'm.jsonl'}:1", f"{tmp_path / 'm.jsonl'}:3"]
+
+
+# ---- images: every PIL mode to 8-bit RGB ---------------------------------------------------------
+
+
+def test_a_16_bit_png_decodes_as_its_8_bit_copy(tmp_path):
+    """PIL's convert("RGB") clips a 16-bit value at 255: a 16-bit gradient decoded white. Now within 1 of the 8-bit
+    copy (the high byte of each value), from a path, from bytes and as an open image."""
+    from common.data import open_image
+
+    gradient = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 65535 // (64 * 64 - 1)).astype(np.uint16)
+    Image.fromarray(gradient).save(tmp_path / "g16.png")
+    eight_bit = (gradient >> 8).astype(np.uint8)
+    decoded = [open_image(tmp_path / "g16.png"), open_image((tmp_path / "g16.png").read_bytes()),
+               open_image(Image.open(tmp_path / "g16.png"))]
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    for image in decoded:
+        pixels = np.asarray(image, dtype=np.int64)  # (H, W, 3)
+        assert image.mode == "RGB" and np.abs(pixels - eight_bit[..., None]).max() <= 1
+    as_int = Image.fromarray(gradient.astype(np.int32))  # mode I: how older Pillows open a 16-bit PNG
+    assert np.abs(np.asarray(open_image(as_int), dtype=np.int64) - eight_bit[..., None]).max() <= 1
+
+
+def test_other_modes_decode_to_the_colours_they_show():
+    """Floats in 0..1 scale to 0..255; transparency (RGBA, LA, a palette's) shows the white a page shows, not the
+    colour a transparent pixel stores; CMYK, grey and palette images as PIL converts them."""
+    from common.data import open_image
+
+    floats = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32))
+    assert np.asarray(open_image(floats))[0, :, 0].tolist() == [0, 128, 255]
+    rgba = Image.new("RGBA", (2, 1), (10, 20, 30, 0))
+    rgba.putpixel((1, 0), (10, 20, 30, 255))
+    assert np.asarray(open_image(rgba)).tolist() == [[[255, 255, 255], [10, 20, 30]]]
+    la = Image.new("LA", (1, 1), (0, 128))  # black at half opacity over white
+    assert np.asarray(open_image(la)).tolist() == [[[127, 127, 127]]]
+    palette = Image.new("P", (2, 1), 0)
+    palette.putpalette([0, 0, 0, 200, 0, 0] + [0] * 762)
+    palette.putpixel((1, 0), 1)
+    palette.info["transparency"] = 0  # index 0 (black) is transparent
+    assert np.asarray(open_image(palette)).tolist() == [[[255, 255, 255], [200, 0, 0]]]
+    cmyk = Image.new("CMYK", (1, 1), (0, 255, 255, 0))  # red
+    assert np.asarray(open_image(cmyk)).tolist() == [[[255, 0, 0]]]
+    assert np.asarray(open_image(Image.new("L", (1, 1), 77))).tolist() == [[[77, 77, 77]]]
+
+
+def test_an_unavailable_device_is_one_clear_error(monkeypatch):
+    from common import data
+
+    monkeypatch.setattr(data.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(data.DeviceError, match=r"^--device cuda: CUDA is not available on this machine .*pass --device cpu$"):
+        data.check_device("cuda")
+    with pytest.raises(data.DeviceError, match="--device 'gpu' is not a torch device"):
+        data.init_distributed("gpu")
+    assert data.check_device("cpu") == "cpu"

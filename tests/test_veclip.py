@@ -419,13 +419,14 @@ def test_fuse_stage_asks_vicuna_the_left_padded_fusion_prompt_and_decodes_greedi
 
 
 def test_missing_weights_name_the_flag(world, tiny_models, tmp_path):
+    with_vec = write_manifest(tmp_path / "vec.jsonl", [{**r, "vec": "a cat"} for r in read_manifest(world / "val.jsonl")])
     with pytest.raises(RuntimeError, match="--llm"):
-        veclip.main(["fuse", "--data", str(world / "val.jsonl"), "--out", str(tmp_path / "x.jsonl"),
+        veclip.main(["fuse", "--data", str(with_vec), "--out", str(tmp_path / "x.jsonl"),
                      "--llm", str(tmp_path / "no-such-model"), "--device", "cpu"])
     with pytest.raises(RuntimeError, match="--vlm"):
         veclip.main(["vec", "--data", str(world / "val.jsonl"), "--out", str(tmp_path / "x.jsonl"),
                      "--vlm", str(tmp_path / "no-such-model"), "--device", "cpu"])
-    # fuse before vec: the sample and the missing field are named
+    # fuse before vec: the sample and the missing field are named, before the LLM loads
     with pytest.raises(BadSampleError, match="^sample 'val-000000': no 'vec' field; run the vec stage first$"):
         veclip.main(["fuse", "--data", str(world / "val.jsonl"), "--out", str(tmp_path / "y.jsonl"),
                      "--llm", str(tiny_models / "llm"), "--device", "cpu"])
@@ -485,7 +486,7 @@ def test_evaluation_encodes_on_the_models_device(world, tmp_path, monkeypatch):
         asked.append(torch.device(device))
         return F.normalize(torch.randn(len(rest[0]) if rest else len(inputs), 32), dim=-1)
 
-    def zero_shot(*args):
+    def zero_shot(*args, **_):
         asked.append(torch.device(args[-1]))
         return 0.0
 
@@ -779,3 +780,72 @@ def test_args_defaults_are_the_papers():
     assert len(args.templates) == 80 and (args.templates[0], args.templates[-1]) == ("a bad photo of a {}.",
                                                                                       "a tattoo of the {}.")
     assert args.text_field == "refs"  # every reference caption (Karpathy COCO/Flickr protocol)
+
+
+# ---- nothing silently wrong: a diverged run, a missing device, fields that are not text ----------------
+
+
+def test_a_diverged_run_stops_with_one_line_and_no_nan_checkpoint(world, tmp_path):
+    """`train --lr inf`: the first update puts NaN in the weights while its loss looks fine. It exited 0 with a NaN
+    checkpoint.pt and every R@K = 100; now the command line ends with one line and status 1, and writes neither the
+    checkpoint nor eval.json."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "diverged"
+    command = [sys.executable, veclip.__file__, *TRAIN_FLAGS, "--data", str(world / "train.jsonl"), "--out", str(out),
+               "--steps", "1", "--lr", "inf", "--warmup", "0", "--eval-data", str(world / "test.jsonl"), "--device", "cpu"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert last.startswith(f"error: train veclip at step 0 of 1, after its update ({out / 'checkpoint.pt'} not written "
+                           "by this run): ") and "weight tensors hold NaN or inf" in last
+    assert not (out / "checkpoint.pt").exists() and not (out / "eval.json").exists()
+
+
+def test_checkpoint_every_step_never_writes_the_nan_one(world, tmp_path):
+    """With --checkpoint-every 1 the NaN weights of step 0's update were saved before the next step's loss check
+    said "stopping before the weights are poisoned"."""
+    with pytest.raises(FloatingPointError, match="at step 0 of 3, after its update"):
+        veclip.main([*TRAIN_FLAGS, "--data", str(world / "train.jsonl"), "--out", str(tmp_path), "--steps", "3",
+                     "--lr", "inf", "--warmup", "0", "--checkpoint-every", "1", "--device", "cpu"])
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_eval_of_a_nan_checkpoint_names_it_instead_of_scoring_100(world, tmp_path):
+    model = veclip.create_clip(MICRO)[0]
+    state = model.state_dict()
+    state["visual.proj"] = torch.full_like(state["visual.proj"], math.nan)
+    path = tmp_path / "nan.pt"
+    torch.save({"state_dict": state, "recipe": {"model": MICRO, "pretrained": None}}, path)
+    from common.data import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match=f"^image embeddings of {path} contain NaN or inf \\(24 of 24\\)"):
+        veclip.main(["eval", "--checkpoint", str(path), "--eval-data", str(world / "test.jsonl"), "--out", str(tmp_path),
+                     "--device", "cpu"])
+    assert not (tmp_path / "eval.json").exists()
+
+
+def test_device_cuda_without_cuda_says_so_before_any_weights_load(world, tmp_path, monkeypatch):
+    """Not a driver traceback from the first tensor moved, nor `cannot load --pretrained`."""
+    from common.data import DeviceError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for argv in ([*TRAIN_FLAGS, "--data", str(world / "train.jsonl")],
+                 ["eval", "--model", MICRO, "--pretrained", str(tmp_path / "weights.pt"), "--eval-data", str(world / "test.jsonl")]):
+        with pytest.raises(DeviceError, match="^--device cuda: CUDA is not available on this machine"):
+            veclip.main([*argv, "--out", str(tmp_path), "--device", "cuda"])
+
+
+def test_references_class_names_and_fusion_inputs_must_be_text(tmp_path):
+    """A number or a list of numbers in a reference field was scored as the caption "1"; a class id prompted as
+    "a photo of a 3."; an alt-text list fused as "['a', 'b']". Each is an error naming the sample (fuse: before the
+    LLM loads)."""
+    with pytest.raises(veclip.ManifestError, match=r"^evaluation sample '0': field 'refs': item 0 must be a non-empty string, got 1$"):
+        veclip.references([{"id": "0", "refs": [1, 2]}], "refs")
+    with pytest.raises(veclip.ManifestError, match=r"^evaluation sample '1': field 'label' must be a string, got 3$"):
+        veclip.class_names([{"id": "0", "label": "cat"}, {"id": "1", "label": 3}], "label")
+    write_manifest(tmp_path / "vec.jsonl", [{"id": "a", "image": "a.png", "alt_text": ["x", "y"], "vec": "a cat"}])
+    with pytest.raises(BadSampleError, match=r"""^sample 'a': field 'alt_text' must be a string, got \["x", "y"\]$"""):
+        veclip.main(["fuse", "--data", str(tmp_path / "vec.jsonl"), "--out", str(tmp_path / "out.jsonl"),
+                     "--llm", str(tmp_path / "no-such-model"), "--device", "cpu"])
