@@ -68,6 +68,8 @@ Commands:
         --checkpoint-every 1000 --workers 8 --eval-data coco_karpathy_test.jsonl
     python veclip.py eval --checkpoint runs/veclip_b16/checkpoint.pt --eval-data coco_test.jsonl
     python veclip.py eval --model ViT-B-16 --pretrained openai --eval-data coco_test.jsonl --out runs/openai_b16
+    python veclip.py eval --checkpoint runs/veclip_b16/checkpoint.pt --out runs/veclip_b16 \
+        --benchmark wds/imagenet1k wds/mscoco_captions --benchmark-root 'benchmarks/{name}'   # clip_benchmark
 
 Results (the miniature world's tables, what they show and what they cannot, each with its command
 and device): docs/veclip.md.
@@ -95,6 +97,7 @@ import tyro
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from tqdm.auto import tqdm
 
+from common.benchmarks import check_benchmarks, evaluate_benchmarks, write_benchmark_results
 from common.cli import parse, preset_help
 from common.clip_score import tag_settings
 from common.clip_train import (MINIATURE_MODEL, ImageRows, TrainConfig, create_clip, encode_images, encode_texts,
@@ -215,6 +218,12 @@ class Args:
     templates: Annotated[tuple[str, ...], tyro.conf.arg(
         help_behavior_hint="(default: CLIP's 80 ImageNet templates, CLIP_TEMPLATES)")] = CLIP_TEMPLATES
     """prompt templates of zero-shot classification, ensembled: a class is the mean of its prompt embeddings"""
+    benchmark: tuple[str, ...] = ()
+    """eval: clip_benchmark dataset names to evaluate on as well (e.g. wds/imagenet1k wds/mscoco_captions; see
+    docs/benchmarks.md); needs --benchmark-root"""
+    benchmark_root: str = ""
+    """eval: local folder of the --benchmark datasets as clip_benchmark lays them out ({name} is replaced by the
+    dataset name with "/" -> "_": benchmarks/{name} -> benchmarks/wds_imagenet1k); nothing is downloaded"""
     # ---- miniature
     seeds: int = 1
     """miniature: worlds and trainings with seeds 0..seeds-1; the table shows mean and spread"""
@@ -531,28 +540,36 @@ def evaluate(model, tokenizer, preprocess, records: list[dict], args: Args, imag
 
 
 def load_checkpoint(path: Path) -> tuple:
-    """(model, preprocess, tokenizer) of a train checkpoint, built as it was trained: a run started from a
-    QuickGELU tag (OpenAI's) keeps QuickGELU and the tag's preprocessing."""
+    """(model, preprocess, tokenizer, architecture name) of a train checkpoint, built as it was trained: a run
+    started from a QuickGELU tag (OpenAI's) keeps QuickGELU and the tag's preprocessing."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     name = state["recipe"]["model"]
     model, _, preprocess = open_clip.create_model_and_transforms(name, **tag_settings(name, state["recipe"]["pretrained"]))
     model.load_state_dict(state["state_dict"])
-    return model, preprocess, open_clip.get_tokenizer(name)
+    return model, preprocess, open_clip.get_tokenizer(name), name
 
 
 def stage_eval(args: Args) -> dict:
-    """Evaluate out/checkpoint.pt (or --checkpoint, or --pretrained) on --eval-data."""
-    if args.eval_data is None:
-        raise ValueError("the eval stage needs --eval-data (a manifest)")
+    """Evaluate out/checkpoint.pt (or --checkpoint, or --pretrained) on --eval-data and the --benchmark sets
+    (clip_benchmark's rows in OUT/benchmarks.jsonl and .md)."""
+    if args.eval_data is None and not args.benchmark:
+        raise ValueError("the eval stage needs --eval-data (a manifest) or --benchmark (clip_benchmark datasets)")
+    if args.benchmark:
+        check_benchmarks(args.benchmark, args.benchmark_root)  # every set present before a model loads
     path = Path(args.checkpoint or Path(args.out) / "checkpoint.pt")
     if args.pretrained is not None:
-        model, preprocess, tokenizer = build_clip(args)
+        (model, preprocess, tokenizer), name = build_clip(args), args.model
     elif path.exists():
-        model, preprocess, tokenizer = load_checkpoint(path)
+        model, preprocess, tokenizer, name = load_checkpoint(path)
     else:
         raise FileNotFoundError(f"no checkpoint at {path}: pass --checkpoint or --pretrained")
     model.to(args.device).eval()
-    metrics = evaluate(model, tokenizer, preprocess, read_manifest(args.eval_data), args)
+    metrics = evaluate(model, tokenizer, preprocess, read_manifest(args.eval_data), args) if args.eval_data else {}
+    if args.benchmark:
+        metrics["benchmarks"] = evaluate_benchmarks(
+            model, preprocess, tokenizer, args.benchmark, args.benchmark_root, num_workers=args.workers,
+            model_label=name, pretrained=args.pretrained if args.pretrained is not None else str(path))
+        write_benchmark_results(metrics["benchmarks"], args.out)
     atomic_write_text(Path(args.out) / "eval.json", json.dumps(metrics, indent=2))
     return metrics
 

@@ -849,3 +849,34 @@ def test_references_class_names_and_fusion_inputs_must_be_text(tmp_path):
     with pytest.raises(BadSampleError, match=r"""^sample 'a': field 'alt_text' must be a string, got \["x", "y"\]$"""):
         veclip.main(["fuse", "--data", str(tmp_path / "vec.jsonl"), "--out", str(tmp_path / "out.jsonl"),
                      "--llm", str(tmp_path / "no-such-model"), "--device", "cpu"])
+
+
+def test_eval_writes_clip_benchmark_rows_of_the_checkpoint(tmp_path):
+    """--benchmark hands the checkpoint's model to clip_benchmark: the rows equal clip_benchmark's on that model."""
+    from common.benchmarks import MissingBenchmark, evaluate_benchmarks
+    from test_benchmarks import CAPTIONS, CLASSES, LABELS, TEMPLATES, webp_images, write_wds
+
+    colors = webp_images(0, [(220, 40, 40)] * 3 + [(40, 200, 40)] * 2 + [(40, 40, 220)])
+    write_wds(tmp_path / "sets" / "wds_colors", [{"webp": image, "cls": label} for image, label in zip(colors, LABELS)],
+              CLASSES, TEMPLATES)
+    pictures = webp_images(1, [(220, 40, 40), (40, 200, 40), (40, 40, 220), (230, 220, 30), (20, 20, 20), (240, 240, 240)] * 2)
+    write_wds(tmp_path / "sets" / "wds_flickr30k", [{"webp": image, "txt": "\n".join(captions)}  # 12 images: R@10
+                                                   for image, captions in zip(pictures, CAPTIONS * 2)],
+              dataset_type="retrieval")
+    root = str(tmp_path / "sets" / "{name}")
+    model, preprocess, tokenizer = veclip.create_clip(MICRO, seed=3)
+    path = tmp_path / "micro.pt"
+    torch.save({"state_dict": model.state_dict(), "recipe": {"model": MICRO, "pretrained": None}}, path)
+    flags = ["eval", "--checkpoint", str(path), "--benchmark-root", root, "--device", "cpu"]
+    with pytest.raises(MissingBenchmark, match="wds_absent"):  # checked before any weights load
+        veclip.main([*flags, "--benchmark", "wds/absent", "--checkpoint", str(tmp_path / "no.pt"), "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="--eval-data .* or --benchmark"):
+        veclip.main(["eval", "--checkpoint", str(path), "--out", str(tmp_path), "--device", "cpu"])
+    metrics = veclip.main([*flags, "--benchmark", "wds/colors", "wds/flickr30k", "--out", str(tmp_path / "out")])
+    expected = evaluate_benchmarks(model.eval(), preprocess, tokenizer, ["wds/colors", "wds/flickr30k"], root,
+                                   model_label=MICRO,
+                                   pretrained=str(path))
+    same = lambda rows: json.dumps(rows) == json.dumps(expected)  # noqa: E731  (acc5 of 3 classes is NaN, as clip_benchmark has it)
+    assert same(metrics["benchmarks"]) and expected[0]["model"] == MICRO
+    assert same(json.loads((tmp_path / "out" / "eval.json").read_text())["benchmarks"])
+    assert same([json.loads(line) for line in (tmp_path / "out" / "benchmarks.jsonl").read_text().splitlines()])
