@@ -72,7 +72,8 @@ millimetres, 0 = invalid: NYUv2 as usually distributed); the schedule below is i
 paper's; LAION is a noisier-caption stand-in for an ALIGN/DataComp model):
     torchrun --nproc-per-node 8 clip_quality.py pretrain --model ViT-B-16 --device cuda --kernel auto \
         --train-manifest dcdr12m/{00000..01199}.tar --test-manifest coco_test.jsonl --regimes datacomp datacompdr \
-        --train.steps 30000 --train.batch-size 8192 --train.workers 8 --train.checkpoint-every 1000
+        --train.steps 30000 --train.batch-size 8192 --train.workers 8 --train.checkpoint-every 1000 \
+        --benchmark wds/imagenet1k wds/mscoco_captions --benchmark-root 'benchmarks/{name}'   # + clip_benchmark rows
     python clip_quality.py probe --checkpoints runs/clip_quality/pretrain/*.pt --finetune --device cuda \
         --probe-train-manifest ade/train.jsonl --probe-test-manifest ade/val.jsonl --num-classes 150 \
         --reduce-zero-label --probe-workers 8
@@ -104,6 +105,7 @@ import torch.nn.functional as F
 import tyro
 from PIL import Image
 
+from common.benchmarks import check_benchmarks, evaluate_benchmarks, write_benchmark_results
 from common.claims import mean_spread, verdict
 from common.cli import parse, preset_help
 from common.clip_score import tag_settings
@@ -164,6 +166,12 @@ class Args:
     """retrieval evaluation manifest after pretraining (default: the world's test split)"""
     eval_text_field: str = "caption"
     """text field the retrieval evaluation uses (the world's ground truth is neutral to both regimes)"""
+    benchmark: tuple[str, ...] = ()
+    """pretrain stage: clip_benchmark dataset names each pretrained model is also evaluated on (e.g. wds/imagenet1k
+    wds/mscoco_captions; see docs/benchmarks.md); needs --benchmark-root"""
+    benchmark_root: str = ""
+    """local folder of the --benchmark datasets as clip_benchmark lays them out ({name} is replaced by the dataset
+    name with "/" -> "_": benchmarks/{name} -> benchmarks/wds_imagenet1k); nothing is downloaded"""
     checkpoints: tuple[str, ...] = ()
     """probe stage: checkpoints to probe (default: every *.pt under OUT/pretrain); `random` = an untrained encoder
     of their architecture"""
@@ -807,6 +815,10 @@ def pretrain_one(args: Args, records: dict, regime: str, seed: int, n_images: in
         img_emb = encode_images(model, test_images, device=device, workers=args.train.workers)
         texts = texts_of(records["test"], args.eval_text_field)
         metrics = retrieval_metrics(img_emb, encode_texts(model, tokenizer, texts, device=device), name=label)
+    if args.benchmark:  # clip_benchmark's rows, in pretrain.json and (all models) OUT/benchmarks.jsonl
+        metrics["benchmarks"] = evaluate_benchmarks(model, preprocess, tokenizer, args.benchmark, args.benchmark_root,
+                                                    num_workers=args.train.workers, model_label=args.model,
+                                                    pretrained=str(path))
     save_checkpoint(path, {"state_dict": model.state_dict(), "model": args.model, "label": label, "regime": regime,
                            "seed": seed, "train_images": n_images, "train": dataclasses.asdict(schedule)})
     state.unlink(missing_ok=True)
@@ -818,12 +830,16 @@ def pretrain_one(args: Args, records: dict, regime: str, seed: int, n_images: in
 def run_pretrain(args: Args, records: dict) -> list[dict]:
     # one pass over the captions for every regime and seed (a scan of the whole set at DataCompDR's 12M)
     check_captions(records["train"], np.arange(len(records["train"])), args.real_field, args.synthetic_field)
+    if args.benchmark:
+        check_benchmarks(args.benchmark, args.benchmark_root)  # before any model trains
     images = training_images(args, records["train"])
     rows = [pretrain_one(args, records, regime, seed, len(records["train"]),
                          Path(args.out) / "pretrain" / f"{regime}-seed{seed}.pt", images)
             for seed in seed_range(args) for regime in args.regimes]
     if int(os.environ.get("RANK", 0)) == 0:
         atomic_write_text(Path(args.out) / "pretrain.json", json.dumps(rows, indent=2))
+        if args.benchmark:
+            write_benchmark_results([r for row in rows for r in row["benchmarks"]], args.out)
     return rows
 
 

@@ -1008,3 +1008,31 @@ def test_captions_of_the_wrong_type_are_refused_naming_file_and_line(tmp_path):
     args = cq.Args(train_manifest=str(path), test_manifest=str(test))
     with pytest.raises(cq.ManifestError, match=r"test.jsonl:1 \(id 't'\): field 'caption' must be a string"):
         cq.world_records(args, ("train", "test"))
+
+
+def test_pretrain_writes_clip_benchmark_rows_of_each_saved_model(tmp_path):
+    """--benchmark: every pretrained model goes to clip_benchmark, whose rows equal its rows on the saved weights;
+    a missing set stops the stage before anything trains."""
+    from common.benchmarks import MissingBenchmark, evaluate_benchmarks
+    from test_benchmarks import CAPTIONS, CLASSES, LABELS, TEMPLATES, webp_images, write_wds
+
+    colors = webp_images(0, [(220, 40, 40)] * 3 + [(40, 200, 40)] * 2 + [(40, 40, 220)])
+    write_wds(tmp_path / "sets" / "wds_colors", [{"webp": image, "cls": label} for image, label in zip(colors, LABELS)],
+              CLASSES, TEMPLATES)
+    pictures = webp_images(1, [(220, 40, 40), (40, 200, 40), (40, 40, 220), (230, 220, 30), (20, 20, 20), (240, 240, 240)] * 2)
+    write_wds(tmp_path / "sets" / "wds_flickr30k", [{"webp": image, "txt": "\n".join(captions)}  # 12 images: R@10
+                                                   for image, captions in zip(pictures, CAPTIONS * 2)],
+              dataset_type="retrieval")
+    names = ["wds/colors", "wds/flickr30k"]
+    flags = ["pretrain", "--regimes", "datacomp", "--benchmark-root", str(tmp_path / "sets" / "{name}"), *TINY]
+    with pytest.raises(MissingBenchmark, match="wds_absent"):
+        cq.main([*flags, "--benchmark", "wds/absent", "--out", str(tmp_path / "none")])
+    assert not (tmp_path / "none" / "pretrain").exists()
+    row, = cq.main([*flags, "--benchmark", *names, "--out", str(tmp_path / "run")])["pretrain"]
+    model, preprocess, tokenizer = create_clip(MICRO)
+    model.load_state_dict(torch.load(row["checkpoint"], weights_only=True)["state_dict"])
+    expected = evaluate_benchmarks(model.eval(), preprocess, tokenizer, names, str(tmp_path / "sets" / "{name}"),
+                                   model_label=MICRO, pretrained=row["checkpoint"])
+    same = lambda rows: json.dumps(rows) == json.dumps(expected)  # noqa: E731  (acc5 of 3 classes is NaN)
+    assert same(row["benchmarks"])
+    assert same([json.loads(line) for line in (tmp_path / "run" / "benchmarks.jsonl").read_text().splitlines()])
