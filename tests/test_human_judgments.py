@@ -1,8 +1,11 @@
-"""common/clip_score.py correlate: the five benchmarks read from fixtures in their distributed layouts, the rank
-statistics against scipy, pairwise accuracies by hand, and the count of captions cut at the context."""
+"""common/human_judgments.py and common/judgment_readers.py (`python -m common.clip_score correlate`): the five
+benchmarks read from fixtures in their distributed layouts, the rank statistics against scipy, pairwise accuracies by
+hand, and the count of captions cut at the context."""
 
+import ast
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -13,9 +16,12 @@ import torch
 from PIL import Image
 
 import common.clip_score as cs
-from common.clip_score import (CorrelateArgs, count_truncated, kendall_tau, load_clip, main, pairwise_accuracy,
-                               read_composite, read_flickr8k_cf, read_flickr8k_expert, read_foil, read_pascal50s)
+import common.human_judgments as hj
+from common.clip_score import count_truncated, load_clip, main
 from common.data import write_manifest
+from common.human_judgments import (CorrelateArgs, kendall_tau, pairwise_accuracy, read_composite, read_flickr8k_cf,
+                                    read_flickr8k_expert, read_foil, read_pascal50s)
+from common.judgment_readers import _words
 from tests.realarch import serve_open_clip_tag
 
 MICRO = "micro-ViT-16"  # random weights, context 48
@@ -398,7 +404,7 @@ def test_pascal50s_accuracies_by_hand(micro, tmp_path, monkeypatch):
         return PASCAL_REF[candidate]
 
     calls = []
-    monkeypatch.setattr(cs, "score_triples", stub_scores(PASCAL_SCORE, ref, calls))
+    monkeypatch.setattr(hj, "score_triples", stub_scores(PASCAL_SCORE, ref, calls))
     report = run("pascal50s", root, micro, tmp_path, "--pascal-draws", "3")
     assert report["results"]["CLIP-S"] == {"HC": 75.0, "HI": 50.0, "HM": 75.0, "MM": 100.0, "mean": 75.0}
     assert report["results"]["RefCLIP-S"] == {"HC": 100.0, "HI": 100.0, "HM": 25.0, "MM": 50.0, "mean": 68.75}
@@ -462,8 +468,8 @@ def test_foil_pairs_and_references(tmp_path):
     assert len(items.preferred) == 3 and items.notes["images_without_a_pair"] == 1
     for true, refs, image in zip(items.preferred, items.refs, items.images):
         image_id = int(str(image).split("_")[-1].split(".")[0])
-        assert len(refs) == 4 and all(cs._words(r) != cs._words(true) for r in refs)
-        assert refs == [r for r in FOIL_COCO[image_id] if cs._words(r) != cs._words(true)][:4]  # 133 has 6: 4 kept
+        assert len(refs) == 4 and all(_words(r) != _words(true) for r in refs)
+        assert refs == [r for r in FOIL_COCO[image_id] if _words(r) != _words(true)][:4]  # 133 has 6: 4 kept
     picked = {read_foil(tmp_path / "foil", seed=seed).other[0] for seed in range(20)}
     assert picked == {f for _, image_id, _, foils in FOIL_GROUPS if image_id == 42 for f in foils}  # one pair drawn
 
@@ -476,13 +482,13 @@ def test_foil_accuracies_by_hand(micro, tmp_path, monkeypatch):
         image_of[c], 0) for c in image_of}  # right, wrong, tie: 50
 
     def ref(candidate, group):
-        assert len(group) in (1, 4) and all(cs._words(g) != cs._words(candidate) for g in group if candidate in trues)
+        assert len(group) in (1, 4) and all(_words(g) != _words(candidate) for g in group if candidate in trues)
         if len(group) == 1:  # all right: 100
             return .9 if candidate in trues else .1
         true, foil = {42: (.7, .3), 74: (.4, .6), 133: (.8, .2)}[image_of[candidate]]  # right, wrong, right: 66.7
         return true if candidate in trues else foil
 
-    monkeypatch.setattr(cs, "score_triples", stub_scores(score, ref, []))
+    monkeypatch.setattr(hj, "score_triples", stub_scores(score, ref, []))
     report = run("foil", root, micro, tmp_path)
     assert report["results"]["CLIP-S"] == {"1-ref": 50.0, "4-ref": 50.0}
     assert report["results"]["RefCLIP-S"] == pytest.approx({"1-ref": 100.0, "4-ref": 200 / 3})
@@ -530,6 +536,25 @@ def test_correlate_help_explains_every_flag_and_the_manifest_help_names_correlat
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "common.clip_score correlate --help" in " ".join(capsys.readouterr().out.split())
+
+
+def test_python_m_common_human_judgments_is_the_same_command_and_clip_score_imports_it_only_for_correlate(
+        micro, tmp_path, capsys):
+    root = write_flickr8k(tmp_path / "flickr8k")
+    via_clip_score = run("flickr8k-expert", root, micro, tmp_path)
+    table = capsys.readouterr().out
+    direct_ = hj.main(["--benchmark", "flickr8k-expert", "--data", str(root), "--model", MICRO, "--pretrained",
+                       micro[1], "--device", "cpu", "--out", str(tmp_path / "direct.json")])
+    assert direct_["results"] == via_clip_score["results"] and capsys.readouterr().out == table
+    for argv, prog in ((["correlate", "--help"], "python -m common.clip_score correlate"),
+                       (["--help"], "python -m common.human_judgments")):
+        with pytest.raises(SystemExit) as exit_:
+            (main if argv[0] == "correlate" else hj.main)(argv)
+        assert exit_.value.code == 0 and f"usage: {prog} " in capsys.readouterr().out
+    # the dependency runs one way: clip_score's module level imports neither human_judgments nor its readers
+    tree = ast.parse(Path(cs.__file__).read_text())
+    top = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom, ast.Try))]
+    assert not any(word in ast.unparse(node) for node in top for word in ("human_judgments", "judgment_readers"))
 
 
 def test_correlate_expected_errors_are_one_line(tmp_path, micro):
