@@ -75,7 +75,14 @@ Deviations from the paper:
      Validation runs on rank 0 while the other ranks wait (the official trainer shards it).
  11. The captioner reads the frozen ViT's last hidden states before ln_post, as the official code
      (Hugging Face CLIPVisionTransformer's last_hidden_state); the unreadable images of a job are
-     logged, counted, skipped and reported at the end (--strict stops at the first).
+     logged, counted, skipped and reported at the end (--strict stops at the first); a job none of
+     whose training images can be read stops before step 0.
+
+Nothing silently wrong: <out>/<stage> holds one run. Running into it again is refused unless
+--resume continues it (only with the settings stored in its last.pt: a flag that changes results
+and differs is named) or --overwrite replaces it. A diverged run (a NaN or infinite loss, updated
+weights, or every candidate of a batch) stops before it writes a checkpoint, so last.pt and best.pt
+stay the last good ones. Flags out of range, bad data and such stops end in one line, exit status 1.
 
 Smoke run first (every stage on a tiny world in under a minute, to check that everything runs):
     python dico.py --preset smoke --out runs/dico_smoke
@@ -120,9 +127,11 @@ from common import cli
 from common.caption_metrics import coco_scores, plain_words, table_note
 from common.clip_score import (CLIP_S_WEIGHT, PAC_S_WEIGHT, PREFIX, encode_images, encode_reference_groups,
                                encode_texts, harmonic_mean, load_clip, ref_similarity, score_from_features)
-from common.clip_train import MINIATURE_MODEL, SCORER_TRAINING, TrainConfig, ensure_miniature_scorer, save_checkpoint
-from common.data import (BadSampleError, SkipCounter, atomic_write_text, image_path, init_distributed,
-                         load_coco_karpathy, open_record_image, read_manifest)
+from common.clip_train import (MINIATURE_MODEL, SCORER_TRAINING, TrainConfig, assert_finite_state,
+                               ensure_miniature_scorer, save_checkpoint)
+from common.data import (BadSampleError, ManifestError, NonFiniteError, SkipCounter, atomic_write_text, check_device,
+                         image_path, init_distributed, load_coco_karpathy, open_record_image, read_manifest,
+                         run_command, shown, text_problem)
 from common.miniature import WorldConfig, ensure_world, hallucinated_words, names_kept
 from caption_kernels.dico import dico_loss, dico_stats, sequence_logprobs
 
@@ -265,11 +274,50 @@ class Args:
     split: Literal["val", "test"] = "test"
     """eval stage: split to caption"""
     resume: bool = False
-    """continue from <out>/<stage>/last.pt when it exists"""
+    """continue from <out>/<stage>/last.pt when it exists, with the flags it was trained with (checked)"""
+    overwrite: bool = False
+    """start afresh in <out>/<stage> even when it holds a run (whose checkpoints and log are then replaced)"""
     strict: bool = False
     """stop at the first unreadable image instead of skipping it (skipped images are counted and reported)"""
     device: Optional[str] = None
     """cuda or cpu (default: cuda when available)"""
+
+
+def refuse(message: str) -> SystemExit:
+    """A setting the user fixes (a flag, a run already in --out): one line on stderr and exit status 1, no traceback,
+    as common.data.run_command ends the expected errors it knows."""
+    return SystemExit(f"error: {message}")
+
+
+def flag(name: str) -> str:
+    """The command-line flag of an Args field."""
+    return "--" + name.replace("_", "-")
+
+
+# Each numeric flag's range, checked at start-up: outside it a run went on without a word (a batch of 0 images; one
+# beam, so no loser and every DiCO step skipped; a caption of only EOS; a negative tau weighting the best losers most).
+AT_LEAST = dict(seed=0, seeds=1, xe_steps=1, xe_batch_size=1, xe_eval_every=1, steps=1, batch_size=1, micro_batch_size=0,
+                beams=2, eval_beam=1, eval_every=1, save_every=1, val_images=0, eval_images=0, max_len=2, d_model=1,
+                encoder_layers=1, decoder_layers=1, heads=1, ffn=1)
+POSITIVE = ("lr", "xe_lr", "beta", "tau")
+
+
+def check_flags(args: Args) -> None:
+    """Every flag in its range, before anything is read or written; else one line naming the flag."""
+    for name, low in AT_LEAST.items():
+        if getattr(args, name) < low:
+            raise refuse(f"{flag(name)} must be at least {low}, got {getattr(args, name)}")
+    for name in POSITIVE:
+        if not 0 < getattr(args, name) < math.inf:  # NaN fails both
+            raise refuse(f"{flag(name)} must be a positive number, got {getattr(args, name)}")
+    if not 0 <= args.xe_warmup <= 1:
+        raise refuse(f"--xe-warmup must be in [0, 1], got {args.xe_warmup}")
+    if not 0 <= args.dropout < 1:
+        raise refuse(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.d_model % args.heads:
+        raise refuse(f"--d-model ({args.d_model}) must be a multiple of --heads ({args.heads})")
+    if args.resume and args.overwrite:
+        raise refuse("--resume continues the run in --out, --overwrite replaces it: pass one")
 
 
 # ============================================================================================
@@ -547,21 +595,34 @@ def parse(argv: Optional[list[str]] = None) -> Args:
     return cli.parse(Args, argv, PRESETS, lambda args: "miniature" if is_miniature(args) else "paper")
 
 
-def load_split(args: Args, split: str) -> list[dict]:
-    """Records with `refs` (a list of references) for train, val or test."""
+def data_source(args: Args, split: str) -> str:
+    """Where `split`'s records are read from, as messages name it."""
     if args.coco_karpathy:
         if not args.coco_images:
-            raise ValueError("--coco-karpathy needs --coco-images (the folder holding train2014/ and val2014/)")
+            raise refuse("--coco-karpathy needs --coco-images (the folder holding train2014/ and val2014/)")
+        return f"{args.coco_karpathy} (images under {args.coco_images})"
+    if is_miniature(args):
+        return str(ensure_world(args.world) / f"{split}.jsonl")
+    path = {"train": args.train_manifest, "val": args.val_manifest, "test": args.test_manifest}[split]
+    if path is None:
+        raise refuse(f"no {split} data: pass --{split}-manifest (or --coco-karpathy)")
+    return path
+
+
+def load_split(args: Args, split: str) -> list[dict]:
+    """Records with `refs` (a list of references) for train, val or test; a caption or refs of another type is an
+    error naming the file and sample (a string `refs` would be read letter by letter as references)."""
+    source = data_source(args, split)
+    if args.coco_karpathy:
         records = load_coco_karpathy(args.coco_karpathy, args.coco_images, splits=[split])
-    elif is_miniature(args):
-        records = read_manifest(ensure_world(args.world) / f"{split}.jsonl")
     else:
-        path = {"train": args.train_manifest, "val": args.val_manifest, "test": args.test_manifest}[split]
-        if path is None:
-            raise ValueError(f"no {split} data: pass --{split}-manifest (or --coco-karpathy)")
-        records = read_manifest(path, required=("id", "image", "caption"))
+        records = read_manifest(source, required=("id", "image", "caption"), texts=("caption",))
     for record in records:
-        record.setdefault("refs", [record["caption"]])
+        refs = record.setdefault("refs", [record["caption"]])
+        problem = text_problem(refs, "refs", lists=True) or (
+            None if isinstance(refs, list) else f"field 'refs' must be a list of strings, got {shown(refs)}")
+        if problem:
+            raise ManifestError(f"{source} (id {record['id']!r}): {problem}")
     return records
 
 
@@ -584,7 +645,7 @@ def require_pacs_weights(args: Args) -> None:
     """PAC-S's fine-tuned weights, checked when a run starts rather than at its first validation."""
     own_file = args.pacs_pretrained is not None and Path(args.pacs_pretrained).is_file()
     if args.pacs_model != "miniature" and args.pacs_checkpoint is None and not own_file:
-        raise ValueError("PAC-S needs its fine-tuned weights: pass --pacs-checkpoint /path/to/clip_ViT-B-32.pth")
+        raise refuse("PAC-S needs its fine-tuned weights: pass --pacs-checkpoint /path/to/clip_ViT-B-32.pth")
 
 
 def evaluators(args: Args) -> dict:
@@ -624,6 +685,10 @@ class ImageBank:
                 kept.append(i)
                 images.append(image)
         return kept, images
+
+    def any_readable(self) -> bool:
+        """Whether one of the images can be read (tried in order up to the first that can: one file, normally)."""
+        return any(self.open_images([i])[0] for i in range(len(self.records)) if i not in self.bad)
 
     def placeholder(self) -> torch.Tensor:
         """One all-zero row of tokens (1, 1 + P, W): a rank with no readable image still steps alike."""
@@ -764,20 +829,25 @@ def evaluate(args: Args, model: Captioner, vocab: Vocab, bank: ImageBank, limit:
 
 
 def load_checkpoint(path) -> dict:
-    """A dico.py checkpoint, or a clear error when the file is missing, corrupted or something else."""
+    """A dico.py checkpoint, or a clear error when the file is missing, corrupted, something else or holds NaN
+    weights (a diverged run's, which would be captioned and scored as a model)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path} (run the xe stage first, or pass --init)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError) as err:
-        raise RuntimeError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); it is corrupted "
-                           "or truncated: delete it and rerun (or resume from another)") from err
+        raise refuse(f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); it is corrupted or truncated: "
+                     "delete it and rerun (or resume from another)") from err
     if not isinstance(payload, dict) or not {"model", "config", "vocab", "step"} <= set(payload):
-        raise RuntimeError(f"{path} is not a dico.py checkpoint (needs model, config, vocab and step)")
+        raise refuse(f"{path} is not a dico.py checkpoint (needs model, config, vocab and step)")
     if payload.get("encoder_tokens") != ENCODER_TOKENS:  # older checkpoints read the tokens after ln_post
-        raise RuntimeError(f"{path} was trained on the encoder's tokens after ln_post (dico.py now reads them "
-                           "before it, as the official code); retrain it with the xe stage")
+        raise refuse(f"{path} was trained on the encoder's tokens after ln_post (dico.py now reads them before it, "
+                     "as the official code); retrain it with the xe stage")
+    bad = [name for name, tensor in payload["model"].items() if tensor.is_floating_point() and not tensor.isfinite().all()]
+    if bad:
+        raise NonFiniteError(f"{path}: {len(bad)} of {len(payload['model'])} weight tensors hold NaN or inf "
+                             f"({', '.join(bad[:3])}): a diverged run's weights, not a model")
     return payload
 
 
@@ -801,6 +871,81 @@ def write_log(path: Path, row: dict) -> None:
         handle.write(json.dumps(row) + "\n")
 
 
+def truncate_log(path: Path, step: int) -> None:
+    """The log of a run resumed at `step`: its rows up to that step, so that each step it runs again appears once
+    (a last row that the stop cut short goes too)."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+        with contextlib.suppress(json.JSONDecodeError):
+            if json.loads(line)["step"] <= step:
+                rows.append(line + "\n")
+    atomic_write_text(path, "".join(rows))
+
+
+RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "metrics.json")  # what a stage writes into <out>/<stage>
+
+
+def start_afresh(out: Path, args: Args, stage: str, rank: int) -> None:
+    """<out>/<stage> cleared for a run from step 0. A run there is replaced only when asked (--overwrite, or
+    --resume of a run that stopped before its first last.pt), else refused: a rerun would replace its best.pt."""
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not (args.overwrite or args.resume):
+        raise refuse(f"{out} already holds a run ({', '.join(found)}): pass --resume to continue it, --overwrite to "
+                     "replace it, or another --out")
+    if found and rank == 0:
+        print(f"[{stage}] replacing the run in {out} ({', '.join(found)}): starting at step 0")
+        for name in found:
+            (out / name).unlink()
+
+
+# What a stage's results depend on, besides the data and models of every stage: a resumed run must match its
+# checkpoint on each of these flags (`recipe`). The others may change on resume: --steps (extending a run is what
+# --resume is for), --device, --micro-batch-size (memory only), --save-every, --kernel, --strict.
+RECIPE_FLAGS = {
+    "all": ("seed", "coco_karpathy", "coco_images", "train_manifest", "val_manifest", "world", "scorer", "encoder_model",
+            "encoder_pretrained", "clip_s_model", "clip_s_pretrained", "pacs_model", "pacs_pretrained",
+            "pacs_checkpoint", "max_len", "eval_beam", "val_images"),
+    "xe": ("d_model", "encoder_layers", "decoder_layers", "heads", "ffn", "dropout", "restrict_vocab", "xe_batch_size",
+           "xe_lr", "xe_eval_every"),
+    "finetune": ("batch_size", "lr", "beams", "candidates", "beta", "tau", "reward", "reward_prefix", "reward_clamp",
+                 "eval_every"),
+}
+
+
+def xe_warmup_steps(args: Args) -> float:
+    """How many XE steps the learning rate warms up over (at least one)."""
+    return max(1.0, args.xe_warmup * args.xe_steps)
+
+
+def recipe(args: Args, stage: str, start: Optional[dict]) -> dict:
+    """{flag: value} of what `stage`'s results depend on; a fine-tuning's start (policy and reference) by its
+    weights' hash, so that an XE run that went on since is another start, even at the same --init path."""
+    values = {}
+    for name in RECIPE_FLAGS["all"] + RECIPE_FLAGS["xe" if stage == "xe" else "finetune"]:
+        value = getattr(args, name)
+        if dataclasses.is_dataclass(value):  # --world.n-train, --scorer.steps, ...
+            values.update({f"{flag(name)}.{key.replace('_', '-')}": v for key, v in dataclasses.asdict(value).items()})
+        else:
+            values[flag(name)] = value
+    if stage == "xe":  # more --xe-steps continue the same run only while the warm-up keeps its length
+        values["--xe-warmup x --xe-steps"] = xe_warmup_steps(args)
+    else:
+        values["--init"] = f"sha256:{weights_digest(start)[:16]}"
+    return json.loads(json.dumps(values))  # as the checkpoint holds it
+
+
+def check_recipe(path: Path, saved: Optional[dict], wanted: dict) -> None:
+    """Refuse to resume the checkpoint at `path` with other settings, naming the flags that differ."""
+    if saved is None:
+        raise refuse(f"{path} holds no recipe (an older dico.py wrote it), so its settings cannot be checked: start a "
+                     "new run with another --out, or with --overwrite instead of --resume")
+    differ = sorted(name for name in saved.keys() | wanted.keys() if saved.get(name) != wanted.get(name))
+    if differ:
+        was, now = (" ".join(f"{name} {values.get(name)}" for name in differ) for values in (saved, wanted))
+        raise refuse(f"{path} was trained with {was}, not {now}: resume with its flags, or start a new run with "
+                     "another --out (or --overwrite instead of --resume)")
+
+
 # ============================================================================================
 # Training: XE pre-training and DiCO / SCST fine-tuning share one loop
 # ============================================================================================
@@ -813,15 +958,23 @@ def train(args: Args, stage: str) -> dict:
     at most --micro-batch-size images whose gradients accumulate; each micro-batch's loss is weighted
     by its share of the batch's denominator (tokens for XE, usable images for DiCO, usable candidates
     for SCST), so any number of ranks and micro-batches takes the step one process would.
+
+    A run in <out>/<stage> is continued only with --resume and the settings it was trained with (`recipe`), and
+    replaced only with --overwrite. A diverged run (NaN or inf in the loss, the updated weights or every candidate)
+    stops with NonFiniteError before it writes a checkpoint: last.pt and best.pt stay the last good ones.
     """
     require_pacs_weights(args)  # the first validation needs them: say so before any training
     rank, world_size, device = init_distributed(args.device)
     args = dataclasses.replace(args, device=device)
     out = Path(args.out) / stage
+    resuming = args.resume and (out / "last.pt").exists()
+    if not resuming:
+        start_afresh(out, args, stage, rank)
     out.mkdir(parents=True, exist_ok=True)
     train_records, val_records = load_split(args, "train"), load_split(args, "val")
     finetune = stage != "xe"
     select = "RefPAC-S" if finetune else "CIDEr"  # official: metric_for_best_model ref-PACScore (DiCO), cider (XE)
+    start = None
     if finetune:  # the policy and the frozen reference both start from the XE checkpoint
         start = load_checkpoint(args.init or Path(args.out) / "xe" / "best.pt")
         model, vocab = model_from_checkpoint(start, args.device)
@@ -835,18 +988,27 @@ def train(args: Args, stage: str) -> dict:
                           args.decoder_layers, args.heads, args.ffn, args.dropout, args.max_len).to(args.device)
     steps, batch_size = (args.steps, args.batch_size) if finetune else (args.xe_steps, args.xe_batch_size)
     if batch_size < world_size:
-        raise ValueError(f"the batch size ({batch_size} images) is global and smaller than the {world_size} ranks")
+        raise refuse(f"the batch size ({batch_size} images) is global and smaller than the {world_size} ranks")
     peak_lr = args.lr if finetune else args.xe_lr
     optimizer = torch.optim.Adam(model.parameters(), lr=peak_lr)
-    step, best = 0, -math.inf
-    if args.resume and (out / "last.pt").exists():
+    settings = recipe(args, stage, start)
+    step, best, saved = 0, -math.inf, None  # saved: the step last.pt holds
+    if resuming:
         state = load_checkpoint(out / "last.pt")
+        check_recipe(out / "last.pt", state.get("recipe"), settings)  # else the optimiser state restores the old lr
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, best = state["step"], state["best"]
+        saved = step
+        if rank == 0:
+            truncate_log(out / "log.jsonl", step)
         print(f"[{stage}] resuming from step {step} ({out / 'last.pt'})")
     policy = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     train_bank, val_bank = image_bank(args, train_records), image_bank(args, val_records)
+    if not train_bank.any_readable():  # else every step "trains" on no image, and validation writes best.pt
+        first = train_bank.skipped.examples[0][1] if train_bank.skipped.examples else "the split is empty"
+        raise BadSampleError(f"[{stage}] nothing to train on: none of the {len(train_records)} training images of "
+                             f"{data_source(args, 'train')} can be read, all skipped (first: {first})")
     reward_bundle, reward_w = evaluators(args)[args.reward] if finetune else (None, None)
     # every reference of an image is an XE target: one is drawn per image and step (COCO has five)
     targets_all = [[vocab.encode(ref, args.max_len) for ref in r["refs"]] for r in train_records] if not finetune else []
@@ -854,8 +1016,12 @@ def train(args: Args, stage: str) -> dict:
     def checkpoint(path, metrics=None):
         save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                                "best": best, "config": model.config, "vocab": vocab.bpe_ids, "stage": stage,
-                               "encoder_tokens": ENCODER_TOKENS,
+                               "encoder_tokens": ENCODER_TOKENS, "recipe": settings,
                                "metrics": metrics or {}, "args": json.loads(json.dumps(dataclasses.asdict(args)))})
+
+    def where(n: int, when: str) -> str:  # a diverged run's message: the step, and what last.pt still holds
+        kept = f"{out / 'last.pt'} keeps step {saved}" if saved is not None else "no last.pt written by this run"
+        return f"[{stage}] step {n} of {steps}, {when} ({kept})"
 
     labels = {}  # how the validation's BLEU/CIDEr were tokenized ("tokenizer", "backend"), for metrics.json
 
@@ -887,13 +1053,14 @@ def train(args: Args, stage: str) -> dict:
                 tokens[i, :len(row)] = torch.tensor(row, dtype=torch.long)
             inputs, targets, mask = teacher_forcing(tokens.to(args.device), vocab.bos, vocab.pad)
             return {"visual": visual, "inputs": inputs, "targets": targets, "mask": mask, "images": len(kept),
-                    "count": int(mask.sum())}
+                    "count": int(mask.sum()), "nonfinite": 0}
         k = args.beams
         if args.candidates == "beam":
             tokens, scores = beam_search(model, visual, k, args.max_len)  # step 2: (b, k, T), no autograd
         else:
             tokens, scores = sample(model, visual, k, args.max_len)
         valid = distinct_and_finite(tokens, scores) & bool(kept)  # (b, k)
+        nonfinite = int((~torch.isfinite(scores)).sum()) if kept else 0  # NaN: a diverged policy (-inf: no such beam)
         if kept:
             texts = [vocab.decode(row.tolist()) for row in tokens.flatten(0, 1)]
             img = train_bank.image_features(reward_bundle, kept)
@@ -905,7 +1072,7 @@ def train(args: Args, stage: str) -> dict:
         usable = valid.sum(dim=1, keepdim=True) >= 2  # (b, 1): a winner and a loser; the losses average over these
         count = int(usable.sum()) if stage == "dico" else int((valid & usable).sum())
         return {"visual": visual, "inputs": inputs, "targets": targets, "mask": mask, "valid": valid,
-                "rewards": rewards, "images": len(kept), "count": count}
+                "rewards": rewards, "images": len(kept), "count": count, "nonfinite": nonfinite}
 
     def loss_terms(batch: dict) -> dict:
         if not finetune:
@@ -924,7 +1091,7 @@ def train(args: Args, stage: str) -> dict:
                               args.beta, args.tau, args.kernel)
         return scst_terms(policy_logps.view(-1, k), mask.sum(1).view(-1, k), batch["rewards"], batch["valid"])
 
-    if rank == 0 and step == 0 and not (out / "best.pt").exists():
+    if rank == 0 and step == 0:
         validate()  # the starting point is a candidate too (and the XE/DiCO baseline)
     started = time.time()
     while step < steps:
@@ -937,13 +1104,17 @@ def train(args: Args, stage: str) -> dict:
         model.train(not finetune)  # fine-tuning runs without dropout: s(y) = 0 at the start (Deviation 4)
         if not finetune:
             for group in optimizer.param_groups:  # linear warm-up over the first xe_warmup of the steps
-                group["lr"] = peak_lr * min(1.0, (step + 1) / max(1.0, args.xe_warmup * steps))
+                group["lr"] = peak_lr * min(1.0, (step + 1) / xe_warmup_steps(args))
         batches = [prepare([chosen[j] for j in share[s:s + size]], [picks[j] for j in share[s:s + size]])
                    for s in range(0, len(share), size)]
-        totals = torch.tensor([sum(b["count"] for b in batches), sum(b["images"] for b in batches)], dtype=torch.float64)
+        totals = torch.tensor([sum(b[key] for b in batches) for key in ("count", "images", "nonfinite")],
+                              dtype=torch.float64)
         if world_size > 1:
             dist.all_reduce(totals)
-        denominator, images = max(1.0, totals[0].item()), int(totals[1].item())
+        denominator, images, nonfinite = max(1.0, totals[0].item()), int(totals[1].item()), int(totals[2].item())
+        if finetune and images and nonfinite == images * args.beams:  # on every rank: they stop together
+            raise NonFiniteError(f"{where(step + 1, 'before its update')}: all {nonfinite} candidates of the batch's "
+                                 f"{images} images have a NaN or infinite log-prob (the policy diverged)")
         optimizer.zero_grad(set_to_none=True)
         sums: dict = {}
         for j, batch in enumerate(batches):
@@ -951,9 +1122,7 @@ def train(args: Args, stage: str) -> dict:
             with policy.no_sync() if accumulate else contextlib.nullcontext():
                 terms = loss_terms(batch)
                 loss = terms["loss"]
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"[{stage}] loss is {loss.item()} at step {step}; stopped before the "
-                                             "checkpoint is poisoned (lower the learning rate?)")
+                assert_finite_state(None, loss.detach(), where(step + 1, "before its update"))
                 # the micro-batch's part of the global mean; DDP averages over the ranks, hence x world_size
                 (loss * (batch["count"] * world_size / denominator)).backward()
             for key, value in terms.items():  # logged: means weighted as the loss is, n_skipped summed
@@ -965,15 +1134,20 @@ def train(args: Args, stage: str) -> dict:
         logged = torch.tensor(list(sums.values()), dtype=torch.float64)
         if world_size > 1:
             dist.all_reduce(logged)
+        means = {key: value if key == "n_skipped" else value / denominator for key, value in zip(sums, logged.tolist())}
         if rank == 0:
-            row = {"step": step, **{key: value if key == "n_skipped" else value / denominator
-                                    for key, value in zip(sums, logged.tolist())},
-                   "images": images, "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - started}
+            row = {"step": step, **means, "images": images, **({"nonfinite_candidates": nonfinite} if finetune else {}),
+                   "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - started}
             write_log(out / "log.jsonl", row)
+        # a finite loss does not make a finite update: every checkpoint written below holds weights checked here,
+        # on every rank, so that they stop together
+        assert_finite_state(model, means["loss"], where(step, "after its update"))
+        if rank == 0:
             if step % (args.eval_every if finetune else args.xe_eval_every) == 0 or step == steps:
                 validate()
             if step % args.save_every == 0 or step == steps:
                 checkpoint(out / "last.pt")
+                saved = step
         if world_size > 1:
             dist.barrier()
     bad = {str(bank.records[i]["id"]) for bank in (train_bank, val_bank) for i in bank.bad}
@@ -1125,7 +1299,8 @@ def run_miniature(args: Args) -> dict:
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_flags(args)
+    args.device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))  # before any weights
     if args.stage == "miniature":
         return run_miniature(args)
     if args.stage == "xe":
@@ -1140,4 +1315,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)  # expected errors: one line on stderr, exit status 1

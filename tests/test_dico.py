@@ -1,7 +1,8 @@
 """dico.py: the decisive choices of docs/dico.md's Implementation details, each against an independent
 computation (beam search against exhaustive search; DiCO, SCST, XE and teacher forcing by hand; the rewards and
 the frozen reference recomputed from what the real training loop used), then metrics, stages, resume, presets
-and official defaults, global batches (2 gloo ranks), bad images, the real architectures at tiny size."""
+and official defaults, global batches (2 gloo ranks), bad images, the real architectures at tiny size; then nothing
+silently wrong: a diverged run, bad fields, nothing readable, resume and rerun into a run, flags out of range."""
 
 import itertools
 import json
@@ -16,7 +17,7 @@ import torch
 import dico
 from common.clip_score import PREFIX, clip_s, load_clip, pac_s, ref_clip_s, ref_pac_s
 from common.clip_train import TrainConfig, ensure_miniature_scorer
-from common.data import BadSampleError, image_path, open_image, read_manifest
+from common.data import BadSampleError, DeviceError, ManifestError, NonFiniteError, image_path, open_image, read_manifest
 from common.miniature import WorldConfig, ensure_world
 from caption_kernels.dico import sequence_logprobs
 from tests.realarch import assert_same_weights, run_torchrun, serve_open_clip_tag
@@ -523,15 +524,15 @@ def test_resume_continues_from_the_saved_step(scorer, tmp_path):
 def test_corrupted_checkpoint_gives_a_clear_error(scorer, tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(RuntimeError, match="unreadable"):
+    with pytest.raises(SystemExit, match="unreadable"):  # one line, exit status 1
         dico.main(tiny_args(scorer, tmp_path / "run", "dico", "--init", str(bad), "--steps", "1"))
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
-    with pytest.raises(RuntimeError, match="not a dico.py checkpoint"):
+    with pytest.raises(SystemExit, match="not a dico.py checkpoint"):
         dico.load_checkpoint(tmp_path / "other.pt")
     with pytest.raises(FileNotFoundError, match="run the xe stage"):
         dico.load_checkpoint(tmp_path / "missing.pt")
     torch.save({"model": {}, "config": {}, "vocab": [], "step": 0}, tmp_path / "old.pt")  # before the fix
-    with pytest.raises(RuntimeError, match="after ln_post"):
+    with pytest.raises(SystemExit, match="after ln_post"):
         dico.load_checkpoint(tmp_path / "old.pt")
 
 
@@ -540,17 +541,18 @@ def test_nan_loss_stops_with_the_step(scorer, tmp_path, monkeypatch):
         return {"loss": logits.sum() * float("nan")}
 
     monkeypatch.setattr(dico, "xe_loss", poisoned)
-    with pytest.raises(FloatingPointError, match="at step 0"):
+    with pytest.raises(NonFiniteError, match=r"^\[xe\] step 1 of 3, before its update \(no last.pt written by this run\): "
+                                             "the loss is nan"):
         dico.main(tiny_args(scorer, tmp_path / "run", "xe", "--xe-steps", "3"))
     assert not (tmp_path / "run" / "xe" / "last.pt").exists()
 
 
 def test_real_run_without_pacs_checkpoint_names_the_flag(tmp_path):
     args = dico.Args(train_manifest="x.jsonl")
-    with pytest.raises(ValueError, match="--pacs-checkpoint"):
+    with pytest.raises(SystemExit, match="--pacs-checkpoint"):
         dico.evaluators(args)
     # checked when the run starts: before the data (here missing) is read or anything is trained
-    with pytest.raises(ValueError, match="--pacs-checkpoint"):
+    with pytest.raises(SystemExit, match="--pacs-checkpoint"):
         dico.main(["xe", "--train-manifest", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path)])
     assert not (tmp_path / "xe").exists()
 
@@ -687,7 +689,8 @@ def test_an_unreadable_image_is_skipped_and_counted_and_strict_stops(scorer, tmp
     assert results["xe/best"]["unreadable_images"] == 1
     captions = read_manifest(out / "eval" / "captions-xe-best.jsonl")
     assert len(captions) == 5 and "broken-test" not in {r["id"] for r in captions}
-    with pytest.raises(BadSampleError, match="sample 'broken-val': image cannot be decoded"):  # validation at step 0
+    # the first image read: the training set's first, whose readable images are looked for before step 0
+    with pytest.raises(BadSampleError, match="sample 'broken-train': image cannot be decoded"):
         dico.main([*tiny_args(scorer, tmp_path / "strict", "xe", "--xe-steps", "1", "--strict"), *data])
 
 
@@ -798,3 +801,225 @@ def test_training_curves_read_the_validation_rows_of_every_seed(tmp_path):
     assert curves["reward"].tolist() == [[1.0, 1.2], [3.0, 0.2]] and curves["CLIP-S"].tolist() == [[2.0, 1.8], [4.0, 0.8]]
     dico.plot_training({"dico": curves, "scst": curves}, "pac_s", tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# --------------------------------------------------------------------------------------------
+# Nothing silently wrong: a diverged run stops, bad data is refused, a run in --out is never mixed or replaced
+# unasked, flags out of range are one line naming the flag
+# --------------------------------------------------------------------------------------------
+
+QUICK = ["--xe-eval-every", "100", "--eval-every", "100", "--val-images", "2"]
+
+
+def run(scorer, out, stage, *flags):
+    """`dico.py stage` on the tiny world with the SMALL flags, then `flags` (which win)."""
+    return dico.main([*tiny_args(scorer, out, stage), *flags])
+
+
+def finite_weights(path):
+    return all(torch.isfinite(t).all() for t in dico.load_checkpoint(path)["model"].values())
+
+
+def test_a_diverging_learning_rate_stops_before_a_nan_checkpoint(scorer, tmp_path):
+    """`dico --lr 1e6`: after the first update every candidate scored NaN; the run went on with them all filtered
+    out, logged loss 0.0 and exited 0 with a NaN last.pt. Now it stops there and writes no checkpoint of it."""
+    out = tmp_path / "run"
+    run(scorer, out, "xe", "--xe-steps", "1", *QUICK)
+    with pytest.raises(NonFiniteError, match=r"^\[dico\] step 2 of 6, before its update \(no last.pt written by this "
+                                             r"run\): all 12 candidates of the batch's 4 images have a NaN"):
+        run(scorer, out, "dico", "--steps", "6", "--lr", "1e6", *QUICK)
+    assert not (out / "dico" / "last.pt").exists()
+    assert dico.load_checkpoint(out / "dico" / "best.pt")["step"] == 0 and finite_weights(out / "dico" / "best.pt")
+
+
+def test_weights_an_update_poisons_never_reach_a_checkpoint(scorer, tmp_path, monkeypatch):
+    """The last update's loss is finite and the update puts NaN in a weight: the final last.pt was written with it.
+    Now the run stops; last.pt keeps step 2 (its last save) and best.pt finite weights."""
+    real_step, updates = torch.optim.Adam.step, []
+
+    def poisoning_step(self, closure=None):
+        loss = real_step(self, closure)
+        updates.append(1)
+        if len(updates) == 4:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return loss
+
+    monkeypatch.setattr(torch.optim.Adam, "step", poisoning_step)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteError, match=rf"^\[xe\] step 4 of 4, after its update \({out / 'xe' / 'last.pt'} keeps "
+                                             r"step 2\): 1 of \d+ weight tensors hold NaN or inf \(visual_proj.weight\)"):
+        run(scorer, out, "xe", "--xe-steps", "4")
+    assert dico.load_checkpoint(out / "xe" / "last.pt")["step"] == 2
+    assert finite_weights(out / "xe" / "last.pt") and finite_weights(out / "xe" / "best.pt")
+    state = dico.load_checkpoint(out / "xe" / "last.pt")
+    state["model"]["lm_head.bias"][0] = float("inf")
+    torch.save(state, tmp_path / "inf.pt")
+    with pytest.raises(NonFiniteError, match=r"inf.pt: 1 of \d+ weight tensors hold NaN or inf \(lm_head.bias\)"):
+        run(scorer, tmp_path / "eval", "eval", "--checkpoints", str(tmp_path / "inf.pt"))
+
+
+def test_nan_candidates_are_counted_and_a_batch_without_a_finite_one_stops(scorer, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    run(scorer, out, "xe", "--xe-steps", "1", *QUICK)
+    real_beam_search = dico.beam_search
+
+    def nan_beams(last):  # beam search whose beams `last`.. score NaN
+        def search(model, visual, beam_size, max_len):
+            tokens, scores = real_beam_search(model, visual, beam_size, max_len)
+            scores = scores.clone()
+            scores[:, last:] = float("nan")
+            return tokens, scores
+        return search
+
+    monkeypatch.setattr(dico, "beam_search", nan_beams(2))
+    run(scorer, out, "dico", "--steps", "2", *QUICK)
+    assert [row["nonfinite_candidates"] for row in train_rows(out, "dico")] == [4, 4]  # 1 of 3 beams, 4 images
+    monkeypatch.setattr(dico, "beam_search", nan_beams(0))
+    with pytest.raises(NonFiniteError, match=r"^\[scst\] step 1 of 2, before its update \(no last.pt written by this "
+                                             r"run\): all 12 candidates of the batch's 4 images"):
+        run(scorer, out, "dico", "--algo", "scst", "--steps", "2", *QUICK)
+    assert not (out / "scst" / "last.pt").exists()
+
+
+def world_manifests(tmp_path, edit=lambda split, records: records):
+    """Train (8), val and test (6) manifests of the tiny world, each split's records passed through `edit` first."""
+    root, paths = ensure_world(WORLD), {}
+    for split, n in (("train", 8), ("val", 6), ("test", 6)):
+        records = [{"id": r["id"], "image": str(image_path(r)), "caption": r["caption"], "refs": r["refs"]}
+                   for r in read_manifest(root / f"{split}.jsonl")[:n]]
+        paths[split] = tmp_path / f"{split}.jsonl"
+        paths[split].write_text("".join(json.dumps(r) + "\n" for r in edit(split, records)))
+    return [flag for split in paths for flag in (f"--{split}-manifest", str(paths[split]))]
+
+
+def test_refs_given_as_a_string_are_refused_naming_the_file_and_sample(scorer, tmp_path):
+    """A string `refs` was iterated letter by letter: XE trained on one-letter targets, CIDEr scored against them."""
+    def one_string(split, records):
+        if split == "train":
+            records[2]["refs"] = "a red circle."
+        return records
+
+    data = world_manifests(tmp_path, one_string)
+    sample = read_manifest(tmp_path / "train.jsonl")[2]["id"]
+    with pytest.raises(ManifestError, match=rf"train.jsonl \(id '{sample}'\): field 'refs' must be a list of strings, "
+                                            r'got "a red circle."'):
+        run(scorer, tmp_path / "run", "xe", "--xe-steps", "1", *data)
+    assert not (tmp_path / "run" / "xe" / "log.jsonl").exists()
+
+
+def test_nothing_readable_to_train_on_is_refused_before_any_checkpoint(scorer, tmp_path):
+    """Every training image unreadable: 6 XE steps on 0 images and a best.pt. Now one line, before step 0."""
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+
+    def unreadable(split, records):
+        return [{**r, "image": str(broken)} for r in records] if split == "train" else records
+
+    data = world_manifests(tmp_path, unreadable)
+    for cache in ([], ["--cache-features"]):  # images read as drawn, or all at the start
+        out = tmp_path / f"run{len(cache)}"
+        with pytest.raises(BadSampleError, match=rf"^\[xe\] nothing to train on: none of the 8 training images of "
+                                                 rf"{tmp_path / 'train.jsonl'} can be read, all skipped \(first: sample"):
+            run(scorer, out, "xe", "--xe-steps", "2", *data, *cache)
+        assert not (out / "xe" / "best.pt").exists()
+
+
+def test_resume_refuses_other_settings_naming_the_flags(scorer, tmp_path):
+    """--lr was ignored on resume (the optimiser state restores the saved one), --beta and --xe-lr applied from the
+    resumed step on; now the checkpoint's recipe must match, and the flags that do not change results may change."""
+    out = tmp_path / "run"
+    run(scorer, out, "xe", "--xe-steps", "2", *QUICK)
+    with pytest.raises(SystemExit, match=r"--xe-lr 0.001, not --xe-lr 0.01: .*another --out"):
+        run(scorer, out, "xe", "--xe-steps", "2", "--xe-lr", "0.01", "--resume", *QUICK)
+    run(scorer, out, "dico", "--steps", "2", *QUICK)
+    with pytest.raises(SystemExit, match=r"trained with --beta 0.2 --lr 0.0001, not --beta 0.5 --lr 0.001: resume with "):
+        run(scorer, out, "dico", "--steps", "3", "--lr", "1e-3", "--beta", "0.5", "--resume", *QUICK)
+    run(scorer, tmp_path / "other", "xe", "--xe-steps", "1", "--seed", "1", *QUICK)
+    with pytest.raises(SystemExit, match=r"--init sha256:\w{16}, not --init sha256:\w{16}"):  # another reference
+        run(scorer, out, "dico", "--steps", "3", "--init", str(tmp_path / "other" / "xe" / "last.pt"), "--resume",
+            *QUICK)
+    # more steps, micro-batches, saves every step: the same run, continued
+    run(scorer, out, "dico", "--steps", "3", "--micro-batch-size", "2", "--save-every", "1", "--resume", *QUICK)
+    assert [row["step"] for row in train_rows(out, "dico")] == [1, 2, 3]
+
+
+def test_a_rerun_never_replaces_a_finished_run_unasked(scorer, tmp_path):
+    """A rerun without --resume overwrote best.pt (a finished run's CIDEr 1.88 became 0.0068) and appended its rows."""
+    out = tmp_path / "run"
+    run(scorer, out, "xe", "--xe-steps", "2", *QUICK)
+    before = (out / "xe" / "best.pt").read_bytes()
+    with pytest.raises(SystemExit, match=rf"^error: {out / 'xe'} already holds a run \(last.pt, best.pt, log.jsonl, "
+                                         r"metrics.json\): pass --resume to continue it, --overwrite to replace it"):
+        run(scorer, out, "xe", "--xe-steps", "2", "--seed", "1", *QUICK)
+    assert (out / "xe" / "best.pt").read_bytes() == before
+    run(scorer, out, "xe", "--xe-steps", "2", "--seed", "1", "--overwrite", *QUICK)
+    assert [row["step"] for row in map(json.loads, (out / "xe" / "log.jsonl").read_text().splitlines())] == [0, 1, 2, 2]
+    assert dico.load_checkpoint(out / "xe" / "best.pt")["recipe"]["--seed"] == 1
+
+
+def test_a_resumed_log_holds_each_step_once(scorer, tmp_path, monkeypatch):
+    """Killed after step 3 with last.pt at step 2: the resumed run logged steps 3 (and its validation) twice."""
+    real_write_log = dico.write_log
+
+    def killed_before_step_4(path, row):
+        if row["step"] == 4 and "loss" in row:
+            raise KeyboardInterrupt
+        real_write_log(path, row)
+
+    monkeypatch.setattr(dico, "write_log", killed_before_step_4)
+    out, flags = tmp_path / "run", ["--xe-steps", "4", "--xe-eval-every", "3", "--val-images", "2"]
+    with pytest.raises(KeyboardInterrupt):
+        run(scorer, out, "xe", *flags)
+    monkeypatch.setattr(dico, "write_log", real_write_log)
+    run(scorer, out, "xe", *flags, "--resume")
+    rows = [json.loads(line) for line in (out / "xe" / "log.jsonl").read_text().splitlines()]
+    assert [(row["step"], "val" in row) for row in rows] == [(0, True), (1, False), (2, False), (3, False), (3, True),
+                                                             (4, False), (4, True)]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--xe-batch-size", "-8"], "--xe-batch-size must be at least 1, got -8"),
+    (["--steps", "0"], "--steps must be at least 1, got 0"),
+    (["--xe-steps", "-3"], "--xe-steps must be at least 1, got -3"),
+    (["--beams", "1"], "--beams must be at least 2, got 1"),
+    (["--eval-beam", "0"], "--eval-beam must be at least 1, got 0"),
+    (["--save-every", "0"], "--save-every must be at least 1, got 0"),
+    (["--micro-batch-size", "-1"], "--micro-batch-size must be at least 0, got -1"),
+    (["--seed", "-1"], "--seed must be at least 0, got -1"),
+    (["--tau", "-5"], "--tau must be a positive number, got -5.0"),
+    (["--beta", "0"], "--beta must be a positive number, got 0.0"),
+    (["--lr", "nan"], "--lr must be a positive number, got nan"),
+    (["--xe-lr", "inf"], "--xe-lr must be a positive number, got inf"),
+    (["--xe-warmup", "1.5"], "--xe-warmup must be in [0, 1], got 1.5"),
+    (["--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
+    (["--heads", "3"], "--d-model (32) must be a multiple of --heads (3)"),
+    (["--resume", "--overwrite"], "--resume continues the run in --out, --overwrite replaces it: pass one"),
+])
+def test_flags_out_of_range_are_one_line_naming_the_flag(scorer, tmp_path, flags, message):
+    """Checked at start-up, before anything is read or written (`--beams 1` skipped every DiCO step: no loser)."""
+    with pytest.raises(SystemExit) as exit_:
+        run(scorer, tmp_path / "run", "dico", *flags)
+    assert exit_.value.code == f"error: {message}"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_says_so(scorer, tmp_path):
+    """Not an error from loading the encoder's weights onto it (which blamed --encoder-pretrained)."""
+    with pytest.raises(DeviceError, match="--device cuda: CUDA is not available on this machine"):
+        run(scorer, tmp_path / "run", "eval", "--device", "cuda", "--checkpoints", "x.pt")
+
+
+def test_the_command_line_ends_expected_errors_with_one_line(tmp_path):
+    """`python dico.py ...`: exit status 1 and one line on stderr, no traceback, for a flag and for a missing file."""
+    import subprocess
+    import sys
+
+    for flags, line in ((["dico", "--beams", "1"], "error: --beams must be at least 2, got 1"),
+                        (["xe", "--train-manifest", str(tmp_path / "missing.jsonl"), "--pacs-checkpoint", "p.pth"],
+                         f"error: manifest not found: {tmp_path / 'missing.jsonl'}")):
+        done = subprocess.run([sys.executable, dico.__file__, *flags, "--out", str(tmp_path / "run")],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 1 and done.stderr.strip().splitlines() == [line], done.stderr[-2000:]
