@@ -23,6 +23,9 @@ Implements:
      locality claim compares the regimes' last layers over every seed's model.
   5. (Ours) the floors of the dense claims: an untrained encoder's probe, and no encoder at all
      (the majority class at every pixel; each pixel's mean training depth).
+  6. DataCompDR's synthetic captions (MobileCLIP, Vasu et al. 2024, arXiv 2311.17049): k = 5 per image,
+     x_syn ~ CoCa(img) by nucleus sampling (top-p 0.9), each an independent draw (`synthesize`); a degenerate
+     draw (common/degenerate.py) is drawn again up to --resample-degenerate times, then dropped and counted.
 
 Deviations from the paper (no official code exists; the closest is apple/ml-mobileclip training/):
   1. Dense heads are a 1x1 convolution (+ BatchNorm) on the last block's patch tokens, upsampled
@@ -54,6 +57,10 @@ Deviations from the paper (no official code exists; the closest is apple/ml-mobi
   9. Pretraining runs under torchrun (DDP, features all-gathered: pass --kernel auto or torch) and the
      attention stage too (images sharded over ranks, sums all-reduced); rank 0 evaluates and writes.
      The probes have no multi-process path and refuse to start under it.
+ 10. `synthesize` samples as apple/ml-mobileclip-dr scripts/gen.py does (open_clip CoCa generate, top-p 0.9,
+     open_clip's defaults otherwise, its post-processing); the degenerate-caption guard is ours (gen.py
+     keeps every draw). It runs CoCa's top-p path under transformers 5, which open_clip 3.3 refuses (see
+     `enable_coca_sampling`); beam search stays unavailable. The stage shards over torchrun ranks.
 
 Smoke run first (every stage on a tiny world in under a minute, to check that everything runs):
     python clip_quality.py --preset smoke --out runs/clip_quality_smoke
@@ -62,6 +69,10 @@ Miniature world (CPU; a controlled experiment, not evidence about real data):
     python clip_quality.py miniature --seeds 3   # seeds 0, 1, 2
 Results (the tables, what they show and why the dense claims cannot show here, with the command and
 device): docs/clip_quality.md.
+
+DataCompDR's captions for your own images (a JSONL manifest: id, image, any other fields, all kept), then pretraining:
+    python clip_quality.py synthesize --captioner coca_ViT-L-14@mscoco_finetuned_laion2b_s13b_b90k \
+        --data images.jsonl --out synth.jsonl --device cuda   # or torchrun --nproc-per-node 8 clip_quality.py ...
 
 Real run (pretraining on 8 GPUs, the rest on one; webdataset shards or a manifest with alt_text +
 synthetic_captions such as DataCompDR-12M; probe
@@ -112,8 +123,11 @@ from common.clip_score import tag_settings
 from common.clip_train import (MINIATURE_MODEL, ImageRows, TrainConfig, contrastive_loss, create_clip, encode_images,
                                encode_texts, evaluate_world, preprocess_images, retrieval_metrics, save_checkpoint,
                                texts_of, train_clip)
-from common.data import (Columns, ManifestError, atomic_write_text, check_device, image_source, index_data,
-                         init_distributed, open_image, read_manifest, run_command, shard, text_problem)
+from common.data import (Columns, ManifestError, SkipCounter, atomic_write_text, check_device, image_source, index_data,
+                         init_distributed, is_shards, open_image, open_record_image, read_manifest, run_command, shard,
+                         text_problem)
+from common.degenerate import DegenerateCounter
+from common.generate import generate_sharded
 from common.miniature import SEGMENTATION_CLASSES, WorldConfig, ensure_world
 
 Regime = Literal["datacomp", "datacompdr", "swap"]
@@ -134,8 +148,10 @@ PRESETS = {"smoke": {"model": "micro-ViT-16", "train.steps": 2, "train.batch_siz
 class Args:
     """CLIP with Quality Captions: pretrain, probe, efficiency, attention, or the whole miniature run."""
 
-    stage: tyro.conf.Positional[Literal["miniature", "pretrain", "probe", "efficiency", "attention"]] = "miniature"
-    """what to run; `miniature` runs every stage on the miniature world and writes results.md"""
+    stage: tyro.conf.Positional[Literal["miniature", "synthesize", "pretrain", "probe", "efficiency", "attention"]] = (
+        "miniature")
+    """what to run; `miniature` runs every stage on the miniature world and writes results.md; `synthesize` writes
+    DataCompDR's synthetic captions for --data into --out (a .jsonl; a folder gets synthetic.jsonl)"""
     preset: Annotated[Literal["smoke", "miniature"] | None, tyro.conf.arg(help=preset_help(PRESETS))] = None
     out: str = "runs/clip_quality"
     """output folder (each stage writes its JSON/PNG/checkpoints under it)"""
@@ -213,6 +229,17 @@ class Args:
     """attention: images to average over (default: the world's test split)"""
     attention_images: int = 128
     """attention: images to average over (128 in the ViT paper)"""
+    captioner: str = "coca_ViT-L-14@mscoco_finetuned_laion2b_s13b_b90k"
+    """synthesize: the CoCa, open_clip NAME@TAG (NAME@/path/to/weights also works) or one of our .pt checkpoints;
+    the default is MobileCLIP's (apple/ml-mobileclip-dr scripts/gen.py)"""
+    data: str | None = None
+    """synthesize: the images to caption, a JSONL manifest (id, image; every field is kept) or webdataset shards"""
+    num_synthetic: int = 5
+    """synthesize: captions per image (k = 5 in DataCompDR), written as a list into --synthetic-field"""
+    resample_degenerate: int = 3
+    """synthesize: draws again a degenerate caption (common/degenerate.py) up to this many times, then drops it"""
+    gen_batch_size: int = 32
+    """synthesize: images per generate call (each is repeated k times in the batch)"""
     device: str = "cpu"
     """torch device"""
 
@@ -755,6 +782,110 @@ def load_model_spec(spec: str, device: str = "cpu") -> tuple[str, nn.Module, Cal
 
 
 # ---------------------------------------------------------------------------------------------
+# DataCompDR's synthetic captions (MobileCLIP's dataset reinforcement)
+# ---------------------------------------------------------------------------------------------
+
+# apple/ml-mobileclip-dr scripts/gen.py (CaptionModel): coca_ViT-L-14 @ mscoco_finetuned_laion2B-s13B-b90k, 5 samples,
+# model.generate(images, generation_type="top_p", top_p=0.9, fixed_output_length=True); the rest are open_clip's
+# defaults, pinned here so that an open_clip release cannot change them: at most 30 tokens with <start_of_text> and
+# <end_of_text> (ml-mobileclip-dr issue 4's "a 2 2 2 2 ..." came with seq_len=77; some CoCas loop, long-context ones
+# most), at least 5, temperature 1, no repetition penalty. fixed_output_length pads every row to seq_len (a batch
+# stacks).
+COCA_SAMPLING = {"generation_type": "top_p", "top_p": 0.9, "temperature": 1.0, "seq_len": 30, "min_seq_len": 5,
+                 "repetition_penalty": 1.0, "fixed_output_length": True}
+
+
+def enable_coca_sampling() -> None:
+    """Let CoCa.generate sample under transformers 5. open_clip 3.3 imports BeamSearchScorer, which transformers 5
+    removed (open_clip issue 1129), in the same try as the classes of its top-p path; the import fails as a whole and
+    generate refuses to run. Those classes are all still in transformers 5: bind them. Beam search stays unavailable."""
+    from open_clip import coca_model
+
+    if coca_model._has_transformers:
+        return
+    import transformers
+
+    for name in ("LogitsProcessorList", "TopPLogitsWarper", "RepetitionPenaltyLogitsProcessor",
+                 "MinLengthLogitsProcessor", "MaxLengthCriteria", "StoppingCriteriaList"):
+        setattr(coca_model, name, getattr(transformers, name))
+    coca_model.GENERATION_TYPES["top_p"] = transformers.TopPLogitsWarper
+    coca_model._has_transformers = True
+
+
+def load_captioner(spec: str, device: str) -> tuple[nn.Module, Callable]:
+    """(CoCa, its preprocess) of --captioner; a missing weight (offline, a wrong path) is one error naming the flag."""
+    try:
+        if not Path(spec).is_file() and "@" not in spec:
+            raise RuntimeError("a captioner needs weights: NAME@TAG, NAME@/path/to/weights or a .pt checkpoint")
+        _, model, preprocess = load_model_spec(spec, device)
+    except RuntimeError as err:
+        raise FileNotFoundError(f"--captioner {spec}: {err}") from None
+    if not hasattr(model, "generate"):
+        raise ValueError(f"--captioner {spec}: a {type(model).__name__} has no text decoder; pass a CoCa")
+    enable_coca_sampling()
+    return model, preprocess  # eval mode, on the device
+
+
+def decode_caption(tokens: torch.Tensor) -> str:
+    """gen.py's post-processing: the text between <start_of_text> and <end_of_text>, up to its first period."""
+    return open_clip.decode(tokens).split("<end_of_text>")[0].split("<start_of_text>")[-1].split(".")[0].strip()
+
+
+@torch.no_grad()
+def synthesize_captions(model: nn.Module, pixels: torch.Tensor, ids: Sequence[str], args: Args,
+                        counter: DegenerateCounter, counts) -> list[list[str]]:
+    """k captions per image: each image repeated k times in one generate batch (k independent draws, as gen.py's k
+    calls); a degenerate draw is drawn again, at most --resample-degenerate times, then dropped (counted)."""
+    captions: list[list[str]] = [[] for _ in ids]
+    todo = [i for i in range(len(ids)) for _ in range(args.num_synthetic)]  # one entry per caption still wanted
+    for _ in range(1 + args.resample_degenerate):
+        if not todo:
+            break
+        tokens = model.generate(pixels[todo], **COCA_SAMPLING)  # step 6: x_syn ~ CoCa(img), top-p 0.9; (len(todo), 30)
+        failed = []
+        for i, row in zip(todo, tokens):
+            text = decode_caption(row)
+            if counter.check(text, ids[i]) is None:  # else a reason: "repeated token: '2' 4 times in a row", ...
+                captions[i].append(text)
+            else:
+                failed.append(i)
+        counts["degenerate"] += len(failed)
+        todo = failed
+    counts["degenerate_dropped"] += len(todo)
+    return captions
+
+
+def run_synthesize(args: Args) -> dict:
+    """The synthesize stage: --num-synthetic captions per --data image into --synthetic-field, every field kept;
+    common.generate.generate_sharded streams the input, shards it over ranks and resumes a killed run."""
+    if args.data is None:
+        raise FileNotFoundError("the synthesize stage needs --data (the image manifest or shards to caption)")
+    rank, world_size, device = init_distributed(args.device)
+    model, preprocess = load_captioner(args.captioner, device)
+    torch.manual_seed(args.seed + rank)
+    out = Path(args.out)  # a manifest in: this .jsonl, or synthetic.jsonl in this folder; shards in: shards out here
+    out = out / "synthetic.jsonl" if out.suffix != ".jsonl" and not is_shards(args.data) else out
+    counter, skipped = DegenerateCounter(), SkipCounter()
+
+    def process_batch(batch: list[dict], counts) -> list[tuple[dict, dict]]:
+        kept = [(record, image) for record in batch if (image := open_record_image(record, skipped)) is not None]
+        counts["unreadable_images"] += len(batch) - len(kept)
+        if not kept:
+            return []
+        pixels = torch.stack([preprocess(image) for _, image in kept]).to(device)
+        lists = synthesize_captions(model, pixels, [str(r["id"]) for r, _ in kept], args, counter, counts)
+        counts["captions"] += sum(map(len, lists))
+        counts["images_without_caption"] += sum(not c for c in lists)  # left out: no line, no shard member
+        return [(record, {args.synthetic_field: c}) for (record, _), c in zip(kept, lists) if c]
+
+    counts = generate_sharded(args.data, out, args.gen_batch_size, process_batch, rank, world_size, "synthesize")
+    if rank == 0:  # the counts of every rank; the degenerate examples of this one
+        print(f"synthesize: {counts.get('captions', 0)} captions written, {counts.get('degenerate_dropped', 0)} "
+              f"degenerate dropped -> {out}; {counts}\n{counter.line('synthetic draws', 'drawn again')}")
+    return {"out": str(out), **counts}
+
+
+# ---------------------------------------------------------------------------------------------
 # Stages
 # ---------------------------------------------------------------------------------------------
 
@@ -1179,10 +1310,12 @@ def main(argv=None) -> dict:
     args = parse(Args, argv, PRESETS)
     check_device(args.device)  # before any stage loads weights onto it (a tag's loader would take the blame)
     out = Path(args.out)
+    if args.stage == "synthesize":  # one process or torchrun: generate_sharded shards it over the ranks
+        return {"synthesize": run_synthesize(args)}
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         if args.stage not in ("attention", "pretrain"):
             raise SystemExit(f"the {args.stage} stage has no multi-process path (Deviation 9): run it with python; "
-                             "the pretrain and attention stages run under torchrun")
+                             "the synthesize, pretrain and attention stages run under torchrun")
         if args.stage == "attention":
             return {"attention": distributed_attention(args)}
         return {"pretrain": distributed_pretrain(args)}

@@ -14,6 +14,8 @@ import clip_quality as cq
 from common.clip_train import create_clip
 from common.data import DeviceError, NonFiniteError, image_path
 from common.miniature import WorldConfig, ensure_world
+import tests.realarch as realarch
+from common.degenerate import degenerate_reason
 from tests.realarch import assert_same_weights, run_torchrun, serve_open_clip_tag
 
 MICRO = "micro-ViT-16"
@@ -603,6 +605,8 @@ def test_args_defaults_are_the_papers_choices():
     assert not args.finetune  # Deviation 2: a frozen (linear) probe by default; the paper fine-tunes (--finetune)
     assert (args.real_field, args.synthetic_field) == ("alt_text", "synthetic_captions")  # the project's names
     assert (args.swap_probability, args.probe_steps, args.probe_lr, args.finetune_lr) == (0.5, 300, 3e-3, 1e-4)  # ours
+    # MobileCLIP's DataCompDR: 5 captions per image from open_clip's COCO-fine-tuned CoCa (apple/ml-mobileclip-dr gen.py)
+    assert (args.captioner, args.num_synthetic) == ("coca_ViT-L-14@mscoco_finetuned_laion2b_s13b_b90k", 5)
 
 
 def test_kernel_flag_names_the_missing_module(monkeypatch):
@@ -1036,3 +1040,133 @@ def test_pretrain_writes_clip_benchmark_rows_of_each_saved_model(tmp_path):
     same = lambda rows: json.dumps(rows) == json.dumps(expected)  # noqa: E731  (acc5 of 3 classes is NaN)
     assert same(row["benchmarks"])
     assert same([json.loads(line) for line in (tmp_path / "run" / "benchmarks.jsonl").read_text().splitlines()])
+
+
+# ---- DataCompDR's synthetic captions (synthesize) ---------------------------------------------
+
+COCA, COCA_TAG = "coca_ViT-L-14", "mscoco_finetuned_laion2b_s13b_b90k"
+# apple/ml-mobileclip-dr scripts/gen.py: generate(images, generation_type="top_p", top_p=0.9, fixed_output_length=True),
+# open_clip's defaults otherwise (seq_len 30, min_seq_len 5, temperature 1, repetition_penalty 1)
+DATACOMPDR_SAMPLING = {"generation_type": "top_p", "top_p": 0.9, "temperature": 1.0, "seq_len": 30, "min_seq_len": 5,
+                       "repetition_penalty": 1.0, "fixed_output_length": True}
+
+
+def serve_tiny_coca(monkeypatch, tmp_path):
+    """coca_ViT-L-14@mscoco_finetuned_laion2b_s13b_b90k offline: open_clip's CoCa class with every flag of the config
+    at tiny width (realarch shrinks the towers; the text decoder, multimodal_cfg, is shrunk here too)."""
+    shrink = realarch.tiny_open_clip_config
+
+    def tiny(name):
+        config = shrink(name)
+        config["multimodal_cfg"].update(width=32, layers=2, heads=2)
+        return config
+
+    monkeypatch.setattr(realarch, "tiny_open_clip_config", tiny)
+    return serve_open_clip_tag(monkeypatch, tmp_path, COCA, COCA_TAG)[1]
+
+
+def image_manifest(folder, values=(None, None, None)):
+    """Images (noise, or flat at a given value) with fields the stage must keep: (path, records)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng, records = np.random.default_rng(0), []
+    for i, value in enumerate(values):
+        size = (40, 48, 3)
+        array = rng.integers(0, 256, size, dtype=np.uint8) if value is None else np.full(size, value, np.uint8)
+        Image.fromarray(array).save(folder / f"im{i}.png")
+        records.append({"id": f"im{i}", "image": f"im{i}.png", "alt_text": f"web text {i}", "url": f"http://x/{i}.png",
+                        "meta": {"width": 48, "tags": [i]}})
+    path = folder / "images.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path), records
+
+
+def synthesize(tmp_path, data, *flags):
+    """`clip_quality.py synthesize --captioner coca_ViT-L-14@mscoco_finetuned_laion2b_s13b_b90k`, written beside the
+    images (so that their relative paths stay as they are)."""
+    return cq.main(["synthesize", "--captioner", f"{COCA}@{COCA_TAG}", "--data", data,
+                    "--out", str(Path(data).parent / "synth.jsonl"), *flags])["synthesize"]
+
+
+def test_synthesize_writes_k_sampled_captions_per_image_keeps_every_field_and_completes_a_killed_run(tmp_path,
+                                                                                                     monkeypatch):
+    """The header's command on the real CoCa class: k captions per image, each the decoded text of one sampled row
+    (gen.py's post-processing), sampled with DataCompDR's settings; a killed run (one line kept, the next cut
+    mid-write) is completed without duplicates, in input order."""
+    serve_tiny_coca(monkeypatch, tmp_path)
+    data, records = image_manifest(tmp_path / "img")
+    real_generate, calls = cq.open_clip.CoCa.generate, []
+
+    def generate(model, image, **kwargs):
+        assert isinstance(model, cq.open_clip.CoCa) and not model.training
+        calls.append((len(image), kwargs, real_generate(model, image, **kwargs)))
+        return calls[-1][2]
+
+    monkeypatch.setattr(cq.open_clip.CoCa, "generate", generate)
+    counts = synthesize(tmp_path, data, "--num-synthetic", "2", "--gen-batch-size", "2")
+    assert (counts["written"], counts["captions"], counts["degenerate"], counts["degenerate_dropped"]) == (3, 6, 0, 0)
+    assert [n for n, _, _ in calls] == [4, 2]  # each image repeated k = 2 times in its batch's one call
+    assert all(kwargs == DATACOMPDR_SAMPLING for _, kwargs, _ in calls)  # the sampling settings, pinned
+    assert all(tokens.shape[1] == 30 for _, _, tokens in calls)  # fixed_output_length: every row seq_len tokens
+    out = Path(data).parent / "synth.jsonl"
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    decoded = [cq.decode_caption(row) for _, _, tokens in calls for row in tokens]
+    assert [c for row in rows for c in row["synthetic_captions"]] == decoded
+    for row, record in zip(rows, records, strict=True):
+        assert {key: row[key] for key in record} == record  # every input field kept
+        assert len(row["synthetic_captions"]) == 2
+        assert all(c and "<" not in c and "." not in c and degenerate_reason(c) is None for c in row["synthetic_captions"])
+    cq.read_manifest(out, text_lists=("synthetic_captions",))  # what the pretrain stage reads
+
+    first = out.read_text().splitlines()[0]
+    out.write_text(first + "\n" + '{"id": "im1", "synthetic_capt')  # killed while writing the second line
+    counts = synthesize(tmp_path, data, "--num-synthetic", "2", "--gen-batch-size", "2")
+    assert (counts["already_done"], counts["written"]) == (1, 2) and calls[-1][0] == 4
+    lines = out.read_text().splitlines()
+    assert lines[0] == first and [json.loads(line)["id"] for line in lines] == ["im0", "im1", "im2"]
+
+
+def test_synthesize_draws_a_degenerate_caption_again_then_drops_and_counts_it(tmp_path, monkeypatch, capsys):
+    """generate answers "a 2 2 2 2" (ml-mobileclip-dr issue 4) for every draw of a black image and once for a white
+    one: the white one's is drawn again; the black one's are drawn 1 + 2 times, then dropped and counted, and the
+    image, left with no caption, has no line (as an unreadable image): a rerun passes over it."""
+    serve_tiny_coca(monkeypatch, tmp_path)
+    data, _ = image_manifest(tmp_path / "img", values=(0, 255))  # im0 black, im1 white
+    draws = []
+
+    def generate(model, image, **kwargs):
+        draws.append(len(image))
+        black = (image.flatten(1).mean(1) < 0).tolist()  # CLIP-normalised black is negative, white positive
+        return cq.open_clip.tokenize(["a 2 2 2 2" if b or (len(draws) == 1 and i == 2) else "a red bus. on a street"
+                                      for i, b in enumerate(black)])
+
+    monkeypatch.setattr(cq.open_clip.CoCa, "generate", generate)
+    counts = synthesize(tmp_path, data, "--num-synthetic", "2", "--resample-degenerate", "2")
+    assert draws == [4, 3, 2]  # (im0, im0, im1, im1), then the 3 degenerate ones, then im0's 2 again
+    assert (counts["degenerate"], counts["degenerate_dropped"], counts["captions"]) == (7, 2, 2)
+    assert (counts["written"], counts["images_without_caption"]) == (1, 1)
+    rows = [json.loads(line) for line in (Path(data).parent / "synth.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["synthetic_captions"]) for r in rows] == [("im1", ["a red bus", "a red bus"])]  # cut at "."
+    printed = capsys.readouterr().out
+    assert "2 captions written, 2 degenerate dropped" in printed
+    assert "7 of 9 synthetic draws degenerate, drawn again (repeated token 7)" in printed
+
+    counts = synthesize(tmp_path, data, "--num-synthetic", "2")
+    assert counts["already_done"] == 2 and "written" not in counts and draws == [4, 3, 2]
+
+
+def test_synthesize_names_the_flag_when_the_captioner_weights_are_missing(tmp_path, monkeypatch):
+    """Offline, the default tag (no cached download), a weights path that does not exist, or a bare architecture
+    (random weights): one error naming --captioner, before any image is read; on the command line one line."""
+    def offline(*args, **kwargs):
+        raise OSError("offline: no cached file")
+
+    monkeypatch.setattr(cq.open_clip.pretrained, "hf_hub_download", offline)
+    data, _ = image_manifest(tmp_path / "img")
+    out = str(tmp_path / "synth.jsonl")
+    for captioner in (None, f"{COCA}@{tmp_path / 'missing.pt'}", COCA):
+        flags = [] if captioner is None else ["--captioner", captioner]
+        with pytest.raises(FileNotFoundError, match=f"--captioner {captioner or f'{COCA}@{COCA_TAG}'}: "):
+            cq.main(["synthesize", "--data", data, "--out", out, *flags])
+    with pytest.raises(SystemExit, match="^error: --captioner coca_ViT-L-14@mscoco_finetuned_laion2b_s13b_b90k: "):
+        cq.run_command(cq.main, ["synthesize", "--data", data, "--out", out])
+    assert not Path(out).exists()
