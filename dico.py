@@ -1262,7 +1262,9 @@ def run_miniature(args: Args) -> dict:
     """XE, then DiCO and SCST from the same XE checkpoint with the same budget, then eval; per seed."""
     started, per_seed, stage_seconds = time.time(), {}, {}
     for seed in range(args.seed, args.seed + args.seeds):
-        seed_args = dataclasses.replace(args, seed=seed, out=str(Path(args.out) / f"seed{seed}"))
+        # a miniature run is an experiment to repeat: it replaces its own earlier runs (unless asked to --resume)
+        seed_args = dataclasses.replace(args, seed=seed, out=str(Path(args.out) / f"seed{seed}"),
+                                        overwrite=not args.resume)
         marks = [("start", clocks())]
         train(seed_args, "xe")
         marks.append(("xe", clocks()))

@@ -785,6 +785,8 @@ def test_smoke_preset_runs_every_stage_of_the_miniature_run(tmp_path):
     assert result["plot"] == str(tmp_path / "mini" / "training.png") and Path(result["plot"]).read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((tmp_path / "mini" / "results.json").read_text())
     assert list(saved["stage_seconds"]["0"]) == ["xe", "dico", "scst", "eval"] and saved["plot"] == result["plot"]
+    again = dico.main(["--preset", "smoke", "--out", str(tmp_path / "mini")])  # reproduce.py reruns into its folder
+    assert again["per_seed"] == result["per_seed"]
 
 
 def test_training_curves_read_the_validation_rows_of_every_seed(tmp_path):
