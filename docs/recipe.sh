@@ -47,7 +47,7 @@ python clip_quality.py probe --checkpoints "$OUT/veclip/checkpoint.pt" random --
 
 # 5. DiCO fine-tunes the XE captioner with the chained CLIP as its reward (PAC-S formula, w = 2);
 #    the world's own scorer stays the independent CLIP-S judge of the eval stage.
-python dico.py dico --init "$XE" --out "$OUT/dico" --pacs-model mini-ViT-8 --pacs-pretrained "$OUT/veclip/checkpoint.pt"
+python dico.py dico --overwrite --init "$XE" --out "$OUT/dico" --pacs-model mini-ViT-8 --pacs-pretrained "$OUT/veclip/checkpoint.pt"
 python dico.py eval --checkpoints "$XE" "$OUT/dico/dico/last.pt" --out "$OUT/dico" \
     --pacs-model mini-ViT-8 --pacs-pretrained "$OUT/veclip/checkpoint.pt"
 echo "recipe: every step's output is under $OUT (see docs/recipe.md for what each adds)"
