@@ -112,10 +112,11 @@ from tqdm.auto import tqdm
 from common.caption_metrics import coco_scores, table_note
 from common.cli import parse, preset_help
 from common.clip_score import CLIP_S_WEIGHT, encode_texts, load_clip, score_from_features
-from common.clip_train import (MINIATURE_MODEL, SCORER_TRAINING, TrainConfig, cosine_lr, ensure_miniature_scorer,
-                               save_checkpoint)
-from common.data import (SkipCounter, atomic_write_text, generate_sharded, init_distributed, load_model,
-                         load_pretrained, open_record_image, read_manifest)
+from common.clip_train import (MINIATURE_MODEL, SCORER_TRAINING, TrainConfig, assert_finite_state, cosine_lr,
+                               ensure_miniature_scorer, save_checkpoint)
+from common.data import (BadSampleError, ManifestError, SkipCounter, atomic_write_text, check_device,
+                         generate_sharded, init_distributed, load_model, load_pretrained, open_record_image, rank_path,
+                         read_manifest, run_command, shown, text_problem)
 from common.miniature import WorldConfig, alt_text, ensure_world, hallucinated_words, names_kept
 
 log = logging.getLogger("altogether")
@@ -342,11 +343,27 @@ def caption_loss(logits: torch.Tensor, labels: torch.Tensor) -> dict:
     return {"loss": loss, "tokens": (targets != IGNORE).sum()}
 
 
+def alt_text_problem(record: dict, field: str) -> str | None:
+    """Why the record's alt-text field is neither a string nor a list of strings (common.data.text_problem's rule:
+    a number, or a list holding one, is no alt-text), or None. Absent, null, blank, [] or a blank item of a list is
+    an empty alt-text, which the paper's data has: no prompt, or one alt-text fewer."""
+    value = record.get(field)
+    if value is None or isinstance(value, str):
+        return None
+    if not isinstance(value, list):
+        return text_problem(value, field, lists=True)
+    bad = next((i for i, text in enumerate(value) if not isinstance(text, str)), None)
+    return None if bad is None else f"field {field!r}: item {bad} must be a string, got {shown(value[bad])}"
+
+
 def alt_texts_of(record: dict, field: str) -> list[str]:
-    """The record's unique non-empty alt-texts in order (the field holds a string or a list)."""
+    """The record's unique non-empty alt-texts in order; a field of another type is a BadSampleError."""
+    problem = alt_text_problem(record, field)
+    if problem is not None:
+        raise BadSampleError(f"sample {record.get('id')!r}: {problem}")
     value = record.get(field) or []
-    texts = [value] if isinstance(value, str) else list(value)
-    return list(dict.fromkeys(text.strip() for text in texts if isinstance(text, str) and text.strip()))
+    texts = [value] if isinstance(value, str) else value
+    return list(dict.fromkeys(text.strip() for text in texts if text.strip()))
 
 
 def training_pair(record: dict, stage: str, args: Args, rng: np.random.Generator) -> tuple[str, str]:
@@ -433,13 +450,13 @@ def new_captioner(args: Args, clip_dim: int, texts: list[str]) -> tuple[Captione
 
 
 def checkpoint_payload(captioner: Captioner, tokenizer, args: Args, encoder, step: int, history: list,
-                       optimizer=None) -> dict:
+                       recipe: dict, optimizer=None) -> dict:
     """Everything the caption stage needs, as plain types (loadable with weights_only=True)."""
     return {"captioner": captioner.state_dict(), "decoder_config": captioner.decoder.config.to_json_string(),
             "tokenizer": tokenizer.backend_tokenizer.to_str(), "pad_token": tokenizer.pad_token,
             "eos_token": tokenizer.eos_token, "clip_dim": captioner.mapper.project.in_features,
             "prefix_length": captioner.mapper.prefix_length, "mapper_layers": len(captioner.mapper.transformer.layers),
-            "clip_model": encoder.name, "clip_pretrained": encoder_source(args), "recipe": recipe_of(args),
+            "clip_model": encoder.name, "clip_pretrained": encoder_source(args), "recipe": recipe,
             "step": step, "history": history, "optimizer": optimizer.state_dict() if optimizer else None}
 
 
@@ -466,10 +483,24 @@ def load_checkpoint(path: str | None, flag: str = "--checkpoint") -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def recipe_of(args: Args) -> dict:
-    """What a checkpoint must agree on to be resumed."""
-    return {name: getattr(args, name) for name in ("decoder", "clip_model", "prefix_length", "mapper_layers", "batch_size",
-                                                   "lr", "warmup", "weight_decay", "p_drop_alt", "seed", "target_field")}
+def recipe_of(args: Args, stage: str, records: list[dict]) -> dict:
+    """What a checkpoint must agree on to be resumed: every setting that changes the trained weights (the steps set
+    the cosine schedule), the captioner it started from, and the data: what a step reads of each record."""
+    names = ("decoder", "clip_model", "prefix_length", "mapper_layers", "batch_size", "lr", "warmup", "weight_decay",
+             "p_drop_alt", "seed", "alt_field", "target_field", "max_prompt_tokens", "max_caption_tokens",
+             f"{stage}_steps", "checkpoint")
+    digest = hashlib.sha256()
+    for record in records:
+        fields = [record["id"], record.get("image"), record.get(args.alt_field), record.get(args.target_field)]
+        digest.update(json.dumps(fields, default=str).encode())
+    return {**{name: getattr(args, name) for name in names}, "clip_pretrained": encoder_source(args),
+            "data": f"{len(records)} records, sha256 {digest.hexdigest()[:16]}"}
+
+
+def recipe_changes(found: dict, wanted: dict) -> str:
+    """The settings where a stored recipe and this run's differ, as flags: "--lr 0.001 there, 0.002 now"."""
+    return ", ".join(f"--{key.replace('_', '-')} {found.get(key)!r} there, {wanted.get(key)!r} now"
+                     for key in sorted(set(found) | set(wanted)) if found.get(key) != wanted.get(key))
 
 
 # =============================================================================================
@@ -620,7 +651,7 @@ def image_embeddings(encoder, records: list[dict], out: str | Path, name: str, s
     enter RAM. float32, as embed_records returns them: training reads the floats of the in-memory pass.
     """
     if not records:
-        raise ValueError(f"no records to embed for {name!r}: the manifest is empty")
+        raise ManifestError(f"no records to embed for {name!r}: the manifest is empty")
     files = embedding_files(out, name)
     # a gloo group of its own: its barriers outlast NCCL's 10-minute timeout while rank 0 merges 90 GB
     group = dist.new_group(backend="gloo", timeout=EMBED_WAIT) if world_size > 1 else None
@@ -671,15 +702,14 @@ def train_stage(args: Args, stage: str, captioner: Captioner, tokenizer, encoder
     """
     rank, world_size, device = init_distributed(args.device)
     steps = args.pretrain_steps if stage == "pretrain" else args.finetune_steps
-    if args.batch_size % world_size:
-        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {world_size} ranks")
     captioner.to(device).train()
     optimizer = make_optimizer(captioner, args)
-    path, start, history = Path(args.out) / f"{stage}.pt", 0, []
+    path, start, history, recipe = Path(args.out) / f"{stage}.pt", 0, [], recipe_of(args, stage, records)
     if args.resume and path.exists():
         state = torch.load(path, map_location=device, weights_only=True)
-        if state["recipe"] != recipe_of(args) or state["optimizer"] is None:
-            raise ValueError(f"{path} holds another run ({state['recipe']}); use another --out or --no-resume")
+        if state["recipe"] != recipe or state["optimizer"] is None:
+            raise ManifestError(f"{path} holds a run of other settings ({recipe_changes(state['recipe'], recipe)}); "
+                                "pass a new --out, or --no-resume to start afresh")
         captioner.load_state_dict(state["captioner"])
         optimizer.load_state_dict(state["optimizer"])
         start, history = state["step"], state["history"]
@@ -688,6 +718,12 @@ def train_stage(args: Args, stage: str, captioner: Captioner, tokenizer, encoder
     schedule = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup)
     local = args.batch_size // world_size
     use_amp = device.startswith("cuda")
+    saved = start or None  # the step the checkpoint on disk holds, for the guard's message
+
+    def where(step: int, when: str) -> str:
+        kept = f"{path} keeps step {saved}" if saved else f"{path} not written by this run"
+        return f"{stage} at step {step} of {steps}, {when} ({kept})"
+
     for step in tqdm(range(start, steps), desc=stage, disable=rank != 0):
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, schedule)
@@ -706,32 +742,39 @@ def train_stage(args: Args, stage: str, captioner: Captioner, tokenizer, encoder
                            caption_ids.to(device), caption_mask.to(device))  # (b, M + P + C, V)
         labels = sequence_labels(captioner.mapper.prefix_length, prompt_mask, caption_ids, caption_mask)
         terms = caption_loss(logits, labels.to(device))
-        if not torch.isfinite(terms["loss"]):
-            raise FloatingPointError(f"{stage} loss is {terms['loss'].item()} at step {step}; stopped before saving")
+        assert_finite_state(None, terms["loss"].detach(), where(step, "before its update"))
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         optimizer.step()
         history.append({"step": step, "loss": terms["loss"].item(), "lr": optimizer.param_groups[0]["lr"]})
-        if rank == 0 and ((step + 1) % args.checkpoint_every == 0 or step + 1 == steps):
-            save_checkpoint(path, checkpoint_payload(captioner, tokenizer, args, encoder, step + 1, history, optimizer))
+        if (step + 1) % args.checkpoint_every == 0 or step + 1 == steps:
+            # a finite loss does not make a finite update: the weights are checked too, on every rank (DDP keeps
+            # them equal, so all stop together), before rank 0 writes them
+            assert_finite_state(captioner, terms["loss"].detach(), where(step, "after its update"))
+            if rank == 0:
+                save_checkpoint(path, checkpoint_payload(captioner, tokenizer, args, encoder, step + 1, history, recipe,
+                                                         optimizer))
+            saved = step + 1
     captioner.eval()
     return {"history": history, "resumed_from": start, "checkpoint": str(path)}
 
 
 def usable_for_training(records: list[dict], readable: np.ndarray, stage: str, args: Args) -> list[int]:
-    """Indices of records with a readable image and the stage's texts; the others are counted."""
+    """Indices of records with a readable image and the stage's texts (common.data.text_problem's rule: a number or
+    a list where a text belongs is no text); the others are counted (--strict: an error naming the first)."""
     kept, skipped = [], SkipCounter()
     for i, record in enumerate(records):
-        if stage == "pretrain" and not alt_texts_of(record, args.alt_field):
+        problem = alt_text_problem(record, args.alt_field)  # stage 1's targets and prompts, stage 2's prompts
+        if problem is None and stage == "pretrain" and not alt_texts_of(record, args.alt_field):
             problem = f"no alt-text in {args.alt_field!r}"
-        elif stage == "finetune" and not str(record.get(args.target_field) or "").strip():
-            problem = f"empty or missing {args.target_field!r}"
-        else:
-            problem = None if readable[i] else "unreadable image"
+        if problem is None and stage == "finetune":
+            problem = text_problem(record.get(args.target_field), args.target_field)
+        if problem is None and not readable[i]:
+            problem = "unreadable image"
         if problem is None:
             kept.append(i)
         elif args.strict:
-            raise ValueError(f"sample {record['id']!r}: {problem}")
+            raise BadSampleError(f"sample {record['id']!r}: {problem}")
         elif problem != "unreadable image":  # unreadable images were counted when embedding
             skipped.add(str(record["id"]), problem)
     return kept
@@ -739,8 +782,6 @@ def usable_for_training(records: list[dict], readable: np.ndarray, stage: str, a
 
 def stage_train(args: Args, stage: str) -> dict:
     """pretrain / finetune on --data: images embedded once into <out>/<stage>.image_embeddings.npy; <out>/<stage>.pt."""
-    if args.data is None:
-        raise ValueError(f"the {stage} stage needs --data (a manifest)")
     records = read_manifest(args.data)
     rank, world_size, device = init_distributed(args.device)
     args = dataclasses.replace(args, device=device)  # each rank's encoder on its own GPU
@@ -748,16 +789,15 @@ def stage_train(args: Args, stage: str) -> dict:
     signature = embedding_signature(records, encoder, args, args.data)
     img_emb, readable = image_embeddings(encoder, records, args.out, stage, signature, args.strict, rank, world_size)
     keep = usable_for_training(records, readable, stage, args)
+    kept = [records[i] for i in keep]
     if args.checkpoint is not None:
         captioner, tokenizer = captioner_from_checkpoint(load_checkpoint(args.checkpoint))
-    elif stage == "finetune":
-        raise ValueError("the finetune stage starts from stage 1: pass --checkpoint <out>/pretrain.pt")
-    else:
-        texts = [t for r in records for t in alt_texts_of(r, args.alt_field)] + [str(r.get(args.target_field) or "")
-                                                                                 for r in records]
+    else:  # a new decoder's vocabulary (tiny-opt) also holds the captions stage 2 will train on
+        texts = [t for r in kept for t in alt_texts_of(r, args.alt_field)] + [
+            r[args.target_field] for r in kept if isinstance(r.get(args.target_field), str)]
         captioner, tokenizer = new_captioner(args, img_emb.shape[1], texts)
     # the kept records and their rows of the memmap: no (N, E) copy of the kept embeddings
-    return train_stage(args, stage, captioner, tokenizer, encoder, [records[i] for i in keep], img_emb, np.array(keep))
+    return train_stage(args, stage, captioner, tokenizer, encoder, kept, img_emb, np.array(keep))
 
 
 # =============================================================================================
@@ -783,6 +823,34 @@ def generate_captions(captioner: Captioner, tokenizer, img_emb: torch.Tensor, pr
     return [" ".join(text.split()) for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
+def caption_recipe(args: Args) -> dict:
+    """What decides the caption stage's output: data, captioner, fields, prompt and decoding, with only the chosen
+    decoding's own knobs (--top-p is no setting of greedy search)."""
+    knobs = {"sample": ("temperature", "top_p", "seed"), "beam": ("num_beams",), "greedy": ()}[args.decoding]
+    names = ("data", "checkpoint", "caption_field", "alt_field", "use_alt", "max_prompt_tokens", "max_new_tokens",
+             "decoding", *knobs)
+    return {name: getattr(args, name) for name in names}
+
+
+def check_resumable(out: str, recipe: dict, rank: int, world_size: int) -> None:
+    """Resume `out` only if it was generated with `recipe`, which is kept beside it in <out>.recipe.json.
+
+    A resumed job skips the ids already written, so an output of other settings (another field, checkpoint,
+    decoding) would pass for this run's: it is refused, naming them, as is an output without a recipe.
+    """
+    path = Path(f"{out}.recipe.json")
+    # the outputs before the recipe: rank 0 writes the recipe before its first line, so no rank misreads a fresh run
+    started = any(p.exists() for p in {Path(out), *(rank_path(out, r, world_size) for r in range(world_size))})
+    found = json.loads(path.read_text()) if path.exists() else None
+    if started and found is None:
+        raise ManifestError(f"{out} exists without {path.name}, so its settings are unknown; pass a new --out")
+    if started and found != recipe:
+        raise ManifestError(f"{out} holds output of other settings ({recipe_changes(found, recipe)}); pass a new "
+                            "--out to generate with these")
+    if rank == 0 and found != recipe:
+        atomic_write_text(path, json.dumps(recipe, indent=2))
+
+
 def caption_records(args: Args, records: list[dict], captioner: Captioner, tokenizer, encoder) -> dict:
     """Write every record with `caption_field` added; each rank appends its share, a restart skips done ids."""
     rank, world_size, device = init_distributed(args.device)
@@ -806,14 +874,17 @@ def caption_records(args: Args, records: list[dict], captioner: Captioner, token
 
 
 def stage_caption(args: Args) -> dict:
-    if args.data is None:
-        raise ValueError("the caption stage needs --data (the manifest to caption)")
+    records = read_manifest(args.data)
+    for record in records if args.use_alt else []:  # every prompt checked before the checkpoint loads
+        alt_texts_of(record, args.alt_field)
+    rank, world_size, device = init_distributed(args.device)
+    check_resumable(args.out, caption_recipe(args), rank, world_size)
     payload = load_checkpoint(args.checkpoint)
     captioner, tokenizer = captioner_from_checkpoint(payload)
-    args = dataclasses.replace(args, device=init_distributed(args.device)[2])  # each rank's encoder on its own GPU
+    args = dataclasses.replace(args, device=device)  # each rank's encoder on its own GPU
     torch.manual_seed(0)  # a random-weight encoder (tests) is the seeded one training used
     encoder = load_clip(payload["clip_model"], payload["clip_pretrained"], args.device)
-    return caption_records(args, read_manifest(args.data), captioner, tokenizer, encoder)
+    return caption_records(args, records, captioner, tokenizer, encoder)
 
 
 # =============================================================================================
@@ -848,8 +919,6 @@ def load_scorer(args: Args):
 
 def stage_eval(args: Args) -> dict:
     """Score each of --eval-fields of --data; writes --out as JSON."""
-    if args.data is None:
-        raise ValueError("the eval stage needs --data (a captioned manifest)")
     records = read_manifest(args.data)
     scorer = load_scorer(args)
     img_emb, readable = embed_records(scorer, records, args.strict)
@@ -859,8 +928,8 @@ def stage_eval(args: Args) -> dict:
     for field in args.eval_fields:
         texts = [r.get(field) for r in records]
         if not all(isinstance(text, str) for text in texts):
-            raise ValueError(f"{args.data}: field {field!r} missing or not a string in some records; "
-                             "list fields to score with --eval-fields")
+            raise ManifestError(f"{args.data}: field {field!r} missing or not a string in some records; "
+                                "list fields to score with --eval-fields")
         results[field] = caption_metrics(records, texts, scorer, img_feats, args.refs_field)
     atomic_write_text(args.out, json.dumps(results, indent=2))
     return results
@@ -952,13 +1021,38 @@ def run_miniature(args: Args) -> dict:
     return results
 
 
+COUNTS = ("prefix_length", "mapper_layers", "max_prompt_tokens", "max_caption_tokens", "pretrain_steps",
+          "finetune_steps", "batch_size", "checkpoint_every", "num_beams", "max_new_tokens", "gen_batch_size",
+          "seeds")  # flags that count something: 0 would run nothing or crash
+
+
+def check_flags(args: Args) -> None:
+    """Every flag in its range and the stage's inputs given, before anything loads: one line naming the flag and
+    exit status 1, not a crash (or a silent no-op) later."""
+    ranges = [(name, getattr(args, name) >= 1, "at least 1") for name in COUNTS] + [
+        ("warmup", args.warmup >= 0, "at least 0"), ("extra_alt_texts", args.extra_alt_texts >= 0, "at least 0"),
+        ("lr", args.lr > 0, "positive"), ("weight_decay", args.weight_decay >= 0, "at least 0"),  # NaN fails each
+        ("p_drop_alt", 0 <= args.p_drop_alt <= 1, "in [0, 1]"), ("temperature", args.temperature > 0, "positive"),
+        ("top_p", 0 < args.top_p <= 1, "in (0, 1]")]
+    for name, ok, what in ranges:
+        if not ok:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be {what}, got {getattr(args, name)}")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world_size:
+        raise SystemExit(f"error: --batch-size {args.batch_size} must be a multiple of the {world_size} ranks")
+    if args.stage != "miniature" and args.data is None:
+        raise SystemExit(f"error: the {args.stage} stage needs --data (a manifest)")
+    if args.stage == "finetune" and args.checkpoint is None:
+        raise SystemExit("error: the finetune stage starts from stage 1: pass --checkpoint <out>/pretrain.pt")
+
+
 def main(argv=None) -> dict:
     """Run the stage named by the first argument; return its log (train), counts (caption) or metrics (eval, miniature)."""
     args = parse(Args, argv, PRESETS)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
-    if not 0.0 <= args.p_drop_alt <= 1.0:
-        raise ValueError(f"--p-drop-alt must be a probability, got {args.p_drop_alt}")
+    check_flags(args)
+    check_device(args.device)  # before any stage loads weights onto it (the encoder's loader would take the blame)
     if args.stage == "miniature":
         return run_miniature(args)
     if args.stage in STAGES:
@@ -969,4 +1063,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)  # an expected error (a bad manifest, a diverged run, no such device) ends as one line

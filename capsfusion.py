@@ -96,6 +96,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -116,10 +117,12 @@ from tqdm.auto import tqdm
 
 from common.caption_metrics import coco_scores, plain_words, table_note
 from common.cli import parse, preset_help
-from common.clip_train import (MINIATURE_MODEL, ImageRows, TrainConfig, create_clip, evaluate_world, encode_images,
-                               encode_texts, preprocess_images, retrieval_metrics, save_checkpoint, train_clip, usable_rows)
-from common.data import (BadSampleError, Columns, SkipCounter, atomic_write_text, generate_sharded, index_data,
-                         index_manifest, init_distributed, load_model, load_pretrained, open_record_image, read_manifest)
+from common.clip_train import (MINIATURE_MODEL, ImageRows, TrainConfig, assert_finite_state, create_clip,
+                               evaluate_world, encode_images, encode_texts, preprocess_images, retrieval_metrics,
+                               save_checkpoint, texts_of, train_clip, usable_rows)
+from common.data import (BadSampleError, Columns, ManifestError, SkipCounter, atomic_write_text, check_device,
+                         generate_sharded, index_data, index_manifest, init_distributed, load_model,
+                         load_pretrained, open_record_image, rank_path, read_manifest, run_command, text_problem)
 from common.miniature import WorldConfig, ensure_world, hallucinated_words, names_kept
 
 log = logging.getLogger("capsfusion")
@@ -255,9 +258,18 @@ MINIATURE_SFT = {"lr": 3e-3, "batch_size": 32, "micro_batch_size": 32, "warmup_r
 # =============================================================================================
 
 
-def clean(text) -> str:
+def clean(text: str | None) -> str:
     """A caption with its whitespace collapsed ('' for None)."""
-    return " ".join(str(text or "").split())
+    return " ".join((text or "").split())
+
+
+def caption_text(record: dict, field: str) -> str:
+    """A record's caption in `field`, cleaned: absent, null or blank is '' (Deviation 3 says what follows), anything
+    but a string an error naming the sample (common.data.text_problem's rule): never "123" or "['a', 'b']"."""
+    value = record.get(field)
+    if value is not None and not isinstance(value, str):
+        raise BadSampleError(f"sample {record['id']!r}: {text_problem(value, field)}")
+    return clean(value)
 
 
 def prompt_length(tokenizer, prompt: str) -> int:
@@ -325,6 +337,37 @@ def weights_dtype(args: Args, device: str) -> torch.dtype:
     return getattr(torch, args.gen_dtype) if device.startswith("cuda") else torch.float32
 
 
+def recipe_changes(found: dict, wanted: dict) -> str:
+    """The settings where a stored recipe and this run's differ, as flags: "--num-beams 3 there, 1 now"."""
+    return ", ".join(f"--{key.replace('_', '-')} {found.get(key)!r} there, {wanted.get(key)!r} now"
+                     for key in sorted(set(found) | set(wanted)) if found.get(key) != wanted.get(key))
+
+
+def generation_recipe(args: Args, device: str, names: tuple[str, ...]) -> dict:
+    """What decides a generation stage's output: --data, the Args `names`, the weights' dtype on `device`."""
+    dtype = str(weights_dtype(args, device)).removeprefix("torch.")
+    return {"data": args.data, **{name: getattr(args, name) for name in names}, "gen_dtype": dtype}
+
+
+def check_resumable(out: str, recipe: dict, rank: int, world_size: int) -> None:
+    """Resume `out` only if it was generated with `recipe`, which is kept beside it in <out>.recipe.json.
+
+    A resumed job skips the ids already written, so an output of other settings (another field, model, beam
+    count) would pass for this run's: it is refused, naming them, as is an output without a recipe.
+    """
+    path = Path(f"{out}.recipe.json")
+    # the outputs before the recipe: rank 0 writes the recipe before its first line, so no rank misreads a fresh run
+    started = any(p.exists() for p in {Path(out), *(rank_path(out, r, world_size) for r in range(world_size))})
+    found = json.loads(path.read_text()) if path.exists() else None
+    if started and found is None:
+        raise ManifestError(f"{out} exists without {path.name}, so its settings are unknown; pass a new --out")
+    if started and found != recipe:
+        raise ManifestError(f"{out} holds output of other settings ({recipe_changes(found, recipe)}); pass a new "
+                            "--out to generate with these")
+    if rank == 0 and found != recipe:
+        atomic_write_text(path, json.dumps(recipe, indent=2))
+
+
 def run_generation(args: Args, records: list[dict], process_batch) -> dict:
     """Run `process_batch(records, counts) -> [(record, new fields)]` over this rank's unfinished samples.
 
@@ -351,7 +394,10 @@ def stage_caption(args: Args, records: list[dict]) -> dict:
     """Step 1 (caption generation): a synthetic caption for every readable image, written as `synthetic_field`."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    _, _, device = init_distributed(args.device)
+    rank, world_size, device = init_distributed(args.device)
+    check_resumable(args.out, generation_recipe(args, device, ("captioner", "caption_prompt", "caption_beams",
+                                                               "caption_max_new_tokens", "synthetic_field")),
+                    rank, world_size)
     remote = {"trust_remote_code": args.trust_remote_code}
     processor = load_pretrained(AutoProcessor, args.captioner, "--captioner", **remote)
     model = load_model(AutoModelForImageTextToText, args.captioner, "--captioner",
@@ -402,7 +448,13 @@ def load_fuser(name: str, flag: str, args: Args, device: str, dtype: torch.dtype
 
 def stage_fuse(args: Args, records: list[dict]) -> dict:
     """Steps 2-3 at inference: the fused caption of each (raw, synthetic) pair, as `out_field` + `<out_field>_source`."""
-    _, _, device = init_distributed(args.device)
+    for record in records:  # every input checked before the LLM loads, not hours into the run
+        for field in (args.raw_field, args.synthetic_field):
+            caption_text(record, field)
+    rank, world_size, device = init_distributed(args.device)
+    check_resumable(args.out, generation_recipe(args, device, ("llm", "raw_field", "synthetic_field", "out_field",
+                                                               "max_prompt_tokens", "num_beams", "max_new_tokens")),
+                    rank, world_size)
     tokenizer, model = load_fuser(args.llm, "--llm", args, device, weights_dtype(args, device))
     model.eval()
     tokenizer.padding_side = "left"  # a decoder-only model continues from the right end
@@ -410,7 +462,7 @@ def stage_fuse(args: Args, records: list[dict]) -> dict:
     def process_batch(batch: list[dict], counts: Counter):
         results, prompts, asked = {}, [], []
         for position, record in enumerate(batch):
-            raw, synthetic = clean(record.get(args.raw_field)), clean(record.get(args.synthetic_field))
+            raw, synthetic = caption_text(record, args.raw_field), caption_text(record, args.synthetic_field)
             if not raw and not synthetic:
                 if args.strict:
                     raise BadSampleError(f"sample {record['id']!r}: empty {args.raw_field!r} and {args.synthetic_field!r}")
@@ -445,10 +497,11 @@ def stage_fuse(args: Args, records: list[dict]) -> dict:
 
 
 def triplets(records: list[dict], args: Args) -> list[tuple[str, str, str]]:
-    """(raw, synthetic, fused) of the records where all three are non-empty; the others are counted and dropped."""
+    """(raw, synthetic, fused) of the records where all three are non-empty; the others are counted and dropped.
+    A member that is not text at all is an error (`caption_text`)."""
     kept, skipped = [], SkipCounter()
     for record in records:
-        texts = tuple(clean(record.get(f)) for f in (args.raw_field, args.synthetic_field, args.fused_field))
+        texts = tuple(caption_text(record, f) for f in (args.raw_field, args.synthetic_field, args.fused_field))
         if all(texts):
             kept.append(texts)
         elif args.strict:
@@ -456,7 +509,8 @@ def triplets(records: list[dict], args: Args) -> list[tuple[str, str, str]]:
         else:
             skipped.add(str(record["id"]), "empty raw, synthetic or fused caption")
     if not kept:
-        raise ValueError(f"no triplet with non-empty {args.raw_field!r}, {args.synthetic_field!r}, {args.fused_field!r}")
+        raise ManifestError(f"no triplet with non-empty {args.raw_field!r}, {args.synthetic_field!r}, "
+                            f"{args.fused_field!r}")
     return kept
 
 
@@ -479,11 +533,14 @@ def step_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
     return order[position * batch_size:(position + 1) * batch_size]
 
 
-def sft_recipe(args: Args) -> dict:
-    """What a checkpoint must agree on to be resumed."""
-    return {name: getattr(args, name) for name in ("base_model", "epochs", "lr", "batch_size", "warmup_ratio",
-                                                   "weight_decay", "max_seq_len", "max_prompt_tokens", "lora",
-                                                   "lora_r", "lora_alpha", "seed", "fused_field")}
+def sft_recipe(args: Args, data: list[tuple[str, str, str]]) -> dict:
+    """What a checkpoint must agree on to be resumed: every setting that changes the trained weights, and the
+    triplets (not --micro-batch-size, which only splits a step's sum, nor --grad-checkpointing, which recomputes)."""
+    names = ("base_model", "epochs", "lr", "batch_size", "warmup_ratio", "weight_decay", "max_seq_len",
+             "max_prompt_tokens", "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_base_dtype", "seed",
+             "raw_field", "synthetic_field", "fused_field")
+    digest = hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
+    return {**{name: getattr(args, name) for name in names}, "data": f"{len(data)} triplets, sha256 {digest}"}
 
 
 def sft_dtype(args: Args, device: str) -> torch.dtype:
@@ -505,20 +562,22 @@ def stage_sft(args: Args, records: list[dict]) -> dict:
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()  # LoRA: frozen embeddings would cut the recomputed graph
-    data = [sft_example(tokenizer, *triplet, args) for triplet in triplets(records, args)]
+    texts = triplets(records, args)
+    data = [sft_example(tokenizer, *triplet, args) for triplet in texts]
     if world_size > 1 and 0 < len(data) % args.batch_size < world_size:
-        raise ValueError(f"{len(data)} triplets leave a last batch smaller than the {world_size} ranks; change --batch-size")
+        raise ManifestError(f"{len(data)} triplets leave a last batch smaller than the {world_size} ranks; change "
+                            "--batch-size")
     steps = args.epochs * math.ceil(len(data) / args.batch_size)
     warmup = max(1, round(args.warmup_ratio * steps))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
-    out, history, start = Path(args.out), [], 0
+    out, history, start, recipe = Path(args.out), [], 0, sft_recipe(args, texts)
     state_path = out / "sft_state.pt"
     if args.resume and state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=True)
-        if state["recipe"] != sft_recipe(args):
-            raise ValueError(f"{state_path} was trained with {state['recipe']}, not {sft_recipe(args)}; "
-                             "use another --out or --no-resume")
+        if state["recipe"] != recipe:
+            raise ManifestError(f"{state_path} holds a run of other settings ({recipe_changes(state['recipe'], recipe)}"
+                                "); pass a new --out, or --no-resume to start afresh")
         model.load_state_dict(state["trainable"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         start, history = state["step"], state["history"]
@@ -526,7 +585,12 @@ def stage_sft(args: Args, records: list[dict]) -> dict:
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     use_amp = device.startswith("cuda")
     model.train()
-    began = time.time()
+    began, saved = time.time(), start or None  # saved: the step the state on disk holds, for the guard's message
+
+    def where(step: int, when: str) -> str:
+        kept = f"{state_path} keeps step {saved}" if saved else f"{state_path} not written by this run"
+        return f"sft at step {step} of {steps}, {when} ({kept})"
+
     bar = tqdm(range(start, steps), desc="sft", disable=rank != 0)
     for step in bar:
         # linear warm-up, then cosine decay to 0 (Alpaca's schedule)
@@ -556,17 +620,21 @@ def stage_sft(args: Args, records: list[dict]) -> dict:
         if world_size > 1:
             dist.all_reduce(total)
         loss = (total / tokens).item()
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"SFT loss is {loss} at step {step}; stopped before saving a checkpoint")
+        assert_finite_state(None, loss, where(step, "before its update"))
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         history.append({"step": step, "loss": loss, "lr": lr})
         bar.set_postfix(loss=f"{loss:.3f}")
-        if rank == 0 and ((step + 1) % args.checkpoint_every == 0 or step + 1 == steps):
-            trained = {k: v for k, v in model.state_dict().items() if not args.lora or "lora_" in k}
-            save_checkpoint(state_path, {"trainable": trained, "optimizer": optimizer.state_dict(), "step": step + 1,
-                                         "history": history, "recipe": sft_recipe(args)})
+        if (step + 1) % args.checkpoint_every == 0 or step + 1 == steps:
+            # a finite loss does not make a finite update: the weights are checked too, on every rank (DDP keeps
+            # them equal, so all stop together), before the state is written (after the last step: and the fuser)
+            assert_finite_state(model, loss, where(step, "after its update"))
+            if rank == 0:
+                trained = {k: v for k, v in model.state_dict().items() if not args.lora or "lora_" in k}
+                save_checkpoint(state_path, {"trainable": trained, "optimizer": optimizer.state_dict(),
+                                             "step": step + 1, "history": history, "recipe": recipe})
+            saved = step + 1
     if rank == 0:
         save_fuser(model.merge_and_unload() if args.lora else model, tokenizer, out / "fuser")
     if world_size > 1:
@@ -601,7 +669,7 @@ def fusion_quality(captions: list[str], records: list[dict], args: Args, referen
     """Names of the raw caption kept, (world) names kept and hallucinations, BLEU-4/CIDEr against `reference` (COCO
     toolkit, x 100, with their "tokenizer" label), length in words (lower-cased, punctuation removed)."""
     # step 4: the raw caption's names kept by each caption
-    raw_names = [proper_names(clean(r.get(args.raw_field))) for r in records]
+    raw_names = [proper_names(caption_text(r, args.raw_field)) for r in records]
     kept = sum(len(names & set(plain_words(c))) for names, c in zip(raw_names, captions))
     metrics = {"raw_names_kept": 100.0 * kept / max(1, sum(map(len, raw_names))),
                "length": float(np.mean([len(plain_words(c)) for c in captions]))}
@@ -621,10 +689,10 @@ def stage_eval(args: Args, records: list[dict]) -> dict:
     rows = {name: field for name, field in rows.items()
             if all(field in r for r in records) and (name != "fuser" or field != args.fused_field)}
     if not rows:
-        raise ValueError(f"no records with any of {args.raw_field!r}, {args.synthetic_field!r}, {args.fused_field!r}, "
-                         f"{args.out_field!r}")
-    reference = [clean(r[args.fused_field]) for r in records] if "teacher" in rows else None
-    results = {name: fusion_quality([clean(r[field]) for r in records], records, args,
+        raise ManifestError(f"no records with any of {args.raw_field!r}, {args.synthetic_field!r}, "
+                            f"{args.fused_field!r}, {args.out_field!r}")
+    reference = [caption_text(r, args.fused_field) for r in records] if "teacher" in rows else None
+    results = {name: fusion_quality([caption_text(r, field) for r in records], records, args,
                                     None if name == "teacher" else reference) for name, field in rows.items()}
     out = Path(args.out)
     atomic_write_text(out / "eval.json", json.dumps(results, indent=2))
@@ -671,7 +739,7 @@ def evaluate_clip(model, tokenizer, preprocess, records: list[dict], images) -> 
         metrics["zeroshot_attributes"] = float(np.mean([metrics[f"zeroshot_{t}"] for t in ("background", "shape", "color")]))
     else:
         metrics = retrieval_metrics(encode_images(model, images, device=device),
-                                    encode_texts(model, tokenizer, [r["caption"] for r in records], device=device))
+                                    encode_texts(model, tokenizer, texts_of(records, "caption"), device=device))
     metrics["retrieval_R@5"] = (metrics["i2t_R@5"] + metrics["t2i_R@5"]) / 2
     return metrics
 
@@ -686,7 +754,7 @@ def stage_scaling(args: Args, columns: Columns, test_records: list[dict], in_mem
     usable = usable_rows(columns, list(fields.values()), args.strict)  # rows with every caption type
     sizes = sorted(n for n in args.sizes if n <= len(usable))
     if not sizes:
-        raise ValueError(f"--sizes {args.sizes}: none fits the {len(usable)} usable training samples")
+        raise ManifestError(f"--sizes {args.sizes}: none fits the {len(usable)} usable training samples")
     _, preprocess, _ = create_clip(args.clip_model)
     images = preprocess_images(columns, preprocess) if in_memory else columns  # (N, 3, H, W) shared, or lazy
     test_images = preprocess_images(test_records, preprocess) if in_memory else ImageRows(test_records, preprocess)
@@ -829,18 +897,39 @@ def run_miniature(args: Args) -> dict:
     return results
 
 
+COUNTS = ("caption_beams", "caption_max_new_tokens", "max_prompt_tokens", "num_beams", "max_new_tokens",
+          "gen_batch_size", "epochs", "batch_size", "micro_batch_size", "max_seq_len", "lora_r", "lora_alpha",
+          "checkpoint_every", "clip_batch_size", "seeds")  # flags that count something: 0 would run nothing or crash
+
+
+def check_flags(args: Args) -> None:
+    """Every flag in its range and the stage's inputs given, before anything loads: one line naming the flag and
+    exit status 1, not a crash (or a silent no-op) later."""
+    ranges = [(name, getattr(args, name) >= 1, "at least 1") for name in COUNTS] + [
+        ("sizes", all(n >= 1 for n in args.sizes), "numbers of samples, each at least 1"),
+        ("lr", args.lr > 0, "positive"), ("clip_lr", args.clip_lr > 0, "positive"),  # NaN fails each test
+        ("warmup_ratio", 0 <= args.warmup_ratio <= 1, "in [0, 1]"),
+        ("weight_decay", args.weight_decay >= 0, "at least 0"), ("lora_dropout", 0 <= args.lora_dropout < 1, "in [0, 1)"),
+        ("scaling_epochs", args.scaling_epochs > 0, "positive")]
+    for name, ok, what in ranges:
+        if not ok:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be {what}, got {getattr(args, name)}")
+    if args.stage != "miniature" and args.data is None:
+        raise SystemExit(f"error: the {args.stage} stage needs --data (an input manifest)")
+    if args.stage == "scaling" and args.scaling_data is None:
+        raise SystemExit("error: the scaling stage needs --scaling-data (the evaluation manifest)")
+
+
 def main(argv=None) -> dict:
     """Run the stage named by the first argument; return its metrics (sft/eval/scaling/miniature) or counts (caption/fuse)."""
     args = parse(Args, argv, PRESETS)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
+    check_flags(args)
+    check_device(args.device)  # before any stage loads weights onto it
     if args.stage == "miniature":
         return run_miniature(args)
-    if args.data is None:
-        raise ValueError(f"the {args.stage} stage needs --data (an input manifest)")
     if args.stage == "scaling":
-        if args.scaling_data is None:
-            raise ValueError("the scaling stage needs --scaling-data (the evaluation manifest)")
         result = stage_scaling(args, index_data(args.data), read_manifest(args.scaling_data))
         if int(os.environ.get("RANK", 0)) == 0:  # every rank evaluated the same weights; one writes
             atomic_write_text(Path(args.out) / "scaling.json", json.dumps(result, indent=2))
@@ -858,4 +947,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)  # an expected error (a bad manifest, a diverged run, no such device) ends as one line

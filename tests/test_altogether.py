@@ -14,7 +14,7 @@ import torch
 
 import altogether
 from common.clip_score import clip_s, load_clip
-from common.data import read_manifest, write_manifest
+from common.data import BadSampleError, ManifestError, NonFiniteError, read_manifest, write_manifest
 from common.miniature import WorldConfig, ensure_world
 from tests.realarch import run_torchrun, save_hf, serve_open_clip_tag
 
@@ -353,7 +353,7 @@ def test_training_reads_the_kept_records_rows_of_the_memmap_and_a_resume_embeds_
     assert len(ids) == 8 and not {records[i]["id"] for i in (0, 3, 5)} & set(ids)
     assert torch.equal(batch, emb[[[r["id"] for r in records].index(sample) for sample in ids]])
     calls = count_embed_calls(monkeypatch)
-    log = altogether.main(argv + ["--pretrain-steps", "2"])
+    log = altogether.main(argv + ["--pretrain-steps", "1"])
     assert log["resumed_from"] == 1 and calls["n"] == 0
 
 
@@ -626,3 +626,118 @@ def test_help_shows_the_values_that_will_run(capsys):
         flat = " ".join(capsys.readouterr().out.replace("│", " ").split())  # the help box's text, unwrapped
         assert re.search(r"--decoder STR .*?\(default: ([^)]+)\)", flat).group(1) == decoder, argv
         assert "smoke: --clip-model miniature --decoder tiny-opt --prefix-length 4" in flat
+
+
+# ---- nothing silently wrong: resumed outputs, fields that are not text, a diverged run, errors in one line ---
+
+
+def test_caption_refuses_to_resume_an_output_of_other_settings(world, finetuned, tmp_path):
+    """An existing --out of another --caption-field or --checkpoint reported already_done and exited 0 without the
+    new field. The recipe beside the output (the decoding's own knobs only) says which settings differ."""
+    out = tmp_path / "test.jsonl"
+    argv = ["caption", "--data", str(world / "test.jsonl"), "--out", str(out), "--checkpoint", str(finetuned),
+            "--decoding", "greedy", "--max-new-tokens", "2", "--gen-batch-size", "12", "--device", "cpu"]
+    altogether.main(argv)
+    other = tmp_path / "other.pt"
+    other.write_bytes(finetuned.read_bytes())
+    for more, named in ((["--caption-field", "capfield"], "--caption-field 'altogether' there, 'capfield' now"),
+                        (["--checkpoint", str(other)], f"--checkpoint '{finetuned}' there, '{other}' now"),
+                        (["--decoding", "sample"], "--decoding 'greedy' there, 'sample' now"),
+                        (["--no-use-alt"], "--use-alt True there, False now")):
+        with pytest.raises(ManifestError, match=f"^{out} holds output of other settings \\(.*{named}.*\\); "
+                                                           "pass a new --out"):
+            altogether.main(argv + more)
+    assert altogether.main(argv + ["--top-p", "0.9"]) == {"already_done": 12}  # no greedy setting
+
+
+def test_training_refuses_to_resume_a_run_of_other_settings_or_data(world, tmp_path):
+    """The recipe missed the steps (the cosine schedule), the encoder's weights, the token budgets, the fields and
+    the data: each resumed silently. The lr was in it, now named as a flag: never replaced by the optimiser's."""
+    argv = SMALL + ["pretrain", "--decoder", "tiny-opt", "--out", str(tmp_path), "--pretrain-steps", "1"]
+    altogether.main(argv + ["--data", str(world / "val.jsonl")])
+    write_manifest(tmp_path / "fewer.jsonl", [plain(r, world) for r in read_manifest(world / "val.jsonl")[:5]])
+    for more, named in ((["--pretrain-steps", "2"], "--pretrain-steps 1 there, 2 now"),
+                        (["--max-caption-tokens", "20"], "--max-caption-tokens 24 there, 20 now"),
+                        (["--data", str(tmp_path / "fewer.jsonl")], "--data '6 records, sha256 "),
+                        (["--lr", "2e-3"], "--lr 0.001 there, 0.002 now")):
+        more = more if "--data" in more else more + ["--data", str(world / "val.jsonl")]
+        with pytest.raises(ManifestError, match=f"pretrain.pt holds a run of other settings \\(.*{named}.*\\);"
+                                                           " pass a new --out, or --no-resume"):
+            altogether.main(argv + more)
+    assert altogether.main(argv + ["--data", str(world / "val.jsonl")])["resumed_from"] == 1
+
+
+def test_texts_of_the_wrong_type_are_skipped_and_counted_and_strict_stops(world, tmp_path, monkeypatch):
+    """`alt_text: 123` crashed training mid-run with a TypeError naming no sample; a list target trained on
+    "['x']"; a list with a number in it lost the number silently. By common.data.text_problem's rule they are
+    skipped and counted like an empty alt-text (--strict: an error naming the sample); the caption stage refuses
+    them before the checkpoint loads."""
+    records = [plain(r, world) for r in read_manifest(world / "val.jsonl")]
+    records[0]["alt_text"], records[1]["alt_text"], records[2]["caption"] = 123, ["stock photo", 5], ["x"]
+    records[3]["image"] = 123
+    write_manifest(tmp_path / "in.jsonl", records)
+    seen, real_pair = [], altogether.training_pair
+    monkeypatch.setattr(altogether, "training_pair", lambda record, *a: seen.append(record["id"]) or real_pair(record, *a))
+    train = SMALL + ["--decoder", "tiny-opt", "--data", str(tmp_path / "in.jsonl"), "--out", str(tmp_path)]
+    altogether.main(train + ["pretrain", "--pretrain-steps", "1"])
+    assert set(seen) == {r["id"] for r in records[2:]} - {records[3]["id"]}
+    kept = altogether.usable_for_training(records, np.ones(len(records), bool), "finetune", altogether.Args())
+    assert kept == [3, 4, 5]  # the image is judged when it is embedded
+    with pytest.raises(BadSampleError, match=f"^sample '{records[0]['id']}': field 'alt_text' must be a "
+                                                        "string or a list of strings, got 123$"):
+        altogether.main(train + ["pretrain", "--pretrain-steps", "1", "--strict", "--no-resume"])
+    with pytest.raises(BadSampleError, match=f"^sample '{records[0]['id']}': field 'alt_text' must be a "
+                                                        "string or a list of strings, got 123$"):
+        altogether.main(["caption", "--data", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "c.jsonl"),
+                         "--checkpoint", str(tmp_path / "none.pt"), "--device", "cpu"])
+
+
+def test_a_diverged_update_stops_with_one_line_and_leaves_the_last_good_checkpoint(world, tmp_path, monkeypatch):
+    """`--steps 1 --lr inf` wrote a checkpoint of NaN tensors with exit 0: only the loss, computed before the
+    update, was checked. Now the weights are checked before every write: the checkpoint on disk stays the last
+    finite one, and the command line ends with one line and status 1."""
+    import subprocess
+    import sys
+
+    data = ["--data", str(world / "val.jsonl"), "--decoder", "tiny-opt", "pretrain"]
+    monkeypatch.setattr(altogether, "cosine_lr", lambda step, schedule: 1e-3 if step == 0 else float("inf"))
+    with pytest.raises(NonFiniteError, match=f"^pretrain at step 1 of 2, after its update "
+                                                        f"\\({tmp_path / 'a' / 'pretrain.pt'} keeps step 1\\): "):
+        altogether.main(SMALL + data + ["--out", str(tmp_path / "a"), "--pretrain-steps", "2", "--checkpoint-every", "1"])
+    payload = torch.load(tmp_path / "a" / "pretrain.pt", weights_only=True)
+    assert payload["step"] == 1 and all(torch.isfinite(v).all() for v in payload["captioner"].values()
+                                        if v.is_floating_point())
+    command = [sys.executable, altogether.__file__, *SMALL, *data, "--out", str(tmp_path / "b"), "--pretrain-steps", "1",
+               "--lr", "inf"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        f"error: pretrain at step 0 of 1, after its update ({tmp_path / 'b' / 'pretrain.pt'} not written by this run): ")
+    assert not (tmp_path / "b" / "pretrain.pt").exists()
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--batch-size", "0", "--batch-size must be at least 1, got 0"),
+    ("--num-beams", "0", "--num-beams must be at least 1, got 0"),
+    ("--pretrain-steps", "0", "--pretrain-steps must be at least 1, got 0"),
+    ("--finetune-steps", "-1", "--finetune-steps must be at least 1, got -1"),
+    ("--warmup", "-1", "--warmup must be at least 0, got -1"),
+    ("--top-p", "1.5", r"--top-p must be in \(0, 1\], got 1.5"),
+    ("--temperature", "0", "--temperature must be positive, got 0.0"),
+    ("--lr", "-0.001", "--lr must be positive, got -0.001"),
+    ("--p-drop-alt", "1.5", r"--p-drop-alt must be in \[0, 1\], got 1.5")])
+def test_flags_out_of_range_are_one_line_naming_the_flag_before_anything_loads(world, flag, value, message):
+    with pytest.raises(SystemExit, match=f"^error: {message}$"):
+        altogether.main(["caption", "--data", str(world / "val.jsonl"), "--out", "unused", flag, value])
+
+
+def test_device_cuda_without_cuda_says_so_before_any_weights_load(world, tmp_path, monkeypatch):
+    """eval blamed the score model's weights ("cannot load None into micro-ViT-16 ... no NVIDIA driver")."""
+    from common.data import DeviceError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match="^--device cuda: CUDA is not available on this machine"):
+        altogether.main(["eval", "--data", str(world / "val.jsonl"), "--score-model", MICRO, "--score-pretrained",
+                         "None", "--out", str(tmp_path / "eval.json"), "--device", "cuda"])
+    with pytest.raises(SystemExit, match="^error: the finetune stage starts from stage 1: pass --checkpoint"):
+        altogether.main(["finetune", "--data", str(world / "val.jsonl"), "--device", "cpu"])

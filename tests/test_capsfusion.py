@@ -21,7 +21,8 @@ import torch
 import torch.multiprocessing as mp
 
 import capsfusion
-from common.data import index_manifest, read_manifest, write_manifest
+from common.data import (BadSampleError, ManifestError, NonFiniteError, index_manifest, read_manifest,
+                         write_manifest)
 from common.miniature import WorldConfig, ensure_world
 from tests.realarch import run_torchrun, save_hf, serve_open_clip_tag
 
@@ -329,10 +330,19 @@ def test_fuse_keeps_the_answers_first_line_without_special_tokens_else_the_synth
     assert counts["empty_answers"] == 1
 
 
+def pretend_cuda(monkeypatch):
+    """A machine without CUDA passes --device cuda's check (the test stops before anything runs there)."""
+    import common.data
+
+    for module in (capsfusion, common.data):  # main's check, and init_distributed's
+        monkeypatch.setattr(module, "check_device", lambda device: device)
+
+
 @pytest.mark.parametrize("device, dtype", [("cuda", torch.bfloat16), ("cpu", torch.float32)])
-def test_fuse_loads_the_fuser_in_bf16_on_cuda(world, device, dtype, monkeypatch):
+def test_fuse_loads_the_fuser_in_bf16_on_cuda(world, device, dtype, monkeypatch, tmp_path):
     """The official inference runs the fuser in bf16 (--gen-dtype); on the CPU float32."""
     loaded = []
+    pretend_cuda(monkeypatch)
 
     def load_fuser(name, flag, args, device, dtype):
         loaded.append((name, flag, dtype))
@@ -340,7 +350,8 @@ def test_fuse_loads_the_fuser_in_bf16_on_cuda(world, device, dtype, monkeypatch)
 
     monkeypatch.setattr(capsfusion, "load_fuser", load_fuser)
     with pytest.raises(InterruptedError):
-        capsfusion.main(["fuse", "--data", str(world / "val.jsonl"), "--device", device, "--out", "unused"])
+        capsfusion.main(["fuse", "--data", str(world / "val.jsonl"), "--device", device, "--out",
+                         str(tmp_path / "fused.jsonl")])
     assert loaded == [("BAAI/CapsFus-LLaMA", "--llm", dtype)]
 
 
@@ -668,6 +679,7 @@ def test_sft_optimiser_warms_up_decays_by_cosine_clips_at_1_without_weight_decay
 def test_lora_loads_the_frozen_base_in_bf16_on_cuda(triplets16, device, lora, dtype, monkeypatch):
     """A 13B base in float32 is 52 GB a rank; frozen under LoRA it needs only bf16. Trained weights stay float32."""
     loaded = []
+    pretend_cuda(monkeypatch)
 
     def load_fuser(name, flag, args, device, dtype):
         loaded.append(dtype)
@@ -759,8 +771,8 @@ def test_torchrun_fuse_in_two_ranks_equals_one_process(world, llama2, tmp_path):
     single, sharded = read_manifest(tmp_path / "one" / "fused.jsonl"), read_manifest(tmp_path / "two" / "fused.jsonl")
     assert one["written"] == len(inputs) and [r["id"] for r in sharded] == [r["id"] for r in inputs]  # all, in order
     assert [(r["fused"], r["fused_source"]) for r in sharded] == [(r["fused"], r["fused_source"]) for r in single]
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["fused.jsonl", "fused.rank0-of-2.jsonl",
-                                                                    "fused.rank1-of-2.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["fused.jsonl", "fused.jsonl.recipe.json",
+                                                                    "fused.rank0-of-2.jsonl", "fused.rank1-of-2.jsonl"]
 
 
 def test_fuse_reads_text_only_triplets_and_keeps_image_urls(world, tiny_llm, tmp_path):
@@ -941,3 +953,138 @@ def test_smoke_preset_runs_every_stage_and_writes_table_plot_and_json(tmp_path, 
     table = (tmp_path / "results.md").read_text()
     assert all(f"| {kind} |" in table for kind in curves) and "| fuser |" in table
     assert json.loads((tmp_path / "results.json").read_text())["fusion"][0] == fusion
+
+
+# ---- nothing silently wrong: resumed outputs, fields that are not text, a diverged run, errors in one line ---
+
+
+def fuse_argv(data, out, llm, *more) -> list:
+    return ["fuse", "--data", str(data), "--out", str(out), "--llm", str(llm), "--max-new-tokens", "2",
+            "--gen-batch-size", "6", "--device", "cpu", *more]
+
+
+def test_fuse_and_caption_refuse_to_resume_an_output_of_other_settings(world, tiny_llm, tiny_blip, tmp_path):
+    """A resumed job skips the ids written; an --out of another --out-field, --llm or --num-beams reported
+    already_done and exited 0 without the new field. The recipe beside the output says which settings differ,
+    before the model loads; the same settings resume, and an output without its recipe is refused too."""
+    out = tmp_path / "fused.jsonl"
+    capsfusion.main(fuse_argv(world / "val.jsonl", out, tiny_llm, "--out-field", "capsfus"))
+    assert json.loads((tmp_path / "fused.jsonl.recipe.json").read_text())["out_field"] == "capsfus"
+    for more, named in ((["--out-field", "other"], "--out-field 'capsfus' there, 'other' now"),
+                        (["--out-field", "capsfus", "--num-beams", "1"], "--num-beams 3 there, 1 now"),
+                        (["--out-field", "capsfus", "--llm", str(tmp_path / "another-llm")], "--llm")):
+        with pytest.raises(ManifestError, match=f"^{out} holds output of other settings \\(.*{named}.*\\); "
+                                                           "pass a new --out"):
+            capsfusion.main(fuse_argv(world / "val.jsonl", out, tiny_llm, *more))
+    assert capsfusion.main(fuse_argv(world / "val.jsonl", out, tiny_llm, "--out-field", "capsfus")) == {"already_done": 6}
+    (tmp_path / "fused.jsonl.recipe.json").unlink()  # an output of an earlier version, settings unknown
+    with pytest.raises(ManifestError, match="without fused.jsonl.recipe.json"):
+        capsfusion.main(fuse_argv(world / "val.jsonl", out, tiny_llm, "--out-field", "capsfus"))
+    caption = ["caption", "--data", str(world / "val.jsonl"), "--out", str(tmp_path / "syn.jsonl"), "--captioner",
+               str(tiny_blip), "--caption-max-new-tokens", "2", "--device", "cpu"]
+    assert capsfusion.main(caption)["written"] == 6
+    with pytest.raises(ManifestError, match="--synthetic-field 'synthetic_caption' there, 'blip' now"):
+        capsfusion.main(caption + ["--synthetic-field", "blip"])
+
+
+def test_sft_refuses_to_resume_a_state_of_other_triplets_or_fields(triplets16, tiny_llm, tmp_path):
+    """The recipe held the optimiser settings but not the data: other triplets (or the same file read through
+    another --raw-field) resumed the state trained on the first ones. The lr is in it: a different --lr is named,
+    never silently replaced by the optimiser state's."""
+    argv = ["sft", "--base-model", str(tiny_llm), "--epochs", "1", "--batch-size", "16", "--device", "cpu",
+            "--out", str(tmp_path)]
+    capsfusion.main(argv + ["--data", str(triplets16)])
+    write_manifest(tmp_path / "fewer.jsonl", read_manifest(triplets16)[:15])
+    for more, named in ((["--data", str(tmp_path / "fewer.jsonl")], "--data '16 triplets, sha256 "),
+                        (["--data", str(triplets16), "--raw-field", "synthetic_caption"], "--raw-field 'alt_text' there"),
+                        (["--data", str(triplets16), "--lr", "1e-3"], "--lr 2e-05 there, 0.001 now")):
+        with pytest.raises(ManifestError, match=f"sft_state.pt holds a run of other settings \\(.*{named}.*\\);"
+                                                           " pass a new --out, or --no-resume"):
+            capsfusion.main(argv + more)
+    assert capsfusion.main(argv + ["--data", str(triplets16)])["resumed_from"] == 1
+
+
+def test_a_number_or_a_list_where_a_caption_belongs_is_refused_naming_the_sample(world, tmp_path):
+    """`alt_text: 123` reached the LLM as "123" and a list as "['stock photo', ...]" (fuse), trained on (sft) and
+    scored (eval). Now an error naming the sample and the field, in fuse before the LLM loads; empty or missing
+    captions keep their Deviation 3 treatment."""
+    records = text_only(read_manifest(world / "val.jsonl")[:3])
+    records[1]["alt_text"] = 123
+    write_manifest(tmp_path / "number.jsonl", records)
+    records[1]["alt_text"] = ["stock photo", "Aldora"]
+    write_manifest(tmp_path / "list.jsonl", records)
+    for name, shown in (("number", "123"), ("list", r'\["stock photo", "Aldora"\]')):
+        with pytest.raises(BadSampleError,
+                           match=f"^sample '{records[1]['id']}': field 'alt_text' must be a string, got {shown}$"):
+            capsfusion.main(fuse_argv(tmp_path / f"{name}.jsonl", tmp_path / "out.jsonl", tmp_path / "no-such-llm"))
+    with pytest.raises(BadSampleError, match="field 'alt_text' must be a string"):
+        capsfusion.triplets(records, capsfusion.Args())
+    write_manifest(tmp_path / "scored.jsonl", [{**r, "fused": 5} if i == 2 else r for i, r in enumerate(text_only(
+        read_manifest(world / "val.jsonl")[:3]))])
+    with pytest.raises(BadSampleError, match="field 'fused' must be a string, got 5"):
+        capsfusion.main(["eval", "--data", str(tmp_path / "scored.jsonl"), "--out", str(tmp_path / "eval")])
+
+
+def test_a_diverged_sft_stops_with_one_line_and_leaves_the_last_good_state(triplets16, tiny_llm, tmp_path, monkeypatch):
+    """Only the loss was checked: an update that put NaN in the weights was saved (sft_state.pt, the fuser) with
+    exit 0. Now the weights are checked before every write: the state on disk stays the last finite one, no fuser is
+    saved, and the command line ends with one line and status 1."""
+    import subprocess
+    import sys
+
+    real_step = torch.optim.AdamW.step
+
+    def nan_at_the_second_step(self, *args, **kwargs):  # the second update diverges, its loss (before it) was fine
+        result = real_step(self, *args, **kwargs)
+        if self.state[self.param_groups[0]["params"][0]]["step"] == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", nan_at_the_second_step)
+    argv = ["sft", "--data", str(triplets16), "--base-model", str(tiny_llm), "--epochs", "1", "--batch-size", "8",
+            "--checkpoint-every", "1", "--device", "cpu"]
+    with pytest.raises(NonFiniteError, match=f"^sft at step 1 of 2, after its update \\({tmp_path / 'a'}"
+                                                        "/sft_state.pt keeps step 1\\): \\d+ of \\d+ weight tensors"):
+        capsfusion.main(argv + ["--out", str(tmp_path / "a")])
+    state = torch.load(tmp_path / "a" / "sft_state.pt", weights_only=True)
+    assert state["step"] == 1 and all(torch.isfinite(v).all() for v in state["trainable"].values())
+    assert not (tmp_path / "a" / "fuser").exists()
+    command = [sys.executable, capsfusion.__file__, *argv, "--lr", "inf", "--out", str(tmp_path / "b")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        f"error: sft at step 0 of 2, after its update ({tmp_path / 'b' / 'sft_state.pt'} not written by this run): ")
+    assert not (tmp_path / "b" / "sft_state.pt").exists()
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--num-beams", "0", "--num-beams must be at least 1, got 0"),
+    ("--gen-batch-size", "0", "--gen-batch-size must be at least 1, got 0"),
+    ("--batch-size", "-2", "--batch-size must be at least 1, got -2"),
+    ("--epochs", "0", "--epochs must be at least 1, got 0"),
+    ("--max-new-tokens", "0", "--max-new-tokens must be at least 1, got 0"),
+    ("--lr", "0", "--lr must be positive, got 0.0"),
+    ("--lr", "nan", "--lr must be positive, got nan"),
+    ("--warmup-ratio", "1.5", r"--warmup-ratio must be in \[0, 1\], got 1.5"),
+    ("--lora-dropout", "1", r"--lora-dropout must be in \[0, 1\), got 1.0"),
+    ("--sizes", "0", r"--sizes must be numbers of samples, each at least 1, got \(0,\)")])
+def test_flags_out_of_range_are_one_line_naming_the_flag_before_anything_loads(world, flag, value, message):
+    with pytest.raises(SystemExit, match=f"^error: {message}$"):
+        capsfusion.main(["fuse", "--data", str(world / "val.jsonl"), "--out", "unused", flag, value])
+
+
+def test_device_cuda_without_cuda_and_a_missing_manifest_are_one_line(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from common.data import DeviceError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match="^--device cuda: CUDA is not available on this machine"):
+        capsfusion.main(["eval", "--data", str(tmp_path / "any.jsonl"), "--out", str(tmp_path), "--device", "cuda"])
+    with pytest.raises(SystemExit, match="^error: the fuse stage needs --data"):
+        capsfusion.main(["fuse", "--device", "cpu"])
+    done = subprocess.run([sys.executable, capsfusion.__file__, "eval", "--data", str(tmp_path / "none.jsonl"),
+                           "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and done.stderr.strip() == f"error: manifest not found: {tmp_path / 'none.jsonl'}"
