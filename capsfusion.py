@@ -84,7 +84,8 @@ Commands:
     python capsfusion.py fuse --data heldout_triplets.jsonl --out heldout.jsonl --out-field capsfus
     python capsfusion.py eval --data heldout.jsonl --out runs/eval --out-field capsfus
     torchrun --nproc-per-node 8 capsfusion.py scaling --data laion.fused.jsonl --scaling-data coco_test.jsonl \
-        --clip-model ViT-B-32 --sizes 1000000 10000000 --clip-batch-size 4096 --device cuda
+        --clip-model ViT-B-32 --sizes 1000000 10000000 --clip-batch-size 4096 --device cuda \
+        --benchmark wds/imagenet1k wds/mscoco_captions --benchmark-root 'benchmarks/{name}'   # + clip_benchmark rows
     torchrun --nproc-per-node 8 -m common.clip_train --data laion.fused.jsonl --eval-data coco_test.jsonl --text-field fused
 
 Results: docs/capsfusion.md, each table with the world version and the settings it comes
@@ -115,6 +116,7 @@ import torch.distributed as dist
 import tyro
 from tqdm.auto import tqdm
 
+from common.benchmarks import check_benchmarks, evaluate_benchmarks, write_benchmark_results
 from common.caption_metrics import coco_scores, plain_words, table_note
 from common.cli import parse, preset_help
 from common.clip_train import (MINIATURE_MODEL, ImageRows, TrainConfig, assert_finite_state, create_clip,
@@ -240,6 +242,12 @@ class Args:
     """passes over each subset (paper: 1 epoch at every scale)"""
     clip_batch_size: int = 32
     """CLIP pairs per step (miniature: small, so that one epoch of 2,500 samples is 79 steps)"""
+    benchmark: tuple[str, ...] = ()
+    """scaling: clip_benchmark dataset names every point's CLIP is also evaluated on (e.g. wds/imagenet1k
+    wds/mscoco_captions; see docs/benchmarks.md); needs --benchmark-root"""
+    benchmark_root: str = ""
+    """local folder of the --benchmark datasets as clip_benchmark lays them out ({name} is replaced by the dataset
+    name with "/" -> "_": benchmarks/{name} -> benchmarks/wds_imagenet1k); nothing is downloaded"""
     clip_lr: float = 2e-3
     """peak CLIP learning rate (the project's miniature value)"""
     # ---- miniature
@@ -755,6 +763,8 @@ def stage_scaling(args: Args, columns: Columns, test_records: list[dict], in_mem
     sizes = sorted(n for n in args.sizes if n <= len(usable))
     if not sizes:
         raise ManifestError(f"--sizes {args.sizes}: none fits the {len(usable)} usable training samples")
+    if args.benchmark:
+        check_benchmarks(args.benchmark, args.benchmark_root)  # before any point trains
     _, preprocess, _ = create_clip(args.clip_model)
     images = preprocess_images(columns, preprocess) if in_memory else columns  # (N, 3, H, W) shared, or lazy
     test_images = preprocess_images(test_records, preprocess) if in_memory else ImageRows(test_records, preprocess)
@@ -768,6 +778,10 @@ def stage_scaling(args: Args, columns: Columns, test_records: list[dict], in_mem
             train_log = train_clip(model, tokenizer, images, ArmTexts(columns, kind, fields), config, preprocess=preprocess,
                                    rows=usable[:n], device=args.device, strict=args.strict, progress=False)
             metrics = evaluate_clip(model, tokenizer, preprocess, test_records, test_images)
+            if args.benchmark:
+                metrics["benchmarks"] = evaluate_benchmarks(
+                    model, preprocess, tokenizer, args.benchmark, args.benchmark_root, model_label=args.clip_model,
+                    pretrained=f"scaling {kind} n={n} seed={args.seed}")
             curves[kind].append({"samples": n, "steps": steps, "final_loss": train_log["history"][-1]["loss"], **metrics})
             log.info("scaling %s n=%d: R@5 %.1f", kind, n, metrics["retrieval_R@5"])
     return {"sizes": sizes, "curves": curves}
@@ -934,6 +948,9 @@ def main(argv=None) -> dict:
         if int(os.environ.get("RANK", 0)) == 0:  # every rank evaluated the same weights; one writes
             atomic_write_text(Path(args.out) / "scaling.json", json.dumps(result, indent=2))
             plot_scaling([result], Path(args.out) / "scaling.png")
+            if args.benchmark:
+                write_benchmark_results([row for points in result["curves"].values() for point in points
+                                         for row in point["benchmarks"]], args.out)
         return result
     # fusion is text only: sft, fuse and eval read triplet files without images
     records = read_manifest(args.data, required=("id", "image") if args.stage == "caption" else ("id",))

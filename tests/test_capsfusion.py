@@ -1088,3 +1088,40 @@ def test_device_cuda_without_cuda_and_a_missing_manifest_are_one_line(tmp_path, 
     done = subprocess.run([sys.executable, capsfusion.__file__, "eval", "--data", str(tmp_path / "none.jsonl"),
                            "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and done.stderr.strip() == f"error: manifest not found: {tmp_path / 'none.jsonl'}"
+
+
+def test_scaling_writes_clip_benchmark_rows_of_every_point(world, tmp_path, monkeypatch):
+    """--benchmark: each point's trained CLIP (the one evaluate_clip scores) goes to clip_benchmark; a missing set
+    stops the stage before any point trains."""
+    from common.benchmarks import MissingBenchmark, evaluate_benchmarks
+    from test_benchmarks import CAPTIONS, webp_images, write_wds
+
+    pictures = webp_images(1, [(220, 40, 40), (40, 200, 40), (40, 40, 220), (230, 220, 30), (20, 20, 20), (240, 240, 240)] * 2)
+    write_wds(tmp_path / "sets" / "wds_flickr30k", [{"webp": image, "txt": "\n".join(captions)}  # 12 images: R@10
+                                                   for image, captions in zip(pictures, CAPTIONS * 2)],
+              dataset_type="retrieval")
+    plain = [{**r, "image": str(world / r["image"]), "capsfus": f"fuser: {r['synthetic_caption']}"}
+             for r in read_manifest(world / "train.jsonl")[:16]]
+    write_manifest(tmp_path / "train.jsonl", plain)
+    write_manifest(tmp_path / "test.jsonl", [{**r, "image": str(world / r["image"])}
+                                             for r in read_manifest(world / "test.jsonl")[:8]])
+    root = str(tmp_path / "sets" / "{name}")
+    argv = ["scaling", "--data", str(tmp_path / "train.jsonl"), "--scaling-data", str(tmp_path / "test.jsonl"),
+            "--out-field", "capsfus", "--sizes", "16", "--clip-model", "micro-ViT-16", "--clip-batch-size", "16",
+            "--device", "cpu", "--benchmark-root", root]
+    trained = []
+    evaluate_clip = capsfusion.evaluate_clip
+    monkeypatch.setattr(capsfusion, "evaluate_clip", lambda model, *a: trained.append(model) or evaluate_clip(model, *a))
+    with pytest.raises(MissingBenchmark, match="wds_absent"):
+        capsfusion.main([*argv, "--benchmark", "wds/absent", "--out", str(tmp_path / "none")])
+    assert trained == []
+    result = capsfusion.main([*argv, "--benchmark", "wds/flickr30k", "--out", str(tmp_path / "out")])
+    points = [point for curve in result["curves"].values() for point in curve]
+    assert len(points) == len(trained) == 5
+    for point, model in zip(points, trained):
+        expected = evaluate_benchmarks(model, *capsfusion.create_clip("micro-ViT-16")[1:], ["wds/flickr30k"], root,
+                                       model_label="micro-ViT-16", pretrained=point["benchmarks"][0]["pretrained"])
+        assert point["benchmarks"] == expected
+    written = [json.loads(line) for line in (tmp_path / "out" / "benchmarks.jsonl").read_text().splitlines()]
+    assert written == [point["benchmarks"][0] for point in points]
+    assert len({row["pretrained"] for row in written}) == 5  # one row per caption type, named by it
