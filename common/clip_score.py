@@ -261,21 +261,25 @@ def _batches(items: Sequence, size: int, desc: str, progress: bool):
 
 
 def decode_image(source: Any) -> Image.Image:
-    """An image as decoded, mode kept (RGBA, palette, ...), from a path, bytes or a PIL image.
+    """An image as decoded, mode kept (RGBA, palette, ...; 16-bit and float grey as 8-bit L), from a path, bytes or
+    a PIL image.
 
     The model's preprocess converts to RGB after resizing and cropping, as open_clip's and clipscore's do;
     common.data.open_image converts first, which gives RGBA and palette images other pixels. Same errors as there.
     """
-    if isinstance(source, Image.Image):
-        return source
     try:
-        image = Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+        image = source if isinstance(source, Image.Image) else Image.open(
+            io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
         image.load()
     except FileNotFoundError as err:
         raise BadSampleError(f"image file not found: {source}") from err
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         where = "image bytes" if isinstance(source, (bytes, bytearray)) else source
         raise BadSampleError(f"image cannot be decoded ({err}): {where}") from err
+    if image.mode.startswith("I") or image.mode == "F":  # 16-bit or float grey: PIL's convert("RGB") clips at 255
+        values = np.asarray(image, dtype=np.float64)  # (H, W); 16-bit / 257 and 0..1 floats * 255 give 0..255
+        values = values * 255.0 if image.mode == "F" else values / 257.0
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
     return image
 
 

@@ -521,3 +521,17 @@ def test_the_file_copied_alone_into_another_project_scores_images(tmp_path, monk
     assert err.value.argument == "model"
     with pytest.raises(SystemExit, match="reads manifests with common/data.py"):
         copied.main(["--manifest", "m.jsonl", "--model", "ViT-B-32", "--pretrained", "openai"])
+
+
+def test_a_16_bit_png_scores_as_its_8_bit_copy(micro_bundle, tmp_path):
+    """PIL's convert("RGB") in the preprocess clipped a 16-bit PNG to white, changing its score."""
+    from common.clip_score import image_pixels
+
+    gradient = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 65535 // (64 * 64 - 1)).astype(np.uint16)
+    Image.fromarray(gradient).save(tmp_path / "g16.png")
+    Image.fromarray((gradient >> 8).astype(np.uint8)).save(tmp_path / "g8.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    sixteen, eight = (image_pixels(micro_bundle, tmp_path / name) for name in ("g16.png", "g8.png"))
+    assert torch.allclose(sixteen, eight, atol=0.05)  # within one grey level after CLIP's normalisation
+    floats = Image.fromarray(gradient.astype(np.float32) / 65535)  # mode F, in 0..1
+    assert torch.allclose(image_pixels(micro_bundle, floats), eight, atol=0.05)
