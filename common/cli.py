@@ -17,6 +17,8 @@ preset. Nested fields are named with dots, as on the command line: `"world.n_tra
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import sys
 from typing import Callable, Mapping, Sequence, TypeVar
 
@@ -84,3 +86,30 @@ def parse(args_type: type[T], argv: Sequence[str] | None, presets: Mapping[str, 
     name = first.preset or (default_preset(first) if default_preset else default_preset_of(first.stage, presets))
     defaults = with_values(args_type(), {**presets[name], "stage": first.stage, "preset": name})
     return tyro.cli(args_type, args=argv, default=defaults, description=description)
+
+
+
+def check_ranges(args, at_least: Mapping[str, float] | None = None, positive: Sequence[str] = (),
+                 fractions: Sequence[str] = ()) -> None:
+    """Every named flag in its range before anything loads, else one line naming the flag (exit status 1).
+
+    `at_least`: {field: its lowest value} (counts: a batch of 0 images, 0 seeds; each item of a tuple field);
+    `positive`: finite and > 0 (learning rates, temperatures); `fractions`: in [0, 1] (probabilities, top-p).
+    A dotted name ("train.steps") is a nested field. NaN fails every test, so `--lr nan` is refused too.
+    """
+    def value(name: str):
+        return functools.reduce(getattr, name.split("."), args)
+
+    def refuse(name: str, what: str) -> SystemExit:
+        return SystemExit(f"error: --{name.replace('_', '-')} must be {what}, got {value(name)}")
+
+    for name, low in (at_least or {}).items():
+        got = value(name)
+        if not all(item >= low for item in (got if isinstance(got, (tuple, list)) else (got,))):
+            raise refuse(name, f"at least {low}")
+    for name in positive:
+        if not 0 < value(name) < math.inf:
+            raise refuse(name, "a positive number")
+    for name in fractions:
+        if not 0 <= value(name) <= 1:
+            raise refuse(name, "in [0, 1]")

@@ -1,6 +1,7 @@
 """common/cli.py: presets set defaults before the command line is read; a flag you give always wins."""
 
 import dataclasses
+import math
 from typing import Literal, Optional
 
 import pytest
@@ -52,3 +53,27 @@ def test_presets_name_only_fields_and_show_as_flags():
     assert "smoke: --steps 2 --inner.n 4 --inner.no-shuffle" in text and "paper: no change" in text
     assert text.startswith("defaults for this run (a flag you give always wins); default: miniature for the "
                            "miniature stage, paper for the others.")
+
+
+@dataclasses.dataclass
+class Ranged:
+    batch_size: int = 8
+    lr: float = 1e-3
+    top_p: float = 0.9
+    sizes: tuple[int, ...] = (4, 8)
+    inner: Toy = dataclasses.field(default_factory=Toy)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"batch_size": 0}, "--batch-size must be at least 1, got 0"),
+    ({"sizes": (4, 0)}, r"--sizes must be at least 1, got \(4, 0\)"),
+    ({"lr": 0.0}, "--lr must be a positive number, got 0.0"),
+    ({"lr": math.nan}, "--lr must be a positive number, got nan"),
+    ({"lr": math.inf}, "--lr must be a positive number, got inf"),
+    ({"top_p": 1.5}, r"--top-p must be in \[0, 1\], got 1.5"),
+    ({"inner": Toy(steps=0)}, "--inner.steps must be at least 1, got 0")])
+def test_check_ranges_names_the_flag_out_of_range(change, message):
+    rules = dict(at_least={"batch_size": 1, "sizes": 1, "inner.steps": 1}, positive=("lr",), fractions=("top_p",))
+    cli.check_ranges(Ranged(), **rules)  # the defaults are in range
+    with pytest.raises(SystemExit, match=f"^error: {message}$"):
+        cli.check_ranges(dataclasses.replace(Ranged(), **change), **rules)
