@@ -53,6 +53,11 @@ class NonFiniteError(ValueError, FloatingPointError):
     nothing. A FloatingPointError, as the trainers raised before, and a ValueError like the other expected errors."""
 
 
+class MissingWeightsError(FileNotFoundError, RuntimeError):
+    """A model's weights are neither a local folder nor in the hub cache (offline): the message names the flag.
+    A FileNotFoundError, so the command lines end it with one line; a RuntimeError, as load_pretrained raised."""
+
+
 class DeviceError(ValueError):
     """A --device that this machine does not have."""
 
@@ -501,8 +506,8 @@ def load_pretrained(loader, name: str, flag: str, **kwargs):
     try:
         return loader.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as err:
-        raise RuntimeError(f"cannot load {name!r} for {flag} ({type(err).__name__}: {err}). Pass {flag} a local "
-                           "folder holding the model, or a hub name with network access.") from err
+        raise MissingWeightsError(f"cannot load {name!r} for {flag} ({type(err).__name__}: {err}). Pass {flag} a "
+                                  "local folder holding the model, or a hub name with network access.") from err
 
 
 def load_model(loader, name: str, flag: str, **kwargs):

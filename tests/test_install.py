@@ -68,3 +68,19 @@ def test_transformers_hub_kernels_import_from_the_repository_root_and_load_model
 
     load_model(Recorder, "any", "--decoder", dtype=torch.float32)
     assert calls == [{"use_kernels": False, "dtype": torch.float32}]
+
+
+def test_a_missing_model_is_one_line_naming_the_flag(tmp_path, capsys):
+    """Offline, a hub name that is not cached: the command line ends with one `error:` line naming the flag."""
+    from transformers import AutoTokenizer
+
+    from common.data import MissingWeightsError, load_pretrained, run_command
+
+    def main(argv):
+        return load_pretrained(AutoTokenizer, str(tmp_path / "no-such-model"), "--llm")
+
+    with pytest.raises(MissingWeightsError, match="for --llm .* Pass --llm a local folder"):
+        main([])
+    with pytest.raises(SystemExit) as stop:
+        run_command(main, [])
+    assert str(stop.value).startswith("error: cannot load") and "\n" not in str(stop.value)
