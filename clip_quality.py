@@ -118,14 +118,14 @@ from PIL import Image
 
 from common.benchmarks import check_benchmarks, evaluate_benchmarks, write_benchmark_results
 from common.claims import mean_spread, verdict
-from common.cli import parse, preset_help
+from common.cli import check_ranges, parse, preset_help
 from common.clip_score import tag_settings
 from common.clip_train import (MINIATURE_MODEL, ImageRows, TrainConfig, contrastive_loss, create_clip, encode_images,
                                encode_texts, evaluate_world, preprocess_images, retrieval_metrics, save_checkpoint,
                                texts_of, train_clip)
-from common.data import (Columns, ManifestError, SkipCounter, atomic_write_text, check_device, image_source, index_data,
-                         init_distributed, is_shards, open_image, open_record_image, read_manifest, run_command, shard,
-                         text_problem)
+from common.data import (Columns, ManifestError, MissingWeightsError, SkipCounter, atomic_write_text, check_device,
+                         image_source, index_data, init_distributed, is_shards, open_image, open_record_image,
+                         read_manifest, run_command, shard, text_problem)
 from common.degenerate import DegenerateCounter
 from common.generate import generate_sharded
 from common.miniature import SEGMENTATION_CLASSES, WorldConfig, ensure_world
@@ -819,7 +819,7 @@ def load_captioner(spec: str, device: str) -> tuple[nn.Module, Callable]:
             raise RuntimeError("a captioner needs weights: NAME@TAG, NAME@/path/to/weights or a .pt checkpoint")
         _, model, preprocess = load_model_spec(spec, device)
     except RuntimeError as err:
-        raise FileNotFoundError(f"--captioner {spec}: {err}") from None
+        raise MissingWeightsError(f"--captioner {spec}: {err}") from None
     if not hasattr(model, "generate"):
         raise ValueError(f"--captioner {spec}: a {type(model).__name__} has no text decoder; pass a CoCa")
     enable_coca_sampling()
@@ -860,6 +860,7 @@ def run_synthesize(args: Args) -> dict:
     common.generate.generate_sharded streams the input, shards it over ranks and resumes a killed run."""
     if args.data is None:
         raise FileNotFoundError("the synthesize stage needs --data (the image manifest or shards to caption)")
+    check_ranges(args, at_least={"num_synthetic": 1, "resample_degenerate": 0, "gen_batch_size": 1})
     rank, world_size, device = init_distributed(args.device)
     model, preprocess = load_captioner(args.captioner, device)
     torch.manual_seed(args.seed + rank)

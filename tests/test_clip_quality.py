@@ -1169,4 +1169,6 @@ def test_synthesize_names_the_flag_when_the_captioner_weights_are_missing(tmp_pa
             cq.main(["synthesize", "--data", data, "--out", out, *flags])
     with pytest.raises(SystemExit, match="^error: --captioner coca_ViT-L-14@mscoco_finetuned_laion2b_s13b_b90k: "):
         cq.run_command(cq.main, ["synthesize", "--data", data, "--out", out])
+    with pytest.raises(SystemExit, match="^error: --num-synthetic must be at least 1, got 0$"):
+        cq.main(["synthesize", "--data", data, "--out", out, "--num-synthetic", "0"])
     assert not Path(out).exists()
