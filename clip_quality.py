@@ -860,7 +860,6 @@ def run_synthesize(args: Args) -> dict:
     common.generate.generate_sharded streams the input, shards it over ranks and resumes a killed run."""
     if args.data is None:
         raise FileNotFoundError("the synthesize stage needs --data (the image manifest or shards to caption)")
-    check_ranges(args, at_least={"num_synthetic": 1, "resample_degenerate": 0, "gen_batch_size": 1})
     rank, world_size, device = init_distributed(args.device)
     model, preprocess = load_captioner(args.captioner, device)
     torch.manual_seed(args.seed + rank)
@@ -1307,8 +1306,21 @@ def distributed_pretrain(args: Args) -> list[dict]:
         dist.destroy_process_group()
 
 
+def check_flags(args: Args) -> None:
+    """Every numeric flag in its range before anything loads (a batch of 0 crashed late, --seeds 0 ran nothing); a
+    learning rate may be inf, which the training guard stops with its step named."""
+    check_ranges(args, at_least={name: 1 for name in (
+        "seeds", "num_classes", "probe_steps", "probe_batch_size", "attention_images", "num_synthetic", "gen_batch_size",
+        "train.steps", "train.batch_size", "train.accum_steps", "train.checkpoint_every")} | {name: 0 for name in (
+        "probe_train_images", "probe_workers", "resample_degenerate", "train.warmup", "train.workers",
+        "train.weight_decay", "train.lr", "finetune_lr", "probe_lr")}, fractions=("swap_probability",))
+    if not all(0 < f <= 1 for f in args.subset_fractions):
+        raise SystemExit(f"error: --subset-fractions must each be in (0, 1], got {args.subset_fractions}")
+
+
 def main(argv=None) -> dict:
     args = parse(Args, argv, PRESETS)
+    check_flags(args)
     check_device(args.device)  # before any stage loads weights onto it (a tag's loader would take the blame)
     out = Path(args.out)
     if args.stage == "synthesize":  # one process or torchrun: generate_sharded shards it over the ranks

@@ -1172,3 +1172,16 @@ def test_synthesize_names_the_flag_when_the_captioner_weights_are_missing(tmp_pa
     with pytest.raises(SystemExit, match="^error: --num-synthetic must be at least 1, got 0$"):
         cq.main(["synthesize", "--data", data, "--out", out, "--num-synthetic", "0"])
     assert not Path(out).exists()
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--train.batch-size", "0", "--train.batch-size must be at least 1, got 0"),
+    ("--seeds", "0", "--seeds must be at least 1, got 0"),
+    ("--train.steps", "-3", "--train.steps must be at least 1, got -3"),
+    ("--probe-lr", "nan", "--probe-lr must be at least 0, got nan"),
+    ("--swap-probability", "1.5", r"--swap-probability must be in \[0, 1\], got 1.5"),
+    ("--subset-fractions", "0", r"--subset-fractions must each be in \(0, 1\], got \(0.0,\)")])
+def test_flags_out_of_range_are_one_line_naming_the_flag_before_anything_loads(tmp_path, flag, value, message):
+    with pytest.raises(SystemExit, match=f"^error: {message}$"):
+        cq.main(["pretrain", "--out", str(tmp_path), *TINY, flag, value])
+    assert list(tmp_path.iterdir()) == []  # nothing built, nothing written
