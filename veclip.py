@@ -60,9 +60,10 @@ Commands:
   CPU, miniature world (its timings are in docs/veclip.md):
     python veclip.py                         # = python veclip.py miniature --seeds 1
     python veclip.py miniature --seeds 3 --out runs/veclip_miniature   # + results.md, conditions.png
-  Real run (manifests with `image` + `alt_text`, e.g. from webdataset shards via common/data.py):
+  Real run (manifests with `image` + `alt_text`, or webdataset shards, streamed: docs/generation.md):
     torchrun --nproc-per-node 8 veclip.py vec  --data cc3m.jsonl --out cc3m.vec.jsonl
     torchrun --nproc-per-node 8 veclip.py fuse --data cc3m.vec.jsonl --out cc3m.llmvec.jsonl
+    torchrun --nproc-per-node 8 veclip.py vec  --data shards/{00000..00331}.tar --out vec_shards  # shards out
     torchrun --nproc-per-node 8 veclip.py train --data cc3m.llmvec.jsonl --out runs/veclip_b16 \
         --model ViT-B-16 --batch-size 8192 --steps 30000 --lr 5e-4 --weight-decay 0.2 --warmup 2000 \
         --checkpoint-every 1000 --workers 8 --eval-data coco_karpathy_test.jsonl
@@ -103,8 +104,9 @@ from common.clip_score import tag_settings
 from common.clip_train import (MINIATURE_MODEL, ImageRows, TrainConfig, create_clip, encode_images, encode_texts,
                                preprocess_images, retrieval_metrics, train_clip, usable_rows, zero_shot_accuracy)
 from common.data import (BadSampleError, Columns, ManifestError, SkipCounter, atomic_write_text, check_device,
-                         generate_sharded, index_data, index_manifest, init_distributed, load_model, load_pretrained,
-                         open_record_image, read_manifest, run_command, shown, text_problem)
+                         index_data, index_manifest, init_distributed, load_model, load_pretrained, open_record_image,
+                         read_manifest, run_command, shown, text_problem)
+from common.generate import generate_sharded, pending
 from common.miniature import WorldConfig, ensure_world, zero_shot_tasks
 
 log = logging.getLogger("veclip")
@@ -145,10 +147,11 @@ class Args:
     """what to run"""
     preset: Annotated[Literal["smoke", "miniature"] | None, tyro.conf.arg(help=preset_help(PRESETS))] = None
     data: str | None = None
-    """input manifest of vec, fuse and train (JSONL, see common/data.py); train also reads webdataset shards (a .tar
-    or a pattern such as shards/{000..099}.tar), indexed once into <data>.index"""
+    """input of vec, fuse and train: a JSONL manifest (see common/data.py) or webdataset shards (a .tar or a pattern
+    such as shards/{000..099}.tar); vec and fuse stream it, train indexes it once into <data>.index"""
     out: str = "runs/veclip"
-    """output: the manifest written by vec/fuse, the folder of train/eval/miniature"""
+    """output: the manifest written by vec/fuse (for shards in, the folder of the output shards, named as the
+    input's), the folder of train/eval/miniature"""
     # ---- vec and fuse
     vlm: str = "llava-hf/llava-1.5-7b-hf"
     """image-text-to-text model for VeC, hub name or local folder (paper: LLaVA)"""
@@ -333,13 +336,14 @@ def generate(model, tokenizer, inputs, max_new_tokens: int) -> list[str]:
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-def run_generation(args: Args, records: list[dict], process_batch) -> dict:
-    """Run `process_batch(records, counts) -> [(record, new fields)]` over this rank's unfinished samples.
+def run_generation(args: Args, process_batch) -> dict:
+    """Run `process_batch(records, counts) -> [(record, new fields)]` over this rank's unfinished samples of --data.
 
-    common.data.generate_sharded does the work: one resumable file per rank, merged in input order.
+    common.generate.generate_sharded does the work, streaming --data (a manifest, or shards): one resumable file
+    per rank, merged in input order, or one output shard per input shard in the folder --out.
     """
     rank, world_size, _ = init_distributed(args.device)
-    counts = generate_sharded(records, args.out, args.gen_batch_size, process_batch, rank, world_size, args.stage)
+    counts = generate_sharded(args.data, args.out, args.gen_batch_size, process_batch, rank, world_size, args.stage)
     log.info("%s: %s -> %s", args.stage, counts, args.out)
     return counts
 
@@ -349,7 +353,7 @@ def gen_dtype(args: Args, device: str) -> torch.dtype:
     return getattr(torch, args.gen_dtype) if device.startswith("cuda") else torch.float32
 
 
-def stage_vec(args: Args, records: list[dict]) -> dict:
+def stage_vec(args: Args) -> dict:
     """Step 1: a VeC for every image, written as `vec_field`."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -378,7 +382,7 @@ def stage_vec(args: Args, records: list[dict]) -> dict:
         counts["empty_vec"] += sum(not vec for vec in vecs)
         return [(record, {args.vec_field: vec}) for record, vec in zip(kept, vecs)]
 
-    return run_generation(args, records, process_batch)
+    return run_generation(args, process_batch)
 
 
 def fusion_inputs(record: dict, args: Args) -> tuple[str, str]:
@@ -393,13 +397,14 @@ def fusion_inputs(record: dict, args: Args) -> tuple[str, str]:
     return record.get(args.alt_field) or "", record[args.vec_field] or ""
 
 
-def stage_fuse(args: Args, records: list[dict]) -> dict:
+def stage_fuse(args: Args) -> dict:
     """Step 2: LLM-VeC from alt-text + VeC, written as `llm_vec_field` (+ `<field>_fallback`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    for record in records:  # every input checked before the LLM loads, not hours into the run
+    rank, world_size, device = init_distributed(args.device)
+    # this rank's inputs still to do, checked (streamed) before the LLM loads, not hours into the run
+    for record in pending(args.data, args.out, rank, world_size):
         fusion_inputs(record, args)
-    _, _, device = init_distributed(args.device)
     remote = {"trust_remote_code": args.trust_remote_code}
     tokenizer = load_pretrained(AutoTokenizer, args.llm, "--llm", **remote)
     model = load_model(AutoModelForCausalLM, args.llm, "--llm", dtype=gen_dtype(args, device), **remote)
@@ -425,7 +430,7 @@ def stage_fuse(args: Args, records: list[dict]) -> dict:
             results.append((record, {args.llm_vec_field: llm_vec, f"{args.llm_vec_field}_fallback": fell_back}))
         return results
 
-    return run_generation(args, records, process_batch)
+    return run_generation(args, process_batch)
 
 
 # =============================================================================================
@@ -682,9 +687,9 @@ def main(argv=None) -> dict:
     if args.data is None:
         raise ValueError(f"the {args.stage} stage needs --data (an input manifest)")
     if args.stage == "vec":
-        return stage_vec(args, read_manifest(args.data))
+        return stage_vec(args)
     if args.stage == "fuse":
-        return stage_fuse(args, read_manifest(args.data))
+        return stage_fuse(args)
     model, preprocess, tokenizer, train_log = train(args, index_data(args.data))
     if args.eval_data is not None and int(os.environ.get("RANK", 0)) == 0:
         train_log["eval"] = evaluate(model, tokenizer, preprocess, read_manifest(args.eval_data), args)

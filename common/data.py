@@ -1,4 +1,4 @@
-"""Data plumbing shared by every paper file: manifests, image opening, loaders, resumable output.
+"""Data plumbing shared by every paper file: manifests, image opening, loaders, streaming readers for generation.
 
 The manifest (DESIGN.md section 5) is JSON Lines, one sample per line:
 
@@ -24,7 +24,6 @@ import random
 import re
 import struct
 import tarfile
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -177,23 +176,54 @@ def read_manifest(path: str | os.PathLike, required: Sequence[str] = REQUIRED_FI
     hold as a string / a string or a list of them; any other value is an error naming the file and line.
     Each record gets `_root`, the manifest's folder, so that relative image paths resolve later.
     """
+    records, seen = [], {}
+    for line_no, record in _manifest_lines(_existing_manifest(path), required, texts, text_lists):
+        sample = str(record["id"])
+        if sample in seen:
+            raise ManifestError(f"{path}:{line_no}: id {sample!r} already used on line {seen[sample]}")
+        seen[sample] = line_no
+        records.append(record)
+    return records
+
+
+def stream_manifest(path: str | os.PathLike, required: Sequence[str] = REQUIRED_FIELDS, texts: Sequence[str] = (),
+                    text_lists: Sequence[str] = (), rank: int = 0, world_size: int = 1) -> Iterator[dict]:
+    """`read_manifest`'s records one line at a time, and only rank `rank`'s share: every world_size-th record, as
+    `shard` takes them from the list. Each of those lines is checked as read_manifest checks it (file:line errors,
+    `texts` / `text_lists` typed by `text_problem`); the other ranks' lines are counted, not parsed.
+
+    Nothing is kept from one line to the next, so ids are not checked for uniqueness (that needs every id in
+    memory): a generation input must hold each id once, as read_manifest requires, or resuming and merging, which
+    find samples by id, cannot tell its twins apart. A missing file is an error now, not at the first record.
+    """
+    _check_rank(rank, world_size)
+    lines = _manifest_lines(_existing_manifest(path), required, texts, text_lists, rank, world_size)
+    return (record for _, record in lines)
+
+
+def _existing_manifest(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest not found: {path}")
-    records, seen = [], {}
+    return path
+
+
+def _manifest_lines(path: Path, required: Sequence[str], texts: Sequence[str], text_lists: Sequence[str],
+                    rank: int = 0, world_size: int = 1) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of every world_size-th non-blank line from the rank-th, checked, with `_root`."""
+    root = str(path.parent)
     with open(path, "rb") as handle:
+        position = -1
         for line_no, raw in enumerate(handle, start=1):
             if not raw.strip():
                 continue
+            position += 1
+            if position % world_size != rank:
+                continue
             record = _parse_line(raw, path, line_no)
             validate_record(record, required, f"{path}:{line_no}", texts, text_lists)
-            sample = str(record["id"])
-            if sample in seen:
-                raise ManifestError(f"{path}:{line_no}: id {sample!r} already used on line {seen[sample]}")
-            seen[sample] = line_no
-            record["_root"] = str(path.parent)
-            records.append(record)
-    return records
+            record["_root"] = root
+            yield line_no, record
 
 
 def _public(record: dict) -> dict:
@@ -414,11 +444,17 @@ def load_coco_karpathy(json_path: str | os.PathLike, image_root: str | os.PathLi
 
 
 def iter_webdataset(urls: str | Sequence[str], image_keys: Sequence[str] = ("jpg", "png", "jpeg", "webp"),
-                    strict: bool = False, skipped: SkipCounter | None = None) -> Iterator[dict]:
+                    strict: bool = False, skipped: SkipCounter | None = None, raw: bool = False) -> Iterator[dict]:
     """Records from webdataset tar shards (each sample: an image file + a json file).
 
     Yields {"id": key, "image": PIL image, **json fields}; needs the `webdataset` package.
     A sample without a decodable image is counted in `skipped` (or raises with `strict=True`).
+
+    `raw=True`, for generation over shards (common.generate): every sample whose json is a record, its image
+    undecoded: `image` the bytes (absent if the sample has none; the stage that opens it counts it), `_key` the
+    sample's key, `_image_key` the extension the bytes were stored under, `_members` every member's bytes by
+    extension (as webdataset names them: lowercased), `_json` the json as it was (None if the sample has none),
+    `_url` the shard. The `_` fields are internal: a written manifest drops them.
     """
     try:
         import webdataset as wds
@@ -427,12 +463,18 @@ def iter_webdataset(urls: str | Sequence[str], image_keys: Sequence[str] = ("jpg
     skipped = skipped if skipped is not None else SkipCounter()
     for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
         key = sample["__key__"]
-        raw = next((sample[name] for name in image_keys if name in sample), None)
+        image_key = next((name for name in image_keys if name in sample), None)
         try:
             meta = shard_meta(sample.get("json"), key)
-            if raw is None:
+            if raw:
+                members = {name: value for name, value in sample.items() if not name.startswith("__")}
+                extra = {"image": sample[image_key]} if image_key is not None else {}
+                yield {**meta, **extra, "_key": key, "_image_key": image_key, "_members": members,
+                       "_json": json.loads(sample["json"]) if "json" in sample else None, "_url": sample["__url__"]}
+                continue
+            if image_key is None:
                 raise BadSampleError(f"sample {key!r}: no image among {list(image_keys)}")
-            image = open_image(raw, key)
+            image = open_image(sample[image_key], key)
         except BadSampleError as err:
             if strict:
                 raise
@@ -473,8 +515,55 @@ def write_webdataset_shard(path: str | os.PathLike, records: Iterable[dict]) -> 
     return path
 
 
+def is_shards(data: str | os.PathLike | Sequence[str]) -> bool:
+    """Whether `data` names webdataset shards (`x.tar`, a list of them, a `{000..009}` pattern), not a manifest."""
+    urls = [str(data)] if isinstance(data, (str, os.PathLike)) else [str(url) for url in data]
+    return not (len(urls) == 1 and not urls[0].endswith(".tar"))
+
+
+def shard_urls(data: str | os.PathLike | Sequence[str]) -> list[str]:
+    """The shards `data` names, `{000..009}` brace patterns expanded (zero-padded as written)."""
+    urls = [str(data)] if isinstance(data, (str, os.PathLike)) else [str(url) for url in data]
+    expanded = []
+    for url in urls:
+        match = re.fullmatch(r"(.*)\{(\d+)\.\.(\d+)\}(.*)", url)
+        expanded += ([f"{match[1]}{i:0{len(match[2])}d}{match[4]}" for i in range(int(match[2]), int(match[3]) + 1)]
+                     if match else [url])
+    return expanded
+
+
+def stream_records(data: str | os.PathLike | Sequence[str], rank: int = 0, world_size: int = 1,
+                   required: Sequence[str] = REQUIRED_FIELDS, texts: Sequence[str] = (), text_lists: Sequence[str] = (),
+                   skipped: SkipCounter | None = None) -> Iterator[dict]:
+    """The streaming reader of generation: rank `rank`'s share of a manifest or of webdataset shards, lazily.
+
+    A manifest (`x.jsonl`): every world_size-th record, line by line (`stream_manifest`). Shards (`is_shards`):
+    every world_size-th shard, each sample as `iter_webdataset(raw=True)` gives it (every field, the image's bytes
+    and the extension they were stored under); `required` (but `image`, whose absence the stage counts),
+    `texts` and `text_lists` break a sample as they break a line (ManifestError naming the shard and the key); a
+    json that is no record is counted in `skipped`, as iter_webdataset counts it. Nothing grows with the data set.
+    """
+    if not is_shards(data):
+        path = data if isinstance(data, (str, os.PathLike)) else data[0]
+        return stream_manifest(path, required, texts, text_lists, rank, world_size)
+    _check_rank(rank, world_size)
+    urls = shard_urls(data)
+    missing = next((url for url in urls if "://" not in url and not Path(url).is_file()), None)
+    if missing is not None:
+        raise FileNotFoundError(f"shard not found: {missing}")
+    needed = [name for name in required if name != "image"]
+
+    def records() -> Iterator[dict]:
+        for url in urls[rank::world_size]:
+            for record in iter_webdataset(url, skipped=skipped, raw=True):
+                validate_record(record, needed, f"{url}: sample {record['_key']!r}", texts, text_lists)
+                yield record
+
+    return records()
+
+
 # ---------------------------------------------------------------------------------------------
-# Sharding and the resumable writer for long generation jobs
+# Ranks, models, sharding (the generation loop itself: common/generate.py)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -520,138 +609,15 @@ def load_model(loader, name: str, flag: str, **kwargs):
     return load_pretrained(loader, name, flag, use_kernels=False, **kwargs)
 
 
-def shard(records: Sequence[dict], rank: int, world_size: int) -> list[dict]:
-    """Rank `rank`'s share of `records`: every world_size-th record, so the shares cover all once."""
+def _check_rank(rank: int, world_size: int) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+
+
+def shard(records: Sequence[dict], rank: int, world_size: int) -> list[dict]:
+    """Rank `rank`'s share of `records`: every world_size-th record, so the shares cover all once."""
+    _check_rank(rank, world_size)
     return list(records[rank::world_size])
-
-
-def rank_path(path: str | os.PathLike, rank: int, world_size: int) -> Path:
-    """Where rank `rank` writes: `out.jsonl` itself for one process, `out.rank3-of-8.jsonl` otherwise."""
-    path = Path(path)
-    return path if world_size == 1 else path.with_name(f"{path.stem}.rank{rank}-of-{world_size}{path.suffix}")
-
-
-class ResumableJSONLWriter:
-    """Append-only JSONL output for generation jobs that may be killed at any time.
-
-    Each finished sample is one line, flushed (and fsynced) before `write` returns, so a kill
-    loses at most the sample in flight. On open, the lines already there are read: their ids go
-    into `done` (skip them), and a truncated last line, the mark of a crash mid-write, is cut off
-    and counted in `dropped_partial`. A bad line anywhere else is not a crash but corruption, and
-    is an error naming the line.
-    """
-
-    def __init__(self, path: str | os.PathLike, key: str = "id", fsync: bool = True):
-        self.path = Path(path)
-        self.key = key
-        self.fsync = fsync
-        self.done: set[str] = set()
-        self.dropped_partial = 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        good_bytes = self._scan()
-        self._handle = open(self.path, "ab")
-        if good_bytes is not None:
-            self._handle.truncate(good_bytes)
-
-    def _scan(self) -> int | None:
-        """Read existing lines; return the length to truncate to if the last line is partial."""
-        if not self.path.exists():
-            return None
-        data = self.path.read_bytes()
-        lines = data.split(b"\n")
-        tail = lines.pop()  # bytes after the last newline: empty unless the last write was cut
-        offset = 0
-        for line_no, raw in enumerate(lines, start=1):
-            if raw.strip():
-                try:
-                    record = json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                    raise ManifestError(f"{self.path}:{line_no}: corrupt line inside the file ({err}); "
-                                        "only a truncated last line can be repaired") from err
-                if not isinstance(record, dict) or self.key not in record:
-                    raise ManifestError(f"{self.path}:{line_no}: a line without {self.key!r}: not this job's output")
-                self.done.add(str(record[self.key]))
-            offset += len(raw) + 1
-        if tail:
-            self.dropped_partial = 1
-            log.warning("%s: dropping a truncated last line (%d bytes) left by an interrupted run", self.path, len(tail))
-            return offset
-        return None
-
-    def write(self, record: dict) -> None:
-        sample = str(record[self.key])
-        if sample in self.done:
-            raise ValueError(f"{self.path}: id {sample!r} written twice")
-        line = json.dumps(_public(record), ensure_ascii=False).encode("utf-8") + b"\n"
-        self._handle.write(line)
-        self._handle.flush()
-        if self.fsync:
-            os.fsync(self._handle.fileno())
-        self.done.add(sample)
-
-    def close(self) -> None:
-        self._handle.close()
-
-    def __enter__(self) -> "ResumableJSONLWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def merge_rank_outputs(path: str | os.PathLike, world_size: int, order: Sequence[str] | None = None) -> Path:
-    """Merge the per-rank files of a finished sharded job into `path` (in `order` of ids if given)."""
-    path = Path(path)
-    if world_size == 1:
-        return path
-    merged: dict[str, dict] = {}
-    for rank in range(world_size):
-        part = rank_path(path, rank, world_size)
-        with ResumableJSONLWriter(part) as check:
-            missing_partial = check.dropped_partial
-        if missing_partial:
-            log.warning("%s had a truncated last line; that sample is missing from the merge", part)
-        for record in read_manifest(part, required=("id",)):
-            merged[str(record["id"])] = record
-    ids = [sample for sample in order if sample in merged] if order is not None else sorted(merged)
-    return write_manifest(path, (merged[sample] for sample in ids))
-
-
-def generate_sharded(records: Sequence[dict], out: str | os.PathLike, batch_size: int, process_batch: Callable,
-                     rank: int = 0, world_size: int = 1, desc: str = "generate") -> dict:
-    """Run `process_batch(records, counts) -> [(record, new fields)]` over this rank's unfinished samples.
-
-    The generation loop every paper's captioning/fusion stage shares: each rank takes its
-    `shard` of `records` and appends to its own `rank_path(out)`, one flushed line per sample, so a
-    killed job resumes where it stopped (finished ids are skipped); local image paths are
-    re-rooted at the output's folder (URLs and records without an image are left as they are). With several ranks (torch.distributed initialised), the counts are summed
-    and rank 0 merges the parts into `out` in input order once all have finished. Returns the counts.
-    """
-    out = Path(out)
-    mine = shard(records, rank, world_size)
-    counts: Counter = Counter()
-    with ResumableJSONLWriter(rank_path(out, rank, world_size)) as writer:
-        todo = [r for r in mine if str(r["id"]) not in writer.done]
-        counts["already_done"] = len(mine) - len(todo)
-        for start in tqdm(range(0, len(todo), batch_size), desc=desc, disable=rank != 0):
-            for record, fields in process_batch(todo[start:start + batch_size], counts):
-                # a local image path is relative to the manifest's folder: re-root it at the output's;
-                # a URL, or no image at all (text-only jobs such as caption fusion), stays as it is
-                image = record.get("image")
-                if isinstance(image, str) and "://" not in image:
-                    fields = {"image": os.path.relpath(image_path(record).resolve(), out.resolve().parent), **fields}
-                writer.write({**record, **fields})
-                counts["written"] += 1
-    if world_size > 1:
-        parts = [None] * world_size
-        dist.all_gather_object(parts, dict(counts))
-        counts = sum((Counter(part) for part in parts), Counter())
-        if rank == 0:
-            merge_rank_outputs(out, world_size, order=[str(r["id"]) for r in records])
-        dist.barrier()
-    return dict(counts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -915,14 +881,9 @@ def index_shards(urls: Sequence[str | os.PathLike], folder: str | os.PathLike,
 
 def index_data(data: str | Sequence[str], folder: str | os.PathLike | None = None) -> Columns:
     """A manifest (`x.jsonl`) or webdataset shards (`x.tar`, a list, or a `{000..009}` brace pattern) as Columns."""
-    urls = [data] if isinstance(data, str) else list(data)
-    if len(urls) == 1 and not urls[0].endswith(".tar"):
-        return index_manifest(urls[0], folder)
-    expanded = []
-    for url in urls:
-        match = re.fullmatch(r"(.*)\{(\d+)\.\.(\d+)\}(.*)", url)
-        expanded += ([f"{match[1]}{i:0{len(match[2])}d}{match[4]}" for i in range(int(match[2]), int(match[3]) + 1)]
-                     if match else [url])
+    if not is_shards(data):
+        return index_manifest(str(data) if isinstance(data, str) else data[0], folder)
+    expanded = shard_urls(data)
     return index_shards(expanded, folder or Path(expanded[0]).with_name(Path(expanded[0]).stem + ".index"))
 
 
@@ -937,3 +898,12 @@ def open_row_image(columns: Columns, row: int) -> Image.Image:
         except OSError as err:
             raise BadSampleError(f"sample {sample!r}: cannot read its bytes in {image['shard']} ({err})") from err
     return open_image(image_source({"id": sample, "image": image, "_root": columns.root}), sample)
+
+
+def __getattr__(name: str):
+    # for capsfusion.py and altogether.py until they import these from common.generate, where they now live
+    if name in ("generate_sharded", "rank_path"):
+        from common import generate
+
+        return getattr(generate, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,7 +19,8 @@ from PIL import Image
 import veclip
 from common import clip_train
 from common.clip_train import ImageRows, StepBatches, TrainConfig, encode_images, encode_texts, retrieval_metrics
-from common.data import BadSampleError, ResumableJSONLWriter, index_manifest, read_manifest, write_manifest
+from common.data import BadSampleError, index_manifest, read_manifest, write_manifest, write_webdataset_shard
+from common.generate import ResumableJSONLWriter
 from common.miniature import WorldConfig, ensure_world, zero_shot_tasks
 from realarch import run_torchrun, save_hf, serve_open_clip_tag
 
@@ -418,6 +419,42 @@ def test_fuse_stage_asks_vicuna_the_left_padded_fusion_prompt_and_decodes_greedi
     assert calls[-1]["input_ids"][0].tolist().count(tokenizer.bos_token_id) == 1
 
 
+def test_vec_and_fuse_stream_shards_into_shards_with_the_manifests_captions(world, tiny_models, tmp_path):
+    """--data shards/{000..001}.tar: vec writes one output shard per input shard, named as it (the PNG bytes as they
+    were, the VeC added to each json); fuse reads those and writes its own. The captions are the manifest runs'."""
+    pytest.importorskip("webdataset")
+    import tarfile
+
+    records = read_manifest(world / "val.jsonl")
+    samples = [{**{k: v for k, v in r.items() if k not in ("_root", "image")},
+                "image": Image.open(world / r["image"]).convert("RGB")} for r in records]
+    for s in range(2):
+        write_webdataset_shard(tmp_path / "in" / f"{s:03d}.tar", samples[2 * s:2 * s + 2])
+    flags = ["--gen-batch-size", "2", "--max-new-tokens", "4", "--device", "cpu"]
+    vec, fuse = ["vec", "--vlm", str(tiny_models / "vlm"), *flags], ["fuse", "--llm", str(tiny_models / "llm"), *flags]
+    veclip.main(vec + ["--data", str(world / "val.jsonl"), "--out", str(tmp_path / "vec.jsonl")])
+    veclip.main(fuse + ["--data", str(tmp_path / "vec.jsonl"), "--out", str(tmp_path / "fused.jsonl")])
+    shards = str(tmp_path / "in" / "{000..001}.tar")
+    counts = veclip.main(vec + ["--data", shards, "--out", str(tmp_path / "vec_shards")])
+    assert (counts["shards_written"], counts["written"], counts.get("left_out")) == (2, 4, None)
+    fuse_shards = fuse + ["--data", str(tmp_path / "vec_shards" / "{000..001}.tar"), "--out", str(tmp_path / "fused")]
+    assert veclip.main(fuse_shards)["shards_written"] == 2
+    expected = {r["id"]: r for r in read_manifest(tmp_path / "fused.jsonl")}
+    assert any(r["vec"] for r in expected.values())  # captions are compared, not empty strings
+    for s in range(2):
+        with tarfile.open(tmp_path / "in" / f"{s:03d}.tar") as before, \
+                tarfile.open(tmp_path / "fused" / f"{s:03d}.tar") as after:
+            assert before.getnames() == after.getnames()
+            for name in before.getnames():
+                old, new = before.extractfile(name).read(), after.extractfile(name).read()
+                if name.endswith(".png"):
+                    assert new == old
+                else:
+                    meta, manifest = json.loads(new), expected[json.loads(old)["id"]]
+                    assert meta == {**json.loads(old), **{k: manifest[k] for k in ("vec", "llm_vec", "llm_vec_fallback")}}
+    assert veclip.main(fuse_shards) == {"shards_already_done": 2}
+
+
 def test_missing_weights_name_the_flag(world, tiny_models, tmp_path):
     with_vec = write_manifest(tmp_path / "vec.jsonl", [{**r, "vec": "a cat"} for r in read_manifest(world / "val.jsonl")])
     with pytest.raises(RuntimeError, match="--llm"):
@@ -547,7 +584,7 @@ def test_pretrained_tag_runs_with_the_tags_settings(world, tmp_path, monkeypatch
     # one step from the tag: its checkpoint is evaluated as the QuickGELU model it was trained as
     veclip.main(["train", *tag, "--data", str(world / "train.jsonl"), "--out", str(tmp_path / "ft"),
                  "--batch-size", "4", "--steps", "1", "--warmup", "1", "--llm-vec-field", "fused", "--kernel", "torch"])
-    model, _, _ = veclip.load_checkpoint(tmp_path / "ft" / "checkpoint.pt")
+    model, _, _, _ = veclip.load_checkpoint(tmp_path / "ft" / "checkpoint.pt")
     reference.load_state_dict(torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)["state_dict"])
     with torch.no_grad():
         assert torch.allclose(model.eval().encode_image(pixels), reference.encode_image(pixels), atol=1e-5)
