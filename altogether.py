@@ -115,8 +115,10 @@ from common.clip_score import CLIP_S_WEIGHT, encode_texts, load_clip, score_from
 from common.clip_train import (MINIATURE_MODEL, SCORER_TRAINING, TrainConfig, assert_finite_state, cosine_lr,
                                ensure_miniature_scorer, save_checkpoint)
 from common.data import (BadSampleError, ManifestError, SkipCounter, atomic_write_text, check_device,
-                         generate_sharded, init_distributed, load_model, load_pretrained, open_record_image, rank_path,
-                         read_manifest, run_command, shown, text_problem)
+                         init_distributed, load_model, load_pretrained, open_record_image, read_manifest, run_command,
+                         shown, text_problem)
+from common.degenerate import DegenerateCounter
+from common.generate import check_resumable, generate_sharded, pending, recipe_changes
 from common.miniature import WorldConfig, alt_text, ensure_world, hallucinated_words, names_kept
 
 log = logging.getLogger("altogether")
@@ -497,12 +499,6 @@ def recipe_of(args: Args, stage: str, records: list[dict]) -> dict:
             "data": f"{len(records)} records, sha256 {digest.hexdigest()[:16]}"}
 
 
-def recipe_changes(found: dict, wanted: dict) -> str:
-    """The settings where a stored recipe and this run's differ, as flags: "--lr 0.001 there, 0.002 now"."""
-    return ", ".join(f"--{key.replace('_', '-')} {found.get(key)!r} there, {wanted.get(key)!r} now"
-                     for key in sorted(set(found) | set(wanted)) if found.get(key) != wanted.get(key))
-
-
 # =============================================================================================
 # Image embeddings, training
 # =============================================================================================
@@ -832,30 +828,14 @@ def caption_recipe(args: Args) -> dict:
     return {name: getattr(args, name) for name in names}
 
 
-def check_resumable(out: str, recipe: dict, rank: int, world_size: int) -> None:
-    """Resume `out` only if it was generated with `recipe`, which is kept beside it in <out>.recipe.json.
-
-    A resumed job skips the ids already written, so an output of other settings (another field, checkpoint,
-    decoding) would pass for this run's: it is refused, naming them, as is an output without a recipe.
-    """
-    path = Path(f"{out}.recipe.json")
-    # the outputs before the recipe: rank 0 writes the recipe before its first line, so no rank misreads a fresh run
-    started = any(p.exists() for p in {Path(out), *(rank_path(out, r, world_size) for r in range(world_size))})
-    found = json.loads(path.read_text()) if path.exists() else None
-    if started and found is None:
-        raise ManifestError(f"{out} exists without {path.name}, so its settings are unknown; pass a new --out")
-    if started and found != recipe:
-        raise ManifestError(f"{out} holds output of other settings ({recipe_changes(found, recipe)}); pass a new "
-                            "--out to generate with these")
-    if rank == 0 and found != recipe:
-        atomic_write_text(path, json.dumps(recipe, indent=2))
-
-
-def caption_records(args: Args, records: list[dict], captioner: Captioner, tokenizer, encoder) -> dict:
-    """Write every record with `caption_field` added; each rank appends its share, a restart skips done ids."""
+def caption_records(args: Args, data, captioner: Captioner, tokenizer, encoder) -> dict:
+    """Write every record of `data` (--data streamed: a manifest or shards; or a list) with `caption_field` added;
+    each rank appends its share, a restart goes on after the last sample written. A degenerate caption
+    (common.degenerate) is written and flagged: `degenerate` holds the reason, counted in `degenerate`."""
     rank, world_size, device = init_distributed(args.device)
     captioner.to(device).eval()
     torch.manual_seed(args.seed + rank)
+    counter = DegenerateCounter()
 
     def process_batch(batch: list[dict], counts: Counter) -> list[tuple[dict, dict]]:
         img_emb, readable = embed_records(encoder, batch, args.strict, batch_size=len(batch), progress=False)
@@ -866,25 +846,43 @@ def caption_records(args: Args, records: list[dict], captioner: Captioner, token
         prompts = [inference_prompt(r, args.alt_field) if args.use_alt else "" for r in kept]
         captions = generate_captions(captioner, tokenizer, img_emb[readable], prompts, args)
         counts["empty_captions"] += sum(not caption for caption in captions)
-        return [(record, {args.caption_field: caption}) for record, caption in zip(kept, captions)]
+        results = []
+        for record, caption in zip(kept, captions):
+            fields, reason = {args.caption_field: caption}, counter.check(caption, sample=record["id"])
+            if reason is not None:  # written, not dropped: the next stage (or a person) decides
+                counts["degenerate"] += 1
+                fields["degenerate"] = reason
+            results.append((record, fields))
+        return results
 
-    counts = generate_sharded(records, args.out, args.gen_batch_size, process_batch, rank, world_size, "caption")
-    log.info("caption: %s -> %s", counts, args.out)
+    counts = generate_sharded(data, args.out, args.gen_batch_size, process_batch, rank, world_size, "caption",
+                              required=("id", "image"))
+    if world_size > 1:  # every rank's degenerate captions in rank 0's line
+        summaries = [None] * world_size
+        dist.all_gather_object(summaries, counter.summary())
+        for other, summary in enumerate(summaries):
+            if other != rank:
+                counter.merge(summary)
+    if rank == 0:
+        log.info("caption: %s -> %s", counts, args.out)
+        if counter.checked:
+            (log.warning if counter.degenerate else log.info)(counter.line("generated captions", "flagged"))
     return counts
 
 
 def stage_caption(args: Args) -> dict:
-    records = read_manifest(args.data)
-    for record in records if args.use_alt else []:  # every prompt checked before the checkpoint loads
-        alt_texts_of(record, args.alt_field)
+    """Caption --data (a manifest or shards, streamed) with --checkpoint, into --out."""
     rank, world_size, device = init_distributed(args.device)
-    check_resumable(args.out, caption_recipe(args), rank, world_size)
+    if args.use_alt:  # this rank's prompts still to do, checked (streamed) before the checkpoint loads
+        for record in pending(args.data, args.out, rank, world_size, required=("id", "image")):
+            alt_texts_of(record, args.alt_field)
+    check_resumable(args.data, args.out, caption_recipe(args), rank, world_size)
     payload = load_checkpoint(args.checkpoint)
     captioner, tokenizer = captioner_from_checkpoint(payload)
     args = dataclasses.replace(args, device=device)  # each rank's encoder on its own GPU
     torch.manual_seed(0)  # a random-weight encoder (tests) is the seeded one training used
     encoder = load_clip(payload["clip_model"], payload["clip_pretrained"], args.device)
-    return caption_records(args, records, captioner, tokenizer, encoder)
+    return caption_records(args, args.data, captioner, tokenizer, encoder)
 
 
 # =============================================================================================

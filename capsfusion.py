@@ -123,8 +123,10 @@ from common.clip_train import (MINIATURE_MODEL, ImageRows, TrainConfig, assert_f
                                evaluate_world, encode_images, encode_texts, preprocess_images, retrieval_metrics,
                                save_checkpoint, texts_of, train_clip, usable_rows)
 from common.data import (BadSampleError, Columns, ManifestError, SkipCounter, atomic_write_text, check_device,
-                         generate_sharded, index_data, index_manifest, init_distributed, load_model,
-                         load_pretrained, open_record_image, rank_path, read_manifest, run_command, text_problem)
+                         index_data, index_manifest, init_distributed, load_model, load_pretrained, open_record_image,
+                         read_manifest, run_command, text_problem)
+from common.degenerate import DegenerateCounter
+from common.generate import check_resumable, generate_sharded, pending, recipe_changes
 from common.miniature import WorldConfig, ensure_world, hallucinated_words, names_kept
 
 log = logging.getLogger("capsfusion")
@@ -345,46 +347,45 @@ def weights_dtype(args: Args, device: str) -> torch.dtype:
     return getattr(torch, args.gen_dtype) if device.startswith("cuda") else torch.float32
 
 
-def recipe_changes(found: dict, wanted: dict) -> str:
-    """The settings where a stored recipe and this run's differ, as flags: "--num-beams 3 there, 1 now"."""
-    return ", ".join(f"--{key.replace('_', '-')} {found.get(key)!r} there, {wanted.get(key)!r} now"
-                     for key in sorted(set(found) | set(wanted)) if found.get(key) != wanted.get(key))
-
-
 def generation_recipe(args: Args, device: str, names: tuple[str, ...]) -> dict:
     """What decides a generation stage's output: --data, the Args `names`, the weights' dtype on `device`."""
     dtype = str(weights_dtype(args, device)).removeprefix("torch.")
     return {"data": args.data, **{name: getattr(args, name) for name in names}, "gen_dtype": dtype}
 
 
-def check_resumable(out: str, recipe: dict, rank: int, world_size: int) -> None:
-    """Resume `out` only if it was generated with `recipe`, which is kept beside it in <out>.recipe.json.
+def run_generation(args: Args, data, process_batch, required: tuple[str, ...],
+                   counter: DegenerateCounter) -> dict:
+    """Run `process_batch(records, counts) -> [(record, new fields)]` over this rank's unfinished samples of `data`
+    (--data: a manifest or shards, streamed; or a list of records).
 
-    A resumed job skips the ids already written, so an output of other settings (another field, model, beam
-    count) would pass for this run's: it is refused, naming them, as is an output without a recipe.
-    """
-    path = Path(f"{out}.recipe.json")
-    # the outputs before the recipe: rank 0 writes the recipe before its first line, so no rank misreads a fresh run
-    started = any(p.exists() for p in {Path(out), *(rank_path(out, r, world_size) for r in range(world_size))})
-    found = json.loads(path.read_text()) if path.exists() else None
-    if started and found is None:
-        raise ManifestError(f"{out} exists without {path.name}, so its settings are unknown; pass a new --out")
-    if started and found != recipe:
-        raise ManifestError(f"{out} holds output of other settings ({recipe_changes(found, recipe)}); pass a new "
-                            "--out to generate with these")
-    if rank == 0 and found != recipe:
-        atomic_write_text(path, json.dumps(recipe, indent=2))
-
-
-def run_generation(args: Args, records: list[dict], process_batch) -> dict:
-    """Run `process_batch(records, counts) -> [(record, new fields)]` over this rank's unfinished samples.
-
-    common.data.generate_sharded does the work: one resumable file per rank, merged in input order.
+    common.generate.generate_sharded does the work: one resumable file per rank, merged in input order, or one
+    output shard per input shard in the folder --out. The degenerate captions of every rank are in the counts
+    (`degenerate`, flagged, not dropped) and in one warning line, `counter` holding every rank's.
     """
     rank, world_size, _ = init_distributed(args.device)
-    counts = generate_sharded(records, args.out, args.gen_batch_size, process_batch, rank, world_size, args.stage)
-    log.info("%s: %s -> %s", args.stage, counts, args.out)
+    counts = generate_sharded(data, args.out, args.gen_batch_size, process_batch, rank, world_size, args.stage,
+                              required=required)
+    if world_size > 1:
+        summaries = [None] * world_size
+        dist.all_gather_object(summaries, counter.summary())
+        for other, summary in enumerate(summaries):
+            if other != rank:
+                counter.merge(summary)
+    if rank == 0:
+        log.info("%s: %s -> %s", args.stage, counts, args.out)
+        if counter.checked:
+            (log.warning if counter.degenerate else log.info)(counter.line("generated captions", "flagged"))
     return counts
+
+
+def flagged(fields: dict, caption, record: dict, counter: DegenerateCounter, counts: Counter) -> dict:
+    """`fields` with `degenerate` (the reason) added when the generated `caption` is degenerate, counted: a
+    degenerate caption is written, not dropped, so the next stage (or a person) decides."""
+    reason = counter.check(caption, sample=record["id"])
+    if reason is None:
+        return fields
+    counts["degenerate"] += 1
+    return {**fields, "degenerate": reason}
 
 
 def generate(model, inputs, num_beams: int, max_new_tokens: int, **options) -> torch.Tensor:
@@ -398,12 +399,16 @@ def generate(model, inputs, num_beams: int, max_new_tokens: int, **options) -> t
     return output
 
 
-def stage_caption(args: Args, records: list[dict]) -> dict:
-    """Step 1 (caption generation): a synthetic caption for every readable image, written as `synthetic_field`."""
+def stage_caption(args: Args, data=None) -> dict:
+    """Step 1 (caption generation): a synthetic caption for every readable image, written as `synthetic_field`.
+
+    `data`: --data (a manifest or shards, streamed) unless given (a list of records). A degenerate caption
+    (common.degenerate) is written and flagged: `degenerate` holds the reason, counted in the counts."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    data = args.data if data is None else data
     rank, world_size, device = init_distributed(args.device)
-    check_resumable(args.out, generation_recipe(args, device, ("captioner", "caption_prompt", "caption_beams",
+    check_resumable(data, args.out, generation_recipe(args, device, ("captioner", "caption_prompt", "caption_beams",
                                                                "caption_max_new_tokens", "synthetic_field")),
                     rank, world_size)
     remote = {"trust_remote_code": args.trust_remote_code}
@@ -417,7 +422,7 @@ def stage_caption(args: Args, records: list[dict]) -> dict:
     if prompt is not None and getattr(processor, "chat_template", None):
         turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         prompt = processor.apply_chat_template(turn, add_generation_prompt=True)
-    skipped = SkipCounter()
+    skipped, counter = SkipCounter(), DegenerateCounter()
 
     def process_batch(batch: list[dict], counts: Counter):
         kept, images = [], []
@@ -437,9 +442,10 @@ def stage_caption(args: Args, records: list[dict]) -> dict:
         new = generate(model, inputs, args.caption_beams, args.caption_max_new_tokens)
         captions = [first_line(text) for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
         counts["empty_captions"] += sum(not caption for caption in captions)
-        return [(record, {args.synthetic_field: caption}) for record, caption in zip(kept, captions)]
+        return [(record, flagged({args.synthetic_field: caption}, caption, record, counter, counts))
+                for record, caption in zip(kept, captions)]
 
-    return run_generation(args, records, process_batch)
+    return run_generation(args, data, process_batch, ("id", "image"), counter)
 
 
 def load_fuser(name: str, flag: str, args: Args, device: str, dtype: torch.dtype):
@@ -454,18 +460,24 @@ def load_fuser(name: str, flag: str, args: Args, device: str, dtype: torch.dtype
     return tokenizer, model
 
 
-def stage_fuse(args: Args, records: list[dict]) -> dict:
-    """Steps 2-3 at inference: the fused caption of each (raw, synthetic) pair, as `out_field` + `<out_field>_source`."""
-    for record in records:  # every input checked before the LLM loads, not hours into the run
+def stage_fuse(args: Args, data=None) -> dict:
+    """Steps 2-3 at inference: the fused caption of each (raw, synthetic) pair, as `out_field` + `<out_field>_source`.
+
+    `data`: --data (a manifest or shards, streamed) unless given (a list of records: the miniature run). An LLM
+    answer that is degenerate (common.degenerate) is written and flagged: `degenerate` holds the reason, counted."""
+    data = args.data if data is None else data
+    rank, world_size, device = init_distributed(args.device)
+    # this rank's inputs still to do, checked (streamed) before the LLM loads, not hours into the run
+    for record in pending(data, args.out, rank, world_size, required=("id",)):
         for field in (args.raw_field, args.synthetic_field):
             caption_text(record, field)
-    rank, world_size, device = init_distributed(args.device)
-    check_resumable(args.out, generation_recipe(args, device, ("llm", "raw_field", "synthetic_field", "out_field",
+    check_resumable(data, args.out, generation_recipe(args, device, ("llm", "raw_field", "synthetic_field", "out_field",
                                                                "max_prompt_tokens", "num_beams", "max_new_tokens")),
                     rank, world_size)
     tokenizer, model = load_fuser(args.llm, "--llm", args, device, weights_dtype(args, device))
     model.eval()
     tokenizer.padding_side = "left"  # a decoder-only model continues from the right end
+    counter = DegenerateCounter()
 
     def process_batch(batch: list[dict], counts: Counter):
         results, prompts, asked = {}, [], []
@@ -492,11 +504,12 @@ def stage_fuse(args: Args, records: list[dict]) -> dict:
             for (position, record, synthetic), answer in zip(asked, tokenizer.batch_decode(new, skip_special_tokens=True)):
                 fused = first_line(answer)
                 counts["empty_answers"] += not fused
-                results[position] = (record, {args.out_field: fused or synthetic,
-                                              f"{args.out_field}_source": "llm" if fused else "synthetic"})
+                fields = {args.out_field: fused or synthetic, f"{args.out_field}_source": "llm" if fused else "synthetic"}
+                # an empty answer fell back to the synthetic caption (counted above): the LLM's answers are checked
+                results[position] = (record, flagged(fields, fused, record, counter, counts) if fused else fields)
         return [results[position] for position in sorted(results)]  # input order
 
-    return run_generation(args, records, process_batch)
+    return run_generation(args, data, process_batch, ("id",), counter)
 
 
 # =============================================================================================
@@ -952,12 +965,11 @@ def main(argv=None) -> dict:
                 write_benchmark_results([row for points in result["curves"].values() for point in points
                                          for row in point["benchmarks"]], args.out)
         return result
-    # fusion is text only: sft, fuse and eval read triplet files without images
-    records = read_manifest(args.data, required=("id", "image") if args.stage == "caption" else ("id",))
-    if args.stage == "caption":
-        return stage_caption(args, records)
+    if args.stage == "caption":  # caption and fuse stream --data (a manifest or shards)
+        return stage_caption(args)
     if args.stage == "fuse":
-        return stage_fuse(args, records)
+        return stage_fuse(args)
+    records = read_manifest(args.data, required=("id",))  # fusion is text only: sft and eval read triplets without images
     if args.stage == "sft":
         return stage_sft(args, records)
     return stage_eval(args, records)

@@ -898,12 +898,3 @@ def open_row_image(columns: Columns, row: int) -> Image.Image:
         except OSError as err:
             raise BadSampleError(f"sample {sample!r}: cannot read its bytes in {image['shard']} ({err})") from err
     return open_image(image_source({"id": sample, "image": image, "_root": columns.root}), sample)
-
-
-def __getattr__(name: str):
-    # for capsfusion.py and altogether.py until they import these from common.generate, where they now live
-    if name in ("generate_sharded", "rank_path"):
-        from common import generate
-
-        return getattr(generate, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -39,8 +39,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from common.data import (REQUIRED_FIELDS, ManifestError, SkipCounter, _check_rank, _parse_line, _public, image_path,
-                         is_shards, shard_urls, stream_manifest, stream_records, validate_record)
+from common.data import (REQUIRED_FIELDS, ManifestError, SkipCounter, _check_rank, _parse_line, _public, atomic_write_text,
+                         image_path, is_shards, shard_urls, stream_manifest, stream_records, validate_record)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,54 @@ def rank_path(path: str | os.PathLike, rank: int, world_size: int) -> Path:
     """Where rank `rank` writes: `out.jsonl` itself for one process, `out.rank3-of-8.jsonl` otherwise."""
     path = Path(path)
     return path if world_size == 1 else path.with_name(f"{path.stem}.rank{rank}-of-{world_size}{path.suffix}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe of a resumable output: resume only what these settings wrote
+# ---------------------------------------------------------------------------------------------
+
+
+def recipe_changes(found: dict, wanted: dict) -> str:
+    """The settings where a stored recipe and this run's differ, as flags: "--num-beams 3 there, 1 now"."""
+    return ", ".join(f"--{key.replace('_', '-')} {found.get(key)!r} there, {wanted.get(key)!r} now"
+                     for key in sorted(set(found) | set(wanted)) if found.get(key) != wanted.get(key))
+
+
+def recipe_path(data, out: str | os.PathLike) -> Path:
+    """Where the recipe of `out` lives: `<out>.recipe.json` beside a manifest, `<out>/recipe.json` inside the folder
+    of output shards (shards in)."""
+    return Path(out) / "recipe.json" if _is_path(data) and is_shards(data) else Path(f"{out}.recipe.json")
+
+
+def _started(data, out: str | os.PathLike, world_size: int) -> bool:
+    """Whether `out` holds any output yet: the merged manifest or a rank file; for shards, anything in the folder
+    but the recipe (a finished or a partial shard)."""
+    out = Path(out)
+    if _is_path(data) and is_shards(data):
+        return out.is_dir() and any(p.name != "recipe.json" for p in out.iterdir())
+    return any(p.exists() for p in {out, *(rank_path(out, r, world_size) for r in range(world_size))})
+
+
+def check_resumable(data, out: str | os.PathLike, recipe: dict, rank: int = 0, world_size: int = 1,
+                    hint: str = "pass a new --out") -> None:
+    """Resume `out` only if it was generated with `recipe` (a JSON-ready dict of the settings that decide the
+    output), which is kept with it (`recipe_path`).
+
+    A resumed job passes over the samples already written, so an output of other settings (another field, model,
+    decoding) would pass for this run's: it is refused, naming them (`recipe_changes`), as is an output without a
+    recipe. `hint` ends both errors. Call it on every rank before the model loads; rank 0 writes the recipe.
+    """
+    path = recipe_path(data, out)
+    # the outputs before the recipe: rank 0 writes the recipe before its first line, so no rank misreads a fresh run
+    started = _started(data, out, world_size)
+    found = json.loads(path.read_text()) if path.exists() else None
+    if started and found is None:
+        raise ManifestError(f"{out} exists without {path.name}, so its settings are unknown; {hint}")
+    if started and found != recipe:
+        raise ManifestError(f"{out} holds output of other settings ({recipe_changes(found, recipe)}); {hint} to "
+                            "generate with these")
+    if rank == 0 and found != recipe:
+        atomic_write_text(path, json.dumps(recipe, indent=2))
 
 
 # ---------------------------------------------------------------------------------------------
