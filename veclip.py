@@ -99,13 +99,14 @@ from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 from tqdm.auto import tqdm
 
 from common.benchmarks import check_benchmarks, evaluate_benchmarks, write_benchmark_results
-from common.cli import parse, preset_help
+from common.cli import check_ranges, parse, preset_help
 from common.clip_score import tag_settings
 from common.clip_train import (MINIATURE_MODEL, ImageRows, TrainConfig, create_clip, encode_images, encode_texts,
                                preprocess_images, retrieval_metrics, train_clip, usable_rows, zero_shot_accuracy)
 from common.data import (BadSampleError, Columns, ManifestError, SkipCounter, atomic_write_text, check_device,
                          index_data, index_manifest, init_distributed, load_model, load_pretrained, open_record_image,
                          read_manifest, run_command, shown, text_problem)
+from common.degenerate import DegenerateCounter
 from common.generate import generate_sharded, pending
 from common.miniature import WorldConfig, ensure_world, zero_shot_tasks
 
@@ -336,16 +337,34 @@ def generate(model, tokenizer, inputs, max_new_tokens: int) -> list[str]:
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-def run_generation(args: Args, process_batch) -> dict:
+def run_generation(args: Args, process_batch, counter: DegenerateCounter | None = None, what: str = "captions") -> dict:
     """Run `process_batch(records, counts) -> [(record, new fields)]` over this rank's unfinished samples of --data.
 
     common.generate.generate_sharded does the work, streaming --data (a manifest, or shards): one resumable file
-    per rank, merged in input order, or one output shard per input shard in the folder --out.
+    per rank, merged in input order, or one output shard per input shard in the folder --out. `counter`: the
+    stage's degenerate-caption counter, whose line (every rank's counts merged) is logged once at the end.
     """
     rank, world_size, _ = init_distributed(args.device)
     counts = generate_sharded(args.data, args.out, args.gen_batch_size, process_batch, rank, world_size, args.stage)
+    if counter is not None:
+        if world_size > 1:  # every rank's examples and counts in the one line
+            parts = [None] * world_size
+            dist.all_gather_object(parts, counter.summary())
+            counter = DegenerateCounter()
+            for part in parts:
+                counter.merge(part)
+        if rank == 0 and counter.checked:
+            log.warning("%s: %s", args.stage, counter.line(what, 'written, flagged "degenerate"'))
     log.info("%s: %s -> %s", args.stage, counts, args.out)
     return counts
+
+
+def flag_degenerate(counter: DegenerateCounter, caption: str, sample, counts: Counter, key: str) -> dict:
+    """The guard on a generated caption: `{"degenerate": reason}` (None for a usable caption), counted under `key`.
+    A degenerate caption is written, flagged, not dropped: the stage's output keeps every sample."""
+    reason = counter.check(caption, sample=sample)
+    counts[key] += reason is not None
+    return {"degenerate": reason}
 
 
 def gen_dtype(args: Args, device: str) -> torch.dtype:
@@ -363,7 +382,7 @@ def stage_vec(args: Args) -> dict:
     model = load_model(AutoModelForImageTextToText, args.vlm, "--vlm", dtype=gen_dtype(args, device), **remote)
     model.to(device).eval()
     processor.tokenizer.padding_side = "left"  # decoder-only generation continues from the right end
-    prompt, skipped = vlm_prompt(processor), SkipCounter()
+    prompt, skipped, counter = vlm_prompt(processor), SkipCounter(), DegenerateCounter()
 
     def process_batch(batch: list[dict], counts: Counter):
         kept, images = [], []
@@ -380,9 +399,10 @@ def stage_vec(args: Args) -> dict:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         vecs = generate(model, processor.tokenizer, inputs, args.max_new_tokens)  # step 1
         counts["empty_vec"] += sum(not vec for vec in vecs)
-        return [(record, {args.vec_field: vec}) for record, vec in zip(kept, vecs)]
+        return [(record, {args.vec_field: vec, **flag_degenerate(counter, vec, record["id"], counts, "degenerate_vec")})
+                for record, vec in zip(kept, vecs)]
 
-    return run_generation(args, process_batch)
+    return run_generation(args, process_batch, counter, "VeCs")
 
 
 def fusion_inputs(record: dict, args: Args) -> tuple[str, str]:
@@ -413,6 +433,7 @@ def stage_fuse(args: Args) -> dict:
     if tokenizer.pad_token is None:  # Llama tokenizers ship none; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     special = not getattr(tokenizer, "chat_template", None)
+    counter = DegenerateCounter()
 
     def process_batch(batch: list[dict], counts: Counter):
         prompts = []
@@ -427,10 +448,12 @@ def stage_fuse(args: Args) -> dict:
             alt_text, vec = fusion_inputs(record, args)
             llm_vec, fell_back = llm_vec_or_fallback(answer, vec, alt_text)
             counts["refusal_fallbacks"] += fell_back
-            results.append((record, {args.llm_vec_field: llm_vec, f"{args.llm_vec_field}_fallback": fell_back}))
+            # the guard on what is written (a fallback VeC too); it replaces the vec stage's flag of the record
+            flag = flag_degenerate(counter, llm_vec, record["id"], counts, "degenerate_llm_vec")
+            results.append((record, {args.llm_vec_field: llm_vec, f"{args.llm_vec_field}_fallback": fell_back, **flag}))
         return results
 
-    return run_generation(args, process_batch)
+    return run_generation(args, process_batch, counter, "LLM-VeCs")
 
 
 # =============================================================================================
@@ -672,14 +695,22 @@ def run_miniature(args: Args) -> dict:
     return results
 
 
+def check_flags(args: Args) -> None:
+    """Every numeric flag in its range before anything loads or is written (a batch of 0 crashed late, --seeds 0
+    ran nothing), one line naming the flag; a learning rate may be inf, which the training guard stops with its
+    step named (NaN is refused here)."""
+    check_ranges(args, at_least={name: 1 for name in (
+        "gen_batch_size", "max_new_tokens", "max_prompt_tokens", "steps", "batch_size", "checkpoint_every", "seeds")}
+        | {name: 0 for name in ("lr", "weight_decay", "warmup", "workers", "seed")}, fractions=("p_alt",))
+
+
 def main(argv=None) -> dict:
     """Run the stage named by the first argument; return its metrics (train/eval/miniature) or counts (vec/fuse)."""
     args = parse(Args, argv, PRESETS)
+    check_flags(args)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     check_device(args.device)  # before any stage loads weights onto it
-    if not 0.0 <= args.p_alt <= 1.0:
-        raise ValueError(f"--p-alt must be a probability, got {args.p_alt}")
     if args.stage == "miniature":
         return run_miniature(args)
     if args.stage == "eval":

@@ -20,6 +20,7 @@ import veclip
 from common import clip_train
 from common.clip_train import ImageRows, StepBatches, TrainConfig, encode_images, encode_texts, retrieval_metrics
 from common.data import BadSampleError, index_manifest, read_manifest, write_manifest, write_webdataset_shard
+from common.degenerate import degenerate_reason
 from common.generate import ResumableJSONLWriter
 from common.miniature import WorldConfig, ensure_world, zero_shot_tasks
 from realarch import run_torchrun, save_hf, serve_open_clip_tag
@@ -369,8 +370,10 @@ def test_vec_stage_asks_llava_the_vec_prompt_and_decodes_greedily(world, tiny_mo
         expected.append(processor.tokenizer.decode(new, skip_special_tokens=True).strip())
     assert [r["vec"] for r in read_manifest(out)] == expected
     assert any(expected)  # the comparison is between captions, not empty strings
+    degenerate = [degenerate_reason(vec) for vec in expected]  # a random tiny VLM's VeCs: flagged, still written
+    assert [r["degenerate"] for r in read_manifest(out)] == degenerate
     assert counts == {"already_done": 0, "unreadable_images": 1, "empty_vec": sum(not vec for vec in expected),
-                      "written": 4}
+                      "degenerate_vec": sum(reason is not None for reason in degenerate), "written": 4}
 
 
 def test_fuse_stage_asks_vicuna_the_left_padded_fusion_prompt_and_decodes_greedily(world, tiny_models, tmp_path,
@@ -419,6 +422,38 @@ def test_fuse_stage_asks_vicuna_the_left_padded_fusion_prompt_and_decodes_greedi
     assert calls[-1]["input_ids"][0].tolist().count(tokenizer.bos_token_id) == 1
 
 
+def fake_generate(monkeypatch, answers: dict) -> None:
+    """The stage's model call replaced: row i of a batch answers answers[i] (else a usable caption); the models
+    still load, the prompts are still built and tokenised."""
+    def answer(model, tokenizer, inputs, max_new_tokens):
+        return [answers.get(row, f"a blue circle on green grass number {row}") for row in range(len(inputs["input_ids"]))]
+
+    monkeypatch.setattr(veclip, "generate", answer)
+
+
+@pytest.mark.parametrize("stage", ["vec", "fuse"])
+def test_a_degenerate_caption_is_written_flagged_and_counted(stage, world, tiny_models, tmp_path, monkeypatch, caplog):
+    """CoCa's "a 2 2 2 2 2" failure from the VLM (vec) or the LLM (fuse): the sample is still written, with
+    `"degenerate": reason`; the others carry None; the count is in the stage's counts and in one warning line."""
+    records = [{**r, "image": str(world / r["image"]), "vec": "a red circle"} for r in read_manifest(world / "val.jsonl")]
+    write_manifest(tmp_path / "in.jsonl", records)
+    fake_generate(monkeypatch, {1: "a 2 2 2 2 2"})
+    model = ["--vlm", str(tiny_models / "vlm")] if stage == "vec" else ["--llm", str(tiny_models / "llm")]
+    out = tmp_path / "out.jsonl"
+    with caplog.at_level("WARNING", logger="veclip"):
+        counts = veclip.main([stage, "--data", str(tmp_path / "in.jsonl"), "--out", str(out), *model,
+                              "--gen-batch-size", "4", "--max-new-tokens", "4", "--device", "cpu"])
+    field, key = ("vec", "degenerate_vec") if stage == "vec" else ("llm_vec", "degenerate_llm_vec")
+    written = read_manifest(out)
+    assert [r["id"] for r in written] == [r["id"] for r in records]  # flagged, not dropped
+    assert written[1][field] == "a 2 2 2 2 2" and written[1]["degenerate"] == degenerate_reason("a 2 2 2 2 2")
+    assert written[1]["degenerate"].startswith("repeated token: '2'")
+    assert [r["degenerate"] for i, r in enumerate(written) if i != 1] == [None] * 3
+    assert counts[key] == 1 and counts["written"] == 4
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "degenerate" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith(f"{stage}: 1 of 4 ") and "'val-000001'" in lines[0], lines
+
+
 def test_vec_and_fuse_stream_shards_into_shards_with_the_manifests_captions(world, tiny_models, tmp_path):
     """--data shards/{000..001}.tar: vec writes one output shard per input shard, named as it (the PNG bytes as they
     were, the VeC added to each json); fuse reads those and writes its own. The captions are the manifest runs'."""
@@ -451,7 +486,7 @@ def test_vec_and_fuse_stream_shards_into_shards_with_the_manifests_captions(worl
                     assert new == old
                 else:
                     meta, manifest = json.loads(new), expected[json.loads(old)["id"]]
-                    assert meta == {**json.loads(old), **{k: manifest[k] for k in ("vec", "llm_vec", "llm_vec_fallback")}}
+                    assert meta == {**json.loads(old), **{k: manifest[k] for k in ("vec", "llm_vec", "llm_vec_fallback", "degenerate")}}
     assert veclip.main(fuse_shards) == {"shards_already_done": 2}
 
 
@@ -817,6 +852,27 @@ def test_args_defaults_are_the_papers():
     assert len(args.templates) == 80 and (args.templates[0], args.templates[-1]) == ("a bad photo of a {}.",
                                                                                       "a tattoo of the {}.")
     assert args.text_field == "refs"  # every reference caption (Karpathy COCO/Flickr protocol)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "^error: --batch-size must be at least 1, got 0$"),
+    (["--seeds", "0"], "^error: --seeds must be at least 1, got 0$"),
+    (["--steps", "-1"], "^error: --steps must be at least 1, got -1$"),
+    (["--p-alt", "1.5"], r"^error: --p-alt must be in \[0, 1\], got 1.5$"),
+    (["--lr", "nan"], "^error: --lr must be at least 0, got nan$"),
+    (["--gen-batch-size", "0"], "^error: --gen-batch-size must be at least 1, got 0$"),
+    (["--max-new-tokens", "0"], "^error: --max-new-tokens must be at least 1, got 0$"),
+    (["--checkpoint-every", "0"], "^error: --checkpoint-every must be at least 1, got 0$"),
+    (["--warmup", "-1"], "^error: --warmup must be at least 0, got -1$"),
+    (["--workers", "-1"], "^error: --workers must be at least 0, got -1$"),
+])
+@pytest.mark.parametrize("stage", ["miniature", "train"])
+def test_flags_out_of_range_stop_at_start_up_naming_the_flag(stage, flags, message, tmp_path):
+    """Checked before anything loads or is written: one line naming the flag, nothing in --out."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=message):
+        veclip.main([stage, "--data", str(tmp_path / "absent.jsonl"), "--out", str(out), *flags, "--device", "cpu"])
+    assert not out.exists()
 
 
 # ---- nothing silently wrong: a diverged run, a missing device, fields that are not text ----------------
