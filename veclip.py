@@ -16,6 +16,9 @@ Implements (stages over manifests, each named by the first argument):
                           x_alt cut from its end until the prompt fits, x_v always whole; x_l is the
                           answer's caption line after any chat preamble; an answer that starts with a
                           refusal, or holds no caption, falls back: x_l = x_v
+              vec and fuse check what they write with common.degenerate ("a 2 2 2 2 2", loops, blanks):
+              a degenerate caption is written, flagged in the field `degenerate` (its reason, else None),
+              counted (degenerate_vec, degenerate_llm_vec) and reported in one warning line
   3. `train`  (Sec. 3.4)  each draw of sample i: t_i = x_alt,i if u < p else x_l,i, u ~ U(0, 1) fresh
                           per draw; CLIP loss L = (CE(s X Y^T) + CE(s Y X^T)) / 2 over the global batch
   4. `eval`   zero-shot retrieval R@1/5/10 both ways over every reference caption of each image (Karpathy
