@@ -7,6 +7,7 @@ size, and the documented real commands with tiny random weights of the real arch
 files, the open_clip tags), one under torchrun."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -741,3 +742,18 @@ def test_device_cuda_without_cuda_says_so_before_any_weights_load(world, tmp_pat
                          "None", "--out", str(tmp_path / "eval.json"), "--device", "cuda"])
     with pytest.raises(SystemExit, match="^error: the finetune stage starts from stage 1: pass --checkpoint"):
         altogether.main(["finetune", "--data", str(world / "val.jsonl"), "--device", "cpu"])
+
+
+def test_degenerate_captions_are_written_flagged_and_counted(world, finetuned, tmp_path, monkeypatch, caplog):
+    """A captioner looping "a 2 2 2 2 2" is written (not dropped) with `degenerate` naming why, counted in the
+    stage's counts and its warning line."""
+    monkeypatch.setattr(altogether, "generate_captions", lambda captioner, tokenizer, emb, prompts, args:
+                        ["a 2 2 2 2 2"] * len(prompts))
+    argv = ["caption", "--data", str(world / "test.jsonl"), "--out", str(tmp_path / "test.jsonl"),
+            "--checkpoint", str(finetuned), "--gen-batch-size", "5", "--device", "cpu"]
+    with caplog.at_level(logging.WARNING, logger="altogether"):
+        counts = altogether.main(argv)
+    out = read_manifest(tmp_path / "test.jsonl")
+    assert counts["written"] == counts["degenerate"] == len(out) == 12
+    assert all(r["altogether"] == "a 2 2 2 2 2" and r["degenerate"].startswith("repeated token") for r in out)
+    assert "12 of 12 generated captions degenerate, flagged" in caplog.text

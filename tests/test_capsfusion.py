@@ -9,6 +9,7 @@ LLaMA-2-13B's (fp16, as shipped) for `sft` / `fuse`, including `torchrun --nproc
 ViT-B-32 for `scaling`."""
 
 import json
+import logging
 import os
 import re
 import socket
@@ -23,6 +24,7 @@ import torch.multiprocessing as mp
 import capsfusion
 from common.data import (BadSampleError, ManifestError, NonFiniteError, index_manifest, read_manifest,
                          write_manifest)
+from common.generate import check_resumable, recipe_path
 from common.miniature import WorldConfig, ensure_world
 from tests.realarch import run_torchrun, save_hf, serve_open_clip_tag
 
@@ -1125,3 +1127,39 @@ def test_scaling_writes_clip_benchmark_rows_of_every_point(world, tmp_path, monk
     written = [json.loads(line) for line in (tmp_path / "out" / "benchmarks.jsonl").read_text().splitlines()]
     assert written == [point["benchmarks"][0] for point in points]
     assert len({row["pretrained"] for row in written}) == 5  # one row per caption type, named by it
+
+
+def test_degenerate_generated_captions_are_written_flagged_and_counted(world, tiny_llm, tiny_blip, tmp_path, monkeypatch,
+                                                                        caplog):
+    """A captioner or fuser looping "a 2 2 2 2 2" is written (not dropped) with `degenerate` naming why, counted in
+    the stage's counts and its warning line; fuse streams --data and checks it before the LLM loads."""
+    monkeypatch.setattr(capsfusion, "first_line", lambda text: "a 2 2 2 2 2")
+    caption = ["caption", "--data", str(world / "val.jsonl"), "--out", str(tmp_path / "syn.jsonl"), "--captioner",
+               str(tiny_blip), "--caption-max-new-tokens", "2", "--device", "cpu"]
+    with caplog.at_level(logging.WARNING, logger="capsfusion"):
+        counts = capsfusion.main(caption)
+    out = read_manifest(tmp_path / "syn.jsonl")
+    assert counts["written"] == counts["degenerate"] == len(out) == 6
+    assert all(r["synthetic_caption"] == "a 2 2 2 2 2" and r["degenerate"].startswith("repeated token") for r in out)
+    assert "6 of 6 generated captions degenerate, flagged" in caplog.text
+    counts = capsfusion.main(fuse_argv(world / "val.jsonl", tmp_path / "fused.jsonl", tiny_llm))
+    fused = read_manifest(tmp_path / "fused.jsonl")
+    asked = [r for r in fused if r["fused_source"] == "llm"]
+    assert asked and counts["degenerate"] == len(asked) and all(r["degenerate"] and r["fused"] == "a 2 2 2 2 2"
+                                                                for r in asked)
+
+
+def test_recipe_of_shards_out_lives_in_the_output_folder(tmp_path):
+    """Shards in, shards out: --out is a folder, so the recipe is <out>/recipe.json, not a file beside it."""
+    data, out = str(tmp_path / "in" / "{000..001}.tar"), tmp_path / "out"
+    assert recipe_path(data, out) == out / "recipe.json"
+    assert recipe_path(str(tmp_path / "in.jsonl"), tmp_path / "o.jsonl") == tmp_path / "o.jsonl.recipe.json"
+    check_resumable(data, out, {"llm": "a"})
+    assert json.loads((out / "recipe.json").read_text()) == {"llm": "a"}
+    check_resumable(data, out, {"llm": "b"})  # nothing generated yet: the new settings replace it
+    (out / "000.tar").write_bytes(b"")
+    with pytest.raises(ManifestError, match="--llm 'b' there, 'a' now"):
+        check_resumable(data, out, {"llm": "a"})
+    (out / "recipe.json").unlink()
+    with pytest.raises(ManifestError, match="without recipe.json"):
+        check_resumable(data, out, {"llm": "b"})
