@@ -110,7 +110,7 @@ from common.data import (BadSampleError, Columns, ManifestError, SkipCounter, at
                          index_data, index_manifest, init_distributed, load_model, load_pretrained, open_record_image,
                          read_manifest, run_command, shown, text_problem)
 from common.degenerate import DegenerateCounter
-from common.generate import generate_sharded, pending
+from common.generate import check_resumable, generate_sharded, pending
 from common.miniature import WorldConfig, ensure_world, zero_shot_tasks
 
 log = logging.getLogger("veclip")
@@ -375,11 +375,18 @@ def gen_dtype(args: Args, device: str) -> torch.dtype:
     return getattr(torch, args.gen_dtype) if device.startswith("cuda") else torch.float32
 
 
+def generation_recipe(args: Args, names: tuple[str, ...]) -> dict:
+    """What decides a generation stage's output (--data and the Args `names`): a resume of other settings is refused."""
+    return {"data": args.data, **{name: getattr(args, name) for name in names}}
+
+
 def stage_vec(args: Args) -> dict:
     """Step 1: a VeC for every image, written as `vec_field`."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    _, _, device = init_distributed(args.device)
+    rank, world_size, device = init_distributed(args.device)
+    check_resumable(args.data, args.out, generation_recipe(args, ("vlm", "vec_field", "max_new_tokens", "gen_dtype")),
+                    rank, world_size)
     remote = {"trust_remote_code": args.trust_remote_code}
     processor = load_pretrained(AutoProcessor, args.vlm, "--vlm", **remote)
     model = load_model(AutoModelForImageTextToText, args.vlm, "--vlm", dtype=gen_dtype(args, device), **remote)
@@ -425,6 +432,9 @@ def stage_fuse(args: Args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     rank, world_size, device = init_distributed(args.device)
+    check_resumable(args.data, args.out, generation_recipe(args, (
+        "llm", "alt_field", "vec_field", "llm_vec_field", "max_new_tokens", "max_prompt_tokens", "gen_dtype")),
+        rank, world_size)
     # this rank's inputs still to do, checked (streamed) before the LLM loads, not hours into the run
     for record in pending(args.data, args.out, rank, world_size):
         fusion_inputs(record, args)

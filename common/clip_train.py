@@ -362,7 +362,7 @@ def train_clip(model, tokenizer, images, texts_for: TextsFor, cfg: TrainConfig, 
             found = state.get("recipe") or {}
             changed = {k: (found.get(k), recipe.get(k)) for k in sorted(set(found) | set(recipe)) if found.get(k) != recipe.get(k)}
             listing = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in changed.items())
-            raise ValueError(f"{checkpoint} was trained with another recipe ({listing}); use another output folder, "
+            raise ManifestError(f"{checkpoint} was trained with another recipe ({listing}); use another output folder, "
                              "or --no-resume to start afresh")
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])

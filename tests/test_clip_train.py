@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from common.clip_train import (FieldTexts, ScorerTexts, TrainConfig, contrastive_loss, cosine_lr, create_clip,
                                ensure_miniature_scorer, evaluate_world, hard_negative_loss, preprocess_images,
                                retrieval_metrics, swap_accuracy, train_clip, zero_shot_accuracy)
-from common.data import BadSampleError, read_manifest
+from common.data import BadSampleError, ManifestError, read_manifest
 from common.miniature import WorldConfig, ensure_world
 from realarch import assert_same_weights, run_torchrun
 
@@ -257,7 +257,7 @@ def test_resume_from_a_killed_run_is_exact_and_a_changed_recipe_is_refused(world
     assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in straight["history"]], abs=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(model.state_dict().values(),
                                                                resumed_model.state_dict().values()))
-    with pytest.raises(ValueError, match="lr: 0.003 there, 0.001 now"):
+    with pytest.raises(ManifestError, match="lr: 0.003 there, 0.001 now"):  # an expected error: one line, no traceback
         train_clip(resumed_model, tokenizer, images, texts_for, dataclasses.replace(cfg, lr=1e-3),
                    checkpoint=tmp_path / "c.pt", progress=False)
 

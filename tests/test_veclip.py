@@ -19,9 +19,9 @@ from PIL import Image
 import veclip
 from common import clip_train
 from common.clip_train import ImageRows, StepBatches, TrainConfig, encode_images, encode_texts, retrieval_metrics
-from common.data import BadSampleError, index_manifest, read_manifest, write_manifest, write_webdataset_shard
+from common.data import BadSampleError, ManifestError, index_manifest, read_manifest, write_manifest, write_webdataset_shard
 from common.degenerate import degenerate_reason
-from common.generate import ResumableJSONLWriter
+from common.generate import ResumableJSONLWriter, recipe_path
 from common.miniature import WorldConfig, ensure_world, zero_shot_tasks
 from realarch import run_torchrun, save_hf, serve_open_clip_tag
 
@@ -299,9 +299,16 @@ def test_vec_and_fuse_write_resumable_manifests(world, tiny_models, tmp_path, mo
         writer.write({**{k: v for k, v in records[0].items() if k != "_root"}, "image": moved, "vec": "a red circle"})
     with open(vec_out, "ab") as handle:
         handle.write(b'{"id": "val-0000')
-    counts = veclip.main(["vec", "--data", str(world / "val.jsonl"), "--out", str(vec_out),
-                          "--vlm", str(tiny_models / "vlm"), "--gen-batch-size", "2", "--max-new-tokens", "4",
-                          "--device", "cpu"])
+    vec_argv = ["vec", "--data", str(world / "val.jsonl"), "--out", str(vec_out), "--vlm", str(tiny_models / "vlm"),
+                "--gen-batch-size", "2", "--max-new-tokens", "4", "--device", "cpu"]
+    recipe = {"data": str(world / "val.jsonl"), "vlm": str(tiny_models / "vlm"), "vec_field": "vec", "max_new_tokens": 4,
+              "gen_dtype": "bfloat16"}  # what the killed run wrote beside its output
+    with pytest.raises(ManifestError, match="without vec.jsonl.recipe.json"):  # settings unknown: not resumed
+        veclip.main(vec_argv)
+    recipe_path(world / "val.jsonl", vec_out).write_text(json.dumps(recipe))
+    with pytest.raises(ManifestError, match="--vec-field .vec. there, .vec2. now"):  # another field would pass the old samples off as its own
+        veclip.main([*vec_argv, "--vec-field", "vec2"])
+    counts = veclip.main(vec_argv)
     assert counts["already_done"] == 1 and counts["written"] == 3
     vec_records = read_manifest(vec_out)
     assert [r["id"] for r in vec_records] == [r["id"] for r in records]
@@ -320,6 +327,8 @@ def test_vec_and_fuse_write_resumable_manifests(world, tiny_models, tmp_path, mo
     assert counts["refusal_fallbacks"] == 0  # this LLM answers (the mute one below does not)
     assert [r["id"] for r in read_manifest(fused_out)] == [r["id"] for r in records]
     assert veclip.main(argv) == {"already_done": 4}
+    with pytest.raises(ManifestError, match="--llm-vec-field .llm_vec. there, .llm_vec2. now"):
+        veclip.main([*argv, "--llm-vec-field", "llm_vec2"])
     # an LLM that answers nothing: every LLM-VeC falls back to the VeC, counted; with no VeC either, the alt-text
     mute_in, mute_out = tmp_path / "mute_in.jsonl", tmp_path / "mute.jsonl"
     vec_records[1] = {**vec_records[1], "image": str(vec_out.parent / vec_records[1]["image"]), "vec": ""}
