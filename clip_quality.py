@@ -776,7 +776,7 @@ def load_model_spec(spec: str, device: str = "cpu") -> tuple[str, nn.Module, Cal
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, device=device,
                                                                      **tag_settings(name, tag))
     except Exception as err:  # offline or unknown tag: one clear error, no retries
-        raise RuntimeError(f"cannot load open_clip {name!r} with pretrained {tag!r} ({err}); offline, pass a "
+        raise MissingWeightsError(f"cannot load open_clip {name!r} with pretrained {tag!r} ({err}); offline, pass a "
                            "local weights file as NAME@/path/to/weights.bin or one of our .pt checkpoints") from err
     return spec, model.eval(), preprocess
 

@@ -106,9 +106,9 @@ from common.cli import check_ranges, parse, preset_help
 from common.clip_score import tag_settings
 from common.clip_train import (MINIATURE_MODEL, ImageRows, TrainConfig, create_clip, encode_images, encode_texts,
                                preprocess_images, retrieval_metrics, train_clip, usable_rows, zero_shot_accuracy)
-from common.data import (BadSampleError, Columns, ManifestError, SkipCounter, atomic_write_text, check_device,
-                         index_data, index_manifest, init_distributed, load_model, load_pretrained, open_record_image,
-                         read_manifest, run_command, shown, text_problem)
+from common.data import (BadSampleError, Columns, ManifestError, MissingWeightsError, SkipCounter, atomic_write_text,
+                         check_device, index_data, index_manifest, init_distributed, load_model, load_pretrained,
+                         open_record_image, read_manifest, run_command, shown, text_problem)
 from common.degenerate import DegenerateCounter
 from common.generate import check_resumable, generate_sharded, pending
 from common.miniature import WorldConfig, ensure_world, zero_shot_tasks
@@ -482,7 +482,7 @@ def build_clip(args: Args):
         model, _, preprocess = open_clip.create_model_and_transforms(args.model, pretrained=args.pretrained,
                                                                      **tag_settings(args.model, args.pretrained))
     except (RuntimeError, OSError) as err:
-        raise RuntimeError(f"cannot load --pretrained {args.pretrained!r} for --model {args.model}: {err}") from err
+        raise MissingWeightsError(f"cannot load --pretrained {args.pretrained!r} for --model {args.model}: {err}") from err
     return model, preprocess, open_clip.get_tokenizer(args.model)
 
 
