@@ -705,7 +705,7 @@ def test_a_16_bit_png_decodes_as_its_8_bit_copy(tmp_path):
     eight_bit = (gradient >> 8).astype(np.uint8)
     decoded = [open_image(tmp_path / "g16.png"), open_image((tmp_path / "g16.png").read_bytes()),
                open_image(Image.open(tmp_path / "g16.png"))]
-    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    assert Image.open(tmp_path / "g16.png").mode in ("I;16", "I")  # Pillow 10.0 (the lowest allowed) opens it as I
     for image in decoded:
         pixels = np.asarray(image, dtype=np.int64)  # (H, W, 3)
         assert image.mode == "RGB" and np.abs(pixels - eight_bit[..., None]).max() <= 1
