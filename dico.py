@@ -620,7 +620,8 @@ def load_split(args: Args, split: str) -> list[dict]:
     for record in records:
         refs = record.setdefault("refs", [record["caption"]])
         problem = text_problem(refs, "refs", lists=True) or (
-            None if isinstance(refs, list) else f"field 'refs' must be a list of strings, got {shown(refs)}")
+            None if isinstance(refs, list) else f"field 'refs' must be a list of strings, got {shown(refs)}") or (
+            None if isinstance(record["image"], str) else f"field 'image' must be a path, got {shown(record['image'])}")
         if problem:
             raise ManifestError(f"{source} (id {record['id']!r}): {problem}")
     return records

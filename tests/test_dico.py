@@ -1025,3 +1025,16 @@ def test_the_command_line_ends_expected_errors_with_one_line(tmp_path):
         done = subprocess.run([sys.executable, dico.__file__, *flags, "--out", str(tmp_path / "run")],
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 1 and done.stderr.strip().splitlines() == [line], done.stderr[-2000:]
+
+
+def test_an_image_field_that_is_not_a_path_is_refused_naming_the_sample(scorer, tmp_path):
+    """`image: 123` crashed XE with a TypeError naming no sample."""
+    def number(split, records):
+        if split == "train":
+            records[1]["image"] = 123
+        return records
+
+    data = world_manifests(tmp_path, number)
+    sample = read_manifest(tmp_path / "train.jsonl")[1]["id"]
+    with pytest.raises(ManifestError, match=rf"train.jsonl \(id '{sample}'\): field 'image' must be a path, got 123"):
+        run(scorer, tmp_path / "run", "xe", "--xe-steps", "1", *data)
