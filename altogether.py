@@ -27,7 +27,7 @@ Implements (each a stage, the first argument):
 Deviations from the paper:
   1. The prompt block is padded to the batch's longest prompt (at most 128 tokens), not always to
      128: with the mask and positions below, the logits are the same, the sequence shorter.
-  2. Two official-code bugs are not copied (PAPERS.md): with no padding the official attention and
+  2. Two official-code bugs are not copied (facebookresearch/Altogether's captioner code): with no padding the official attention and
      target masks are all zero ([:-0] is empty), and its left pads are attended. Here pads are
      masked, which moves them: the whole prefix is left-padded, [pads][V][prompt], not the prompt
      alone ([V][pads][prompt]). So each row's last prefix slot, which predicts the first caption
@@ -118,7 +118,7 @@ from common.data import (BadSampleError, ManifestError, SkipCounter, atomic_writ
                          init_distributed, load_model, load_pretrained, open_record_image, read_manifest, run_command,
                          shown, text_problem)
 from common.degenerate import DegenerateCounter
-from common.generate import check_resumable, generate_sharded, pending, recipe_changes
+from common.generate import check_resumable, generate_sharded, merge_rank_counters, pending, recipe_changes
 from common.miniature import WorldConfig, alt_text, ensure_world, hallucinated_words, names_kept
 
 log = logging.getLogger("altogether")
@@ -523,7 +523,7 @@ def embed_records(encoder, records: list[dict], strict: bool, batch_size: int = 
 
 
 # The training set's embeddings live in one memory-mapped file per stage in --out, computed once and read row by row:
-# at the paper's 22M images and E = 1024 they are 90 GB, which no rank should hold in RAM (DESIGN.md section 8).
+# at the paper's 22M images and E = 1024 they are 90 GB, which no rank should hold in RAM (docs/altogether.md).
 EMBED_CHUNK = 4096  # rows per part file; a multiple of embed_records' batch, so the batches (and floats) of one pass
 EMBED_WAIT = timedelta(hours=4)  # for the slowest rank and rank 0's merge (minutes at 22M), past NCCL's 10-min timeout
 SOURCE_KEYS = ("format", "records_sha256", "n", "dim", "dtype", "encoder", "encoder_source")  # what decides the floats
@@ -857,12 +857,7 @@ def caption_records(args: Args, data, captioner: Captioner, tokenizer, encoder) 
 
     counts = generate_sharded(data, args.out, args.gen_batch_size, process_batch, rank, world_size, "caption",
                               required=("id", "image"))
-    if world_size > 1:  # every rank's degenerate captions in rank 0's line
-        summaries = [None] * world_size
-        dist.all_gather_object(summaries, counter.summary())
-        for other, summary in enumerate(summaries):
-            if other != rank:
-                counter.merge(summary)
+    merge_rank_counters(counter, rank, world_size)  # every rank's degenerate captions in rank 0's line
     if rank == 0:
         log.info("caption: %s -> %s", counts, args.out)
         if counter.checked:

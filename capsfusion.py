@@ -126,7 +126,7 @@ from common.data import (BadSampleError, Columns, ManifestError, SkipCounter, at
                          index_data, index_manifest, init_distributed, load_model, load_pretrained, open_record_image,
                          read_manifest, run_command, text_problem)
 from common.degenerate import DegenerateCounter
-from common.generate import check_resumable, generate_sharded, pending, recipe_changes
+from common.generate import check_resumable, generate_sharded, merge_rank_counters, pending, recipe_changes
 from common.miniature import WorldConfig, ensure_world, hallucinated_words, names_kept
 
 log = logging.getLogger("capsfusion")
@@ -185,7 +185,7 @@ class Args:
     """beams of the captioner's beam search"""
     caption_max_new_tokens: int = 30
     """generated tokens per synthetic caption"""
-    # ---- fuse. Defaults: the official inference (PAPERS.md, CapsFusion section: capsfusion_inference.py and its
+    # ---- fuse. Defaults: the official inference (baaivision/CapsFusion: capsfusion_inference.py and its
     # config.yaml): the released CapsFus-LLaMA, prompts of at most 256 tokens, 3 beams, 80 new tokens, 4 a call, bf16
     llm: str = "BAAI/CapsFus-LLaMA"
     """fuser, any AutoModelForCausalLM by hub name or local folder (official config.yaml)"""
@@ -199,7 +199,7 @@ class Args:
     """samples per generate() call (official: 4 per GPU)"""
     gen_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     """weights dtype of captioner and fuser on CUDA (official: bf16; CPU always float32)"""
-    # ---- sft. Defaults: the paper (PAPERS.md: LLaMA-2-13B, 2 epochs, loss on the response, Alpaca-style) and
+    # ---- sft. Defaults: the paper (Sec. 3: LLaMA-2-13B, 2 epochs, loss on the response, Alpaca-style) and
     # Alpaca's recipe (lr 2e-5, batch 128, 3% warm-up then cosine, no weight decay)
     base_model: str = "meta-llama/Llama-2-13b-hf"
     """causal LM to fine-tune into the fuser (paper: LLaMA-2-13B)"""
@@ -365,12 +365,7 @@ def run_generation(args: Args, data, process_batch, required: tuple[str, ...],
     rank, world_size, _ = init_distributed(args.device)
     counts = generate_sharded(data, args.out, args.gen_batch_size, process_batch, rank, world_size, args.stage,
                               required=required)
-    if world_size > 1:
-        summaries = [None] * world_size
-        dist.all_gather_object(summaries, counter.summary())
-        for other, summary in enumerate(summaries):
-            if other != rank:
-                counter.merge(summary)
+    merge_rank_counters(counter, rank, world_size)
     if rank == 0:
         log.info("%s: %s -> %s", args.stage, counts, args.out)
         if counter.checked:

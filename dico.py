@@ -45,7 +45,7 @@ Deviations from the paper:
      it constant (constant_with_warmup); steps, not epochs, set the budget (max_steps). Each step
      draws its images afresh (without replacement within the step; the same draw on every rank, each
      taking its share), where the official code streams shuffled webdataset shards.
-  6. SCST's baseline is the mean reward of the *other* k-1 candidates (PAPERS.md), the loss the
+  6. SCST's baseline is the mean reward of the *other* k-1 candidates (aimagelab/DiCO's trainer), the loss the
      token-averaged log-prob times the advantage; its candidates are the same k beams as DiCO's.
   7. Miniature world only (the `miniature` preset, PRESETS, wherever no data flag is given; a
      flag you give always wins, even at the paper's value): a much smaller

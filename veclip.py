@@ -84,7 +84,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import re
 import time
@@ -96,10 +95,8 @@ from typing import Annotated, Literal
 import numpy as np
 import open_clip
 import torch
-import torch.distributed as dist
 import tyro
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-from tqdm.auto import tqdm
 
 from common.benchmarks import check_benchmarks, evaluate_benchmarks, write_benchmark_results
 from common.cli import check_ranges, parse, preset_help
@@ -110,7 +107,7 @@ from common.data import (BadSampleError, Columns, ManifestError, MissingWeightsE
                          check_device, index_data, index_manifest, init_distributed, load_model, load_pretrained,
                          open_record_image, read_manifest, run_command, shown, text_problem)
 from common.degenerate import DegenerateCounter
-from common.generate import check_resumable, generate_sharded, pending
+from common.generate import check_resumable, generate_sharded, merge_rank_counters, pending
 from common.miniature import WorldConfig, ensure_world, zero_shot_tasks
 
 log = logging.getLogger("veclip")
@@ -350,12 +347,7 @@ def run_generation(args: Args, process_batch, counter: DegenerateCounter | None 
     rank, world_size, _ = init_distributed(args.device)
     counts = generate_sharded(args.data, args.out, args.gen_batch_size, process_batch, rank, world_size, args.stage)
     if counter is not None:
-        if world_size > 1:  # every rank's examples and counts in the one line
-            parts = [None] * world_size
-            dist.all_gather_object(parts, counter.summary())
-            counter = DegenerateCounter()
-            for part in parts:
-                counter.merge(part)
+        merge_rank_counters(counter, rank, world_size)  # every rank's examples and counts in the one line
         if rank == 0 and counter.checked:
             log.warning("%s: %s", args.stage, counter.line(what, 'written, flagged "degenerate"'))
     log.info("%s: %s -> %s", args.stage, counts, args.out)

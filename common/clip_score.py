@@ -15,7 +15,7 @@ Features are L2-normalised in float32 after encoding; PAC-S runs its model in fp
 
 Deviation: where score and r are both 0 the references divide 0 by 0 (NaN); here the Ref-score
 is 0 there. DiCO's official evaluation drops the prefix and the clamp; this module implements the
-reference metrics and says so (PAPERS.md).
+reference metrics and says so (jmhessel/clipscore, aimagelab/pacscore).
 
 Models: `load_clip(name, pretrained)` takes an open_clip architecture with a pretrained tag or a
 local checkpoint file. A tag brings its own settings (open_clip.get_pretrained_cfg: QuickGELU for

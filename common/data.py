@@ -1,6 +1,6 @@
 """Data plumbing shared by every paper file: manifests, image opening, loaders, streaming readers for generation.
 
-The manifest (DESIGN.md section 5) is JSON Lines, one sample per line:
+The manifest (README, "Data: manifests") is JSON Lines, one sample per line:
 
     {"id": "000123", "image": "images/000123.png", "alt_text": "...", "caption": "...", ...}
 
@@ -8,7 +8,7 @@ The manifest (DESIGN.md section 5) is JSON Lines, one sample per line:
 field is a caption variant selectable by name; a list of strings (e.g. `refs`) holds references.
 Generation stages write manifests too, so stages chain through files.
 
-Bad input (DESIGN.md section 10): a malformed manifest line is an error that names the file, the
+Bad input: a malformed manifest line is an error that names the file, the
 line and the sample id. An unreadable image or an empty caption inside a long job is logged with
 its id and counted, and the job goes on (`strict=True` makes it an error instead).
 """

@@ -433,3 +433,16 @@ def generate_sharded(data, out: str | os.PathLike, batch_size: int, process_batc
             merge_rank_outputs(out, world_size, input_ids(data))
         dist.barrier()
     return dict(counts)
+
+
+def merge_rank_counters(counter, rank: int, world_size: int):
+    """`counter` (a common.degenerate.DegenerateCounter) with every other rank's counts and examples added, so
+    that rank 0's one log line covers the whole job; the counter itself with one process."""
+    if world_size > 1:
+        summaries = [None] * world_size
+        dist.all_gather_object(summaries, counter.summary())
+        for other, summary in enumerate(summaries):
+            if other != rank:
+                counter.merge(summary)
+    return counter
+

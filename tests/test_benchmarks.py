@@ -56,6 +56,19 @@ def write_wds(folder, samples: list[dict], classes=None, templates=None, dataset
         (folder / "dataset_type.txt").write_text(dataset_type + "\n")
 
 
+def write_stage_sets(folder) -> str:
+    """The two sets the paper files' --benchmark tests evaluate: wds/colors (classification, 6 images of 3 classes)
+    and wds/flickr30k (retrieval, 12 images, enough for R@10); returns the --benchmark-root pattern."""
+    colors = webp_images(0, [(220, 40, 40)] * 3 + [(40, 200, 40)] * 2 + [(40, 40, 220)])
+    write_wds(folder / "wds_colors", [{"webp": image, "cls": label} for image, label in zip(colors, LABELS)],
+              CLASSES, TEMPLATES)
+    pictures = webp_images(1, [(220, 40, 40), (40, 200, 40), (40, 40, 220), (230, 220, 30), (20, 20, 20),
+                               (240, 240, 240)] * 2)
+    write_wds(folder / "wds_flickr30k", [{"webp": image, "txt": "\n".join(captions)}
+                                         for image, captions in zip(pictures, CAPTIONS * 2)], dataset_type="retrieval")
+    return str(folder / "{name}")
+
+
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory):
     """Three sets under root/{name}: colors (classification, `.cls`), flickr30k and my_captions (the same retrieval

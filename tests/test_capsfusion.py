@@ -29,7 +29,7 @@ from common.miniature import WorldConfig, ensure_world
 from tests.realarch import run_torchrun, save_hf, serve_open_clip_tag
 
 TINY_WORLD = WorldConfig(n_train=64, n_val=6, n_test=24)
-# The prompt of baaivision/CapsFusion capsfusion_inference.py (PAPERS.md), written out here independently.
+# The prompt of baaivision/CapsFusion capsfusion_inference.py, written out here independently.
 OFFICIAL_INSTRUCTION = (
     "Please merge and refine the information from the two given sentences. Sentence 1 provides detailed "
     "real-world knowledge, yet it suffers from flaws in sentence structure and grammar. Sentence 2 exhibits "
@@ -110,7 +110,7 @@ def word_tokenizer():
 # ---- the paper's numbers, the mix's draw -------------------------------------------------------
 
 
-# Where each default comes from (PAPERS.md, CapsFusion section; the official repository's config.yaml for fuse).
+# Where each default comes from (the paper; the official repository's config.yaml for fuse).
 PAPER_DEFAULTS = {
     "llm": "BAAI/CapsFus-LLaMA",  # the released fuser (official config.yaml)
     "max_prompt_tokens": 256,  # official inference: prompt at most 256 tokens, the raw caption trimmed
@@ -1096,18 +1096,14 @@ def test_scaling_writes_clip_benchmark_rows_of_every_point(world, tmp_path, monk
     """--benchmark: each point's trained CLIP (the one evaluate_clip scores) goes to clip_benchmark; a missing set
     stops the stage before any point trains."""
     from common.benchmarks import MissingBenchmark, evaluate_benchmarks
-    from test_benchmarks import CAPTIONS, webp_images, write_wds
+    from test_benchmarks import write_stage_sets
 
-    pictures = webp_images(1, [(220, 40, 40), (40, 200, 40), (40, 40, 220), (230, 220, 30), (20, 20, 20), (240, 240, 240)] * 2)
-    write_wds(tmp_path / "sets" / "wds_flickr30k", [{"webp": image, "txt": "\n".join(captions)}  # 12 images: R@10
-                                                   for image, captions in zip(pictures, CAPTIONS * 2)],
-              dataset_type="retrieval")
+    root = write_stage_sets(tmp_path / "sets")
     plain = [{**r, "image": str(world / r["image"]), "capsfus": f"fuser: {r['synthetic_caption']}"}
              for r in read_manifest(world / "train.jsonl")[:16]]
     write_manifest(tmp_path / "train.jsonl", plain)
     write_manifest(tmp_path / "test.jsonl", [{**r, "image": str(world / r["image"])}
                                              for r in read_manifest(world / "test.jsonl")[:8]])
-    root = str(tmp_path / "sets" / "{name}")
     argv = ["scaling", "--data", str(tmp_path / "train.jsonl"), "--scaling-data", str(tmp_path / "test.jsonl"),
             "--out-field", "capsfus", "--sizes", "16", "--clip-model", "micro-ViT-16", "--clip-batch-size", "16",
             "--device", "cpu", "--benchmark-root", root]

@@ -1018,15 +1018,9 @@ def test_pretrain_writes_clip_benchmark_rows_of_each_saved_model(tmp_path):
     """--benchmark: every pretrained model goes to clip_benchmark, whose rows equal its rows on the saved weights;
     a missing set stops the stage before anything trains."""
     from common.benchmarks import MissingBenchmark, evaluate_benchmarks
-    from test_benchmarks import CAPTIONS, CLASSES, LABELS, TEMPLATES, webp_images, write_wds
+    from test_benchmarks import write_stage_sets
 
-    colors = webp_images(0, [(220, 40, 40)] * 3 + [(40, 200, 40)] * 2 + [(40, 40, 220)])
-    write_wds(tmp_path / "sets" / "wds_colors", [{"webp": image, "cls": label} for image, label in zip(colors, LABELS)],
-              CLASSES, TEMPLATES)
-    pictures = webp_images(1, [(220, 40, 40), (40, 200, 40), (40, 40, 220), (230, 220, 30), (20, 20, 20), (240, 240, 240)] * 2)
-    write_wds(tmp_path / "sets" / "wds_flickr30k", [{"webp": image, "txt": "\n".join(captions)}  # 12 images: R@10
-                                                   for image, captions in zip(pictures, CAPTIONS * 2)],
-              dataset_type="retrieval")
+    write_stage_sets(tmp_path / "sets")
     names = ["wds/colors", "wds/flickr30k"]
     flags = ["pretrain", "--regimes", "datacomp", "--benchmark-root", str(tmp_path / "sets" / "{name}"), *TINY]
     with pytest.raises(MissingBenchmark, match="wds_absent"):

@@ -574,7 +574,7 @@ def test_defaults_are_the_official_scripts():
     assert (args.beams, args.candidates, args.eval_beam, args.max_len) == (5, "beam", 5, 30)
     # main.py: --dico_beta 0.2, --dico_tau 300
     assert (args.beta, args.tau) == (0.2, 300.0)
-    # trainers/trainer_utils.py: the reward is PAC-S with w = 2.0 (clip_ViT-B-32.pth); no prefix, no clamp (PAPERS.md)
+    # trainers/trainer_utils.py: the reward is PAC-S with w = 2.0 (clip_ViT-B-32.pth); no prefix, no clamp
     assert (args.reward, args.reward_prefix, args.reward_clamp) == ("pac_s", "", False)
     # main.py: 3 layers (n_layer) of 512 (n_embd) with 8 heads (n_head), BertConfig intermediate_size 2048
     assert (args.d_model, args.encoder_layers, args.decoder_layers, args.heads, args.ffn) == (512, 3, 3, 8, 2048)

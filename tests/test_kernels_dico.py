@@ -32,7 +32,7 @@ IMPLS = ("torch", "triton")
 
 
 def dico_formula_float64(policy_logps, ref_logps, rewards, beta, tau, valid=None):
-    """(loss, n_usable) straight from PAPERS.md; differentiable in policy_logps (float64)."""
+    """(loss, n_usable) straight from DiCO's equations; differentiable in policy_logps (float64)."""
     B, k = rewards.shape
     valid = torch.ones(B, k, dtype=torch.bool) if valid is None else valid
     policy = policy_logps.double()

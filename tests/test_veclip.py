@@ -848,7 +848,7 @@ def test_plot_shows_each_conditions_mean_and_spread_over_seeds_against_chance(wo
 
 
 def test_args_defaults_are_the_papers():
-    """Args defaults against the paper, as PAPERS.md's VeCLIP section reads it (the official apple/ml-veclip has no
+    """Args defaults against the paper, as the VeCLIP paper states them (the official apple/ml-veclip has no
     configs: checkpoints only)."""
     args = veclip.Args()
     # Sec. 3.4: "each sample, each time it is drawn, uses AltText or LLM-VeC with equal probability"
@@ -956,16 +956,9 @@ def test_references_class_names_and_fusion_inputs_must_be_text(tmp_path):
 def test_eval_writes_clip_benchmark_rows_of_the_checkpoint(tmp_path):
     """--benchmark hands the checkpoint's model to clip_benchmark: the rows equal clip_benchmark's on that model."""
     from common.benchmarks import MissingBenchmark, evaluate_benchmarks
-    from test_benchmarks import CAPTIONS, CLASSES, LABELS, TEMPLATES, webp_images, write_wds
+    from test_benchmarks import write_stage_sets
 
-    colors = webp_images(0, [(220, 40, 40)] * 3 + [(40, 200, 40)] * 2 + [(40, 40, 220)])
-    write_wds(tmp_path / "sets" / "wds_colors", [{"webp": image, "cls": label} for image, label in zip(colors, LABELS)],
-              CLASSES, TEMPLATES)
-    pictures = webp_images(1, [(220, 40, 40), (40, 200, 40), (40, 40, 220), (230, 220, 30), (20, 20, 20), (240, 240, 240)] * 2)
-    write_wds(tmp_path / "sets" / "wds_flickr30k", [{"webp": image, "txt": "\n".join(captions)}  # 12 images: R@10
-                                                   for image, captions in zip(pictures, CAPTIONS * 2)],
-              dataset_type="retrieval")
-    root = str(tmp_path / "sets" / "{name}")
+    root = write_stage_sets(tmp_path / "sets")
     model, preprocess, tokenizer = veclip.create_clip(MICRO, seed=3)
     path = tmp_path / "micro.pt"
     torch.save({"state_dict": model.state_dict(), "recipe": {"model": MICRO, "pretrained": None}}, path)
