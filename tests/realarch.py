@@ -63,6 +63,12 @@ def serve_open_clip_tag(monkeypatch, tmp_path: Path, name: str, tag: str | None 
         raise ValueError(f"{tag!r} is not an open_clip tag of {name}")
     torch.manual_seed(seed)
     model = open_clip.create_model(name, pretrained=None, force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)))
+    for module in model.modules():
+        # open_clip never initialises CoCa's text decoder projection (MultimodalTransformer.init_parameters is never
+        # called, and would fail on `self.transformer`), so it is torch.empty memory: whatever an earlier test left
+        # there (1e20 once, making the tiny CoCa's samples garbage). Drawn as that init_parameters means to.
+        if isinstance(module, open_clip.transformer.MultimodalTransformer):
+            torch.nn.init.normal_(module.text_projection, std=module.width ** -0.5)
     model.eval()
     if not tag:
         return None, model
