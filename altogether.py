@@ -111,7 +111,7 @@ from tqdm.auto import tqdm
 
 from common.caption_metrics import coco_scores, table_note
 from common.cli import parse, preset_help
-from common.clip_score import CLIP_S_WEIGHT, encode_texts, load_clip, score_from_features
+from common.clip_score import CLIP_S_WEIGHT, encode_texts, load_clip, load_clip_as, score_from_features
 from common.clip_train import (MINIATURE_MODEL, SCORER_TRAINING, TrainConfig, assert_finite_state, cosine_lr,
                                ensure_miniature_scorer, save_checkpoint)
 from common.data import (BadSampleError, ManifestError, SkipCounter, atomic_write_text, check_device,
@@ -426,7 +426,8 @@ def load_encoder(args: Args):
         return load_clip(MINIATURE_MODEL, str(ensure_miniature_scorer(args.world, args.scorer)), args.device)
     # random weights (pretrained None, tests only) are seeded so that every stage sees the same encoder
     torch.manual_seed(0)
-    return load_clip(args.clip_model, args.clip_pretrained, args.device)
+    return load_clip_as({"model": "--clip-model", "pretrained": "--clip-pretrained"}, args.clip_model,
+                        args.clip_pretrained, args.device)
 
 
 def new_captioner(args: Args, clip_dim: int, texts: list[str]) -> tuple[Captioner, object]:
@@ -876,7 +877,9 @@ def stage_caption(args: Args) -> dict:
     captioner, tokenizer = captioner_from_checkpoint(payload)
     args = dataclasses.replace(args, device=device)  # each rank's encoder on its own GPU
     torch.manual_seed(0)  # a random-weight encoder (tests) is the seeded one training used
-    encoder = load_clip(payload["clip_model"], payload["clip_pretrained"], args.device)
+    encoder = load_clip_as({"model": f"--checkpoint {args.checkpoint} (its clip_model)",
+                            "pretrained": f"--checkpoint {args.checkpoint} (its clip_pretrained)"},
+                           payload["clip_model"], payload["clip_pretrained"], args.device)
     return caption_records(args, args.data, captioner, tokenizer, encoder)
 
 
@@ -907,7 +910,8 @@ def load_scorer(args: Args):
     if args.score_model == "miniature":
         return load_clip(MINIATURE_MODEL, str(ensure_miniature_scorer(args.world, args.scorer)), args.device)
     torch.manual_seed(0)
-    return load_clip(args.score_model, args.score_pretrained, args.device)
+    return load_clip_as({"model": "--score-model", "pretrained": "--score-pretrained"}, args.score_model,
+                        args.score_pretrained, args.device)
 
 
 def stage_eval(args: Args) -> dict:

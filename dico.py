@@ -126,7 +126,8 @@ import tyro
 from common import cli
 from common.caption_metrics import coco_scores, plain_words, table_note
 from common.clip_score import (CLIP_S_WEIGHT, PAC_S_WEIGHT, PREFIX, encode_images, encode_reference_groups,
-                               encode_texts, harmonic_mean, load_clip, ref_similarity, score_from_features)
+                               encode_texts, harmonic_mean, load_clip, load_clip_as, ref_similarity,
+                               score_from_features)
 from common.clip_train import (MINIATURE_MODEL, SCORER_TRAINING, TrainConfig, assert_finite_state,
                                ensure_miniature_scorer, save_checkpoint)
 from common.data import (BadSampleError, ManifestError, NonFiniteError, SkipCounter, atomic_write_text, check_device,
@@ -630,15 +631,18 @@ def load_split(args: Args, split: str) -> list[dict]:
 _BUNDLES: dict = {}
 
 
-def load_scorer(args: Args, model: str, pretrained: Optional[str], pacs_checkpoint: Optional[str] = None):
-    """An open_clip bundle, loaded once per process; 'miniature' = the scorer of args.world."""
+def load_scorer(args: Args, model: str, pretrained: Optional[str], pacs_checkpoint: Optional[str] = None,
+                flags: str = "encoder"):
+    """An open_clip bundle, loaded once per process; 'miniature' = the scorer of args.world. A load error names the
+    flag to change: --{flags}-model or --{flags}-pretrained (flags: encoder, clip-s, pacs)."""
     key = (model, pretrained, pacs_checkpoint, (args.world, args.scorer) if model == "miniature" else None)
     if key not in _BUNDLES:
         if model == "miniature":
             path = ensure_miniature_scorer(args.world, args.scorer)
             _BUNDLES[key] = load_clip(MINIATURE_MODEL, str(path), args.device)
         else:
-            _BUNDLES[key] = load_clip(model, pretrained, args.device, pacs_checkpoint=pacs_checkpoint)
+            names = {"model": f"--{flags}-model", "pretrained": f"--{flags}-pretrained"}
+            _BUNDLES[key] = load_clip_as(names, model, pretrained, args.device, pacs_checkpoint=pacs_checkpoint)
     return _BUNDLES[key]
 
 
@@ -652,8 +656,9 @@ def require_pacs_weights(args: Args) -> None:
 def evaluators(args: Args) -> dict:
     """{"clip_s": (bundle, w), "pac_s": (bundle, w)}."""
     require_pacs_weights(args)
-    return {"clip_s": (load_scorer(args, args.clip_s_model, args.clip_s_pretrained), CLIP_S_WEIGHT),
-            "pac_s": (load_scorer(args, args.pacs_model, args.pacs_pretrained, args.pacs_checkpoint), PAC_S_WEIGHT)}
+    return {"clip_s": (load_scorer(args, args.clip_s_model, args.clip_s_pretrained, flags="clip-s"), CLIP_S_WEIGHT),
+            "pac_s": (load_scorer(args, args.pacs_model, args.pacs_pretrained, args.pacs_checkpoint, "pacs"),
+                      PAC_S_WEIGHT)}
 
 
 class ImageBank:

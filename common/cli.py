@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 import sys
 from typing import Callable, Mapping, Sequence, TypeVar
 
 import tyro
+
+from common.data import DEBUG_FLAG
 
 T = TypeVar("T")
 
@@ -80,7 +83,8 @@ def parse(args_type: type[T], argv: Sequence[str] | None, presets: Mapping[str, 
     preset's values as the defaults. `default_preset(args)` picks the preset when `--preset` is not
     given (default: default_preset_of).
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [word for word in (sys.argv[1:] if argv is None else argv) if word != DEBUG_FLAG]  # run_command's flag
+    description = f"{description or inspect.getdoc(args_type)}\n\n{DEBUG_FLAG}: keep the traceback of an expected error."
     first = tyro.cli(args_type, args=[word for word in argv if word not in ("-h", "--help")],
                      description=description)
     name = first.preset or (default_preset(first) if default_preset else default_preset_of(first.stage, presets))

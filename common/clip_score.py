@@ -44,6 +44,7 @@ docs/clip_score.md: the data, the protocols, the numbers.
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import os
@@ -51,7 +52,7 @@ import pickle
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import huggingface_hub
 import numpy as np
@@ -62,9 +63,24 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 try:  # in this repository: the shared manifest reader and error types (common/data.py)
-    from common.data import (BadSampleError, ManifestError, SkipCounter, atomic_write_text, image_path,
-                             read_manifest)
+    from common.data import (DEBUG_FLAG, BadSampleError, DeviceError, ManifestError, ScorerLoadError, SkipCounter,
+                             atomic_write_text, check_device, image_path, read_manifest)
 except ModuleNotFoundError:  # copied alone into another project: the scoring functions work, the command line not
+    DEBUG_FLAG = "--debug"
+
+    class ScorerLoadError(ValueError):
+        """A scorer that cannot be loaded as asked; `argument` names the load_clip argument to change."""
+
+        def __init__(self, message: str, argument: str):
+            super().__init__(message)
+            self.argument = argument
+
+    class DeviceError(ValueError):
+        """A --device that this machine does not have."""
+
+    def check_device(device: str) -> str:
+        return device
+
     class BadSampleError(ValueError):
         """An image that cannot be read or decoded."""
 
@@ -107,14 +123,6 @@ class ClipBundle:
     tokenizer: Callable
     device: str
     name: str
-
-
-class ScorerLoadError(ValueError):
-    """A scorer that cannot be loaded as asked; `argument` names the load_clip argument to change."""
-
-    def __init__(self, message: str, argument: str):
-        super().__init__(message)
-        self.argument = argument
 
 
 def _one_line(err: BaseException, limit: int = 300) -> str:
@@ -248,6 +256,16 @@ def load_clip(model: str, pretrained: str | None = None, device: str | None = No
         load_pacs_state_dict(net, pacs_checkpoint)
     net = net.to(device=device, dtype=PRECISIONS[precision]).eval()
     return ClipBundle(net, preprocess, open_clip.get_tokenizer(model), device, model)
+
+
+def load_clip_as(flags: Mapping[str, str], *args: Any, **kwargs: Any) -> ClipBundle:
+    """load_clip for a command line whose flags are named otherwise: its ScorerLoadError starts with the flag to
+    change (`flags` maps load_clip's argument names to them: {"pretrained": "--encoder-pretrained", ...})."""
+    try:
+        return load_clip(*args, **kwargs)
+    except ScorerLoadError as err:
+        flag = flags.get(err.argument, f"--{err.argument.replace('_', '-')}")
+        raise ScorerLoadError(f"{flag}: {err}", err.argument) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,6 +520,7 @@ def score_manifest(args: Args, chunk_size: int = 512) -> dict:
     if read_manifest is None:
         raise ManifestError("the command line reads manifests with common/data.py: copy it too (as common/data.py), "
                             "or call load_clip() and clip_s() / ref_clip_s() / pac_s() / ref_pac_s() directly")
+    check_device(args.device or "cpu")  # before the weights load (their loader would take the blame)
     records = read_manifest(args.manifest)
     metric = "pac_s" if args.pacs_checkpoint and args.metric == "clip_s" else args.metric
     if metric not in ("clip_s", "pac_s"):
@@ -557,15 +576,23 @@ def score_manifest(args: Args, chunk_size: int = 512) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _expected_errors(run: Callable[[], dict], *also: type[Exception]) -> dict:
+def _expected_errors(run: Callable[[], dict], argv: Sequence[str], *also: type[Exception]) -> dict:
     """Run a command; expected errors (and those of the types `also`: common/human_judgments.py's data errors) end
-    it with one line on stderr and exit status 1, no traceback."""
+    it with one line on stderr and exit status 1, no traceback, unless --debug is in `argv`."""
+    if DEBUG_FLAG in argv:
+        return run()
     try:
         return run()
     except ScorerLoadError as err:
-        raise SystemExit(f"error: {_one_line(err, 2000)} (command line: --{err.argument.replace('_', '-')})") from None
-    except (FileNotFoundError, ManifestError, BadSampleError, *also) as err:
-        raise SystemExit(f"error: {_one_line(err, 2000)}") from None
+        raise SystemExit(f"error: {_one_line(err, 2000)} (command line: --{err.argument.replace('_', '-')}; "
+                         f"{DEBUG_FLAG} shows the traceback)") from None
+    except (FileNotFoundError, ManifestError, BadSampleError, DeviceError, *also) as err:
+        raise SystemExit(f"error: {_one_line(err, 2000)} ({DEBUG_FLAG} shows the traceback)") from None
+
+
+def without_debug(argv: Sequence[str]) -> list[str]:
+    """The command line as its parser reads it: --debug (the traceback of an expected error) taken out."""
+    return [word for word in argv if word != DEBUG_FLAG]
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -580,8 +607,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         from common.human_judgments import main as correlate_main  # it imports this module, never the reverse
 
         return correlate_main(argv[1:], prog="python -m common.clip_score correlate")
-    args = tyro.cli(Args, args=argv, prog="python -m common.clip_score")
-    report = _expected_errors(lambda: score_manifest(args))
+    args = tyro.cli(Args, args=without_debug(argv), prog="python -m common.clip_score",
+                    description=f"{inspect.getdoc(Args)}\n\n{DEBUG_FLAG}: keep the traceback of an expected error.")
+    report = _expected_errors(lambda: score_manifest(args), argv)
     for metric_name, mean in report["means"].items():
         print(f"{metric_name:>10}: {mean:.4f}  ({len(report['ids'])} samples, {report['skipped']['count']} skipped)")
     warning = truncation_warning(report["truncated"])

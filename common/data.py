@@ -23,6 +23,7 @@ import os
 import random
 import re
 import struct
+import sys
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,16 +62,31 @@ class DeviceError(ValueError):
     """A --device that this machine does not have."""
 
 
+class ScorerLoadError(ValueError):
+    """A CLIP scorer that cannot be loaded as asked (common.clip_score.load_clip); `argument` names the load_clip
+    argument to change, which a command line maps to its own flag."""
+
+    def __init__(self, message: str, argument: str):
+        super().__init__(message)
+        self.argument = argument
+
+
 # The errors a command line ends with as one line (`run_command`); any other exception is a bug and keeps its traceback.
-EXPECTED_ERRORS = (FileNotFoundError, ManifestError, BadSampleError, NonFiniteError, DeviceError)
+EXPECTED_ERRORS = (FileNotFoundError, ManifestError, BadSampleError, NonFiniteError, DeviceError, ScorerLoadError)
+DEBUG_FLAG = "--debug"  # anywhere on a command line: an expected error keeps its traceback (taken out before parsing)
 
 
-def run_command(main: Callable, argv: Sequence[str] | None = None):
-    """`main(argv)`, with an expected error printed as one line on stderr and exit status 1, no traceback."""
+def run_command(main: Callable, argv: Sequence[str] | None = None, also: tuple[type[Exception], ...] = ()):
+    """`main(argv)`, with an expected error (EXPECTED_ERRORS, and the types `also`) printed as one line on stderr and
+    exit status 1, no traceback; with --debug among the arguments, main runs without it and errors keep theirs."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if DEBUG_FLAG in argv:
+        return main([word for word in argv if word != DEBUG_FLAG])
     try:
         return main(argv)
-    except EXPECTED_ERRORS as err:
-        raise SystemExit(f"error: {err}") from None
+    except (*EXPECTED_ERRORS, *also) as err:
+        message = " ".join(str(err).split())[:2000]
+        raise SystemExit(f"error: {message} ({DEBUG_FLAG} shows the traceback)") from None
 
 
 def check_device(device: str) -> str:

@@ -17,6 +17,7 @@ in one warning line.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import sys
@@ -26,10 +27,10 @@ from typing import Callable, Literal, Sequence
 
 import numpy as np
 
-from common.clip_score import (CLIP_S_WEIGHT, PAC_S_WEIGHT, BadSampleError, ClipBundle, SkipCounter, _batches,
-                               _expected_errors, atomic_write_text, count_truncated, encode_pixels, encode_texts,
-                               harmonic_mean, image_pixels, load_clip, ref_similarity, score_from_features,
-                               truncation_report, truncation_warning)
+from common.clip_score import (CLIP_S_WEIGHT, DEBUG_FLAG, PAC_S_WEIGHT, BadSampleError, ClipBundle, SkipCounter,
+                               _batches, _expected_errors, atomic_write_text, check_device, count_truncated,
+                               encode_pixels, encode_texts, harmonic_mean, image_pixels, load_clip, ref_similarity,
+                               score_from_features, truncation_report, truncation_warning, without_debug)
 from common.judgment_readers import (PASCAL_CATEGORIES, BenchmarkDataError, Judgments, Pairs, read_composite,
                                      read_flickr8k_cf, read_flickr8k_expert, read_foil, read_pascal50s)
 
@@ -345,6 +346,7 @@ def correlate(args: CorrelateArgs) -> dict:
         raise BenchmarkDataError("--pascal-draws and --pascal-refs must be at least 1")
     items = benchmark.read(data, args.seed) if args.benchmark in ("pascal50s", "foil") else benchmark.read(data)
     metric = "pac_s" if args.pacs_checkpoint and args.metric == "clip_s" else args.metric
+    check_device(args.device or "cpu")  # before the weights load (their loader would take the blame)
     bundle = load_clip(args.model, None if args.pacs_checkpoint else args.pretrained, args.device, args.precision,
                        args.pacs_checkpoint)
     names = ("PAC-S", "RefPAC-S") if metric == "pac_s" else ("CLIP-S", "RefCLIP-S")
@@ -385,14 +387,16 @@ def correlation_table(report: dict) -> str:
         lines.append("* not confirmed in the paper or its official code (docs/clip_score.md)")
     return "\n".join(lines)
 
+
 def main(argv: Sequence[str] | None = None, prog: str = "python -m common.human_judgments") -> dict:
     """`python -m common.human_judgments ...` (and `python -m common.clip_score correlate ...`, which calls this
     with its own `prog`): the table on stdout, the truncation warning on stderr."""
     import tyro
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = tyro.cli(CorrelateArgs, args=argv, prog=prog)
-    report = _expected_errors(lambda: correlate(args), BenchmarkDataError)
+    args = tyro.cli(CorrelateArgs, args=without_debug(argv), prog=prog,
+                    description=f"{inspect.getdoc(CorrelateArgs)}\n\n{DEBUG_FLAG}: keep the traceback of an expected error.")
+    report = _expected_errors(lambda: correlate(args), argv, BenchmarkDataError)
     print(correlation_table(report))
     warning = truncation_warning(report["truncated"])
     if warning:

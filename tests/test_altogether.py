@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import altogether
-from common.clip_score import clip_s, load_clip
+from common.clip_score import ScorerLoadError, clip_s, load_clip
 from common.data import BadSampleError, ManifestError, NonFiniteError, read_manifest, write_manifest
 from common.miniature import WorldConfig, ensure_world
 from tests.realarch import run_torchrun, save_hf, serve_open_clip_tag
@@ -730,6 +730,19 @@ def test_a_diverged_update_stops_with_one_line_and_leaves_the_last_good_checkpoi
 def test_flags_out_of_range_are_one_line_naming_the_flag_before_anything_loads(world, flag, value, message):
     with pytest.raises(SystemExit, match=f"^error: {message}$"):
         altogether.main(["caption", "--data", str(world / "val.jsonl"), "--out", "unused", flag, value])
+
+
+def test_a_clip_that_cannot_be_loaded_names_the_flag(world, tmp_path):
+    """load_clip's words name its own argument (pretrained=...); the command line has --clip-pretrained and
+    --score-pretrained, so the one line says which."""
+    missing = str(tmp_path / "w.pt")
+    with pytest.raises(SystemExit) as exit_:
+        altogether.run_command(altogether.main, [
+            "eval", "--data", str(world / "val.jsonl"), "--eval-fields", "caption", "--score-model", MICRO,
+            "--score-pretrained", missing, "--device", "cpu", "--out", str(tmp_path / "eval.json")])
+    assert str(exit_.value.code).startswith(f"error: --score-pretrained: pretrained={missing!r} is neither a file")
+    with pytest.raises(ScorerLoadError, match="^--clip-pretrained: pretrained="):
+        altogether.load_encoder(altogether.Args(clip_model=MICRO, clip_pretrained=missing, device="cpu"))
 
 
 def test_device_cuda_without_cuda_says_so_before_any_weights_load(world, tmp_path, monkeypatch):

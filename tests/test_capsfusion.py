@@ -1089,7 +1089,8 @@ def test_device_cuda_without_cuda_and_a_missing_manifest_are_one_line(tmp_path, 
         capsfusion.main(["fuse", "--device", "cpu"])
     done = subprocess.run([sys.executable, capsfusion.__file__, "eval", "--data", str(tmp_path / "none.jsonl"),
                            "--device", "cpu"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 1 and done.stderr.strip() == f"error: manifest not found: {tmp_path / 'none.jsonl'}"
+    assert done.returncode == 1 and done.stderr.strip() == (f"error: manifest not found: {tmp_path / 'none.jsonl'} "
+                                                            "(--debug shows the traceback)")
 
 
 def test_scaling_writes_clip_benchmark_rows_of_every_point(world, tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from common.clip_score import (CLIP_S_WEIGHT, PAC_S_WEIGHT, PREFIX, ScorerLoadError, clip_s, encode_texts,
+from common.clip_score import (CLIP_S_WEIGHT, PAC_S_WEIGHT, PREFIX, ScorerLoadError, clip_s, encode_texts, load_clip_as,
                                harmonic_mean, load_clip, load_pacs_state_dict, main, pac_s, ref_clip_s, ref_pac_s,
                                ref_similarity, score_from_features)
 from common.data import write_manifest
@@ -233,6 +233,33 @@ def test_command_line_expected_errors_are_one_line_and_exit_status_1(micro_bundl
             pytest.fail(f"{name}: no error")
         assert isinstance(message, str) and "\n" not in message, (name, message)
         assert all(word in message for word in words), (name, message)
+        assert message.endswith("--debug shows the traceback)"), (name, message)
+
+
+def test_device_cuda_without_cuda_says_so_and_debug_keeps_the_traceback(tiny_world, tmp_path, monkeypatch):
+    """--device cuda on a machine without CUDA blamed --pretrained (the weights' loader failed first); with --debug
+    the expected error is raised as itself."""
+    from common.data import DeviceError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = ["--manifest", str(tiny_world / "test.jsonl"), "--model", MICRO, "--device", "cuda",
+            "--out", str(tmp_path / "s.json")]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert str(exit_.value.code).startswith("error: --device cuda: CUDA is not available on this machine")
+    with pytest.raises(DeviceError, match="^--device cuda: CUDA is not available"):
+        main([*argv, "--debug"])
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_load_clip_as_names_the_callers_flag(tmp_path):
+    """A paper file's scorer flags are not load_clip's argument names (dico's --encoder-pretrained)."""
+    missing = str(tmp_path / "enc.pt")
+    with pytest.raises(ScorerLoadError, match=rf"^--encoder-pretrained: pretrained='{missing}' is neither a file") as err:
+        load_clip_as({"pretrained": "--encoder-pretrained"}, MICRO, missing, "cpu")
+    assert err.value.argument == "pretrained"
+    with pytest.raises(ScorerLoadError, match="^--model: unknown open_clip architecture 'micro-ViT-99'"):
+        load_clip_as({"pretrained": "--encoder-pretrained"}, "micro-ViT-99", None, "cpu")
 
 
 def test_command_line_scores_a_manifest_and_counts_bad_samples(micro_bundle, tiny_world, tmp_path):

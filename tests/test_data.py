@@ -574,10 +574,10 @@ def test_columns_of_shards_open_the_images_inside_the_tar(tmp_path):
     """index_data on a brace pattern of webdataset shards: the json fields and each image's bytes by offset,
     the same pixels and texts iter_webdataset yields."""
     pytest.importorskip("webdataset")
-    for shard in range(2):
-        write_webdataset_shard(tmp_path / f"shard-{shard:03d}.tar",
-                               [{"id": f"k{shard}{i}", "image": Image.new("RGB", (4, 4), (shard, i, 7)),
-                                 "caption": f"c{shard}{i}"} for i in range(3)])
+    for number in range(2):
+        write_webdataset_shard(tmp_path / f"shard-{number:03d}.tar",
+                               [{"id": f"k{number}{i}", "image": Image.new("RGB", (4, 4), (number, i, 7)),
+                                 "caption": f"c{number}{i}"} for i in range(3)])
     columns = index_data(str(tmp_path / "shard-{000..001}.tar"), tmp_path / "index")
     streamed = list(iter_webdataset([str(tmp_path / f"shard-{s:03d}.tar") for s in range(2)]))
     assert len(columns) == 6 and columns.column("caption", range(6)) == [r["caption"] for r in streamed]
@@ -733,6 +733,29 @@ def test_other_modes_decode_to_the_colours_they_show():
     cmyk = Image.new("CMYK", (1, 1), (0, 255, 255, 0))  # red
     assert np.asarray(open_image(cmyk)).tolist() == [[[255, 0, 0]]]
     assert np.asarray(open_image(Image.new("L", (1, 1), 77))).tolist() == [[[77, 77, 77]]]
+
+
+def test_run_command_ends_expected_errors_as_one_line_and_debug_keeps_them(tmp_path):
+    """An expected error: one line, exit status 1; with --debug (taken out of what main parses) the error itself;
+    any other exception is a bug and keeps its traceback either way."""
+    from common import data
+
+    seen = []
+
+    def main(argv):
+        seen.append(argv)
+        if argv[0] == "bug":
+            raise KeyError("a bug")
+        return data.read_manifest(tmp_path / "absent.jsonl")
+
+    with pytest.raises(SystemExit) as exit_:
+        data.run_command(main, ["read", "--flag"])
+    assert exit_.value.code == f"error: manifest not found: {tmp_path / 'absent.jsonl'} (--debug shows the traceback)"
+    with pytest.raises(FileNotFoundError, match="manifest not found"):
+        data.run_command(main, ["read", "--debug", "--flag"])
+    with pytest.raises(KeyError):
+        data.run_command(main, ["bug"])
+    assert seen == [["read", "--flag"], ["read", "--flag"], ["bug"]]
 
 
 def test_an_unavailable_device_is_one_clear_error(monkeypatch):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import dico
-from common.clip_score import PREFIX, clip_s, load_clip, pac_s, ref_clip_s, ref_pac_s
+from common.clip_score import PREFIX, ScorerLoadError, clip_s, load_clip, pac_s, ref_clip_s, ref_pac_s
 from common.clip_train import TrainConfig, ensure_miniature_scorer
 from common.data import BadSampleError, DeviceError, ManifestError, NonFiniteError, image_path, open_image, read_manifest
 from common.miniature import WorldConfig, ensure_world
@@ -1021,10 +1021,23 @@ def test_the_command_line_ends_expected_errors_with_one_line(tmp_path):
 
     for flags, line in ((["dico", "--beams", "1"], "error: --beams must be at least 2, got 1"),
                         (["xe", "--train-manifest", str(tmp_path / "missing.jsonl"), "--pacs-checkpoint", "p.pth"],
-                         f"error: manifest not found: {tmp_path / 'missing.jsonl'}")):
+                         f"error: manifest not found: {tmp_path / 'missing.jsonl'} (--debug shows the traceback)")):
         done = subprocess.run([sys.executable, dico.__file__, *flags, "--out", str(tmp_path / "run")],
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 1 and done.stderr.strip().splitlines() == [line], done.stderr[-2000:]
+
+
+def test_an_encoder_that_cannot_be_loaded_is_one_line_naming_its_flag(scorer, tmp_path):
+    """The sweep's d-xe-missing-encoder: a ScorerLoadError traceback naming load_clip's argument, not dico's flag;
+    --debug keeps the traceback."""
+    missing = str(tmp_path / "enc.pt")
+    argv = [*tiny_args(scorer, tmp_path / "run", "xe"), "--xe-steps", "1", "--encoder-pretrained", missing]
+    with pytest.raises(SystemExit) as exit_:
+        dico.run_command(dico.main, argv)
+    assert exit_.value.code == (f"error: --encoder-pretrained: pretrained={missing!r} is neither a file nor an "
+                                "open_clip tag of micro-ViT-16 (its tags: none) (--debug shows the traceback)")
+    with pytest.raises(ScorerLoadError, match="^--encoder-pretrained: "):
+        dico.run_command(dico.main, [*argv, "--debug"])
 
 
 def test_an_image_field_that_is_not_a_path_is_refused_naming_the_sample(scorer, tmp_path):
