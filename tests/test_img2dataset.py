@@ -8,16 +8,19 @@ CapsFusion-120M's parquet (`image_url`, `capsfusion`, `laion_2b`, `laion_coco`) 
 holds a URL that answers 404 and one that is no image: img2dataset's own `*_stats.json` must count
 5 successes, 1 failed download and 1 failed decode, and every image and caption must come back
 under its key through `common.data.iter_webdataset`, `index_data` (Columns) or `read_manifest`.
+The last test runs docs/recipe.md's chain on such a list: img2dataset, CoCa captions, a DataCompDR CLIP.
 
-img2dataset is an install of its own (`pip install -r requirements-data.txt`, the fourth section of
+img2dataset is an install of its own (`pip install -r requirements-data.txt`, the `data` section of
 .ci/run): without it the test is skipped. It runs in a child process in a session of its own (its
 process pool and logger are spawned), killed as a group if it passes DOWNLOAD_TIMEOUT.
 """
 
 import importlib.util
 import json
+import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -38,7 +41,7 @@ from common.data import (Columns, SkipCounter, index_data, iter_webdataset, open
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("img2dataset") is None,
                                 reason="img2dataset is not installed: pip install -r requirements-data.txt "
-                                       "(its own venv; .ci/run's fourth section runs this test)")
+                                       "(its own venv; .ci/run's data section runs this test)")
 
 DOWNLOAD_TIMEOUT = 240  # seconds for the whole download: two spawned processes import cv2, albumentations, wandb
 SERVER_TIMEOUT = 10  # seconds: a request handler's socket timeout, and the wait for the server thread to stop
@@ -253,3 +256,84 @@ def test_url_list_to_data_that_the_project_reads(tmp_path, released):
         record = by_id[columns.value("id", row)]
         assert columns.value("caption", row) == record["caption"]
         assert near(open_row_image(columns, row), record["image"]) == 0
+
+
+RECIPE = DOCS.with_name("recipe.md")
+
+
+def recipe_commands() -> list[list[str]]:
+    """The bash block of docs/recipe.md's URL-list section, one argv per command (continued lines joined)."""
+    section = RECIPE.read_text().split("## From a URL list", 1)
+    assert len(section) == 2, f"{RECIPE}: no '## From a URL list' section"
+    block = re.search(r"```bash\n(.*?)```", section[1], flags=re.S)
+    assert block, f"{RECIPE}: the URL-list section has no bash block"
+    return [shlex.split(line) for line in block[1].replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def fire_kwargs(argv: list[str]) -> dict:
+    """img2dataset's command line (python-fire: `--name value`) as img2dataset.download's keyword arguments."""
+    def value(word: str):
+        if word in ("True", "False"):
+            return word == "True"
+        try:
+            return json.loads(word)
+        except json.JSONDecodeError:
+            return word
+
+    assert all(word.startswith("--") for word in argv[::2]) and len(argv) % 2 == 0, argv
+    return {name[2:]: value(word) for name, word in zip(argv[::2], argv[1::2])}
+
+
+def test_the_recipe_from_a_url_list_to_a_trained_clip(tmp_path, monkeypatch):
+    """docs/recipe.md's block as written, in a folder holding a DataComp-style parquet pool of the local photos
+    (plus a 404 and a page that is no image) and a held-out manifest: img2dataset makes two shards, `synthesize`
+    gives each downloaded image k CoCa captions into shards of the same names (every field kept), and DataComp and
+    DataCompDR CLIPs train on them. Only sizes and devices are changed, by flags after the block's own."""
+    from clip_quality import main as clip_quality_main
+    from common.data import write_manifest
+    from tests.realarch import serve_open_clip_tag
+    from tests.test_clip_quality import serve_tiny_coca
+
+    download, synthesize, pretrain = recipe_commands()
+    assert download[0] == "img2dataset" and synthesize[3:5] == ["clip_quality.py", "synthesize"], (download, synthesize)
+    assert pretrain[3:5] == ["clip_quality.py", "pretrain"], pretrain
+    monkeypatch.chdir(tmp_path)
+    site = tmp_path / "site"
+    site.mkdir()
+    names = {}
+    for i, (name, size, mode, kind, caption) in enumerate(PHOTOS):
+        photo(size, mode, seed=i).save(site / name, format=kind)
+        names[name] = caption
+    (site / "notes.txt").write_text("this is not an image\n")
+    write_manifest(tmp_path / "coco_test.jsonl", [{"id": f"t{i}", "image": str(site / name), "caption": caption}
+                                                  for i, (name, caption) in enumerate(names.items())])
+    make_row = RELEASED["datacomp"][-1]
+    (tmp_path / "datacomp_small").mkdir()
+    with serving(site) as base:
+        rows = [make_row(f"{base}/{name}", caption, i) for i, (name, caption) in enumerate(names.items())]
+        rows[1:1] = [make_row(f"{base}/missing.jpg", "a photo that is gone", 98)]
+        rows[5:5] = [make_row(f"{base}/notes.txt", "a page that is not an image", 99)]
+        write_url_list(tmp_path / "datacomp_small" / "part-0.parquet", "parquet", rows)
+        run_img2dataset(**{**fire_kwargs(download[1:]), "processes_count": 1, "thread_count": 4,
+                           "number_sample_per_shard": PER_SHARD, "timeout": SERVER_TIMEOUT, "retries": 0,
+                           "distributor": "multiprocessing"})
+    assert sorted(p.name for p in (tmp_path / "shards").glob("*.tar")) == ["00000.tar", "00001.tar"]
+
+    serve_tiny_coca(monkeypatch, tmp_path)
+    serve_open_clip_tag(monkeypatch, tmp_path, "ViT-B-16")  # the tiny config, random weights
+    counts = clip_quality_main([*synthesize[4:], "--device", "cpu", "--num-synthetic", "2", "--gen-batch-size", "2"])
+    counts = counts["synthesize"]
+    written = list(iter_webdataset([str(tmp_path / "synthetic" / f"{shard:05d}.tar") for shard in (0, 1)]))
+    assert counts["written"] == len(written) == 5 - counts["images_without_caption"] and len(written) >= 4, counts
+    assert counts["captions"] == sum(len(r["synthetic_captions"]) for r in written)
+    by_url = {row["url"]: row for row in rows}
+    for record in written:  # img2dataset's fields kept beside the new one, the image under its key
+        assert (record["caption"], record["uid"]) == (by_url[record["url"]]["text"], by_url[record["url"]]["uid"])
+        assert 1 <= len(record["synthetic_captions"]) <= 2 and record["image"].size[0] > 0
+
+    result = clip_quality_main([*pretrain[4:], "--device", "cpu", "--train.steps", "2", "--train.batch-size", "4",
+                                "--train.warmup", "1", "--train.workers", "0", "--out", str(tmp_path / "run")])
+    runs = {row["regime"]: row for row in result["pretrain"]}
+    assert set(runs) == {"datacomp", "datacompdr"} and all(math.isfinite(r["final_loss"]) for r in runs.values())
+    assert runs["datacomp"]["final_loss"] != runs["datacompdr"]["final_loss"]  # two losses, synthetic texts, differ
+    assert all(Path(r["checkpoint"]).is_file() for r in runs.values())
