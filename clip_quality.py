@@ -127,7 +127,7 @@ from common.data import (Columns, ManifestError, MissingWeightsError, SkipCounte
                          image_source, index_data, init_distributed, is_shards, open_image, open_record_image,
                          read_manifest, run_command, shard, text_problem)
 from common.degenerate import DegenerateCounter
-from common.generate import generate_sharded
+from common.generate import check_resumable, generate_sharded
 from common.miniature import SEGMENTATION_CLASSES, WorldConfig, ensure_world
 
 Regime = Literal["datacomp", "datacompdr", "swap"]
@@ -861,10 +861,13 @@ def run_synthesize(args: Args) -> dict:
     if args.data is None:
         raise FileNotFoundError("the synthesize stage needs --data (the image manifest or shards to caption)")
     rank, world_size, device = init_distributed(args.device)
-    model, preprocess = load_captioner(args.captioner, device)
-    torch.manual_seed(args.seed + rank)
     out = Path(args.out)  # a manifest in: this .jsonl, or synthetic.jsonl in this folder; shards in: shards out here
     out = out / "synthetic.jsonl" if out.suffix != ".jsonl" and not is_shards(args.data) else out
+    # a resume passes over what is written: only over captions of these settings
+    check_resumable(args.data, out, {"data": args.data, "sampling": COCA_SAMPLING, **{name: getattr(args, name) for name in (
+        "captioner", "synthetic_field", "num_synthetic", "resample_degenerate", "seed")}}, rank, world_size)
+    model, preprocess = load_captioner(args.captioner, device)
+    torch.manual_seed(args.seed + rank)
     counter, skipped = DegenerateCounter(), SkipCounter()
 
     def process_batch(batch: list[dict], counts) -> list[tuple[dict, dict]]:

@@ -1120,6 +1120,24 @@ def test_synthesize_writes_k_sampled_captions_per_image_keeps_every_field_and_co
     assert lines[0] == first and [json.loads(line)["id"] for line in lines] == ["im0", "im1", "im2"]
 
 
+def test_synthesize_resumes_only_an_output_of_the_same_settings(tmp_path, monkeypatch):
+    """A rerun into the same --out with another k (or captioner, field, seed) would pass over every image already
+    captioned as if done: it is refused naming the change, and nothing is written."""
+    serve_tiny_coca(monkeypatch, tmp_path)
+    data, _ = image_manifest(tmp_path / "img")
+    monkeypatch.setattr(cq.open_clip.CoCa, "generate",
+                        lambda model, image, **kwargs: cq.open_clip.tokenize(["a red bus on a street"] * len(image)))
+    assert synthesize(tmp_path, data, "--num-synthetic", "2")["written"] == 3
+    out = Path(data).parent / "synth.jsonl"
+    before = out.read_text()
+    for flags, change in ((["--num-synthetic", "3"], "--num-synthetic 2 there, 3 now"), (["--seed", "1"], "--seed 0"),
+                          (["--synthetic-field", "coca"], "--synthetic-field 'synthetic_captions' there, 'coca' now")):
+        with pytest.raises(cq.ManifestError, match=f"holds output of other settings.*{change}"):
+            synthesize(tmp_path, data, "--num-synthetic", "2", *flags)
+    assert out.read_text() == before
+    assert synthesize(tmp_path, data, "--num-synthetic", "2")["already_done"] == 3
+
+
 def test_synthesize_draws_a_degenerate_caption_again_then_drops_and_counts_it(tmp_path, monkeypatch, capsys):
     """generate answers "a 2 2 2 2" (ml-mobileclip-dr issue 4) for every draw of a black image and once for a white
     one: the white one's is drawn again; the black one's are drawn 1 + 2 times, then dropped and counted, and the
@@ -1145,7 +1163,7 @@ def test_synthesize_draws_a_degenerate_caption_again_then_drops_and_counts_it(tm
     assert "2 captions written, 2 degenerate dropped" in printed
     assert "7 of 9 synthetic draws degenerate, drawn again (repeated token 7)" in printed
 
-    counts = synthesize(tmp_path, data, "--num-synthetic", "2")
+    counts = synthesize(tmp_path, data, "--num-synthetic", "2", "--resample-degenerate", "2")
     assert counts["already_done"] == 2 and "written" not in counts and draws == [4, 3, 2]
 
 
