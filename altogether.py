@@ -832,7 +832,7 @@ def caption_recipe(args: Args) -> dict:
 def caption_records(args: Args, data, captioner: Captioner, tokenizer, encoder) -> dict:
     """Write every record of `data` (--data streamed: a manifest or shards; or a list) with `caption_field` added;
     each rank appends its share, a restart goes on after the last sample written. A degenerate caption
-    (common.degenerate) is written and flagged: `degenerate` holds the reason, counted in `degenerate`."""
+    (common.degenerate) is written and flagged: `<caption_field>_degenerate` holds the reason, counted in `degenerate`."""
     rank, world_size, device = init_distributed(args.device)
     captioner.to(device).eval()
     torch.manual_seed(args.seed + rank)
@@ -852,7 +852,7 @@ def caption_records(args: Args, data, captioner: Captioner, tokenizer, encoder) 
             fields, reason = {args.caption_field: caption}, counter.check(caption, sample=record["id"])
             if reason is not None:  # written, not dropped: the next stage (or a person) decides
                 counts["degenerate"] += 1
-                fields["degenerate"] = reason
+                fields[f"{args.caption_field}_degenerate"] = reason
             results.append((record, fields))
         return results
 

@@ -373,14 +373,15 @@ def run_generation(args: Args, data, process_batch, required: tuple[str, ...],
     return counts
 
 
-def flagged(fields: dict, caption, record: dict, counter: DegenerateCounter, counts: Counter) -> dict:
-    """`fields` with `degenerate` (the reason) added when the generated `caption` is degenerate, counted: a
-    degenerate caption is written, not dropped, so the next stage (or a person) decides."""
-    reason = counter.check(caption, sample=record["id"])
+def flagged(fields: dict, field: str, record: dict, counter: DegenerateCounter, counts: Counter) -> dict:
+    """`fields` with `<field>_degenerate` (the reason) added when the caption generated into `field` is degenerate,
+    counted: it is written, not dropped, so the next stage (or a person) decides; each generated field has its own
+    flag, so a synthetic caption's does not pass for the fused one's."""
+    reason = counter.check(fields[field], sample=record["id"])
     if reason is None:
         return fields
     counts["degenerate"] += 1
-    return {**fields, "degenerate": reason}
+    return {**fields, f"{field}_degenerate": reason}
 
 
 def generate(model, inputs, num_beams: int, max_new_tokens: int, **options) -> torch.Tensor:
@@ -398,7 +399,7 @@ def stage_caption(args: Args, data=None) -> dict:
     """Step 1 (caption generation): a synthetic caption for every readable image, written as `synthetic_field`.
 
     `data`: --data (a manifest or shards, streamed) unless given (a list of records). A degenerate caption
-    (common.degenerate) is written and flagged: `degenerate` holds the reason, counted in the counts."""
+    (common.degenerate) is written and flagged: `<synthetic_field>_degenerate` holds the reason, counted in the counts."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     data = args.data if data is None else data
@@ -437,7 +438,7 @@ def stage_caption(args: Args, data=None) -> dict:
         new = generate(model, inputs, args.caption_beams, args.caption_max_new_tokens)
         captions = [first_line(text) for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
         counts["empty_captions"] += sum(not caption for caption in captions)
-        return [(record, flagged({args.synthetic_field: caption}, caption, record, counter, counts))
+        return [(record, flagged({args.synthetic_field: caption}, args.synthetic_field, record, counter, counts))
                 for record, caption in zip(kept, captions)]
 
     return run_generation(args, data, process_batch, ("id", "image"), counter)
@@ -459,7 +460,8 @@ def stage_fuse(args: Args, data=None) -> dict:
     """Steps 2-3 at inference: the fused caption of each (raw, synthetic) pair, as `out_field` + `<out_field>_source`.
 
     `data`: --data (a manifest or shards, streamed) unless given (a list of records: the miniature run). An LLM
-    answer that is degenerate (common.degenerate) is written and flagged: `degenerate` holds the reason, counted."""
+    answer that is degenerate (common.degenerate) is written and flagged: `<out_field>_degenerate` holds the
+    reason, counted."""
     data = args.data if data is None else data
     rank, world_size, device = init_distributed(args.device)
     # this rank's inputs still to do, checked (streamed) before the LLM loads, not hours into the run
@@ -501,7 +503,7 @@ def stage_fuse(args: Args, data=None) -> dict:
                 counts["empty_answers"] += not fused
                 fields = {args.out_field: fused or synthetic, f"{args.out_field}_source": "llm" if fused else "synthetic"}
                 # an empty answer fell back to the synthetic caption (counted above): the LLM's answers are checked
-                results[position] = (record, flagged(fields, fused, record, counter, counts) if fused else fields)
+                results[position] = (record, flagged(fields, args.out_field, record, counter, counts) if fused else fields)
         return [results[position] for position in sorted(results)]  # input order
 
     return run_generation(args, data, process_batch, ("id",), counter)

@@ -17,7 +17,7 @@ Implements (stages over manifests, each named by the first argument):
                           answer's caption line after any chat preamble; an answer that starts with a
                           refusal, or holds no caption, falls back: x_l = x_v
               vec and fuse check what they write with common.degenerate ("a 2 2 2 2 2", loops, blanks):
-              a degenerate caption is written, flagged in the field `degenerate` (its reason, else None),
+              a degenerate caption is written, flagged in `<field>_degenerate` (its reason, else None),
               counted (degenerate_vec, degenerate_llm_vec) and reported in one warning line
   3. `train`  (Sec. 3.4)  each draw of sample i: t_i = x_alt,i if u < p else x_l,i, u ~ U(0, 1) fresh
                           per draw; CLIP loss L = (CE(s X Y^T) + CE(s Y X^T)) / 2 over the global batch
@@ -349,17 +349,18 @@ def run_generation(args: Args, process_batch, counter: DegenerateCounter | None 
     if counter is not None:
         merge_rank_counters(counter, rank, world_size)  # every rank's examples and counts in the one line
         if rank == 0 and counter.checked:
-            log.warning("%s: %s", args.stage, counter.line(what, 'written, flagged "degenerate"'))
+            log.warning("%s: %s", args.stage, counter.line(what, 'written, flagged in "<field>_degenerate"'))
     log.info("%s: %s -> %s", args.stage, counts, args.out)
     return counts
 
 
-def flag_degenerate(counter: DegenerateCounter, caption: str, sample, counts: Counter, key: str) -> dict:
-    """The guard on a generated caption: `{"degenerate": reason}` (None for a usable caption), counted under `key`.
-    A degenerate caption is written, flagged, not dropped: the stage's output keeps every sample."""
+def flag_degenerate(counter: DegenerateCounter, caption: str, sample, counts: Counter, key: str, field: str) -> dict:
+    """The guard on a caption generated into `field`: `{"<field>_degenerate": reason}` (None for a usable caption),
+    counted under `key`. A degenerate caption is written, flagged, not dropped: the output keeps every sample, and
+    each generated field has its own flag (the VeC's stays when fuse adds the LLM-VeC's)."""
     reason = counter.check(caption, sample=sample)
     counts[key] += reason is not None
-    return {"degenerate": reason}
+    return {f"{field}_degenerate": reason}
 
 
 def gen_dtype(args: Args, device: str) -> torch.dtype:
@@ -401,7 +402,8 @@ def stage_vec(args: Args) -> dict:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         vecs = generate(model, processor.tokenizer, inputs, args.max_new_tokens)  # step 1
         counts["empty_vec"] += sum(not vec for vec in vecs)
-        return [(record, {args.vec_field: vec, **flag_degenerate(counter, vec, record["id"], counts, "degenerate_vec")})
+        return [(record, {args.vec_field: vec, **flag_degenerate(counter, vec, record["id"], counts, "degenerate_vec",
+                                                                    args.vec_field)})
                 for record, vec in zip(kept, vecs)]
 
     return run_generation(args, process_batch, counter, "VeCs")
@@ -453,8 +455,8 @@ def stage_fuse(args: Args) -> dict:
             alt_text, vec = fusion_inputs(record, args)
             llm_vec, fell_back = llm_vec_or_fallback(answer, vec, alt_text)
             counts["refusal_fallbacks"] += fell_back
-            # the guard on what is written (a fallback VeC too); it replaces the vec stage's flag of the record
-            flag = flag_degenerate(counter, llm_vec, record["id"], counts, "degenerate_llm_vec")
+            # the guard on what is written (a fallback VeC too)
+            flag = flag_degenerate(counter, llm_vec, record["id"], counts, "degenerate_llm_vec", args.llm_vec_field)
             results.append((record, {args.llm_vec_field: llm_vec, f"{args.llm_vec_field}_fallback": fell_back, **flag}))
         return results
 

@@ -768,5 +768,5 @@ def test_degenerate_captions_are_written_flagged_and_counted(world, finetuned, t
         counts = altogether.main(argv)
     out = read_manifest(tmp_path / "test.jsonl")
     assert counts["written"] == counts["degenerate"] == len(out) == 12
-    assert all(r["altogether"] == "a 2 2 2 2 2" and r["degenerate"].startswith("repeated token") for r in out)
+    assert all(r["altogether"] == "a 2 2 2 2 2" and r["altogether_degenerate"].startswith("repeated token") for r in out)
     assert "12 of 12 generated captions degenerate, flagged" in caplog.text

@@ -1137,13 +1137,15 @@ def test_degenerate_generated_captions_are_written_flagged_and_counted(world, ti
         counts = capsfusion.main(caption)
     out = read_manifest(tmp_path / "syn.jsonl")
     assert counts["written"] == counts["degenerate"] == len(out) == 6
-    assert all(r["synthetic_caption"] == "a 2 2 2 2 2" and r["degenerate"].startswith("repeated token") for r in out)
+    assert all(r["synthetic_caption"] == "a 2 2 2 2 2" and r["synthetic_caption_degenerate"].startswith("repeated token")
+               for r in out)
     assert "6 of 6 generated captions degenerate, flagged" in caplog.text
     counts = capsfusion.main(fuse_argv(world / "val.jsonl", tmp_path / "fused.jsonl", tiny_llm))
     fused = read_manifest(tmp_path / "fused.jsonl")
     asked = [r for r in fused if r["fused_source"] == "llm"]
-    assert asked and counts["degenerate"] == len(asked) and all(r["degenerate"] and r["fused"] == "a 2 2 2 2 2"
+    assert asked and counts["degenerate"] == len(asked) and all(r["fused_degenerate"] and r["fused"] == "a 2 2 2 2 2"
                                                                 for r in asked)
+    assert not any("fused_degenerate" in r for r in fused if r["fused_source"] != "llm")  # the fallback: not asked
 
 
 def test_recipe_of_shards_out_lives_in_the_output_folder(tmp_path):

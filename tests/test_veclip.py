@@ -380,7 +380,7 @@ def test_vec_stage_asks_llava_the_vec_prompt_and_decodes_greedily(world, tiny_mo
     assert [r["vec"] for r in read_manifest(out)] == expected
     assert any(expected)  # the comparison is between captions, not empty strings
     degenerate = [degenerate_reason(vec) for vec in expected]  # a random tiny VLM's VeCs: flagged, still written
-    assert [r["degenerate"] for r in read_manifest(out)] == degenerate
+    assert [r["vec_degenerate"] for r in read_manifest(out)] == degenerate
     assert counts == {"already_done": 0, "unreadable_images": 1, "empty_vec": sum(not vec for vec in expected),
                       "degenerate_vec": sum(reason is not None for reason in degenerate), "written": 4}
 
@@ -443,8 +443,10 @@ def fake_generate(monkeypatch, answers: dict) -> None:
 @pytest.mark.parametrize("stage", ["vec", "fuse"])
 def test_a_degenerate_caption_is_written_flagged_and_counted(stage, world, tiny_models, tmp_path, monkeypatch, caplog):
     """CoCa's "a 2 2 2 2 2" failure from the VLM (vec) or the LLM (fuse): the sample is still written, with
-    `"degenerate": reason`; the others carry None; the count is in the stage's counts and in one warning line."""
-    records = [{**r, "image": str(world / r["image"]), "vec": "a red circle"} for r in read_manifest(world / "val.jsonl")]
+    `"<field>_degenerate": reason`; the others carry None; the count is in the stage's counts and in one warning
+    line. fuse keeps the VeC's own flag beside its LLM-VeC's."""
+    records = [{**r, "image": str(world / r["image"]), "vec": "a red circle", "vec_degenerate": None}
+               for r in read_manifest(world / "val.jsonl")]
     write_manifest(tmp_path / "in.jsonl", records)
     fake_generate(monkeypatch, {1: "a 2 2 2 2 2"})
     model = ["--vlm", str(tiny_models / "vlm")] if stage == "vec" else ["--llm", str(tiny_models / "llm")]
@@ -455,9 +457,11 @@ def test_a_degenerate_caption_is_written_flagged_and_counted(stage, world, tiny_
     field, key = ("vec", "degenerate_vec") if stage == "vec" else ("llm_vec", "degenerate_llm_vec")
     written = read_manifest(out)
     assert [r["id"] for r in written] == [r["id"] for r in records]  # flagged, not dropped
-    assert written[1][field] == "a 2 2 2 2 2" and written[1]["degenerate"] == degenerate_reason("a 2 2 2 2 2")
-    assert written[1]["degenerate"].startswith("repeated token: '2'")
-    assert [r["degenerate"] for i, r in enumerate(written) if i != 1] == [None] * 3
+    flag = f"{field}_degenerate"
+    assert written[1][field] == "a 2 2 2 2 2" and written[1][flag] == degenerate_reason("a 2 2 2 2 2")
+    assert written[1][flag].startswith("repeated token: '2'")
+    assert [r[flag] for i, r in enumerate(written) if i != 1] == [None] * 3
+    assert [r["vec_degenerate"] for i, r in enumerate(written) if i != 1 or stage == "fuse"] == [None] * (3 + (stage == "fuse"))
     assert counts[key] == 1 and counts["written"] == 4
     lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "degenerate" in r.getMessage()]
     assert len(lines) == 1 and lines[0].startswith(f"{stage}: 1 of 4 ") and "'val-000001'" in lines[0], lines
