@@ -499,7 +499,8 @@ def test_vec_and_fuse_stream_shards_into_shards_with_the_manifests_captions(worl
                     assert new == old
                 else:
                     meta, manifest = json.loads(new), expected[json.loads(old)["id"]]
-                    assert meta == {**json.loads(old), **{k: manifest[k] for k in ("vec", "llm_vec", "llm_vec_fallback", "degenerate")}}
+                    kept = ("vec", "vec_degenerate", "llm_vec", "llm_vec_fallback", "llm_vec_degenerate")
+                    assert meta == {**json.loads(old), **{k: manifest[k] for k in kept}}
     assert veclip.main(fuse_shards) == {"shards_already_done": 2}
 
 
