@@ -888,21 +888,27 @@ def stage_caption(args: Args) -> dict:
 # =============================================================================================
 
 
-def caption_metrics(records: list[dict], captions: list[str], scorer, img_feats: np.ndarray, refs_field: str) -> dict:
+def caption_metrics(records: list[dict], captions: list[str], scorer, img_feats: np.ndarray, refs_field: str,
+                    per_item: dict | None = None) -> dict:
     """CLIP-S (an empty caption scores 0), CIDEr and BLEU-4 against references (COCO toolkit, x 100, with their
-    "tokenizer" label), world labels when present."""
+    "tokenizer" label), world labels when present. `per_item` receives each caption's CLIP-S, CIDEr and
+    hallucinated words, and its [names kept, names to keep] (names kept % is a ratio of their sums)."""
+    items: dict = {} if per_item is None else per_item
     txt_feats = encode_texts(scorer, [c or "." for c in captions], progress=False)
     # step 5: CLIP-S(x, c) = 2.5 * max(cos(E_img(x), E_txt("A photo depicts " + c)), 0)
     clip_scores = score_from_features(img_feats, txt_feats, CLIP_S_WEIGHT) * np.array([bool(c) for c in captions])
     metrics = {"CLIP-S": 100 * float(clip_scores.mean()), "empty": sum(not c for c in captions)}
+    items["CLIP-S"] = (100 * np.asarray(clip_scores, float)).tolist()
     refs = [r.get(refs_field) or ([r["caption"]] if r.get("caption") else []) for r in records]
     if all(refs):
         metrics.update(coco_scores(dict(enumerate(refs)), dict(enumerate(captions)), scale=100.0,
-                                   metrics=("BLEU-4", "CIDEr")))
+                                   metrics=("BLEU-4", "CIDEr"), per_item=items))
     if "objects" in records[0]:  # miniature world: its labels say which names are kept or invented
-        kept, total = np.sum([names_kept(c, r) for c, r in zip(captions, records)], axis=0)
+        items["names kept %"] = [[int(n) for n in names_kept(c, r)] for c, r in zip(captions, records)]
+        kept, total = np.sum(items["names kept %"], axis=0)
         metrics["names kept %"] = 100 * float(kept / max(total, 1))
-        metrics["hallucinated/caption"] = float(np.mean([len(hallucinated_words(c, r)) for c, r in zip(captions, records)]))
+        items["hallucinated/caption"] = [float(len(hallucinated_words(c, r))) for c, r in zip(captions, records)]
+        metrics["hallucinated/caption"] = float(np.mean(items["hallucinated/caption"]))
     return metrics
 
 
@@ -980,7 +986,7 @@ def run_miniature(args: Args) -> dict:
     train_emb, _ = image_embeddings(encoder, train_records, out, "train", signature, strict=True)  # both stages, seeds
     test_emb, _ = embed_records(encoder, test_records, strict=True)
     score_feats = test_emb.numpy() if args.score_model == args.clip_model else embed_records(scorer, test_records, True)[0].numpy()
-    runs = {row: [] for row in ROWS}
+    runs, per_item = {row: [] for row in ROWS}, {}
     for seed in range(args.seed, args.seed + args.seeds):
         run = dataclasses.replace(args, seed=seed, out=str(out / f"seed{seed}"), resume=False)
         stage1 = with_extra_alt_texts(train_records, run, seed)
@@ -1004,14 +1010,16 @@ def run_miniature(args: Args) -> dict:
         examples = [{"id": r["id"], **{row: captions[row][i] for row in ROWS}} for i, r in enumerate(test_records[:8])]
         atomic_write_text(Path(run.out) / "examples.json", json.dumps(examples, indent=2))
         for row in ROWS:
-            metrics = caption_metrics(test_records, captions[row], scorer, score_feats, "refs")
+            per_item[row] = {}  # the last seed's, for a one-seed verdict (reproduce.py's paired bootstrap)
+            metrics = caption_metrics(test_records, captions[row], scorer, score_feats, "refs", per_item[row])
             runs[row].append(metrics)
             print(f"seed {seed} {row}: " + ", ".join(f"{k} {metrics[k]:.2f}" for k in COLUMNS), flush=True)
     summary = {row: {k: [m[k] for m in ms] for k in ms[0]} for row, ms in runs.items()}
     seconds = time.time() - began
     table = markdown_table(summary, args, seconds, len(test_records))
     atomic_write_text(out / "results.md", table)
-    results = {"rows": summary, "seeds": args.seeds, "seconds": seconds, "world": dataclasses.asdict(args.world),
+    results = {"rows": summary, "per_item": per_item, "seeds": args.seeds, "seconds": seconds,
+               "world": dataclasses.asdict(args.world),
                "preset": {"name": args.preset, "values": PRESETS[args.preset]}}
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     print(table)

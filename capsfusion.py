@@ -685,16 +685,21 @@ def proper_names(text: str) -> set[str]:
 
 def fusion_quality(captions: list[str], records: list[dict], args: Args, reference: list[str] | None) -> dict:
     """Names of the raw caption kept, (world) names kept and hallucinations, BLEU-4/CIDEr against `reference` (COCO
-    toolkit, x 100, with their "tokenizer" label), length in words (lower-cased, punctuation removed)."""
+    toolkit, x 100, with their "tokenizer" label), length in words (lower-cased, punctuation removed). `per_item`
+    (world labels only): each caption's [names kept, names to keep] and hallucinated words, what a one-seed verdict
+    resamples."""
     # step 4: the raw caption's names kept by each caption
     raw_names = [proper_names(caption_text(r, args.raw_field)) for r in records]
     kept = sum(len(names & set(plain_words(c))) for names, c in zip(raw_names, captions))
     metrics = {"raw_names_kept": 100.0 * kept / max(1, sum(map(len, raw_names))),
                "length": float(np.mean([len(plain_words(c)) for c in captions]))}
     if "objects" in records[0]:  # the miniature world's labels: true names, and words nothing in the image has
-        found, total = np.sum([names_kept(c, r) for c, r in zip(captions, records)], axis=0)
-        metrics["names_kept"] = float(100.0 * found / max(1, total))
-        metrics["hallucinated"] = float(np.mean([len(hallucinated_words(c, r)) for c, r in zip(captions, records)]))
+        items = {"names_kept": [[int(n) for n in names_kept(c, r)] for c, r in zip(captions, records)],
+                 "hallucinated": [float(len(hallucinated_words(c, r))) for c, r in zip(captions, records)]}
+        found, total = np.sum(items["names_kept"], axis=0)
+        metrics["names_kept"] = float(100.0 * found / max(1, total))  # a ratio of sums
+        metrics["hallucinated"] = float(np.mean(items["hallucinated"]))
+        metrics["per_item"] = items
     if reference is not None:
         metrics.update(coco_scores({i: [t] for i, t in enumerate(reference)}, dict(enumerate(captions)), scale=100.0,
                                    metrics=("BLEU-4", "CIDEr")))
@@ -751,14 +756,18 @@ class ArmTexts:
 def evaluate_clip(model, tokenizer, preprocess, records: list[dict], images) -> dict:
     """Retrieval against `caption` (and the world's zero-shot tasks when the records have labels), on the model's
     device; `images`: the preprocessed test images (a tensor, or ImageRows decoded batch by batch)."""
-    device = next(model.parameters()).device
+    device, items = next(model.parameters()).device, {}
     if "objects" in records[0]:
-        metrics = evaluate_world(model, tokenizer, preprocess, records, "caption", images=images, device=device)
+        metrics = evaluate_world(model, tokenizer, preprocess, records, "caption", images=images, device=device,
+                                 per_item=items)
         metrics["zeroshot_attributes"] = float(np.mean([metrics[f"zeroshot_{t}"] for t in ("background", "shape", "color")]))
     else:
         metrics = retrieval_metrics(encode_images(model, images, device=device),
-                                    encode_texts(model, tokenizer, texts_of(records, "caption"), device=device))
+                                    encode_texts(model, tokenizer, texts_of(records, "caption"), device=device),
+                                    per_item=items)
     metrics["retrieval_R@5"] = (metrics["i2t_R@5"] + metrics["t2i_R@5"]) / 2
+    # one caption per test image: image i's query both ways, whose mean is retrieval_R@5 (a one-seed verdict's items)
+    metrics["per_item"] = {"retrieval_R@5": [(a + b) / 2 for a, b in zip(items["i2t_R@5"], items["t2i_R@5"])]}
     return metrics
 
 

@@ -580,29 +580,38 @@ def training_batches(visual: nn.Module, train_set: ProbeDataset, args: Args, see
 
 
 def evaluate_probe(visual: nn.Module, head: DenseProbe, test_set: ProbeDataset, tasks: Sequence[str],
-                   depth_mean: torch.Tensor, depth_std: torch.Tensor, args: Args) -> dict:
-    """A trained probe's test metrics, the test set streamed in batches: confusion and per-image RMSEs summed."""
+                   depth_mean: torch.Tensor, depth_std: torch.Tensor, args: Args, per_item: dict | None = None) -> dict:
+    """A trained probe's test metrics, the test set streamed in batches: confusion and per-image RMSEs summed.
+    `per_item`, when given, receives each test image's share, what a one-seed verdict resamples: its RMSE, and
+    its [true positives, predicted, labelled] pixels per class (whose sums give the mIoU: reproduce.py's
+    miou_of_sums)."""
     confusion = torch.zeros(args.num_classes, args.num_classes, dtype=torch.long)
-    rmse_sum, images = 0.0, 0
+    rmse_sum, images, items = 0.0, 0, {} if per_item is None else per_item
     with torch.no_grad():
         for batch in probe_loader(test_set, args, batch_size=EVAL_BATCH):
             pixels = batch["image"].to(args.device)
             logits, depth = head(patch_tokens(visual, pixels), pixels.shape[-2:])
             if "seg" in tasks:
                 predicted = logits.argmax(1).cpu()  # (B, H, W)
-                confusion += confusion_matrix(predicted, batch["mask"], args.num_classes, args.ignore_index)
+                for image_pred, image_mask in zip(predicted, batch["mask"]):
+                    own = confusion_matrix(image_pred, image_mask, args.num_classes, args.ignore_index)
+                    confusion += own
+                    items.setdefault("mIoU", []).append([own.diag().tolist(), own.sum(0).tolist(), own.sum(1).tolist()])
             if "depth" in tasks:  # Deviation 3: RMSE per image, then the mean over images
-                rmse_sum += depth_rmse(depth.cpu() * depth_std + depth_mean, batch["depth"]).double().sum().item()
-                images += len(pixels)
+                rmse = depth_rmse(depth.cpu() * depth_std + depth_mean, batch["depth"]).double()
+                rmse_sum, images = rmse_sum + rmse.sum().item(), images + len(pixels)
+                items.setdefault("depth_RMSE", []).extend(rmse.tolist())
     metrics = segmentation_metrics(confusion) if "seg" in tasks else {}
     if "depth" in tasks:
         metrics["depth_RMSE"] = rmse_sum / images
     return metrics
 
 
+
 def train_and_evaluate_probe(visual: nn.Module, train_set: ProbeDataset, test_set: ProbeDataset, args: Args, seed: int,
-                             tasks: Sequence[str] = ("seg", "depth")) -> dict:
-    """Train one DenseProbe on `tasks` of the probe datasets (losses summed if two); return its test metrics."""
+                             tasks: Sequence[str] = ("seg", "depth"), per_item: dict | None = None) -> dict:
+    """Train one DenseProbe on `tasks` of the probe datasets (losses summed if two); return its test metrics
+    (per_item: see evaluate_probe)."""
     torch.manual_seed(seed)
     visual = visual.to(args.device)
     fields = ("image", *(TASK_FIELDS[task] for task in tasks))
@@ -634,17 +643,17 @@ def train_and_evaluate_probe(visual: nn.Module, train_set: ProbeDataset, test_se
             optimizer.step()
     head.eval()
     visual.eval()
-    return evaluate_probe(visual, head, test_set, tasks, depth_mean, depth_std, args)
+    return evaluate_probe(visual, head, test_set, tasks, depth_mean, depth_std, args, per_item)
 
 
 def probe_encoder(visual: nn.Module, train_set: ProbeDataset, test_set: ProbeDataset, args: Args, seed: int,
                   plan: Sequence[tuple[str, ...]]) -> dict:
     """One probe per entry of `plan`, each from the same encoder weights (copied when --finetune trains them)."""
-    metrics = {}
+    metrics, items = {}, {}
     for tasks in plan:
         encoder = copy.deepcopy(visual) if args.finetune and len(plan) > 1 else visual
-        metrics.update(train_and_evaluate_probe(encoder, train_set, test_set, args, seed, tasks))
-    return metrics
+        metrics.update(train_and_evaluate_probe(encoder, train_set, test_set, args, seed, tasks, items))
+    return {**metrics, "per_item": items}
 
 
 def majority_class(train_set: ProbeDataset, args: Args) -> int:
@@ -670,23 +679,28 @@ def position_mean_depth(train_set: ProbeDataset, args: Args) -> torch.Tensor:
 
 def trivial_baselines(train_set: ProbeDataset, test_set: ProbeDataset, tasks: Sequence[str], args: Args) -> dict:
     """The floors a dense probe has to beat, on the probe's test set: segmentation by predicting the training set's
-    majority class at every pixel (mIoU, mAcc), depth by each pixel's mean training depth (RMSE, Deviation 3)."""
-    baselines = {}
+    majority class at every pixel (mIoU, mAcc), depth by each pixel's mean training depth (RMSE, Deviation 3).
+    `per_item`: each test image's share, as evaluate_probe's (a one-seed verdict pairs the probes with them)."""
+    baselines, items = {}, {}
     if "seg" in tasks:
         k = majority_class(train_set, args)  # step 5: argmax_k of the training masks' class counts, at every pixel
         confusion = torch.zeros(args.num_classes, args.num_classes, dtype=torch.long)
         for batch in probe_loader(test_set.only(("mask",)), args, batch_size=EVAL_BATCH):
-            confusion += confusion_matrix(torch.full_like(batch["mask"], k), batch["mask"], args.num_classes,
-                                          args.ignore_index)
+            for mask in batch["mask"]:
+                own = confusion_matrix(torch.full_like(mask, k), mask, args.num_classes, args.ignore_index)
+                confusion += own
+                items.setdefault("majority_class_mIoU", []).append(
+                    [own.diag().tolist(), own.sum(0).tolist(), own.sum(1).tolist()])
         metrics = segmentation_metrics(confusion)
         baselines.update(majority_class=k, majority_class_mIoU=metrics["mIoU"], majority_class_mAcc=metrics["mAcc"])
     if "depth" in tasks:
         mean_depth, rmse_sum, images = position_mean_depth(train_set, args), 0.0, 0
         for batch in probe_loader(test_set.only(("depth",)), args, batch_size=EVAL_BATCH):
-            rmse_sum += depth_rmse(mean_depth.expand_as(batch["depth"]), batch["depth"]).double().sum().item()
-            images += len(batch["depth"])
+            rmse = depth_rmse(mean_depth.expand_as(batch["depth"]), batch["depth"]).double()
+            rmse_sum, images = rmse_sum + rmse.sum().item(), images + len(batch["depth"])
+            items.setdefault("position_only_depth_RMSE", []).extend(rmse.tolist())
         baselines["position_only_depth_RMSE"] = rmse_sum / images
-    return baselines
+    return {**baselines, "per_item": items}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -941,14 +955,16 @@ def pretrain_one(args: Args, records: dict, regime: str, seed: int, n_images: in
         return row
     device = next(model.parameters()).device
     test_images = ImageRows(records["test"], preprocess)  # decoded batch by batch
-    label = f"{regime}-n{n_images}-seed{seed}"
+    label, per_item = f"{regime}-n{n_images}-seed{seed}", {}  # each test item's value of every metric
     if "objects" in records["test"][0]:
         metrics = evaluate_world(model, tokenizer, preprocess, records["test"], args.eval_text_field,
-                                 images=test_images, device=device, name=label)
+                                 images=test_images, device=device, name=label, per_item=per_item)
     else:
         img_emb = encode_images(model, test_images, device=device, workers=args.train.workers)
         texts = texts_of(records["test"], args.eval_text_field)
-        metrics = retrieval_metrics(img_emb, encode_texts(model, tokenizer, texts, device=device), name=label)
+        metrics = retrieval_metrics(img_emb, encode_texts(model, tokenizer, texts, device=device), name=label,
+                                    per_item=per_item)
+    metrics["per_item"] = {"i2t_R@1": per_item["i2t_R@1"]}  # what a one-seed verdict resamples (reproduce.py)
     if args.benchmark:  # clip_benchmark's rows, in pretrain.json and (all models) OUT/benchmarks.jsonl
         metrics["benchmarks"] = evaluate_benchmarks(model, preprocess, tokenizer, args.benchmark, args.benchmark_root,
                                                     num_workers=args.train.workers, model_label=args.model,
@@ -1018,7 +1034,7 @@ def run_probe(args: Args, records: dict, checkpoints: Sequence[str], write: Path
             metrics = probe_encoder(model.visual, *probe_sets(args, records, preprocess, tasks), args, seed, plan)
             rows.append({"checkpoint": spec, "label": label, "architecture": arch, "probe_seed": seed,
                          "finetune": args.finetune, "task": args.task, **metrics})
-            print(f"probe {label}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+            print(f"probe {label}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k != "per_item"))
     if write is not None:
         atomic_write_text(write, json.dumps(rows, indent=2))
     return rows
@@ -1052,7 +1068,8 @@ def run_efficiency(args: Args, records: dict, done: Sequence[dict] = (), probed:
                 probe = next((p for p in probed if p["checkpoint"] == run["checkpoint"]), None)
                 if probe is None:
                     probe = run_probe(dataclasses.replace(args, seed=seed, seeds=1), records, [run["checkpoint"]])[0]
-                rows.append({**run, **{k: v for k, v in probe.items() if k in ("mIoU", "mAcc", "aAcc", "depth_RMSE")}})
+                rows.append({**run, **{k: v for k, v in probe.items()
+                                       if k in ("mIoU", "mAcc", "aAcc", "depth_RMSE", "per_item")}})
     atomic_write_text(Path(args.out) / "efficiency.json", json.dumps(rows, indent=2))
     plot_efficiency(rows, Path(args.out) / "efficiency.png")
     return rows

@@ -769,23 +769,29 @@ def candidate_rewards(bundle, w: float, img_feats: np.ndarray, texts: list[str],
 # ============================================================================================
 
 
-def collapse_indicators(captions: list[str], n: int = 3) -> dict:
-    """Vocabulary used, fraction of distinct captions, repeated n-grams per caption, mean length."""
+def collapse_indicators(captions: list[str], n: int = 3, per_item: dict | None = None) -> dict:
+    """Vocabulary used, fraction of distinct captions, repeated n-grams per caption, mean length; `per_item`
+    receives each caption's repeated n-grams."""
     words = [plain_words(c) for c in captions]  # lower-cased, punctuation removed
     repeated = []
     for w in words:
         grams = [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
         repeated.append(len(grams) - len(set(grams)))  # occurrences beyond the first of each n-gram
+    if per_item is not None:
+        per_item[f"rep_{n}gram"] = [float(r) for r in repeated]
     return {"vocab": len({t for w in words for t in w}), "distinct": len(set(captions)) / max(1, len(captions)),
             f"rep_{n}gram": float(np.mean(repeated)), "length": float(np.mean([len(w) for w in words]))}
 
 
-def caption_metrics(args: Args, bank: ImageBank, indices: list[int], captions: list[str]) -> dict:
+def caption_metrics(args: Args, bank: ImageBank, indices: list[int], captions: list[str],
+                    per_item: dict | None = None) -> dict:
     """BLEU-4, CIDEr (fractions, as COCOEvalCap; their "tokenizer" label beside them), the CLIP-based scores,
-    collapse indicators and (miniature) names/hallucinations."""
+    collapse indicators and (miniature) names/hallucinations. `per_item` receives each caption's CIDEr, CLIP-based
+    scores and repeated 3-grams, and the captions themselves (what a one-seed verdict resamples)."""
     records = [bank.records[i] for i in indices]
+    items: dict = {} if per_item is None else per_item
     metrics = coco_scores({i: rec["refs"] for i, rec in enumerate(records)}, dict(enumerate(captions)), scale=1.0,
-                          metrics=("BLEU-4", "CIDEr"))
+                          metrics=("BLEU-4", "CIDEr"), per_item=items)
     features = {}  # per evaluator model: in the miniature CLIP-S and PAC-S are one model with two weights w
     for name, (bundle, w) in evaluators(args).items():
         if id(bundle) not in features:
@@ -795,9 +801,11 @@ def caption_metrics(args: Args, bank: ImageBank, indices: list[int], captions: l
         img, cand, refs = features[id(bundle)]
         score = score_from_features(img, cand, w)  # w * max(cos, 0)
         label = {"clip_s": "CLIP-S", "pac_s": "PAC-S"}[name]
-        metrics[label] = float(score.mean())
-        metrics[f"Ref{label}"] = float(harmonic_mean(score, ref_similarity(cand, refs)).mean())
-    metrics.update(collapse_indicators(captions))
+        ref_score = harmonic_mean(score, ref_similarity(cand, refs))
+        metrics[label], metrics[f"Ref{label}"] = float(score.mean()), float(ref_score.mean())
+        items[label], items[f"Ref{label}"] = np.asarray(score, float).tolist(), np.asarray(ref_score, float).tolist()
+    metrics.update(collapse_indicators(captions, per_item=items))
+    items["captions"] = list(captions)
     if "objects" in records[0]:  # miniature world: its labels say which names are kept or invented
         kept = np.sum([names_kept(c, r) for c, r in zip(captions, records)], axis=0)
         metrics["names_kept"] = float(kept[0] / max(1, kept[1]))
@@ -820,13 +828,15 @@ def generate_captions(model: Captioner, vocab: Vocab, bank: ImageBank, indices: 
     return captions, kept
 
 
-def evaluate(args: Args, model: Captioner, vocab: Vocab, bank: ImageBank, limit: int) -> tuple[dict, list[str], list[int]]:
-    """Metrics, captions and indices of the first `limit` images (0 = all) that can be read."""
+def evaluate(args: Args, model: Captioner, vocab: Vocab, bank: ImageBank, limit: int,
+             per_item: dict | None = None) -> tuple[dict, list[str], list[int]]:
+    """Metrics, captions and indices of the first `limit` images (0 = all) that can be read (per_item: see
+    caption_metrics)."""
     indices = list(range(len(bank.records) if limit <= 0 else min(limit, len(bank.records))))
     captions, kept = generate_captions(model, vocab, bank, indices, args.eval_beam)
     if not kept:
         raise BadSampleError(f"none of the {len(indices)} images to evaluate can be read ({bank.skipped.examples[:3]})")
-    return {**caption_metrics(args, bank, kept, captions), "images": len(kept)}, captions, kept
+    return {**caption_metrics(args, bank, kept, captions, per_item=per_item), "images": len(kept)}, captions, kept
 
 
 # ============================================================================================
@@ -1206,7 +1216,9 @@ def run_eval(args: Args, checkpoints: list[str], out: Path) -> dict:
         digest = weights_digest(payload)  # a fine-tuning's best.pt may be its last.pt, or the XE model (step 0)
         if digest not in done:
             model, vocab = model_from_checkpoint(payload, args.device)
-            done[digest] = evaluate(args, model, vocab, bank, args.eval_images)
+            items: dict = {}
+            metrics, captions, kept = evaluate(args, model, vocab, bank, args.eval_images, items)
+            done[digest] = {**metrics, "per_item": items}, captions, kept
         metrics, captions, kept = done[digest]
         models[name] = dict(metrics)
         lines = [json.dumps({"id": records[i]["id"], "image": str(image_path(records[i])), "caption": c,

@@ -15,8 +15,11 @@ results/<paper>/. Rows of papers not rerun are kept from an earlier run with the
 world, so `--papers dico` refreshes DiCO's rows alone. A verdict compares two means against their
 spread over seeds, by the one rule in common/claims.py (`verdict`): "held" when the difference has
 the claimed sign and exceeds the sum of the two standard deviations, "reversed" when it has the
-opposite sign by as much, "within seed spread" otherwise; with one seed there is no spread to judge
-against, and the row says "1 seed: no verdict" (run `--seeds 2` or more for verdicts).
+opposite sign by as much, "within seed spread" otherwise. With one seed there is no spread to judge
+against: the difference is judged against the test set's own noise instead, by a paired bootstrap over
+the test items (common/claims.py `paired_bootstrap`: "held on this seed", "reversed on this seed",
+"within test-set noise", with its 95% interval), which says nothing of seed-to-seed variance (run
+`--seeds 3` for that); a row without per-item values says "1 seed: no verdict".
 
 The miniature world is a controlled experiment, not the papers' data: a claim that holds here has
 been shown possible under controlled conditions; one that does not is a finding to explain (each
@@ -39,7 +42,8 @@ import numpy as np
 import torch
 import tyro
 
-from common.claims import Relation, mean_spread, reason, verdict
+from common.caption_metrics import plain_words
+from common.claims import Relation, mean_spread, paired_bootstrap, reason, verdict
 from common.clip_score import load_clip, ref_clip_s
 from common.clip_train import MINIATURE_MODEL, SCORER_TRAINING, TrainConfig, ensure_miniature_scorer
 from common.data import atomic_write_text, image_path, read_manifest
@@ -148,10 +152,30 @@ def world_markdown(runs: list[dict]) -> str:
 
 
 def claim_row(claim: str, metric: str, a_name: str, a: list[float], b_name: str, b: list[float],
-              relation: Relation, digits: int = 2) -> dict:
-    """One row of the claims table: the claim, what was compared, both numbers and the verdict."""
-    return {"claim": claim, "measured": f"{metric}: {a_name} {mean_spread(a, digits)} vs {b_name} {mean_spread(b, digits)}",
-            "verdict": verdict(a, b, relation), "why": reason(a, b, relation), "a": a, "b": b}
+              relation: Relation, digits: int = 2, items: tuple | None = None) -> dict:
+    """One row of the claims table: the claim, what was compared, both numbers and the verdict.
+
+    `items`: (a's, b's per-item values on one seed's test items[, statistic]), whose statistic (default: the mean)
+    is the metric; with one seed the verdict is then the paired bootstrap's over those items
+    (common.claims.paired_bootstrap), its 95% interval in the row."""
+    row = {"claim": claim, "measured": f"{metric}: {a_name} {mean_spread(a, digits)} vs {b_name} {mean_spread(b, digits)}",
+           "verdict": verdict(a, b, relation), "why": reason(a, b, relation), "a": a, "b": b}
+    if min(len(a), len(b)) == 1 and items is not None:
+        test = paired_bootstrap(items[0], items[1], relation, statistic=items[2] if len(items) > 2 else None)
+        low, high = test["interval"]
+        row.update(verdict=test["verdict"], bootstrap=test,
+                   why=f"difference {test['difference']:+.3g} in the claimed direction, 95% interval "
+                       f"[{low:+.3g}, {high:+.3g}] over {test['items']} test items")
+    elif min(len(a), len(b)) == 1:
+        row["why"] = "one seed, and no per-item values to judge the difference against the test set's noise"
+    return row
+
+
+def mean_over_tasks(items: list) -> float:
+    """The mean over tasks of each task's mean, from per-image rows [task 1's value, task 2's, ...] (None where an
+    image is not in a task): veclip's `zeroshot_attributes`, resampled by image."""
+    columns = [[value for value in column if value is not None] for column in zip(*items)]
+    return float(np.mean([np.mean(column) for column in columns if column]))
 
 
 # =============================================================================================
@@ -159,37 +183,62 @@ def claim_row(claim: str, metric: str, a_name: str, a: list[float], b_name: str,
 # =============================================================================================
 
 
+def paired(per_item: dict, a: str, b: str, metric: str, statistic=None) -> tuple | None:
+    """(a's, b's per-item values of `metric`[, statistic]) from a result's `per_item`, or None where it has none."""
+    if metric not in per_item.get(a, {}) or metric not in per_item.get(b, {}):
+        return None
+    return (per_item[a][metric], per_item[b][metric]) + ((statistic,) if statistic else ())
+
+
 def veclip_claims(result: dict) -> list[dict]:
-    c = result["conditions"]
-    alt, vec, llm_vec, mix = (c[k] for k in ("AltText", "VeC", "LLM-VeC", "AltText+LLM-VeC mix"))
+    c, items = result["conditions"], result.get("per_item", {})
+    names = ("AltText", "VeC", "LLM-VeC", "AltText+LLM-VeC mix")
+    alt, vec, llm_vec, mix = (c[k] for k in names)
+    pair = lambda a, b, metric, statistic=None: paired(items, a, b, metric, statistic)  # noqa: E731
     return [
         claim_row("Rewritten captions (LLM-VeC) train a better CLIP than alt-text", "I->T R@1 %",
-                  "LLM-VeC", llm_vec["i2t_R@1"], "AltText", alt["i2t_R@1"], ">", 1),
+                  "LLM-VeC", llm_vec["i2t_R@1"], "AltText", alt["i2t_R@1"], ">", 1,
+                  pair("LLM-VeC", "AltText", "i2t_R@1")),
         claim_row("Fusing alt-text into the VeC (LLM-VeC) beats the VeC alone", "I->T R@1 %",
-                  "LLM-VeC", llm_vec["i2t_R@1"], "VeC", vec["i2t_R@1"], ">", 1),
+                  "LLM-VeC", llm_vec["i2t_R@1"], "VeC", vec["i2t_R@1"], ">", 1, pair("LLM-VeC", "VeC", "i2t_R@1")),
         claim_row("The AltText/LLM-VeC mix keeps LLM-VeC's retrieval", "I->T R@1 %",
-                  "mix", mix["i2t_R@1"], "LLM-VeC", llm_vec["i2t_R@1"], ">=", 1),
+                  "mix", mix["i2t_R@1"], "LLM-VeC", llm_vec["i2t_R@1"], ">=", 1,
+                  pair(names[3], "LLM-VeC", "i2t_R@1")),
         claim_row("The mix adds zero-shot accuracy over LLM-VeC", "zero-shot attributes %",
-                  "mix", mix["zeroshot_attributes"], "LLM-VeC", llm_vec["zeroshot_attributes"], ">", 1),
+                  "mix", mix["zeroshot_attributes"], "LLM-VeC", llm_vec["zeroshot_attributes"], ">", 1,
+                  pair(names[3], "LLM-VeC", "zeroshot_attributes", mean_over_tasks)),
         claim_row("The mix keeps the alt-text's world knowledge (named entities)", "zero-shot emblem names %",
-                  "mix", mix["zeroshot_entity"], "LLM-VeC", llm_vec["zeroshot_entity"], ">", 1),
+                  "mix", mix["zeroshot_entity"], "LLM-VeC", llm_vec["zeroshot_entity"], ">", 1,
+                  pair(names[3], "LLM-VeC", "zeroshot_entity")),
     ]
+
+
+def distinct_words(captions: list[str]) -> float:
+    """dico.py's `vocab`: the distinct words (lower-cased, punctuation removed) over a set of captions."""
+    return float(len({word for caption in captions for word in plain_words(caption)}))
 
 
 def dico_claims(result: dict) -> list[dict]:
     seeds = list(result["per_seed"].values())
     column = lambda model, metric: [run[model][metric] for run in seeds]  # noqa: E731
+    items = {model: run["per_item"] for model, run in seeds[-1].items() if "per_item" in run}  # the last seed's
+    pair = lambda a, b, metric, statistic=None: paired(items, a, b, metric, statistic)  # noqa: E731
     return [
         claim_row("DiCO raises the CLIP-based score it optimises over the XE captioner", "PAC-S",
-                  "DiCO", column("dico/last", "PAC-S"), "XE", column("xe/best", "PAC-S"), ">", 3),
+                  "DiCO", column("dico/last", "PAC-S"), "XE", column("xe/best", "PAC-S"), ">", 3,
+                  pair("dico/last", "xe/best", "PAC-S")),
         claim_row("DiCO keeps the reference-based quality of XE", "CIDEr",
-                  "DiCO", column("dico/last", "CIDEr"), "XE", column("xe/best", "CIDEr"), ">=", 3),
+                  "DiCO", column("dico/last", "CIDEr"), "XE", column("xe/best", "CIDEr"), ">=", 3,
+                  pair("dico/last", "xe/best", "CIDEr")),
         claim_row("DiCO stays fluent where SCST on the same reward repeats itself", "repeated 3-grams / caption",
-                  "DiCO", column("dico/last", "rep_3gram"), "SCST", column("scst/last", "rep_3gram"), "<", 3),
+                  "DiCO", column("dico/last", "rep_3gram"), "SCST", column("scst/last", "rep_3gram"), "<", 3,
+                  pair("dico/last", "scst/last", "rep_3gram")),
         claim_row("DiCO keeps a more diverse vocabulary than SCST", "distinct words used",
-                  "DiCO", column("dico/last", "vocab"), "SCST", column("scst/last", "vocab"), ">", 1),
+                  "DiCO", column("dico/last", "vocab"), "SCST", column("scst/last", "vocab"), ">", 1,
+                  pair("dico/last", "scst/last", "captions", distinct_words)),
         claim_row("DiCO beats SCST on the reference-based CLIP score", "RefPAC-S",
-                  "DiCO", column("dico/last", "RefPAC-S"), "SCST", column("scst/last", "RefPAC-S"), ">", 3),
+                  "DiCO", column("dico/last", "RefPAC-S"), "SCST", column("scst/last", "RefPAC-S"), ">", 3,
+                  pair("dico/last", "scst/last", "RefPAC-S")),
     ]
 
 
@@ -197,43 +246,81 @@ def capsfusion_claims(result: dict) -> list[dict]:
     fusion = lambda captions, metric: [run[captions][metric] for run in result["fusion"]]  # noqa: E731
     at = lambda kind, index: [run["curves"][kind][index]["retrieval_R@5"] for run in result["scaling"]]  # noqa: E731
     largest = result["scaling"][0]["sizes"][-1]
+    last_fusion, last_curves = result["fusion"][-1], result["scaling"][-1]["curves"]  # the last seed's items
+    fusion_items = {name: row["per_item"] for name, row in last_fusion.items() if "per_item" in row}
+    point_items = lambda kind, index: last_curves[kind][index].get("per_item", {}).get("retrieval_R@5")  # noqa: E731
+
+    def fused(a: str, b: str, metric: str, statistic=None):
+        return paired(fusion_items, a, b, metric, statistic)
+
+    def trained(a: str, b: str):
+        return (point_items(a, -1), point_items(b, -1)) if point_items(a, -1) and point_items(b, -1) else None
+
     rows = [claim_row("The fusion keeps the raw caption's world knowledge that synthetic captions lose",
                       "names kept %", "fuser", fusion("fuser", "names_kept"), "synthetic",
-                      fusion("synthetic", "names_kept"), ">", 1),
+                      fusion("synthetic", "names_kept"), ">", 1, fused("fuser", "synthetic", "names_kept", percent_of_sums)),
             claim_row("The distilled fuser is as good as its teacher (ChatGPT in the paper)", "names kept %",
-                      "fuser", fusion("fuser", "names_kept"), "teacher", fusion("teacher", "names_kept"), ">=", 1),
+                      "fuser", fusion("fuser", "names_kept"), "teacher", fusion("teacher", "names_kept"), ">=", 1,
+                      fused("fuser", "teacher", "names_kept", percent_of_sums)),
             claim_row("Fused captions hallucinate less than synthetic captions", "hallucinated words / caption",
-                      "fuser", fusion("fuser", "hallucinated"), "synthetic", fusion("synthetic", "hallucinated"), "<", 2),
+                      "fuser", fusion("fuser", "hallucinated"), "synthetic", fusion("synthetic", "hallucinated"), "<", 2,
+                      fused("fuser", "synthetic", "hallucinated")),
             claim_row(f"Fused captions train a better model than raw captions ({largest} samples)", "retrieval R@5 %",
-                      "fused", at("fused", -1), "raw", at("raw", -1), ">", 1),
+                      "fused", at("fused", -1), "raw", at("raw", -1), ">", 1, trained("fused", "raw")),
             claim_row(f"... than synthetic captions ({largest} samples)", "retrieval R@5 %",
-                      "fused", at("fused", -1), "synthetic", at("synthetic", -1), ">", 1),
+                      "fused", at("fused", -1), "synthetic", at("synthetic", -1), ">", 1, trained("fused", "synthetic")),
             claim_row(f"... than the raw+synthetic mix ({largest} samples)", "retrieval R@5 %",
-                      "fused", at("fused", -1), "mix", at("raw+synthetic mix", -1), ">", 1)]
+                      "fused", at("fused", -1), "mix", at("raw+synthetic mix", -1), ">", 1,
+                      trained("fused", "raw+synthetic mix"))]
     if len(result["scaling"][0]["sizes"]) > 1:
         gain = lambda kind: [a - b for a, b in zip(at(kind, -1), at(kind, -2))]  # noqa: E731
+        each = {kind: [a - b for a, b in zip(point_items(kind, -1), point_items(kind, -2))]
+                for kind in ("fused", "synthetic") if point_items(kind, -1) and point_items(kind, -2)}
         rows.append(claim_row("Fused captions keep scaling where synthetic ones saturate", "R@5 gain over the last "
-                              "doubling of samples", "fused", gain("fused"), "synthetic", gain("synthetic"), ">", 1))
+                              "doubling of samples", "fused", gain("fused"), "synthetic", gain("synthetic"), ">", 1,
+                              (each["fused"], each["synthetic"]) if len(each) == 2 else None))
     return rows
 
 
+def percent_of_sums(items: list) -> float:
+    """100 * sum(kept) / sum(total) over per-item [kept, total] pairs (names kept %, a ratio of sums)."""
+    kept, total = np.sum(items, axis=0) if len(items) else (0, 0)
+    return 100.0 * float(kept) / max(float(total), 1.0)
+
+
+def miou_of_sums(items: list) -> float:
+    """mIoU in percent from per-image [true positives, predicted, labelled] pixel counts per class (clip_quality.py's
+    probe `per_item`): the mIoU of their summed confusion, classes neither labelled nor predicted skipped."""
+    true_positive, predicted, labelled = np.sum(np.asarray(items, dtype=float), axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = true_positive / (predicted + labelled - true_positive)
+    return 100 * float(np.nanmean(iou))
+
+
 def altogether_claims(result: dict) -> list[dict]:
-    rows = result["rows"]
+    rows, items = result["rows"], result.get("per_item", {})
     alt, with_alt, without = rows["alt-text (input)"], rows["Altogether w/ alt"], rows["Altogether w/o alt"]
     synthetic = rows["synthetic caption (world)"]
+    names = ("Altogether w/ alt", "alt-text (input)", "Altogether w/o alt", "synthetic caption (world)")
+    pair = lambda a, b, metric, statistic=None: paired(items, names[a], names[b], metric, statistic)  # noqa: E731
     return [
         claim_row("Re-aligned captions are better aligned with the image than the alt-text (the headline)",
-                  "CLIP-S x 100", "Altogether w/ alt", with_alt["CLIP-S"], "alt-text", alt["CLIP-S"], ">", 1),
+                  "CLIP-S x 100", "Altogether w/ alt", with_alt["CLIP-S"], "alt-text", alt["CLIP-S"], ">", 1,
+                  pair(0, 1, "CLIP-S")),
         claim_row("Re-aligning keeps the alt-text's proper names", "names kept %",
-                  "Altogether w/ alt", with_alt["names kept %"], "alt-text", alt["names kept %"], ">=", 1),
+                  "Altogether w/ alt", with_alt["names kept %"], "alt-text", alt["names kept %"], ">=", 1,
+                  pair(0, 1, "names kept %", percent_of_sums)),
         claim_row("... which a captioner without the alt-text cannot know", "names kept %",
-                  "w/ alt", with_alt["names kept %"], "w/o alt", without["names kept %"], ">", 1),
+                  "w/ alt", with_alt["names kept %"], "w/o alt", without["names kept %"], ">", 1,
+                  pair(0, 2, "names kept %", percent_of_sums)),
         claim_row("... and a synthetic caption lacks", "names kept %",
-                  "w/ alt", with_alt["names kept %"], "synthetic caption", synthetic["names kept %"], ">", 1),
+                  "w/ alt", with_alt["names kept %"], "synthetic caption", synthetic["names kept %"], ">", 1,
+                  pair(0, 3, "names kept %", percent_of_sums)),
         claim_row("Re-aligned captions hallucinate less than the alt-text", "hallucinated words / caption",
-                  "w/ alt", with_alt["hallucinated/caption"], "alt-text", alt["hallucinated/caption"], "<", 2),
+                  "w/ alt", with_alt["hallucinated/caption"], "alt-text", alt["hallucinated/caption"], "<", 2,
+                  pair(0, 1, "hallucinated/caption")),
         claim_row("The alt-text prompt helps the same model (with vs without alt-text)", "CIDEr x 100",
-                  "w/ alt", with_alt["CIDEr"], "w/o alt", without["CIDEr"], ">", 1),
+                  "w/ alt", with_alt["CIDEr"], "w/o alt", without["CIDEr"], ">", 1, pair(0, 2, "CIDEr")),
     ]
 
 
@@ -242,24 +329,38 @@ def clip_quality_claims(result: dict) -> list[dict]:
     regime_of = {run["checkpoint"]: run["regime"] for run in pre}
     probes = [{**row, "regime": regime_of.get(row["checkpoint"], row["checkpoint"])} for row in result["probe"]]
     by = lambda rows, regime, key: [r[key] for r in rows if r["regime"] == regime]  # noqa: E731
+    hits = {r["regime"]: r["per_item"]["i2t_R@1"] for r in pre if "per_item" in r}  # the last seed's per-image hits
+    probe_items = {row["regime"]: row["per_item"] for row in probes if "per_item" in row}  # the last seed's
+
+    def probed(a: str, b: str, metric: str, statistic=None):
+        return paired(probe_items, a, b, metric, statistic)
+
     rows = [claim_row("Training on quality (synthetic) captions gives a better CLIP", "I->T R@1 %",
-                      "DataCompDR", by(pre, "datacompdr", "i2t_R@1"), "DataComp", by(pre, "datacomp", "i2t_R@1"), ">", 1),
+                      "DataCompDR", by(pre, "datacompdr", "i2t_R@1"), "DataComp", by(pre, "datacomp", "i2t_R@1"), ">", 1,
+                      (hits["datacompdr"], hits["datacomp"]) if len(hits) == 2 else None),
             claim_row("Its image encoder transfers better to segmentation", "probe mIoU %",
-                      "DataCompDR", by(probes, "datacompdr", "mIoU"), "DataComp", by(probes, "datacomp", "mIoU"), ">", 1),
+                      "DataCompDR", by(probes, "datacompdr", "mIoU"), "DataComp", by(probes, "datacomp", "mIoU"), ">", 1,
+                      probed("datacompdr", "datacomp", "mIoU", miou_of_sums)),
             claim_row("... and to depth estimation", "probe depth RMSE (m)",
-                      "DataCompDR", by(probes, "datacompdr", "depth_RMSE"), "DataComp", by(probes, "datacomp", "depth_RMSE"), "<", 3),
+                      "DataCompDR", by(probes, "datacompdr", "depth_RMSE"), "DataComp", by(probes, "datacomp", "depth_RMSE"), "<", 3,
+                      probed("datacompdr", "datacomp", "depth_RMSE")),
             claim_row("(control) pretraining helps dense probes at all", "probe mIoU %",
-                      "DataCompDR", by(probes, "datacompdr", "mIoU"), "random init", by(probes, "random", "mIoU"), ">", 1)]
+                      "DataCompDR", by(probes, "datacompdr", "mIoU"), "random init", by(probes, "random", "mIoU"), ">", 1,
+                      probed("datacompdr", "random", "mIoU", miou_of_sums))]
     efficiency = result["efficiency"]
     sizes = sorted({r["train_images"] for r in efficiency})
     if len(sizes) > 1:
         small, large = sizes[0], sizes[-1]
-        pick = lambda regime, n: [r["mIoU"] for r in efficiency if r["regime"] == regime and r["train_images"] == n]  # noqa: E731
+        pick = lambda regime, n, key="mIoU": [r[key] for r in efficiency  # noqa: E731
+                                               if r["regime"] == regime and r["train_images"] == n and key in r]
+        small_items, large_items = pick("datacompdr", small, "per_item"), pick("datacomp", large, "per_item")
         rows.append(claim_row(f"Data efficiency: DataCompDR on {small} images transfers as well as DataComp on {large}",
                               "probe mIoU %", f"DataCompDR n={small}", pick("datacompdr", small),
-                              f"DataComp n={large}", pick("datacomp", large), ">=", 1))
+                              f"DataComp n={large}", pick("datacomp", large), ">=", 1,
+                              (small_items[-1]["mIoU"], large_items[-1]["mIoU"], miou_of_sums)
+                              if small_items and large_items else None))
     control = rows[3]
-    if control["verdict"] in ("reversed", "within seed spread"):  # no transfer at all: which encoder transfers better is moot
+    if control["verdict"] in ("reversed", "within seed spread", "reversed on this seed", "within test-set noise"):  # no transfer at all: which encoder transfers better is moot
         for row in rows[1:3] + rows[4:]:
             row["verdict"], row["why"] = "untestable (the control fails)", "pretrained encoders probe no better than an untrained one"
     attention = result["attention"]
@@ -271,14 +372,22 @@ def clip_quality_claims(result: dict) -> list[dict]:
                               "DataComp", local("datacomp"), "<", 1))
     baselines = result.get("baselines", {})
     dr_probes = by(probes, "datacompdr", "mIoU")
+    floor = baselines.get("per_item", {})  # the baselines' per-image shares, on the probes' test images
+
+    def against_floor(metric: str, key: str, statistic=None):
+        ours = probe_items.get("datacompdr", {}).get(metric)
+        return (ours, floor[key]) + ((statistic,) if statistic else ()) if ours and key in floor else None
+
     if "majority_class_mIoU" in baselines:  # a deterministic number: the same for every seed
         rows.append(claim_row("(baseline) the segmentation probe beats predicting all background (the majority class)",
                               "probe mIoU %", "DataCompDR", dr_probes, "all background",
-                              [baselines["majority_class_mIoU"]] * len(dr_probes), ">", 1))
+                              [baselines["majority_class_mIoU"]] * len(dr_probes), ">", 1,
+                              against_floor("mIoU", "majority_class_mIoU", miou_of_sums)))
     if "position_only_depth_RMSE" in baselines:
         rows.append(claim_row("(baseline) the depth probe beats each pixel's mean training depth (position only)",
                               "probe depth RMSE (m)", "DataCompDR", by(probes, "datacompdr", "depth_RMSE"),
-                              "position only", [baselines["position_only_depth_RMSE"]] * len(dr_probes), "<", 3))
+                              "position only", [baselines["position_only_depth_RMSE"]] * len(dr_probes), "<", 3,
+                              against_floor("depth_RMSE", "position_only_depth_RMSE")))
     return rows
 
 
@@ -334,12 +443,19 @@ def claims_markdown(papers: dict[str, dict], world_runs: list[dict], seeds: int,
                     plots: list[str]) -> str:
     """The claims table (verdict and one line of why per row), the time of every stage, and links to the plots."""
     lines = [f"# The papers' claims in the miniature world ({seeds} seed{'s' * (seeds > 1)}, {minutes:.1f} min)", "",
-             "A controlled experiment, not the papers' data. Verdict: `held` when the difference has the claimed sign "
-             "and exceeds the sum of the two standard deviations over seeds; `reversed` when the opposite does; "
-             "`within seed spread` otherwise; `untestable` when the claim's own control fails (no transfer to "
-             "compare); `1 seed: no verdict` with one seed (run `--seeds 3`). Rows marked (baseline) or (control) "
-             "bound the claims above them. Why each row comes out as it does: docs/<paper>.md.", "",
-             "| paper | claim | measured (mean ± std over seeds) | verdict | why |", "|---|---|---|---|---|"]
+             "A controlled experiment, not the papers' data. Verdict over several seeds: `held` when the difference "
+             "has the claimed sign and exceeds the sum of the two standard deviations over seeds; `reversed` when "
+             "the opposite does; `within seed spread` otherwise. With one seed: a paired bootstrap over the test "
+             "items (the same items under both arms, 1,000 seeded resamples; the 95% interval of the difference, "
+             "in the claimed direction, is in the row): `held on this seed` when the interval is above 0, "
+             "`reversed on this seed` when below, `within test-set noise` when it holds 0 (for `>=`, not worse: "
+             "reversed only when the whole interval is below 0). That interval covers which test items were drawn, "
+             "not what another seed would train: seed-to-seed variance needs `--seeds 3`. `untestable` when the "
+             "claim's own control fails (no transfer to compare); `1 seed: no verdict` where a row has no per-item "
+             "values. Rows marked (baseline) or (control) bound the claims above them. Why each row comes out as it "
+             "does: docs/<paper>.md.", "",
+             f"| paper | claim | measured ({'mean ± std over seeds' if seeds > 1 else 'one seed'}) | verdict | why |",
+             "|---|---|---|---|---|"]
     for paper, run in papers.items():
         for row in run["claims"]:
             lines.append(f"| {paper} | {row['claim']} | {row['measured']} | {row['verdict']} | {row.get('why', '')} |")

@@ -547,24 +547,33 @@ def model_label(args: Args) -> str:
     return str(args.checkpoint or Path(args.out) / "checkpoint.pt")
 
 
-def evaluate(model, tokenizer, preprocess, records: list[dict], args: Args, images: torch.Tensor | None = None) -> dict:
+def evaluate(model, tokenizer, preprocess, records: list[dict], args: Args, images: torch.Tensor | None = None,
+             per_item: dict | None = None) -> dict:
     """Retrieval R@1/5/10 over every reference in `text_field`, zero-shot accuracy (the world's tasks, or
     `class_field` with the `templates` ensemble), computed on the model's device. `images`: preprocessed pixels.
-    Non-finite embeddings (a diverged model) are an error naming the model, not R@K = 100."""
+    Non-finite embeddings (a diverged model) are an error naming the model, not R@K = 100. `per_item` receives each
+    test item's value of every metric (zeroshot_attributes: per image [background, shape, color], None where the
+    image is not in a task)."""
     device, name = model_device(model), model_label(args)
     images = ImageRows(records, preprocess) if images is None else images  # decoded batch by batch
     img_emb = encode_images(model, images, device=device, workers=args.workers)  # (N, E)
     texts, text_to_image = references(records, args.text_field)
     # I->T: a hit when any of the image's captions is among the top K of all T; T->I: each caption's image
+    items: dict = {} if per_item is None else per_item
     metrics = retrieval_metrics(img_emb, encode_texts(model, tokenizer, texts, device=device), text_to_image,
-                                name=name)  # step 4
+                                name=name, per_item=items)  # step 4
     if "objects" in records[0]:  # a miniature world: attribute tasks and the named-entity task, own templates
-        for task, spec in zero_shot_tasks(records).items():
+        tasks = zero_shot_tasks(records)
+        for task, spec in tasks.items():
             if spec["indices"]:
                 metrics[f"zeroshot_{task}"] = zero_shot_accuracy(model, tokenizer, img_emb[spec["indices"]],
                                                                  spec["classes"], spec["templates"], spec["labels"],
-                                                                 device, name=name)
-        metrics["zeroshot_attributes"] = float(np.mean([metrics[f"zeroshot_{t}"] for t in ("background", "shape", "color")]))
+                                                                 device, name=name,
+                                                                 per_item=items.setdefault(f"zeroshot_{task}", []))
+        attributes = ("background", "shape", "color")
+        metrics["zeroshot_attributes"] = float(np.mean([metrics[f"zeroshot_{t}"] for t in attributes]))
+        at = [dict(zip(tasks[t]["indices"], items[f"zeroshot_{t}"])) for t in attributes]
+        items["zeroshot_attributes"] = [[task.get(i) for task in at] for i in range(len(records))]
     elif args.class_field:
         names = class_names(records, args.class_field)
         classes = sorted(set(names))
@@ -672,7 +681,7 @@ def conditions_figure(summary: dict, chance: dict):
 def run_miniature(args: Args) -> dict:
     """Train the same CLIP on each caption condition of the world, seeds 0..seeds-1; write the table and the plot."""
     began, out = time.time(), Path(args.out)
-    runs = {condition: [] for condition in CONDITIONS}
+    runs, per_item = {condition: [] for condition in CONDITIONS}, {}
     for seed in range(args.seeds):
         folder = ensure_world(dataclasses.replace(args.world, seed=seed))
         train_records, test_records = read_manifest(folder / "train.jsonl"), read_manifest(folder / "test.jsonl")
@@ -685,7 +694,9 @@ def run_miniature(args: Args) -> dict:
             run_args = dataclasses.replace(args, alt_field=alt_field, llm_vec_field=llm_vec_field, p_alt=p_alt,
                                            seed=seed, resume=False, out=str(out / f"seed{seed}" / slug))
             model, preprocess, tokenizer, train_log = train(run_args, columns, pixel_cache)
-            metrics = evaluate(model, tokenizer, preprocess, test_records, run_args, images=test_pixels)
+            per_item[condition] = {}  # the last seed's, for a one-seed verdict (reproduce.py's paired bootstrap)
+            metrics = evaluate(model, tokenizer, preprocess, test_records, run_args, images=test_pixels,
+                               per_item=per_item[condition])
             metrics.update(final_loss=train_log["history"][-1]["loss"], train_seconds=train_log["train_seconds"])
             runs[condition].append(metrics)
             print(f"seed {seed} {condition}: " + ", ".join(f"{k} {metrics[k]:.1f}" for k in COLUMNS), flush=True)
@@ -695,7 +706,7 @@ def run_miniature(args: Args) -> dict:
     atomic_write_text(out / "results.md", table)
     plot = out / "conditions.png"
     conditions_figure(summary, chance_levels(test_records)).savefig(plot, dpi=120)
-    results = {"conditions": summary, "seeds": args.seeds, "steps": args.steps, "batch_size": args.batch_size,
+    results = {"conditions": summary, "per_item": per_item, "seeds": args.seeds, "steps": args.steps, "batch_size": args.batch_size,
                "model": args.model, "world": dataclasses.asdict(args.world), "seconds": seconds, "plot": str(plot)}
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     print(table)

@@ -83,7 +83,7 @@ def warn_once(reason: str) -> None:
 
 
 def coco_scores(references: Mapping[Hashable, Sequence[str]], candidates: Mapping[Hashable, str], *, scale: float,
-                metrics: Iterable[str] = ALL_METRICS) -> dict:
+                metrics: Iterable[str] = ALL_METRICS, per_item: dict | None = None) -> dict:
     """COCO caption metrics of `candidates` ({id: caption}) against `references` ({id: [caption, ...]}).
 
     scale: what each score is multiplied by. COCOEvalCap reports fractions (scale=1.0: BLEU in [0, 1], CIDEr
@@ -93,6 +93,9 @@ def coco_scores(references: Mapping[Hashable, Sequence[str]], candidates: Mappin
     Returns {metric: score, ..., "tokenizer": PTB_LABEL or FALLBACK_LABEL, "backend": "pycocoevalcap <version>"},
     and "omitted": {metric: why} when a metric asked for could not be computed (SPICE without its jars; METEOR
     and SPICE without Java). Captions are scored as given: an empty candidate scores 0, as in COCOEvalCap.
+    per_item: when given, receives ROUGE-L's and CIDEr's score of each candidate (times scale, in the order of
+    `candidates`), whose means are their corpus scores (CIDEr-D's document frequencies come from the references
+    alone); BLEU and METEOR are corpus statistics, not means, and have none.
     """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -129,7 +132,10 @@ def coco_scores(references: Mapping[Hashable, Sequence[str]], candidates: Mappin
         scores.update({f"BLEU-{n}": bleu[n - 1] for n in range(1, 5)})
     for name, scorer in (("METEOR", Meteor), ("ROUGE-L", Rouge), ("CIDEr", Cider), ("SPICE", Spice)):
         if name in wanted and name not in omitted:  # Meteor() and Spice() start Java only when constructed
-            scores[name] = scorer().compute_score(gts, res)[0]
+            scores[name], each = scorer().compute_score(gts, res)
+            if per_item is not None and name in ("ROUGE-L", "CIDEr"):  # each: in the order of gts' keys
+                position = {key: i for i, key in enumerate(gts)}
+                per_item[name] = [scale * float(each[position[key]]) for key in ids]
     result = {m: scale * float(scores[m]) for m in wanted if m in scores}
     result["tokenizer"] = PTB_LABEL if reason is None else FALLBACK_LABEL
     result["backend"] = f"pycocoevalcap {importlib.metadata.version('pycocoevalcap')}"

@@ -463,8 +463,11 @@ def check_embeddings(embeddings: torch.Tensor, what: str) -> None:
 
 
 def retrieval_metrics(img_emb: torch.Tensor, txt_emb: torch.Tensor, text_to_image: Sequence[int] | None = None,
-                      ks: Sequence[int] = (1, 5, 10), chunk: int = 4096, name: str = "the model") -> dict:
+                      ks: Sequence[int] = (1, 5, 10), chunk: int = 4096, name: str = "the model",
+                      per_item: dict | None = None) -> dict:
     """Zero-shot retrieval recall@K in percent, both directions; non-finite embeddings of model `name` are refused.
+    `per_item`, when given, receives each query's hit in percent (100 or 0; i2t per image, t2i per text) under the
+    same keys, whose means are the metrics: what a paired bootstrap over the test items resamples.
 
     `text_to_image[t]` is the image of text t (default: text t belongs to image t). Image->text
     counts a hit when any of the image's texts is in the top K; text->image when its image is.
@@ -488,38 +491,43 @@ def retrieval_metrics(img_emb: torch.Tensor, txt_emb: torch.Tensor, text_to_imag
     i2t_rank = torch.zeros(len(img_emb), dtype=torch.long)
     for first in range(0, len(txt_emb), chunk):
         i2t_rank += (img_emb @ txt_emb[first:first + chunk].t() > best_correct[:, None]).sum(dim=1)
-    out = {}
-    for k in ks:
-        out[f"i2t_R@{k}"] = 100.0 * (i2t_rank < k).float().mean().item()
-        out[f"t2i_R@{k}"] = 100.0 * (t2i_rank < k).float().mean().item()
-    return out
+    hits = {f"{direction}_R@{k}": 100.0 * (rank < k).float() for k in ks
+            for direction, rank in (("i2t", i2t_rank), ("t2i", t2i_rank))}
+    if per_item is not None:
+        per_item.update({key: value.tolist() for key, value in hits.items()})
+    return {key: value.mean().item() for key, value in hits.items()}
 
 
 def zero_shot_accuracy(model, tokenizer, img_emb: torch.Tensor, classes: Sequence[str], templates: Sequence[str],
-                       labels: Sequence[int], device: str = "cpu", name: str = "the model") -> float:
+                       labels: Sequence[int], device: str = "cpu", name: str = "the model",
+                       per_item: list | None = None) -> float:
     """Top-1 accuracy in percent: each class is the mean of its prompt embeddings (CLIP's ensembling); non-finite
-    embeddings of model `name` are refused."""
+    embeddings of model `name` are refused. `per_item`, when given, receives each image's 100 (right) or 0."""
     check_embeddings(img_emb, f"image embeddings of {name}")
     prompts = [template.format(class_name) for class_name in classes for template in templates]
     class_emb = encode_texts(model, tokenizer, prompts, device=device).view(len(classes), len(templates), -1)
     check_embeddings(class_emb.flatten(0, 1), f"class prompt embeddings of {name}")
     class_emb = F.normalize(class_emb.mean(dim=1), dim=-1)  # (C, E)
-    predictions = (img_emb @ class_emb.t()).argmax(dim=1)
-    return 100.0 * (predictions == torch.as_tensor(labels)).float().mean().item()
+    correct = 100.0 * ((img_emb @ class_emb.t()).argmax(dim=1) == torch.as_tensor(labels)).float()
+    if per_item is not None:
+        per_item.extend(correct.tolist())
+    return correct.mean().item()
 
 
 def evaluate_world(model, tokenizer, preprocess, records: Sequence[dict], text_field: str = "caption",
                    images: "torch.Tensor | ImageRows | None" = None, device: str = "cpu",
-                   name: str = "the model") -> dict:
-    """Retrieval against `text_field` and the world's zero-shot tasks on miniature-world records (model `name`)."""
+                   name: str = "the model", per_item: dict | None = None) -> dict:
+    """Retrieval against `text_field` and the world's zero-shot tasks on miniature-world records (model `name`);
+    `per_item`, when given, receives every metric's per-item values (retrieval_metrics, zero_shot_accuracy)."""
     img_emb = encode_images(model, ImageRows(records, preprocess) if images is None else images, device=device)
     txt_emb = encode_texts(model, tokenizer, texts_of(records, text_field), device=device)
-    metrics = retrieval_metrics(img_emb, txt_emb, name=name)
+    metrics = retrieval_metrics(img_emb, txt_emb, name=name, per_item=per_item)
     for task, spec in zero_shot_tasks(list(records)).items():
         if spec["indices"]:
+            correct = per_item.setdefault(f"zeroshot_{task}", []) if per_item is not None else None
             metrics[f"zeroshot_{task}"] = zero_shot_accuracy(model, tokenizer, img_emb[spec["indices"]],
                                                              spec["classes"], spec["templates"], spec["labels"], device,
-                                                             name=name)
+                                                             name=name, per_item=correct)
     return metrics
 
 

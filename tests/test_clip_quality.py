@@ -750,7 +750,10 @@ def test_trivial_baselines_by_hand(tmp_path):
     first = math.sqrt((16 * 7 * 1.0 ** 2 + 16 * (2 - column_15) ** 2) / 256)  # 2 m everywhere
     second = 2.0  # 4 m on columns 0-7, the rest invalid
     assert baselines["position_only_depth_RMSE"] == pytest.approx((first + second) / 2, rel=1e-6)
-    assert cq.trivial_baselines(*sets, ("depth",), args).keys() == {"position_only_depth_RMSE"}
+    assert baselines["per_item"]["position_only_depth_RMSE"] == pytest.approx([first, second], rel=1e-6)
+    shares = baselines["per_item"]["majority_class_mIoU"]  # per test image: [TP, predicted, labelled] per class
+    assert len(shares) == 2 and np.sum(shares, axis=0).tolist() == [[0, 256, 0], [0, 512, 0], [256, 256, 0]]
+    assert cq.trivial_baselines(*sets, ("depth",), args).keys() == {"position_only_depth_RMSE", "per_item"}
 
 
 def test_random_baseline_takes_the_checkpoints_architecture(tmp_path, monkeypatch):

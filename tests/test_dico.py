@@ -596,7 +596,7 @@ def test_explicit_flags_win_over_the_miniature_preset():
 def test_xe_keeps_the_best_validation_cider_and_dico_the_best_refpacs(scorer, tmp_path, monkeypatch):
     script = iter([(0.1, 0.1), (0.5, 0.2), (0.2, 0.6)] * 2)  # (CIDEr, RefPAC-S) at steps 0, 2, 4
 
-    def scripted(args, bank, indices, captions):
+    def scripted(args, bank, indices, captions, per_item=None):
         cider, ref_pac_s = next(script)
         return {"CIDEr": cider, "RefPAC-S": ref_pac_s}
 

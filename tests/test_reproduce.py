@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 import reproduce
@@ -65,12 +66,16 @@ def test_main_job_runs_every_paper_on_a_tiny_world(tmp_path):
     ]
     report = reproduce.main(["--seeds", "1", *TINY_WORLD, *SCORER, "--out", str(tmp_path), "--paper-args", *paper_args])
     assert set(report["papers"]) == set(reproduce.PAPERS)
+    one_seed = {"held on this seed", "reversed on this seed", "within test-set noise"}
     for paper, run in report["papers"].items():
-        verdicts = {row["verdict"].split(" (")[0] for row in run["claims"]}
-        assert verdicts == {"1 seed: no verdict"}, paper  # one seed: no spread to judge against
+        # one seed: each claim with per-item values is judged by the paired bootstrap; only rows without any
+        # (clip_quality's attention and trivial baselines) or moot ones (a failed control) are left unjudged
+        judged = [row for row in run["claims"] if "bootstrap" in row]
+        assert all(row["verdict"] in one_seed or row["verdict"].startswith("untestable") for row in judged), paper
+        assert len(judged) >= {"clip_quality": 4}.get(paper, len(run["claims"])), (paper, run["claims"])
         assert (tmp_path / paper / "results.md").exists()
     table = (tmp_path / "claims.md").read_text()
-    assert all(table.count(f"| {paper} |") >= 4 for paper in reproduce.PAPERS) and "1 seed: no verdict" in table
+    assert all(table.count(f"| {paper} |") >= 4 for paper in reproduce.PAPERS) and "95% interval" in table
     assert (tmp_path / "clip_quality-attention.png").exists()
 
 
@@ -89,3 +94,48 @@ def test_reuse_judges_saved_results_without_running(tmp_path):
     assert [row["verdict"] for row in claims] == ["held", "held", "reversed", "reversed", "within seed spread"]
     assert claims[0]["measured"] == "I->T R@1 %: LLM-VeC 18.5 ± 0.5 vs AltText 1.5 ± 0.5"
     assert "| veclip | The AltText/LLM-VeC mix keeps LLM-VeC's retrieval |" in (tmp_path / "claims.md").read_text()
+
+
+def test_one_seed_rows_are_judged_by_a_paired_bootstrap_over_the_test_items(tmp_path):
+    """--seeds 1 with per-item values: each row's verdict and 95% interval come from common.claims.paired_bootstrap
+    (hand-made hits: 20 test images); a metric without per-item values keeps '1 seed: no verdict'."""
+    hits = lambda *on: [100.0 if i in on else 0.0 for i in range(20)]  # noqa: E731
+    every, none, half = hits(*range(20)), hits(), hits(*range(10))
+    conditions = {name: {"i2t_R@1": [sum(h) / 20], "zeroshot_attributes": [50.0], "zeroshot_entity": [10.0]}
+                  for name, h in (("AltText", none), ("VeC", half), ("LLM-VeC", half), ("AltText+LLM-VeC mix", none))}
+    attributes = [[100.0, None, 0.0]] * 20  # per image [background, shape, color]: 50 for every arm
+    per_item = {name: {"i2t_R@1": h, "zeroshot_attributes": attributes}
+                for name, h in (("AltText", none), ("VeC", every), ("LLM-VeC", half), ("AltText+LLM-VeC mix", none))}
+    per_item["VeC"]["i2t_R@1"] = half
+    (tmp_path / "veclip").mkdir()
+    (tmp_path / "veclip" / "results.json").write_text(json.dumps({"conditions": conditions, "per_item": per_item,
+                                                                   "seconds": 60.0}))
+    report = reproduce.main(["--seeds", "1", *TINY_WORLD, *SCORER, "--papers", "veclip", "--reuse",
+                             "--out", str(tmp_path)])
+    claims = report["papers"]["veclip"]["claims"]
+    assert [row["verdict"] for row in claims] == ["held on this seed", "within test-set noise",
+                                                  "reversed on this seed", "within test-set noise",
+                                                  "1 seed: no verdict"]
+    assert claims[0]["bootstrap"]["difference"] == 50.0 and claims[0]["bootstrap"]["items"] == 20
+    assert claims[1]["bootstrap"]["interval"] == [0.0, 0.0]  # the same hits under both arms: nothing to resample
+    assert "95% interval" in claims[0]["why"] and "no per-item values" in claims[4]["why"]
+    assert "paired bootstrap over the test items" in (tmp_path / "claims.md").read_text()
+
+
+def test_the_bootstrap_statistics_equal_the_papers_metrics():
+    """Resampled statistics that are not means reproduce the metric they stand for on the full set."""
+    import torch
+
+    import clip_quality
+
+    rng = np.random.default_rng(0)
+    masks, preds = rng.integers(0, 4, (5, 6, 6)), rng.integers(0, 4, (5, 6, 6))
+    masks[0, 0, 0] = 255  # an ignored pixel
+    confusions = [clip_quality.confusion_matrix(torch.as_tensor(p), torch.as_tensor(m), 4, 255)
+                  for p, m in zip(preds, masks)]
+    items = [[c.diag().tolist(), c.sum(0).tolist(), c.sum(1).tolist()] for c in confusions]
+    expected = clip_quality.segmentation_metrics(sum(confusions))["mIoU"]
+    assert reproduce.miou_of_sums(items) == pytest.approx(expected)
+    assert reproduce.percent_of_sums([[1, 2], [0, 0], [3, 6]]) == pytest.approx(50.0)
+    assert reproduce.mean_over_tasks([[100.0, None], [0.0, 100.0], [100.0, 0.0]]) == pytest.approx((200 / 3 + 50) / 2)
+    assert reproduce.distinct_words(["A red bus.", "a RED car"]) == 4.0
