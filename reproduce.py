@@ -51,6 +51,7 @@ from common.miniature import SWAP_TYPES, WorldConfig, ensure_world, hallucinated
 
 VARIANTS = ("caption", "alt_text", "synthetic_caption", "fused")
 SWAP_TARGET = 90.0  # % of one-swap pairs the scorer should rank right, per swap type
+SWAP_BLIND = 80.0  # below this % a swap type is a blind spot of the scorer, named on the claims that rest on it
 Paper = Literal["veclip", "capsfusion", "altogether", "dico", "clip_quality"]
 PAPERS: tuple[Paper, ...] = ("veclip", "capsfusion", "altogether", "dico", "clip_quality")
 
@@ -159,7 +160,7 @@ def claim_row(claim: str, metric: str, a_name: str, a: list[float], b_name: str,
     is the metric; with one seed the verdict is then the paired bootstrap's over those items
     (common.claims.paired_bootstrap), its 95% interval in the row."""
     row = {"claim": claim, "measured": f"{metric}: {a_name} {mean_spread(a, digits)} vs {b_name} {mean_spread(b, digits)}",
-           "verdict": verdict(a, b, relation), "why": reason(a, b, relation), "a": a, "b": b}
+           "metric": metric, "verdict": verdict(a, b, relation), "why": reason(a, b, relation), "a": a, "b": b}
     if min(len(a), len(b)) == 1 and items is not None:
         test = paired_bootstrap(items[0], items[1], relation, statistic=items[2] if len(items) > 2 else None)
         low, high = test["interval"]
@@ -439,6 +440,27 @@ def run_paper(paper: str, args: Args, extra: list[str]) -> dict:
     return {"minutes": minutes, "argv": argv, "claims": CLAIMS[paper](result)}
 
 
+# The metrics that are the world's scorer judging a caption (its CLIP-S, or PAC-S / RefPAC-S with the same weights):
+# each depends on the scorer telling apart every kind of word a caption holds, so on every swap type
+SCORER_METRICS = ("CLIP-S x 100", "PAC-S", "RefPAC-S")
+
+
+def blind_spots(world_runs: list[dict]) -> dict[str, float]:
+    """The swap types the world's scorer gets right on fewer than SWAP_BLIND % of images (mean over seeds)."""
+    accuracy = {kind: float(np.mean([r["scorer"][f"swap_{kind}"] for r in world_runs]))
+                for kind in SWAP_TYPES if all(f"swap_{kind}" in r["scorer"] for r in world_runs)}
+    return {kind: value for kind, value in accuracy.items() if value < SWAP_BLIND}
+
+
+def blind_spot_note(row: dict, spots: dict[str, float]) -> str:
+    """What a row's metric cannot see: the scorer's blind spots, for a metric that is the scorer's judgement."""
+    if row.get("metric") not in SCORER_METRICS or not spots:
+        return ""
+    listed = ", ".join(f"{kind} {value:.1f}%" for kind, value in sorted(spots.items(), key=lambda kv: kv[1]))
+    return (f" Scorer blind spots (swap test < {SWAP_BLIND:.0f}%: {listed}): a caption's words of those kinds barely "
+            "move this metric, so a difference that rests on them cannot show.")
+
+
 def claims_markdown(papers: dict[str, dict], world_runs: list[dict], seeds: int, minutes: float,
                     plots: list[str]) -> str:
     """The claims table (verdict and one line of why per row), the time of every stage, and links to the plots."""
@@ -452,13 +474,16 @@ def claims_markdown(papers: dict[str, dict], world_runs: list[dict], seeds: int,
              "reversed only when the whole interval is below 0). That interval covers which test items were drawn, "
              "not what another seed would train: seed-to-seed variance needs `--seeds 3`. `untestable` when the "
              "claim's own control fails (no transfer to compare); `1 seed: no verdict` where a row has no per-item "
-             "values. Rows marked (baseline) or (control) bound the claims above them. Why each row comes out as it "
-             "does: docs/<paper>.md.", "",
+             "values. Rows marked (baseline) or (control) bound the claims above them. A row whose metric is the "
+             f"world scorer's judgement (CLIP-S, PAC-S, RefPAC-S) names the scorer's blind spots: the swap types "
+             f"it ranks right on fewer than {SWAP_BLIND:.0f}% of test images (world.md). Why each row comes out as "
+             "it does: docs/<paper>.md.", "",
              f"| paper | claim | measured ({'mean ± std over seeds' if seeds > 1 else 'one seed'}) | verdict | why |",
              "|---|---|---|---|---|"]
     for paper, run in papers.items():
         for row in run["claims"]:
-            lines.append(f"| {paper} | {row['claim']} | {row['measured']} | {row['verdict']} | {row.get('why', '')} |")
+            why = row.get("why", "") + blind_spot_note(row, blind_spots(world_runs))
+            lines.append(f"| {paper} | {row['claim']} | {row['measured']} | {row['verdict']} | {why} |")
     lines += ["", "## Time of each stage", "", "| stage | minutes | command |", "|---|---|---|"]
     for stage, text in (("world", "build the miniature world (cached)"), ("scorer", "train the world's scorer (cached)"),
                         ("variants", "score the caption variants")):
@@ -501,7 +526,8 @@ def main(argv=None) -> dict:
         print(f"[{index}/{len(args.papers)}] {paper} ({time.time() - start:.0f} s so far)", flush=True)
         papers[paper] = run_paper(paper, args, extra.get(paper, []))
     minutes = (time.time() - start) / 60
-    report = {"world": world, "papers": papers, "minutes": minutes, "seeds": args.seeds}
+    report = {"world": world, "papers": papers, "minutes": minutes, "seeds": args.seeds,
+              "scorer_blind_spots": blind_spots(runs)}
     atomic_write_text(out / "claims.json", json.dumps(report, indent=1))
     plots = []
     for png in sorted(out.glob("*/*.png")):  # the papers' plots side by side, linked from claims.md

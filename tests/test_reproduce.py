@@ -139,3 +139,16 @@ def test_the_bootstrap_statistics_equal_the_papers_metrics():
     assert reproduce.percent_of_sums([[1, 2], [0, 0], [3, 6]]) == pytest.approx(50.0)
     assert reproduce.mean_over_tasks([[100.0, None], [0.0, 100.0], [100.0, 0.0]]) == pytest.approx((200 / 3 + 50) / 2)
     assert reproduce.distinct_words(["A red bus.", "a RED car"]) == 4.0
+
+
+def test_rows_scored_by_the_world_scorer_name_its_blind_spots():
+    """The swap types the scorer ranks right on fewer than 80% of images (mean over seeds) are named on the rows
+    whose metric is the scorer's own judgement, and only there."""
+    runs = [{"scorer": {"swap_color": 97.0, "swap_shape": 52.0, "swap_position": 60.0}},
+            {"scorer": {"swap_color": 95.0, "swap_shape": 54.0, "swap_position": 99.0}}]
+    spots = reproduce.blind_spots(runs)
+    assert spots == {"shape": 53.0, "position": 79.5}
+    row = reproduce.claim_row("c", "CLIP-S x 100", "a", [1.0, 2.0], "b", [0.0, 0.0], ">")
+    assert "Scorer blind spots (swap test < 80%: shape 53.0%, position 79.5%)" in reproduce.blind_spot_note(row, spots)
+    text_metric = reproduce.claim_row("c", "names kept %", "a", [1.0, 2.0], "b", [0.0, 0.0], ">")
+    assert reproduce.blind_spot_note(text_metric, spots) == "" and reproduce.blind_spot_note(row, {}) == ""
