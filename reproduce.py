@@ -457,7 +457,7 @@ def blind_spot_note(row: dict, spots: dict[str, float]) -> str:
     if row.get("metric") not in SCORER_METRICS or not spots:
         return ""
     listed = ", ".join(f"{kind} {value:.1f}%" for kind, value in sorted(spots.items(), key=lambda kv: kv[1]))
-    return (f" Scorer blind spots (swap test < {SWAP_BLIND:.0f}%: {listed}): a caption's words of those kinds barely "
+    return (f"; scorer blind spots (swap test < {SWAP_BLIND:.0f}%: {listed}): a caption's words of those kinds barely "
             "move this metric, so a difference that rests on them cannot show.")
 
 

@@ -149,6 +149,6 @@ def test_rows_scored_by_the_world_scorer_name_its_blind_spots():
     spots = reproduce.blind_spots(runs)
     assert spots == {"shape": 53.0, "position": 79.5}
     row = reproduce.claim_row("c", "CLIP-S x 100", "a", [1.0, 2.0], "b", [0.0, 0.0], ">")
-    assert "Scorer blind spots (swap test < 80%: shape 53.0%, position 79.5%)" in reproduce.blind_spot_note(row, spots)
+    assert "; scorer blind spots (swap test < 80%: shape 53.0%, position 79.5%)" in reproduce.blind_spot_note(row, spots)
     text_metric = reproduce.claim_row("c", "names kept %", "a", [1.0, 2.0], "b", [0.0, 0.0], ">")
     assert reproduce.blind_spot_note(text_metric, spots) == "" and reproduce.blind_spot_note(row, {}) == ""
