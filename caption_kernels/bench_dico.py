@@ -6,7 +6,7 @@
 Time is the median of triton.testing.do_bench over forward + backward; memory is the peak
 allocated during one forward + backward minus what was allocated before it (inputs included in the
 baseline, so the figure is the op's extra memory, gradient included). The "plain" rows are the
-formulas measured in ../shared/ANCHORS.md (bench/anchors2.py): a dozen PyTorch ops for the DiCO
+formulas as one writes them in PyTorch (`plain_dico_loss`, `plain_sequence_logprobs`): a dozen ops for the DiCO
 loss, log_softmax in float32 + gather for the sequence log-probs (after F.linear for the rows
 that start from hidden states, D = 512: those include the LM head's matmuls and its gradient).
 Each row also reports the largest difference from the plain eager result (value and gradient),
@@ -29,7 +29,7 @@ SEQUENCE_SIZES = [(40, 30, 49409), (320, 30, 49409), (64, 128, 50272)]
 
 
 def plain_dico_loss(policy_logps, ref_logps, rewards, beta=0.2, tau=300.0):
-    """The DiCO loss as one would write it in PyTorch (ANCHORS.md's baseline)."""
+    """The DiCO loss as one would write it in PyTorch (the benchmark's eager baseline)."""
     s = policy_logps - ref_logps
     winner = rewards.argmax(1, keepdim=True)
     gap = tau * (rewards.gather(1, winner) - rewards)
@@ -40,7 +40,7 @@ def plain_dico_loss(policy_logps, ref_logps, rewards, beta=0.2, tau=300.0):
 
 
 def plain_sequence_logprobs(logits, targets, mask):
-    """log_softmax in float32 + gather (ANCHORS.md's baseline)."""
+    """log_softmax in float32 + gather (the benchmark's eager baseline)."""
     return (torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0] * mask).sum(1)
 
 

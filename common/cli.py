@@ -25,7 +25,7 @@ from typing import Callable, Mapping, Sequence, TypeVar
 
 import tyro
 
-from common.data import DEBUG_FLAG
+from common.data import DEBUG_FLAG, without_debug
 
 T = TypeVar("T")
 
@@ -83,7 +83,7 @@ def parse(args_type: type[T], argv: Sequence[str] | None, presets: Mapping[str, 
     preset's values as the defaults. `default_preset(args)` picks the preset when `--preset` is not
     given (default: default_preset_of).
     """
-    argv = [word for word in (sys.argv[1:] if argv is None else argv) if word != DEBUG_FLAG]  # run_command's flag
+    argv = without_debug(sys.argv[1:] if argv is None else argv)  # run_command's flag
     description = f"{description or inspect.getdoc(args_type)}\n\n{DEBUG_FLAG}: keep the traceback of an expected error."
     first = tyro.cli(args_type, args=[word for word in argv if word not in ("-h", "--help")],
                      description=description)

@@ -63,10 +63,21 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 try:  # in this repository: the shared manifest reader and error types (common/data.py)
-    from common.data import (DEBUG_FLAG, BadSampleError, DeviceError, ManifestError, ScorerLoadError, SkipCounter,
-                             atomic_write_text, check_device, image_path, read_manifest)
+    from common.data import (DEBUG_FLAG, BadSampleError, ManifestError, ScorerLoadError, SkipCounter,
+                             atomic_write_text, check_device, image_path, read_manifest, run_command, without_debug)
 except ModuleNotFoundError:  # copied alone into another project: the scoring functions work, the command line not
     DEBUG_FLAG = "--debug"
+
+    def without_debug(argv: Sequence[str]) -> list[str]:
+        return [word for word in argv if word != DEBUG_FLAG]
+
+    def run_command(main: Callable, argv: Sequence[str], also: tuple = ()):  # common.data's, its errors only
+        try:
+            return main(without_debug(argv))
+        except (FileNotFoundError, ManifestError, BadSampleError, ScorerLoadError, *also) as err:
+            if DEBUG_FLAG in argv:
+                raise
+            raise SystemExit(f"error: {_one_line(err, 2000)}") from None
 
     class ScorerLoadError(ValueError):
         """A scorer that cannot be loaded as asked; `argument` names the load_clip argument to change."""
@@ -74,9 +85,6 @@ except ModuleNotFoundError:  # copied alone into another project: the scoring fu
         def __init__(self, message: str, argument: str):
             super().__init__(message)
             self.argument = argument
-
-    class DeviceError(ValueError):
-        """A --device that this machine does not have."""
 
     def check_device(device: str) -> str:
         return device
@@ -525,7 +533,7 @@ def score_manifest(args: Args, chunk_size: int = 512) -> dict:
     metric = "pac_s" if args.pacs_checkpoint and args.metric == "clip_s" else args.metric
     if metric not in ("clip_s", "pac_s"):
         raise ValueError(f"--metric must be clip_s or pac_s, got {args.metric!r}")
-    bundle = load_clip(args.model, args.pretrained, args.device, args.precision, args.pacs_checkpoint)
+    bundle = load_clip_as({}, args.model, args.pretrained, args.device, args.precision, args.pacs_checkpoint)
     w = PAC_S_WEIGHT if metric == "pac_s" else CLIP_S_WEIGHT
     skipped, kept, scores, ref_sims = SkipCounter(), [], [], []
     for start in tqdm(range(0, len(records), chunk_size), desc=f"score {Path(args.manifest).name}"):
@@ -576,25 +584,6 @@ def score_manifest(args: Args, chunk_size: int = 512) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _expected_errors(run: Callable[[], dict], argv: Sequence[str], *also: type[Exception]) -> dict:
-    """Run a command; expected errors (and those of the types `also`: common/human_judgments.py's data errors) end
-    it with one line on stderr and exit status 1, no traceback, unless --debug is in `argv`."""
-    if DEBUG_FLAG in argv:
-        return run()
-    try:
-        return run()
-    except ScorerLoadError as err:
-        raise SystemExit(f"error: {_one_line(err, 2000)} (command line: --{err.argument.replace('_', '-')}; "
-                         f"{DEBUG_FLAG} shows the traceback)") from None
-    except (FileNotFoundError, ManifestError, BadSampleError, DeviceError, *also) as err:
-        raise SystemExit(f"error: {_one_line(err, 2000)} ({DEBUG_FLAG} shows the traceback)") from None
-
-
-def without_debug(argv: Sequence[str]) -> list[str]:
-    """The command line as its parser reads it: --debug (the traceback of an expected error) taken out."""
-    return [word for word in argv if word != DEBUG_FLAG]
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
     """The command line: score a manifest, or `correlate ...` (the scorer against human judgments: the command of
     common/human_judgments.py, imported only then). Expected errors (a missing file, a malformed manifest or
@@ -609,7 +598,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return correlate_main(argv[1:], prog="python -m common.clip_score correlate")
     args = tyro.cli(Args, args=without_debug(argv), prog="python -m common.clip_score",
                     description=f"{inspect.getdoc(Args)}\n\n{DEBUG_FLAG}: keep the traceback of an expected error.")
-    report = _expected_errors(lambda: score_manifest(args), argv)
+    report = run_command(lambda _: score_manifest(args), argv)  # an expected error: one line (unless --debug)
     for metric_name, mean in report["means"].items():
         print(f"{metric_name:>10}: {mean:.4f}  ({len(report['ids'])} samples, {report['skipped']['count']} skipped)")
     warning = truncation_warning(report["truncated"])

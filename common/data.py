@@ -76,12 +76,17 @@ EXPECTED_ERRORS = (FileNotFoundError, ManifestError, BadSampleError, NonFiniteEr
 DEBUG_FLAG = "--debug"  # anywhere on a command line: an expected error keeps its traceback (taken out before parsing)
 
 
+def without_debug(argv: Sequence[str]) -> list[str]:
+    """The command line as its parser reads it: --debug (the traceback of an expected error) taken out."""
+    return [word for word in argv if word != DEBUG_FLAG]
+
+
 def run_command(main: Callable, argv: Sequence[str] | None = None, also: tuple[type[Exception], ...] = ()):
     """`main(argv)`, with an expected error (EXPECTED_ERRORS, and the types `also`) printed as one line on stderr and
     exit status 1, no traceback; with --debug among the arguments, main runs without it and errors keep theirs."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if DEBUG_FLAG in argv:
-        return main([word for word in argv if word != DEBUG_FLAG])
+        return main(without_debug(argv))
     try:
         return main(argv)
     except (*EXPECTED_ERRORS, *also) as err:

@@ -28,8 +28,8 @@ from typing import Callable, Literal, Sequence
 import numpy as np
 
 from common.clip_score import (CLIP_S_WEIGHT, DEBUG_FLAG, PAC_S_WEIGHT, BadSampleError, ClipBundle, SkipCounter,
-                               _batches, _expected_errors, atomic_write_text, check_device, count_truncated,
-                               encode_pixels, encode_texts, harmonic_mean, image_pixels, load_clip, ref_similarity,
+                               _batches, atomic_write_text, check_device, count_truncated, encode_pixels, encode_texts,
+                               harmonic_mean, image_pixels, load_clip_as, ref_similarity, run_command,
                                score_from_features, truncation_report, truncation_warning, without_debug)
 from common.judgment_readers import (PASCAL_CATEGORIES, BenchmarkDataError, Judgments, Pairs, read_composite,
                                      read_flickr8k_cf, read_flickr8k_expert, read_foil, read_pascal50s)
@@ -347,7 +347,7 @@ def correlate(args: CorrelateArgs) -> dict:
     items = benchmark.read(data, args.seed) if args.benchmark in ("pascal50s", "foil") else benchmark.read(data)
     metric = "pac_s" if args.pacs_checkpoint and args.metric == "clip_s" else args.metric
     check_device(args.device or "cpu")  # before the weights load (their loader would take the blame)
-    bundle = load_clip(args.model, None if args.pacs_checkpoint else args.pretrained, args.device, args.precision,
+    bundle = load_clip_as({}, args.model, None if args.pacs_checkpoint else args.pretrained, args.device, args.precision,
                        args.pacs_checkpoint)
     names = ("PAC-S", "RefPAC-S") if metric == "pac_s" else ("CLIP-S", "RefCLIP-S")
     scorer = FeatureScorer(bundle, PAC_S_WEIGHT if metric == "pac_s" else CLIP_S_WEIGHT, names, args.strict)
@@ -396,7 +396,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m common.human_
     argv = sys.argv[1:] if argv is None else list(argv)
     args = tyro.cli(CorrelateArgs, args=without_debug(argv), prog=prog,
                     description=f"{inspect.getdoc(CorrelateArgs)}\n\n{DEBUG_FLAG}: keep the traceback of an expected error.")
-    report = _expected_errors(lambda: correlate(args), argv, BenchmarkDataError)
+    report = run_command(lambda _: correlate(args), argv, (BenchmarkDataError,))  # one line unless --debug
     print(correlation_table(report))
     warning = truncation_warning(report["truncated"])
     if warning:

@@ -99,19 +99,25 @@ def write_ids(path: Path, n: int, delay: float) -> None:
             time.sleep(delay)
 
 
-def test_resumable_writer_survives_a_kill(tmp_path):
-    """SIGKILL a writing job (a forked process: it shares this one's imports) mid-run, then run it again."""
+def kill_once_written(target, args: tuple, path: Path, size: int, poll: float) -> None:
+    """Run `target(*args)` in a forked process (it shares this one's imports) and SIGKILL it once `path` holds
+    `size` bytes (60 s at most)."""
     import multiprocessing
 
-    path = tmp_path / "out.jsonl"
-    job = multiprocessing.get_context("fork").Process(target=write_ids, args=(path, 10_000, 0.002))
+    job = multiprocessing.get_context("fork").Process(target=target, args=args)
     job.start()
     deadline = time.time() + 60
-    while (not path.exists() or path.stat().st_size < 3000) and time.time() < deadline:
-        time.sleep(0.01)
+    while (not path.exists() or path.stat().st_size < size) and time.time() < deadline:
+        time.sleep(poll)
     os.kill(job.pid, signal.SIGKILL)
     job.join()
     assert job.exitcode == -signal.SIGKILL
+
+
+def test_resumable_writer_survives_a_kill(tmp_path):
+    """SIGKILL a writing job (a forked process: it shares this one's imports) mid-run, then run it again."""
+    path = tmp_path / "out.jsonl"
+    kill_once_written(write_ids, (path, 10_000, 0.002), path, 3000, 0.01)
     write_ids(path, 200, 0.0)
     ids = [json.loads(line)["id"] for line in path.read_text().splitlines()]
     assert sorted(ids, key=int) == [str(i) for i in range(max(200, len(ids)))][: len(ids)]
@@ -291,18 +297,9 @@ def _generate_until_killed(data: str, out: str) -> None:
 
 
 def test_generation_killed_by_sigkill_resumes_every_id_once_in_input_order(tmp_path):
-    import multiprocessing
-
     records = generation_manifest(tmp_path / "in.jsonl", 3000)
     data, out = str(tmp_path / "in.jsonl"), tmp_path / "out.jsonl"
-    job = multiprocessing.get_context("fork").Process(target=_generate_until_killed, args=(data, str(out)))
-    job.start()
-    deadline = time.time() + 60
-    while (not out.exists() or out.stat().st_size < 4000) and time.time() < deadline:
-        time.sleep(0.005)
-    os.kill(job.pid, signal.SIGKILL)
-    job.join()
-    assert job.exitcode == -signal.SIGKILL
+    kill_once_written(_generate_until_killed, (data, str(out)), out, 4000, 0.005)
     done = len(out.read_bytes().split(b"\n")) - 1
     assert 0 < done < 2000  # killed mid-file
     generate_rank(data, out, 7, keep_most)
