@@ -6,7 +6,7 @@ Not timed tests: run them by hand and put the figures, the command and the machi
     python -m common.bench_train throughput --steps 30 --out runs/bench_throughput
 
 `rss` writes a manifest of N records (N of each size asked; the records point at 1,000 distinct 64 px
-PNG files, so that the disk holds little while the manifest has N lines), indexes it once (common.data.Columns,
+PNG files, so that the disk holds little while the manifest has N lines), indexes it once (common.columns.Columns,
 in its own process), then trains the micro CLIP for a few steps over it in a fresh process and reports that
 process's peak resident memory (ru_maxrss) next to its resident memory once the model is built: flat in N means
 nothing on the training path holds the data set. `throughput` trains the miniature world's CLIP (mini-ViT-8,
@@ -62,7 +62,7 @@ def write_big_manifest(folder: Path, n: int) -> Path:
 
 
 def index_child(manifest: str) -> dict:
-    from common.data import index_manifest
+    from common.columns import index_manifest
 
     start = time.time()
     columns = index_manifest(manifest)
@@ -74,7 +74,7 @@ def train_child(manifest: str, steps: int, batch_size: int, workers: int) -> dic
     import torch
 
     from common.clip_train import FieldTexts, TrainConfig, create_clip, train_clip
-    from common.data import index_manifest
+    from common.columns import index_manifest
 
     torch.set_num_threads(2)
     before_model = rss_mb()
@@ -111,9 +111,9 @@ def bench_rss(records: list[int], out: Path, steps: int, batch_size: int, worker
 def bench_throughput(steps: int, workers: list[int]) -> list[dict]:
     import torch
 
-    from common.clip_train import (MINIATURE_MODEL, FieldTexts, TrainConfig, create_clip, preprocess_images,
-                                   train_clip)
-    from common.data import index_manifest
+    from common.clip_train import MINIATURE_MODEL, FieldTexts, TrainConfig, create_clip, train_clip
+    from common.clip_eval import preprocess_images
+    from common.columns import index_manifest
     from common.miniature import ensure_world
 
     torch.set_num_threads(2)

@@ -39,7 +39,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from common.data import (REQUIRED_FIELDS, ManifestError, SkipCounter, _check_rank, _parse_line, _public, atomic_write_text,
+from common.data import (REQUIRED_FIELDS, ManifestError, SkipCounter, check_rank, parse_manifest_line, public_fields, atomic_write_text,
                          image_path, is_shards, shard_urls, stream_manifest, stream_records, validate_record)
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ class ResumableJSONLWriter:
         sample = str(record[self.key])
         if sample == self.last_id:
             raise ValueError(f"{self.path}: id {sample!r} written twice")
-        self._handle.write(json.dumps(_public(record), ensure_ascii=False).encode("utf-8") + b"\n")
+        self._handle.write(json.dumps(public_fields(record), ensure_ascii=False).encode("utf-8") + b"\n")
         self._handle.flush()
         if sync:
             self.sync()
@@ -208,7 +208,7 @@ def _share(data, rank: int, world_size: int, required: Sequence[str]) -> Iterato
         return stream_records(data, rank, world_size, required)
     if not isinstance(data, Sequence):  # the merge reads it again: a one-pass iterator would be spent
         raise TypeError(f"generation input must be a manifest path, shards or a list of records, got {type(data)}")
-    _check_rank(rank, world_size)
+    check_rank(rank, world_size)
     return itertools.islice(data, rank, None, world_size)
 
 
@@ -364,9 +364,9 @@ def _rank_lines(part: Path) -> Iterator[tuple[int, str, bytes]]:
     with open(part, "rb") as handle:
         for line_no, raw in enumerate(handle, start=1):
             if raw.strip():
-                record = _parse_line(raw, part, line_no)
+                record = parse_manifest_line(raw, part, line_no)
                 validate_record(record, ("id",), f"{part}:{line_no}")
-                yield line_no, str(record["id"]), json.dumps(_public(record), ensure_ascii=False).encode() + b"\n"
+                yield line_no, str(record["id"]), json.dumps(public_fields(record), ensure_ascii=False).encode() + b"\n"
 
 
 def merge_rank_outputs(path: str | os.PathLike, world_size: int, order: Iterable) -> Path:

@@ -16,7 +16,8 @@ from PIL import Image
 from common.benchmarks import (BenchmarkArgs, MissingBenchmark, _accuracy, _refuse_downloads, _replaced,
                                benchmark_task, check_benchmarks, dataset_root, evaluate_benchmarks,
                                write_benchmark_results)
-from common.clip_train import create_clip, encode_images, encode_texts, retrieval_metrics, zero_shot_accuracy
+from common.clip_train import create_clip
+from common.clip_eval import encode_images, encode_texts, retrieval_metrics, zero_shot_accuracy
 
 MICRO = "micro-ViT-16"
 CLASSES = ["red", "green", "blue"]

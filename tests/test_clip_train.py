@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from common.clip_train import (FieldTexts, ScorerTexts, TrainConfig, contrastive_loss, cosine_lr, create_clip,
-                               ensure_miniature_scorer, evaluate_world, hard_negative_loss, preprocess_images,
-                               retrieval_metrics, swap_accuracy, train_clip, zero_shot_accuracy)
+                               ensure_miniature_scorer, hard_negative_loss, train_clip)
+from common.clip_eval import evaluate_world, preprocess_images, retrieval_metrics, swap_accuracy, zero_shot_accuracy
 from common.data import BadSampleError, ManifestError, read_manifest
 from common.miniature import WorldConfig, ensure_world
 from realarch import assert_same_weights, run_torchrun
@@ -284,7 +284,8 @@ def test_micro_batches_give_the_whole_batchs_loss_and_update(world_records):
 def test_lazy_images_in_workers_train_as_the_in_memory_tensor(world_records, tmp_path):
     """Columns decoded in 2 DataLoader workers: the same losses as the preprocessed tensor; an unreadable image is
     replaced by the next sample of the epoch's order and counted, or stops a strict run naming the sample."""
-    from common.data import index_manifest, write_manifest
+    from common.data import write_manifest
+    from common.columns import index_manifest
 
     train, _ = world_records
     write_manifest(tmp_path / "train.jsonl", [{**r, "image": str(Path(r["_root"]) / r["image"])} for r in train])
@@ -404,7 +405,8 @@ def test_training_rows_need_texts_of_the_right_type(tmp_path):
     read) is left out and counted, the first named by file and line; lists=True lets a list of texts through (a
     list of numbers never)."""
     from common.clip_train import usable_rows
-    from common.data import index_manifest, write_manifest
+    from common.data import write_manifest
+    from common.columns import index_manifest
 
     values = ["fine", 123, None, ["a", "b"], [1, 2], "also fine"]
     write_manifest(tmp_path / "m.jsonl", [{"id": str(i), "image": "x.png", "caption": v} for i, v in enumerate(values)])

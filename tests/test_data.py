@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.data import (BadSampleError, ManifestDataset, ManifestError, SkipCounter, collate_skip_bad, index_data,
-                         index_manifest, is_shards, iter_webdataset, load_coco_karpathy, open_record_image,
-                         open_row_image, read_manifest, shard, shard_urls, stream_manifest, stream_records,
-                         write_manifest, write_webdataset_shard)
+from common.data import (BadSampleError, ManifestDataset, ManifestError, SkipCounter, collate_skip_bad, is_shards,
+                         iter_webdataset, load_coco_karpathy, open_record_image, read_manifest, shard, shard_urls,
+                         stream_manifest, stream_records, write_manifest, write_webdataset_shard)
+from common.columns import index_data, index_manifest, open_row_image
 from common.generate import (ResumableJSONLWriter, generate_rank, generate_sharded, input_ids, merge_rank_outputs,
                              pending, rank_path)
 
@@ -533,9 +533,9 @@ def test_columns_read_back_what_read_manifest_reads(tmp_path, monkeypatch):
     """Every field of every row, a field some rows lack (None there), lists, non-ASCII text, across the offset
     blocks the writer flushes (16 rows here, 65,536 by default); rebuilt when the manifest changes, reused (same
     files) when it does not."""
-    import common.data
+    import common.columns
 
-    monkeypatch.setattr(common.data, "OFFSET_BLOCK", 16)
+    monkeypatch.setattr(common.columns, "OFFSET_BLOCK", 16)
     records = [{"id": f"s{i}", "image": f"images/{i % 3}.png", "caption": f"légende {i}",
                 **({"refs": [f"r{i}", "x"]} if i % 3 == 0 else {}), **({"late": i} if i > 70 else {})}
                for i in range(80)]

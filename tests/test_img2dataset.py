@@ -36,8 +36,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.data import (Columns, SkipCounter, index_data, iter_webdataset, open_record_image, open_row_image,
-                         read_manifest)
+from common.data import SkipCounter, iter_webdataset, open_record_image, read_manifest
+from common.columns import Columns, index_data, open_row_image
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("img2dataset") is None,
                                 reason="img2dataset is not installed: pip install -r requirements-data.txt "
