@@ -1,92 +1,50 @@
 """VeCLIP: Improving CLIP Training via Visual-enriched Captions (Lai et al., 2023).
 
-Paper: https://arxiv.org/abs/2310.07699 (official repository apple/ml-veclip: checkpoints only,
-no rewriting pipeline, no prompts, no training code; this file is the whole method).
+Paper: https://arxiv.org/abs/2310.07699; official repository apple/ml-veclip (checkpoints only: no rewriting
+pipeline, no prompts, no training code). Alt-text knows names but often misses what is visible; a VLM describes what
+is visible but knows no names. VeCLIP asks a VLM (LLaVA) for a visual-enriched caption (VeC), an LLM (Vicuna-1.1) to
+fuse alt-text and VeC into one caption (LLM-VeC), and trains CLIP on a per-draw mix of alt-text and LLM-VeC.
 
-Web alt-text knows names (people, places, products) but often misses what is visible; a VLM
-describes what is visible but knows no names. VeCLIP asks a VLM (LLaVA) for a short
-visual-enriched caption (VeC) of each image, asks an LLM (Vicuna-1.1) to merge the alt-text and
-the VeC into one caption (LLM-VeC), and trains CLIP on a mix: each time a sample is drawn it
-carries its alt-text or its LLM-VeC with equal probability, so the model sees both the
-alt-text's knowledge and the rewrite's visual concepts, and the variety of two caption styles.
-
-Implements (stages over manifests, each named by the first argument):
-  1. `vec`    (Sec. 3.2)  x_v = VLM(image, VEC_PROMPT)                        -> field `vec`
-  2. `fuse`   (Sec. 3.3)  x_l = LLM(FUSION_PROMPT(x_alt, x_v))                -> field `llm_vec`
-                          x_alt cut from its end until the prompt fits, x_v always whole; x_l is the
-                          answer's caption line after any chat preamble; an answer that starts with a
-                          refusal, or holds no caption, falls back: x_l = x_v
-              vec and fuse check what they write with common.degenerate ("a 2 2 2 2 2", loops, blanks):
-              a degenerate caption is written, flagged in `<field>_degenerate` (its reason, else None),
-              counted (degenerate_vec, degenerate_llm_vec) and reported in one warning line
-  3. `train`  (Sec. 3.4)  each draw of sample i: t_i = x_alt,i if u < p else x_l,i, u ~ U(0, 1) fresh
-                          per draw; CLIP loss L = (CE(s X Y^T) + CE(s Y X^T)) / 2 over the global batch
-  4. `eval`   zero-shot retrieval R@1/5/10 both ways over every reference caption of each image (Karpathy
-              COCO/Flickr protocol: I->T hits when any of the image's captions is in the top K, T->I scores
-              each caption's image), zero-shot classification from class names with a prompt-template
-              ensemble (class embedding = mean of its normalised prompt embeddings; CLIP's 80 ImageNet
-              templates by default); on the model's own device
-  5. `miniature` (the default): the same small CLIP trained on AltText only, VeC only, LLM-VeC
-     only and the AltText/LLM-VeC mix, same steps, on the miniature world; a table and a bar chart.
+Implements (stages over manifests, named by the first argument):
+  1. `vec`   (Sec. 3.2)  x_v = VLM(image, VEC_PROMPT)                                           -> field `vec`
+  2. `fuse`  (Sec. 3.3)  x_l = LLM(FUSION_PROMPT(x_alt, x_v)), x_alt cut from its end until the prompt fits, x_v
+                         whole; x_l = the answer's caption line, or x_v on a refusal or no caption -> field `llm_vec`
+  3. `train` (Sec. 3.4)  each draw of sample i: t_i = x_alt,i if u < p else x_l,i, u ~ U(0, 1) fresh per draw;
+                         CLIP loss L = (CE(s X Y^T) + CE(s Y X^T)) / 2 over the global batch
+  4. `eval`  retrieval R@1/5/10 both ways over every reference caption of each image (Karpathy COCO/Flickr
+             protocol), zero-shot classification with a prompt-template ensemble (CLIP's 80 ImageNet templates)
+  `miniature` (the default stage) is experiments/veclip_miniature.py: the same small CLIP trained on AltText, VeC,
+  LLM-VeC and the mix on the miniature world. Engineering notes (resume, sharding, degenerate captions): docs/veclip.md.
 
 Deviations from the paper:
-  1. The paper does not publish its prompts. VEC_PROMPT follows its description ("describe the
-     image concisely, less than 20 words"); FUSION_PROMPT is ours, written in the paper's spirit.
-  2. Answer parsing is ours; the paper only says refusals fall back to VeC. The LLM-VeC is the first
-     line of the answer after a chat preamble ("Sure! Here is the new sentence:"); an answer that
-     starts with a refusal (REFUSAL_MARKERS) or holds nothing after the preamble falls back to VeC.
-     An empty VeC falls back further to the alt-text, so no sample is left without text.
-  3. Decoding is greedy, at most 77 new tokens; prompts in LLaVA-1.5's and Vicuna-1.1's
-     conversation formats unless the processor/tokenizer ships a chat template. The paper does not
-     state its decoding. LLaVA-1.5-7B is the default VLM (the paper says LLaVA, no size).
+  1. The prompts are unpublished: VEC_PROMPT follows the paper's description, FUSION_PROMPT is ours in its spirit.
+  2. Answer parsing is ours: the first line after a chat preamble; an answer that starts with a refusal
+     (REFUSAL_MARKERS) or holds no caption falls back to the VeC, an empty VeC further to the alt-text.
+  3. Greedy decoding, at most 77 new tokens, in LLaVA-1.5's and Vicuna-1.1's conversation formats unless a chat
+     template ships; LLaVA-1.5-7B by default (the paper names no size and states no decoding).
   4. The mixing probability p is an argument (default 0.5, "equal probability" in the paper).
-  5. The paper trains in JAX on TPUs with a T5 tokenizer; here open_clip in PyTorch with its own
-     tokenizer, no image augmentation beyond open_clip's resize + centre crop. The default
-     optimiser settings are this project's miniature ones (AdamW, cosine with linear warm-up);
-     the real-run command below uses open_clip's usual ViT-B/16 recipe, not a verified paper recipe.
-  6. Data order (common.clip_train, the trainer the CLIP-training files share): epoch e is a permutation of the
-     samples seeded by (seed, e), last partial batch dropped; the mixing draws of step t come from a stream of
-     their own seeded by (seed, 1, t). Both are pure functions of the step, so a resumed run, and any number of
-     ranks, see exactly the batches of one uninterrupted process, and the four conditions of one seed see the
-     same image batches.
-  7. An unreadable image is replaced by the next readable sample of the epoch's order (logged, counted),
-     so every rank keeps the same batch size for the all-gathered loss.
-  8. bf16 autocast only on CUDA; CPU runs in float32.
-  9. In the miniature world the world's `synthetic_caption` stands in for LLaVA's VeC and its
-     `fused` for Vicuna's LLM-VeC (a template fusion, not an LLM, that forgets each of the alt-text's
-     names with probability `--world.llm-forget` 0.25): no VLM or LLM runs there. Its zero-shot prompts are
-     short, alt-text-like class-name prompts ("circle", "a photo of a circle."), not the world's sentences.
+  5. open_clip in PyTorch with its own tokenizer (the paper: JAX on TPUs, a T5 tokenizer); no augmentation beyond
+     resize + centre crop; the default optimiser settings are this project's miniature ones.
+  6. Data order: epoch e is a permutation seeded by (seed, e), last partial batch dropped; the draws of step t
+     have their own stream seeded by (seed, 1, t), so the conditions of one seed see the same image batches.
+  7. In the miniature world the world's `synthetic_caption` stands in for LLaVA's VeC and its `fused` (a template
+     fusion that forgets each alt-text name with probability --world.llm-forget) for Vicuna's LLM-VeC.
 
-Commands:
-  Smoke run first (every stage on a tiny world in under a minute, to check that everything runs):
-    python veclip.py --preset smoke --out runs/veclip_smoke
-  CPU, miniature world (its timings are in docs/veclip.md):
-    python veclip.py                         # = python veclip.py miniature --seeds 1
-    python veclip.py miniature --seeds 3 --out runs/veclip_miniature   # + results.md, conditions.png
-  Real run (manifests with `image` + `alt_text`, or webdataset shards, streamed: docs/generation.md):
+Commands (the real run's schedule and more: docs/veclip.md):
+    python veclip.py --preset smoke --out runs/veclip_smoke      # every stage on a tiny world, to check it runs
+    python veclip.py miniature --seeds 3 --out runs/veclip_miniature   # results.md, results.json, conditions.png
     torchrun --nproc-per-node 8 veclip.py vec  --data cc3m.jsonl --out cc3m.vec.jsonl
     torchrun --nproc-per-node 8 veclip.py fuse --data cc3m.vec.jsonl --out cc3m.llmvec.jsonl
-    torchrun --nproc-per-node 8 veclip.py vec  --data shards/{00000..00331}.tar --out vec_shards  # shards out
-    torchrun --nproc-per-node 8 veclip.py train --data cc3m.llmvec.jsonl --out runs/veclip_b16 \
-        --model ViT-B-16 --batch-size 8192 --steps 30000 --lr 5e-4 --weight-decay 0.2 --warmup 2000 \
-        --checkpoint-every 1000 --workers 8 --eval-data coco_karpathy_test.jsonl
+    torchrun --nproc-per-node 8 veclip.py train --data cc3m.llmvec.jsonl --out runs/veclip_b16 --model ViT-B-16
     python veclip.py eval --checkpoint runs/veclip_b16/checkpoint.pt --eval-data coco_test.jsonl
-    python veclip.py eval --model ViT-B-16 --pretrained openai --eval-data coco_test.jsonl --out runs/openai_b16
-    python veclip.py eval --checkpoint runs/veclip_b16/checkpoint.pt --out runs/veclip_b16 \
-        --benchmark wds/imagenet1k wds/mscoco_captions --benchmark-root 'benchmarks/{name}'   # clip_benchmark
-
-Results (the miniature world's tables, what they show and what they cannot, each with its command
-and device): docs/veclip.md.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import re
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,15 +58,16 @@ from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
 from common.benchmarks import check_benchmarks, evaluate_benchmarks, write_benchmark_results
 from common.cli import check_ranges, parse, preset_help
+from common.clip_eval import ImageRows, encode_images, encode_texts, retrieval_metrics, texts_of, zero_shot_accuracy
 from common.clip_score import tag_settings
-from common.clip_train import (MINIATURE_MODEL, ImageRows, TrainConfig, create_clip, encode_images, encode_texts,
-                               preprocess_images, retrieval_metrics, train_clip, usable_rows, zero_shot_accuracy)
-from common.data import (BadSampleError, Columns, ManifestError, MissingWeightsError, SkipCounter, atomic_write_text,
-                         check_device, index_data, index_manifest, init_distributed, load_model, load_pretrained,
-                         open_record_image, read_manifest, run_command, shown, text_problem)
+from common.clip_train import MINIATURE_MODEL, TrainConfig, create_clip, train_clip, usable_rows
+from common.columns import Columns, index_data
+from common.data import (BadSampleError, ManifestError, MissingWeightsError, SkipCounter, atomic_write_text,
+                         check_device, init_distributed, load_model, load_pretrained, open_record_image, read_manifest,
+                         run_command, shown, text_problem)
 from common.degenerate import DegenerateCounter
 from common.generate import check_resumable, generate_sharded, merge_rank_counters, pending
-from common.miniature import WorldConfig, ensure_world, zero_shot_tasks
+from common.miniature import WorldConfig, zero_shot_tasks
 
 log = logging.getLogger("veclip")
 
@@ -123,9 +82,9 @@ FUSION_PROMPT = ("Rephrase the following two descriptions of the same image into
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
                  "helpful, detailed, and polite answers to the user's questions.")
 # How refusals begin; matched at the start of the answer only: "a sign saying I cannot swim" is a caption.
-REFUSAL_MARKERS = ("i'm sorry", "i am sorry", "sorry,", "i apologize", "i cannot", "i can't", "i can not", "i am unable",
-                   "i'm unable", "i am not able", "i'm not able", "as an ai", "unfortunately, i", "it is not appropriate",
-                   "it's not appropriate")
+REFUSAL_MARKERS = ("i'm sorry", "i am sorry", "sorry,", "i apologize", "i cannot", "i can't", "i can not",
+                   "i am unable", "i'm unable", "i am not able", "i'm not able", "as an ai", "unfortunately, i",
+                   "it is not appropriate", "it's not appropriate")
 # Chat preambles before the caption: "Sure! Here is the new sentence:", "Certainly.", "New sentence:".
 ACKNOWLEDGEMENT = re.compile(r"^(?:sure|certainly|of course|okay)[!.,]+", re.IGNORECASE)
 PREAMBLE = re.compile(r"^[^\n:]*\b(?:here|sentence|caption|description|version)\b[^\n:]*:", re.IGNORECASE)
@@ -133,11 +92,9 @@ PREAMBLE = re.compile(r"^[^\n:]*\b(?:here|sentence|caption|description|version)\
 CLIP_TEMPLATES = tuple(template("{}") for template in OPENAI_IMAGENET_TEMPLATES)
 
 
-# Presets (common/cli.py): Args holds the defaults of every stage; `smoke` runs every stage of the miniature run in
-# seconds to check that it works. A flag you give always wins.
+# Presets (common/cli.py) over Args' defaults: `smoke` runs the miniature run in seconds; a flag given always wins.
 PRESETS = {"smoke": {"model": "micro-ViT-16", "steps": 2, "batch_size": 16, "world.n_train": 64, "world.n_val": 4,
-                     "world.n_test": 24},
-           "miniature": {}}
+                     "world.n_test": 24}, "miniature": {}}
 
 
 @dataclass
@@ -148,11 +105,9 @@ class Args:
     """what to run"""
     preset: Annotated[Literal["smoke", "miniature"] | None, tyro.conf.arg(help=preset_help(PRESETS))] = None
     data: str | None = None
-    """input of vec, fuse and train: a JSONL manifest (see common/data.py) or webdataset shards (a .tar or a pattern
-    such as shards/{000..099}.tar); vec and fuse stream it, train indexes it once into <data>.index"""
+    """input of vec, fuse, train: a JSONL manifest or webdataset shards (a .tar or shards/{000..099}.tar)"""
     out: str = "runs/veclip"
-    """output: the manifest written by vec/fuse (for shards in, the folder of the output shards, named as the
-    input's), the folder of train/eval/miniature"""
+    """output: the manifest written by vec/fuse (shards in: a folder of shards), the folder of train/eval/miniature"""
     # ---- vec and fuse
     vlm: str = "llava-hf/llava-1.5-7b-hf"
     """image-text-to-text model for VeC, hub name or local folder (paper: LLaVA)"""
@@ -215,19 +170,16 @@ class Args:
     checkpoint: str | None = None
     """checkpoint.pt to evaluate (default: out/checkpoint.pt)"""
     text_field: str = "refs"
-    """field of each image's reference captions for retrieval: a list (every caption is a query and a target,
-    the Karpathy COCO/Flickr protocol) or one string"""
+    """field of each image's reference captions for retrieval: a list (Karpathy COCO/Flickr) or one string"""
     class_field: str | None = None
     """field holding each image's class name, for zero-shot classification on a manifest"""
     templates: Annotated[tuple[str, ...], tyro.conf.arg(
         help_behavior_hint="(default: CLIP's 80 ImageNet templates, CLIP_TEMPLATES)")] = CLIP_TEMPLATES
     """prompt templates of zero-shot classification, ensembled: a class is the mean of its prompt embeddings"""
     benchmark: tuple[str, ...] = ()
-    """eval: clip_benchmark dataset names to evaluate on as well (e.g. wds/imagenet1k wds/mscoco_captions; see
-    docs/benchmarks.md); needs --benchmark-root"""
+    """eval: clip_benchmark datasets too (wds/imagenet1k wds/mscoco_captions, docs/benchmarks.md); needs a root"""
     benchmark_root: str = ""
-    """eval: local folder of the --benchmark datasets as clip_benchmark lays them out ({name} is replaced by the
-    dataset name with "/" -> "_": benchmarks/{name} -> benchmarks/wds_imagenet1k); nothing is downloaded"""
+    """eval: local folder of the --benchmark sets, {name} = the name with "/" -> "_"; nothing is downloaded"""
     # ---- miniature
     seeds: int = 1
     """miniature: worlds and trainings with seeds 0..seeds-1; the table shows mean and spread"""
@@ -235,9 +187,7 @@ class Args:
     """miniature: the world's knobs (its seed is replaced by each run's seed)"""
 
 
-# =============================================================================================
-# The paper's pieces
-# =============================================================================================
+# ---- ALGO LOGIC: the paper's pieces, as small pure functions ----
 
 
 def vlm_prompt(processor) -> str:
@@ -263,16 +213,15 @@ def prompt_length(tokenizer, prompt: str) -> int:
 
 
 def fusion_prompt(tokenizer, alt_text: str, vec: str, max_prompt_tokens: int) -> tuple[str, bool]:
-    """Step 2 prompt and whether the alt-text was cut: |prompt(alt[:k], vec)| <= max with the largest k.
-
-    The VeC is kept whole even when it alone overflows the budget (the paper keeps VeC).
-    """
+    """Step 2 prompt and whether the alt-text was cut: |prompt(alt[:k], vec)| <= max with the largest k; the VeC is
+    kept whole even when it alone overflows the budget (the paper keeps VeC)."""
     prompt = llm_prompt(tokenizer, FUSION_PROMPT.format(alt_text=alt_text, vec=vec))
     if prompt_length(tokenizer, prompt) <= max_prompt_tokens:
         return prompt, False
     alt_ids = tokenizer(alt_text, add_special_tokens=False)["input_ids"]
     # budget for the alt-text = max - |prompt without it|; shrink further if decoding re-tokenises longer
-    keep = max(0, max_prompt_tokens - prompt_length(tokenizer, llm_prompt(tokenizer, FUSION_PROMPT.format(alt_text="", vec=vec))))
+    without_alt = llm_prompt(tokenizer, FUSION_PROMPT.format(alt_text="", vec=vec))
+    keep = max(0, max_prompt_tokens - prompt_length(tokenizer, without_alt))
     while True:
         cut = tokenizer.decode(alt_ids[:keep], skip_special_tokens=True).strip()
         prompt = llm_prompt(tokenizer, FUSION_PROMPT.format(alt_text=cut, vec=vec))
@@ -289,7 +238,7 @@ def is_refusal(text: str) -> bool:
 def caption_line(answer: str) -> str:
     """The caption in an LLM answer: its first line once a chat preamble is cut off, quotes stripped ('' if none)."""
     text = ACKNOWLEDGEMENT.sub("", answer.strip(), count=1).lstrip()  # "Sure! ..."
-    text = PREAMBLE.sub("", text, count=1).lstrip()  # "Here is the new sentence:" and the caption on its line or the next
+    text = PREAMBLE.sub("", text, count=1).lstrip()  # "Here is the new sentence:", the caption on its line or the next
     return text.split("\n")[0].strip().strip('"').strip()
 
 
@@ -320,12 +269,11 @@ class MixedTexts:
 
     def __call__(self, rows: np.ndarray, rng: np.random.Generator) -> list[str]:
         use_alt = draw_alt_text(rng, len(rows), self.p_alt)  # (B,)  step 3
-        return mixed_texts(self.columns.column(self.alt_field, rows), self.columns.column(self.llm_vec_field, rows), use_alt)
+        alt_texts, llm_vecs = self.columns.column(self.alt_field, rows), self.columns.column(self.llm_vec_field, rows)
+        return mixed_texts(alt_texts, llm_vecs, use_alt)
 
 
-# =============================================================================================
-# Generation stages (vec, fuse): rank-sharded, resumable
-# =============================================================================================
+# ---- Generation stages (vec, fuse): rank-sharded, resumable ----
 
 
 def generate(model, tokenizer, inputs, max_new_tokens: int) -> list[str]:
@@ -337,13 +285,10 @@ def generate(model, tokenizer, inputs, max_new_tokens: int) -> list[str]:
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-def run_generation(args: Args, process_batch, counter: DegenerateCounter | None = None, what: str = "captions") -> dict:
-    """Run `process_batch(records, counts) -> [(record, new fields)]` over this rank's unfinished samples of --data.
-
-    common.generate.generate_sharded does the work, streaming --data (a manifest, or shards): one resumable file
-    per rank, merged in input order, or one output shard per input shard in the folder --out. `counter`: the
-    stage's degenerate-caption counter, whose line (every rank's counts merged) is logged once at the end.
-    """
+def run_generation(args: Args, process_batch, counter: DegenerateCounter | None = None,
+                   what: str = "captions") -> dict:
+    """`process_batch(records, counts) -> [(record, new fields)]` over this rank's unfinished samples of --data, by
+    common.generate.generate_sharded; `counter`'s line (every rank's counts merged) is logged once at the end."""
     rank, world_size, _ = init_distributed(args.device)
     counts = generate_sharded(args.data, args.out, args.gen_batch_size, process_batch, rank, world_size, args.stage)
     if counter is not None:
@@ -355,9 +300,8 @@ def run_generation(args: Args, process_batch, counter: DegenerateCounter | None 
 
 
 def flag_degenerate(counter: DegenerateCounter, caption: str, sample, counts: Counter, key: str, field: str) -> dict:
-    """The guard on a caption generated into `field`: `{"<field>_degenerate": reason}` (None for a usable caption),
-    counted under `key`. A degenerate caption is written, flagged, not dropped: the output keeps every sample, and
-    each generated field has its own flag (the VeC's stays when fuse adds the LLM-VeC's)."""
+    """`{"<field>_degenerate": reason}` (None for a usable caption), counted under `key`: a degenerate caption is
+    written and flagged, not dropped, and each generated field has its own flag."""
     reason = counter.check(caption, sample=sample)
     counts[key] += reason is not None
     return {f"{field}_degenerate": reason}
@@ -410,9 +354,8 @@ def stage_vec(args: Args) -> dict:
 
 
 def fusion_inputs(record: dict, args: Args) -> tuple[str, str]:
-    """(alt-text, VeC) of a record for step 2. The alt-text may be absent or empty (the VeC alone is rephrased) and
-    the VeC empty (the vec stage counts those), but each is a string: a list or a number is an error naming the
-    sample, never a prompt holding "['a', 'b']"."""
+    """(alt-text, VeC) of a record for step 2: either may be empty or the alt-text absent, but a list or a number
+    is an error naming the sample, never a prompt holding "['a', 'b']"."""
     if args.vec_field not in record:
         raise BadSampleError(f"sample {record['id']!r}: no {args.vec_field!r} field; run the vec stage first")
     for name in (args.alt_field, args.vec_field):
@@ -463,9 +406,7 @@ def stage_fuse(args: Args) -> dict:
     return run_generation(args, process_batch, counter, "LLM-VeCs")
 
 
-# =============================================================================================
-# Training: mixed captions, global-batch contrastive loss, DDP, atomic resumable checkpoints
-# =============================================================================================
+# ---- Training: mixed captions, global-batch CLIP loss, DDP, resumable checkpoints ----
 
 
 def build_clip(args: Args):
@@ -476,7 +417,8 @@ def build_clip(args: Args):
         model, _, preprocess = open_clip.create_model_and_transforms(args.model, pretrained=args.pretrained,
                                                                      **tag_settings(args.model, args.pretrained))
     except (RuntimeError, OSError) as err:
-        raise MissingWeightsError(f"cannot load --pretrained {args.pretrained!r} for --model {args.model}: {err}") from err
+        raise MissingWeightsError(f"cannot load --pretrained {args.pretrained!r} for --model {args.model}: "
+                                  f"{err}") from err
     return model, preprocess, open_clip.get_tokenizer(args.model)
 
 
@@ -496,32 +438,24 @@ def train(args: Args, columns: Columns, pixel_cache: torch.Tensor | None = None)
     rows = usable_rows(columns, [args.alt_field, args.llm_vec_field], args.strict)
     train_log = train_clip(model, tokenizer, columns if pixel_cache is None else pixel_cache,
                            MixedTexts(columns, args.alt_field, args.llm_vec_field, args.p_alt), schedule,
-                           preprocess=preprocess, rows=rows, device=args.device, checkpoint=Path(args.out) / "checkpoint.pt",
-                           resume=args.resume, recipe=recipe_of(args), strict=args.strict, desc="train veclip")
+                           preprocess=preprocess, rows=rows, device=args.device, resume=args.resume,
+                           checkpoint=Path(args.out) / "checkpoint.pt", recipe=recipe_of(args), strict=args.strict,
+                           desc="train veclip")
     return model, preprocess, tokenizer, train_log
 
 
-# =============================================================================================
-# Evaluation
-# =============================================================================================
-
-
-def model_device(model) -> torch.device:
-    """Where the model's weights are: evaluation encodes there (cuda:1 under torchrun, never a default 'cpu')."""
-    return next(model.parameters()).device
+# ---- Evaluation ----
 
 
 def references(records: list[dict], text_field: str) -> tuple[list[str], list[int]]:
-    """Every reference caption of every image, and the image each belongs to: (texts [T], text_to_image [T]).
-
-    A list field holds several references (COCO and Flickr30k: 5 per image); a string field is one.
-    """
+    """Every reference caption of every image and the image each belongs to: (texts [T], text_to_image [T]); a list
+    field holds several references (COCO and Flickr30k: 5 per image), a string field one."""
     texts, text_to_image = [], []
     for index, record in enumerate(records):
         value = record.get(text_field)
         if value in (None, "", []):
-            raise ManifestError(f"evaluation sample {record.get('id')!r}: no reference caption in field {text_field!r}; "
-                                "pass --text-field with a field that holds the caption(s)")
+            raise ManifestError(f"evaluation sample {record.get('id')!r}: no reference caption in field "
+                                f"{text_field!r}; pass --text-field with a field that holds the caption(s)")
         problem = text_problem(value, text_field, lists=True)  # a number or a list of them is no caption
         if problem is not None:
             raise ManifestError(f"evaluation sample {record.get('id')!r}: {problem}")
@@ -529,15 +463,6 @@ def references(records: list[dict], text_field: str) -> tuple[list[str], list[in
         texts += refs
         text_to_image += [index] * len(refs)
     return texts, text_to_image
-
-
-def class_names(records: list[dict], class_field: str) -> list[str]:
-    """Each record's class name in `class_field` (a string: an id such as 3 would be prompted as "a photo of a 3.")."""
-    for record in records:
-        problem = text_problem(record.get(class_field), class_field)
-        if problem is not None:
-            raise ManifestError(f"evaluation sample {record.get('id')!r}: {problem}")
-    return [record[class_field] for record in records]
 
 
 def model_label(args: Args) -> str:
@@ -550,11 +475,10 @@ def model_label(args: Args) -> str:
 def evaluate(model, tokenizer, preprocess, records: list[dict], args: Args, images: torch.Tensor | None = None,
              per_item: dict | None = None) -> dict:
     """Retrieval R@1/5/10 over every reference in `text_field`, zero-shot accuracy (the world's tasks, or
-    `class_field` with the `templates` ensemble), computed on the model's device. `images`: preprocessed pixels.
-    Non-finite embeddings (a diverged model) are an error naming the model, not R@K = 100. `per_item` receives each
-    test item's value of every metric (zeroshot_attributes: per image [background, shape, color], None where the
-    image is not in a task)."""
-    device, name = model_device(model), model_label(args)
+    `class_field` with the `templates` ensemble) on the model's device; a diverged model's embeddings are an error.
+    `per_item` receives each test item's value of every metric (zeroshot_attributes: per image [background, shape,
+    color], None where the image is not in a task)."""
+    device, name = next(model.parameters()).device, model_label(args)  # cuda:1 under torchrun, never a default cpu
     images = ImageRows(records, preprocess) if images is None else images  # decoded batch by batch
     img_emb = encode_images(model, images, device=device, workers=args.workers)  # (N, E)
     texts, text_to_image = references(records, args.text_field)
@@ -575,7 +499,7 @@ def evaluate(model, tokenizer, preprocess, records: list[dict], args: Args, imag
         at = [dict(zip(tasks[t]["indices"], items[f"zeroshot_{t}"])) for t in attributes]
         items["zeroshot_attributes"] = [[task.get(i) for task in at] for i in range(len(records))]
     elif args.class_field:
-        names = class_names(records, args.class_field)
+        names = texts_of(records, args.class_field)  # strings: an id such as 3 would be prompted "a photo of a 3."
         classes = sorted(set(names))
         labels = [classes.index(n) for n in names]
         metrics["zeroshot_top1"] = zero_shot_accuracy(model, tokenizer, img_emb, classes, args.templates, labels,
@@ -588,7 +512,8 @@ def load_checkpoint(path: Path) -> tuple:
     started from a QuickGELU tag (OpenAI's) keeps QuickGELU and the tag's preprocessing."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     name = state["recipe"]["model"]
-    model, _, preprocess = open_clip.create_model_and_transforms(name, **tag_settings(name, state["recipe"]["pretrained"]))
+    settings = tag_settings(name, state["recipe"]["pretrained"])
+    model, _, preprocess = open_clip.create_model_and_transforms(name, **settings)
     model.load_state_dict(state["state_dict"])
     return model, preprocess, open_clip.get_tokenizer(name), name
 
@@ -618,101 +543,6 @@ def stage_eval(args: Args) -> dict:
     return metrics
 
 
-# =============================================================================================
-# The miniature comparison (default run)
-# =============================================================================================
-
-# condition: (alt_field, llm_vec_field, p_alt); the world's fields stand in for LLaVA and Vicuna
-CONDITIONS = {"AltText": ("alt_text", "fused", 1.0), "VeC": ("alt_text", "synthetic_caption", 0.0),
-              "LLM-VeC": ("alt_text", "fused", 0.0), "AltText+LLM-VeC mix": ("alt_text", "fused", 0.5)}
-COLUMNS = {"i2t_R@1": "I->T R@1", "i2t_R@5": "I->T R@5", "t2i_R@1": "T->I R@1", "t2i_R@5": "T->I R@5",
-           "zeroshot_attributes": "zero-shot attributes", "zeroshot_entity": "zero-shot entity"}
-PLOTTED = ("i2t_R@1", "zeroshot_attributes", "zeroshot_entity")  # the metrics of the paper's claims
-
-
-def markdown_table(summary: dict, args: Args, seconds: float) -> str:
-    """The comparison as Markdown: mean (± std over seeds) per condition and metric, in percent."""
-    lines = [f"# VeCLIP in the miniature world ({args.seeds} seed(s), {args.steps} steps of batch {args.batch_size}, "
-             f"{args.model}, {seconds / 60:.1f} min)", "",
-             f"Retrieval against the `{args.text_field}` of {args.world.n_test} test images (the world's `refs`: "
-             f"{args.world.n_refs} human references per image of varying detail, which no condition trains on); "
-             "zero-shot attributes = mean of background, shape and colour; entity = the 12 emblem names; short "
-             "class-name prompts. VeC = the world's `synthetic_caption` (stands in for LLaVA), LLM-VeC = the world's "
-             f"`fused` (stands in for Vicuna; forgets each alt-text name with probability {args.world.llm_forget}). "
-             "A controlled toy world: these numbers show a mechanism, not the paper's effect sizes.", "",
-             "| training captions | " + " | ".join(COLUMNS.values()) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for condition, metrics in summary.items():
-        cells = [f"{np.mean(metrics[k]):.1f}" + (f" ± {np.std(metrics[k]):.1f}" if len(metrics[k]) > 1 else "")
-                 for k in COLUMNS]
-        lines.append(f"| {condition} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def chance_levels(records: list[dict]) -> dict:
-    """A random guess's zero-shot accuracy in percent, per plotted task (attributes: the mean of its three tasks)."""
-    guess = {task: 100 / len(spec["classes"]) for task, spec in zero_shot_tasks(records).items()}
-    return {"zeroshot_attributes": float(np.mean([guess[t] for t in ("background", "shape", "color")])),
-            "zeroshot_entity": guess["entity"]}
-
-
-def conditions_figure(summary: dict, chance: dict):
-    """The claims' metrics as bars, one panel per metric and one bar per condition: mean over seeds, error bar = std
-    over seeds (0 with one seed), a dashed line at chance on the zero-shot panels. Rendered by Agg without pyplot:
-    no display, no global figure state in a process that runs all five papers."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(4.2 * len(PLOTTED), 3.8), layout="constrained")
-    FigureCanvasAgg(figure)
-    seeds = len(next(iter(summary.values()))[PLOTTED[0]])
-    figure.suptitle(f"VeCLIP in the miniature world ({seeds} seed{'s' * (seeds > 1)}; mean ± std over seeds)")
-    for axis, metric in zip(figure.subplots(1, len(PLOTTED)), PLOTTED):
-        values = [summary[condition][metric] for condition in summary]
-        axis.bar(range(len(summary)), [np.mean(v) for v in values], yerr=[np.std(v) for v in values], capsize=4,
-                 color=[f"C{i}" for i in range(len(summary))])
-        if metric in chance:
-            axis.axhline(chance[metric], color="grey", linestyle="--", label="chance")
-            axis.legend(fontsize=8)
-        axis.set_xticks(range(len(summary)), [c.replace(" mix", "\nmix") for c in summary], fontsize=8)
-        axis.set(title=COLUMNS[metric], ylabel="%")
-    return figure
-
-
-def run_miniature(args: Args) -> dict:
-    """Train the same CLIP on each caption condition of the world, seeds 0..seeds-1; write the table and the plot."""
-    began, out = time.time(), Path(args.out)
-    runs, per_item = {condition: [] for condition in CONDITIONS}, {}
-    for seed in range(args.seeds):
-        folder = ensure_world(dataclasses.replace(args.world, seed=seed))
-        train_records, test_records = read_manifest(folder / "train.jsonl"), read_manifest(folder / "test.jsonl")
-        _, preprocess, _ = create_clip(args.model)
-        pixel_cache = preprocess_images(train_records, preprocess)  # (N, 3, H, W), shared by the conditions
-        columns = index_manifest(folder / "train.jsonl")
-        test_pixels = preprocess_images(test_records, preprocess)
-        for condition, (alt_field, llm_vec_field, p_alt) in CONDITIONS.items():  # step 5
-            slug = condition.split()[0].replace("+", "_").lower()
-            run_args = dataclasses.replace(args, alt_field=alt_field, llm_vec_field=llm_vec_field, p_alt=p_alt,
-                                           seed=seed, resume=False, out=str(out / f"seed{seed}" / slug))
-            model, preprocess, tokenizer, train_log = train(run_args, columns, pixel_cache)
-            per_item[condition] = {}  # the last seed's, for a one-seed verdict (reproduce.py's paired bootstrap)
-            metrics = evaluate(model, tokenizer, preprocess, test_records, run_args, images=test_pixels,
-                               per_item=per_item[condition])
-            metrics.update(final_loss=train_log["history"][-1]["loss"], train_seconds=train_log["train_seconds"])
-            runs[condition].append(metrics)
-            print(f"seed {seed} {condition}: " + ", ".join(f"{k} {metrics[k]:.1f}" for k in COLUMNS), flush=True)
-    summary = {c: {k: [m[k] for m in ms] for k in ms[0]} for c, ms in runs.items()}
-    seconds = time.time() - began
-    table = markdown_table(summary, args, seconds)
-    atomic_write_text(out / "results.md", table)
-    plot = out / "conditions.png"
-    conditions_figure(summary, chance_levels(test_records)).savefig(plot, dpi=120)
-    results = {"conditions": summary, "per_item": per_item, "seeds": args.seeds, "steps": args.steps, "batch_size": args.batch_size,
-               "model": args.model, "world": dataclasses.asdict(args.world), "seconds": seconds, "plot": str(plot)}
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
-    print(table)
-    return results
-
-
 def check_flags(args: Args) -> None:
     """Every numeric flag in its range before anything loads or is written (a batch of 0 crashed late, --seeds 0
     ran nothing), one line naming the flag; a learning rate may be inf, which the training guard stops with its
@@ -730,6 +560,9 @@ def main(argv=None) -> dict:
     log.setLevel(logging.INFO)
     check_device(args.device)  # before any stage loads weights onto it
     if args.stage == "miniature":
+        # imported here: the experiment imports this module, and the method's stages need none of it
+        from experiments.veclip_miniature import run_miniature
+
         return run_miniature(args)
     if args.stage == "eval":
         return stage_eval(args)

@@ -17,9 +17,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 import veclip
+from experiments.veclip_miniature import COLUMNS, chance_levels, conditions_figure
 from common import clip_train
-from common.clip_train import ImageRows, StepBatches, TrainConfig, encode_images, encode_texts, retrieval_metrics
-from common.data import BadSampleError, ManifestError, index_manifest, read_manifest, write_manifest, write_webdataset_shard
+from common.clip_eval import ImageRows, encode_images, encode_texts, retrieval_metrics, texts_of
+from common.clip_train import StepBatches, TrainConfig
+from common.columns import index_manifest
+from common.data import BadSampleError, ManifestError, read_manifest, write_manifest, write_webdataset_shard
 from common.degenerate import degenerate_reason
 from common.generate import ResumableJSONLWriter, recipe_path
 from common.miniature import WorldConfig, ensure_world, zero_shot_tasks
@@ -72,7 +75,8 @@ def world(tmp_path_factory):
 
 
 def global_batch(step: int, n: int, batch: int, seed: int = 0) -> np.ndarray:
-    """Rows of global batch `step` (Deviation 6): epoch e = step // (n // batch) walks the permutation seeded (seed, e)."""
+    """Rows of global batch `step` (Deviation 6): epoch e = step // (n // batch) walks the permutation seeded
+    (seed, e)."""
     epoch, position = divmod(step, n // batch)
     return np.random.default_rng([seed, epoch]).permutation(n)[position * batch:(position + 1) * batch]
 
@@ -112,7 +116,8 @@ def tiny_tokenizer(pad: bool = True):
                    - set(special))
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(special + words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
     tok.add_special_tokens(special)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="<pad>" if pad else None, extra_special_tokens={"image_token": "<image>"})
@@ -170,7 +175,8 @@ def test_truncation_shrinks_until_the_decoded_cut_fits():
         assert tokenizer.calls == 3 + (room - kept) + (kept > 0), room
     # no room even for the VeC: the alt-text goes without a try
     tokenizer.calls = 0
-    assert veclip.fusion_prompt(tokenizer, "AB AB", vec, max_prompt_tokens=base - 1) == (vicuna_fusion_prompt("", vec), True)
+    assert veclip.fusion_prompt(tokenizer, "AB AB", vec, max_prompt_tokens=base - 1) == (vicuna_fusion_prompt("", vec),
+                                                                                         True)
     assert tokenizer.calls == 3
 
 
@@ -231,7 +237,8 @@ def test_llm_answer_gives_its_caption_line_and_refusals_are_matched_at_the_start
 
 # llava-hf/llava-1.5-7b-hf's template: "USER: <image>\n{text} ASSISTANT:"
 LLAVA_CHAT_TEMPLATE = ("{% for message in messages %}{{ message['role'].upper() + ': ' }}"
-                       "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}"
+                       "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+                       "{{ '<image>\n' }}"
                        "{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
                        "{{ content['text'] + ' ' }}{% endfor %}{% endfor %}"
                        "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
@@ -258,7 +265,8 @@ def tiny_models(tmp_path_factory):
                         projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
                         image_seq_length=576, tie_word_embeddings=False)
     save_hf(LlavaForConditionalGeneration(llava), root / "vlm")
-    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
+    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 336},
+                                                      crop_size={"height": 336, "width": 336}),
                    tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default", image_token="<image>",
                    num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE).save_pretrained(root / "vlm")
     # Vicuna-1.1: Llama, rms eps 1e-6, 2048 positions, untied head, no chat template, no pad token
@@ -301,12 +309,13 @@ def test_vec_and_fuse_write_resumable_manifests(world, tiny_models, tmp_path, mo
         handle.write(b'{"id": "val-0000')
     vec_argv = ["vec", "--data", str(world / "val.jsonl"), "--out", str(vec_out), "--vlm", str(tiny_models / "vlm"),
                 "--gen-batch-size", "2", "--max-new-tokens", "4", "--device", "cpu"]
-    recipe = {"data": str(world / "val.jsonl"), "vlm": str(tiny_models / "vlm"), "vec_field": "vec", "max_new_tokens": 4,
-              "gen_dtype": "bfloat16"}  # what the killed run wrote beside its output
+    recipe = {"data": str(world / "val.jsonl"), "vlm": str(tiny_models / "vlm"), "vec_field": "vec",
+              "max_new_tokens": 4, "gen_dtype": "bfloat16"}  # what the killed run wrote beside its output
     with pytest.raises(ManifestError, match="without vec.jsonl.recipe.json"):  # settings unknown: not resumed
         veclip.main(vec_argv)
     recipe_path(world / "val.jsonl", vec_out).write_text(json.dumps(recipe))
-    with pytest.raises(ManifestError, match="--vec-field .vec. there, .vec2. now"):  # another field would pass the old samples off as its own
+    # another field would pass the old samples off as its own
+    with pytest.raises(ManifestError, match="--vec-field .vec. there, .vec2. now"):
         veclip.main([*vec_argv, "--vec-field", "vec2"])
     counts = veclip.main(vec_argv)
     assert counts["already_done"] == 1 and counts["written"] == 3
@@ -365,7 +374,8 @@ def test_vec_stage_asks_llava_the_vec_prompt_and_decodes_greedily(world, tiny_mo
     write_manifest(tmp_path / "in.jsonl", [{**r, "image": str(world / r["image"])} for r in records[:2]] + [broken]
                    + [{**r, "image": str(world / r["image"])} for r in records[2:]])
     counts = veclip.main(["vec", "--data", str(tmp_path / "in.jsonl"), "--out", str(out), "--vlm",
-                          str(tiny_models / "vlm"), "--gen-batch-size", "5", "--max-new-tokens", "4", "--device", "cpu"])
+                          str(tiny_models / "vlm"), "--gen-batch-size", "5", "--max-new-tokens", "4",
+                          "--device", "cpu"])
     assert len(calls) == 1  # the 4 readable images in one batch
     processor = AutoProcessor.from_pretrained(tiny_models / "vlm")
     model = LlavaForConditionalGeneration.from_pretrained(tiny_models / "vlm", dtype=torch.float32).eval()
@@ -375,7 +385,8 @@ def test_vec_stage_asks_llava_the_vec_prompt_and_decodes_greedily(world, tiny_mo
                         return_tensors="pt")
         assert torch.equal(calls[0]["input_ids"][row], one["input_ids"][0])  # same length: no padding
         assert torch.equal(calls[0]["pixel_values"][row], one["pixel_values"][0])
-        new = greedy(model, one["input_ids"], 4, model.config.text_config.eos_token_id, pixel_values=one["pixel_values"])
+        new = greedy(model, one["input_ids"], 4, model.config.text_config.eos_token_id,
+                     pixel_values=one["pixel_values"])
         expected.append(processor.tokenizer.decode(new, skip_special_tokens=True).strip())
     assert [r["vec"] for r in read_manifest(out)] == expected
     assert any(expected)  # the comparison is between captions, not empty strings
@@ -435,7 +446,8 @@ def fake_generate(monkeypatch, answers: dict) -> None:
     """The stage's model call replaced: row i of a batch answers answers[i] (else a usable caption); the models
     still load, the prompts are still built and tokenised."""
     def answer(model, tokenizer, inputs, max_new_tokens):
-        return [answers.get(row, f"a blue circle on green grass number {row}") for row in range(len(inputs["input_ids"]))]
+        rows = range(len(inputs["input_ids"]))
+        return [answers.get(row, f"a blue circle on green grass number {row}") for row in rows]
 
     monkeypatch.setattr(veclip, "generate", answer)
 
@@ -461,7 +473,8 @@ def test_a_degenerate_caption_is_written_flagged_and_counted(stage, world, tiny_
     assert written[1][field] == "a 2 2 2 2 2" and written[1][flag] == degenerate_reason("a 2 2 2 2 2")
     assert written[1][flag].startswith("repeated token: '2'")
     assert [r[flag] for i, r in enumerate(written) if i != 1] == [None] * 3
-    assert [r["vec_degenerate"] for i, r in enumerate(written) if i != 1 or stage == "fuse"] == [None] * (3 + (stage == "fuse"))
+    vec_flags = [r["vec_degenerate"] for i, r in enumerate(written) if i != 1 or stage == "fuse"]
+    assert vec_flags == [None] * (3 + (stage == "fuse"))
     assert counts[key] == 1 and counts["written"] == 4
     lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "degenerate" in r.getMessage()]
     assert len(lines) == 1 and lines[0].startswith(f"{stage}: 1 of 4 ") and "'val-000001'" in lines[0], lines
@@ -505,7 +518,8 @@ def test_vec_and_fuse_stream_shards_into_shards_with_the_manifests_captions(worl
 
 
 def test_missing_weights_name_the_flag(world, tiny_models, tmp_path):
-    with_vec = write_manifest(tmp_path / "vec.jsonl", [{**r, "vec": "a cat"} for r in read_manifest(world / "val.jsonl")])
+    with_vec = write_manifest(tmp_path / "vec.jsonl",
+                              [{**r, "vec": "a cat"} for r in read_manifest(world / "val.jsonl")])
     with pytest.raises(RuntimeError, match="--llm"):
         veclip.main(["fuse", "--data", str(with_vec), "--out", str(tmp_path / "x.jsonl"),
                      "--llm", str(tmp_path / "no-such-model"), "--device", "cpu"])
@@ -546,7 +560,8 @@ def test_retrieval_scores_every_reference_and_zero_shot_ensembles_templates():
     # mean(a dog (.8, .6), the dog (0, 1)) ~ (.45, .89): image 0 -> cat, image 1 -> dog, 100. One template
     # ("a {}") would give 0.
     vocabulary = ["a", "b", "c", "d", "a cat", "the cat", "a dog", "the dog"]
-    model = TableCLIP([[1.0, 0.0], [0.0, 1.0]], [[.6, .8], [1, 0], [.8, .6], [-1, 0], [.6, .8], [1, 0], [.8, .6], [0, 1]])
+    model = TableCLIP([[1.0, 0.0], [0.0, 1.0]],
+                      [[.6, .8], [1, 0], [.8, .6], [-1, 0], [.6, .8], [1, 0], [.8, .6], [0, 1]])
     tokenizer = lambda texts: torch.tensor([[vocabulary.index(text)] for text in texts])  # noqa: E731
     records = [{"id": "0", "refs": ["a", "b"], "label": "cat"}, {"id": "1", "refs": ["c", "d"], "label": "dog"}]
     images = torch.arange(2.0).view(2, 1, 1, 1)
@@ -557,7 +572,8 @@ def test_retrieval_scores_every_reference_and_zero_shot_ensembles_templates():
     metrics = veclip.evaluate(model, tokenizer, None, [{"id": "0", "refs": "b"}, {"id": "1", "refs": "d"}],
                               veclip.Args(), images=images)
     assert (metrics["i2t_R@1"], metrics["t2i_R@1"]) == (100.0, 100.0)
-    with pytest.raises(ValueError, match="^evaluation sample '0': no reference caption in field 'refs'; pass --text-field"):
+    no_reference = "^evaluation sample '0': no reference caption in field 'refs'; pass --text-field"
+    with pytest.raises(ValueError, match=no_reference):
         veclip.evaluate(model, tokenizer, None, [{"id": "0", "caption": "a"}], args, images=images[:1])
 
 
@@ -615,7 +631,8 @@ def test_train_and_eval_commands_run_vit_b_16(world, tmp_path, monkeypatch):
     records, tokenizer = read_manifest(test), open_clip.get_tokenizer("ViT-B-16")
     owners = [i for i, r in enumerate(records) for _ in r["refs"]]
     every_reference = retrieval_metrics(encode_images(model.eval(), ImageRows(records, preprocess)),
-                                        encode_texts(model, tokenizer, [ref for r in records for ref in r["refs"]]), owners)
+                                        encode_texts(model, tokenizer, [ref for r in records for ref in r["refs"]]),
+                                        owners)
     assert {k: metrics[k] for k in RETRIEVAL} == pytest.approx({k: every_reference[k] for k in RETRIEVAL}, abs=1e-4)
 
 
@@ -673,8 +690,8 @@ def test_training_tokenises_the_per_draw_mix_and_steps_on_the_clip_loss(world, t
 
     monkeypatch.setattr(veclip, "create_clip", create_clip)
     steps, batch, lr, warmup = 10, 8, 1e-3, 2  # 8 steps an epoch: the last two start epoch 1
-    result = veclip.main(TRAIN_FLAGS + ["--data", str(tmp_path / "train.jsonl"), "--steps", str(steps), "--weight-decay", "0.2",
-                                  "--out", str(tmp_path / "run"), "--device", "cpu"])
+    result = veclip.main(TRAIN_FLAGS + ["--data", str(tmp_path / "train.jsonl"), "--steps", str(steps),
+                                        "--weight-decay", "0.2", "--out", str(tmp_path / "run"), "--device", "cpu"])
     expected = [expected_batch(step, len(records), batch, p_alt=0.5) for step in range(steps)]
     assert tokenised == [texts for _, texts in expected]
     # the first step's loss by hand, at the initial weights and logit scale 1000
@@ -682,15 +699,16 @@ def test_training_tokenises_the_per_draw_mix_and_steps_on_the_clip_loss(world, t
     indices, texts = expected[0]
     pixels = torch.stack([preprocess(Image.open(records[i]["image"]).convert("RGB")) for i in indices])
     with torch.no_grad():
-        logits = 1000.0 * model.encode_image(pixels, normalize=True) @ model.encode_text(tokenizer(texts), normalize=True).T
+        image_emb = model.encode_image(pixels, normalize=True)
+        logits = 1000.0 * image_emb @ model.encode_text(tokenizer(texts), normalize=True).T
     labels = torch.arange(batch)
     loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
     history = result["history"]
     assert history[0]["loss"] == pytest.approx(loss.item(), rel=1e-4)
     # open_clip's clamp after each step: 1000 comes down to 100 at once (an unclamped step would leave ~999.5)
     assert history[0]["logit_scale"] == pytest.approx(100.0) and max(h["logit_scale"] for h in history) < 100.001
-    cosine = [lr * (t + 1) / warmup if t < warmup else 0.5 * lr * (1 + math.cos(math.pi * (t - warmup) / (steps - warmup)))
-              for t in range(steps)]
+    cosine = [lr * (t + 1) / warmup if t < warmup
+              else 0.5 * lr * (1 + math.cos(math.pi * (t - warmup) / (steps - warmup))) for t in range(steps)]
     assert [h["lr"] for h in history] == pytest.approx(cosine)
     groups = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.2, 0.0]  # --weight-decay on matrices, none elsewhere
@@ -763,8 +781,9 @@ def test_resume_continues_from_checkpoint_step(world, tmp_path, monkeypatch):
     assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in straight["history"]], abs=1e-6)
     with pytest.raises(ValueError, match="no-resume"):  # a different recipe does not resume silently
         veclip.main(argv + ["--out", str(tmp_path / "killed"), "--p-alt", "0.9"])
-    # eval of the world's manifest (a list of references; the world's tasks) and of a plain one (the same references in a
-    # field of another name; the background as a class name, with the world's background templates): the same numbers
+    # eval of the world's manifest (a list of references; the world's tasks) and of a plain one (the same
+    # references in a field of another name; the background as a class name, with the world's background
+    # templates): the same numbers
     on_world = veclip.main(["eval", "--eval-data", str(world / "test.jsonl"), "--out", str(tmp_path / "killed")])
     test_records = read_manifest(world / "test.jsonl")
     plain = [{"id": r["id"], "image": str(world / r["image"]), "caption": r["refs"], "label": r["background"]}
@@ -793,7 +812,7 @@ def test_smoke_preset_runs_the_miniature_run_and_writes_the_table(tmp_path):
     assert list(conditions) == ["AltText", "VeC", "LLM-VeC", "AltText+LLM-VeC mix"]
     table = (tmp_path / "results.md").read_text()
     for condition, metrics in conditions.items():  # the table's row is the JSON's numbers
-        assert f"| {condition} | " + " | ".join(f"{metrics[k][0]:.1f}" for k in veclip.COLUMNS) + " |" in table
+        assert f"| {condition} | " + " | ".join(f"{metrics[k][0]:.1f}" for k in COLUMNS) + " |" in table
     assert json.loads((tmp_path / "results.json").read_text())["conditions"] == conditions
     assert results["plot"] == str(tmp_path / "conditions.png")  # written next to the table, as a PNG
     assert (tmp_path / "conditions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -815,17 +834,19 @@ def test_miniature_arms_differ_only_in_their_captions(tmp_path, monkeypatch):
         return None, None, None, {"history": [{"loss": 1.0}], "train_seconds": 0.0}
 
     monkeypatch.setattr(veclip, "train", train)
-    monkeypatch.setattr(veclip, "evaluate", lambda *_, **__: {key: 0.0 for key in veclip.COLUMNS})
+    monkeypatch.setattr(veclip, "evaluate", lambda *_, **__: {key: 0.0 for key in COLUMNS})
     veclip.main(["miniature", "--world.n-train", "64", "--world.n-val", "4", "--world.n-test", "24",
                  "--model", MICRO, "--steps", "7", "--batch-size", "16", "--seeds", "2", "--out", str(tmp_path)])
     arms = [(a.alt_field, a.llm_vec_field, a.p_alt) for a, _, _ in trained]
     assert arms == [("alt_text", "fused", 1.0), ("alt_text", "synthetic_caption", 0.0), ("alt_text", "fused", 0.0),
                     ("alt_text", "fused", 0.5)] * 2
-    assert {(a.steps, a.batch_size, a.model, a.lr, a.warmup, n) for a, n, _ in trained} == {(7, 16, MICRO, 2e-3, 24, 64)}
+    schedules = {(a.steps, a.batch_size, a.model, a.lr, a.warmup, n) for a, n, _ in trained}
+    assert schedules == {(7, 16, MICRO, 2e-3, 24, 64)}
     assert [a.seed for a, _, _ in trained] == [0] * 4 + [1] * 4
     assert len({a.out for a, _, _ in trained}) == 8 and not any(a.resume for a, _, _ in trained)
     # each seed's world is its own: the conditions of a seed share its images, the seeds do not
-    assert all(trained[i][2] is trained[0][2] for i in range(4)) and all(trained[i][2] is trained[4][2] for i in range(4, 8))
+    assert all(trained[i][2] is trained[0][2] for i in range(4))
+    assert all(trained[i][2] is trained[4][2] for i in range(4, 8))
     assert not torch.equal(trained[0][2], trained[4][2])
 
 
@@ -836,10 +857,10 @@ def test_plot_shows_each_conditions_mean_and_spread_over_seeds_against_chance(wo
     summary = {"AltText": {"i2t_R@1": [1.0, 3.0], "zeroshot_attributes": [40.0, 40.0], "zeroshot_entity": [8.0, 10.0]},
                "AltText+LLM-VeC mix": {"i2t_R@1": [6.0, 10.0], "zeroshot_attributes": [50.0, 56.0],
                                        "zeroshot_entity": [9.0, 9.0]}}
-    chance = veclip.chance_levels(read_manifest(world / "test.jsonl"))
+    chance = chance_levels(read_manifest(world / "test.jsonl"))
     attributes_chance, entity_chance = (20 + 20 + 12.5) / 3, 100 / 12
     assert chance == pytest.approx({"zeroshot_attributes": attributes_chance, "zeroshot_entity": entity_chance})
-    figure = veclip.conditions_figure(summary, chance)
+    figure = conditions_figure(summary, chance)
     expected = [("I->T R@1", [2.0, 8.0], [1.0, 2.0], []),  # (panel title, means, stds, chance line)
                 ("zero-shot attributes", [40.0, 53.0], [0.0, 3.0], [pytest.approx([attributes_chance] * 2)]),
                 ("zero-shot entity", [9.0, 9.0], [1.0, 0.0], [pytest.approx([entity_chance] * 2)])]
@@ -901,7 +922,8 @@ def test_a_diverged_run_stops_with_one_line_and_no_nan_checkpoint(world, tmp_pat
 
     out = tmp_path / "diverged"
     command = [sys.executable, veclip.__file__, *TRAIN_FLAGS, "--data", str(world / "train.jsonl"), "--out", str(out),
-               "--steps", "1", "--lr", "inf", "--warmup", "0", "--eval-data", str(world / "test.jsonl"), "--device", "cpu"]
+               "--steps", "1", "--lr", "inf", "--warmup", "0", "--eval-data", str(world / "test.jsonl"),
+               "--device", "cpu"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     last = done.stderr.strip().splitlines()[-1]
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
@@ -928,8 +950,8 @@ def test_eval_of_a_nan_checkpoint_names_it_instead_of_scoring_100(world, tmp_pat
     from common.data import NonFiniteError
 
     with pytest.raises(NonFiniteError, match=f"^image embeddings of {path} contain NaN or inf \\(24 of 24\\)"):
-        veclip.main(["eval", "--checkpoint", str(path), "--eval-data", str(world / "test.jsonl"), "--out", str(tmp_path),
-                     "--device", "cpu"])
+        veclip.main(["eval", "--checkpoint", str(path), "--eval-data", str(world / "test.jsonl"),
+                     "--out", str(tmp_path), "--device", "cpu"])
     assert not (tmp_path / "eval.json").exists()
 
 
@@ -939,7 +961,8 @@ def test_device_cuda_without_cuda_says_so_before_any_weights_load(world, tmp_pat
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for argv in ([*TRAIN_FLAGS, "--data", str(world / "train.jsonl")],
-                 ["eval", "--model", MICRO, "--pretrained", str(tmp_path / "weights.pt"), "--eval-data", str(world / "test.jsonl")]):
+                 ["eval", "--model", MICRO, "--pretrained", str(tmp_path / "weights.pt"),
+                  "--eval-data", str(world / "test.jsonl")]):
         with pytest.raises(DeviceError, match="^--device cuda: CUDA is not available on this machine"):
             veclip.main([*argv, "--out", str(tmp_path), "--device", "cuda"])
 
@@ -948,10 +971,11 @@ def test_references_class_names_and_fusion_inputs_must_be_text(tmp_path):
     """A number or a list of numbers in a reference field was scored as the caption "1"; a class id prompted as
     "a photo of a 3."; an alt-text list fused as "['a', 'b']". Each is an error naming the sample (fuse: before the
     LLM loads)."""
-    with pytest.raises(veclip.ManifestError, match=r"^evaluation sample '0': field 'refs': item 0 must be a non-empty string, got 1$"):
+    not_text = r"^evaluation sample '0': field 'refs': item 0 must be a non-empty string, got 1$"
+    with pytest.raises(veclip.ManifestError, match=not_text):
         veclip.references([{"id": "0", "refs": [1, 2]}], "refs")
     with pytest.raises(veclip.ManifestError, match=r"^evaluation sample '1': field 'label' must be a string, got 3$"):
-        veclip.class_names([{"id": "0", "label": "cat"}, {"id": "1", "label": 3}], "label")
+        texts_of([{"id": "0", "label": "cat"}, {"id": "1", "label": 3}], "label")
     write_manifest(tmp_path / "vec.jsonl", [{"id": "a", "image": "a.png", "alt_text": ["x", "y"], "vec": "a cat"}])
     with pytest.raises(BadSampleError, match=r"""^sample 'a': field 'alt_text' must be a string, got \["x", "y"\]$"""):
         veclip.main(["fuse", "--data", str(tmp_path / "vec.jsonl"), "--out", str(tmp_path / "out.jsonl"),
@@ -969,14 +993,16 @@ def test_eval_writes_clip_benchmark_rows_of_the_checkpoint(tmp_path):
     torch.save({"state_dict": model.state_dict(), "recipe": {"model": MICRO, "pretrained": None}}, path)
     flags = ["eval", "--checkpoint", str(path), "--benchmark-root", root, "--device", "cpu"]
     with pytest.raises(MissingBenchmark, match="wds_absent"):  # checked before any weights load
-        veclip.main([*flags, "--benchmark", "wds/absent", "--checkpoint", str(tmp_path / "no.pt"), "--out", str(tmp_path)])
+        veclip.main([*flags, "--benchmark", "wds/absent", "--checkpoint", str(tmp_path / "no.pt"),
+                     "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="--eval-data .* or --benchmark"):
         veclip.main(["eval", "--checkpoint", str(path), "--out", str(tmp_path), "--device", "cpu"])
     metrics = veclip.main([*flags, "--benchmark", "wds/colors", "wds/flickr30k", "--out", str(tmp_path / "out")])
     expected = evaluate_benchmarks(model.eval(), preprocess, tokenizer, ["wds/colors", "wds/flickr30k"], root,
                                    model_label=MICRO,
                                    pretrained=str(path))
-    same = lambda rows: json.dumps(rows) == json.dumps(expected)  # noqa: E731  (acc5 of 3 classes is NaN, as clip_benchmark has it)
+    # acc5 of 3 classes is NaN, as clip_benchmark has it
+    same = lambda rows: json.dumps(rows) == json.dumps(expected)  # noqa: E731
     assert same(metrics["benchmarks"]) and expected[0]["model"] == MICRO
     assert same(json.loads((tmp_path / "out" / "eval.json").read_text())["benchmarks"])
     assert same([json.loads(line) for line in (tmp_path / "out" / "benchmarks.jsonl").read_text().splitlines()])
