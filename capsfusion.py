@@ -1,109 +1,53 @@
-"""CapsFusion: Rethinking Image-Text Data at Scale (Yu et al., 2023).
+"""CapsFusion: Rethinking Image-Text Data at Scale (Yu et al., 2023). https://arxiv.org/abs/2310.20550
 
-Paper: https://arxiv.org/abs/2310.20550 (official repository baaivision/CapsFusion ships one
-inference script: no captioning, no fine-tuning, and, through a `__len__` bug, it fuses only a tenth
-of its input; this file is the whole pipeline).
-
-Raw web captions know the world (names of people, places, products) but are noisy; synthetic
-captions from a captioner (BLIP, as in LAION-COCO) are clean but generic, lose the names and
-sometimes invent details. Models trained on synthetic captions look good early and then saturate.
-CapsFusion asks an instruction LLM (ChatGPT) to merge the two captions of each image into one,
-keeping sentence 1's real-world knowledge in sentence 2's structure; it then distils that into an
-open LLM, CapsFus-LLaMA (LLaMA-2-13B fine-tuned on ChatGPT's triplets), which fuses at scale.
+Raw web captions know the world (names) but are noisy; a captioner's synthetic captions are clean but generic.
+An LLM merges the two captions of each image into one, keeping sentence 1's knowledge in sentence 2's structure;
+ChatGPT's fusions are distilled into CapsFus-LLaMA (LLaMA-2-13B fine-tuned), which fuses at scale. The official
+repository (baaivision/CapsFusion) ships only an inference script; this file is the whole pipeline.
 
 Implements (stages over manifests, each named by the first argument):
-  1. `caption` (method: caption generation)  s_i = captioner(image_i)             -> `synthetic_caption`
-  2. `fuse`    (caption fusion; official inference) f_i = LLM(PROMPT(r_i, s_i)); |PROMPT| <= 256 tokens by
-                           cutting r_i's tokens from its end; beam search, 3 beams, <= 80 new tokens -> `fused`
-  3. `sft`     (refinement model)  CapsFus-LLaMA: L = -1/|Y| sum_{t in Y} log p(y_t | PROMPT(r, s), y_<t), Y = the
-                           teacher's fusion + EOS (the prompt carries no loss), 2 epochs; full or LoRA
-  4. `eval`    fusion quality: names of the raw caption kept, hallucinated attributes, BLEU-4/CIDEr
-                           against the teacher, length; raw / synthetic / teacher / fuser side by side
-  5. `scaling` (scalability analysis, Fig. 7) the same CLIP trained on raw, synthetic, fused (the fuser's
-                           output, `--out-field`) and a 50/50 raw+synthetic mix at growing numbers of samples
-                           (one epoch each), and on the teacher's `--fused-field` as a reference line; PNG + JSON
-  6. `miniature` (the default): sft -> fuse (test split, training samples) -> eval -> scaling, over seeds.
+  1. `caption` s_i = captioner(image_i) (LAION-COCO's BLIP captions)                      -> `synthetic_caption`
+  2. `fuse`    f_i = LLM(PROMPT(r_i, s_i)), |PROMPT| <= 256 tokens by cutting r_i's end; beam search, 3 beams,
+               <= 80 new tokens (the official inference)                                 -> `fused`
+  3. `sft`     CapsFus-LLaMA: L = -1/|Y| sum_{t in Y} log p(y_t | PROMPT(r, s), y_<t), Y = the teacher's fusion
+               + EOS (the prompt carries no loss), 2 epochs; full or LoRA                -> out/fuser
+  The experiments (experiments/capsfusion_miniature.py, the same command line): `eval` (fusion quality: names
+  kept, hallucinations, BLEU-4/CIDEr against the teacher), `scaling` (Fig. 7: the same CLIP on raw, synthetic,
+  fused and raw+synthetic captions at growing sizes) and `miniature` (the default: sft -> fuse -> eval -> scaling).
 
-Deviations from the paper:
-  1. Prompt lengths are capped as the official script means to: a prompt over 256 tokens (BOS
-     included) loses the raw caption's last tokens until it fits. The official code also cuts the
-     whole raw caption when the prompt is exactly 256 tokens (`ids[:-0]`) and then truncates the
-     padded prompt from the right (cutting "New Sentence:") when re-tokenising makes it longer;
-     neither is copied. A synthetic caption that alone overflows is kept whole (counted).
-  2. The official script pads every prompt to 256 tokens; here to the batch's longest (the same
-     output, left padding and attention masks make padding invisible). It strips the captions; here
-     their whitespace is also collapsed. Its answer is stored as generated; here the first non-empty
-     line, whitespace collapsed.
-  3. Empty inputs, which the paper does not discuss: an empty raw caption gives the synthetic
-     caption unchanged, an empty synthetic caption the raw caption, without calling the LLM (the
-     `<field>_source` field says which); both empty: the sample is skipped and counted. An empty
-     LLM answer falls back to the synthetic caption. SFT drops triplets with an empty member.
-  4. SFT follows Alpaca (the paper says Alpaca-style): prompt + response + EOS, loss on the response
-     tokens only, AdamW, lr 2e-5, batch 128, 3% warm-up then cosine, no weight decay. The loss is the
-     mean over the global batch's response tokens (exact under any number of ranks; under DDP a short last
-     batch is cut to a multiple of the ranks); gradients clipped at norm 1 (HF Trainer's default). Full fine-tuning
-     runs under DDP (models that fit one GPU with their optimiser state); a 13B model needs `--lora`
-     here (peft, merged into the weights at the end), as this file has no FSDP/DeepSpeed sharding.
-     Under `--lora` the frozen base is loaded in bf16 on CUDA (`--lora-base-dtype`; float32 on the
-     CPU), the adapters train in float32. Gradients are all-reduced once per step: DDP's `no_sync`
-     on all micro-batches but the last.
-  5. `caption`: one caption per image by beam search (LAION-COCO drew 40 BLIP captions and kept the
-     best by two CLIP rerankers); any image-text-to-text model works, BLIP-large is the default.
-  6. `scaling` trains CLIP (the paper trains an Emu-style multimodal LLM and reports COCO CIDEr and
-     VQA): the same small CLIP on nested subsets, one epoch each, so compute grows with data as in
-     the paper. Retrieval and zero-shot accuracy stand in for its benchmarks. The mix draws raw or
-     synthetic with probability 0.5 each time a sample is drawn (the paper's mixing ratio unstated).
-  7. Miniature world: the world's `fused` stands in for ChatGPT: a template fusion (not an LLM)
-     computed from the alt-text and the synthetic caption only (common.miniature.teacher_fusion:
-     names placed by the emblem pattern the caption describes, else on the first undescribed object;
-     a contradicted colour or shape fixed only when unambiguous), which forgets each name with
-     probability `--world.llm-forget` (0.25), as an LLM's rewrite loses some knowledge; its
-     `synthetic_caption` stands in for BLIP. The student is a 2-layer, width-128 Llama trained from
-     scratch with a word-level tokenizer built from the world's text, which holds the fixed
-     instruction as one token (the prompt string is unchanged; a real LLM reads it as ~90 tokens), so
-     that the sequences are 3x shorter; SFT uses lr 3e-3 and batch 32 (MINIATURE_SFT) on the
-     teacher's fusions of every training image. The fuser fuses the test split (eval) and the
-     training samples scaling uses (its `fused` arm, as the paper scales CapsFus-LLaMA's output).
-     Scaling is sized to fit a 10-minute reproduce.py: 1,250 and 2,500 samples at CLIP batch 32
-     (`--sizes`, `--clip-batch-size`); the larger is 79 steps, about where this CLIP starts to align.
+Deviations from the paper (in full in docs/capsfusion.md):
+  1. The 256-token prompt cap cuts the raw caption's tail as the official script means to, without its bugs
+     (`ids[:-0]` cutting all of it; right truncation losing "New Sentence:"); an overlong synthetic caption stays.
+  2. Prompts padded to the batch's longest, not to 256 (same output); whitespace collapsed; the answer's first line.
+  3. One empty caption: the other is copied without the LLM; both empty: skipped; an empty answer: the synthetic
+     caption; SFT drops triplets with an empty member.
+  4. SFT is Alpaca's recipe (prompt + response + EOS, loss on the response, AdamW lr 2e-5, batch 128, 3% warm-up,
+     cosine, no weight decay, clipping at 1), the loss a global token mean; plain DDP, so 13B needs `--lora`.
+  5. `caption`: one beam-search caption per image (LAION-COCO kept the best of 40 BLIP captions).
+  6. `scaling` trains a small CLIP, one epoch per subset (the paper: an Emu-style multimodal LLM, CIDEr and VQA);
+     the mix draws raw or synthetic with probability 0.5 at each draw (the paper's ratio is unstated).
+  7. Miniature: the world's template `fused` plays ChatGPT, `synthetic_caption` plays BLIP, the student is a
+     2-layer Llama from scratch with a word-level tokenizer (docs/capsfusion.md).
 
 Commands:
-  Smoke run first (every stage on a tiny world in under a minute, to check that everything runs):
-    python capsfusion.py --preset smoke --out runs/capsfusion_smoke
-  CPU, miniature world (timings in docs/capsfusion.md; scaling's 10 CLIP trainings take about
-  two thirds, --sizes and --clip-batch-size are its knobs):
-    python capsfusion.py                        # = python capsfusion.py miniature --seed 0 --seeds 1
-    python capsfusion.py --seeds 3 --out runs/capsfusion_miniature
-    OMP_NUM_THREADS=1 python capsfusion.py --seed 1 --seeds 1 --out runs/cf_s1   # one process per seed
-  Real run (manifests with `image` + `alt_text`; triplets with the teacher's `fused`, no image needed):
-    torchrun --nproc-per-node 8 capsfusion.py caption --data laion.jsonl --out laion.syn.jsonl
+    python capsfusion.py --preset smoke --out runs/capsfusion_smoke   # every stage on a tiny world, to check
+    python capsfusion.py --seeds 3 --out runs/capsfusion_miniature    # the miniature run, CPU
     torchrun --nproc-per-node 8 capsfusion.py sft --data chatgpt_triplets.jsonl --out runs/capsfus \
         --base-model meta-llama/Llama-2-13b-hf --lora --micro-batch-size 4 --grad-checkpointing
     torchrun --nproc-per-node 8 capsfusion.py fuse --data laion.syn.jsonl --out laion.fused.jsonl \
-        --llm runs/capsfus/fuser              # or the released BAAI/CapsFus-LLaMA (the default)
-    python capsfusion.py fuse --data heldout_triplets.jsonl --out heldout.jsonl --out-field capsfus
-    python capsfusion.py eval --data heldout.jsonl --out runs/eval --out-field capsfus
-    torchrun --nproc-per-node 8 capsfusion.py scaling --data laion.fused.jsonl --scaling-data coco_test.jsonl \
-        --clip-model ViT-B-32 --sizes 1000000 10000000 --clip-batch-size 4096 --device cuda \
-        --benchmark wds/imagenet1k wds/mscoco_captions --benchmark-root 'benchmarks/{name}'   # + clip_benchmark rows
-    torchrun --nproc-per-node 8 -m common.clip_train --data laion.fused.jsonl --eval-data coco_test.jsonl --text-field fused
-
-Results: docs/capsfusion.md, each table with the world version and the settings it comes
-from. The world is a controlled caricature (template captions, a template teacher, a 0.36M-parameter
-student, a 5M-parameter CLIP far from convergence), not evidence about the paper's data or effects.
+        --llm runs/capsfus/fuser   # or the released BAAI/CapsFus-LLaMA (the default)
+  The other real-run commands (caption, eval, scaling, benchmarks) and the results: docs/capsfusion.md.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
 import shutil
-import string
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -116,18 +60,13 @@ import torch.distributed as dist
 import tyro
 from tqdm.auto import tqdm
 
-from common.benchmarks import check_benchmarks, evaluate_benchmarks, write_benchmark_results
-from common.caption_metrics import coco_scores, plain_words, table_note
 from common.cli import parse, preset_help
-from common.clip_train import (MINIATURE_MODEL, ImageRows, TrainConfig, assert_finite_state, create_clip,
-                               evaluate_world, encode_images, encode_texts, preprocess_images, retrieval_metrics,
-                               save_checkpoint, texts_of, train_clip, usable_rows)
-from common.data import (BadSampleError, Columns, ManifestError, SkipCounter, atomic_write_text, check_device,
-                         index_data, index_manifest, init_distributed, load_model, load_pretrained, open_record_image,
-                         read_manifest, run_command, text_problem)
+from common.clip_train import MINIATURE_MODEL, assert_finite_state, save_checkpoint
+from common.data import (BadSampleError, ManifestError, SkipCounter, check_device, init_distributed, load_model,
+                         load_pretrained, open_record_image, read_manifest, run_command, text_problem)
 from common.degenerate import DegenerateCounter
 from common.generate import check_resumable, generate_sharded, merge_rank_counters, pending, recipe_changes
-from common.miniature import WorldConfig, ensure_world, hallucinated_words, names_kept
+from common.miniature import WorldConfig
 
 log = logging.getLogger("capsfusion")
 
@@ -137,7 +76,8 @@ FUSION_PROMPT = ("Please merge and refine the information from the two given sen
                  "and grammar. Sentence 2 exhibits nice sentence structure, but lacking in-depth real-world details "
                  "and may contain false information. Please combine them into a new sentence, ensuring a "
                  "well-structured sentence while retaining the detailed real-world information provided in Sentence 1. "
-                 "Avoid simply concatenating the sentences.\n\nSentence 1: {raw}\nSentence 2: {synthetic}\nNew Sentence:")
+                 "Avoid simply concatenating the sentences.\n\n"
+                 "Sentence 1: {raw}\nSentence 2: {synthetic}\nNew Sentence:")
 INSTRUCTION = FUSION_PROMPT.split("\n")[0]
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
 
@@ -151,7 +91,7 @@ PRESETS = {"smoke": {"sizes": (16, 64), "clip_model": "micro-ViT-16", "clip_batc
 
 @dataclass
 class Args:
-    """CapsFusion stages: caption, fuse, sft, eval, scaling over manifests; miniature runs them on the miniature world."""
+    """The stages caption, fuse, sft, eval and scaling over manifests; miniature runs them on the miniature world."""
 
     stage: tyro.conf.Positional[Literal["miniature", "caption", "fuse", "sft", "eval", "scaling"]] = "miniature"
     """what to run"""
@@ -259,13 +199,7 @@ class Args:
     """miniature: the world's knobs (its seed is replaced by each run's seed)"""
 
 
-# The miniature student's recipe: a tiny LM from scratch needs a far larger step than LLaMA's 2e-5.
-MINIATURE_SFT = {"lr": 3e-3, "batch_size": 32, "micro_batch_size": 32, "warmup_ratio": 0.06, "gen_batch_size": 64}
-
-
-# =============================================================================================
-# The paper's pieces
-# =============================================================================================
+# ---- The paper's pieces
 
 
 def clean(text: str | None) -> str:
@@ -337,9 +271,7 @@ def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     return nll, (targets != IGNORE).sum()
 
 
-# =============================================================================================
-# Generation stages (caption, fuse): rank-sharded, resumable
-# =============================================================================================
+# ---- Generation stages (caption, fuse): rank-sharded, resumable
 
 
 def weights_dtype(args: Args, device: str) -> torch.dtype:
@@ -387,7 +319,8 @@ def flagged(fields: dict, field: str, record: dict, counter: DegenerateCounter, 
 def generate(model, inputs, num_beams: int, max_new_tokens: int, **options) -> torch.Tensor:
     """Beam-search continuations (B, new) of a left-padded batch, prompt tokens removed."""
     with torch.no_grad():
-        output = model.generate(**inputs, num_beams=num_beams, max_new_tokens=max_new_tokens, do_sample=False, **options)
+        output = model.generate(**inputs, num_beams=num_beams, max_new_tokens=max_new_tokens, do_sample=False,
+                                **options)
     prompt = inputs.get("input_ids")
     # decoder-only models echo the prompt; BLIP-style captioners return their own sequence
     if prompt is not None and output.shape[1] > prompt.shape[1] and torch.equal(output[:, :prompt.shape[1]], prompt):
@@ -399,7 +332,7 @@ def stage_caption(args: Args, data=None) -> dict:
     """Step 1 (caption generation): a synthetic caption for every readable image, written as `synthetic_field`.
 
     `data`: --data (a manifest or shards, streamed) unless given (a list of records). A degenerate caption
-    (common.degenerate) is written and flagged: `<synthetic_field>_degenerate` holds the reason, counted in the counts."""
+    (common.degenerate) is written and flagged: `<synthetic_field>_degenerate` holds the reason, counted."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     data = args.data if data is None else data
@@ -482,14 +415,16 @@ def stage_fuse(args: Args, data=None) -> dict:
             raw, synthetic = caption_text(record, args.raw_field), caption_text(record, args.synthetic_field)
             if not raw and not synthetic:
                 if args.strict:
-                    raise BadSampleError(f"sample {record['id']!r}: empty {args.raw_field!r} and {args.synthetic_field!r}")
+                    raise BadSampleError(f"sample {record['id']!r}: empty {args.raw_field!r} and "
+                                         f"{args.synthetic_field!r}")
                 counts["skipped_no_text"] += 1
             elif not raw or not synthetic:  # nothing to merge: the caption there is, unchanged
                 source = "synthetic" if synthetic else "raw"
                 counts[f"copied_{source}"] += 1
                 results[position] = (record, {args.out_field: synthetic or raw, f"{args.out_field}_source": source})
             else:
-                prompt, trimmed = fusion_prompt(tokenizer, raw, synthetic, args.max_prompt_tokens)  # step 2: PROMPT(r_i, s_i)
+                # step 2: PROMPT(r_i, s_i)
+                prompt, trimmed = fusion_prompt(tokenizer, raw, synthetic, args.max_prompt_tokens)
                 counts["raw_trimmed"] += trimmed
                 counts["prompt_over_cap"] += prompt_length(tokenizer, prompt) > args.max_prompt_tokens
                 prompts.append(prompt)
@@ -498,20 +433,22 @@ def stage_fuse(args: Args, data=None) -> dict:
             inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
             # step 2: f_i = LLM(PROMPT(r_i, s_i)), beam search
             new = generate(model, inputs, args.num_beams, args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-            for (position, record, synthetic), answer in zip(asked, tokenizer.batch_decode(new, skip_special_tokens=True)):
+            answers = tokenizer.batch_decode(new, skip_special_tokens=True)
+            for (position, record, synthetic), answer in zip(asked, answers):
                 fused = first_line(answer)
                 counts["empty_answers"] += not fused
-                fields = {args.out_field: fused or synthetic, f"{args.out_field}_source": "llm" if fused else "synthetic"}
+                fields = {args.out_field: fused or synthetic,
+                          f"{args.out_field}_source": "llm" if fused else "synthetic"}
                 # an empty answer fell back to the synthetic caption (counted above): the LLM's answers are checked
-                results[position] = (record, flagged(fields, args.out_field, record, counter, counts) if fused else fields)
+                if fused:
+                    fields = flagged(fields, args.out_field, record, counter, counts)
+                results[position] = (record, fields)
         return [results[position] for position in sorted(results)]  # input order
 
     return run_generation(args, data, process_batch, ("id",), counter)
 
 
-# =============================================================================================
-# SFT: CapsFus-LLaMA from (raw, synthetic, fused) triplets
-# =============================================================================================
+# ---- SFT: CapsFus-LLaMA from (raw, synthetic, fused) triplets
 
 
 def triplets(records: list[dict], args: Args) -> list[tuple[str, str, str]]:
@@ -539,7 +476,8 @@ def pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
     labels = torch.full((len(examples), length), IGNORE)
     mask = torch.zeros((len(examples), length), dtype=torch.long)
     for row, (ids, labs) in enumerate(examples):
-        input_ids[row, :len(ids)], labels[row, :len(labs)], mask[row, :len(ids)] = torch.tensor(ids), torch.tensor(labs), 1
+        input_ids[row, :len(ids)], labels[row, :len(labs)] = torch.tensor(ids), torch.tensor(labs)
+        mask[row, :len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
@@ -562,8 +500,32 @@ def sft_recipe(args: Args, data: list[tuple[str, str, str]]) -> dict:
 
 
 def sft_dtype(args: Args, device: str) -> torch.dtype:
-    """Weights dtype of the SFT model: float32 when its weights train, --lora-base-dtype for a frozen LoRA base on CUDA."""
+    """The SFT model's dtype: float32 when its weights train, --lora-base-dtype for a frozen LoRA base (CUDA)."""
     return getattr(torch, args.lora_base_dtype) if args.lora and device.startswith("cuda") else torch.float32
+
+
+def sft_step(ddp, examples: list[tuple[list[int], list[int]]], micro_batch_size: int, pad_id: int, device: str,
+             world_size: int) -> float:
+    """One optimiser step's gradients from this rank's `examples`, in micro-batches; returns the step's loss: the
+    mean over the global batch's response tokens, exact under any number of ranks and micro-batches."""
+    tokens = torch.tensor(sum(sum(label != IGNORE for label in labels[1:]) for _, labels in examples), device=device)
+    if world_size > 1:
+        dist.all_reduce(tokens)  # the global batch's response tokens: every rank divides by the same count
+    total = torch.zeros((), device=device)
+    for first in range(0, len(examples), micro_batch_size):
+        batch = {k: v.to(device) for k, v in pad_batch(examples[first:first + micro_batch_size], pad_id).items()}
+        # accumulate locally; DDP all-reduces the gradients once, in the step's last backward pass
+        last = first + micro_batch_size >= len(examples)
+        with contextlib.nullcontext() if world_size == 1 or last else ddp.no_sync():
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+                logits = ddp(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (b, T, V)
+            nll, _ = response_loss(logits, batch["labels"])
+            # DDP averages gradients over ranks: scale by world_size so the sum is the global token mean
+            (nll * world_size / tokens).backward()
+        total += nll.detach()
+    if world_size > 1:
+        dist.all_reduce(total)
+    return (total / tokens).item()
 
 
 def stage_sft(args: Args, records: list[dict]) -> dict:
@@ -575,8 +537,9 @@ def stage_sft(args: Args, records: list[dict]) -> dict:
         from peft import LoraConfig, get_peft_model
 
         # the adapters train in float32 over a half-precision frozen base (peft's autocast_adapter_dtype)
-        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
+                                                 lora_dropout=args.lora_dropout, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()  # LoRA: frozen embeddings would cut the recomputed graph
@@ -601,7 +564,6 @@ def stage_sft(args: Args, records: list[dict]) -> dict:
         start, history = state["step"], state["history"]
         log.info("resuming SFT from %s at step %d", state_path, start)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
-    use_amp = device.startswith("cuda")
     model.train()
     began, saved = time.time(), start or None  # saved: the step the state on disk holds, for the guard's message
 
@@ -619,25 +581,7 @@ def stage_sft(args: Args, records: list[dict]) -> dict:
         indices = step_indices(step, len(data), args.batch_size, args.seed)
         # DDP needs the same number of backward passes on every rank: cut the batch to a multiple of the ranks
         mine = [data[i] for i in indices[:len(indices) // world_size * world_size][rank::world_size]]
-        tokens = torch.tensor(sum(sum(label != IGNORE for label in labels[1:]) for _, labels in mine), device=device)
-        if world_size > 1:
-            dist.all_reduce(tokens)  # the global batch's response tokens: every rank divides by the same count
-        total = torch.zeros((), device=device)
-        for first in range(0, len(mine), args.micro_batch_size):
-            batch = {k: v.to(device) for k, v in pad_batch(mine[first:first + args.micro_batch_size],
-                                                           tokenizer.pad_token_id).items()}
-            # accumulate locally; DDP all-reduces the gradients once, in the step's last backward pass
-            last = first + args.micro_batch_size >= len(mine)
-            with contextlib.nullcontext() if ddp is model or last else ddp.no_sync():
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                    logits = ddp(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (b, T, V)
-                nll, _ = response_loss(logits, batch["labels"])
-                # DDP averages gradients over ranks: scale by world_size so the sum is the global token mean
-                (nll * world_size / tokens).backward()
-            total += nll.detach()
-        if world_size > 1:
-            dist.all_reduce(total)
-        loss = (total / tokens).item()
+        loss = sft_step(ddp, mine, args.micro_batch_size, tokenizer.pad_token_id, device, world_size)
         assert_finite_state(None, loss, where(step, "before its update"))
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -672,264 +616,6 @@ def save_fuser(model, tokenizer, folder: Path) -> None:
     os.replace(tmp, folder)
 
 
-# =============================================================================================
-# Evaluation: fusion quality, side by side
-# =============================================================================================
-
-
-def proper_names(text: str) -> set[str]:
-    """The raw caption's proper-name proxy: alphabetic words that start with a capital, lower-cased."""
-    return {w.strip(string.punctuation).lower() for w in text.split() if w.strip(string.punctuation).isalpha()
-            and w.strip(string.punctuation)[0].isupper()}
-
-
-def fusion_quality(captions: list[str], records: list[dict], args: Args, reference: list[str] | None) -> dict:
-    """Names of the raw caption kept, (world) names kept and hallucinations, BLEU-4/CIDEr against `reference` (COCO
-    toolkit, x 100, with their "tokenizer" label), length in words (lower-cased, punctuation removed). `per_item`
-    (world labels only): each caption's [names kept, names to keep] and hallucinated words, what a one-seed verdict
-    resamples."""
-    # step 4: the raw caption's names kept by each caption
-    raw_names = [proper_names(caption_text(r, args.raw_field)) for r in records]
-    kept = sum(len(names & set(plain_words(c))) for names, c in zip(raw_names, captions))
-    metrics = {"raw_names_kept": 100.0 * kept / max(1, sum(map(len, raw_names))),
-               "length": float(np.mean([len(plain_words(c)) for c in captions]))}
-    if "objects" in records[0]:  # the miniature world's labels: true names, and words nothing in the image has
-        items = {"names_kept": [[int(n) for n in names_kept(c, r)] for c, r in zip(captions, records)],
-                 "hallucinated": [float(len(hallucinated_words(c, r))) for c, r in zip(captions, records)]}
-        found, total = np.sum(items["names_kept"], axis=0)
-        metrics["names_kept"] = float(100.0 * found / max(1, total))  # a ratio of sums
-        metrics["hallucinated"] = float(np.mean(items["hallucinated"]))
-        metrics["per_item"] = items
-    if reference is not None:
-        metrics.update(coco_scores({i: [t] for i, t in enumerate(reference)}, dict(enumerate(captions)), scale=100.0,
-                                   metrics=("BLEU-4", "CIDEr")))
-    return metrics
-
-
-def stage_eval(args: Args, records: list[dict]) -> dict:
-    """Fusion quality of raw, synthetic, teacher-fused and fuser-generated captions, those the manifest has."""
-    rows = {"raw": args.raw_field, "synthetic": args.synthetic_field, "teacher": args.fused_field, "fuser": args.out_field}
-    rows = {name: field for name, field in rows.items()
-            if all(field in r for r in records) and (name != "fuser" or field != args.fused_field)}
-    if not rows:
-        raise ManifestError(f"no records with any of {args.raw_field!r}, {args.synthetic_field!r}, "
-                            f"{args.fused_field!r}, {args.out_field!r}")
-    reference = [caption_text(r, args.fused_field) for r in records] if "teacher" in rows else None
-    results = {name: fusion_quality([caption_text(r, field) for r in records], records, args,
-                                    None if name == "teacher" else reference) for name, field in rows.items()}
-    out = Path(args.out)
-    atomic_write_text(out / "eval.json", json.dumps(results, indent=2))
-    return results
-
-
-# =============================================================================================
-# Scaling: the same CLIP on raw, synthetic, fused and mixed captions at growing data sizes
-# =============================================================================================
-
-MIX = "raw+synthetic mix"
-
-
-def caption_fields(args: Args, columns: Columns) -> dict[str, str]:
-    """{caption type: field} of the scaling arms: `fused` is the fuser's output (--out-field, what `fuse` writes);
-    `teacher`, a reference line, the teacher's --fused-field when that is another field and every sample has it."""
-    fields = {"raw": args.raw_field, "synthetic": args.synthetic_field, "fused": args.out_field}
-    if (args.fused_field != args.out_field and args.fused_field in columns.fields
-            and len(columns.rows_where(lambda v: v[args.fused_field] is not None, [args.fused_field])) == len(columns)):
-        fields["teacher"] = args.fused_field
-    return fields
-
-
-class ArmTexts:
-    """The trainer's `texts_for` of one scaling arm: each row's caption of the arm's field, whitespace collapsed."""
-
-    def __init__(self, columns: Columns, kind: str, fields: dict[str, str]):
-        self.columns, self.kind, self.fields = columns, kind, fields
-
-    def __call__(self, rows: np.ndarray, rng: np.random.Generator) -> list[str]:
-        if self.kind == MIX:
-            raw, synthetic = (self.columns.column(self.fields[k], rows) for k in ("raw", "synthetic"))
-            # step 5, the mix arm: each time sample i is drawn, t_i = r_i if u < 0.5 else s_i, u ~ U(0, 1) fresh per draw
-            return [clean(r if u < 0.5 else s) for r, s, u in zip(raw, synthetic, rng.random(len(rows)))]
-        return [clean(text) for text in self.columns.column(self.fields[self.kind], rows)]
-
-
-def evaluate_clip(model, tokenizer, preprocess, records: list[dict], images) -> dict:
-    """Retrieval against `caption` (and the world's zero-shot tasks when the records have labels), on the model's
-    device; `images`: the preprocessed test images (a tensor, or ImageRows decoded batch by batch)."""
-    device, items = next(model.parameters()).device, {}
-    if "objects" in records[0]:
-        metrics = evaluate_world(model, tokenizer, preprocess, records, "caption", images=images, device=device,
-                                 per_item=items)
-        metrics["zeroshot_attributes"] = float(np.mean([metrics[f"zeroshot_{t}"] for t in ("background", "shape", "color")]))
-    else:
-        metrics = retrieval_metrics(encode_images(model, images, device=device),
-                                    encode_texts(model, tokenizer, texts_of(records, "caption"), device=device),
-                                    per_item=items)
-    metrics["retrieval_R@5"] = (metrics["i2t_R@5"] + metrics["t2i_R@5"]) / 2
-    # one caption per test image: image i's query both ways, whose mean is retrieval_R@5 (a one-seed verdict's items)
-    metrics["per_item"] = {"retrieval_R@5": [(a + b) / 2 for a, b in zip(items["i2t_R@5"], items["t2i_R@5"])]}
-    return metrics
-
-
-def stage_scaling(args: Args, columns: Columns, test_records: list[dict], in_memory: bool = False) -> dict:
-    """Step 5: {caption type: [metrics at each size]}; CLIP from scratch on the first n samples, one epoch.
-
-    `columns`: the training samples (a manifest or shards, common.data.Columns); their images are decoded lazily
-    by common.clip_train's trainer and the test images at each evaluation, or, `in_memory` (the miniature world),
-    both preprocessed once for every run."""
-    fields = caption_fields(args, columns)
-    usable = usable_rows(columns, list(fields.values()), args.strict)  # rows with every caption type
-    sizes = sorted(n for n in args.sizes if n <= len(usable))
-    if not sizes:
-        raise ManifestError(f"--sizes {args.sizes}: none fits the {len(usable)} usable training samples")
-    if args.benchmark:
-        check_benchmarks(args.benchmark, args.benchmark_root)  # before any point trains
-    _, preprocess, _ = create_clip(args.clip_model)
-    images = preprocess_images(columns, preprocess) if in_memory else columns  # (N, 3, H, W) shared, or lazy
-    test_images = preprocess_images(test_records, preprocess) if in_memory else ImageRows(test_records, preprocess)
-    curves = {kind: [] for kind in [*fields, MIX]}
-    for kind in curves:
-        for n in sizes:
-            steps = max(1, math.ceil(args.scaling_epochs * n / args.clip_batch_size))
-            model, preprocess, tokenizer = create_clip(args.clip_model, seed=args.seed)
-            config = TrainConfig(steps=steps, batch_size=args.clip_batch_size, lr=args.clip_lr,
-                                 warmup=max(1, steps // 10), seed=args.seed)
-            train_log = train_clip(model, tokenizer, images, ArmTexts(columns, kind, fields), config, preprocess=preprocess,
-                                   rows=usable[:n], device=args.device, strict=args.strict, progress=False)
-            metrics = evaluate_clip(model, tokenizer, preprocess, test_records, test_images)
-            if args.benchmark:
-                metrics["benchmarks"] = evaluate_benchmarks(
-                    model, preprocess, tokenizer, args.benchmark, args.benchmark_root, model_label=args.clip_model,
-                    pretrained=f"scaling {kind} n={n} seed={args.seed}")
-            curves[kind].append({"samples": n, "steps": steps, "final_loss": train_log["history"][-1]["loss"], **metrics})
-            log.info("scaling %s n=%d: R@5 %.1f", kind, n, metrics["retrieval_R@5"])
-    return {"sizes": sizes, "curves": curves}
-
-
-PLOTTED = {"retrieval_R@5": "retrieval R@5 (mean of both ways)", "zeroshot_attributes": "zero-shot attributes",
-           "zeroshot_entity": "zero-shot entity names"}
-
-
-def plot_scaling(runs: list[dict], path: Path) -> None:
-    """One panel per metric, one line per caption type (mean over seeds, bars: std), log-scale data size."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = [m for m in PLOTTED if m in runs[0]["curves"]["raw"][0]]
-    figure, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.6), squeeze=False)
-    for axis, metric in zip(axes[0], metrics):
-        for kind in runs[0]["curves"]:
-            values = np.array([[point[metric] for point in run["curves"][kind]] for run in runs])  # (seeds, sizes)
-            reference = kind == "teacher"  # the teacher's own fusion: a reference line, not an arm of the comparison
-            axis.errorbar(runs[0]["sizes"], values.mean(0), yerr=values.std(0), marker="o", capsize=3,
-                          linestyle="--" if reference else "-", label=f"{kind} (reference)" if reference else kind)
-        axis.set(xscale="log", xlabel="training samples", ylabel="%", title=PLOTTED[metric])
-    axes[0][0].legend()
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-# =============================================================================================
-# The miniature pipeline (default run)
-# =============================================================================================
-
-
-def miniature_fuser(records: list[dict], folder: Path, seed: int) -> Path:
-    """A tiny random Llama and its word-level tokenizer, built from the world's text, saved as a base model."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    split = pre_tokenizers.Whitespace()
-    counts = Counter(word for r in records for field in ("alt_text", "synthetic_caption", "fused")
-                     for word, _ in split.pre_tokenize_str(r[field]))
-    special = ["<pad>", "<s>", "</s>", "<unk>"]
-    # words seen twice (one-off file names like IMG_1234 become <unk>) and every word of the prompt
-    vocabulary = special + sorted({w for w, c in counts.items() if c >= 2} | {w for w, _ in split.pre_tokenize_str(FUSION_PROMPT)})
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocabulary)}, unk_token="<unk>"))
-    backend.pre_tokenizer = split
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    backend.add_tokens([AddedToken(INSTRUCTION, normalized=False)])  # the fixed instruction reads as one token
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>", clean_up_tokenization_spaces=True)
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                         tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    save_fuser(LlamaForCausalLM(config), tokenizer, folder)
-    return folder
-
-
-def summary_table(fusion: list[dict], scaling: list[dict], args: Args, seconds: float) -> str:
-    """Markdown: fusion quality per caption source, then the scaling curves (mean ± std over seeds)."""
-    def cell(values):
-        return f"{np.mean(values):.1f}" + (f" ± {np.std(values):.1f}" if len(values) > 1 else "")
-
-    columns = ("names_kept", "raw_names_kept", "hallucinated", "BLEU-4", "CIDEr", "length")
-    note = table_note(row for run in fusion for row in run.values())  # how BLEU-4 and CIDEr were tokenized
-    lines = [f"# CapsFusion in the miniature world ({args.seeds} seed(s), {seconds / 60:.1f} min)", "",
-             "Fusion quality on the test split. teacher = the world's template `fused`, a function of the raw and "
-             "synthetic captions (stands in for ChatGPT); fuser = the tiny Llama distilled from it (CapsFus-LLaMA's "
-             "part); BLEU-4/CIDEr against the teacher" + (f" ({note})" if note else "") + ".", "",
-             "| captions | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for row in fusion[0]:
-        cells = [cell([run[row][c] for run in fusion]) if c in fusion[0][row] else "-" for c in columns]
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    sizes = scaling[0]["sizes"]
-    for metric, title in PLOTTED.items():
-        lines += ["", f"Scaling, {title}, by training samples (one epoch each; fused = the fuser's fusion of the "
-                  "training split, teacher = the teacher's, a reference):", "",
-                  "| captions | " + " | ".join(map(str, sizes)) + " |", "|---" * (len(sizes) + 1) + "|"]
-        for kind in scaling[0]["curves"]:
-            lines.append(f"| {kind} | " + " | ".join(cell([run["curves"][kind][i][metric] for run in scaling])
-                                                    for i in range(len(sizes))) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def run_miniature(args: Args) -> dict:
-    """sft -> fuse (test and train splits) -> eval -> scaling on worlds of seeds seed..; table, plot and JSON in out/."""
-    began, out = time.time(), Path(args.out)
-    fusion, scaling, timings = [], [], []
-    for seed in range(args.seed, args.seed + args.seeds):  # step 6: sft -> fuse -> eval -> scaling per seed
-        folder, run = ensure_world(dataclasses.replace(args.world, seed=seed)), out / f"seed{seed}"
-        train_records, test_records = read_manifest(folder / "train.jsonl"), read_manifest(folder / "test.jsonl")
-        clock = {"start": time.time()}
-        base = miniature_fuser(train_records, run / "base", seed)
-        sft_args = dataclasses.replace(args, **MINIATURE_SFT, base_model=str(base), seed=seed, out=str(run), resume=False,
-                                       raw_field="alt_text", synthetic_field="synthetic_caption", fused_field="fused")
-        stage_sft(sft_args, train_records)
-        clock["sft"] = time.time()
-        fuse_args, fused = dataclasses.replace(sft_args, llm=str(run / "fuser"), out_field="capsfus"), {}
-        # the test split for eval; the training samples that scaling uses, as the paper scales the fuser's output
-        for split, records in (("test", test_records), ("train", train_records[:max(args.sizes)])):
-            path = run / f"{split}.capsfus.jsonl"
-            path.unlink(missing_ok=True)
-            stage_fuse(dataclasses.replace(fuse_args, out=str(path)), records)
-            fused[split] = read_manifest(path)
-        clock["fuse"] = time.time()
-        fusion.append(stage_eval(dataclasses.replace(fuse_args, out=str(run)), fused["test"]))
-        clock["eval"] = time.time()
-        scaling.append(stage_scaling(fuse_args, index_manifest(run / "train.capsfus.jsonl"), test_records,
-                                     in_memory=True))  # fused: `capsfus`; teacher: `fused`
-        clock["scaling"] = time.time()
-        timings.append({stage: clock[stage] - clock[previous] for previous, stage in zip(clock, list(clock)[1:])})
-        print(f"seed {seed}: fuser names kept {fusion[-1]['fuser']['names_kept']:.1f}%, CIDEr vs teacher "
-              f"{fusion[-1]['fuser']['CIDEr']:.1f}; stage seconds {timings[-1]}", flush=True)
-    seconds = time.time() - began
-    table = summary_table(fusion, scaling, args, seconds)
-    atomic_write_text(out / "results.md", table)
-    plot_scaling(scaling, out / "scaling.png")
-    results = {"seeds": list(range(args.seed, args.seed + args.seeds)), "fusion": fusion, "scaling": scaling,
-               "stage_seconds": timings, "seconds": seconds,
-               "world": dataclasses.asdict(args.world)}
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
-    print(table)
-    return results
-
-
 COUNTS = ("caption_beams", "caption_max_new_tokens", "max_prompt_tokens", "num_beams", "max_new_tokens",
           "gen_batch_size", "epochs", "batch_size", "micro_batch_size", "max_seq_len", "lora_r", "lora_alpha",
           "checkpoint_every", "clip_batch_size", "seeds")  # flags that count something: 0 would run nothing or crash
@@ -942,7 +628,8 @@ def check_flags(args: Args) -> None:
         ("sizes", all(n >= 1 for n in args.sizes), "numbers of samples, each at least 1"),
         ("lr", args.lr > 0, "positive"), ("clip_lr", args.clip_lr > 0, "positive"),  # NaN fails each test
         ("warmup_ratio", 0 <= args.warmup_ratio <= 1, "in [0, 1]"),
-        ("weight_decay", args.weight_decay >= 0, "at least 0"), ("lora_dropout", 0 <= args.lora_dropout < 1, "in [0, 1)"),
+        ("weight_decay", args.weight_decay >= 0, "at least 0"),
+        ("lora_dropout", 0 <= args.lora_dropout < 1, "in [0, 1)"),
         ("scaling_epochs", args.scaling_epochs > 0, "positive")]
     for name, ok, what in ranges:
         if not ok:
@@ -954,32 +641,28 @@ def check_flags(args: Args) -> None:
 
 
 def main(argv=None) -> dict:
-    """Run the stage named by the first argument; return its metrics (sft/eval/scaling/miniature) or counts (caption/fuse)."""
+    """Run the stage named by the first argument; return its metrics (sft/eval/scaling/miniature) or counts."""
     args = parse(Args, argv, PRESETS)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     check_flags(args)
     check_device(args.device)  # before any stage loads weights onto it
+    # the experiments import this module: imported here, when a stage needs them, not at the top (a cycle)
     if args.stage == "miniature":
+        from experiments.capsfusion_miniature import run_miniature
         return run_miniature(args)
     if args.stage == "scaling":
-        result = stage_scaling(args, index_data(args.data), read_manifest(args.scaling_data))
-        if int(os.environ.get("RANK", 0)) == 0:  # every rank evaluated the same weights; one writes
-            atomic_write_text(Path(args.out) / "scaling.json", json.dumps(result, indent=2))
-            plot_scaling([result], Path(args.out) / "scaling.png")
-            if args.benchmark:
-                write_benchmark_results([row for points in result["curves"].values() for point in points
-                                         for row in point["benchmarks"]], args.out)
-        return result
+        from experiments.capsfusion_miniature import run_scaling
+        return run_scaling(args)
     if args.stage == "caption":  # caption and fuse stream --data (a manifest or shards)
         return stage_caption(args)
     if args.stage == "fuse":
         return stage_fuse(args)
-    records = read_manifest(args.data, required=("id",))  # fusion is text only: sft and eval read triplets without images
+    records = read_manifest(args.data, required=("id",))  # text only: sft and eval read triplets without images
     if args.stage == "sft":
         return stage_sft(args, records)
+    from experiments.capsfusion_miniature import stage_eval
     return stage_eval(args, records)
-
 
 if __name__ == "__main__":
     run_command(main)  # an expected error (a bad manifest, a diverged run, no such device) ends as one line

@@ -22,6 +22,7 @@ import torch
 import torch.multiprocessing as mp
 
 import capsfusion
+from experiments import capsfusion_miniature
 from common.data import (BadSampleError, ManifestError, NonFiniteError, index_manifest, read_manifest,
                          write_manifest)
 from common.generate import check_resumable, recipe_path
@@ -53,7 +54,8 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_llm(world, tmp_path_factory):
     """A random 2-layer Llama with the miniature word-level tokenizer, saved as a local folder."""
-    return capsfusion.miniature_fuser(read_manifest(world / "train.jsonl"), tmp_path_factory.mktemp("llm") / "base", 0)
+    return capsfusion_miniature.miniature_fuser(read_manifest(world / "train.jsonl"),
+                                                tmp_path_factory.mktemp("llm") / "base", 0)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +76,8 @@ def llama2(tmp_path_factory):
     texts = [capsfusion.FUSION_PROMPT, "a red circle with the Aldora emblem on grass, stock photo"]
     bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False))
     bpe_model = json.loads(bpe.to_str())["model"]
-    tokenizer = LlamaTokenizer(vocab=bpe_model["vocab"], merges=[tuple(m) for m in bpe_model["merges"]], add_bos_token=True)
+    tokenizer = LlamaTokenizer(vocab=bpe_model["vocab"], merges=[tuple(m) for m in bpe_model["merges"]],
+                               add_bos_token=True)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=172, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, hidden_act="silu", rms_norm_eps=1e-5,
                          max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
@@ -145,7 +148,7 @@ def test_mix_draws_raw_or_synthetic_with_probability_one_half_anew_at_each_draw(
     write_manifest(tmp_path / "texts.jsonl", records)
     columns = index_manifest(tmp_path / "texts.jsonl", required=("id",))
     fields = {"raw": "alt_text", "synthetic": "synthetic_caption"}
-    texts_for = capsfusion.ArmTexts(columns, capsfusion.MIX, fields)
+    texts_for = capsfusion_miniature.ArmTexts(columns, capsfusion_miniature.MIX, fields)
     indices = np.random.default_rng(1).integers(0, 50, 20_000)
     texts = texts_for(indices, np.random.default_rng(7))
     u = np.random.default_rng(7).random(len(indices))  # the same stream, drawn here
@@ -156,14 +159,16 @@ def test_mix_draws_raw_or_synthetic_with_probability_one_half_anew_at_each_draw(
         seen[i].add(t)
     assert all(len(captions) == 2 for captions in seen.values())
     for kind, field in fields.items():  # the plain arms: each its own field, in the order asked
-        assert capsfusion.ArmTexts(columns, kind, fields)([3, 1], None) == [records[3][field], records[1][field]]
+        texts = capsfusion_miniature.ArmTexts(columns, kind, fields)([3, 1], None)
+        assert texts == [records[3][field], records[1][field]]
 
 
 # ---- the prompt and its cap ------------------------------------------------------------------
 
 
 def test_prompt_is_byte_identical_to_the_official_one():
-    prompt = capsfusion.FUSION_PROMPT.format(raw="VW T-ROC alloy wheel", synthetic="The wheel on the Volkswagen SUV is shown.")
+    prompt = capsfusion.FUSION_PROMPT.format(raw="VW T-ROC alloy wheel",
+                                             synthetic="The wheel on the Volkswagen SUV is shown.")
     assert prompt.encode() == OFFICIAL.encode()
     made, trimmed = capsfusion.fusion_prompt(word_tokenizer(), "VW T-ROC alloy wheel",
                                              "The wheel on the Volkswagen SUV is shown.", 256)
@@ -185,7 +190,8 @@ def test_cap_trims_only_the_raw_caption_from_its_end():
     assert kept == " ".join(raw.split()[:256 - empty_raw])  # the raw caption's first tokens
     # one token over: the raw caption's last token goes
     over = " ".join(raw.split()[:257 - empty_raw])
-    assert capsfusion.fusion_prompt(tokenizer, over, synthetic, 256) == (official(over.rsplit(" ", 1)[0], synthetic), True)
+    expected = (official(over.rsplit(" ", 1)[0], synthetic), True)
+    assert capsfusion.fusion_prompt(tokenizer, over, synthetic, 256) == expected
     # exactly at the cap: nothing is cut (the official `ids[:-0]` would drop the whole raw caption)
     fits = " ".join(raw.split()[:256 - empty_raw])
     assert capsfusion.fusion_prompt(tokenizer, fits, synthetic, 256) == (official(fits, synthetic), False)
@@ -215,7 +221,8 @@ def test_cap_keeps_the_longest_prefix_of_the_raw_tokens_that_fits(llama2):
 def test_sft_label_mask_covers_exactly_the_response():
     tokenizer = word_tokenizer()
     args = capsfusion.Args()
-    raw, synthetic, fused = "Aldora stock photo red", "a red circle on grass.", "a red circle with the Aldora emblem on grass."
+    raw, synthetic = "Aldora stock photo red", "a red circle on grass."
+    fused = "a red circle with the Aldora emblem on grass."
     input_ids, labels = capsfusion.sft_example(tokenizer, raw, synthetic, fused, args)
     prompt_ids = tokenizer(official(raw, synthetic))["input_ids"]
     response_ids = tokenizer(fused, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -306,7 +313,8 @@ def test_batched_beam_search_equals_one_prompt_at_a_time(default_fuse, llama2):
     model, tokenizer = AutoModelForCausalLM.from_pretrained(llama2, dtype=torch.float32), default_fuse["tokenizer"]
     for record, fused in [(default_fuse["records"][i], batched[i]) for i in (0, 2)]:  # prompts under the cap
         prompt = tokenizer(official(record["alt_text"], record["synthetic_caption"]), return_tensors="pt")
-        new = model.generate(**prompt, num_beams=3, max_new_tokens=FAST_NEW_TOKENS, do_sample=False)[0, prompt["input_ids"].shape[1]:]
+        output = model.generate(**prompt, num_beams=3, max_new_tokens=FAST_NEW_TOKENS, do_sample=False)
+        new = output[0, prompt["input_ids"].shape[1]:]
         assert fused["fused"] == capsfusion.first_line(tokenizer.decode(new, skip_special_tokens=True))
 
 
@@ -321,7 +329,8 @@ def test_fuse_keeps_the_answers_first_line_without_special_tokens_else_the_synth
     answer = tokenizer("a red circle with the Aldora emblem.\nSentence 3: more", add_special_tokens=False)["input_ids"]
     blank = tokenizer("\n \n", add_special_tokens=False)["input_ids"]
     rows = [answer + [eos], blank + [eos] + [eos] * (len(answer) - len(blank))]  # eos is also the pad id here
-    monkeypatch.setattr(capsfusion, "generate", lambda model, inputs, num_beams, max_new_tokens, **options: torch.tensor(rows))
+    monkeypatch.setattr(capsfusion, "generate",
+                        lambda model, inputs, num_beams, max_new_tokens, **options: torch.tensor(rows))
     records = text_only(read_manifest(world / "val.jsonl")[:2])
     write_manifest(tmp_path / "in.jsonl", records)
     counts = capsfusion.main(["fuse", "--data", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out.jsonl"),
@@ -405,9 +414,11 @@ def test_empty_raw_or_synthetic_caption_is_copied_and_both_empty_is_skipped(worl
     assert out[records[0]["id"]]["fused_source"] == "synthetic"
     assert out[records[1]["id"]]["fused"] == records[1]["alt_text"] and out[records[1]["id"]]["fused_source"] == "raw"
     write_manifest(tmp_path / "alone.jsonl", [{**records[3], "image": str(world / records[3]["image"])}])
-    capsfusion.main(argv[:1] + ["--data", str(tmp_path / "alone.jsonl")] + argv[3:] + ["--out", str(tmp_path / "alone.out.jsonl")])
+    capsfusion.main(argv[:1] + ["--data", str(tmp_path / "alone.jsonl")] + argv[3:]
+                    + ["--out", str(tmp_path / "alone.out.jsonl")])
     alone = read_manifest(tmp_path / "alone.out.jsonl")[0]
-    assert (out[records[3]["id"]]["fused"], out[records[3]["id"]]["fused_source"]) == (alone["fused"], alone["fused_source"])
+    fused_alone = out[records[3]["id"]]
+    assert (fused_alone["fused"], fused_alone["fused_source"]) == (alone["fused"], alone["fused_source"])
     with pytest.raises(capsfusion.BadSampleError, match=records[2]["id"]):
         capsfusion.main(argv + ["--out", str(tmp_path / "strict.jsonl"), "--strict"])
     # SFT learns only from complete triplets
@@ -428,17 +439,18 @@ def test_fusion_quality_by_hand():
     """Names of the raw caption kept, words per caption, and BLEU-4 / CIDEr x 100 against the reference."""
     records = [{"alt_text": "VW T-ROC alloy wheel, Berlin 2019"}, {"alt_text": "Aldora emblem by Kerrow"}]
     captions = ["A wheel of a VW car in berlin.", "an emblem"]
-    metrics = capsfusion.fusion_quality(captions, records, capsfusion.Args(), reference=captions)
+    metrics = capsfusion_miniature.fusion_quality(captions, records, capsfusion.Args(), reference=captions)
     # names {vw, berlin} ("T-ROC" is not alphabetic, "2019" not a word) and {aldora, kerrow}: 2 of 4 kept
     assert metrics["raw_names_kept"] == 50.0 and metrics["length"] == (8 + 2) / 2
     # identical to the reference: BLEU-4 = 1; CIDEr = 10 x mean over n = 1..4 of the tf-idf cosine (1 where the
     # caption has n-grams: 4 of 4 for the first, 2 of 4 for the second), averaged over the two captions
     assert metrics["BLEU-4"] == pytest.approx(100.0, abs=1e-4)
     assert metrics["CIDEr"] == pytest.approx(100 * (10 + 5) / 2, rel=1e-6)
-    disjoint = capsfusion.fusion_quality(["one two three four five", "six seven"], records, capsfusion.Args(), captions)
+    disjoint = capsfusion_miniature.fusion_quality(["one two three four five", "six seven"], records,
+                                                   capsfusion.Args(), captions)
     assert disjoint["BLEU-4"] == pytest.approx(0.0, abs=1e-4) and disjoint["CIDEr"] == 0.0
-    assert disjoint["raw_names_kept"] == 0.0 and "BLEU-4" not in capsfusion.fusion_quality(captions, records,
-                                                                                         capsfusion.Args(), None)
+    assert disjoint["raw_names_kept"] == 0.0
+    assert "BLEU-4" not in capsfusion_miniature.fusion_quality(captions, records, capsfusion.Args(), None)
 
 
 def test_fusion_quality_on_the_world_counts_names_over_all_captions(world):
@@ -447,10 +459,11 @@ def test_fusion_quality_on_the_world_counts_names_over_all_captions(world):
 
     records = read_manifest(world / "val.jsonl")
     captions = [r["fused"] if i % 2 else r["synthetic_caption"] for i, r in enumerate(records)]
-    metrics = capsfusion.fusion_quality(captions, records, capsfusion.Args(), None)
+    metrics = capsfusion_miniature.fusion_quality(captions, records, capsfusion.Args(), None)
     found, total = map(sum, zip(*(names_kept(c, r) for c, r in zip(captions, records))))
     assert 0 < found < total and metrics["names_kept"] == pytest.approx(100 * found / total)
-    assert metrics["hallucinated"] == pytest.approx(np.mean([len(hallucinated_words(c, r)) for c, r in zip(captions, records)]))
+    hallucinated = [len(hallucinated_words(c, r)) for c, r in zip(captions, records)]
+    assert metrics["hallucinated"] == pytest.approx(np.mean(hallucinated))
 
 
 # ---- caption -> fuse -> eval through manifests -----------------------------------------------
@@ -480,8 +493,8 @@ def tiny_blip(tmp_path_factory):
                           num_attention_heads=2, encoder_hidden_size=32, bos_token_id=5, sep_token_id=3,
                           eos_token_id=3, pad_token_id=0)
     torch.manual_seed(0)
-    save_hf(BlipForConditionalGeneration(BlipConfig(vision_config=vision.to_dict(), text_config=text.to_dict())), folder,
-            torch.float32)
+    save_hf(BlipForConditionalGeneration(BlipConfig(vision_config=vision.to_dict(), text_config=text.to_dict())),
+            folder, torch.float32)
     return folder
 
 
@@ -518,8 +531,10 @@ def test_stages_chain_caption_fuse_eval(world, tiny_blip, tiny_llm, tmp_path):
     fused = read_manifest(tmp_path / "b" / "fused.jsonl")
     names = [{w.strip(".,").lower() for w in r["alt_text"].split() if w.strip(".,").isalpha() and w[0].isupper()}
              for r in fused]  # the raw caption's capitalised words, found again in the fuser's words
-    found = sum(len(n & set(r["fused"].lower().replace(".", " ").replace(",", " ").split())) for n, r in zip(names, fused))
-    assert sum(map(len, names)) > 0 and metrics["teacher"]["raw_names_kept"] == pytest.approx(100 * found / sum(map(len, names)))
+    found = sum(len(n & set(r["fused"].lower().replace(".", " ").replace(",", " ").split()))
+                for n, r in zip(names, fused))
+    total = sum(map(len, names))
+    assert total > 0 and metrics["teacher"]["raw_names_kept"] == pytest.approx(100 * found / total)
     assert set(metrics["teacher"]) == {"raw_names_kept", "length"}  # the reference is not scored against itself
     assert json.loads((tmp_path / "eval" / "eval.json").read_text()) == metrics
 
@@ -571,14 +586,15 @@ def test_sft_resumes_stops_on_nan_and_saves_a_loadable_fuser(triplets16, tiny_ll
     assert [h["loss"] for h in resumed["history"]] == pytest.approx([h["loss"] for h in straight["history"]], abs=1e-5)
     with pytest.raises(ValueError, match="no-resume"):
         capsfusion.main(argv + ["--out", str(tmp_path / "killed"), "--lr", "1e-3"])
-    monkeypatch.setattr(capsfusion, "response_loss", lambda logits, labels: (logits.sum() * float("nan"), torch.tensor(1)))
+    monkeypatch.setattr(capsfusion, "response_loss", lambda logits, labels: (logits.sum() * float("nan"),
+                                                                             torch.tensor(1)))
     with pytest.raises(FloatingPointError, match="step 0"):
         capsfusion.main(argv + ["--out", str(tmp_path / "nan")])
     assert not (tmp_path / "nan" / "sft_state.pt").exists()
 
 
 def test_lora_sft_of_the_fp16_llama2_checkpoint_from_a_text_only_triplet_file(world, llama2, tmp_path):
-    """The header's sft command (--lora --grad-checkpointing) on LLaMA-2's architecture, from triplets without images."""
+    """The header's sft command (--lora --grad-checkpointing) on LLaMA-2's architecture, from image-less triplets."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -600,7 +616,8 @@ def test_lora_sft_of_the_fp16_llama2_checkpoint_from_a_text_only_triplet_file(wo
     state = fuser.state_dict()
     assert load_file(Path(result["fuser"]) / "model.safetensors")["lm_head.weight"].dtype == torch.float32
     # merged: W + (lora_alpha / r) B A on each adapted weight (alpha 32, r 4), the base weight everywhere else
-    expected = {k: w.float() + 32 / 4 * lora[k]["B"] @ lora[k]["A"] if k in lora else w.float() for k, w in base.items()}
+    expected = {k: w.float() + 32 / 4 * lora[k]["B"] @ lora[k]["A"] if k in lora else w.float()
+                for k, w in base.items()}
     assert set(state) == set(expected) and all(torch.allclose(state[k], expected[k], atol=1e-6) for k in state)
 
 
@@ -624,13 +641,15 @@ def test_sft_loss_is_the_mean_over_the_global_batchs_response_tokens(triplets16,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     result = capsfusion.main(["sft", "--data", str(triplets16), "--base-model", str(llama2), "--epochs", "1",
-                              "--batch-size", "16", "--micro-batch-size", "3", "--device", "cpu", "--out", str(tmp_path)])
+                              "--batch-size", "16", "--micro-batch-size", "3", "--device", "cpu",
+                              "--out", str(tmp_path)])
     model = AutoModelForCausalLM.from_pretrained(llama2, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(llama2)
     nll, count = 0.0, 0
     for r in read_manifest(triplets16):
         prompt = tokenizer(official(*(" ".join(r[k].split()) for k in ("alt_text", "synthetic_caption"))))["input_ids"]
-        response = tokenizer(" ".join(r["fused"].split()), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        response = tokenizer(" ".join(r["fused"].split()),
+                             add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         with torch.no_grad():
             logp = model(torch.tensor([prompt + response])).logits[0].log_softmax(-1)  # (T, V)
         nll -= sum(logp[len(prompt) - 1 + j, token].item() for j, token in enumerate(response))
@@ -673,7 +692,8 @@ def test_sft_optimiser_warms_up_decays_by_cosine_clips_at_1_without_weight_decay
     expected = [peak * (s + 1) / warmup for s in range(warmup)] + cosine[warmup:]
     assert [s["lr"] for s in seen] == pytest.approx(expected, rel=1e-6)
     assert [s["weight_decay"] for s in seen] == [0.0] * steps
-    assert max(raw_norms) > 1.0 and [s["norm"] for s in seen] == pytest.approx([min(n, 1.0) for n in raw_norms], rel=1e-4)
+    assert max(raw_norms) > 1.0 and [s["norm"] for s in seen] == pytest.approx([min(n, 1.0) for n in raw_norms],
+                                                                               rel=1e-4)
 
 
 @pytest.mark.parametrize("device, lora, dtype", [("cuda", True, torch.bfloat16), ("cuda", False, torch.float32),
@@ -716,7 +736,8 @@ def test_ddp_all_reduces_gradients_once_per_step_not_per_micro_batch(triplets16,
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", CountingDDP)
     try:
         result = capsfusion.main(["sft", "--data", str(triplets16), "--base-model", str(tiny_llm), "--epochs", "1",
-                                  "--batch-size", "8", "--micro-batch-size", "2", "--device", "cpu", "--out", str(tmp_path)])
+                                  "--batch-size", "8", "--micro-batch-size", "2", "--device", "cpu",
+                                  "--out", str(tmp_path)])
     finally:
         torch.distributed.destroy_process_group()
     assert result["steps"] == 2 and sum(synced) == 2  # per micro-batch (the old loop): 4
@@ -729,7 +750,8 @@ def _free_port() -> int:
 
 
 def _sft_and_fuse_rank(rank: int, port: int, sft_argv: list, fuse_argv: list, result_path: str):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
     torch.set_num_threads(1)
     try:
         losses = [entry["loss"] for entry in capsfusion.main(sft_argv)["history"]]
@@ -744,7 +766,8 @@ def _sft_and_fuse_rank(rank: int, port: int, sft_argv: list, fuse_argv: list, re
 @pytest.mark.slow  # two spawned interpreters: 30-80 s on busy cores
 def test_two_gloo_processes_match_one_process(world, triplets16, tiny_llm, tmp_path):
     # two micro-batches a rank and step: the first accumulates under no_sync, the second all-reduces
-    sft_argv = [("2" if flag == "4" else flag) for flag in SFT_FLAGS] + ["--data", str(triplets16), "--base-model", str(tiny_llm)]
+    sft_argv = [("2" if flag == "4" else flag) for flag in SFT_FLAGS] + ["--data", str(triplets16), "--base-model",
+                                                                         str(tiny_llm)]
     single = capsfusion.main(sft_argv + ["--out", str(tmp_path / "one")])
     fuse_argv = ["fuse", "--data", str(world / "val.jsonl"), "--out", str(tmp_path / "two" / "fused.jsonl"),
                  "--llm", str(tmp_path / "two" / "fuser"), "--max-new-tokens", "4", "--device", "cpu"]
@@ -764,7 +787,8 @@ def test_two_gloo_processes_match_one_process(world, triplets16, tiny_llm, tmp_p
 
 
 def test_torchrun_fuse_in_two_ranks_equals_one_process(world, llama2, tmp_path):
-    """The header's `torchrun ... capsfusion.py fuse` in 2 gloo ranks with LLaMA-2's architecture (fp16 on disk, fp32 on CPU)."""
+    """The header's `torchrun ... capsfusion.py fuse` in 2 gloo ranks with LLaMA-2's architecture (fp16 on disk,
+    fp32 on CPU)."""
     argv = ["fuse", "--data", str(world / "val.jsonl"), "--llm", str(llama2), "--max-new-tokens", "4",
             "--gen-batch-size", "2", "--device", "cpu"]
     one = capsfusion.main(argv + ["--out", str(tmp_path / "one" / "fused.jsonl")])
@@ -793,14 +817,14 @@ def test_fuse_reads_text_only_triplets_and_keeps_image_urls(world, tiny_llm, tmp
 
 
 def recording_train_clip(monkeypatch, train=True) -> list:
-    """Patch capsfusion.train_clip to record, call by call, the texts it would draw for all its images."""
-    calls, real = [], capsfusion.train_clip
+    """Patch capsfusion_miniature.train_clip to record, call by call, the texts it would draw for all its images."""
+    calls, real = [], capsfusion_miniature.train_clip
 
     def train_clip(model, tokenizer, images, texts_for, config, **kwargs):
         calls.append(texts_for(kwargs["rows"], np.random.default_rng(0)))
         return real(model, tokenizer, images, texts_for, config, **kwargs) if train else {"history": [{"loss": 0.0}]}
 
-    monkeypatch.setattr(capsfusion, "train_clip", train_clip)
+    monkeypatch.setattr(capsfusion_miniature, "train_clip", train_clip)
     return calls
 
 
@@ -813,7 +837,7 @@ def test_scaling_arms_have_their_own_captions_and_the_same_images_model_and_budg
     for r in records:
         r["image"], r["capsfus"] = str(world / r["image"]), f"fuser: {r['synthetic_caption']}"
     records[2]["alt_text"] = " "  # no raw caption: out of every arm
-    _, preprocess, _ = capsfusion.create_clip("micro-ViT-16")
+    _, preprocess, _ = capsfusion_miniature.create_clip("micro-ViT-16")
     created, runs = [], []
 
     def create_clip(name, seed=None):
@@ -825,21 +849,22 @@ def test_scaling_arms_have_their_own_captions_and_the_same_images_model_and_budg
                      "texts": texts_for(kwargs["rows"], np.random.default_rng(0))})
         return {"history": [{"loss": float(len(runs))}]}
 
-    monkeypatch.setattr(capsfusion, "create_clip", create_clip)
-    monkeypatch.setattr(capsfusion, "train_clip", train_clip)
+    monkeypatch.setattr(capsfusion_miniature, "create_clip", create_clip)
+    monkeypatch.setattr(capsfusion_miniature, "train_clip", train_clip)
     evaluated = []  # the test images each evaluation gets
-    monkeypatch.setattr(capsfusion, "evaluate_clip", lambda *args: evaluated.append(args[-1]) or {"retrieval_R@5": 0.0})
+    monkeypatch.setattr(capsfusion_miniature, "evaluate_clip",
+                        lambda *args: evaluated.append(args[-1]) or {"retrieval_R@5": 0.0})
     args = capsfusion.Args(out_field="capsfus", clip_model="micro-ViT-16", sizes=(27, 9, 100), clip_batch_size=2,
                            scaling_epochs=1.5, clip_lr=1e-3, seed=3)
     write_manifest(tmp_path / "train.jsonl", records)
     columns = index_manifest(tmp_path / "train.jsonl")
     test = read_manifest(world / "test.jsonl")[:4]
-    result = capsfusion.stage_scaling(args, columns, test, in_memory=True)
+    result = capsfusion_miniature.stage_scaling(args, columns, test, in_memory=True)
     usable = records[:2] + records[3:]
     arms = {"raw": "alt_text", "synthetic": "synthetic_caption", "fused": "capsfus", "teacher": "fused"}
     assert result["sizes"] == [9, 27] and list(result["curves"]) == [*arms, "raw+synthetic mix"]
     steps = {9: 7, 27: 21}  # ceil(1.5 * 9 / 2), ceil(1.5 * 27 / 2); warm-up 7 // 10 -> 1, 21 // 10 = 2
-    images = capsfusion.preprocess_images(records, preprocess)  # every row, indexed by row
+    images = capsfusion_miniature.preprocess_images(records, preprocess)  # every row, indexed by row
     u = np.random.default_rng(0).random(27)
     expected = {kind: [" ".join(r[field].split()) for r in usable] for kind, field in arms.items()}
     expected["raw+synthetic mix"] = [raw if x < 0.5 else synthetic for raw, synthetic, x
@@ -848,13 +873,15 @@ def test_scaling_arms_have_their_own_captions_and_the_same_images_model_and_budg
     for (kind, n), run in zip([(kind, n) for kind in result["curves"] for n in (9, 27)], runs):
         assert run["texts"] == expected[kind][:n]
         assert torch.equal(run["images"], images) and run["rows"].tolist() == [0, 1, *range(3, n + 1)]
-        assert (run["config"].steps, run["config"].batch_size, run["config"].lr, run["config"].seed) == (steps[n], 2, 1e-3, 3)
+        config = run["config"]
+        assert (config.steps, config.batch_size, config.lr, config.seed) == (steps[n], 2, 1e-3, 3)
         assert run["config"].warmup == {9: 1, 27: 2}[n]
-    assert [[(p["samples"], p["steps"]) for p in curve] for curve in result["curves"].values()] == [[(9, 7), (27, 21)]] * 5
+    budgets = [[(p["samples"], p["steps"]) for p in curve] for curve in result["curves"].values()]
+    assert budgets == [[(9, 7), (27, 21)]] * 5
     assert [p["final_loss"] for curve in result["curves"].values() for p in curve] == list(range(1, 11))
     # in memory, the test images too are preprocessed once, and every arm is evaluated on the same tensor
     assert len({id(images) for images in evaluated}) == 1 and len(evaluated) == 10
-    assert torch.equal(evaluated[0], capsfusion.preprocess_images(test, preprocess))
+    assert torch.equal(evaluated[0], capsfusion_miniature.preprocess_images(test, preprocess))
 
 
 def test_scaling_plot_draws_the_teacher_as_a_dashed_reference_line(tmp_path, monkeypatch):
@@ -862,15 +889,18 @@ def test_scaling_plot_draws_the_teacher_as_a_dashed_reference_line(tmp_path, mon
     import matplotlib.figure
 
     figures, save = [], matplotlib.figure.Figure.savefig
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda figure, *a, **k: figures.append(figure) or save(figure, *a, **k))
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda figure, *a, **k: figures.append(figure) or save(figure, *a, **k))
     point = {"retrieval_R@5": 1.0, "zeroshot_attributes": 40.0, "zeroshot_entity": 8.0}
     kinds = ["raw", "synthetic", "fused", "teacher", "raw+synthetic mix"]
-    capsfusion.plot_scaling([{"sizes": [10, 20], "curves": {kind: [point, point] for kind in kinds}}], tmp_path / "plot.png")
+    capsfusion_miniature.plot_scaling([{"sizes": [10, 20], "curves": {kind: [point, point] for kind in kinds}}],
+                                      tmp_path / "plot.png")
     (figure,) = figures
     assert len(figure.axes) == 3
     for axis in figure.axes:
         styles = {container.get_label(): container.lines[0].get_linestyle() for container in axis.containers}
-        assert styles == {"raw": "-", "synthetic": "-", "fused": "-", "teacher (reference)": "--", "raw+synthetic mix": "-"}
+        assert styles == {"raw": "-", "synthetic": "-", "fused": "-", "teacher (reference)": "--",
+                          "raw+synthetic mix": "-"}
     assert [text.get_text() for text in figure.axes[0].get_legend().get_texts()] == [
         "raw", "synthetic", "fused", "teacher (reference)", "raw+synthetic mix"]
 
@@ -902,7 +932,8 @@ def test_scaling_trains_each_arm_on_its_own_captions_with_vit_b_32(world, tmp_pa
     teacher = --fused-field, a reference arm; every arm on the same images."""
     serve_open_clip_tag(monkeypatch, tmp_path, "ViT-B-32")
     plain = [{"id": r["id"], "image": str(world / r["image"]), "caption": r["caption"], "alt_text": r["alt_text"],
-              "synthetic_caption": r["synthetic_caption"], "fused": r["fused"], "capsfus": f"fuser: {r['synthetic_caption']}"}
+              "synthetic_caption": r["synthetic_caption"], "fused": r["fused"],
+              "capsfus": f"fuser: {r['synthetic_caption']}"}
              for r in read_manifest(world / "train.jsonl")]
     plain[3]["capsfus"] = ""  # dropped: every caption type must train on the same images
     write_manifest(tmp_path / "train.jsonl", plain[:24])
@@ -923,11 +954,12 @@ def test_scaling_trains_each_arm_on_its_own_captions_with_vit_b_32(world, tmp_pa
     for (kind, n), texts in zip(runs, calls):
         assert texts == expected[kind][:n]
     for kind, curve in result["curves"].items():
-        assert [point["steps"] for point in curve] == [1, 2] and all(np.isfinite(point["final_loss"]) for point in curve)
+        assert [point["steps"] for point in curve] == [1, 2]
+        assert all(np.isfinite(point["final_loss"]) for point in curve)
     assert json.loads((tmp_path / "out" / "scaling.json").read_text()) == result
     assert (tmp_path / "out" / "scaling.png").stat().st_size > 0
     # fuse writes `fused` by default, the field the teacher's triplets also use: then there is no teacher arm
-    assert list(capsfusion.caption_fields(capsfusion.Args(), index_manifest(tmp_path / "train.jsonl"))) == [
+    assert list(capsfusion_miniature.caption_fields(capsfusion.Args(), index_manifest(tmp_path / "train.jsonl"))) == [
         "raw", "synthetic", "fused"]
 
 
@@ -948,7 +980,8 @@ def test_smoke_preset_runs_every_stage_and_writes_table_plot_and_json(tmp_path, 
     assert fusion["teacher"]["names_kept"] > fusion["synthetic"]["names_kept"] == 0.0
     assert "CIDEr" in fusion["fuser"] and "CIDEr" not in fusion["teacher"]
     curves = results["scaling"][0]["curves"]
-    assert set(curves) == {"raw", "synthetic", "fused", "teacher", "raw+synthetic mix"} and all(len(c) == 2 for c in curves.values())
+    assert set(curves) == {"raw", "synthetic", "fused", "teacher", "raw+synthetic mix"}
+    assert all(len(c) == 2 for c in curves.values())
     assert all(np.isfinite(point["final_loss"]) and point["steps"] == point["samples"] // 16
                for c in curves.values() for point in c)
     assert (tmp_path / "scaling.png").stat().st_size > 0
@@ -978,7 +1011,8 @@ def test_fuse_and_caption_refuse_to_resume_an_output_of_other_settings(world, ti
         with pytest.raises(ManifestError, match=f"^{out} holds output of other settings \\(.*{named}.*\\); "
                                                            "pass a new --out"):
             capsfusion.main(fuse_argv(world / "val.jsonl", out, tiny_llm, *more))
-    assert capsfusion.main(fuse_argv(world / "val.jsonl", out, tiny_llm, "--out-field", "capsfus")) == {"already_done": 6}
+    counts = capsfusion.main(fuse_argv(world / "val.jsonl", out, tiny_llm, "--out-field", "capsfus"))
+    assert counts == {"already_done": 6}
     (tmp_path / "fused.jsonl.recipe.json").unlink()  # an output of an earlier version, settings unknown
     with pytest.raises(ManifestError, match="without fused.jsonl.recipe.json"):
         capsfusion.main(fuse_argv(world / "val.jsonl", out, tiny_llm, "--out-field", "capsfus"))
@@ -998,7 +1032,8 @@ def test_sft_refuses_to_resume_a_state_of_other_triplets_or_fields(triplets16, t
     capsfusion.main(argv + ["--data", str(triplets16)])
     write_manifest(tmp_path / "fewer.jsonl", read_manifest(triplets16)[:15])
     for more, named in ((["--data", str(tmp_path / "fewer.jsonl")], "--data '16 triplets, sha256 "),
-                        (["--data", str(triplets16), "--raw-field", "synthetic_caption"], "--raw-field 'alt_text' there"),
+                        (["--data", str(triplets16), "--raw-field", "synthetic_caption"],
+                         "--raw-field 'alt_text' there"),
                         (["--data", str(triplets16), "--lr", "1e-3"], "--lr 2e-05 there, 0.001 now")):
         with pytest.raises(ManifestError, match=f"sft_state.pt holds a run of other settings \\(.*{named}.*\\);"
                                                            " pass a new --out, or --no-resume"):
@@ -1109,8 +1144,9 @@ def test_scaling_writes_clip_benchmark_rows_of_every_point(world, tmp_path, monk
             "--out-field", "capsfus", "--sizes", "16", "--clip-model", "micro-ViT-16", "--clip-batch-size", "16",
             "--device", "cpu", "--benchmark-root", root]
     trained = []
-    evaluate_clip = capsfusion.evaluate_clip
-    monkeypatch.setattr(capsfusion, "evaluate_clip", lambda model, *a: trained.append(model) or evaluate_clip(model, *a))
+    evaluate_clip = capsfusion_miniature.evaluate_clip
+    monkeypatch.setattr(capsfusion_miniature, "evaluate_clip",
+                        lambda model, *a: trained.append(model) or evaluate_clip(model, *a))
     with pytest.raises(MissingBenchmark, match="wds_absent"):
         capsfusion.main([*argv, "--benchmark", "wds/absent", "--out", str(tmp_path / "none")])
     assert trained == []
@@ -1118,15 +1154,17 @@ def test_scaling_writes_clip_benchmark_rows_of_every_point(world, tmp_path, monk
     points = [point for curve in result["curves"].values() for point in curve]
     assert len(points) == len(trained) == 5
     for point, model in zip(points, trained):
-        expected = evaluate_benchmarks(model, *capsfusion.create_clip("micro-ViT-16")[1:], ["wds/flickr30k"], root,
-                                       model_label="micro-ViT-16", pretrained=point["benchmarks"][0]["pretrained"])
+        expected = evaluate_benchmarks(model, *capsfusion_miniature.create_clip("micro-ViT-16")[1:],
+                                       ["wds/flickr30k"], root, model_label="micro-ViT-16",
+                                       pretrained=point["benchmarks"][0]["pretrained"])
         assert point["benchmarks"] == expected
     written = [json.loads(line) for line in (tmp_path / "out" / "benchmarks.jsonl").read_text().splitlines()]
     assert written == [point["benchmarks"][0] for point in points]
     assert len({row["pretrained"] for row in written}) == 5  # one row per caption type, named by it
 
 
-def test_degenerate_generated_captions_are_written_flagged_and_counted(world, tiny_llm, tiny_blip, tmp_path, monkeypatch,
+def test_degenerate_generated_captions_are_written_flagged_and_counted(world, tiny_llm, tiny_blip, tmp_path,
+                                                                       monkeypatch,
                                                                         caplog):
     """A captioner or fuser looping "a 2 2 2 2 2" is written (not dropped) with `degenerate` naming why, counted in
     the stage's counts and its warning line; fuse streams --data and checks it before the LLM loads."""
@@ -1137,8 +1175,8 @@ def test_degenerate_generated_captions_are_written_flagged_and_counted(world, ti
         counts = capsfusion.main(caption)
     out = read_manifest(tmp_path / "syn.jsonl")
     assert counts["written"] == counts["degenerate"] == len(out) == 6
-    assert all(r["synthetic_caption"] == "a 2 2 2 2 2" and r["synthetic_caption_degenerate"].startswith("repeated token")
-               for r in out)
+    assert all(r["synthetic_caption"] == "a 2 2 2 2 2" for r in out)
+    assert all(r["synthetic_caption_degenerate"].startswith("repeated token") for r in out)
     assert "6 of 6 generated captions degenerate, flagged" in caplog.text
     counts = capsfusion.main(fuse_argv(world / "val.jsonl", tmp_path / "fused.jsonl", tiny_llm))
     fused = read_manifest(tmp_path / "fused.jsonl")
