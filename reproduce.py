@@ -105,9 +105,11 @@ def score_variants(seed: int, args: Args) -> dict:
         kept, total = np.sum([names_kept(t, r) for t, r in zip(texts, records)], axis=0)
         variants[field] = {"CLIP-S": result["score"]["mean"], "RefCLIP-S": result["mean"],
                            "names_kept_%": 100.0 * kept / max(total, 1),
-                           "hallucinated_words": float(np.mean([len(hallucinated_words(t, r)) for t, r in zip(texts, records)]))}
+                           "hallucinated_words": float(np.mean([len(hallucinated_words(t, r))
+                                                                for t, r in zip(texts, records)]))}
     return {"seed": seed, "scorer": scorer_metrics, "variants": variants, "seconds": {
-                "world": world_seconds, "scorer": scorer_seconds, "variants": time.time() - began - world_seconds - scorer_seconds},
+                "world": world_seconds, "scorer": scorer_seconds,
+                "variants": time.time() - began - world_seconds - scorer_seconds},
             "world_statistics": world_statistics(read_manifest(folder / "train.jsonl"))}
 
 
@@ -123,10 +125,10 @@ def world_markdown(runs: list[dict]) -> str:
             lines.append(f"| {key} | {mean_spread([r['scorer'][key] for r in runs])} |")
     lines += ["", "## Does the scorer see what captions say? A swap test", "",
               "For each test image, the ground-truth caption against the same caption with one thing changed "
-              "(`common.miniature.swapped_captions`, SugarCrepe-style): the % of images where the scorer ranks the true "
-              f"caption higher (chance: 50%). Target: {SWAP_TARGET:.0f}% for each type. The scorer is trained with hard "
-              "negatives of the same kinds (NegCLIP) on the training images, so this measures them on unseen images, as "
-              "NegCLIP's numbers on ARO do.", "",
+              "(`common.miniature.swapped_captions`, SugarCrepe-style): the % of images where the scorer ranks the "
+              f"true caption higher (chance: 50%). Target: {SWAP_TARGET:.0f}% for each type. The scorer is trained "
+              "with hard negatives of the same kinds (NegCLIP) on the training images, so this measures them on unseen "
+              "images, as NegCLIP's numbers on ARO do.", "",
               "| swap | what changes | scorer accuracy % | target |", "|---|---|---|---|"]
     what = {"color": "one object's colour", "shape": "one object's shape", "size": "one object's size",
             "position": "the objects' places (one object: moved)", "background": "the background",
@@ -138,7 +140,8 @@ def world_markdown(runs: list[dict]) -> str:
             lines.append(f"| {kind} | {what[kind]} | {mean_spread(values, 1)} | "
                          f"{f'short by {SWAP_TARGET - np.mean(values):.1f} points' if short else 'met'} |")
     lines += ["", "## Caption variants of the test split under that scorer", "",
-              "| variant | CLIP-S | RefCLIP-S (refs: the human references) | names kept % | hallucinated words / caption |",
+              "| variant | CLIP-S | RefCLIP-S (refs: the human references) | names kept % "
+              "| hallucinated words / caption |",
               "|---|---|---|---|---|"]
     for field in VARIANTS:
         cells = [mean_spread([r["variants"][field][key] for r in runs])
@@ -159,7 +162,8 @@ def claim_row(claim: str, metric: str, a_name: str, a: list[float], b_name: str,
     `items`: (a's, b's per-item values on one seed's test items[, statistic]), whose statistic (default: the mean)
     is the metric; with one seed the verdict is then the paired bootstrap's over those items
     (common.claims.paired_bootstrap), its 95% interval in the row."""
-    row = {"claim": claim, "measured": f"{metric}: {a_name} {mean_spread(a, digits)} vs {b_name} {mean_spread(b, digits)}",
+    row = {"claim": claim,
+           "measured": f"{metric}: {a_name} {mean_spread(a, digits)} vs {b_name} {mean_spread(b, digits)}",
            "metric": metric, "verdict": verdict(a, b, relation), "why": reason(a, b, relation), "a": a, "b": b}
     if min(len(a), len(b)) == 1 and items is not None:
         test = paired_bootstrap(items[0], items[1], relation, statistic=items[2] if len(items) > 2 else None)
@@ -259,17 +263,19 @@ def capsfusion_claims(result: dict) -> list[dict]:
 
     rows = [claim_row("The fusion keeps the raw caption's world knowledge that synthetic captions lose",
                       "names kept %", "fuser", fusion("fuser", "names_kept"), "synthetic",
-                      fusion("synthetic", "names_kept"), ">", 1, fused("fuser", "synthetic", "names_kept", percent_of_sums)),
+                      fusion("synthetic", "names_kept"), ">", 1,
+                      fused("fuser", "synthetic", "names_kept", percent_of_sums)),
             claim_row("The distilled fuser is as good as its teacher (ChatGPT in the paper)", "names kept %",
                       "fuser", fusion("fuser", "names_kept"), "teacher", fusion("teacher", "names_kept"), ">=", 1,
                       fused("fuser", "teacher", "names_kept", percent_of_sums)),
             claim_row("Fused captions hallucinate less than synthetic captions", "hallucinated words / caption",
-                      "fuser", fusion("fuser", "hallucinated"), "synthetic", fusion("synthetic", "hallucinated"), "<", 2,
-                      fused("fuser", "synthetic", "hallucinated")),
+                      "fuser", fusion("fuser", "hallucinated"), "synthetic", fusion("synthetic", "hallucinated"),
+                      "<", 2, fused("fuser", "synthetic", "hallucinated")),
             claim_row(f"Fused captions train a better model than raw captions ({largest} samples)", "retrieval R@5 %",
                       "fused", at("fused", -1), "raw", at("raw", -1), ">", 1, trained("fused", "raw")),
             claim_row(f"... than synthetic captions ({largest} samples)", "retrieval R@5 %",
-                      "fused", at("fused", -1), "synthetic", at("synthetic", -1), ">", 1, trained("fused", "synthetic")),
+                      "fused", at("fused", -1), "synthetic", at("synthetic", -1), ">", 1,
+                      trained("fused", "synthetic")),
             claim_row(f"... than the raw+synthetic mix ({largest} samples)", "retrieval R@5 %",
                       "fused", at("fused", -1), "mix", at("raw+synthetic mix", -1), ">", 1,
                       trained("fused", "raw+synthetic mix"))]
@@ -337,17 +343,18 @@ def clip_quality_claims(result: dict) -> list[dict]:
         return paired(probe_items, a, b, metric, statistic)
 
     rows = [claim_row("Training on quality (synthetic) captions gives a better CLIP", "I->T R@1 %",
-                      "DataCompDR", by(pre, "datacompdr", "i2t_R@1"), "DataComp", by(pre, "datacomp", "i2t_R@1"), ">", 1,
-                      (hits["datacompdr"], hits["datacomp"]) if len(hits) == 2 else None),
+                      "DataCompDR", by(pre, "datacompdr", "i2t_R@1"), "DataComp", by(pre, "datacomp", "i2t_R@1"),
+                      ">", 1, (hits["datacompdr"], hits["datacomp"]) if len(hits) == 2 else None),
             claim_row("Its image encoder transfers better to segmentation", "probe mIoU %",
-                      "DataCompDR", by(probes, "datacompdr", "mIoU"), "DataComp", by(probes, "datacomp", "mIoU"), ">", 1,
-                      probed("datacompdr", "datacomp", "mIoU", miou_of_sums)),
+                      "DataCompDR", by(probes, "datacompdr", "mIoU"), "DataComp", by(probes, "datacomp", "mIoU"),
+                      ">", 1, probed("datacompdr", "datacomp", "mIoU", miou_of_sums)),
             claim_row("... and to depth estimation", "probe depth RMSE (m)",
-                      "DataCompDR", by(probes, "datacompdr", "depth_RMSE"), "DataComp", by(probes, "datacomp", "depth_RMSE"), "<", 3,
+                      "DataCompDR", by(probes, "datacompdr", "depth_RMSE"),
+                      "DataComp", by(probes, "datacomp", "depth_RMSE"), "<", 3,
                       probed("datacompdr", "datacomp", "depth_RMSE")),
             claim_row("(control) pretraining helps dense probes at all", "probe mIoU %",
-                      "DataCompDR", by(probes, "datacompdr", "mIoU"), "random init", by(probes, "random", "mIoU"), ">", 1,
-                      probed("datacompdr", "random", "mIoU", miou_of_sums))]
+                      "DataCompDR", by(probes, "datacompdr", "mIoU"), "random init", by(probes, "random", "mIoU"),
+                      ">", 1, probed("datacompdr", "random", "mIoU", miou_of_sums))]
     efficiency = result["efficiency"]
     sizes = sorted({r["train_images"] for r in efficiency})
     if len(sizes) > 1:
@@ -361,9 +368,11 @@ def clip_quality_claims(result: dict) -> list[dict]:
                               (small_items[-1]["mIoU"], large_items[-1]["mIoU"], miou_of_sums)
                               if small_items and large_items else None))
     control = rows[3]
-    if control["verdict"] in ("reversed", "within seed spread", "reversed on this seed", "within test-set noise"):  # no transfer at all: which encoder transfers better is moot
+    # no transfer at all: which encoder transfers better is moot
+    if control["verdict"] in ("reversed", "within seed spread", "reversed on this seed", "within test-set noise"):
         for row in rows[1:3] + rows[4:]:
-            row["verdict"], row["why"] = "untestable (the control fails)", "pretrained encoders probe no better than an untrained one"
+            row["verdict"], row["why"] = ("untestable (the control fails)",
+                                          "pretrained encoders probe no better than an untrained one")
     attention = result["attention"]
     last_layer = {label: float(np.mean(values["per_layer_per_head_px"][-1])) for label, values in attention.items()}
     local = lambda regime: [v for label, v in last_layer.items() if label.startswith(regime + "-")]  # noqa: E731
@@ -485,9 +494,10 @@ def claims_markdown(papers: dict[str, dict], world_runs: list[dict], seeds: int,
             why = row.get("why", "") + blind_spot_note(row, blind_spots(world_runs))
             lines.append(f"| {paper} | {row['claim']} | {row['measured']} | {row['verdict']} | {why} |")
     lines += ["", "## Time of each stage", "", "| stage | minutes | command |", "|---|---|---|"]
-    for stage, text in (("world", "build the miniature world (cached)"), ("scorer", "train the world's scorer (cached)"),
-                        ("variants", "score the caption variants")):
-        lines.append(f"| {stage} | {sum(r.get('seconds', {}).get(stage, 0.0) for r in world_runs) / 60:.1f} | {text} |")
+    for stage, text in (("world", "build the miniature world (cached)"),
+                        ("scorer", "train the world's scorer (cached)"), ("variants", "score the caption variants")):
+        lines.append(f"| {stage} | {sum(r.get('seconds', {}).get(stage, 0.0) for r in world_runs) / 60:.1f} "
+                     f"| {text} |")
     lines += [f"| {paper} | {run['minutes']:.1f} | `python {paper}.py {shlex.join(run['argv'])}` |"
               for paper, run in papers.items()]
     if plots:

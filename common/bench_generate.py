@@ -96,7 +96,8 @@ def write_manifest_lines(folder: Path, n: int) -> Path:
 
 
 def tiny_opt(folder: Path) -> Path:
-    """A random OPT two layers of width 16, with a word-level tokenizer of the fusion prompt's and the records' words."""
+    """A random OPT two layers of width 16, with a word-level tokenizer of the fusion prompt's and the records'
+    words."""
     if (folder / "config.json").exists():
         return folder
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -175,8 +176,10 @@ def bench(records: list[int], world_sizes: list[int], forms: list[str], fuse_rec
 
 
 def markdown(rows: list[dict]) -> str:
-    """The rows as a table; each figure is the largest over the job's ranks (peak - imports: per rank, then the largest)."""
-    lines = ["| job | input | ranks | records | RSS after imports (MB) | peak RSS (MB) | peak - imports (MB) | seconds |",
+    """The rows as a table; each figure is the largest over the job's ranks (peak - imports: per rank, then the
+    largest)."""
+    lines = ["| job | input | ranks | records | RSS after imports (MB) | peak RSS (MB) | peak - imports (MB) "
+             "| seconds |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['job']} | {r['form']} | {r['world_size']} | {r['records']:,} | "

@@ -57,7 +57,8 @@ def write_big_manifest(folder: Path, n: int) -> Path:
         with open(path, "w") as handle:
             for i in range(n):
                 handle.write(json.dumps({"id": f"s{i:08d}", "image": f"images/{i % DISTINCT_IMAGES:04d}.png",
-                                         "caption": f"a picture number {i} of a thing", "alt_text": f"thing {i}"}) + "\n")
+                                         "caption": f"a picture number {i} of a thing",
+                                         "alt_text": f"thing {i}"}) + "\n")
     return path
 
 

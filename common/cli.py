@@ -84,7 +84,8 @@ def parse(args_type: type[T], argv: Sequence[str] | None, presets: Mapping[str, 
     given (default: default_preset_of).
     """
     argv = without_debug(sys.argv[1:] if argv is None else argv)  # run_command's flag
-    description = f"{description or inspect.getdoc(args_type)}\n\n{DEBUG_FLAG}: keep the traceback of an expected error."
+    description = (f"{description or inspect.getdoc(args_type)}\n\n"
+                   f"{DEBUG_FLAG}: keep the traceback of an expected error.")
     first = tyro.cli(args_type, args=[word for word in argv if word not in ("-h", "--help")],
                      description=description)
     name = first.preset or (default_preset(first) if default_preset else default_preset_of(first.stage, presets))

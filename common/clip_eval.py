@@ -169,6 +169,7 @@ def swap_accuracy(model, tokenizer, img_emb: torch.Tensor, records: Sequence[dic
     for kind in SWAP_TYPES:
         rows = [i for i, s in enumerate(swaps) if kind in s]
         if rows:
-            wrong = (img_emb[rows] * encode_texts(model, tokenizer, [swaps[i][kind] for i in rows], device=device)).sum(1)
+            wrong = (img_emb[rows] * encode_texts(model, tokenizer, [swaps[i][kind] for i in rows],
+                                                  device=device)).sum(1)
             out[f"swap_{kind}"] = 100.0 * (right[rows] > wrong).float().mean().item()
     return out

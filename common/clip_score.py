@@ -341,7 +341,8 @@ def encode_texts(bundle: ClipBundle, texts: Sequence[str], prefix: str = PREFIX,
     return F.normalize(torch.cat(features), dim=-1).cpu().numpy()
 
 
-def encode_reference_groups(bundle: ClipBundle, refs: Sequence[Sequence[str]], progress: bool = True) -> list[np.ndarray]:
+def encode_reference_groups(bundle: ClipBundle, refs: Sequence[Sequence[str]],
+                            progress: bool = True) -> list[np.ndarray]:
     """Features of each sample's references, (R_i, E) per sample, encoded in one flat pass."""
     flat = encode_texts(bundle, [text for group in refs for text in group], progress=progress)
     bounds = np.cumsum([0] + [len(group) for group in refs])
@@ -404,7 +405,8 @@ def harmonic_mean(score: np.ndarray, ref_sim: np.ndarray) -> np.ndarray:
 
 
 def _result(per_sample: np.ndarray) -> dict:
-    return {"per_sample": per_sample.astype(float).tolist(), "mean": float(np.mean(per_sample)) if len(per_sample) else float("nan")}
+    return {"per_sample": per_sample.astype(float).tolist(),
+            "mean": float(np.mean(per_sample)) if len(per_sample) else float("nan")}
 
 
 def _shown(value: Any) -> str:
@@ -482,7 +484,8 @@ class Args:
     pretrained: str | None = None
     """open_clip tag (e.g. 'openai') or local checkpoint file"""
     pacs_checkpoint: str | None = None
-    """PAC-S state dict (clip_ViT-B-32.pth from aimagelab/pacscore) loaded into --model ViT-B-32 (it holds every weight, so --pretrained is not needed)"""
+    ("PAC-S state dict (clip_ViT-B-32.pth from aimagelab/pacscore) loaded into --model ViT-B-32 (it holds every "
+     "weight, so --pretrained is not needed)")
     metric: Literal["clip_s", "pac_s"] = "clip_s"
     """'clip_s' (w = 2.5) or 'pac_s' (w = 2.0; the default when --pacs-checkpoint is given)"""
     device: str | None = None

@@ -44,9 +44,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from common.data import (BadSampleError, ManifestError, NonFiniteError, atomic_write_text, check_device, init_distributed, read_manifest, run_command, text_problem)
-from common.clip_eval import (ImageRows, encode_images, encode_texts, evaluate_world, preprocess_images, retrieval_metrics,
-                              swap_accuracy, texts_of)
+from common.data import (BadSampleError, ManifestError, NonFiniteError, atomic_write_text, check_device,
+                         init_distributed, read_manifest, run_command, text_problem)
+from common.clip_eval import (ImageRows, encode_images, encode_texts, evaluate_world, preprocess_images,
+                              retrieval_metrics, swap_accuracy, texts_of)
 from common.columns import Columns, index_data, open_row_image
 from common.miniature import WorldConfig, cache_root, ensure_world, swapped_captions
 from caption_kernels.contrastive import clip_loss, gather_features
@@ -150,7 +151,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 
 def epoch_and_position(step: int, n_rows: int, batch_size: int) -> tuple[int, int]:
-    """(epoch, batch within it) of global batch `step`: an epoch is n_rows // batch_size batches (last partial dropped)."""
+    """(epoch, batch within it) of global batch `step`: an epoch is n_rows // batch_size batches (last partial
+    dropped)."""
     steps_per_epoch = n_rows // batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"batch size {batch_size} exceeds the {n_rows} training samples")
@@ -171,7 +173,8 @@ TextsFor = Callable[[np.ndarray, np.random.Generator], "list[str] | tuple[list[s
 
 
 class StepBatches(torch.utils.data.Dataset):
-    """Item `step`: this rank's share of global batch `step` as (pixels (b, 3, H, W), tokens (L, b, ctx), substitutions).
+    """Item `step`: this rank's share of global batch `step` as (pixels (b, 3, H, W), tokens (L, b, ctx),
+    substitutions).
 
     Global batch `step` is the slice `position` of epoch `epoch`'s permutation of `rows` (computed once per epoch),
     and its texts come from `texts_for(rows of the batch, caption_rng(step))`: a pure function of (seed, step), so a
@@ -333,7 +336,8 @@ def train_clip(model, tokenizer, images, texts_for: TextsFor, cfg: TrainConfig, 
         state = torch.load(checkpoint, map_location=device, weights_only=True)
         if state.get("recipe") != recipe:
             found = state.get("recipe") or {}
-            changed = {k: (found.get(k), recipe.get(k)) for k in sorted(set(found) | set(recipe)) if found.get(k) != recipe.get(k)}
+            changed = {k: (found.get(k), recipe.get(k)) for k in sorted(set(found) | set(recipe))
+                       if found.get(k) != recipe.get(k)}
             listing = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in changed.items())
             raise ManifestError(f"{checkpoint} was trained with another recipe ({listing}); use another output folder, "
                              "or --no-resume to start afresh")
@@ -389,7 +393,8 @@ def train_clip(model, tokenizer, images, texts_for: TextsFor, cfg: TrainConfig, 
             assert_finite_state(model, global_loss, where(step, "after its update"))
         if saving and rank == 0:
             save_checkpoint(checkpoint, {"state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                         "step": step + 1, "position": list(epoch_and_position(step + 1, len(rows), cfg.batch_size)),
+                                         "step": step + 1,
+                                         "position": list(epoch_and_position(step + 1, len(rows), cfg.batch_size)),
                                          "history": history, "recipe": recipe})
             saved = step + 1
     model.eval()
@@ -456,7 +461,8 @@ def ensure_miniature_scorer(world: WorldConfig = WorldConfig(), train: TrainConf
     history = train_clip(model, tokenizer, images, ScorerTexts(train_records, train.hard_negatives), train,
                          progress=progress, desc="train the miniature scorer")["history"]
     metrics = evaluate_world(model, tokenizer, preprocess, test_records)
-    metrics.update(swap_accuracy(model, tokenizer, encode_images(model, ImageRows(test_records, preprocess)), test_records))
+    metrics.update(swap_accuracy(model, tokenizer, encode_images(model, ImageRows(test_records, preprocess)),
+                                 test_records))
     metrics["train_seconds"] = time.time() - start
     log.info("miniature scorer trained: %s", metrics)
     save_checkpoint(path, {"state_dict": model.state_dict(), "model": model_name, "recipe": recipe,
@@ -531,9 +537,10 @@ def main(argv=None) -> dict:
     rows = usable_rows(columns, [args.text_field], args.strict, lists=True)
     model, preprocess, tokenizer = create_clip(args.model, seed=args.train.seed)
     out = Path(args.out)
-    log_ = train_clip(model, tokenizer, columns, FieldTexts(columns, args.text_field), args.train, preprocess=preprocess,
-                      rows=rows, device=args.device, checkpoint=out / "checkpoint.pt", resume=args.resume,
-                      strict=args.strict, recipe={"model": args.model, "text_field": args.text_field, "data": columns.source})
+    log_ = train_clip(model, tokenizer, columns, FieldTexts(columns, args.text_field), args.train,
+                      preprocess=preprocess, rows=rows, device=args.device, checkpoint=out / "checkpoint.pt",
+                      resume=args.resume, strict=args.strict,
+                      recipe={"model": args.model, "text_field": args.text_field, "data": columns.source})
     if dist.is_initialized() and dist.get_rank() != 0:
         return log_
     eval_records = read_manifest(args.eval_data or folder / "test.jsonl", texts=(args.text_field,))

@@ -20,8 +20,8 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm.auto import tqdm
 
-from common.data import (REQUIRED_FIELDS, BadSampleError, ManifestError, parse_manifest_line, atomic_write_text, image_source,
-                         is_shards, open_image, shard_meta, shard_urls, validate_record)
+from common.data import (REQUIRED_FIELDS, BadSampleError, ManifestError, parse_manifest_line, atomic_write_text,
+                         image_source, is_shards, open_image, shard_meta, shard_urls, validate_record)
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,8 @@ class _ColumnsWriter:
             if not name or "/" in name or name.startswith("."):
                 raise ManifestError(f"field name {name!r} cannot be a column")
             column = {"bin": open(self.folder / f"{name}.bin", "wb"), "idx": open(self.folder / f"{name}.idx", "wb"),
-                      "size": 0, "written": 0, "offsets": [0] * (self.n + 1)}  # a field first seen at row n: rows before lack it
+                      # a field first seen at row n: rows before lack it
+                      "size": 0, "written": 0, "offsets": [0] * (self.n + 1)}
             self.columns[name] = column
         return self.columns[name]
 
@@ -272,7 +273,8 @@ def index_shards(urls: Sequence[str | os.PathLike], folder: str | os.PathLike,
                         writer.add({**sample["meta"], "image": sample["image"]})
                         del samples[key]
             for key, sample in samples.items():
-                log.warning("%s: sample %r has no %s; skipped", shard_path, key, "image" if "meta" in sample else "json")
+                log.warning("%s: sample %r has no %s; skipped", shard_path, key,
+                            "image" if "meta" in sample else "json")
         writer.close({"source": ", ".join(str(s) for s in shards), "root": "/", "stamp": stamp})
         columns = Columns(tmp)
         _check_unique_ids(columns, columns.where)

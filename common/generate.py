@@ -39,8 +39,9 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from common.data import (REQUIRED_FIELDS, ManifestError, SkipCounter, check_rank, parse_manifest_line, public_fields, atomic_write_text,
-                         image_path, is_shards, shard_urls, stream_manifest, stream_records, validate_record)
+from common.data import (REQUIRED_FIELDS, ManifestError, SkipCounter, check_rank, parse_manifest_line, public_fields,
+                         atomic_write_text, image_path, is_shards, shard_urls, stream_manifest, stream_records,
+                         validate_record)
 
 log = logging.getLogger(__name__)
 

@@ -310,7 +310,8 @@ class CorrelateArgs:
     files and folders --data must hold, the protocol, what to expect."""
 
     benchmark: Literal["flickr8k-expert", "flickr8k-cf", "composite", "pascal50s", "foil"]
-    """flickr8k-expert (Kendall tau_c), flickr8k-cf (tau_b), composite (tau_c), pascal50s (pairwise accuracy per category HC/HI/HM/MM), foil (pairwise accuracy, 1 and 4 references)"""
+    ("flickr8k-expert (Kendall tau_c), flickr8k-cf (tau_b), composite (tau_c), pascal50s (pairwise accuracy per "
+     "category HC/HI/HM/MM), foil (pairwise accuracy, 1 and 4 references)")
     data: str
     """the benchmark's folder, holding its files as distributed (docs/clip_score.md lists them)"""
     model: str = "ViT-B-32"
@@ -318,7 +319,8 @@ class CorrelateArgs:
     pretrained: str | None = "openai"
     """open_clip tag or local checkpoint file; not loaded with --pacs-checkpoint, which holds every weight"""
     pacs_checkpoint: str | None = None
-    """PAC-S state dict (clip_ViT-B-32.pth from aimagelab/pacscore) loaded into --model ViT-B-32: scores PAC-S and RefPAC-S"""
+    ("PAC-S state dict (clip_ViT-B-32.pth from aimagelab/pacscore) loaded into --model ViT-B-32: scores PAC-S and "
+     "RefPAC-S")
     metric: Literal["clip_s", "pac_s"] = "clip_s"
     """'clip_s' (w = 2.5) or 'pac_s' (w = 2.0; the default when --pacs-checkpoint is given)"""
     device: str | None = None
@@ -347,8 +349,8 @@ def correlate(args: CorrelateArgs) -> dict:
     items = benchmark.read(data, args.seed) if args.benchmark in ("pascal50s", "foil") else benchmark.read(data)
     metric = "pac_s" if args.pacs_checkpoint and args.metric == "clip_s" else args.metric
     check_device(args.device or "cpu")  # before the weights load (their loader would take the blame)
-    bundle = load_clip_as({}, args.model, None if args.pacs_checkpoint else args.pretrained, args.device, args.precision,
-                       args.pacs_checkpoint)
+    bundle = load_clip_as({}, args.model, None if args.pacs_checkpoint else args.pretrained, args.device,
+                          args.precision, args.pacs_checkpoint)
     names = ("PAC-S", "RefPAC-S") if metric == "pac_s" else ("CLIP-S", "RefCLIP-S")
     scorer = FeatureScorer(bundle, PAC_S_WEIGHT if metric == "pac_s" else CLIP_S_WEIGHT, names, args.strict)
     if args.benchmark == "pascal50s":
@@ -395,7 +397,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m common.human_
 
     argv = sys.argv[1:] if argv is None else list(argv)
     args = tyro.cli(CorrelateArgs, args=without_debug(argv), prog=prog,
-                    description=f"{inspect.getdoc(CorrelateArgs)}\n\n{DEBUG_FLAG}: keep the traceback of an expected error.")
+                    description=f"{inspect.getdoc(CorrelateArgs)}\n\n"
+                                f"{DEBUG_FLAG}: keep the traceback of an expected error.")
     report = run_command(lambda _: correlate(args), argv, (BenchmarkDataError,))  # one line unless --debug
     print(correlation_table(report))
     warning = truncation_warning(report["truncated"])

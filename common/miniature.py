@@ -124,7 +124,8 @@ class WorldConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
-        if self.n_synthetic < 1 or self.n_refs < 1 or min(self.n_train, self.n_val, self.n_test) < 0 or self.image_size < 16:
+        if (self.n_synthetic < 1 or self.n_refs < 1 or min(self.n_train, self.n_val, self.n_test) < 0
+                or self.image_size < 16):
             raise ValueError("need n_synthetic >= 1, n_refs >= 1, non-negative split sizes and image_size >= 16")
 
     def digest(self) -> str:
@@ -584,9 +585,12 @@ def world_statistics(records: list[dict]) -> dict:
         "alt_name_keep_rate": float(kept / max(total, 1)),
         "synthetic_name_keep_rate": float(syn_kept / max(names_total, 1)),
         "fused_name_keep_rate": float(fused_kept / max(names_total, 1)),
-        "synthetic_hallucinated_words_per_caption": float(np.mean([len(hallucinated_words(r["synthetic_caption"], r)) for r in records])),
-        "fused_hallucinated_words_per_caption": float(np.mean([len(hallucinated_words(r["fused"], r)) for r in records])),
-        "alt_hallucinated_words_per_caption": float(np.mean([len(hallucinated_words(r["alt_text"], r)) for r in records])),
+        "synthetic_hallucinated_words_per_caption": float(np.mean([len(hallucinated_words(r["synthetic_caption"], r))
+                                                                   for r in records])),
+        "fused_hallucinated_words_per_caption": float(np.mean([len(hallucinated_words(r["fused"], r))
+                                                               for r in records])),
+        "alt_hallucinated_words_per_caption": float(np.mean([len(hallucinated_words(r["alt_text"], r))
+                                                             for r in records])),
     }
 
 

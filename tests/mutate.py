@@ -78,7 +78,8 @@ def mutants_of(node: ast.AST, source_lines: list[str]) -> list[Mutant]:
         except Exception:  # noqa: BLE001 (a node ast cannot print is not a mutant we can write)
             return
         if before and after != before:
-            out.append(Mutant(n.lineno, kind, before, after, (n.lineno, n.col_offset), (n.end_lineno, n.end_col_offset)))
+            out.append(Mutant(n.lineno, kind, before, after, (n.lineno, n.col_offset),
+                              (n.end_lineno, n.end_col_offset)))
 
     body = node.body[1:] if ast.get_docstring(node) else node.body  # the docstring is not behaviour
     for statement in body:

@@ -62,7 +62,8 @@ def test_every_metric_equals_coco_eval_cap(monkeypatch):
     assert ours["tokenizer"] == cm.PTB_LABEL and ours["backend"].startswith("pycocoevalcap ")
     assert ("SPICE" in ours.get("omitted", {})) == bool(cm.spice_missing())  # left out, and said so, never a failure
     percent = cm.coco_scores(REFERENCES, CANDIDATES, scale=100.0, metrics=("BLEU-4", "CIDEr"))
-    assert percent["BLEU-4"] == pytest.approx(100 * ours["BLEU-4"]) and percent["CIDEr"] == pytest.approx(100 * ours["CIDEr"])
+    assert (percent["BLEU-4"] == pytest.approx(100 * ours["BLEU-4"])
+            and percent["CIDEr"] == pytest.approx(100 * ours["CIDEr"]))
 
 
 @needs_java

@@ -63,9 +63,11 @@ def test_end_to_end_metrics_use_prefix_clamp_and_harmonic_mean(micro_bundle, tin
     refs = [[r["caption"], r["fused"]] for r in records]
     model, tokenizer = micro_bundle.model, micro_bundle.tokenizer
     with torch.no_grad():
-        pixels = torch.stack([micro_bundle.preprocess(__import__("PIL.Image").Image.open(p).convert("RGB")) for p in images])
+        pixels = torch.stack([micro_bundle.preprocess(__import__("PIL.Image").Image.open(p).convert("RGB"))
+                              for p in images])
         img = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1).numpy()
-        cand = torch.nn.functional.normalize(model.encode_text(tokenizer([PREFIX + c for c in candidates])), dim=-1).numpy()
+        cand = torch.nn.functional.normalize(model.encode_text(tokenizer([PREFIX + c for c in candidates])),
+                                             dim=-1).numpy()
         ref = [torch.nn.functional.normalize(model.encode_text(tokenizer([PREFIX + t for t in group])), dim=-1).numpy()
                for group in refs]
     cos = (img * cand).sum(1)
@@ -76,7 +78,8 @@ def test_end_to_end_metrics_use_prefix_clamp_and_harmonic_mean(micro_bundle, tin
     np.testing.assert_allclose(pac_s(micro_bundle, images, candidates, progress=False)["per_sample"],
                                2.0 * np.maximum(cos, 0), rtol=1e-5, atol=1e-6)
     r = np.array([max(float(g @ c) for g in group) for c, group in zip(cand, ref)])
-    expected_ref = np.where(expected_clip + r == 0, 0, 2 * expected_clip * r / np.where(expected_clip + r == 0, 1, expected_clip + r))
+    expected_ref = np.where(expected_clip + r == 0, 0,
+                            2 * expected_clip * r / np.where(expected_clip + r == 0, 1, expected_clip + r))
     np.testing.assert_allclose(ref_clip_s(micro_bundle, images, candidates, refs, progress=False)["per_sample"],
                                expected_ref, rtol=1e-4, atol=1e-6)
     ref_pac = ref_pac_s(micro_bundle, images, candidates, refs, progress=False)
@@ -97,7 +100,8 @@ def test_local_checkpoint_loads(micro_bundle, tmp_path):
     for (name, a), b in zip(micro_bundle.model.state_dict().items(), loaded.model.state_dict().values()):
         assert torch.equal(a, b), name
     texts = ["a red circle on grass."]
-    np.testing.assert_allclose(encode_texts(loaded, texts, progress=False), encode_texts(micro_bundle, texts, progress=False))
+    np.testing.assert_allclose(encode_texts(loaded, texts, progress=False),
+                               encode_texts(micro_bundle, texts, progress=False))
 
 
 def test_pacs_state_dict_loader(micro_bundle, tmp_path):
@@ -255,7 +259,8 @@ def test_device_cuda_without_cuda_says_so_and_debug_keeps_the_traceback(tiny_wor
 def test_load_clip_as_names_the_callers_flag(tmp_path):
     """A paper file's scorer flags are not load_clip's argument names (dico's --encoder-pretrained)."""
     missing = str(tmp_path / "enc.pt")
-    with pytest.raises(ScorerLoadError, match=rf"^--encoder-pretrained: pretrained='{missing}' is neither a file") as err:
+    with pytest.raises(ScorerLoadError,
+                       match=rf"^--encoder-pretrained: pretrained='{missing}' is neither a file") as err:
         load_clip_as({"pretrained": "--encoder-pretrained"}, MICRO, missing, "cpu")
     assert err.value.argument == "pretrained"
     with pytest.raises(ScorerLoadError, match="^--model: unknown open_clip architecture 'micro-ViT-99'"):
@@ -445,8 +450,9 @@ def test_readme_clip_s_command_on_vit_b32_openai_scores_with_quick_gelu(tmp_path
     captions = positive_captions(reference, pixels)
     refs = [[CAPTION_POOL[0], CAPTION_POOL[5]], [CAPTION_POOL[3]], [captions[2], CAPTION_POOL[1]]]
     manifest, _ = real_manifest(tmp_path, images, captions, refs)
-    report = main(["--manifest", str(manifest), "--text-field", "caption", "--refs-field", "refs", "--model", "ViT-B-32",
-                   "--pretrained", "openai", "--device", "cpu", "--out", str(tmp_path / "scores.json")])
+    report = main(["--manifest", str(manifest), "--text-field", "caption", "--refs-field", "refs",
+                   "--model", "ViT-B-32", "--pretrained", "openai", "--device", "cpu",
+                   "--out", str(tmp_path / "scores.json")])
     score, ref_score = expected_scores(reference, pixels, captions, refs, CLIP_S_WEIGHT)
     assert report["ids"] == ["s0", "s1", "s2"]
     np.testing.assert_allclose(report["per_sample"]["CLIP-S"], score, rtol=1e-4, atol=1e-5)
@@ -463,8 +469,8 @@ def test_readme_pac_s_command_loads_the_state_dict_into_quick_gelu_vit_b32(tmp_p
     captions = positive_captions(reference, pixels)
     refs = [[CAPTION_POOL[2]], [captions[1], CAPTION_POOL[7]]]
     manifest, _ = real_manifest(tmp_path, images, captions, refs)
-    report = main(["--manifest", str(manifest), "--text-field", "caption", "--refs-field", "refs", "--model", "ViT-B-32",
-                   "--pacs-checkpoint", str(tmp_path / "clip_ViT-B-32.pth"), "--device", "cpu",
+    report = main(["--manifest", str(manifest), "--text-field", "caption", "--refs-field", "refs",
+                   "--model", "ViT-B-32", "--pacs-checkpoint", str(tmp_path / "clip_ViT-B-32.pth"), "--device", "cpu",
                    "--out", str(tmp_path / "scores.json")])
     score, ref_score = expected_scores(reference, pixels, captions, refs, PAC_S_WEIGHT)
     np.testing.assert_allclose(report["per_sample"]["PAC-S"], score, rtol=1e-4, atol=1e-5)

@@ -43,7 +43,8 @@ def test_hard_negative_loss_by_hand():
     # text 0 against images (1, 0); text 1 against images (0.6, 0.8): negatives pick no image
     text_to_image = (-math.log(math.exp(2.0) / (math.exp(2.0) + 1.0))
                      - math.log(math.exp(1.6) / (math.exp(1.2) + math.exp(1.6)))) / 2
-    assert hard_negative_loss(img, txt, neg, scale).item() == pytest.approx((image_to_text + text_to_image) / 2, rel=1e-6)
+    assert hard_negative_loss(img, txt, neg, scale).item() == pytest.approx(
+        (image_to_text + text_to_image) / 2, rel=1e-6)
     # negatives far from every image leave CLIP's loss
     far = -img
     assert hard_negative_loss(img, txt, far, torch.tensor(30.0)).item() == pytest.approx(
@@ -64,8 +65,9 @@ def test_the_scorer_trains_with_one_hard_negative_per_caption(world_records):
         seen.append(1)
         return contrastive_loss(img_emb, txt_emb, logit_scale)
 
-    history = train_clip(model, tokenizer, images, texts, TrainConfig(steps=1, batch_size=16, lr=0.0, warmup=1,
-                                                                     hard_negatives=True), loss_fn=spy, progress=False)["history"]
+    history = train_clip(model, tokenizer, images, texts,
+                         TrainConfig(steps=1, batch_size=16, lr=0.0, warmup=1, hard_negatives=True),
+                         loss_fn=spy, progress=False)["history"]
     assert not seen and np.isfinite(history[0]["loss"])
 
 
@@ -77,7 +79,8 @@ def test_swap_accuracy_counts_the_true_caption_winning(world_records):
             return tokens.float()
 
     def tokenizer(texts):  # a fixed random vector per text
-        return torch.stack([torch.randn(16, generator=torch.Generator().manual_seed(zlib.crc32(t.encode()))) for t in texts])
+        return torch.stack([torch.randn(16, generator=torch.Generator().manual_seed(zlib.crc32(t.encode())))
+                            for t in texts])
 
     truth = torch.nn.functional.normalize(tokenizer([r["caption"] for r in test]).float(), dim=-1)
     scores = swap_accuracy(Exact(), tokenizer, truth, test)
@@ -213,8 +216,9 @@ def test_an_epoch_is_a_permutation_and_arms_with_one_seed_see_the_same_images(wo
     images = torch.zeros(len(train), 3, 64, 64)
     captions = [r["caption"] for r in train]
     fixed = recorded_rows(images, 8, 16, lambda rows, rng: [captions[i] for i in rows])
-    drawn = recorded_rows(images, 4, 16, lambda rows, rng: [captions[i] if u < 0.5 else train[i]["alt_text"]
-                                                            for i, u in zip(rows, rng.random(len(rows)) * rng.random())])
+    drawn = recorded_rows(images, 4, 16,
+                          lambda rows, rng: [captions[i] if u < 0.5 else train[i]["alt_text"]
+                                             for i, u in zip(rows, rng.random(len(rows)) * rng.random())])
     assert all(np.array_equal(a, b) for a, b in zip(fixed, drawn))
     for epoch in (0, 1):
         assert sorted(np.concatenate(fixed[4 * epoch:4 * epoch + 4]).tolist()) == list(range(64))
@@ -247,7 +251,8 @@ def test_resume_from_a_killed_run_is_exact_and_a_changed_recipe_is_refused(world
 
     monkeypatch.setattr(clip_train, "clip_loss", killed_at_step_4)
     with pytest.raises(KeyboardInterrupt):
-        train_clip(create_clip(MICRO)[0], tokenizer, images, texts_for, cfg, checkpoint=tmp_path / "c.pt", progress=False)
+        train_clip(create_clip(MICRO)[0], tokenizer, images, texts_for, cfg, checkpoint=tmp_path / "c.pt",
+                   progress=False)
     monkeypatch.setattr(clip_train, "clip_loss", real_loss)
     state = torch.load(tmp_path / "c.pt", weights_only=True)
     assert state["step"] == 2 and state["position"] == [0, 2]  # 64 rows / 16: epoch 0, batch 2 is next
@@ -278,7 +283,8 @@ def test_micro_batches_give_the_whole_batchs_loss_and_update(world_records):
     assert micro_losses == pytest.approx(losses, abs=1e-5) and micro_scales == pytest.approx(scales, abs=1e-6)
     assert_same_weights(whole.state_dict(), micro.state_dict())
     with pytest.raises(ValueError, match="multiple of 1 ranks x 3 micro-batches"):
-        train_clip(whole, tokenizer, images, texts_for, TrainConfig(steps=1, batch_size=16, accum_steps=3), progress=False)
+        train_clip(whole, tokenizer, images, texts_for, TrainConfig(steps=1, batch_size=16, accum_steps=3),
+                   progress=False)
 
 
 def test_lazy_images_in_workers_train_as_the_in_memory_tensor(world_records, tmp_path):
@@ -364,11 +370,14 @@ def test_non_finite_embeddings_are_refused_not_scored_100():
         retrieval_metrics(broken, good, name="run/ckpt.pt")
     with pytest.raises(ValueError, match="^text embeddings of the model contain NaN or inf"):
         retrieval_metrics(good, torch.full((4, 8), math.inf))
-    model = type("Fixed", (torch.nn.Module,), {"encode_text": lambda self, tokens: torch.full((len(tokens), 8), math.nan)})()
+    model = type("Fixed", (torch.nn.Module,),
+                 {"encode_text": lambda self, tokens: torch.full((len(tokens), 8), math.nan)})()
     with pytest.raises(data.NonFiniteError, match="^image embeddings of m contain"):
-        zero_shot_accuracy(model, lambda texts: torch.zeros(len(texts), 1), broken, ["a", "b"], ["{}"], [0, 1, 0, 1], name="m")
+        zero_shot_accuracy(model, lambda texts: torch.zeros(len(texts), 1), broken, ["a", "b"], ["{}"], [0, 1, 0, 1],
+                           name="m")
     with pytest.raises(data.NonFiniteError, match="^class prompt embeddings of m contain"):
-        zero_shot_accuracy(model, lambda texts: torch.zeros(len(texts), 1), good, ["a", "b"], ["{}"], [0, 1, 0, 1], name="m")
+        zero_shot_accuracy(model, lambda texts: torch.zeros(len(texts), 1), good, ["a", "b"], ["{}"], [0, 1, 0, 1],
+                           name="m")
 
 
 def test_the_guard_checks_every_update_before_its_checkpoint_and_keeps_the_last_good_one(world_records, tmp_path,
@@ -394,7 +403,8 @@ def test_the_guard_checks_every_update_before_its_checkpoint_and_keeps_the_last_
     assert state["step"] == 2 and all(torch.isfinite(t).all() for t in state["state_dict"].values())
     # no checkpoint asked for: the last update is still checked, so a NaN model is never handed back
     with pytest.raises(FloatingPointError, match=r"at step 2 of 3, after its update \(no checkpoint asked for\)"):
-        train_clip(create_clip(MICRO)[0], tokenizer, images, texts_for, TrainConfig(steps=3, batch_size=8), progress=False)
+        train_clip(create_clip(MICRO)[0], tokenizer, images, texts_for, TrainConfig(steps=3, batch_size=8),
+                   progress=False)
     clip_train.assert_finite_state(create_clip(MICRO)[0], torch.tensor(1.0), "fine")  # finite: nothing raised
     with pytest.raises(data.NonFiniteError, match=r"^here: the loss is nan; the run diverged"):
         clip_train.assert_finite_state(None, math.nan, "here")

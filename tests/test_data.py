@@ -222,7 +222,8 @@ def old_merge(path: Path, world_size: int, order: list[str]) -> Path:
 
 
 def run_ranks(data, out: Path, world: int, process_batch=keep_most, batch_size: int = 3) -> list:
-    """Every rank of a job in this process, one after the other, then the merge: generate_sharded without torch.distributed."""
+    """Every rank of a job in this process, one after the other, then the merge: generate_sharded without
+    torch.distributed."""
     counts = [generate_rank(data, out, batch_size, process_batch, rank, world) for rank in range(world)]
     merge_rank_outputs(out, world, input_ids(data))
     return counts
@@ -329,7 +330,8 @@ def test_merge_keeps_input_order_past_left_out_samples_in_the_old_merges_bytes(t
     if world > 1:  # a line that is not next in its rank's share: an error naming it, not a sample lost
         with open(rank_path(out, world - 1, world), "a") as handle:
             handle.write('{"id": "stray"}\n')
-        with pytest.raises(ManifestError, match=rf"gen.rank{world - 1}-of-{world}.jsonl:\d+: sample 'stray' is not next"):
+        with pytest.raises(ManifestError,
+                           match=rf"gen.rank{world - 1}-of-{world}.jsonl:\d+: sample 'stray' is not next"):
             merge_rank_outputs(out, world, input_ids(data))
 
 
@@ -357,7 +359,8 @@ def test_pending_gives_what_a_resume_will_process_and_repairs_nothing(tmp_path):
     data, out = str(tmp_path / "in.jsonl"), tmp_path / "out.jsonl"
     assert [r["id"] for r in pending(data, out)] == [r["id"] for r in records]
     with pytest.raises(ZeroDivisionError):  # dies in its second batch
-        generate_rank(data, out, 4, lambda batch, counts: [(r, {}) for r in batch] if batch[0]["id"] == "s000" else 1 / 0)
+        generate_rank(data, out, 4,
+                      lambda batch, counts: [(r, {}) for r in batch] if batch[0]["id"] == "s000" else 1 / 0)
     with open(out, "ab") as handle:
         handle.write(b'{"id": "s0')
     size = out.stat().st_size
@@ -462,7 +465,8 @@ def test_shards_in_shards_out_keep_every_member_and_a_resume_redoes_only_the_par
     assert (out / "002.tar").read_bytes() == finished and not (out / ".002.tar.partial").exists()
     assert dict(generate_sharded(data, out, 2, describe)) == {"shards_already_done": 3}
     columns = index_data(str(out / "{000..002}.tar"), tmp_path / "index")  # a trainer reads the output shards
-    assert len(columns) == 14 and columns.value("vec", 0) == "8 px wide" and columns.value("caption", 0) == "alt 0000000"
+    assert (len(columns) == 14 and columns.value("vec", 0) == "8 px wide"
+            and columns.value("caption", 0) == "alt 0000000")
     with pytest.raises(ManifestError, match="shards in, shards out"):
         generate_rank(data, tmp_path / "out.jsonl", 2, describe)
 
@@ -609,9 +613,12 @@ def test_manifest_readers_refuse_a_field_of_the_wrong_type_naming_file_and_line(
 
     good = '{"id": "a", "image": "x.png", "caption": "a cat"}\n'
     for line, texts, message in [
-            ('{"id": ["b"], "image": "y.png"}\n', (), "m.jsonl:2 (id ['b']): field 'id' must be a string or an integer, got [\"b\"]"),
-            ('{"id": "b", "image": "y.png", "caption": 123}\n', ("caption",), "m.jsonl:2 (id 'b'): field 'caption' must be a string, got 123"),
-            ('{"id": "b", "image": "y.png", "caption": ["a", "b"]}\n', ("caption",), "must be a string, got [\"a\", \"b\"]"),
+            ('{"id": ["b"], "image": "y.png"}\n', (),
+             "m.jsonl:2 (id ['b']): field 'id' must be a string or an integer, got [\"b\"]"),
+            ('{"id": "b", "image": "y.png", "caption": 123}\n', ("caption",),
+             "m.jsonl:2 (id 'b'): field 'caption' must be a string, got 123"),
+            ('{"id": "b", "image": "y.png", "caption": ["a", "b"]}\n', ("caption",),
+             "must be a string, got [\"a\", \"b\"]"),
             ('{"id": "b", "image": "y.png", "caption": null}\n', ("caption",), "field 'caption' is missing or null")]:
         (tmp_path / "m.jsonl").write_text(good + line)
         with pytest.raises(ManifestError, match=re.escape(message)):
@@ -623,7 +630,8 @@ def test_manifest_readers_refuse_a_field_of_the_wrong_type_naming_file_and_line(
                                       '{"id": "b", "image": "y.png", "refs": ["r", 3]}\n')
     with pytest.raises(ManifestError, match=re.escape("field 'refs': item 1 must be a non-empty string, got 3")):
         read_manifest(tmp_path / "m.jsonl", text_lists=("refs",))
-    assert data.text_problem(["r", "s"], "refs", lists=True) is None and data.text_problem("r", "refs", lists=True) is None
+    assert (data.text_problem(["r", "s"], "refs", lists=True) is None
+            and data.text_problem("r", "refs", lists=True) is None)
 
 
 def test_record_readers_skip_and_count_a_text_or_image_of_the_wrong_type(tmp_path):
@@ -637,7 +645,8 @@ def test_record_readers_skip_and_count_a_text_or_image_of_the_wrong_type(tmp_pat
     assert reasons["s0"] == "sample 's0': field 'caption' must be a string or a list of strings, got 123"
     assert reasons["s2"] == "sample 's2': field 'image' must be an image path, image bytes or a PIL image, got 7"
     refs = ManifestDataset([{**r, "_root": str(tmp_path)} for r in records], "refs", strict=True)
-    with pytest.raises(BadSampleError, match=re.escape("sample 's1': field 'refs': item 0 must be a non-empty string, got 1")):
+    with pytest.raises(BadSampleError,
+                       match=re.escape("sample 's1': field 'refs': item 0 must be a non-empty string, got 1")):
         refs[1]
     from common.data import open_record_image
 
@@ -672,7 +681,8 @@ def test_shard_readers_refuse_json_that_is_not_a_record(tmp_path):
         "sample 'k2': field 'id' must be a string or an integer, got [1]"]
     with pytest.raises(BadSampleError, match="sample 'k1'"):
         list(iter_webdataset(str(shard_path), strict=True))
-    with pytest.raises(ManifestError, match=re.escape(f"{shard_path}: k1.json: sample 'k1': its json must be an object")):
+    with pytest.raises(ManifestError,
+                       match=re.escape(f"{shard_path}: k1.json: sample 'k1': its json must be an object")):
         index_data(str(shard_path), tmp_path / "index")
 
 
@@ -759,7 +769,8 @@ def test_an_unavailable_device_is_one_clear_error(monkeypatch):
     from common import data
 
     monkeypatch.setattr(data.torch.cuda, "is_available", lambda: False)
-    with pytest.raises(data.DeviceError, match=r"^--device cuda: CUDA is not available on this machine .*pass --device cpu$"):
+    with pytest.raises(data.DeviceError,
+                       match=r"^--device cuda: CUDA is not available on this machine .*pass --device cpu$"):
         data.check_device("cuda")
     with pytest.raises(data.DeviceError, match="--device 'gpu' is not a torch device"):
         data.init_distributed("gpu")

@@ -26,9 +26,11 @@ def docstring(path: Path) -> str:
 
 
 def documented_texts() -> dict[str, str]:
-    """{source name: text} for README.md, docs/*.md, docs/*.sh and the docstring of every top-level/common/kernels module."""
+    """{source name: text} for README.md, docs/*.md, docs/*.sh and the docstring of every top-level/common/kernels
+    module."""
     texts = {"README.md": (ROOT / "README.md").read_text()}
-    texts.update({f"docs/{p.name}": p.read_text() for p in sorted([*(ROOT / "docs").glob("*.md"), *(ROOT / "docs").glob("*.sh")])})
+    texts.update({f"docs/{p.name}": p.read_text()
+                  for p in sorted([*(ROOT / "docs").glob("*.md"), *(ROOT / "docs").glob("*.sh")])})
     for path in sorted([*ROOT.glob("*.py"), *ROOT.glob("common/*.py"), *ROOT.glob("caption_kernels/*.py")]):
         texts[str(path.relative_to(ROOT))] = docstring(path)
     return texts
@@ -121,9 +123,11 @@ def test_paper_header_has_its_parts(paper):
     assert re.search(r"https://arxiv\.org/abs/\d{4}\.\d{4,5}", text), f"{paper}: no arXiv link"
     assert re.search(r"^Implements", text, flags=re.M), f"{paper}: no 'Implements' section"
     deviations = text.find("Deviations from the paper")
-    assert deviations >= 0 and re.search(r"^\s*1\.\s", text[deviations:], flags=re.M), f"{paper}: no numbered deviations"
+    assert deviations >= 0 and re.search(r"^\s*1\.\s", text[deviations:], flags=re.M), \
+        f"{paper}: no numbered deviations"
     # results and timings live in docs/ and the README, written from the runs, never in a header
-    assert not re.search(r"±|\bmeasured\b|\d\s*(min|minutes|s each)\b", text, flags=re.I), f"{paper}: results in the header"
+    assert not re.search(r"±|\bmeasured\b|\d\s*(min|minutes|s each)\b", text, flags=re.I), \
+        f"{paper}: results in the header"
     stem = path.stem
     assert any(re.match(rf"(python3?|torchrun)\s.*\b{stem}\.py", c) for c in commands_in(text)), \
         f"{paper}: its docstring quotes no command that runs it"

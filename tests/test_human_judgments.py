@@ -222,8 +222,8 @@ F30K = {"1007129816.jpg": ["A man in an orange hat .", "A man wears a hat .", "M
 COCO = {42: ["A plate of food on a table.", "Some food sits on a plate.", "A dinner plate with vegetables.",
              "Food served on a white plate.", "A meal on a table."],
         74: ["A picture of a dog laying on the ground.", "Dog snoozing by a bike on the edge of a cobblestone street",
-             "The white dog lays next to the bicycle on the sidewalk.", "a white dog is sleeping on a street and a bicycle",
-             "A puppy rests on the street next to a bicycle."]}
+             "The white dog lays next to the bicycle on the sidewalk.",
+             "a white dog is sleeping on a street and a bicycle", "A puppy rests on the street next to a bicycle."]}
 # subset: [(image URL, captions, ratings, index of the rated reference)]; the first caption is a reference in AMT's
 # copy (other case and punctuation; COCO image 74's in other words: found by similarity)
 COMPOSITE = {
@@ -237,8 +237,9 @@ COMPOSITE = {
              [4, 1, 2, 5], 2)],
     "coco": [("http://mscoco.org/images/COCO_val2014_000000000042.jpg", ["some food sits on a plate", "a car", "food",
                                                                           "extra"], [5, 1, 4, 2], 1),
-             ("http://mscoco.org/images/COCO_val2014_000000000074.jpg", ["a puppy resting on a street by a bike", "a cat",
-                                                                          "a dog outside", "extra"], [5, 1, 3, 3], 4)],
+             ("http://mscoco.org/images/COCO_val2014_000000000074.jpg", ["a puppy resting on a street by a bike",
+                                                                          "a cat", "a dog outside", "extra"],
+              [5, 1, 3, 3], 4)],
 }
 COMPOSITE_IMAGES = {"8k": ("flickr8k_images", lambda url: url.split("/")[-1]),
                     "30k": ("flickr30k_images", lambda url: url.split("/")[-1]),
@@ -346,7 +347,8 @@ def write_pascal(root):
                                               np.array([[1 if winner == first else 2]], dtype=np.uint8))
     folder = root / "pyCIDErConsensus"
     folder.mkdir(parents=True)
-    scipy.io.savemat(folder / "pair_pascal.mat", {"new_input": new_input, "category": np.array([[p[3] for p in PASCAL]]),
+    scipy.io.savemat(folder / "pair_pascal.mat", {"new_input": new_input,
+                                                   "category": np.array([[p[3] for p in PASCAL]]),
                                                    "new_data": np.ones((len(PASCAL), 11))})
     scipy.io.savemat(folder / "consensus_pascal.mat", {"triplets": triplets})
     return root
@@ -440,7 +442,8 @@ FOIL_COCO = {42: ["A plate of food on a table.", "A bowl of soup next to bread."
              164: ["A kitchen with a stove.", "An empty kitchen.", "A stove and a sink.", "Cabinets in a kitchen.",
                    "A small kitchen."]}
 # annotation id (shared by a true caption and its foils), image, true caption (AMT-style copy), foils
-FOIL_GROUPS = [(9001, 42, "a bowl of soup next to bread", ["a bowl of soup next to a cat", "a bowl of soup next to a car"]),
+FOIL_GROUPS = [(9001, 42, "a bowl of soup next to bread", ["a bowl of soup next to a cat",
+                                                           "a bowl of soup next to a car"]),
                (9002, 42, "A meal with a fork and knife .", ["a meal with a fork and dog"]),
                (9101, 74, "A white dog next to a bicycle.", ["A white dog next to a motorcycle."]),
                (9201, 133, "A bedroom with a lamp.", ["A bedroom with a horse."]),

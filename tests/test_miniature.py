@@ -97,17 +97,21 @@ SCENE = {"background": "grass", "objects": [
 
 def test_teacher_fusion_by_hand():
     # Aldora's emblem is stripes (ENTITIES), Kestrel's rings: the described pattern tells whose name it is
-    assert teacher_fusion("Aldora grass stock photo", "a red circle with a stripes pattern and a small blue square on grass.") == \
+    assert teacher_fusion("Aldora grass stock photo",
+                          "a red circle with a stripes pattern and a small blue square on grass.") == \
         "a red circle with the Aldora emblem and a small blue square on grass."
-    assert teacher_fusion("Aldora", "a photo of a red circle and a small blue square with a stripes pattern on grass.") == \
+    assert teacher_fusion("Aldora",
+                          "a photo of a red circle and a small blue square with a stripes pattern on grass.") == \
         "a photo of a red circle and a small blue square with the Aldora emblem on grass."
     # no described pattern: the first object without one takes the name (right or wrong: the texts cannot tell)
     assert teacher_fusion("Kestrel jpg", "a red circle and a small blue square on grass.") == \
         "a red circle with the Kestrel emblem and a small blue square on grass."
-    assert teacher_fusion("Kestrel Aldora", "a red circle with a stripes pattern and a small blue square on grass.") == \
+    assert teacher_fusion("Kestrel Aldora",
+                          "a red circle with a stripes pattern and a small blue square on grass.") == \
         "a red circle with the Aldora emblem and a small blue square with the Kestrel emblem on grass."
     # a name whose emblem contradicts every described pattern is left out
-    assert teacher_fusion("Kestrel", "a red circle with a stripes pattern on grass.") == "a red circle with a stripes pattern on grass."
+    assert teacher_fusion("Kestrel", "a red circle with a stripes pattern on grass.") == \
+        "a red circle with a stripes pattern on grass."
     # two contradicted attribute words: the alt-text is about another image, nothing of it is taken
     assert teacher_fusion("Aldora snow triangle", "a red circle on grass.") == "a red circle on grass."
     # a contradicted colour is corrected when the alt-text is otherwise about the image and the swap is unambiguous
@@ -126,7 +130,8 @@ def test_teacher_fusion_is_a_function_of_the_two_texts():
     # its parse of a synthetic caption is exact: with nothing to add, the caption comes back
     assert all(teacher_fusion("", caption) == caption for r in records for caption in r["synthetic_captions"])
     # so it errs where the texts cannot tell: a name that belongs to the right-hand object lands on the left one
-    misplaced = [r for r in records if len(r["objects"]) == 2 and r["objects"][1]["entity"] and not r["objects"][0]["entity"]
+    misplaced = [r for r in records
+                 if len(r["objects"]) == 2 and r["objects"][1]["entity"] and not r["objects"][0]["entity"]
                  and f"the {r['objects'][1]['entity']} emblem" in r["fused"].split(" and ")[0]]
     assert len(misplaced) >= 5
 
@@ -154,7 +159,8 @@ def test_zero_shot_tasks_label_what_is_there():
 
 
 def test_the_llm_forgets_names_at_its_rate():
-    remembered = world_statistics([s["record"] for s in generate_split(WorldConfig(n_train=2000, llm_forget=0.0), "train")])
+    remembered = world_statistics([s["record"]
+                                   for s in generate_split(WorldConfig(n_train=2000, llm_forget=0.0), "train")])
     records = [s["record"] for s in generate_split(WorldConfig(n_train=2000), "train")]
     forgetful = world_statistics(records)
     # a quarter of the names the fusion would carry are lost; nothing else of the fusion changes
@@ -182,17 +188,22 @@ def test_references_vary_in_specificity_as_cocos_do():
 
 def test_swapped_captions_change_one_thing():
     caption = ground_truth_caption(SCENE)
-    assert caption == "a large red circle with the Aldora emblem on the left and a small blue square on the right, on grass."
+    assert caption == \
+        "a large red circle with the Aldora emblem on the left and a small blue square on the right, on grass."
     swaps = swapped_captions(dict(SCENE), np.random.default_rng(0))
     assert set(swaps) == set(SWAP_TYPES)
-    assert swaps["binding"] == "a large blue circle with the Aldora emblem on the left and a small red square on the right, on grass."
-    assert swaps["position"] == "a large red circle with the Aldora emblem on the right and a small blue square on the left, on grass."
+    assert swaps["binding"] == \
+        "a large blue circle with the Aldora emblem on the left and a small red square on the right, on grass."
+    assert swaps["position"] == \
+        "a large red circle with the Aldora emblem on the right and a small blue square on the left, on grass."
     for kind in ("position", "binding"):  # the same words, bound differently: a bag of words cannot tell
         assert sorted(swaps[kind].replace(",", "").split()) == sorted(caption.replace(",", "").split())
     for kind in ("color", "shape", "size", "background", "name"):
         changed = [(a, b) for a, b in zip(caption.split(), swaps[kind].split()) if a != b]
         assert len(changed) == 1 and len(swaps[kind].split()) == len(caption.split()), kind
         assert changed[0][1].strip(".,") in {"color": COLORS, "shape": SHAPES, "size": ("small", "large"),
-                                             "background": ("sand", "water", "snow", "night"), "name": ENTITY_NAMES}[kind]
+                                             "background": ("sand", "water", "snow", "night"),
+                                             "name": ENTITY_NAMES}[kind]
     alone = {"background": "sand", "objects": [dict(SCENE["objects"][1], position="center")]}
-    assert set(swapped_captions(alone, np.random.default_rng(0))) == {"color", "shape", "size", "position", "background"}
+    assert set(swapped_captions(alone, np.random.default_rng(0))) == \
+        {"color", "shape", "size", "position", "background"}

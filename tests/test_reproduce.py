@@ -52,7 +52,8 @@ def test_world_table_alone(tmp_path):
 def test_main_job_runs_every_paper_on_a_tiny_world(tmp_path):
     world = WorldConfig(n_train=48, n_val=6, n_test=16)
     scorer = str(ensure_miniature_scorer(world, TrainConfig(steps=3, batch_size=16, warmup=1), "micro-ViT-16"))
-    dico_models = " ".join(f"--{role}-model micro-ViT-16 --{role}-pretrained {scorer}" for role in ("encoder", "clip-s", "pacs"))
+    dico_models = " ".join(f"--{role}-model micro-ViT-16 --{role}-pretrained {scorer}"
+                           for role in ("encoder", "clip-s", "pacs"))
     paper_args = [
         "veclip=--model micro-ViT-16 --steps 2 --batch-size 16 --kernel torch",
         "clip_quality=--model micro-ViT-16 --train.steps 2 --train.batch-size 16 --train.warmup 1 --probe-steps 2 "
@@ -149,6 +150,7 @@ def test_rows_scored_by_the_world_scorer_name_its_blind_spots():
     spots = reproduce.blind_spots(runs)
     assert spots == {"shape": 53.0, "position": 79.5}
     row = reproduce.claim_row("c", "CLIP-S x 100", "a", [1.0, 2.0], "b", [0.0, 0.0], ">")
-    assert "; scorer blind spots (swap test < 80%: shape 53.0%, position 79.5%)" in reproduce.blind_spot_note(row, spots)
+    assert "; scorer blind spots (swap test < 80%: shape 53.0%, position 79.5%)" in \
+        reproduce.blind_spot_note(row, spots)
     text_metric = reproduce.claim_row("c", "names kept %", "a", [1.0, 2.0], "b", [0.0, 0.0], ">")
     assert reproduce.blind_spot_note(text_metric, spots) == "" and reproduce.blind_spot_note(row, {}) == ""
