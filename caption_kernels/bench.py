@@ -14,7 +14,8 @@ gradient products: the work any implementation must do), for
     memeff      memeff.MemoryEfficientCLIPLoss, fixed temperature: no d_scale  (if installed)
 
 Features are random, L2-normalised, in --dtype (bf16 by default; every contender gets the same
-tensors); "(4.3x ours)" in a cell is that contender's time over ours. Also printed: the device's bf16 matmul ceiling and the gradient error of ours against
+tensors); "(4.3x ours)" in a cell is that contender's time over ours. Also printed: the device's bf16 matmul ceiling and
+the gradient error of ours against
 open_clip in float64 at N = 4096. Prints Markdown; writes everything to --out as JSON.
 A contender that is out of memory says so; one whose estimated time (from the last size, scaled
 by N^2) passes --max-seconds is skipped. Not a test: it needs a CUDA GPU.
@@ -144,7 +145,7 @@ def measure(fn, n, d, dtype):
     except Exception as error:  # a peer failing (e.g. out of shared memory) is a result, not a crash
         return None, f"failed: {type(error).__name__}: {str(error).splitlines()[0][:100]}"
     finally:
-        del img, txt, scale, bias
+        img = txt = scale = bias = None  # frees the inputs (step's closure reads these names) before the next size
         torch.cuda.empty_cache()
 
 
