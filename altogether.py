@@ -2,88 +2,41 @@
 
 Paper: https://arxiv.org/abs/2410.17251 (official code: facebookresearch/MetaCLIP, apps/altogether).
 
-Web alt-text knows what a captioner cannot see (the name of a landmark, a species, a product) but
-is noisy and often not about the image; a captioner sees the image but knows no names. Altogether
-trains a captioner that reads both: a frozen CLIP embeds the image, a mapping network turns the
-embedding into visual tokens, and a causal LM continues [visual tokens][alt-text] with a caption
-that keeps the alt-text's concrete concepts, drops what the image does not show and adds what it
-does. Humans re-aligned alt-texts over rounds to make the fine-tuning targets; the alt-text prompt
-is dropped half of the time in training, so one model captions with and without alt-text.
+A frozen CLIP embeds the image, a mapping network makes visual tokens V of it, and a causal LM continues [V][alt-text]
+with a caption that keeps the alt-text's concrete concepts, drops what the image lacks and adds what it shows.
 
 Implements (each a stage, the first argument):
-  1. the captioner: v = normalize(E_img(x)) (frozen); V = Mapper(v), M visual tokens: Linear to
-     M x d, M learned prefix tokens appended, a Transformer, its last M outputs     (`MappingNetwork`)
-  2. the sequence [V][alt prompt, <= 128 tokens][caption + EOS], left pads in front of V,
-     attention on every real token, positions counting real tokens only, L = -1/|C| sum_{t in C}
-     log p(y_t | y_<t) over the caption tokens C only     (`prefix_inputs`, `sequence_labels`, `caption_loss`)
-  3. `pretrain` (stage 1): target = the longest alt-text of the image, prompt = another one;
-     `finetune` (stage 2): target = the re-aligned caption (`--target-field`), prompt = the
-     alt-text; in both the prompt is dropped with p = 0.5 per draw             (`training_pair`)
-  4. `caption`: prompt = "; ".join(unique alt-texts), sampling T = 0.2, top-p 0.7 (or greedy /
-     beam), rank-sharded under torchrun, resumable, a new text field of the manifest
-  5. `eval`: CLIP-S of alt-text vs captions, CIDEr / BLEU-4 against references, names kept and
-     hallucinated words (miniature world); `miniature` (default): all of it, with vs without alt.
+  1. v = normalize(E_img(x)) (frozen); V = Mapper(v): Linear to M x d, M learned prefix tokens appended, a
+     Transformer, its last M outputs                                                            (`MappingNetwork`)
+  2. [V][alt prompt, <= 128 tokens][caption + EOS]; L = -1/|C| sum_{t in C} log p(y_t | y_<t) over the caption
+     tokens C only                                          (`prefix_inputs`, `sequence_labels`, `caption_loss`)
+  3. `pretrain`: target = the longest alt-text, prompt = another; `finetune`: target = the re-aligned caption
+     (`--target-field`), prompt = the alt-texts; in both the prompt is dropped with p = 0.5       (`training_pair`)
+  4. `caption`: prompt = "; ".join(unique alt-texts), sampling T = 0.2, top-p 0.7, rank-sharded, resumable
+  5. `eval`: CLIP-S, CIDEr / BLEU-4, names kept and hallucinated words; `miniature` (default): all of it.
 
-Deviations from the paper:
-  1. The prompt block is padded to the batch's longest prompt (at most 128 tokens), not always to
-     128: with the mask and positions below, the logits are the same, the sequence shorter.
-  2. Two official-code bugs are not copied (facebookresearch/Altogether's captioner code): with no padding the official attention and
-     target masks are all zero ([:-0] is empty), and its left pads are attended. Here pads are
-     masked, which moves them: the whole prefix is left-padded, [pads][V][prompt], not the prompt
-     alone ([V][pads][prompt]). So each row's last prefix slot, which predicts the first caption
-     token, is a real token, the last prompt token or, with the prompt dropped, the last visual
-     token, whatever the other rows' prompts; with the pads in the middle a dropped prompt was
-     trained from a pad slot in mixed batches and captioned "w/o alt" from the last visual token,
-     a slot training never supervised (docs/altogether.md, Deviation 2, has the measurement).
-     Position ids count attended tokens only and `generate` gets the same ones, so teacher-forced
-     logits equal generated ones and a batch captions as its images would one at a time.
-  3. A prompt longer than 128 tokens keeps its first 128 tokens (the official code cuts the same
-     way); a caption longer than --max-caption-tokens (with its EOS) is cut, EOS included, so the
-     model is never taught to stop mid-sentence. Captions are tokenised without BOS: V starts them.
-  4. Training steps and batch size are not in the paper: defaults are ours (unverified). The
-     frozen encoder's embeddings of the training manifest are computed once (ClipCap pre-extracts
-     them too), sharded over the ranks, into one float32 memory-mapped file in --out, which
-     training and a resumed run read row by row (`image_embeddings`), never whole in RAM.
-     Each rank's loss is its own token mean; DDP averages the ranks' gradients. The decoder
-     trains in fp32 weights (loaded with dtype=float32 whatever the checkpoint ships: OPT's files
-     are fp16) under bf16 autocast on GPU; the paper states no precision.
-  5. The mapping network's Transformer: pre-norm layers, 8 heads, FFN 2 x d, no dropout (ClipCap's
-     TransformerMapper); the paper states only its depth (8) and length (40).
-  6. Miniature world only (the `miniature` preset, PRESETS; a flag you give wins): the frozen
-     encoder is the world's CLIP scorer, the same model that computes CLIP-S (so the captioner is
-     judged by its own eyes); the decoder is a 2-layer OPT of width 128 from a config with a
-     word-level tokenizer built from the training texts (no OPT-1.3B, no BPE offline); the world has
-     one alt-text per image, so stage 1 draws two more alt-texts per training image from the
-     world's own alt-text generator (common.miniature.alt_text, a fresh seeded stream), the world's
-     alt-text being the first; the ground-truth `caption` plays the human re-aligned caption; the
-     test images keep their single alt-text; seeds vary the training (init, data order, drops,
-     extra alt-texts, sampling), not the world, so all seeds share the cached scorer.
-  7. Miniature budget: 500 + 2000 steps of batch 32 at lr 1e-3 (warm-up 50) instead of the paper's
-     schedule, sized for the 10-minute reproduce.py. Sizing runs (seed 0): with 300 + 500 steps of 64,
-     500 + 1000, 1500 + 1000 or 500 + 1500 (lr 2e-3) steps of 32 the captioner learned the caption
-     grammar but did not copy names from the alt-text (the probability of the right name token the
-     same with and without the prompt); at 2000 stage-2 steps copying appears, and 3000 copy more
-     (docs/altogether.md has the figures).
+Deviations from the paper (docs/altogether.md has each one's reasons and measurements):
+  1. The prompt block is padded to the batch's longest prompt (<= 128 tokens), not to 128: the same logits.
+  2. Two official-code bugs are not copied (with no padding its masks are all zero; its pads are attended): pads
+     are masked and go in front, [pads][V][prompt], so the slot that predicts a row's first caption token is a real
+     token whatever the other rows' prompts; positions count attended tokens, generate() gets the same ones.
+  3. A prompt keeps its first 128 tokens (as the official code); a long caption is cut with its EOS; no BOS token.
+  4. Steps and batch size are ours; the frozen encoder's embeddings are computed once (as ClipCap does); each
+     rank's loss is its own token mean; fp32 decoder weights under bf16 autocast on GPU (no precision stated).
+  5. The mapper's Transformer: pre-norm, 8 heads, FFN 2 x d, no dropout (ClipCap's); the paper: 8 layers, M = 40.
+  6. Miniature world (`--preset miniature`): the encoder is the world's CLIP scorer, also the judge; a 2-layer OPT
+     with a word-level tokenizer; stage 1 draws 2 more alt-texts per image; the true caption plays the re-aligned.
+  7. Miniature budget: 500 + 2000 steps of batch 32 at lr 1e-3, sized for reproduce.py.
 
-Commands:
-  Smoke run first (every stage on a tiny world in under a minute, to check that everything runs):
-    python altogether.py --preset smoke --out runs/altogether_smoke
-  CPU, miniature world (both stages, re-caption the test split with and without alt-text; its
-  timings are in docs/altogether.md):
-    python altogether.py                                # = python altogether.py miniature --seeds 1
-    python altogether.py miniature --seeds 3 --out runs/altogether_miniature
-  Real run (manifests with `image`, `alt_text` (a string or a list), stage 2 also `round3`):
-    torchrun --nproc-per-node 8 altogether.py pretrain --data alt_pairs.jsonl --out runs/ag
-    torchrun --nproc-per-node 8 altogether.py finetune --data altogether_ft.jsonl --out runs/ag \
-        --checkpoint runs/ag/pretrain.pt --target-field round3
-    torchrun --nproc-per-node 8 altogether.py caption --checkpoint runs/ag/finetune.pt \
-        --data metaclip_shard.jsonl --out metaclip_shard.altogether.jsonl
-    python altogether.py eval --data metaclip_shard.altogether.jsonl --out runs/ag/eval.json
-  then e.g. `python veclip.py train --data metaclip_shard.altogether.jsonl --llm-vec-field
-  altogether --p-alt 0.85` mixes 15% re-aligned captions into CLIP training, the paper's ratio.
-
-Results (the miniature world's table, what it shows and what it does not, with the command and
-device): docs/altogether.md.
+Commands (manifests with `image`, `alt_text` (a string or a list), stage 2 also `round3`; a quick check first):
+  python altogether.py --preset smoke --out runs/altogether_smoke
+  python altogether.py miniature --seeds 3 --out runs/altogether_miniature
+  torchrun --nproc-per-node 8 altogether.py pretrain --data alt_pairs.jsonl --out runs/ag
+  torchrun --nproc-per-node 8 altogether.py finetune --data altogether_ft.jsonl --out runs/ag \
+      --checkpoint runs/ag/pretrain.pt --target-field round3
+  torchrun --nproc-per-node 8 altogether.py caption --checkpoint runs/ag/finetune.pt \
+      --data metaclip_shard.jsonl --out metaclip_shard.altogether.jsonl
+  python altogether.py eval --data metaclip_shard.altogether.jsonl --out runs/ag/eval.json
 """
 
 from __future__ import annotations
@@ -93,33 +46,29 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import time
 from collections import Counter
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from tqdm.auto import tqdm
 
-from common.caption_metrics import coco_scores, table_note
+from common.caption_metrics import coco_scores
 from common.cli import parse, preset_help
 from common.clip_score import CLIP_S_WEIGHT, encode_texts, load_clip, load_clip_as, score_from_features
 from common.clip_train import (MINIATURE_MODEL, SCORER_TRAINING, TrainConfig, assert_finite_state, cosine_lr,
                                ensure_miniature_scorer, save_checkpoint)
 from common.data import (BadSampleError, ManifestError, SkipCounter, atomic_write_text, check_device,
-                         init_distributed, load_model, load_pretrained, open_record_image, read_manifest, run_command,
-                         shown, text_problem)
+                         init_distributed, load_model, load_pretrained, read_manifest, run_command, shown, text_problem)
 from common.degenerate import DegenerateCounter
+from common.embedding_cache import embed_records, embedding_rows, embedding_signature, image_embeddings
 from common.generate import check_resumable, generate_sharded, merge_rank_counters, pending, recipe_changes
-from common.miniature import WorldConfig, alt_text, ensure_world, hallucinated_words, names_kept
+from common.miniature import WorldConfig, hallucinated_words, names_kept
 
 log = logging.getLogger("altogether")
 
@@ -127,20 +76,22 @@ IGNORE = -100  # label of every position that is not a caption token
 PROMPT_SEPARATOR = "; "  # official inference joins the unique alt-texts of an image with it
 STAGES = {"pretrain": 1, "finetune": 2}
 
-# Presets (common/cli.py): Args holds the paper's values; `miniature` (the miniature stage's default) sizes the run for
-# minutes on 2 CPU cores, `smoke` runs every stage in seconds to check that it works. A flag you give always wins.
+# Presets (common/cli.py): Args holds the paper's values; `miniature` (the miniature stage's default) sizes the run
+# for 2 CPU cores, `smoke` runs every stage in seconds to check that it works. A flag you give always wins.
 MINIATURE = dict(clip_model="miniature", decoder="tiny-opt", prefix_length=10, mapper_layers=2, max_caption_tokens=40,
                  pretrain_steps=500, finetune_steps=2000, batch_size=32, lr=1e-3, warmup=50, max_new_tokens=40,
                  gen_batch_size=250, score_model="miniature")
-PRESETS = {"smoke": {**MINIATURE, "prefix_length": 4, "mapper_layers": 1, "max_caption_tokens": 24, "pretrain_steps": 3,
-                     "finetune_steps": 3, "batch_size": 8, "warmup": 1, "max_new_tokens": 8, "world.n_train": 48,
-                     "world.n_val": 4, "world.n_test": 12, "scorer.steps": 5, "scorer.batch_size": 16, "scorer.warmup": 1},
+PRESETS = {"smoke": {**MINIATURE, "prefix_length": 4, "mapper_layers": 1, "max_caption_tokens": 24,
+                     "pretrain_steps": 3, "finetune_steps": 3, "batch_size": 8, "warmup": 1, "max_new_tokens": 8,
+                     "world.n_train": 48, "world.n_val": 4, "world.n_test": 12, "scorer.steps": 5,
+                     "scorer.batch_size": 16, "scorer.warmup": 1},
            "miniature": MINIATURE, "paper": {}}
 
 
 @dataclass
 class Args:
-    """Altogether stages: pretrain, finetune, caption, eval over manifests; miniature runs it all on the miniature world."""
+    """Altogether's stages: pretrain, finetune, caption, eval over manifests; miniature runs them on the miniature
+    world."""
 
     stage: tyro.conf.Positional[Literal["miniature", "pretrain", "finetune", "caption", "eval"]] = "miniature"
     """what to run"""
@@ -235,13 +186,7 @@ class Args:
     """torch device (under torchrun each rank takes cuda:LOCAL_RANK)"""
 
 
-TINY_OPT = dict(hidden_size=128, word_embed_proj_dim=128, num_hidden_layers=2, ffn_dim=512, num_attention_heads=4,
-                max_position_embeddings=512, dropout=0.1)
-
-
-# =============================================================================================
-# The paper's pieces: mapping network, sequence layout, loss, training pairs
-# =============================================================================================
+# ==== ALGO LOGIC: the paper's pieces (mapping network, sequence layout, loss, training pairs) ====
 
 
 class MappingNetwork(nn.Module):
@@ -273,12 +218,8 @@ class Captioner(nn.Module):
         self.mapper = MappingNetwork(clip_dim, lm_dim, prefix_length, mapper_layers, heads=8 if lm_dim % 8 == 0 else 4)
 
     def prefix_inputs(self, img_emb, prompt_ids, prompt_mask):
-        """Embeddings (B, M + P, d) and attention mask (B, M + P) of [pad][V][prompt], the prefix left-padded whole.
-
-        So the last prefix slot, the one that predicts the first caption token, is a real token in every row (the
-        last prompt token, or the last visual token when the prompt is empty) whatever the other rows' prompts:
-        training batches of mixed prompts supervise the slot that generation reads.
-        """
+        """Embeddings (B, M + P, d) and attention mask (B, M + P) of [pad][V][prompt], the prefix left-padded whole:
+        each row's last prefix slot, which predicts the first caption token, is a real token (Deviation 2)."""
         prompt = self.decoder.get_input_embeddings()(prompt_ids)  # (B, P, d)
         visual = self.mapper(img_emb.to(self.mapper.project.weight.dtype)).to(prompt.dtype)  # (B, M, d)
         embeds = torch.cat([visual, prompt], dim=1)
@@ -328,10 +269,8 @@ def encode_captions(tokenizer, captions: list[str], max_tokens: int) -> tuple[to
 
 def sequence_labels(n_visual: int, prompt_mask: torch.Tensor, caption_ids: torch.Tensor,
                     caption_mask: torch.Tensor) -> torch.Tensor:
-    """Labels (B, M + P + C) aligned with the sequence: the caption token ids, IGNORE elsewhere.
-
-    The mask decides, not the token id: a pad id that equals EOS (GPT-2) still trains the EOS.
-    """
+    """Labels (B, M + P + C) aligned with the sequence: the caption token ids, IGNORE elsewhere. The mask decides,
+    not the token id: a pad id that equals EOS (GPT-2) still trains the EOS."""
     b, p = prompt_mask.shape
     labels = torch.full((b, n_visual + p), IGNORE, dtype=torch.long, device=caption_ids.device)
     return torch.cat([labels, caption_ids.masked_fill(~caption_mask, IGNORE)], dim=1)
@@ -346,9 +285,8 @@ def caption_loss(logits: torch.Tensor, labels: torch.Tensor) -> dict:
 
 
 def alt_text_problem(record: dict, field: str) -> str | None:
-    """Why the record's alt-text field is neither a string nor a list of strings (common.data.text_problem's rule:
-    a number, or a list holding one, is no alt-text), or None. Absent, null, blank, [] or a blank item of a list is
-    an empty alt-text, which the paper's data has: no prompt, or one alt-text fewer."""
+    """Why the alt-text field is neither a string nor a list of strings (common.data.text_problem's rule), or None.
+    Absent, null, blank, [] or a blank item is an empty alt-text, which the paper's data has."""
     value = record.get(field)
     if value is None or isinstance(value, str):
         return None
@@ -387,6 +325,34 @@ def inference_prompt(record: dict, field: str) -> str:
     return PROMPT_SEPARATOR.join(alt_texts_of(record, field))
 
 
+def make_optimizer(captioner: Captioner, args: Args) -> torch.optim.Optimizer:
+    """AdamW, betas (0.9, 0.98), eps 1e-6, weight decay on matrices only (paper)."""
+    params = [p for p in captioner.parameters() if p.requires_grad]
+    return torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
+                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                             lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def decoding_options(args: Args) -> dict:
+    """generate()'s options: sampling (paper), greedy or beam search."""
+    if args.decoding == "sample":
+        return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
+    return {"do_sample": False, "num_beams": args.num_beams if args.decoding == "beam" else 1}
+
+
+@torch.no_grad()
+def generate_captions(captioner: Captioner, tokenizer, img_emb: torch.Tensor, prompts: list[str],
+                      args: Args) -> list[str]:
+    """Captions continuing [pad][V][prompt] for a batch of images, decoded without special tokens."""
+    device = next(captioner.parameters()).device
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, args.max_prompt_tokens)
+    new_tokens = captioner.generate(img_emb.to(device), prompt_ids.to(device), prompt_mask.to(device),
+                                    max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                    eos_token_id=tokenizer.eos_token_id,
+                                    **decoding_options(args))  # step 4; (B, new): with inputs_embeds only new tokens
+    return [" ".join(text.split()) for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
 def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
     """Indices of global batch `step` (B,): epoch e = step // (n // B) walks permutation_(seed, e)."""
     per_epoch = max(1, n // batch_size)
@@ -395,13 +361,14 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
     return order[position * batch_size:(position + 1) * batch_size]
 
 
-# =============================================================================================
-# Building, saving and loading the captioner
-# =============================================================================================
+# ==== Building, saving and loading the captioner ====
+
+TINY_OPT = dict(hidden_size=128, word_embed_proj_dim=128, num_hidden_layers=2, ffn_dim=512, num_attention_heads=4,
+                max_position_embeddings=512, dropout=0.1)  # --decoder tiny-opt, the miniature's decoder
 
 
 def world_tokenizer(texts: list[str], min_frequency: int = 3):
-    """A word-level tokenizer over the words of `texts` (the miniature decoder's vocabulary)."""
+    """A word-level tokenizer over the words of `texts` (the vocabulary of --decoder tiny-opt)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
@@ -424,10 +391,16 @@ def load_encoder(args: Args):
     """The frozen CLIP (a common.clip_score bundle); 'miniature' = the world's cached scorer."""
     if args.clip_model == "miniature":
         return load_clip(MINIATURE_MODEL, str(ensure_miniature_scorer(args.world, args.scorer)), args.device)
-    # random weights (pretrained None, tests only) are seeded so that every stage sees the same encoder
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # random weights (pretrained None, tests only): every stage sees the same encoder
     return load_clip_as({"model": "--clip-model", "pretrained": "--clip-pretrained"}, args.clip_model,
                         args.clip_pretrained, args.device)
+
+
+def encoder_source(args: Args) -> str | None:
+    """The encoder's weights: an open_clip tag or a file (the miniature's cached scorer)."""
+    if args.clip_model == "miniature":
+        return str(ensure_miniature_scorer(args.world, args.scorer))
+    return args.clip_pretrained
 
 
 def new_captioner(args: Args, clip_dim: int, texts: list[str]) -> tuple[Captioner, object]:
@@ -463,10 +436,6 @@ def checkpoint_payload(captioner: Captioner, tokenizer, args: Args, encoder, ste
             "step": step, "history": history, "optimizer": optimizer.state_dict() if optimizer else None}
 
 
-def encoder_source(args: Args) -> str | None:
-    return str(ensure_miniature_scorer(args.world, args.scorer)) if args.clip_model == "miniature" else args.clip_pretrained
-
-
 def captioner_from_checkpoint(payload: dict) -> tuple[Captioner, object]:
     """(captioner, tokenizer) rebuilt from a checkpoint alone: no hub access needed."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -488,7 +457,7 @@ def load_checkpoint(path: str | None, flag: str = "--checkpoint") -> dict:
 
 def recipe_of(args: Args, stage: str, records: list[dict]) -> dict:
     """What a checkpoint must agree on to be resumed: every setting that changes the trained weights (the steps set
-    the cosine schedule), the captioner it started from, and the data: what a step reads of each record."""
+    the cosine schedule), the captioner it started from, and what a step reads of each record."""
     names = ("decoder", "clip_model", "prefix_length", "mapper_layers", "batch_size", "lr", "warmup", "weight_decay",
              "p_drop_alt", "seed", "alt_field", "target_field", "max_prompt_tokens", "max_caption_tokens",
              f"{stage}_steps", "checkpoint")
@@ -500,203 +469,13 @@ def recipe_of(args: Args, stage: str, records: list[dict]) -> dict:
             "data": f"{len(records)} records, sha256 {digest.hexdigest()[:16]}"}
 
 
-# =============================================================================================
-# Image embeddings, training
-# =============================================================================================
-
-
-@torch.no_grad()
-def embed_records(encoder, records: list[dict], strict: bool, batch_size: int = 256,
-                  progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen, L2-normalised image embeddings (N, E), zero rows for unreadable images, and readable (N,) bool."""
-    skipped, readable = SkipCounter(), torch.zeros(len(records), dtype=torch.bool)
-    emb = torch.zeros(len(records), encoder.model.visual.output_dim)
-    for start in tqdm(range(0, len(records), batch_size), desc="embed images", leave=False, disable=not progress):
-        images = [open_record_image(record, skipped, strict) for record in records[start:start + batch_size]]
-        rows = [start + i for i, image in enumerate(images) if image is not None]
-        if rows:
-            pixels = torch.stack([encoder.preprocess(image) for image in images if image is not None])
-            emb[rows] = F.normalize(encoder.model.encode_image(pixels.to(encoder.device)).float(), dim=-1).cpu()
-            readable[rows] = True
-    if skipped.count:
-        log.warning("%d unreadable images skipped (first: %s)", skipped.count, skipped.examples[:3])
-    return emb, readable
-
-
-# The training set's embeddings live in one memory-mapped file per stage in --out, computed once and read row by row:
-# at the paper's 22M images and E = 1024 they are 90 GB, which no rank should hold in RAM (docs/altogether.md).
-EMBED_CHUNK = 4096  # rows per part file; a multiple of embed_records' batch, so the batches (and floats) of one pass
-EMBED_WAIT = timedelta(hours=4)  # for the slowest rank and rank 0's merge (minutes at 22M), past NCCL's 10-min timeout
-SOURCE_KEYS = ("format", "records_sha256", "n", "dim", "dtype", "encoder", "encoder_source")  # what decides the floats
-
-
-def embedding_files(out: str | Path, name: str) -> dict[str, Path]:
-    """<out>/<name>.image_embeddings.npy (N, E) float32, .image_readable.npy (N,) bool, the .json sidecar, the parts."""
-    stem = Path(out) / f"{name}.image_"
-    return {"emb": Path(f"{stem}embeddings.npy"), "readable": Path(f"{stem}readable.npy"),
-            "sidecar": Path(f"{stem}embeddings.json"), "parts": Path(f"{stem}embeddings.parts")}
-
-
-def embedding_signature(records: list[dict], encoder, args: Args, manifest: str | Path | None) -> dict:
-    """What the embedding file is computed from: the records' ids and image paths in order (hashed), the encoder.
-
-    The manifest's path, size and time are recorded for the reader; the match is on SOURCE_KEYS, so a manifest
-    copied or touched elsewhere with the same rows reuses the file, and any other row or encoder recomputes it.
-    """
-    digest = hashlib.sha256()
-    for record in records:  # the image as image_path resolves it (folder + path as written), without 22M Path objects
-        image = record["image"] if isinstance(record["image"], str) else "<inline image>"
-        digest.update(f"{record['id']}\t{record.get('_root', '')}\t{image}\n".encode())
-    stat = Path(manifest).stat() if manifest is not None else None
-    return {"format": 1, "records_sha256": digest.hexdigest(), "n": len(records),
-            "dim": int(encoder.model.visual.output_dim), "dtype": "float32", "encoder": encoder.name,
-            "encoder_source": encoder_source(args), "manifest": str(Path(manifest).resolve()) if stat else None,
-            "manifest_bytes": stat.st_size if stat else None, "manifest_mtime": stat.st_mtime if stat else None}
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def same_source(found: dict | None, signature: dict) -> bool:
-    return found is not None and all(found.get(key) == signature[key] for key in SOURCE_KEYS)
-
-
-def embeddings_ready(files: dict[str, Path], signature: dict) -> bool:
-    """A finished file of these inputs: the sidecar is written last, so its presence marks both arrays whole."""
-    found = read_json(files["sidecar"])
-    if found is not None and not same_source(found, signature):
-        changed = [key for key in SOURCE_KEYS if found.get(key) != signature[key]]
-        log.warning("%s was computed from other inputs (%s differ): computing it again", files["emb"], changed)
-    return same_source(found, signature) and files["emb"].is_file() and files["readable"].is_file()
-
-
-def prepare_parts(files: dict[str, Path], signature: dict, chunk_rows: int) -> None:
-    """Rank 0, before any rank embeds: unmark the old file, keep the parts of these inputs (a killed job's) only."""
-    files["sidecar"].unlink(missing_ok=True)  # from now on the old arrays never pass for finished ones
-    marker, expected = files["parts"] / "source.json", {**signature, "chunk_rows": chunk_rows}
-    found = read_json(marker)
-    if files["parts"].exists() and not (same_source(found, signature) and found.get("chunk_rows") == chunk_rows):
-        shutil.rmtree(files["parts"])
-    files["parts"].mkdir(parents=True, exist_ok=True)
-    atomic_write_text(marker, json.dumps(expected, indent=2))
-
-
-def part_path(files: dict[str, Path], chunk: int) -> Path:
-    return files["parts"] / f"chunk{chunk:07d}.npz"
-
-
-def save_part(path: Path, emb: np.ndarray, readable: np.ndarray) -> None:
-    """One chunk's rows through a temporary file and a rename: a part on disk is a whole part."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        np.savez(handle, emb=emb, readable=readable)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def embed_shard(encoder, records: list[dict], files: dict[str, Path], strict: bool, rank: int = 0,
-                world_size: int = 1, chunk_rows: int = EMBED_CHUNK) -> int:
-    """Embed this rank's chunks not on disk yet, one part file each; returns how many it embedded.
-
-    Chunk c (rows c * chunk_rows ..) is rank c % world_size's: contiguous rows per part, the chunks dealt round-robin
-    so the ranks finish together; only this rank writes its parts, so no check races another rank's write.
-    """
-    chunks = range(rank, -(-len(records) // chunk_rows), world_size)
-    todo = [chunk for chunk in chunks if not part_path(files, chunk).exists()]  # a killed job's parts are kept
-    for chunk in tqdm(todo, desc="embed images", disable=rank != 0):
-        rows = records[chunk * chunk_rows:(chunk + 1) * chunk_rows]
-        emb, readable = embed_records(encoder, rows, strict, progress=False)
-        save_part(part_path(files, chunk), emb.numpy(), readable.numpy())
-    return len(todo)
-
-
-def merge_parts(files: dict[str, Path], signature: dict, chunk_rows: int) -> None:
-    """Rank 0: the parts, one at a time, into the .npy memmap and the mask; then the sidecar, then the parts go."""
-    n, dim = signature["n"], signature["dim"]
-    # fixed temporary names: only rank 0 writes them, and a merge killed mid-way leaves no 90 GB orphan for the next one
-    tmp_emb, tmp_readable = (files[key].with_name(f".{files[key].name}.tmp") for key in ("emb", "readable"))
-    emb = np.lib.format.open_memmap(tmp_emb, mode="w+", dtype=np.float32, shape=(n, dim))
-    readable = np.zeros(n, dtype=bool)
-    for chunk in range(-(-n // chunk_rows)):
-        rows = slice(chunk * chunk_rows, min((chunk + 1) * chunk_rows, n))
-        with np.load(part_path(files, chunk)) as part:
-            emb[rows], readable[rows] = part["emb"], part["readable"]
-    emb.flush()
-    del emb
-    with open(tmp_readable, "wb") as handle:  # a handle: np.save would append .npy to the temporary name
-        np.save(handle, readable)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp_emb, files["emb"])
-    os.replace(tmp_readable, files["readable"])
-    atomic_write_text(files["sidecar"], json.dumps(signature, indent=2))  # written last: the completion marker
-    shutil.rmtree(files["parts"])
-
-
-def image_embeddings(encoder, records: list[dict], out: str | Path, name: str, signature: dict, strict: bool,
-                     rank: int = 0, world_size: int = 1,
-                     chunk_rows: int = EMBED_CHUNK) -> tuple[np.ndarray, np.ndarray]:
-    """(N, E) float32 read-only memmap of the frozen encoder's embeddings of `records` and readable (N,) bool.
-
-    Computed once into <out>/<name>.image_embeddings.npy, each rank embedding its chunks; found there (same
-    records, same encoder) it is only mapped, so a resumed run does not embed again. Only the rows a step indexes
-    enter RAM. float32, as embed_records returns them: training reads the floats of the in-memory pass.
-    """
-    if not records:
-        raise ManifestError(f"no records to embed for {name!r}: the manifest is empty")
-    files = embedding_files(out, name)
-    # a gloo group of its own: its barriers outlast NCCL's 10-minute timeout while rank 0 merges 90 GB
-    group = dist.new_group(backend="gloo", timeout=EMBED_WAIT) if world_size > 1 else None
-    ready = embeddings_ready(files, signature)  # every rank decides before rank 0 touches a file (next barrier)
-    if not ready and rank == 0:
-        prepare_parts(files, signature, chunk_rows)
-    elif rank == 0 and files["parts"].exists():  # a job killed after its sidecar, before removing its parts
-        shutil.rmtree(files["parts"])
-    wait_for_ranks(group)
-    if not ready:
-        embed_shard(encoder, records, files, strict, rank, world_size, chunk_rows)
-    wait_for_ranks(group)  # every part written
-    if not ready and rank == 0:
-        merge_parts(files, signature, chunk_rows)
-    wait_for_ranks(group)  # the file is whole before any rank maps it
-    if group is not None:
-        dist.destroy_process_group(group)
-    emb, readable = np.load(files["emb"], mmap_mode="r"), np.load(files["readable"])
-    log.info("image embeddings %s: %s, %d unreadable images%s", files["emb"], emb.shape, (~readable).sum(),
-             "" if not ready else " (computed by an earlier run)")
-    return emb, readable
-
-
-def wait_for_ranks(group) -> None:
-    if group is not None:
-        dist.barrier(group=group)
-
-
-def embedding_rows(img_emb, indices: np.ndarray) -> torch.Tensor:
-    """(b, E) rows of the embeddings (a memmap or a tensor): only these rows are read into RAM."""
-    rows = img_emb[indices]
-    return rows if isinstance(rows, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(rows))
-
-
-def make_optimizer(captioner: Captioner, args: Args) -> torch.optim.Optimizer:
-    """AdamW, betas (0.9, 0.98), eps 1e-6, weight decay on matrices only (paper)."""
-    params = [p for p in captioner.parameters() if p.requires_grad]
-    return torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay},
-                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-                             lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+# ==== Training: both stages, DDP, resumable ====
 
 
 def train_stage(args: Args, stage: str, captioner: Captioner, tokenizer, encoder, records: list[dict], img_emb,
                 emb_rows: np.ndarray | None = None) -> dict:
-    """Stage 1 or 2 on `records` with their embeddings; saves <out>/<stage>.pt; returns the log.
-
-    img_emb: (N, E), a memmap (image_embeddings) or a tensor; record i's row is emb_rows[i] (None: row i).
-    """
+    """Stage 1 or 2 on `records` and their embeddings img_emb (N, E), a memmap or a tensor, record i's row
+    emb_rows[i] (None: row i); saves <out>/<stage>.pt; returns the log."""
     rank, world_size, device = init_distributed(args.device)
     steps = args.pretrain_steps if stage == "pretrain" else args.finetune_steps
     captioner.to(device).train()
@@ -749,16 +528,16 @@ def train_stage(args: Args, stage: str, captioner: Captioner, tokenizer, encoder
             # them equal, so all stop together), before rank 0 writes them
             assert_finite_state(captioner, terms["loss"].detach(), where(step, "after its update"))
             if rank == 0:
-                save_checkpoint(path, checkpoint_payload(captioner, tokenizer, args, encoder, step + 1, history, recipe,
-                                                         optimizer))
+                save_checkpoint(path, checkpoint_payload(captioner, tokenizer, args, encoder, step + 1, history,
+                                                         recipe, optimizer))
             saved = step + 1
     captioner.eval()
     return {"history": history, "resumed_from": start, "checkpoint": str(path)}
 
 
 def usable_for_training(records: list[dict], readable: np.ndarray, stage: str, args: Args) -> list[int]:
-    """Indices of records with a readable image and the stage's texts (common.data.text_problem's rule: a number or
-    a list where a text belongs is no text); the others are counted (--strict: an error naming the first)."""
+    """Indices of records with a readable image and the stage's texts (common.data.text_problem's rule); the others
+    are counted (--strict: an error naming the first)."""
     kept, skipped = [], SkipCounter()
     for i, record in enumerate(records):
         problem = alt_text_problem(record, args.alt_field)  # stage 1's targets and prompts, stage 2's prompts
@@ -778,12 +557,12 @@ def usable_for_training(records: list[dict], readable: np.ndarray, stage: str, a
 
 
 def stage_train(args: Args, stage: str) -> dict:
-    """pretrain / finetune on --data: images embedded once into <out>/<stage>.image_embeddings.npy; <out>/<stage>.pt."""
+    """pretrain / finetune on --data: images embedded once (common.embedding_cache) in --out; <out>/<stage>.pt."""
     records = read_manifest(args.data)
     rank, world_size, device = init_distributed(args.device)
     args = dataclasses.replace(args, device=device)  # each rank's encoder on its own GPU
     encoder = load_encoder(args)
-    signature = embedding_signature(records, encoder, args, args.data)
+    signature = embedding_signature(records, encoder, encoder_source(args), args.data)
     img_emb, readable = image_embeddings(encoder, records, args.out, stage, signature, args.strict, rank, world_size)
     keep = usable_for_training(records, readable, stage, args)
     kept = [records[i] for i in keep]
@@ -797,32 +576,11 @@ def stage_train(args: Args, stage: str) -> dict:
     return train_stage(args, stage, captioner, tokenizer, encoder, kept, img_emb, np.array(keep))
 
 
-# =============================================================================================
-# Captioning at scale: rank-sharded, resumable
-# =============================================================================================
-
-
-def decoding_options(args: Args) -> dict:
-    if args.decoding == "sample":
-        return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
-    return {"do_sample": False, "num_beams": args.num_beams if args.decoding == "beam" else 1}
-
-
-@torch.no_grad()
-def generate_captions(captioner: Captioner, tokenizer, img_emb: torch.Tensor, prompts: list[str], args: Args) -> list[str]:
-    """Captions continuing [pad][V][prompt] for a batch of images, decoded without special tokens."""
-    device = next(captioner.parameters()).device
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, args.max_prompt_tokens)
-    new_tokens = captioner.generate(img_emb.to(device), prompt_ids.to(device), prompt_mask.to(device),
-                                    max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                    eos_token_id=tokenizer.eos_token_id,
-                                    **decoding_options(args))  # step 4; (B, new): with inputs_embeds only new tokens
-    return [" ".join(text.split()) for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+# ==== Captioning at scale: rank-sharded, resumable ====
 
 
 def caption_recipe(args: Args) -> dict:
-    """What decides the caption stage's output: data, captioner, fields, prompt and decoding, with only the chosen
-    decoding's own knobs (--top-p is no setting of greedy search)."""
+    """What decides the caption stage's output, with only the chosen decoding's own knobs (no --top-p for greedy)."""
     knobs = {"sample": ("temperature", "top_p", "seed"), "beam": ("num_beams",), "greedy": ()}[args.decoding]
     names = ("data", "checkpoint", "caption_field", "alt_field", "use_alt", "max_prompt_tokens", "max_new_tokens",
              "decoding", *knobs)
@@ -830,9 +588,9 @@ def caption_recipe(args: Args) -> dict:
 
 
 def caption_records(args: Args, data, captioner: Captioner, tokenizer, encoder) -> dict:
-    """Write every record of `data` (--data streamed: a manifest or shards; or a list) with `caption_field` added;
-    each rank appends its share, a restart goes on after the last sample written. A degenerate caption
-    (common.degenerate) is written and flagged: `<caption_field>_degenerate` holds the reason, counted in `degenerate`."""
+    """Write every record of `data` (a manifest or shards, streamed; or a list) with `caption_field` added, each
+    rank its share, a restart going on after the last sample written; a degenerate caption (common.degenerate) is
+    written, its reason in `<caption_field>_degenerate`."""
     rank, world_size, device = init_distributed(args.device)
     captioner.to(device).eval()
     torch.manual_seed(args.seed + rank)
@@ -883,16 +641,14 @@ def stage_caption(args: Args) -> dict:
     return caption_records(args, args.data, captioner, tokenizer, encoder)
 
 
-# =============================================================================================
-# Evaluation
-# =============================================================================================
+# ==== Evaluation ====
 
 
 def caption_metrics(records: list[dict], captions: list[str], scorer, img_feats: np.ndarray, refs_field: str,
                     per_item: dict | None = None) -> dict:
     """CLIP-S (an empty caption scores 0), CIDEr and BLEU-4 against references (COCO toolkit, x 100, with their
-    "tokenizer" label), world labels when present. `per_item` receives each caption's CLIP-S, CIDEr and
-    hallucinated words, and its [names kept, names to keep] (names kept % is a ratio of their sums)."""
+    "tokenizer" label), world labels when present; `per_item` receives each caption's values (names kept as
+    [kept, to keep]: names kept % is a ratio of their sums)."""
     items: dict = {} if per_item is None else per_item
     txt_feats = encode_texts(scorer, [c or "." for c in captions], progress=False)
     # step 5: CLIP-S(x, c) = 2.5 * max(cos(E_img(x), E_txt("A photo depicts " + c)), 0)
@@ -913,6 +669,7 @@ def caption_metrics(records: list[dict], captions: list[str], scorer, img_feats:
 
 
 def load_scorer(args: Args):
+    """The CLIP-S model: --score-model, or 'miniature' = the world's cached scorer."""
     if args.score_model == "miniature":
         return load_clip(MINIATURE_MODEL, str(ensure_miniature_scorer(args.world, args.scorer)), args.device)
     torch.manual_seed(0)
@@ -935,94 +692,6 @@ def stage_eval(args: Args) -> dict:
                                 "list fields to score with --eval-fields")
         results[field] = caption_metrics(records, texts, scorer, img_feats, args.refs_field)
     atomic_write_text(args.out, json.dumps(results, indent=2))
-    return results
-
-
-# =============================================================================================
-# The miniature run (default)
-# =============================================================================================
-
-
-def with_extra_alt_texts(records: list[dict], args: Args, seed: int) -> list[dict]:
-    """Stage 1 data of the miniature: each image's alt-text plus `extra_alt_texts` fresh draws of the world's generator."""
-    out = []
-    for index, record in enumerate(records):
-        rng = np.random.default_rng([seed, 99, index])  # a stream of its own, apart from the world's
-        scene = {"background": record["background"], "objects": record["objects"]}
-        extra = [alt_text(scene, rng, args.world)[0] for _ in range(args.extra_alt_texts)]
-        out.append({**record, "alt_texts": [record["alt_text"]] + extra})
-    return out
-
-
-ROWS = ("alt-text (input)", "Altogether w/ alt", "Altogether w/o alt", "synthetic caption (world)", "ground truth")
-COLUMNS = ("CLIP-S", "CIDEr", "BLEU-4", "names kept %", "hallucinated/caption")
-
-
-def markdown_table(summary: dict, args: Args, seconds: float, n_test: int) -> str:
-    lines = [f"# Altogether in the miniature world ({args.seeds} seed(s), {args.pretrain_steps} + {args.finetune_steps} "
-             f"steps of batch {args.batch_size}, {n_test} test images, {seconds / 60:.1f} min)", "",
-             "CLIP-S x 100 by the world's scorer (also the captioner's frozen encoder); CIDEr / BLEU-4 x 100 against "
-             "the world's five human references an image (`refs`; the ground truth is the complete description, which no "
-             "reference need be); `synthetic "
-             "caption (world)` is the world's stand-in for a plain captioner. A controlled "
-             "toy world: these numbers show a mechanism, not the paper's effect sizes.", "",
-             "| captions | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for row in ROWS:
-        cells = [f"{np.mean(summary[row][k]):.1f}" + (f" ± {np.std(summary[row][k]):.1f}" if args.seeds > 1 else "")
-                 for k in COLUMNS]
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    runs = [dict(zip(summary[row], values)) for row in ROWS for values in zip(*summary[row].values())]  # one per seed
-    note = table_note(runs)  # how CIDEr and BLEU-4 were tokenized
-    return "\n".join(lines + ([f"\n{note}."] if note else [])) + "\n"
-
-
-def run_miniature(args: Args) -> dict:
-    """Per seed: stage 1 and 2 on the world's train split, caption its test split with and without alt-text."""
-    began, out = time.time(), Path(args.out)
-    folder = ensure_world(args.world)
-    train_records, test_records = read_manifest(folder / "train.jsonl"), read_manifest(folder / "test.jsonl")
-    encoder, scorer = load_encoder(args), load_scorer(args)
-    signature = embedding_signature(train_records, encoder, args, folder / "train.jsonl")
-    train_emb, _ = image_embeddings(encoder, train_records, out, "train", signature, strict=True)  # both stages, seeds
-    test_emb, _ = embed_records(encoder, test_records, strict=True)
-    score_feats = test_emb.numpy() if args.score_model == args.clip_model else embed_records(scorer, test_records, True)[0].numpy()
-    runs, per_item = {row: [] for row in ROWS}, {}
-    for seed in range(args.seed, args.seed + args.seeds):
-        run = dataclasses.replace(args, seed=seed, out=str(out / f"seed{seed}"), resume=False)
-        stage1 = with_extra_alt_texts(train_records, run, seed)
-        texts = [t for r in stage1 for t in r["alt_texts"]] + [r["caption"] for r in train_records]
-        captioner, tokenizer = new_captioner(run, train_emb.shape[1], texts)
-        train_stage(dataclasses.replace(run, alt_field="alt_texts"), "pretrain", captioner, tokenizer, encoder, stage1,
-                    train_emb)
-        log.info("seed %d: stage 1 done at %.0f s", seed, time.time() - began)
-        train_stage(run, "finetune", captioner, tokenizer, encoder, train_records, train_emb)
-        log.info("seed %d: stage 2 done at %.0f s", seed, time.time() - began)
-        captions = {}
-        for row, use_alt in (("Altogether w/ alt", True), ("Altogether w/o alt", False)):
-            torch.manual_seed(seed)
-            captions[row] = [c for start in range(0, len(test_records), run.gen_batch_size)
-                             for c in generate_captions(captioner, tokenizer, test_emb[start:start + run.gen_batch_size],
-                                                        [r["alt_text"] if use_alt else ""
-                                                         for r in test_records[start:start + run.gen_batch_size]], run)]
-        captions.update({"alt-text (input)": [r["alt_text"] for r in test_records], "ground truth":
-                         [r["caption"] for r in test_records],
-                         "synthetic caption (world)": [r["synthetic_caption"] for r in test_records]})
-        examples = [{"id": r["id"], **{row: captions[row][i] for row in ROWS}} for i, r in enumerate(test_records[:8])]
-        atomic_write_text(Path(run.out) / "examples.json", json.dumps(examples, indent=2))
-        for row in ROWS:
-            per_item[row] = {}  # the last seed's, for a one-seed verdict (reproduce.py's paired bootstrap)
-            metrics = caption_metrics(test_records, captions[row], scorer, score_feats, "refs", per_item[row])
-            runs[row].append(metrics)
-            print(f"seed {seed} {row}: " + ", ".join(f"{k} {metrics[k]:.2f}" for k in COLUMNS), flush=True)
-    summary = {row: {k: [m[k] for m in ms] for k in ms[0]} for row, ms in runs.items()}
-    seconds = time.time() - began
-    table = markdown_table(summary, args, seconds, len(test_records))
-    atomic_write_text(out / "results.md", table)
-    results = {"rows": summary, "per_item": per_item, "seeds": args.seeds, "seconds": seconds,
-               "world": dataclasses.asdict(args.world),
-               "preset": {"name": args.preset, "values": PRESETS[args.preset]}}
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
-    print(table)
     return results
 
 
@@ -1052,16 +721,20 @@ def check_flags(args: Args) -> None:
 
 
 def main(argv=None) -> dict:
-    """Run the stage named by the first argument; return its log (train), counts (caption) or metrics (eval, miniature)."""
+    """Run the stage named by the first argument; return its log (train), counts (caption) or metrics."""
     args = parse(Args, argv, PRESETS)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
-    log.setLevel(logging.INFO)
+    for name in ("altogether", "common.embedding_cache"):  # this run's progress lines, not every library's
+        logging.getLogger(name).setLevel(logging.INFO)
     check_flags(args)
     check_device(args.device)  # before any stage loads weights onto it (the encoder's loader would take the blame)
     if args.stage == "miniature":
+        # the experiment imports this module: imported here, when it runs, so neither import needs the other first
+        from experiments.altogether_miniature import run_miniature
+
         return run_miniature(args)
     if args.stage in STAGES:
-        return stage_train(args, args.stage)
+        return stage_train(args, stage=args.stage)
     if args.stage == "caption":
         return stage_caption(args)
     return stage_eval(args)

@@ -14,9 +14,11 @@ import pytest
 import torch
 
 import altogether
+from common import embedding_cache
 from common.clip_score import ScorerLoadError, clip_s, load_clip
 from common.data import BadSampleError, ManifestError, NonFiniteError, read_manifest, write_manifest
 from common.miniature import WorldConfig, ensure_world
+from experiments import altogether_miniature
 from tests.realarch import run_torchrun, save_hf, serve_open_clip_tag
 
 MICRO = "micro-ViT-16"
@@ -91,12 +93,14 @@ def test_long_alt_text_keeps_its_first_128_tokens_and_empty_alt_text_is_no_promp
 
 
 def test_prompts_and_captions_get_no_special_tokens_from_a_tokenizer_that_adds_a_bos():
-    """OPT's tokenizer puts </s> in front of every text it encodes with special tokens; V starts the sequence instead."""
+    """OPT's tokenizer puts </s> in front of every text it encodes with special tokens; V starts the sequence
+    instead."""
     from tokenizers.processors import TemplateProcessing
 
     tok = tokenizer()
     words = tok("red circle", add_special_tokens=False)["input_ids"]
-    tok.backend_tokenizer.post_processor = TemplateProcessing(single="</s> $A", special_tokens=[("</s>", tok.eos_token_id)])
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="</s> $A",
+                                                              special_tokens=[("</s>", tok.eos_token_id)])
     assert tok("red circle")["input_ids"] == [tok.eos_token_id] + words  # as OPT's
     ids, mask = altogether.encode_prompts(tok, ["red circle"], 128)
     assert ids.tolist() == [words] and mask.tolist() == [[1, 1]]
@@ -105,7 +109,8 @@ def test_prompts_and_captions_get_no_special_tokens_from_a_tokenizer_that_adds_a
 
 
 def test_decoding_is_the_papers_sampling_or_greedy_or_beam():
-    options = {mode: altogether.decoding_options(altogether.Args(decoding=mode)) for mode in ("sample", "greedy", "beam")}
+    options = {mode: altogether.decoding_options(altogether.Args(decoding=mode))
+               for mode in ("sample", "greedy", "beam")}
     assert options == {"sample": {"do_sample": True, "temperature": 0.2, "top_p": 0.7},
                        "greedy": {"do_sample": False, "num_beams": 1},
                        "beam": {"do_sample": False, "num_beams": 3}}
@@ -122,7 +127,8 @@ def test_training_pairs_follow_the_stages():
     assert altogether.training_pair(record, "finetune", args, rng) == (
         "zebra alt; a longest alt-text of all; mid alt text", "re-aligned")
     assert altogether.training_pair({"alt_text": "only one"}, "pretrain", args, rng) == ("", "only one")
-    dropped = [altogether.training_pair(record, "finetune", altogether.Args(p_drop_alt=0.5, target_field="round3"), rng)[0] == ""
+    half = altogether.Args(p_drop_alt=0.5, target_field="round3")
+    dropped = [altogether.training_pair(record, "finetune", half, rng)[0] == ""
                for _ in range(2000)]
     assert abs(np.mean(dropped) - 0.5) < 0.05
 
@@ -209,7 +215,7 @@ def test_a_step_trains_mapper_and_decoder_but_not_the_clip_encoder(world, tmp_pa
     records = read_manifest(world / "train.jsonl")
     encoder = altogether.load_encoder(args)
     clip_before = {k: v.clone() for k, v in encoder.model.state_dict().items()}
-    img_emb, readable = altogether.embed_records(encoder, records, strict=True)
+    img_emb, readable = embedding_cache.embed_records(encoder, records, strict=True)
     assert readable.all() and torch.allclose(img_emb.norm(dim=-1), torch.ones(len(records)))
     captioner, tok = altogether.new_captioner(args, img_emb.shape[1], [r["alt_text"] for r in records])
     before = {k: v.clone() for k, v in captioner.state_dict().items()}
@@ -250,12 +256,14 @@ def embedding_inputs(world, tmp_path):
     records = read_manifest(tmp_path / "in.jsonl")
     encoder = micro_encoder()
     args = altogether.parse(altogether.Args, SMALL + ["pretrain"], altogether.PRESETS)
-    return records, encoder, altogether.embedding_signature(records, encoder, args, tmp_path / "in.jsonl")
+    signature = embedding_cache.embedding_signature(records, encoder, altogether.encoder_source(args),
+                                                    tmp_path / "in.jsonl")
+    return records, encoder, signature
 
 
 def count_embed_calls(monkeypatch, fail_at: int | None = None) -> dict:
     """Wrap embed_records: count its calls; the `fail_at`-th one dies as a killed job would."""
-    real, calls = altogether.embed_records, {"n": 0}
+    real, calls = embedding_cache.embed_records, {"n": 0}
 
     def counted(*args, **kwargs):
         calls["n"] += 1
@@ -263,15 +271,15 @@ def count_embed_calls(monkeypatch, fail_at: int | None = None) -> dict:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(altogether, "embed_records", counted)
+    monkeypatch.setattr(embedding_cache, "embed_records", counted)
     return calls
 
 
 def test_embedding_file_holds_the_in_memory_embeddings_and_a_second_run_maps_it(world, tmp_path, monkeypatch, caplog):
     records, encoder, signature = embedding_inputs(world, tmp_path)
-    emb, readable = altogether.embed_records(encoder, records, strict=False)  # the former in-memory pass
-    mapped, mask = altogether.image_embeddings(encoder, records, tmp_path / "out", "pretrain", signature, False)
-    files = altogether.embedding_files(tmp_path / "out", "pretrain")
+    emb, readable = embedding_cache.embed_records(encoder, records, strict=False)  # the former in-memory pass
+    mapped, mask = embedding_cache.image_embeddings(encoder, records, tmp_path / "out", "pretrain", signature, False)
+    files = embedding_cache.embedding_files(tmp_path / "out", "pretrain")
     assert isinstance(mapped, np.memmap) and mapped.dtype == np.float32 and not mapped.flags.writeable
     assert torch.equal(torch.from_numpy(np.array(mapped)), emb)  # bit for bit: the miniature's captions stay the same
     assert mask.dtype == bool and mask.tolist() == readable.tolist() and not mask[5] and mask.sum() == len(records) - 1
@@ -280,28 +288,29 @@ def test_embedding_file_holds_the_in_memory_embeddings_and_a_second_run_maps_it(
     assert sidecar["manifest"] == str((tmp_path / "in.jsonl").resolve()) and not files["parts"].exists()
     calls = count_embed_calls(monkeypatch)
     files["parts"].mkdir()  # as a job killed after writing its sidecar leaves them
-    again, _ = altogether.image_embeddings(encoder, records, tmp_path / "out", "pretrain", signature, False)
+    again, _ = embedding_cache.image_embeddings(encoder, records, tmp_path / "out", "pretrain", signature, False)
     assert calls["n"] == 0 and np.array_equal(again, mapped) and not files["parts"].exists()
     # other records (or encoder): the file is computed again, and the log says what differs
     args = altogether.parse(altogether.Args, SMALL + ["pretrain"], altogether.PRESETS)
-    fewer = altogether.embedding_signature(records[1:], encoder, args, tmp_path / "in.jsonl")
-    with caplog.at_level("WARNING", logger="altogether"):
-        other, _ = altogether.image_embeddings(encoder, records[1:], tmp_path / "out", "pretrain", fewer, False)
+    fewer = embedding_cache.embedding_signature(records[1:], encoder, altogether.encoder_source(args),
+                                                 tmp_path / "in.jsonl")
+    with caplog.at_level("WARNING", logger="common.embedding_cache"):
+        other, _ = embedding_cache.image_embeddings(encoder, records[1:], tmp_path / "out", "pretrain", fewer, False)
     assert calls["n"] == 1 and "records_sha256" in caplog.text and np.array_equal(other, mapped[1:])
 
 
 def test_killed_embedding_job_resumes_from_its_finished_chunks_and_no_half_file_is_read(world, tmp_path, monkeypatch):
     records, encoder, signature = embedding_inputs(world, tmp_path)
-    out, files = tmp_path / "out", altogether.embedding_files(tmp_path / "out", "finetune")
+    out, files = tmp_path / "out", embedding_cache.embedding_files(tmp_path / "out", "finetune")
     calls = count_embed_calls(monkeypatch, fail_at=3)  # 4 chunks of 8 rows: dies in the third
     with pytest.raises(KeyboardInterrupt):
-        altogether.image_embeddings(encoder, records, out, "finetune", signature, False, chunk_rows=8)
+        embedding_cache.image_embeddings(encoder, records, out, "finetune", signature, False, chunk_rows=8)
     assert not files["sidecar"].exists() and len(list(files["parts"].glob("chunk*.npz"))) == 2
     files["emb"].write_bytes(b"half a file")  # what a kill mid-merge would leave, without the .json
     calls = count_embed_calls(monkeypatch)
-    mapped, mask = altogether.image_embeddings(encoder, records, out, "finetune", signature, False, chunk_rows=8)
+    mapped, mask = embedding_cache.image_embeddings(encoder, records, out, "finetune", signature, False, chunk_rows=8)
     assert calls["n"] == 2  # the two missing chunks only
-    expected = [altogether.embed_records(encoder, records[i:i + 8], False) for i in range(0, len(records), 8)]
+    expected = [embedding_cache.embed_records(encoder, records[i:i + 8], False) for i in range(0, len(records), 8)]
     assert torch.equal(torch.from_numpy(np.array(mapped)), torch.cat([emb for emb, _ in expected]))
     assert mask.tolist() == torch.cat([ok for _, ok in expected]).tolist()
 
@@ -310,22 +319,24 @@ def _embedding_rank(rank, port, encoder, records, out, signature):
     torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool (libgomp is not fork-safe)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        altogether.image_embeddings(encoder, records, out, "pretrain", signature, False, rank, 2, chunk_rows=6)
+        embedding_cache.image_embeddings(encoder, records, out, "pretrain", signature, False, rank, 2, chunk_rows=6)
     finally:
         torch.distributed.destroy_process_group()
 
 
 def test_two_gloo_ranks_write_the_embedding_file_of_one_process(world, tmp_path):
-    """Ranks embed their chunks of 6 rows (0, 2, 4 / 1, 3, 5), rank 0 merges them after a barrier: one process's file."""
+    """Ranks embed their chunks of 6 rows (0, 2, 4 / 1, 3, 5), rank 0 merges them after a barrier: one process's
+    file."""
     from tests.realarch import free_port, run_forked_ranks
 
     records, encoder, signature = embedding_inputs(world, tmp_path)
-    one, mask = altogether.image_embeddings(encoder, records, tmp_path / "one", "pretrain", signature, False,
+    one, mask = embedding_cache.image_embeddings(encoder, records, tmp_path / "one", "pretrain", signature, False,
                                             chunk_rows=6)
-    run_forked_ranks(_embedding_rank, (free_port(), encoder, records, tmp_path / "two", signature))  # inherit the encoder
-    two, two_mask = altogether.image_embeddings(encoder, records, tmp_path / "two", "pretrain", signature, True)
+    # the forked ranks inherit the encoder
+    run_forked_ranks(_embedding_rank, (free_port(), encoder, records, tmp_path / "two", signature))
+    two, two_mask = embedding_cache.image_embeddings(encoder, records, tmp_path / "two", "pretrain", signature, True)
     assert np.allclose(two, one, atol=1e-6) and two_mask.tolist() == mask.tolist()  # one thread vs the parent's
-    assert json.loads(altogether.embedding_files(tmp_path / "two", "pretrain")["sidecar"].read_text()) == signature
+    assert json.loads(embedding_cache.embedding_files(tmp_path / "two", "pretrain")["sidecar"].read_text()) == signature
 
 
 def test_training_reads_the_kept_records_rows_of_the_memmap_and_a_resume_embeds_nothing(world, tmp_path, monkeypatch):
@@ -349,7 +360,7 @@ def test_training_reads_the_kept_records_rows_of_the_memmap_and_a_resume_embeds_
     monkeypatch.setattr(altogether, "training_pair", pair)
     monkeypatch.setattr(altogether, "embedding_rows", rows)
     altogether.main(argv + ["--pretrain-steps", "1"])
-    emb, _ = altogether.embed_records(micro_encoder(), read_manifest(tmp_path / "in.jsonl"), strict=False)
+    emb, _ = embedding_cache.embed_records(micro_encoder(), read_manifest(tmp_path / "in.jsonl"), strict=False)
     ids, batch = seen[:-1], seen[-1]
     assert len(ids) == 8 and not {records[i]["id"] for i in (0, 3, 5)} & set(ids)
     assert torch.equal(batch, emb[[[r["id"] for r in records].index(sample) for sample in ids]])
@@ -504,15 +515,17 @@ def test_smoke_preset_runs_every_stage_of_the_miniature_run(tmp_path):
     """The header's first command: both stages, captioning with and without alt-text, the table; the smoke preset's
     values ran (a flag given beside it wins)."""
     results = altogether.main(["--preset", "smoke", "--max-new-tokens", "5", "--out", str(tmp_path)])
-    assert set(results["rows"]) == set(altogether.ROWS)
+    assert set(results["rows"]) == set(altogether_miniature.ROWS)
     assert results["rows"]["ground truth"]["names kept %"] == [100.0]
     table = (tmp_path / "results.md").read_text()
-    assert all(f"| {row} |" in table for row in altogether.ROWS)
+    assert all(f"| {row} |" in table for row in altogether_miniature.ROWS)
     assert json.loads((tmp_path / "results.json").read_text())["preset"] == {"name": "smoke",
                                                                           "values": altogether.PRESETS["smoke"]}
-    assert [h["step"] for h in torch.load(tmp_path / "seed0" / "finetune.pt", weights_only=True)["history"]] == [0, 1, 2]
+    history = torch.load(tmp_path / "seed0" / "finetune.pt", weights_only=True)["history"]
+    assert [h["step"] for h in history] == [0, 1, 2]
     examples = json.loads((tmp_path / "seed0" / "examples.json").read_text())  # word-level tokens: at most 5 words
-    assert examples and all(len(e[row].split()) <= 5 for e in examples for row in ("Altogether w/ alt", "Altogether w/o alt"))
+    assert examples and all(len(e[row].split()) <= 5 for e in examples
+                            for row in ("Altogether w/ alt", "Altogether w/o alt"))
 
 
 def test_presets_set_defaults_and_a_given_flag_wins_even_at_the_paper_value():
@@ -545,8 +558,9 @@ def opt_tokenizer(texts):
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer)
     return GPT2TokenizerFast(tokenizer_object=backend, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
                              unk_token="<unk>")
 
@@ -572,18 +586,20 @@ def plain(record: dict, world) -> dict:
 
 
 def test_header_commands_with_vit_h_metaclip_fp16_opt_1_3b_and_vit_b_32_openai(world, opt_1_3b, tmp_path, monkeypatch):
-    """pretrain -> finetune -> caption -> eval as the header writes them (model flags left at their defaults), sizes cut."""
+    """pretrain -> finetune -> caption -> eval as the header writes them (model flags left at their defaults), sizes
+    cut."""
     serve_open_clip_tag(monkeypatch, tmp_path, "ViT-H-14-quickgelu", "metaclip_fullcc")
     val = [plain(r, world) for r in read_manifest(world / "val.jsonl")]
-    write_manifest(tmp_path / "alt_pairs.jsonl", [{**r, "alt_text": [r["alt_text"], r["synthetic_caption"]]} for r in val])
+    write_manifest(tmp_path / "alt_pairs.jsonl",
+                   [{**r, "alt_text": [r["alt_text"], r["synthetic_caption"]]} for r in val])
     write_manifest(tmp_path / "altogether_ft.jsonl", [{**r, "round3": r["caption"]} for r in val])
     write_manifest(tmp_path / "metaclip_shard.jsonl", val)
     out, small = tmp_path / "ag", ["--batch-size", "2", "--device", "cpu"]
     altogether.main(["pretrain", "--data", str(tmp_path / "alt_pairs.jsonl"), "--out", str(out),
                      "--decoder", str(opt_1_3b), "--pretrain-steps", "1", *small])
     log = altogether.main(["finetune", "--data", str(tmp_path / "altogether_ft.jsonl"), "--out", str(out),
-                           "--checkpoint", str(out / "pretrain.pt"), "--target-field", "round3", "--finetune-steps", "1",
-                           *small])
+                           "--checkpoint", str(out / "pretrain.pt"), "--target-field", "round3",
+                           "--finetune-steps", "1", *small])
     assert np.isfinite(log["history"][0]["loss"])
     # the decoder's files are fp16; both stages train fp32 weights (AdamW's updates are not rounded to fp16)
     for stage in ("pretrain", "finetune"):
@@ -678,7 +694,8 @@ def test_texts_of_the_wrong_type_are_skipped_and_counted_and_strict_stops(world,
     records[3]["image"] = 123
     write_manifest(tmp_path / "in.jsonl", records)
     seen, real_pair = [], altogether.training_pair
-    monkeypatch.setattr(altogether, "training_pair", lambda record, *a: seen.append(record["id"]) or real_pair(record, *a))
+    monkeypatch.setattr(altogether, "training_pair",
+                        lambda record, *a: seen.append(record["id"]) or real_pair(record, *a))
     train = SMALL + ["--decoder", "tiny-opt", "--data", str(tmp_path / "in.jsonl"), "--out", str(tmp_path)]
     altogether.main(train + ["pretrain", "--pretrain-steps", "1"])
     assert set(seen) == {r["id"] for r in records[2:]} - {records[3]["id"]}
@@ -704,16 +721,19 @@ def test_a_diverged_update_stops_with_one_line_and_leaves_the_last_good_checkpoi
     monkeypatch.setattr(altogether, "cosine_lr", lambda step, schedule: 1e-3 if step == 0 else float("inf"))
     with pytest.raises(NonFiniteError, match=f"^pretrain at step 1 of 2, after its update "
                                                         f"\\({tmp_path / 'a' / 'pretrain.pt'} keeps step 1\\): "):
-        altogether.main(SMALL + data + ["--out", str(tmp_path / "a"), "--pretrain-steps", "2", "--checkpoint-every", "1"])
+        altogether.main(SMALL + data + ["--out", str(tmp_path / "a"), "--pretrain-steps", "2",
+                                        "--checkpoint-every", "1"])
     payload = torch.load(tmp_path / "a" / "pretrain.pt", weights_only=True)
     assert payload["step"] == 1 and all(torch.isfinite(v).all() for v in payload["captioner"].values()
                                         if v.is_floating_point())
-    command = [sys.executable, altogether.__file__, *SMALL, *data, "--out", str(tmp_path / "b"), "--pretrain-steps", "1",
+    command = [sys.executable, altogether.__file__, *SMALL, *data, "--out", str(tmp_path / "b"), "--pretrain-steps",
+               "1",
                "--lr", "inf"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1].startswith(
-        f"error: pretrain at step 0 of 1, after its update ({tmp_path / 'b' / 'pretrain.pt'} not written by this run): ")
+        f"error: pretrain at step 0 of 1, after its update ({tmp_path / 'b' / 'pretrain.pt'} not written by this "
+        "run): ")
     assert not (tmp_path / "b" / "pretrain.pt").exists()
 
 
@@ -768,5 +788,6 @@ def test_degenerate_captions_are_written_flagged_and_counted(world, finetuned, t
         counts = altogether.main(argv)
     out = read_manifest(tmp_path / "test.jsonl")
     assert counts["written"] == counts["degenerate"] == len(out) == 12
-    assert all(r["altogether"] == "a 2 2 2 2 2" and r["altogether_degenerate"].startswith("repeated token") for r in out)
+    assert all(r["altogether"] == "a 2 2 2 2 2" and r["altogether_degenerate"].startswith("repeated token")
+               for r in out)
     assert "12 of 12 generated captions degenerate, flagged" in caplog.text
