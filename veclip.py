@@ -332,14 +332,10 @@ def stage_vec(args: Args) -> dict:
     prompt, skipped, counter = vlm_prompt(processor), SkipCounter(), DegenerateCounter()
 
     def process_batch(batch: list[dict], counts: Counter):
-        kept, images = [], []
-        for record in batch:
-            image = open_record_image(record, skipped, args.strict)
-            if image is None:
-                counts["unreadable_images"] += 1
-                continue
-            images.append(image)
-            kept.append(record)
+        opened = [(record, open_record_image(record, skipped, args.strict)) for record in batch]
+        kept = [record for record, image in opened if image is not None]
+        images = [image for _, image in opened if image is not None]
+        counts["unreadable_images"] += len(batch) - len(kept)
         if not kept:
             return []
         inputs = processor(images=images, text=[prompt] * len(images), return_tensors="pt", padding=True).to(device)
@@ -428,9 +424,8 @@ def recipe_of(args: Args) -> dict:
 
 
 def train(args: Args, columns: Columns, pixel_cache: torch.Tensor | None = None) -> tuple:
-    """Step 3: mixed AltText/LLM-VeC CLIP training with common.clip_train's trainer (lazy images, epochs as
-    permutations, DDP under torchrun, exact resume); returns (model, preprocess, tokenizer, log dict).
-    `pixel_cache` (N, 3, H, W): the preprocessed images of a small world, shared by the miniature's conditions."""
+    """Step 3 with common.clip_train's trainer (DDP under torchrun, exact resume): (model, preprocess, tokenizer,
+    log). `pixel_cache` (N, 3, H, W): a small world's preprocessed images, shared by the miniature's conditions."""
     model, preprocess, tokenizer = build_clip(args)
     schedule = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                            warmup=args.warmup, seed=args.seed, grad_checkpointing=args.grad_checkpointing, amp=args.amp,
@@ -519,8 +514,7 @@ def load_checkpoint(path: Path) -> tuple:
 
 
 def stage_eval(args: Args) -> dict:
-    """Evaluate out/checkpoint.pt (or --checkpoint, or --pretrained) on --eval-data and the --benchmark sets
-    (clip_benchmark's rows in OUT/benchmarks.jsonl and .md)."""
+    """Evaluate out/checkpoint.pt (or --checkpoint, or --pretrained) on --eval-data and the --benchmark sets."""
     if args.eval_data is None and not args.benchmark:
         raise ValueError("the eval stage needs --eval-data (a manifest) or --benchmark (clip_benchmark datasets)")
     if args.benchmark:
@@ -544,9 +538,8 @@ def stage_eval(args: Args) -> dict:
 
 
 def check_flags(args: Args) -> None:
-    """Every numeric flag in its range before anything loads or is written (a batch of 0 crashed late, --seeds 0
-    ran nothing), one line naming the flag; a learning rate may be inf, which the training guard stops with its
-    step named (NaN is refused here)."""
+    """Every numeric flag in its range before anything loads or is written, one line naming the flag; an inf
+    learning rate passes, for the training guard to stop with its step named (NaN is refused here)."""
     check_ranges(args, at_least={name: 1 for name in (
         "gen_batch_size", "max_new_tokens", "max_prompt_tokens", "steps", "batch_size", "checkpoint_every", "seeds")}
         | {name: 0 for name in ("lr", "weight_decay", "warmup", "workers", "seed")}, fractions=("p_alt",))

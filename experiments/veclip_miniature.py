@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 
 import veclip
-from common.clip_train import create_clip, preprocess_images
-from common.data import atomic_write_text, index_manifest, read_manifest
+from common.clip_eval import preprocess_images
+from common.clip_train import create_clip
+from common.columns import index_manifest
+from common.data import atomic_write_text, read_manifest
 from common.miniature import ensure_world, zero_shot_tasks
 
 # condition: (alt_field, llm_vec_field, p_alt); the world's fields stand in for LLaVA and Vicuna
