@@ -49,6 +49,7 @@ from common.data import (BadSampleError, ManifestError, NonFiniteError, atomic_w
 from common.clip_eval import (ImageRows, encode_images, encode_texts, evaluate_world, preprocess_images,
                               retrieval_metrics, swap_accuracy, texts_of)
 from common.columns import Columns, index_data, open_row_image
+from common.training import epoch_permutation
 from common.miniature import WorldConfig, cache_root, ensure_world, swapped_captions
 from caption_kernels.contrastive import clip_loss, gather_features
 
@@ -157,11 +158,6 @@ def epoch_and_position(step: int, n_rows: int, batch_size: int) -> tuple[int, in
     if steps_per_epoch == 0:
         raise ValueError(f"batch size {batch_size} exceeds the {n_rows} training samples")
     return divmod(step, steps_per_epoch)
-
-
-def epoch_permutation(epoch: int, n_rows: int, seed: int) -> np.ndarray:
-    """The order of epoch `epoch`: a permutation of 0..n_rows-1 seeded by (seed, epoch), so each sample once."""
-    return np.random.default_rng([seed, epoch]).permutation(n_rows)
 
 
 def caption_rng(step: int, seed: int) -> np.random.Generator:

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from common.data import (REQUIRED_FIELDS, ManifestError, SkipCounter, check_rank, parse_manifest_line, public_fields,
                          atomic_write_text, image_path, is_shards, shard_urls, stream_manifest, stream_records,
                          validate_record)
+from common.training import recipe_changes
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +57,6 @@ def rank_path(path: str | os.PathLike, rank: int, world_size: int) -> Path:
 # ---------------------------------------------------------------------------------------------
 # The recipe of a resumable output: resume only what these settings wrote
 # ---------------------------------------------------------------------------------------------
-
-
-def recipe_changes(found: dict, wanted: dict) -> str:
-    """The settings where a stored recipe and this run's differ, as flags: "--num-beams 3 there, 1 now"."""
-    return ", ".join(f"--{key.replace('_', '-')} {found.get(key)!r} there, {wanted.get(key)!r} now"
-                     for key in sorted(set(found) | set(wanted)) if found.get(key) != wanted.get(key))
 
 
 def recipe_path(data, out: str | os.PathLike) -> Path:

@@ -1,0 +1,76 @@
+"""What every training loop here shares: the data order, the resume check, the guard's message, the token mean.
+
+- The data order: epoch e is `np.random.default_rng([seed, e]).permutation(n)`, cut into batches in order, so
+  a run's batches are a function of (seed, step) alone and a resumed run sees the batches it would have seen.
+- The resume check: a saved run continues only under the settings it was trained with (its recipe); any
+  other is refused with the flags that differ, never silently trained with the saved ones (an optimizer's
+  state, for one, restores the saved learning rate).
+- The micro-batch token mean: a step's loss is the mean over the response tokens of the whole global batch,
+  the same under any number of ranks and micro-batches.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from common.data import ManifestError
+
+
+def epoch_permutation(epoch: int, n_rows: int, seed: int) -> np.ndarray:
+    """The order of epoch `epoch`: a permutation of 0..n_rows-1 seeded by (seed, epoch), so each sample once."""
+    return np.random.default_rng([seed, epoch]).permutation(n_rows)
+
+
+def step_batch(step: int, n_rows: int, batch_size: int, seed: int, drop_last: bool = True) -> np.ndarray:
+    """The rows of optimiser step `step`: epoch e walks `epoch_permutation(e)` in batches of `batch_size`.
+
+    drop_last: every batch is whole and the n_rows % batch_size rows left over sit that epoch out (an epoch is
+    n_rows // batch_size steps, at least one); otherwise the epoch's last batch is short (ceil(n / B) steps)."""
+    per_epoch = max(1, n_rows // batch_size) if drop_last else math.ceil(n_rows / batch_size)
+    epoch, position = divmod(step, per_epoch)
+    return epoch_permutation(epoch, n_rows, seed)[position * batch_size:(position + 1) * batch_size]
+
+
+def recipe_changes(found: dict, wanted: dict) -> str:
+    """The settings where a stored recipe and this run's differ, as flags: "--num-beams 3 there, 1 now"."""
+    return ", ".join(f"--{key.replace('_', '-')} {found.get(key)!r} there, {wanted.get(key)!r} now"
+                     for key in sorted(set(found) | set(wanted)) if found.get(key) != wanted.get(key))
+
+
+def check_resume_recipe(path: str | os.PathLike, saved: dict | None, wanted: dict) -> None:
+    """Refuse to continue the run saved at `path` under settings other than its own: an error naming each flag
+    that differs (saved vs now) and the two ways on (a new --out, or --no-resume to start afresh)."""
+    if saved is None:
+        raise ManifestError(f"{path} holds no recipe (an older version wrote it), so its settings cannot be checked: "
+                            "pass a new --out, or --no-resume to start afresh")
+    if saved != wanted:
+        raise ManifestError(f"{path} holds a run of other settings ({recipe_changes(saved, wanted)}); pass a new "
+                            "--out, or --no-resume to start afresh")
+
+
+def guard_where(stage: str, step: int, steps: int, when: str, path: Path, saved_step: int | None) -> str:
+    """Where a non-finite loss or weight was found, for `assert_finite_state`'s error: the step, before or after
+    its update, and which state on disk a rerun would resume from."""
+    kept = f"{path} keeps step {saved_step}" if saved_step else f"{path} not written by this run"
+    return f"{stage} at step {step} of {steps}, {when} ({kept})"
+
+
+def global_token_count(n_tokens: int, device: str | torch.device, world_size: int) -> torch.Tensor:
+    """The number of loss tokens in the whole global batch (this rank's `n_tokens` summed over the ranks): the
+    one denominator every rank and micro-batch divides by, so the step's loss is the global token mean."""
+    tokens = torch.tensor(n_tokens, device=device)
+    if world_size > 1:
+        dist.all_reduce(tokens)
+    return tokens
+
+
+def token_mean_backward(token_sum: torch.Tensor, tokens: torch.Tensor, world_size: int) -> None:
+    """Backward of one micro-batch's share of the global token mean. DDP averages gradients over the ranks, so
+    the sum is scaled by world_size: the ranks' gradients then add up to the gradient of sum / tokens."""
+    (token_sum * world_size / tokens).backward()
