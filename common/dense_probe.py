@@ -205,16 +205,16 @@ def probe_plan(train: Sequence[dict], test: Sequence[dict], task: str) -> list[t
     """The probes to train per encoder: one per task (`task` "each"), one of them ("seg", "depth"), or one probe of
     both tasks with the losses summed ("joint"); the train and test records must carry the same label fields."""
     carried = []
-    for task, field in TASK_FIELDS.items():
+    for kind, field in TASK_FIELDS.items():
         has = [any(r.get(field) for r in subset) for subset in (train, test)]
         if has[0] != has[1]:
             raise ManifestError(f"the probe {'train' if has[0] else 'test'} manifest carries {field!r} and the "
                                 f"{'test' if has[0] else 'train'} manifest does not; give both or neither")
-        carried += [task] if has[0] else []
+        carried += [kind] if has[0] else []
     if not carried:
         raise ManifestError("the probe manifests carry neither `mask` nor `depth` fields: nothing to probe")
     if task == "each":
-        return [(task,) for task in carried]
+        return [(kind,) for kind in carried]
     wanted = ("seg", "depth") if task == "joint" else (task,)
     missing = [TASK_FIELDS[t] for t in wanted if t not in carried]
     if missing:

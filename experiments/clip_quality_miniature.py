@@ -30,7 +30,7 @@ def _pyplot():
 
 
 def attention_group(label: str) -> str:
-    """The group a model's attention is judged in: its regime for our checkpoints (`datacompdr-n5000-seed1` ->
+    """The panel a model's attention is plotted in: its regime for our checkpoints (`datacompdr-n5000-seed1` ->
     `datacompdr`), else the label itself (an open_clip tag, an untrained model)."""
     match = re.fullmatch(r"(.+)-n\d+-seed\d+", label)
     return match.group(1) if match else label

@@ -195,7 +195,8 @@ def test_pretraining_step_loss_recomputed_from_the_seed(tmp_path, monkeypatch, r
     # the loss of step 0, by hand from the same initialisation: one Eq. 1 per caption list, summed
     model, preprocess, tokenizer = create_clip(MICRO, seed=3)
     with torch.no_grad():
-        img = torch.nn.functional.normalize(model.encode_image(cq.preprocess_images(records, preprocess)[batch]), dim=-1)
+        pixels = cq.preprocess_images(records, preprocess)[batch]
+        img = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1)
         scale = model.logit_scale.exp().item()
         loss = sum(clip_loss_by_hand(img, torch.nn.functional.normalize(model.encode_text(tokenizer(t)), dim=-1), scale)
                    for t in expected)
@@ -392,7 +393,8 @@ def test_streamed_probe_data_equal_the_in_memory_tensors(tmp_path, monkeypatch):
 
     monkeypatch.setattr(dp, "EVAL_BATCH", 2)
     visual = model.visual.eval()
-    cache, moments = dp.cache_frozen(visual, train_set, settings(cq.dataclasses.replace(args, probe_workers=0)), tmp_path)
+    in_process = settings(cq.dataclasses.replace(args, probe_workers=0))
+    cache, moments = dp.cache_frozen(visual, train_set, in_process, tmp_path)
     assert isinstance(cache["tokens"], np.memmap) and Path(cache["tokens"].filename) == tmp_path / "tokens.npy"
     with torch.no_grad():
         assert np.allclose(cache["tokens"], dp.patch_tokens(visual, images).numpy(), atol=1e-5)
@@ -493,8 +495,10 @@ def test_efficiency_subsets_are_nested_prefixes_with_one_schedule(tmp_path, monk
     monkeypatch.setattr(cq, "train_clip", lambda model, tok, images, texts_for, cfg, **kw: trained.append(
         (images, kw["rows"], cfg)) or {"history": [{"loss": 0.5}], "train_seconds": 0.0})
     monkeypatch.setattr(cq, "run_probe", lambda args, records, checkpoints: probed.append(
-        (list(cq.seed_range(args)), checkpoints)) or [{"mIoU": float(len(probed)), "mAcc": 1.0, "aAcc": 2.0, "depth_RMSE": 3.0}])
-    monkeypatch.setattr(miniature, "plot_efficiency", lambda rows, path: plotted.append((rows, path)))  # matplotlib: seconds
+        (list(cq.seed_range(args)), checkpoints)) or [{"mIoU": float(len(probed)), "mAcc": 1.0, "aAcc": 2.0,
+                                                      "depth_RMSE": 3.0}])
+    # matplotlib takes seconds
+    monkeypatch.setattr(miniature, "plot_efficiency", lambda rows, path: plotted.append((rows, path)))
     train = TrainConfig(steps=7, batch_size=4, warmup=1)
     args = cq.Args(out=str(tmp_path / "run"), model=MICRO, regimes=("datacompdr",), seed=5, seeds=2, train=train)
     done = [{"regime": "datacompdr", "seed": 5, "train_images": 20, "checkpoint": "full.pt", "final_loss": 1.0}]
@@ -515,7 +519,8 @@ def test_efficiency_subsets_are_nested_prefixes_with_one_schedule(tmp_path, monk
     assert [r["train_images"] for r in rows] == [5] and trained[-1][1].tolist() == list(range(5))
     # a full-set run's probe row from the probe stage is reused too (the same checkpoint), not probed again
     before = len(probed)
-    probe_rows = [{"checkpoint": "other.pt", "probe_seed": 5, "mIoU": 41.0, "mAcc": 1.0, "aAcc": 2.0, "depth_RMSE": 3.0},
+    probe_rows = [{"checkpoint": "other.pt", "probe_seed": 5, "mIoU": 41.0, "mAcc": 1.0, "aAcc": 2.0,
+                   "depth_RMSE": 3.0},
                   {"checkpoint": "full.pt", "probe_seed": 0, "mIoU": 42.0, "mAcc": 1.0, "aAcc": 2.0, "depth_RMSE": 3.0}]
     rows = cq.run_efficiency(cq.dataclasses.replace(args, seeds=1, subset_fractions=(1.0,)),
                              {"train": columns, "test": records[:4]}, done=done, probed=probe_rows)
@@ -534,7 +539,7 @@ def test_efficiency_subsets_are_nested_prefixes_with_one_schedule(tmp_path, monk
 @pytest.mark.slow
 def test_efficiency_stage(tmp_path):
     rows = cq.main(["efficiency", "--out", str(tmp_path), "--subset-fractions", "0.5", "1.0", *TINY,
-                    "--regimes", "datacompdr"])["efficiency"]  # half of 48: the smallest subset that fills a batch of 16
+                    "--regimes", "datacompdr"])["efficiency"]  # half of 48: the smallest subset filling a batch of 16
     assert [r["train_images"] for r in rows] == [24, 48] and all(r["regime"] == "datacompdr" for r in rows)
     assert (tmp_path / "efficiency.png").exists() and (tmp_path / "efficiency.json").exists()
 
@@ -556,7 +561,8 @@ def test_smoke_preset_runs_every_stage_and_writes_the_report(tmp_path):
     # the no-encoder floors are rows of the dense table, with the numbers of results.json
     baselines = results["baselines"]
     assert f"| (no encoder) class 0 at every pixel | - | - | - | - | {baselines['majority_class_mIoU']:.2f} |" in text
-    assert f"| (no encoder) each pixel's mean training depth | - | - | - | - | - | - | {baselines['position_only_depth_RMSE']:.2f} |" in text
+    assert (f"| (no encoder) each pixel's mean training depth | - | - | - | - | - | - | "
+            f"{baselines['position_only_depth_RMSE']:.2f} |") in text
 
 
 def test_attention_runs_over_every_seeds_models(tmp_path, monkeypatch):
@@ -567,7 +573,8 @@ def test_attention_runs_over_every_seeds_models(tmp_path, monkeypatch):
     monkeypatch.setattr(miniature, "write_report", lambda *a: "")
     cq.main(["--preset", "smoke", "--out", str(tmp_path), "--seeds", "2", "--probe-steps", "1"])
     regimes_seeds = [(regime, seed) for seed in (0, 1) for regime in ("datacomp", "datacompdr")]
-    assert measured == [[str(tmp_path / "pretrain" / f"{regime}-seed{seed}.pt") for regime, seed in regimes_seeds] + [MICRO]]
+    saved = [str(tmp_path / "pretrain" / f"{regime}-seed{seed}.pt") for regime, seed in regimes_seeds]
+    assert measured == [saved + [MICRO]]
 
 
 def test_attention_plot_groups_each_regimes_models():
@@ -575,7 +582,8 @@ def test_attention_plot_groups_each_regimes_models():
     def attention(datacomp_lasts, datacompdr_lasts):  # per regime, each seed's model's last-layer head distances
         return {f"{regime}-n5000-seed{seed}": {"per_layer_per_head_px": [[0.0, 0.0], last], "uniform_px": 33.3}
                 for regime, lasts in [("datacomp", datacomp_lasts), ("datacompdr", datacompdr_lasts)]
-                for seed, last in enumerate(lasts)} | {"mini-ViT-8 (random init)": {"per_layer_per_head_px": [[1.0], [1.0]]}}
+                for seed, last in enumerate(lasts)} | {
+                    "mini-ViT-8 (random init)": {"per_layer_per_head_px": [[1.0], [1.0]]}}
     assert miniature.attention_by_group(attention([[1, 1]] * 2, [[1, 1]])) == {
         "datacomp": ["datacomp-n5000-seed0", "datacomp-n5000-seed1"], "datacompdr": ["datacompdr-n5000-seed0"],
         "mini-ViT-8 (random init)": ["mini-ViT-8 (random init)"]}
@@ -591,7 +599,8 @@ def test_args_defaults_are_the_papers_choices():
     assert not args.finetune  # Deviation 2: a frozen (linear) probe by default; the paper fine-tunes (--finetune)
     assert (args.real_field, args.synthetic_field) == ("alt_text", "synthetic_captions")  # the project's names
     assert (args.swap_probability, args.probe_steps, args.probe_lr, args.finetune_lr) == (0.5, 300, 3e-3, 1e-4)  # ours
-    # MobileCLIP's DataCompDR: 5 captions per image from open_clip's COCO-fine-tuned CoCa (apple/ml-mobileclip-dr gen.py)
+    # MobileCLIP's DataCompDR: 5 captions per image from open_clip's COCO-fine-tuned CoCa
+    # (apple/ml-mobileclip-dr gen.py)
     assert (args.captioner, args.num_synthetic) == ("coca_ViT-L-14@mscoco_finetuned_laion2b_s13b_b90k", 5)
 
 
@@ -599,7 +608,8 @@ def test_kernel_flag_names_the_missing_module(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "caption_kernels.contrastive", None)
-    with pytest.raises(ImportError, match=r"^--kernel torch needs caption_kernels/contrastive\.py \(.*\); use --kernel none$"):
+    message = r"^--kernel torch needs caption_kernels/contrastive\.py \(.*\); use --kernel none$"
+    with pytest.raises(ImportError, match=message):
         cq.loss_function("torch")
 
 
@@ -730,7 +740,8 @@ def test_trivial_baselines_by_hand(tmp_path):
     baselines = dp.trivial_baselines(*sets, ("seg", "depth"), args)
     # class 1 everywhere: IoU_1 = 256 / (256 + 256 false positives), IoU_0 = 0, class 2 absent; Acc_1 = 1, Acc_0 = 0
     assert baselines["majority_class"] == 1
-    assert baselines["majority_class_mIoU"] == pytest.approx(25.0) and baselines["majority_class_mAcc"] == pytest.approx(50.0)
+    assert baselines["majority_class_mIoU"] == pytest.approx(25.0)
+    assert baselines["majority_class_mAcc"] == pytest.approx(50.0)
     # mean training depth: columns 0-7 (1 + 3) / 2 = 2 m, columns 8-14 1 m, column 15 (240 x 1 + 128 x 3) / 368 m
     column_15 = (240 * 1.0 + 128 * 3.0) / 368
     first = math.sqrt((16 * 7 * 1.0 ** 2 + 16 * (2 - column_15) ** 2) / 256)  # 2 m everywhere
@@ -964,7 +975,8 @@ def test_attention_under_torchrun_equals_one_process(tmp_path):
 
 
 def test_a_missing_checkpoint_is_named_before_any_probe_trains(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"^--checkpoints: .*missing\.pt: neither a checkpoint file nor an open_clip"):
+    message = r"^--checkpoints: .*missing\.pt: neither a checkpoint file nor an open_clip"
+    with pytest.raises(FileNotFoundError, match=message):
         cq.main(["probe", "--out", str(tmp_path), "--checkpoints", "random", str(tmp_path / "missing.pt"), *TINY])
     assert not (tmp_path / "probe.json").exists()
 
@@ -1098,7 +1110,8 @@ def test_synthesize_writes_k_sampled_captions_per_image_keeps_every_field_and_co
     for row, record in zip(rows, records, strict=True):
         assert {key: row[key] for key in record} == record  # every input field kept
         assert len(row["synthetic_captions"]) == 2
-        assert all(c and "<" not in c and "." not in c and degenerate_reason(c) is None for c in row["synthetic_captions"])
+        assert all(c and "<" not in c and "." not in c and degenerate_reason(c) is None
+                   for c in row["synthetic_captions"])
     cq.read_manifest(out, text_lists=("synthetic_captions",))  # what the pretrain stage reads
 
     first = out.read_text().splitlines()[0]
