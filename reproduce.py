@@ -296,8 +296,9 @@ def percent_of_sums(items: list) -> float:
 
 
 def miou_of_sums(items: list) -> float:
-    """mIoU in percent from per-image [true positives, predicted, labelled] pixel counts per class (clip_quality.py's
-    probe `per_item`): the mIoU of their summed confusion, classes neither labelled nor predicted skipped."""
+    """mIoU in percent from per-image [true positives, predicted, labelled] pixel counts per class (the dense
+    probe's `per_item`, common/dense_probe.py): the mIoU of their summed confusion, classes neither labelled nor
+    predicted skipped."""
     true_positive, predicted, labelled = np.sum(np.asarray(items, dtype=float), axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         iou = true_positive / (predicted + labelled - true_positive)

@@ -127,15 +127,15 @@ def test_the_bootstrap_statistics_equal_the_papers_metrics():
     """Resampled statistics that are not means reproduce the metric they stand for on the full set."""
     import torch
 
-    import clip_quality
+    from common import dense_probe
 
     rng = np.random.default_rng(0)
     masks, preds = rng.integers(0, 4, (5, 6, 6)), rng.integers(0, 4, (5, 6, 6))
     masks[0, 0, 0] = 255  # an ignored pixel
-    confusions = [clip_quality.confusion_matrix(torch.as_tensor(p), torch.as_tensor(m), 4, 255)
+    confusions = [dense_probe.confusion_matrix(torch.as_tensor(p), torch.as_tensor(m), 4, 255)
                   for p, m in zip(preds, masks)]
     items = [[c.diag().tolist(), c.sum(0).tolist(), c.sum(1).tolist()] for c in confusions]
-    expected = clip_quality.segmentation_metrics(sum(confusions))["mIoU"]
+    expected = dense_probe.segmentation_metrics(sum(confusions))["mIoU"]
     assert reproduce.miou_of_sums(items) == pytest.approx(expected)
     assert reproduce.percent_of_sums([[1, 2], [0, 0], [3, 6]]) == pytest.approx(50.0)
     assert reproduce.mean_over_tasks([[100.0, None], [0.0, 100.0], [100.0, 0.0]]) == pytest.approx((200 / 3 + 50) / 2)
