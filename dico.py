@@ -1,102 +1,41 @@
 """DiCO: Revisiting Image Captioning Training Paradigm via Direct CLIP-based Optimization.
 
-Paper: https://arxiv.org/abs/2408.14547 (Moratelli, Caffagni, Cornia, Baraldi, Cucchiara, 2024);
-official code: aimagelab/DiCO (trainers/dico_trainer.py; defaults from scripts/train_xe_coco.sh and
-scripts/train_dico_coco.sh).
+Paper: https://arxiv.org/abs/2408.14547 (Moratelli, Caffagni, Cornia, Baraldi, Cucchiara, 2024); official code:
+aimagelab/DiCO (trainers/dico_trainer.py; defaults from scripts/train_xe_coco.sh and scripts/train_dico_coco.sh).
+An XE-trained captioner is the frozen reference pi_ref and the initial policy pi_theta. Per image, beam search
+proposes k captions that a CLIP-based evaluator (PAC-S or CLIP-S) scores; the policy learns, as weighted
+classification, to raise its implied reward log pi_theta - log pi_ref on the best one over the others (as DPO):
+no policy gradient, so no collapse onto the evaluator's quirks as SCST (the paper's baseline, beside it) shows.
 
-A captioner pre-trained with cross-entropy (XE) becomes the frozen reference pi_ref and the
-initial policy pi_theta. For each image, beam search proposes k captions, a CLIP-based evaluator
-(PAC-S or CLIP-S) scores them, the best is the winner and the others losers weighted by how much
-worse they score; the policy is trained, as a weighted classification problem, to raise its
-implied reward log pi_theta - log pi_ref on the winner over the losers (the optimum of a
-KL-regularised reward maximisation, as in DPO, with a Bradley-Terry preference). There is no
-sampling-based policy gradient, so the captioner does not collapse onto the evaluator's quirks as
-self-critical sequence training (SCST) on the same reward does. SCST is implemented beside it as
-the baseline the paper compares against.
-
-Implements (the steps of the DiCO training algorithm, numbered here: the paper's own equation
-numbers could not be checked offline, so each comment quotes the formula instead):
+Implements (numbered here; the comments quote each formula, the paper's equation numbers unchecked offline):
   1. XE pre-training: L_XE = -sum_t log p(y_t | y_<t, x)                           (`xe_loss`)
-  2. k candidates per image by beam search from the policy, without gradients     (`beam_search`)
+  2. k candidates per image by beam search from the policy, without gradients     (`beam_search`, `candidates`)
   3. reward r_i = w cos(E_img(x), E_txt(y_i)), w = 2.0 (PAC-S) or 2.5 (CLIP-S)     (`candidate_rewards`)
   4. winner w = argmax_i r_i, loser weights gamma_j = softmax_{j != w}(tau (r_w - r_j))
-  5. s(y) = log pi_theta(y|x) - log pi_ref(y|x), teacher-forced sums over tokens
+  5. s(y) = log pi_theta(y|x) - log pi_ref(y|x), teacher-forced sums over tokens   (`finetune_terms`)
   6. L_DiCO = mean_x -log sigmoid(beta (s(y_w) - sum_j gamma_j s(y_j)))            (`dico_terms`;
      steps 4-6 are caption_kernels/dico.py's `dico_loss`)
-  SCST (Rennie et al. 2017) with the mean-of-others baseline, the paper's comparison (`scst_terms`);
-  evaluation: BLEU-4, CIDEr, CLIP-S, RefCLIP-S, PAC-S, RefPAC-S, collapse indicators (`evaluate`).
+  SCST (Rennie et al. 2017), mean-of-others baseline (`scst_terms`); BLEU-4, CIDEr, CLIP/PAC-S (`evaluate`).
 
-Deviations from the paper:
-  1. The official code runs beam search with autograd enabled and never uses the graph; here beam
-     search, greedy decoding (= beam size 1) and sampling run under torch.no_grad with cached keys
-     and values (one new position per token, 12x faster on CPU than re-running the prefix), and the
-     candidates' log-probs come from one teacher-forced pass (sum over tokens, EOS included).
-  2. Evaluation uses the reference metrics (common/clip_score: "A photo depicts " prefix, clamp at
-     0); the official DiCO evaluation drops both. The training reward follows the official code:
-     no prefix, no clamp, no references (`--reward-prefix`, `--reward-clamp` change that).
-  3. BLEU-4 and CIDEr are the COCO caption toolkit's (common/caption_metrics: pycocoevalcap's Java
-     PTB tokenizer and scorers, as COCOEvalCap). Only where Java is missing do they deviate: a
-     fallback tokenization (lowercase, punctuation stripped), labelled in every result ("tokenizer").
-  4. The policy runs without dropout during fine-tuning (eval mode), so that s(y) = 0 at the start
-     and the loss is exactly log 2; the paper does not say. Encoder and decoder are torch's pre-norm
-     Transformer layers (dropout 0.1, learned positions); the official model (main.py) is a BERT
-     encoder (post-norm, learned positions added to the projected CLIP tokens) and a GPT-2 decoder.
-  5. As the official scripts: XE warms the learning rate up linearly for 5% of the steps, then keeps
-     it constant (constant_with_warmup); steps, not epochs, set the budget (max_steps). Each step
-     draws its images afresh (without replacement within the step; the same draw on every rank, each
-     taking its share), where the official code streams shuffled webdataset shards.
-  6. SCST's baseline is the mean reward of the *other* k-1 candidates (aimagelab/DiCO's trainer), the loss the
-     token-averaged log-prob times the advantage; its candidates are the same k beams as DiCO's.
-  7. Miniature world only (the `miniature` preset, PRESETS, wherever no data flag is given; a
-     flag you give always wins, even at the paper's value): a much smaller
-     captioner; the frozen image encoder is the world's CLIP scorer itself (the paper uses ViT-L/14
-     for the captioner and ViT-B/32 for PAC-S), so captioner and evaluator share a visual tower;
-     the softmax is restricted to the BPE tokens the training captions use (--restrict-vocab, about
-     60 of 49408), else the LM head dominates CPU time; PAC-S is the w = 2.0 formula on the
-     miniature scorer (PAC-S's fine-tuned checkpoint does not exist there), so PAC-S = 0.8 CLIP-S;
-     the references are the world's five per image, of varying specificity as COCO's (see 8); XE
-     runs without dropout (150 steps of 32 images see 4,800 of the 25,000 image-reference pairs:
-     nothing to overfit, and dropout's sampling was a sixth of an XE step's CPU time); the learning
-     rate of both fine-tuning algorithms is raised from 1e-6 to 1e-4 because the budget is 30 steps
-     of 16 images instead of epochs of COCO (in an earlier world, at 1e-5 the DiCO loss had moved from 0.6931 to 0.6895
-     after 14 steps: nothing to see; at 1e-3 DiCO lost 0.12 PAC-S on validation in 40 steps).
-  8. XE draws one of an image's references per step; the paper does not say how its XE stage uses
-     COCO's five. The miniature world has five too, each from an annotator with a level of detail of
-     its own (common.miniature.reference_captions), so, as on COCO, the XE captioner learns their
-     generic mean and the complete caption (`caption`, the "ground truth" row) says more than it:
-     the headroom a CLIP reward can fill, the paper's reason for optimising one.
-  9. Batch sizes are global (all ranks together, gradient accumulation over --micro-batch-size
-     chunks), where the official scripts give them per device. XE: 512 = 64 per device x 8
-     accumulation steps with the WORLD_SIZE=1 the script ships (1,024 if it ran on the 2 GPUs its
-     comment names: unverified, its eval_steps 200 fits neither). DiCO: 16 = 8 per device on 2 GPUs,
-     which its eval_steps 1770, "a quarter of epoch with 2 GPUs", implies (113,287 / 16 / 4 = 1770).
- 10. Checkpoint selection as the official scripts: XE keeps the best validation CIDEr
-     (metric_for_best_model cider), DiCO and SCST the best validation RefPAC-S (ref-PACScore).
-     Validation runs on rank 0 while the other ranks wait (the official trainer shards it).
- 11. The captioner reads the frozen ViT's last hidden states before ln_post, as the official code
-     (Hugging Face CLIPVisionTransformer's last_hidden_state); the unreadable images of a job are
-     logged, counted, skipped and reported at the end (--strict stops at the first); a job none of
-     whose training images can be read stops before step 0.
+Deviations from the paper (docs/dico.md has each in full, and the engineering notes: resume, divergence, batches):
+  1. Candidates are decoded without autograd, their log-probs from one teacher-forced pass; no dropout in
+     fine-tuning (s(y) = 0, loss log 2 at the start); torch pre-norm layers, not the official BERT + GPT-2.
+  2. Evaluation uses the reference metrics ("A photo depicts " prefix, clamp at 0); the training reward follows the
+     official code: no prefix, no clamp, no references (`--reward-prefix`, `--reward-clamp` change that).
+  3. BLEU-4 and CIDEr are COCOEvalCap's; without Java, a fallback tokenization labelled in every result.
+  4. XE warms up linearly over 5% of the steps, then constant, as the official scripts; steps set the budget.
+  5. SCST's baseline is the mean reward of the other k - 1 candidates (as aimagelab/DiCO), the loss token-averaged.
+  6. Miniature world (PRESETS; wherever no data flag is given): a smaller captioner, the world's scorer as frozen
+     encoder and evaluator, softmax over the training captions' tokens, PAC-S = w 2.0 on that scorer, lr 1e-4.
+  7. XE draws one of an image's references per step; batch sizes are global (all ranks); the best checkpoint is
+     the best validation CIDEr (XE) or RefPAC-S (DiCO, SCST); the captioner reads the ViT's tokens before ln_post.
 
-Nothing silently wrong: <out>/<stage> holds one run. Running into it again is refused unless
---resume continues it (only with the settings stored in its last.pt: a flag that changes results
-and differs is named) or --overwrite replaces it. A diverged run (a NaN or infinite loss, updated
-weights, or every candidate of a batch) stops before it writes a checkpoint, so last.pt and best.pt
-stay the last good ones. Flags out of range, bad data and such stops end in one line, exit status 1.
-
-Smoke run first (every stage on a tiny world in under a minute, to check that everything runs):
-    python dico.py --preset smoke --out runs/dico_smoke
-Miniature run (CPU; XE, then DiCO and SCST from the same XE checkpoint, then eval). Its results and
-timings, and why the paper's claims do not show in the miniature world, are in docs/dico.md:
-    python dico.py                                  # = python dico.py miniature
-    python dico.py miniature --seeds 3            # the table over seeds 0, 1, 2
-Real run (COCO Karpathy splits, ViT-L/14 encoder, PAC-S ViT-B/32 evaluator by path, 8 GPUs; the
-batch sizes are global, so any number of GPUs trains on the same batches):
+    python dico.py --preset smoke --out runs/dico_smoke   # every stage on a tiny world, to check that all runs
+    python dico.py miniature --seeds 3                    # XE, then DiCO and SCST from it, then eval; seeds 0-2
     C="--coco-karpathy data/dataset_coco.json --coco-images data/coco --out runs/coco \
        --encoder-model ViT-L-14 --encoder-pretrained openai --pacs-checkpoint ckpt/clip_ViT-B-32.pth"
     torchrun --nproc_per_node 8 dico.py xe $C
-    torchrun --nproc_per_node 8 dico.py dico $C --init runs/coco/xe/best.pt
-    torchrun --nproc_per_node 8 dico.py dico $C --init runs/coco/xe/best.pt --algo scst
+    torchrun --nproc_per_node 8 dico.py dico $C --init runs/coco/xe/best.pt   # --algo scst: the baseline
     python dico.py eval $C --checkpoints runs/coco/xe/best.pt runs/coco/dico/best.pt runs/coco/scst/best.pt
 """
 
@@ -105,10 +44,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import json
 import math
-import pickle
 import re
 import time
 from dataclasses import dataclass, field
@@ -123,17 +60,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 
-from common import cli
-from common.caption_metrics import coco_scores, plain_words, table_note
-from common.clip_score import (CLIP_S_WEIGHT, PAC_S_WEIGHT, PREFIX, encode_images, encode_reference_groups,
-                               encode_texts, harmonic_mean, load_clip, load_clip_as, ref_similarity,
-                               score_from_features)
+from common import cli, run_folder
+from common.caption_metrics import coco_scores, plain_words
+from common.clip_score import (CLIP_S_WEIGHT, PAC_S_WEIGHT, PREFIX, encode_texts, harmonic_mean, load_clip,
+                               load_clip_as, ref_similarity, score_from_features)
 from common.clip_train import (MINIATURE_MODEL, SCORER_TRAINING, TrainConfig, assert_finite_state,
                                ensure_miniature_scorer, save_checkpoint)
-from common.data import (BadSampleError, ManifestError, NonFiniteError, SkipCounter, atomic_write_text, check_device,
-                         image_path, init_distributed, load_coco_karpathy, open_record_image, read_manifest,
-                         run_command, shown, text_problem)
+from common.data import (BadSampleError, ManifestError, NonFiniteError, atomic_write_text, check_device,
+                         init_distributed, load_coco_karpathy, read_manifest, run_command, shown, text_problem)
+from common.image_bank import ENCODER_TOKENS, ImageBank, image_bank
 from common.miniature import WorldConfig, ensure_world, hallucinated_words, names_kept
+from common.run_folder import check_recipe, flag, refuse, start_afresh, truncate_log, weights_digest, write_log
 from caption_kernels.dico import dico_loss, dico_stats, sequence_logprobs
 
 
@@ -163,7 +100,8 @@ class Args:
     stage: tyro.conf.Positional[Literal["miniature", "xe", "dico", "eval"]] = "miniature"
     """miniature: xe + dico + scst + eval in the miniature world; or one stage"""
     preset: Annotated[Optional[Literal["smoke", "miniature", "paper"]], tyro.conf.arg(
-        help=cli.preset_help(PRESETS) + " (here the miniature preset is the default wherever no data flag is given)")] = None
+        help=cli.preset_help(PRESETS) + " (here the miniature preset is the default wherever no data flag is given)"
+    )] = None
     out: str = "runs/dico"
     """output folder: <out>/xe, <out>/dico, <out>/scst, <out>/eval"""
     seed: int = 0
@@ -284,22 +222,12 @@ class Args:
     """cuda or cpu (default: cuda when available)"""
 
 
-def refuse(message: str) -> SystemExit:
-    """A setting the user fixes (a flag, a run already in --out): one line on stderr and exit status 1, no traceback,
-    as common.data.run_command ends the expected errors it knows."""
-    return SystemExit(f"error: {message}")
-
-
-def flag(name: str) -> str:
-    """The command-line flag of an Args field."""
-    return "--" + name.replace("_", "-")
-
 
 # Each numeric flag's range, checked at start-up: outside it a run went on without a word (a batch of 0 images; one
 # beam, so no loser and every DiCO step skipped; a caption of only EOS; a negative tau weighting the best losers most).
-AT_LEAST = dict(seed=0, seeds=1, xe_steps=1, xe_batch_size=1, xe_eval_every=1, steps=1, batch_size=1, micro_batch_size=0,
-                beams=2, eval_beam=1, eval_every=1, save_every=1, val_images=0, eval_images=0, max_len=2, d_model=1,
-                encoder_layers=1, decoder_layers=1, heads=1, ffn=1)
+AT_LEAST = dict(seed=0, seeds=1, xe_steps=1, xe_batch_size=1, xe_eval_every=1, steps=1, batch_size=1,
+                micro_batch_size=0, beams=2, eval_beam=1, eval_every=1, save_every=1, val_images=0, eval_images=0,
+                max_len=2, d_model=1, encoder_layers=1, decoder_layers=1, heads=1, ffn=1)
 POSITIVE = ("lr", "xe_lr", "beta", "tau")
 
 
@@ -369,21 +297,6 @@ class Vocab:
             bpe.append(self.bpe_ids[own])
         text = self.tokenizer.decode(bpe).strip()
         return re.sub(r" ([,.])", r"\1", text)  # the BPE decoder spaces punctuation out
-
-
-ENCODER_TOKENS = "last block, before ln_post"  # what the captioner reads; checkpoints record it
-
-
-@torch.no_grad()
-def clip_hidden_states(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-    """The frozen ViT's last hidden states, CLS and patches, before ln_post: (B, 1 + P, W).
-
-    As the official code, which reads Hugging Face CLIPVisionTransformer's last_hidden_state (the
-    last block's output; post_layernorm only touches the pooled CLS).
-    """
-    out = visual.forward_intermediates(pixels, indices=1, output_fmt="NLC", output_extra_tokens=True,
-                                       intermediates_only=True)  # the last block, not normalised
-    return torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1).float()
 
 
 class Captioner(nn.Module):
@@ -660,99 +573,11 @@ def evaluators(args: Args) -> dict:
             "pac_s": (load_scorer(args, args.pacs_model, args.pacs_pretrained, args.pacs_checkpoint, "pacs"),
                       PAC_S_WEIGHT)}
 
-
-class ImageBank:
-    """Per split: frozen-encoder tokens for the captioner and evaluator image features, by index.
-
-    An image that cannot be read is logged, counted in `skipped` (its index in `bad`) and left out
-    wherever it is drawn, so the job goes on; with --strict it stops the run (BadSampleError).
-    """
-
-    def __init__(self, args: Args, records: list[dict]):
-        self.args, self.records, self.device = args, records, args.device
-        self.encoder = load_scorer(args, args.encoder_model, args.encoder_pretrained)
-        self.skipped, self.bad = SkipCounter(), set()
-        self.scorer_features: dict = {}
-        self.reference_cache: dict = {}
-        self.tokens = None
-        if args.cache_features:
-            tokens, kept = self._encode(range(len(records)))
-            self.tokens = tokens.new_zeros(len(records), *tokens.shape[1:])  # (N, 1 + P, W), bad rows never read
-            self.tokens[kept] = tokens
-
-    def open_images(self, indices) -> tuple[list[int], list]:
-        """The readable ones of `indices` and their PIL images (each unreadable image counted once)."""
-        kept, images = [], []
-        for i in indices:
-            image = None if i in self.bad else open_record_image(self.records[i], self.skipped, self.args.strict)
-            if image is None:
-                self.bad.add(i)
-            else:
-                kept.append(i)
-                images.append(image)
-        return kept, images
-
-    def any_readable(self) -> bool:
-        """Whether one of the images can be read (tried in order up to the first that can: one file, normally)."""
-        return any(self.open_images([i])[0] for i in range(len(self.records)) if i not in self.bad)
-
-    def placeholder(self) -> torch.Tensor:
-        """One all-zero row of tokens (1, 1 + P, W): a rank with no readable image still steps alike."""
-        return torch.zeros(1, *self.encoder.model.visual.positional_embedding.shape, device=self.device)
-
-    def _encode(self, indices) -> tuple[torch.Tensor, list[int]]:
-        indices, kept, chunks = list(indices), [], []
-        for start in range(0, len(indices), 256):
-            ok, images = self.open_images(indices[start:start + 256])
-            if ok:
-                pixels = torch.stack([self.encoder.preprocess(image) for image in images])
-                chunks.append(clip_hidden_states(self.encoder.model.visual, pixels.to(self.device)))
-                kept += ok
-        return (torch.cat(chunks) if chunks else self.placeholder()[:0]), kept  # (n, 1 + P, W)
-
-    def visual_tokens(self, indices) -> tuple[torch.Tensor, list[int]]:
-        """Frozen-encoder tokens (n, 1 + P, W) of the readable images among `indices`, and their indices."""
-        if self.tokens is not None:
-            kept = [i for i in indices if i not in self.bad]
-            return self.tokens[torch.as_tensor(kept, dtype=torch.long)].to(self.device), kept
-        return self._encode(indices)
-
-    def image_features(self, bundle, indices) -> np.ndarray:
-        """Normalised evaluator image features (n, E) of readable images, computed once per image and evaluator."""
-        cache = self.scorer_features.setdefault(id(bundle), {})
-        missing = [i for i in indices if i not in cache]
-        if missing:
-            kept, images = self.open_images(missing)
-            if len(kept) < len(missing):
-                lost = [self.records[i]["id"] for i in missing if i not in kept]
-                raise BadSampleError(f"samples {lost[:5]}: images unreadable after they were read once")
-            for i, feature in zip(kept, encode_images(bundle, images, progress=False)):
-                cache[i] = feature
-        return np.stack([cache[i] for i in indices])
-
-    def reference_features(self, bundle, indices) -> list[np.ndarray]:
-        """Normalised evaluator features (R_i, E) of each record's references, encoded once per record and evaluator
-        (every validation and every evaluated model scores against the same five references an image)."""
-        cache = self.reference_cache.setdefault(id(bundle), {})
-        missing = [i for i in indices if i not in cache]
-        if missing:
-            cache.update(zip(missing, encode_reference_groups(bundle, [self.records[i]["refs"] for i in missing],
-                                                              progress=False)))
-        return [cache[i] for i in indices]
-
-
-_BANKS: dict = {}
-
-
-def image_bank(args: Args, records: list[dict]) -> ImageBank:
-    """The ImageBank of `records`, built once per process and encoder: the stages of a miniature run (and its
-    seeds) share the frozen encoder's tokens instead of encoding the 5,500 images again in every stage."""
+def image_bank_of(args: Args, records: list[dict]) -> ImageBank:
+    """The ImageBank of `records` under args' frozen encoder, built once per process (common/image_bank.py): the
+    stages of a miniature run (and its seeds) share the encoder's tokens instead of encoding the images again."""
     encoder = load_scorer(args, args.encoder_model, args.encoder_pretrained)
-    key = (id(encoder), args.device, args.strict, args.cache_features,
-           tuple((str(r["id"]), str(image_path(r))) for r in records))
-    if key not in _BANKS or _BANKS[key].encoder is not encoder:  # an id can be reused once its bundle is gone
-        _BANKS[key] = ImageBank(args, records)
-    return _BANKS[key]
+    return image_bank(records, encoder, args.device, args.strict, args.cache_features)
 
 
 def candidate_rewards(bundle, w: float, img_feats: np.ndarray, texts: list[str], k: int, prefix: str,
@@ -838,42 +663,20 @@ def evaluate(args: Args, model: Captioner, vocab: Vocab, bank: ImageBank, limit:
         raise BadSampleError(f"none of the {len(indices)} images to evaluate can be read ({bank.skipped.examples[:3]})")
     return {**caption_metrics(args, bank, kept, captions, per_item=per_item), "images": len(kept)}, captions, kept
 
-
 # ============================================================================================
-# Checkpoints and distributed training
+# Checkpoints and the recipe a resumed run must match
 # ============================================================================================
 
 
 def load_checkpoint(path) -> dict:
-    """A dico.py checkpoint, or a clear error when the file is missing, corrupted, something else or holds NaN
-    weights (a diverged run's, which would be captioned and scored as a model)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path} (run the xe stage first, or pass --init)")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, ValueError) as err:
-        raise refuse(f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); it is corrupted or truncated: "
-                     "delete it and rerun (or resume from another)") from err
-    if not isinstance(payload, dict) or not {"model", "config", "vocab", "step"} <= set(payload):
-        raise refuse(f"{path} is not a dico.py checkpoint (needs model, config, vocab and step)")
-    if payload.get("encoder_tokens") != ENCODER_TOKENS:  # older checkpoints read the tokens after ln_post
-        raise refuse(f"{path} was trained on the encoder's tokens after ln_post (dico.py now reads them before it, "
-                     "as the official code); retrain it with the xe stage")
-    bad = [name for name, tensor in payload["model"].items() if tensor.is_floating_point() and not tensor.isfinite().all()]
-    if bad:
-        raise NonFiniteError(f"{path}: {len(bad)} of {len(payload['model'])} weight tensors hold NaN or inf "
-                             f"({', '.join(bad[:3])}): a diverged run's weights, not a model")
-    return payload
-
-
-def weights_digest(payload: dict) -> str:
-    """A hash of a checkpoint's captioner (weights, configuration, vocabulary): equal hashes caption alike."""
-    digest = hashlib.sha256(json.dumps([payload["config"], payload["vocab"]]).encode())
-    for name, tensor in sorted(payload["model"].items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    """A dico.py checkpoint, or a clear error when the file is missing, corrupted, something else, read the encoder's
+    tokens after ln_post or holds NaN weights (a diverged run's, which would be captioned and scored as a model)."""
+    def same_encoder_tokens(path: Path, payload: dict) -> None:
+        if payload.get("encoder_tokens") != ENCODER_TOKENS:  # older checkpoints read the tokens after ln_post
+            raise refuse(f"{path} was trained on the encoder's tokens after ln_post (dico.py now reads them before "
+                         "it, as the official code); retrain it with the xe stage")
+    return run_folder.load_checkpoint(path, ("model", "config", "vocab", "step"), "dico.py",
+                                      "run the xe stage first, or pass --init", same_encoder_tokens)
 
 
 def model_from_checkpoint(payload: dict, device: str) -> tuple[Captioner, Vocab]:
@@ -882,50 +685,23 @@ def model_from_checkpoint(payload: dict, device: str) -> tuple[Captioner, Vocab]
     return model, Vocab(payload["vocab"])
 
 
-def write_log(path: Path, row: dict) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(row) + "\n")
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """The log of a run resumed at `step`: its rows up to that step, so that each step it runs again appears once
-    (a last row that the stop cut short goes too)."""
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
-        with contextlib.suppress(json.JSONDecodeError):
-            if json.loads(line)["step"] <= step:
-                rows.append(line + "\n")
-    atomic_write_text(path, "".join(rows))
-
-
-RUN_FILES = ("last.pt", "best.pt", "log.jsonl", "metrics.json")  # what a stage writes into <out>/<stage>
-
-
-def start_afresh(out: Path, args: Args, stage: str, rank: int) -> None:
-    """<out>/<stage> cleared for a run from step 0. A run there is replaced only when asked (--overwrite, or
-    --resume of a run that stopped before its first last.pt), else refused: a rerun would replace its best.pt."""
-    found = [name for name in RUN_FILES if (out / name).exists()]
-    if found and not (args.overwrite or args.resume):
-        raise refuse(f"{out} already holds a run ({', '.join(found)}): pass --resume to continue it, --overwrite to "
-                     "replace it, or another --out")
-    if found and rank == 0:
-        print(f"[{stage}] replacing the run in {out} ({', '.join(found)}): starting at step 0")
-        for name in found:
-            (out / name).unlink()
-
-
 # What a stage's results depend on, besides the data and models of every stage: a resumed run must match its
-# checkpoint on each of these flags (`recipe`). The others may change on resume: --steps (extending a run is what
-# --resume is for), --device, --micro-batch-size (memory only), --save-every, --kernel, --strict.
+# checkpoint on each of these flags (`recipe`; a fine-tuning's --init by its weights' hash, XE's --xe-steps and
+# --xe-warmup by the warm-up's length). Every other flag is in FREE_ON_RESUME (may change: --steps extends a run,
+# --micro-batch-size is memory only, ...) or in the other stage's list (the fine-tuning reads its captioner's
+# settings from --init); tests check that each flag is in one of them.
 RECIPE_FLAGS = {
-    "all": ("seed", "coco_karpathy", "coco_images", "train_manifest", "val_manifest", "world", "scorer", "encoder_model",
-            "encoder_pretrained", "clip_s_model", "clip_s_pretrained", "pacs_model", "pacs_pretrained",
-            "pacs_checkpoint", "max_len", "eval_beam", "val_images"),
-    "xe": ("d_model", "encoder_layers", "decoder_layers", "heads", "ffn", "dropout", "restrict_vocab", "xe_batch_size",
-           "xe_lr", "xe_eval_every"),
-    "finetune": ("batch_size", "lr", "beams", "candidates", "beta", "tau", "reward", "reward_prefix", "reward_clamp",
-                 "eval_every"),
+    "all": ("seed", "coco_karpathy", "coco_images", "train_manifest", "val_manifest", "world", "scorer",
+            "encoder_model", "encoder_pretrained", "clip_s_model", "clip_s_pretrained", "pacs_model",
+            "pacs_pretrained", "pacs_checkpoint", "max_len", "eval_beam", "val_images"),
+    "xe": ("d_model", "encoder_layers", "decoder_layers", "heads", "ffn", "dropout", "restrict_vocab",
+           "xe_batch_size", "xe_lr", "xe_eval_every"),
+    "finetune": ("batch_size", "lr", "beams", "candidates", "beta", "tau", "reward", "reward_prefix",
+                 "reward_clamp", "eval_every"),
 }
+FREE_ON_RESUME = ("stage", "preset", "out", "seeds", "test_manifest", "cache_features", "algo", "init", "steps",
+                  "xe_steps", "xe_warmup", "micro_batch_size", "kernel", "save_every", "eval_images", "checkpoints",
+                  "split", "resume", "overwrite", "strict", "device")
 
 
 def xe_warmup_steps(args: Args) -> float:
@@ -936,62 +712,191 @@ def xe_warmup_steps(args: Args) -> float:
 def recipe(args: Args, stage: str, start: Optional[dict]) -> dict:
     """{flag: value} of what `stage`'s results depend on; a fine-tuning's start (policy and reference) by its
     weights' hash, so that an XE run that went on since is another start, even at the same --init path."""
-    values = {}
-    for name in RECIPE_FLAGS["all"] + RECIPE_FLAGS["xe" if stage == "xe" else "finetune"]:
-        value = getattr(args, name)
-        if dataclasses.is_dataclass(value):  # --world.n-train, --scorer.steps, ...
-            values.update({f"{flag(name)}.{key.replace('_', '-')}": v for key, v in dataclasses.asdict(value).items()})
-        else:
-            values[flag(name)] = value
+    values = run_folder.recipe(args, RECIPE_FLAGS["all"] + RECIPE_FLAGS["xe" if stage == "xe" else "finetune"])
     if stage == "xe":  # more --xe-steps continue the same run only while the warm-up keeps its length
         values["--xe-warmup x --xe-steps"] = xe_warmup_steps(args)
     else:
         values["--init"] = f"sha256:{weights_digest(start)[:16]}"
-    return json.loads(json.dumps(values))  # as the checkpoint holds it
-
-
-def check_recipe(path: Path, saved: Optional[dict], wanted: dict) -> None:
-    """Refuse to resume the checkpoint at `path` with other settings, naming the flags that differ."""
-    if saved is None:
-        raise refuse(f"{path} holds no recipe (an older dico.py wrote it), so its settings cannot be checked: start a "
-                     "new run with another --out, or with --overwrite instead of --resume")
-    differ = sorted(name for name in saved.keys() | wanted.keys() if saved.get(name) != wanted.get(name))
-    if differ:
-        was, now = (" ".join(f"{name} {values.get(name)}" for name in differ) for values in (saved, wanted))
-        raise refuse(f"{path} was trained with {was}, not {now}: resume with its flags, or start a new run with "
-                     "another --out (or --overwrite instead of --resume)")
+    return values
 
 
 # ============================================================================================
-# Training: XE pre-training and DiCO / SCST fine-tuning share one loop
+# Training: the step's pieces (candidates, rewards, loss, update), then one loop for XE and DiCO / SCST
 # ============================================================================================
 
 
-def train(args: Args, stage: str) -> dict:
-    """Run `stage` ("xe", "dico" or "scst") into <out>/<stage>; returns the final validation metrics.
+@dataclass
+class Run:
+    """A training run's state from step to step: what its checkpoints hold and its messages name."""
 
-    Batch sizes are global: every rank draws the same batch and takes its share, in micro-batches of
-    at most --micro-batch-size images whose gradients accumulate; each micro-batch's loss is weighted
-    by its share of the batch's denominator (tokens for XE, usable images for DiCO, usable candidates
-    for SCST), so any number of ranks and micro-batches takes the step one process would.
+    stage: str  # "xe", "dico" or "scst"
+    out: Path  # <out>/<stage>
+    steps: int
+    model: Captioner
+    optimizer: torch.optim.Optimizer
+    vocab: Vocab
+    recipe: dict
+    step: int = 0
+    best: float = -math.inf
+    saved: Optional[int] = None  # the step last.pt holds
+    labels: dict = field(default_factory=dict)  # how validation's BLEU/CIDEr were tokenized, for metrics.json
 
-    A run in <out>/<stage> is continued only with --resume and the settings it was trained with (`recipe`), and
-    replaced only with --overwrite. A diverged run (NaN or inf in the loss, the updated weights or every candidate)
-    stops with NonFiniteError before it writes a checkpoint: last.pt and best.pt stay the last good ones.
-    """
-    require_pacs_weights(args)  # the first validation needs them: say so before any training
-    rank, world_size, device = init_distributed(args.device)
-    args = dataclasses.replace(args, device=device)
+    def where(self, n: int, when: str) -> str:
+        """A diverged run's message: the step, and what last.pt still holds."""
+        kept = f"{self.out / 'last.pt'} keeps step {self.saved}" if self.saved is not None else \
+            "no last.pt written by this run"
+        return f"[{self.stage}] step {n} of {self.steps}, {when} ({kept})"
+
+
+def save(run: Run, args: Args, path: Path, metrics: Optional[dict] = None) -> None:
+    save_checkpoint(path, {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "step": run.step,
+                           "best": run.best, "config": run.model.config, "vocab": run.vocab.bpe_ids,
+                           "stage": run.stage, "encoder_tokens": ENCODER_TOKENS, "recipe": run.recipe,
+                           "metrics": metrics or {}, "args": json.loads(json.dumps(dataclasses.asdict(args)))})
+
+
+def validate(run: Run, args: Args, bank: ImageBank, reward: Optional[tuple]) -> dict:
+    """Validation metrics of the current policy; best.pt when the selected one (CIDEr for XE, RefPAC-S for
+    fine-tuning: official metric_for_best_model cider, ref-PACScore) improves."""
+    select = "CIDEr" if run.stage == "xe" else "RefPAC-S"
+    metrics, captions, kept = evaluate(args, run.model, run.vocab, bank, args.val_images)
+    if reward is not None:  # the reward the policy maximises, on the captions the judge scores: the plot's curves
+        img = bank.image_features(reward[0], kept)
+        metrics["reward"] = float(candidate_rewards(*reward, img, captions, 1, args.reward_prefix,
+                                                    args.reward_clamp).mean())
+    if metrics[select] > run.best:
+        run.best = metrics[select]
+        save(run, args, run.out / "best.pt", metrics)
+    write_log(run.out / "log.jsonl", {"step": run.step, "val": metrics})
+    run.labels.update({k: v for k, v in metrics.items() if isinstance(v, str)})
+    print(f"[{run.stage}] step {run.step} val " +
+          " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in run.labels))
+    return metrics
+
+
+def xe_batch(bank: ImageBank, vocab: Vocab, references: list, indices: list[int], picks: list[int],
+             device: str) -> dict:
+    """One XE micro-batch: the drawn one of each readable image's encoded `references`, teacher-forced; its
+    denominator: the tokens."""
+    visual, kept = bank.visual_tokens(indices)  # (b, 1 + P, W)
+    if not kept:  # no readable image: one zero row that counts for nothing, so every rank steps alike
+        visual = bank.placeholder()
+    pick = dict(zip(indices, picks))
+    rows = [references[i][pick[i]] for i in kept] or [[]]
+    tokens = torch.full((len(rows), max(1, max(map(len, rows)))), vocab.pad, dtype=torch.long)
+    for i, row in enumerate(rows):
+        tokens[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+    inputs, targets, mask = teacher_forcing(tokens.to(device), vocab.bos, vocab.pad)
+    return {"visual": visual, "inputs": inputs, "targets": targets, "mask": mask, "images": len(kept),
+            "count": int(mask.sum()), "nonfinite": 0}
+
+
+def xe_terms(policy: nn.Module, batch: dict) -> dict:
+    return xe_loss(policy(batch["visual"], batch["inputs"]), batch["targets"], batch["mask"])
+
+
+# ALGO LOGIC: how the k candidates of an image are drawn (step 2)
+def candidates(model: Captioner, visual: torch.Tensor, k: int, max_len: int, how: str):
+    """k captions per image from the policy, without gradients: tokens (b, k, T), scores (b, k)."""
+    if how == "beam":
+        return beam_search(model, visual, k, max_len)  # step 2: the official candidates
+    return sample(model, visual, k, max_len)
+
+
+# ALGO LOGIC: what the candidates are rewarded with (step 3)
+def reward_candidates(reward: tuple, bank: ImageBank, vocab: Vocab, tokens: torch.Tensor, kept: list[int],
+                      args: Args) -> torch.Tensor:
+    """(b, k) rewards of the decoded candidates of the readable images `kept` (zeros when there are none)."""
+    if not kept:
+        return torch.zeros(tokens.shape[:2], device=args.device)
+    texts = [vocab.decode(row.tolist()) for row in tokens.flatten(0, 1)]
+    img = bank.image_features(reward[0], kept)
+    return candidate_rewards(*reward, img, texts, tokens.shape[1], args.reward_prefix,
+                             args.reward_clamp).to(args.device)
+
+
+def finetune_batch(model: Captioner, bank: ImageBank, vocab: Vocab, reward: tuple, indices: list[int],
+                   args: Args, algo: str) -> dict:
+    """One fine-tuning micro-batch before any gradient: candidates, rewards, validity, teacher-forcing inputs and
+    its denominator (images with a winner and a loser for DiCO, their valid candidates for SCST)."""
+    visual, kept = bank.visual_tokens(indices)  # (b, 1 + P, W)
+    if not kept:  # no readable image: one zero row that counts for nothing, so every rank steps alike
+        visual = bank.placeholder()
+    tokens, scores = candidates(model, visual, args.beams, args.max_len, args.candidates)  # (b, k, T), (b, k)
+    valid = distinct_and_finite(tokens, scores) & bool(kept)  # (b, k)
+    nonfinite = int((~torch.isfinite(scores)).sum()) if kept else 0  # NaN: a diverged policy (-inf: no such beam)
+    rewards = reward_candidates(reward, bank, vocab, tokens, kept, args)  # (b, k)
+    inputs, targets, mask = teacher_forcing(tokens.flatten(0, 1), vocab.bos, vocab.pad, valid.flatten())
+    usable = valid.sum(dim=1, keepdim=True) >= 2  # (b, 1): a winner and a loser; the losses average over these
+    count = int(usable.sum()) if algo == "dico" else int((valid & usable).sum())
+    return {"visual": visual, "inputs": inputs, "targets": targets, "mask": mask, "valid": valid,
+            "rewards": rewards, "images": len(kept), "count": count, "nonfinite": nonfinite}
+
+
+# ALGO LOGIC: the fine-tuning loss of a micro-batch (steps 4-6 for DiCO, or SCST's)
+def finetune_terms(policy: nn.Module, reference: Captioner, batch: dict, algo: str, args: Args) -> dict:
+    """The loss and logged terms from the candidates' log-probs under the policy and the frozen reference."""
+    k, mask = args.beams, batch["mask"]
+    # log pi(y|x) = sum_t log p(y_t | y_<t, x), EOS included, padding masked, not length-normalised
+    policy_logps = sequence_logprobs(policy(batch["visual"], batch["inputs"], beams=k), batch["targets"], mask,
+                                     impl=args.kernel)
+    with torch.no_grad():  # step 5: log pi_ref(y|x), teacher-forced sums over tokens
+        ref_logps = sequence_logprobs(reference(batch["visual"], batch["inputs"], beams=k), batch["targets"],
+                                      mask, impl=args.kernel)
+    if algo == "dico":
+        # steps 4-6 (caption_kernels/dico.py): w = argmax_i r_i, gamma_j = softmax_{j != w}(tau (r_w - r_j)),
+        # s = log pi_theta - log pi_ref, L = mean_x -log sigmoid(beta (s(y_w) - sum_j gamma_j s(y_j)))
+        return dico_terms(policy_logps.view(-1, k), ref_logps.view(-1, k), batch["rewards"], batch["valid"],
+                          args.beta, args.tau, args.kernel)
+    return scst_terms(policy_logps.view(-1, k), mask.sum(1).view(-1, k), batch["rewards"], batch["valid"])
+
+
+def update(run: Run, policy: nn.Module, batches: list[dict], terms_of, world_size: int, beams: int):
+    """One optimiser step over this rank's micro-batches, whose gradients accumulate: each loss is weighted by its
+    share of the global batch's denominator (`count`), so that any number of ranks and micro-batches takes the step
+    one process would. Returns the logged means (weighted as the loss), the batch's images and NaN candidates."""
+    totals = torch.tensor([sum(b[key] for b in batches) for key in ("count", "images", "nonfinite")],
+                          dtype=torch.float64)
+    if world_size > 1:
+        dist.all_reduce(totals)
+    denominator, images, nonfinite = max(1.0, totals[0].item()), int(totals[1].item()), int(totals[2].item())
+    if run.stage != "xe" and images and nonfinite == images * beams:  # on every rank: they stop together
+        raise NonFiniteError(f"{run.where(run.step + 1, 'before its update')}: all {nonfinite} candidates of the "
+                             f"batch's {images} images have a NaN or infinite log-prob (the policy diverged)")
+    run.optimizer.zero_grad(set_to_none=True)
+    sums: dict = {}
+    for j, batch in enumerate(batches):
+        accumulate = world_size > 1 and j < len(batches) - 1  # DDP all-reduces on the last backward only
+        with policy.no_sync() if accumulate else contextlib.nullcontext():
+            terms = terms_of(batch)
+            loss = terms["loss"]
+            assert_finite_state(None, loss.detach(), run.where(run.step + 1, "before its update"))
+            # the micro-batch's part of the global mean; DDP averages over the ranks, hence x world_size
+            (loss * (batch["count"] * world_size / denominator)).backward()
+        for key, value in terms.items():  # logged: means weighted as the loss is, n_skipped summed
+            weight = 1 if key == "n_skipped" else batch["count"]
+            value = float(value.detach()) if torch.is_tensor(value) else float(value)
+            sums[key] = sums.get(key, 0.0) + (value * weight if weight else 0.0)
+    run.optimizer.step()
+    run.step += 1
+    logged = torch.tensor(list(sums.values()), dtype=torch.float64)
+    if world_size > 1:
+        dist.all_reduce(logged)
+    means = {key: value if key == "n_skipped" else value / denominator for key, value in zip(sums, logged.tolist())}
+    return means, images, nonfinite
+
+
+def start_run(args: Args, stage: str, rank: int, world_size: int):
+    """The Run of `stage` in <out>/<stage>, from step 0 or resumed from last.pt (only with the recipe it was trained
+    with: else the optimiser state would restore, say, the old --lr), its frozen reference and its records."""
     out = Path(args.out) / stage
     resuming = args.resume and (out / "last.pt").exists()
     if not resuming:
-        start_afresh(out, args, stage, rank)
+        start_afresh(out, stage, rank, args.overwrite, args.resume)
     out.mkdir(parents=True, exist_ok=True)
     train_records, val_records = load_split(args, "train"), load_split(args, "val")
-    finetune = stage != "xe"
-    select = "RefPAC-S" if finetune else "CIDEr"  # official: metric_for_best_model ref-PACScore (DiCO), cider (XE)
-    start = None
-    if finetune:  # the policy and the frozen reference both start from the XE checkpoint
+    start = reference = None
+    if stage != "xe":  # the policy and the frozen reference both start from the XE checkpoint
         start = load_checkpoint(args.init or Path(args.out) / "xe" / "best.pt")
         model, vocab = model_from_checkpoint(start, args.device)
         reference, _ = model_from_checkpoint(start, args.device)
@@ -1002,171 +907,92 @@ def train(args: Args, stage: str) -> dict:
         torch.manual_seed(args.seed)  # after loading the encoder, whose own initialisation draws numbers (not cached)
         model = Captioner(len(vocab.bpe_ids), vocab.bos, vocab.eos, width, args.d_model, args.encoder_layers,
                           args.decoder_layers, args.heads, args.ffn, args.dropout, args.max_len).to(args.device)
-    steps, batch_size = (args.steps, args.batch_size) if finetune else (args.xe_steps, args.xe_batch_size)
+    steps, batch_size = (args.xe_steps, args.xe_batch_size) if stage == "xe" else (args.steps, args.batch_size)
     if batch_size < world_size:
         raise refuse(f"the batch size ({batch_size} images) is global and smaller than the {world_size} ranks")
-    peak_lr = args.lr if finetune else args.xe_lr
-    optimizer = torch.optim.Adam(model.parameters(), lr=peak_lr)
-    settings = recipe(args, stage, start)
-    step, best, saved = 0, -math.inf, None  # saved: the step last.pt holds
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.xe_lr if stage == "xe" else args.lr)
+    run = Run(stage, out, steps, model, optimizer, vocab, recipe(args, stage, start))
     if resuming:
         state = load_checkpoint(out / "last.pt")
-        check_recipe(out / "last.pt", state.get("recipe"), settings)  # else the optimiser state restores the old lr
+        check_recipe(out / "last.pt", state.get("recipe"), run.recipe, "dico.py")
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, best = state["step"], state["best"]
-        saved = step
+        optimizer.load_state_dict(state["optimizer"])  # its learning rate: the recipe's, checked above
+        run.step, run.best = state["step"], state["best"]
+        run.saved = run.step
         if rank == 0:
-            truncate_log(out / "log.jsonl", step)
-        print(f"[{stage}] resuming from step {step} ({out / 'last.pt'})")
+            truncate_log(out / "log.jsonl", run.step)
+        print(f"[{stage}] resuming from step {run.step} ({out / 'last.pt'})")
+    return run, reference, train_records, val_records
+
+
+def train(args: Args, stage: str) -> dict:
+    """Run `stage` ("xe", "dico" or "scst") into <out>/<stage>; returns the final validation metrics.
+
+    Batch sizes are global: every rank draws the same batch and takes its share, in micro-batches of at most
+    --micro-batch-size images (`update`). A run in <out>/<stage> is continued only with --resume and its recipe,
+    replaced only with --overwrite; a diverged run (NaN or inf in the loss, the updated weights or every candidate)
+    stops with NonFiniteError before it writes a checkpoint: last.pt and best.pt stay the last good ones.
+    """
+    require_pacs_weights(args)  # the first validation needs them: say so before any training
+    rank, world_size, device = init_distributed(args.device)
+    args = dataclasses.replace(args, device=device)
+    run, reference, train_records, val_records = start_run(args, stage, rank, world_size)
+    finetune, model = stage != "xe", run.model
     policy = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
-    train_bank, val_bank = image_bank(args, train_records), image_bank(args, val_records)
+    train_bank, val_bank = image_bank_of(args, train_records), image_bank_of(args, val_records)
     if not train_bank.any_readable():  # else every step "trains" on no image, and validation writes best.pt
         first = train_bank.skipped.examples[0][1] if train_bank.skipped.examples else "the split is empty"
         raise BadSampleError(f"[{stage}] nothing to train on: none of the {len(train_records)} training images of "
                              f"{data_source(args, 'train')} can be read, all skipped (first: {first})")
-    reward_bundle, reward_w = evaluators(args)[args.reward] if finetune else (None, None)
+    reward = evaluators(args)[args.reward] if finetune else None  # (bundle, w)
     # every reference of an image is an XE target: one is drawn per image and step (COCO has five)
-    targets_all = [[vocab.encode(ref, args.max_len) for ref in r["refs"]] for r in train_records] if not finetune else []
-
-    def checkpoint(path, metrics=None):
-        save_checkpoint(path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                               "best": best, "config": model.config, "vocab": vocab.bpe_ids, "stage": stage,
-                               "encoder_tokens": ENCODER_TOKENS, "recipe": settings,
-                               "metrics": metrics or {}, "args": json.loads(json.dumps(dataclasses.asdict(args)))})
-
-    def where(n: int, when: str) -> str:  # a diverged run's message: the step, and what last.pt still holds
-        kept = f"{out / 'last.pt'} keeps step {saved}" if saved is not None else "no last.pt written by this run"
-        return f"[{stage}] step {n} of {steps}, {when} ({kept})"
-
-    labels = {}  # how the validation's BLEU/CIDEr were tokenized ("tokenizer", "backend"), for metrics.json
-
-    def validate():
-        nonlocal best
-        metrics, captions, kept = evaluate(args, model, vocab, val_bank, args.val_images)
-        if finetune:  # the reward the policy maximises, on the captions the judge scores: the two curves of the plot
-            img = val_bank.image_features(reward_bundle, kept)
-            metrics["reward"] = float(candidate_rewards(reward_bundle, reward_w, img, captions, 1, args.reward_prefix,
-                                                        args.reward_clamp).mean())
-        if metrics[select] > best:
-            best = metrics[select]
-            checkpoint(out / "best.pt", metrics)
-        write_log(out / "log.jsonl", {"step": step, "val": metrics})
-        labels.update({k: v for k, v in metrics.items() if isinstance(v, str)})
-        print(f"[{stage}] step {step} val " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k not in labels))
-        return metrics
-
-    def prepare(indices: list[int], picks: list[int]) -> dict:
-        """One micro-batch before any gradient: its readable images, what its loss needs, its denominator."""
-        visual, kept = train_bank.visual_tokens(indices)  # (b, 1 + P, W)
-        if not kept:  # no readable image: one zero row that counts for nothing, so every rank steps alike
-            visual = train_bank.placeholder()
-        if not finetune:
-            pick = dict(zip(indices, picks))
-            rows = [targets_all[i][pick[i]] for i in kept] or [[]]
-            tokens = torch.full((len(rows), max(1, max(map(len, rows)))), vocab.pad, dtype=torch.long)
-            for i, row in enumerate(rows):
-                tokens[i, :len(row)] = torch.tensor(row, dtype=torch.long)
-            inputs, targets, mask = teacher_forcing(tokens.to(args.device), vocab.bos, vocab.pad)
-            return {"visual": visual, "inputs": inputs, "targets": targets, "mask": mask, "images": len(kept),
-                    "count": int(mask.sum()), "nonfinite": 0}
-        k = args.beams
-        if args.candidates == "beam":
-            tokens, scores = beam_search(model, visual, k, args.max_len)  # step 2: (b, k, T), no autograd
-        else:
-            tokens, scores = sample(model, visual, k, args.max_len)
-        valid = distinct_and_finite(tokens, scores) & bool(kept)  # (b, k)
-        nonfinite = int((~torch.isfinite(scores)).sum()) if kept else 0  # NaN: a diverged policy (-inf: no such beam)
-        if kept:
-            texts = [vocab.decode(row.tolist()) for row in tokens.flatten(0, 1)]
-            img = train_bank.image_features(reward_bundle, kept)
-            rewards = candidate_rewards(reward_bundle, reward_w, img, texts, k, args.reward_prefix,
-                                        args.reward_clamp).to(args.device)  # (b, k)
-        else:
-            rewards = torch.zeros(valid.shape, device=args.device)
-        inputs, targets, mask = teacher_forcing(tokens.flatten(0, 1), vocab.bos, vocab.pad, valid.flatten())
-        usable = valid.sum(dim=1, keepdim=True) >= 2  # (b, 1): a winner and a loser; the losses average over these
-        count = int(usable.sum()) if stage == "dico" else int((valid & usable).sum())
-        return {"visual": visual, "inputs": inputs, "targets": targets, "mask": mask, "valid": valid,
-                "rewards": rewards, "images": len(kept), "count": count, "nonfinite": nonfinite}
-
-    def loss_terms(batch: dict) -> dict:
-        if not finetune:
-            return xe_loss(policy(batch["visual"], batch["inputs"]), batch["targets"], batch["mask"])
-        k, mask = args.beams, batch["mask"]
-        # log pi(y|x) = sum_t log p(y_t | y_<t, x), EOS included, padding masked, not length-normalised
-        policy_logps = sequence_logprobs(policy(batch["visual"], batch["inputs"], beams=k), batch["targets"], mask,
-                                         impl=args.kernel)
-        with torch.no_grad():  # step 5: log pi_ref(y|x), teacher-forced sums over tokens
-            ref_logps = sequence_logprobs(reference(batch["visual"], batch["inputs"], beams=k), batch["targets"],
-                                          mask, impl=args.kernel)
-        if stage == "dico":
-            # steps 4-6 (caption_kernels/dico.py): w = argmax_i r_i, gamma_j = softmax_{j != w}(tau (r_w - r_j)),
-            # s = log pi_theta - log pi_ref, L = mean_x -log sigmoid(beta (s(y_w) - sum_j gamma_j s(y_j)))
-            return dico_terms(policy_logps.view(-1, k), ref_logps.view(-1, k), batch["rewards"], batch["valid"],
-                              args.beta, args.tau, args.kernel)
-        return scst_terms(policy_logps.view(-1, k), mask.sum(1).view(-1, k), batch["rewards"], batch["valid"])
-
-    if rank == 0 and step == 0:
-        validate()  # the starting point is a candidate too (and the XE/DiCO baseline)
+    targets = [] if finetune else [[run.vocab.encode(ref, args.max_len) for ref in r["refs"]] for r in train_records]
+    batch_size = args.batch_size if finetune else args.xe_batch_size
+    if rank == 0 and run.step == 0:
+        validate(run, args, val_bank, reward)  # the starting point is a candidate too (and the XE/DiCO baseline)
     started = time.time()
-    while step < steps:
-        torch.manual_seed(args.seed * 100003 + step * world_size + rank)  # dropout / sampling, resumable
-        rng = np.random.default_rng([args.seed, step])  # the same draw on every rank: one global batch
+    while run.step < run.steps:
+        torch.manual_seed(args.seed * 100003 + run.step * world_size + rank)  # dropout / sampling, resumable
+        rng = np.random.default_rng([args.seed, run.step])  # the same draw on every rank: one global batch
         chosen = rng.choice(len(train_records), size=min(batch_size, len(train_records)), replace=False).tolist()
-        picks = [int(rng.integers(len(targets_all[i]))) for i in chosen] if not finetune else [0] * len(chosen)
+        picks = [int(rng.integers(len(targets[i]))) for i in chosen] if not finetune else [0] * len(chosen)
         share = np.array_split(np.arange(len(chosen)), world_size)[rank].tolist()  # this rank's part
         size = args.micro_batch_size if args.micro_batch_size > 0 else len(share)
-        model.train(not finetune)  # fine-tuning runs without dropout: s(y) = 0 at the start (Deviation 4)
-        if not finetune:
-            for group in optimizer.param_groups:  # linear warm-up over the first xe_warmup of the steps
-                group["lr"] = peak_lr * min(1.0, (step + 1) / xe_warmup_steps(args))
-        batches = [prepare([chosen[j] for j in share[s:s + size]], [picks[j] for j in share[s:s + size]])
-                   for s in range(0, len(share), size)]
-        totals = torch.tensor([sum(b[key] for b in batches) for key in ("count", "images", "nonfinite")],
-                              dtype=torch.float64)
-        if world_size > 1:
-            dist.all_reduce(totals)
-        denominator, images, nonfinite = max(1.0, totals[0].item()), int(totals[1].item()), int(totals[2].item())
-        if finetune and images and nonfinite == images * args.beams:  # on every rank: they stop together
-            raise NonFiniteError(f"{where(step + 1, 'before its update')}: all {nonfinite} candidates of the batch's "
-                                 f"{images} images have a NaN or infinite log-prob (the policy diverged)")
-        optimizer.zero_grad(set_to_none=True)
-        sums: dict = {}
-        for j, batch in enumerate(batches):
-            accumulate = world_size > 1 and j < len(batches) - 1  # DDP all-reduces on the last backward only
-            with policy.no_sync() if accumulate else contextlib.nullcontext():
-                terms = loss_terms(batch)
-                loss = terms["loss"]
-                assert_finite_state(None, loss.detach(), where(step + 1, "before its update"))
-                # the micro-batch's part of the global mean; DDP averages over the ranks, hence x world_size
-                (loss * (batch["count"] * world_size / denominator)).backward()
-            for key, value in terms.items():  # logged: means weighted as the loss is, n_skipped summed
-                weight = 1 if key == "n_skipped" else batch["count"]
-                value = float(value.detach()) if torch.is_tensor(value) else float(value)
-                sums[key] = sums.get(key, 0.0) + (value * weight if weight else 0.0)
-        optimizer.step()
-        step += 1
-        logged = torch.tensor(list(sums.values()), dtype=torch.float64)
-        if world_size > 1:
-            dist.all_reduce(logged)
-        means = {key: value if key == "n_skipped" else value / denominator for key, value in zip(sums, logged.tolist())}
+        micro = [([chosen[j] for j in share[s:s + size]], [picks[j] for j in share[s:s + size]])
+                 for s in range(0, len(share), size)]
+        model.train(not finetune)  # fine-tuning runs without dropout: s(y) = 0 at the start (Deviation 1)
+        # ALGO LOGIC: one step: each micro-batch's candidates and rewards (or XE targets), then the loss and update
+        if finetune:
+            batches = [finetune_batch(model, train_bank, run.vocab, reward, part[0], args, stage) for part in micro]
+            terms_of = functools.partial(finetune_terms, policy, reference, algo=stage, args=args)
+        else:
+            for group in run.optimizer.param_groups:  # linear warm-up over the first xe_warmup of the steps
+                group["lr"] = args.xe_lr * min(1.0, (run.step + 1) / xe_warmup_steps(args))
+            batches = [xe_batch(train_bank, run.vocab, targets, *part, args.device) for part in micro]
+            terms_of = functools.partial(xe_terms, policy)
+        means, images, nonfinite = update(run, policy, batches, terms_of, world_size, args.beams)
         if rank == 0:
-            row = {"step": step, **means, "images": images, **({"nonfinite_candidates": nonfinite} if finetune else {}),
-                   "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - started}
-            write_log(out / "log.jsonl", row)
+            write_log(run.out / "log.jsonl", {"step": run.step, **means, "images": images,
+                                              **({"nonfinite_candidates": nonfinite} if finetune else {}),
+                                              "lr": run.optimizer.param_groups[0]["lr"],
+                                              "seconds": time.time() - started})
         # a finite loss does not make a finite update: every checkpoint written below holds weights checked here,
         # on every rank, so that they stop together
-        assert_finite_state(model, means["loss"], where(step, "after its update"))
+        assert_finite_state(model, means["loss"], run.where(run.step, "after its update"))
         if rank == 0:
-            if step % (args.eval_every if finetune else args.xe_eval_every) == 0 or step == steps:
-                validate()
-            if step % args.save_every == 0 or step == steps:
-                checkpoint(out / "last.pt")
-                saved = step
+            if run.step % (args.eval_every if finetune else args.xe_eval_every) == 0 or run.step == run.steps:
+                validate(run, args, val_bank, reward)
+            if run.step % args.save_every == 0 or run.step == run.steps:
+                save(run, args, run.out / "last.pt")
+                run.saved = run.step
         if world_size > 1:
             dist.barrier()
-    bad = {str(bank.records[i]["id"]) for bank in (train_bank, val_bank) for i in bank.bad}
+    return finish(run, (train_bank, val_bank), rank, world_size, started)
+
+
+def finish(run: Run, banks: tuple, rank: int, world_size: int, started: float) -> dict:
+    """metrics.json of the run (rank 0): its best validation metric and the unreadable images of every rank."""
+    bad = {str(bank.records[i]["id"]) for bank in banks for i in bank.bad}
     if world_size > 1:  # each rank met its own unreadable images
         gathered = [None] * world_size
         dist.all_gather_object(gathered, bad)
@@ -1174,159 +1000,29 @@ def train(args: Args, stage: str) -> dict:
     if rank != 0:
         return {}
     if bad:
-        print(f"[{stage}] {len(bad)} unreadable images skipped, e.g. {sorted(bad)[:5]} (--strict stops at the first)")
-    report = {f"best_val_{select}": best, "unreadable_images": len(bad), "unreadable_ids": sorted(bad)[:20], **labels}
-    atomic_write_text(out / "metrics.json", json.dumps({"step": step, **report,
-                                                        "seconds": time.time() - started}, indent=1))
-    return {**report, "last": str(out / "last.pt"), "best": str(out / "best.pt")}
-
-
-# ============================================================================================
-# Evaluation stage, the miniature experiment, main
-# ============================================================================================
-
-COLUMNS = ("CIDEr", "BLEU-4", "CLIP-S", "RefCLIP-S", "PAC-S", "RefPAC-S", "vocab", "distinct", "rep_3gram", "length",
-           "names_kept", "hallucinated")
-
-
-def markdown_table(rows: dict[str, list[dict]]) -> str:
-    """Mean (and +- std over seeds when there are several) of each metric, one row per model; below, the
-    COCO metrics' tokenizer."""
-    columns = [c for c in COLUMNS if any(c in runs[0] for runs in rows.values())]
-    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for name, runs in rows.items():
-        cells = []
-        for column in columns:
-            values = np.array([run[column] for run in runs])
-            cell = f"{values.mean():.3f}" if values.mean() < 10 else f"{values.mean():.1f}"
-            cells.append(cell + (f" ± {values.std():.3f}" if len(values) > 1 else ""))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    note = table_note(run for runs in rows.values() for run in runs)  # how BLEU-4 and CIDEr were tokenized
-    return "\n".join(lines + ([f"\n{note}."] if note else [])) + "\n"
-
-
-def run_eval(args: Args, checkpoints: list[str], out: Path) -> dict:
-    """Caption `args.split` with each checkpoint; metrics JSON, captions manifest, Markdown table."""
-    records = load_split(args, args.split)
-    bank = image_bank(args, records)
-    models, kept, done = {}, [], {}
-    for path in checkpoints:
-        payload = load_checkpoint(path)
-        name = f"{Path(path).parent.name}/{Path(path).stem}"
-        digest = weights_digest(payload)  # a fine-tuning's best.pt may be its last.pt, or the XE model (step 0)
-        if digest not in done:
-            model, vocab = model_from_checkpoint(payload, args.device)
-            items: dict = {}
-            metrics, captions, kept = evaluate(args, model, vocab, bank, args.eval_images, items)
-            done[digest] = {**metrics, "per_item": items}, captions, kept
-        metrics, captions, kept = done[digest]
-        models[name] = dict(metrics)
-        lines = [json.dumps({"id": records[i]["id"], "image": str(image_path(records[i])), "caption": c,
-                             "refs": records[i]["refs"]}) for i, c in zip(kept, captions)]  # stages chain through files
-        atomic_write_text(out / f"captions-{name.replace('/', '-')}.jsonl", "\n".join(lines) + "\n")
-    gt = caption_metrics(args, bank, kept, [records[i]["caption"] for i in kept])  # the same images
-    results = {"ground truth": {**gt, "images": len(kept)}, **models}
-    for metrics in results.values():
-        metrics["unreadable_images"] = bank.skipped.count
-    if bank.skipped.count:
-        print(f"[eval] {bank.skipped.count} unreadable images skipped, e.g. {bank.skipped.examples[:3]}")
-    atomic_write_text(out / "metrics.json", json.dumps(results, indent=1))
-    atomic_write_text(out / "table.md", markdown_table({name: [m] for name, m in results.items()}))
-    print(markdown_table({name: [m] for name, m in results.items()}))
-    return results
-
-
-CURVES = {"reward": "the reward it optimises", "CLIP-S": "the judge's CLIP-S"}  # validation metrics over fine-tuning
-
-
-def training_curves(runs: list[Path], algo: str) -> dict:
-    """Validation steps of `algo` and, per metric of CURVES, its values (seeds, points) from each run's log."""
-    per_run = []
-    for run in runs:
-        rows = map(json.loads, (run / algo / "log.jsonl").read_text().splitlines())
-        per_run.append({row["step"]: row["val"] for row in rows if "val" in row})  # a step logged twice: the last
-    steps = sorted(per_run[0])
-    return {"steps": steps, **{metric: np.array([[val[step][metric] for step in steps] for val in per_run])
-                               for metric in CURVES}}
-
-
-def plot_training(curves: dict[str, dict], reward: str, path: Path) -> None:
-    """Reward and judge on the validation captions over fine-tuning, one line per algorithm (mean over seeds,
-    bars: std): a reward that rises while the judge falls is over-optimisation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, len(CURVES), figsize=(4.5 * len(CURVES), 3.6), squeeze=False)
-    for axis, (metric, title) in zip(axes[0], CURVES.items()):
-        for algo, curve in curves.items():
-            axis.errorbar(curve["steps"], curve[metric].mean(0), yerr=curve[metric].std(0), marker="o", capsize=3,
-                          label=algo)
-        axis.set(xlabel="fine-tuning step", title=title + (f" ({reward})" if metric == "reward" else ""))
-    axes[0][0].legend()
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def clocks() -> tuple[float, float]:
-    """Wall and CPU seconds now (CPU: all of the process's threads, the measure that holds on shared cores)."""
-    return time.time(), time.process_time()
-
-
-def run_miniature(args: Args) -> dict:
-    """XE, then DiCO and SCST from the same XE checkpoint with the same budget, then eval; per seed."""
-    started, per_seed, stage_seconds = time.time(), {}, {}
-    for seed in range(args.seed, args.seed + args.seeds):
-        # a miniature run is an experiment to repeat: it replaces its own earlier runs (unless asked to --resume)
-        seed_args = dataclasses.replace(args, seed=seed, out=str(Path(args.out) / f"seed{seed}"),
-                                        overwrite=not args.resume)
-        marks = [("start", clocks())]
-        train(seed_args, "xe")
-        marks.append(("xe", clocks()))
-        xe_best = str(Path(seed_args.out) / "xe" / "best.pt")
-        for algo in ("dico", "scst"):
-            train(dataclasses.replace(seed_args, algo=algo, init=xe_best), algo)
-            marks.append((algo, clocks()))
-        runs = [Path(seed_args.out) / algo / name for algo in ("dico", "scst") for name in ("last.pt", "best.pt")]
-        checkpoints = [xe_best] + [str(path) for path in runs]
-        per_seed[seed] = run_eval(seed_args, checkpoints, Path(seed_args.out) / "eval")
-        marks.append(("eval", clocks()))
-        stage_seconds[seed] = {stage: {"wall": now[0] - before[0], "cpu": now[1] - before[1]}
-                               for (_, before), (stage, now) in zip(marks, marks[1:])}
-    rows = {name: [per_seed[s][name] for s in per_seed] for name in per_seed[args.seed]}
-    table = markdown_table(rows)
-    plot = Path(args.out) / "training.png"
-    plot_training({algo: training_curves([Path(args.out) / f"seed{s}" for s in per_seed], algo)
-                   for algo in ("dico", "scst")}, args.reward, plot)
-    minutes = (time.time() - started) / 60
-    stages = {stage: {clock: sum(run[stage][clock] for run in stage_seconds.values()) for clock in ("wall", "cpu")}
-              for stage in stage_seconds[args.seed]}
-    header = (f"Miniature world (a controlled experiment, not evidence about COCO), seeds {list(per_seed)}, "
-              f"test images {args.eval_images}, {minutes:.1f} min (" +
-              ", ".join(f"{stage} {t['wall']:.0f} s, CPU {t['cpu']:.0f} s" for stage, t in stages.items()) +
-              "). PAC-S here = 2.0 x the miniature scorer's cosine (no PAC-S checkpoint exists there). "
-              f"Reward and judge over fine-tuning: {plot.name}.\n\n")
-    atomic_write_text(Path(args.out) / "results.md", header + table)
-    atomic_write_text(Path(args.out) / "results.json", json.dumps({"per_seed": per_seed, "minutes": minutes,
-                                                                   "stage_seconds": stage_seconds, "plot": str(plot)},
-                                                                  indent=1))
-    print(header + table)
-    return {"per_seed": per_seed, "table": table, "minutes": minutes, "stage_seconds": stage_seconds, "plot": str(plot)}
+        print(f"[{run.stage}] {len(bad)} unreadable images skipped, e.g. {sorted(bad)[:5]} (--strict stops at the "
+              "first)")
+    select = "CIDEr" if run.stage == "xe" else "RefPAC-S"
+    report = {f"best_val_{select}": run.best, "unreadable_images": len(bad), "unreadable_ids": sorted(bad)[:20],
+              **run.labels}
+    atomic_write_text(run.out / "metrics.json", json.dumps({"step": run.step, **report,
+                                                            "seconds": time.time() - started}, indent=1))
+    return {**report, "last": str(run.out / "last.pt"), "best": str(run.out / "best.pt")}
 
 
 def main(argv=None) -> dict:
     args = parse(argv)
     check_flags(args)
     args.device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))  # before any weights
-    if args.stage == "miniature":
-        return run_miniature(args)
     if args.stage == "xe":
         return train(args, "xe")
     if args.stage == "dico":
         return train(args, args.algo)
+    # imported here: the miniature experiment and the evaluation stage's tables import this file, not the reverse
+    from experiments.dico_miniature import run_eval, run_miniature
+
+    if args.stage == "miniature":
+        return run_miniature(args)
     checkpoints = args.checkpoints or [str(p) for a in ("xe", "dico", "scst")
                                        if (p := Path(args.out) / a / "best.pt").exists()]
     if not checkpoints:

@@ -4,6 +4,7 @@ the frozen reference recomputed from what the real training loop used), then met
 and official defaults, global batches (2 gloo ranks), bad images, the real architectures at tiny size; then nothing
 silently wrong: a diverged run, bad fields, nothing readable, resume and rerun into a run, flags out of range."""
 
+import dataclasses
 import itertools
 import json
 import math
@@ -17,9 +18,12 @@ import torch
 import dico
 from common.clip_score import PREFIX, ScorerLoadError, clip_s, load_clip, pac_s, ref_clip_s, ref_pac_s
 from common.clip_train import TrainConfig, ensure_miniature_scorer
-from common.data import BadSampleError, DeviceError, ManifestError, NonFiniteError, image_path, open_image, read_manifest
+from common.data import (BadSampleError, DeviceError, ManifestError, NonFiniteError, image_path, open_image,
+                         read_manifest)
+from common.image_bank import ImageBank
 from common.miniature import WorldConfig, ensure_world
 from caption_kernels.dico import sequence_logprobs
+from experiments.dico_miniature import plot_training, training_curves
 from tests.realarch import assert_same_weights, run_torchrun, serve_open_clip_tag
 
 WORLD = WorldConfig(n_train=48, n_val=12, n_test=12, n_synthetic=1)
@@ -54,6 +58,12 @@ def world_in_scorer_root(request, monkeypatch):
     """Tests that use the scorer find the tiny world in its folder; unit tests do not build either."""
     if "scorer" in request.fixturenames:
         monkeypatch.setenv("BETTER_CAPTIONS_CACHE", str(request.getfixturevalue("scorer")[1]))
+
+
+def fresh_bank(args, records):
+    """A new ImageBank of `records` under the frozen encoder of `args` (not the one cached for the process)."""
+    encoder = dico.load_scorer(args, args.encoder_model, args.encoder_pretrained)
+    return ImageBank(records, encoder, args.device, args.strict, args.cache_features)
 
 
 def tiny_captioner(n_tokens=5, seed=0, max_len=3):
@@ -187,7 +197,8 @@ def test_dico_terms_by_hand():
     policy = torch.tensor([[-3.0, -2.0, -4.0], [-1.6, -0.5, -1.5], [-1.0, -1.0, -1.0]], requires_grad=True)
     ref = torch.tensor([[-2.5, -2.5, -3.0], [-1.2, -1.5, -1.5], [-5.0, -5.0, -5.0]])
     terms = dico.dico_terms(policy, ref, rewards, valid, 0.5, 10.0, "torch")
-    # row 0: s = (-0.5, 0.5, -1.0), winner 1; gamma over losers 0, 2 = softmax(10 * (0.4, 0.2)) = (sigmoid(2), sigmoid(-2))
+    # row 0: s = (-0.5, 0.5, -1.0), winner 1; gamma over losers 0, 2 = softmax(10 * (0.4, 0.2))
+    #        = (sigmoid(2), sigmoid(-2))
     g0 = (sigmoid(2.0), sigmoid(-2.0))
     z0 = 0.5 * (0.5 - (g0[0] * -0.5 + g0[1] * -1.0))
     # row 1: s = (-0.4, 1.0, 0.0), a tie at 0.7: winner 0 (the first); losers 1, 2: softmax(10 * (0.5, 0.0))
@@ -287,13 +298,13 @@ def test_metrics_match_common_clip_score(scorer):
     path, _ = scorer
     args = dico.parse(["eval", *WORLD_FLAGS, *model_flags(path), "--device", "cpu"])  # the miniature preset
     records = dico.load_split(args, "test")[:5]
-    bank = dico.ImageBank(args, records)
+    bank = fresh_bank(args, records)
     tokens, kept = bank.visual_tokens([0, 1])
     assert tokens.shape == (2, 1 + 16, 32) and kept == [0, 1]  # CLS + 4x4 patches, width 32
     captions = ["a red circle.", "two squares on sand.", "a small green cross on the left, on water.", "snow.", "x"]
     metrics = dico.caption_metrics(args, bank, list(range(5)), captions)
     bundle = dico.load_scorer(args, "micro-ViT-16", path)
-    images, refs = [dico.image_path(r) for r in records], [r["refs"] for r in records]
+    images, refs = [image_path(r) for r in records], [r["refs"] for r in records]
     kw = dict(progress=False)
     assert metrics["CLIP-S"] == pytest.approx(clip_s(bundle, images, captions, **kw)["mean"], abs=1e-5)
     assert metrics["RefCLIP-S"] == pytest.approx(ref_clip_s(bundle, images, captions, refs, **kw)["mean"], abs=1e-5)
@@ -310,7 +321,8 @@ def clip_features(bundle, images=(), texts=()):
     with torch.no_grad():
         img = torch.stack([bundle.preprocess(image) for image in images]) if images else None
         img = torch.nn.functional.normalize(bundle.model.encode_image(img), dim=-1) if images else None
-        txt = torch.nn.functional.normalize(bundle.model.encode_text(bundle.tokenizer(list(texts))), dim=-1) if texts else None
+        txt = (torch.nn.functional.normalize(bundle.model.encode_text(bundle.tokenizer(list(texts))), dim=-1)
+               if texts else None)
     return img, txt
 
 
@@ -357,7 +369,7 @@ def dico_loss_by_hand(policy, ref, rewards, valid, beta, tau):
         r, s = rewards[b].tolist(), (policy[b] - ref[b]).tolist()
         w = max(idx, key=lambda i: (r[i], -i))  # argmax, first on ties
         losers = [j for j in idx if j != w]
-        e = [math.exp(tau * (r[w] - r[j]) - tau * (r[w] - min(r[l] for l in losers))) for j in losers]
+        e = [math.exp(tau * (r[w] - r[j]) - tau * (r[w] - min(r[loser] for loser in losers))) for j in losers]
         z = beta * (s[w] - sum(e_j / sum(e) * s[j] for e_j, j in zip(e, losers)))
         losses.append(softplus(-z))
         margins.append(z)
@@ -375,7 +387,7 @@ def test_real_loop_uses_the_frozen_xe_reference_and_w_cos_rewards(scorer, tmp_pa
     quick = ["--xe-eval-every", "100", "--eval-every", "100", "--val-images", "2"]
     dico.main(tiny_args(scorer, out, "xe", "--xe-steps", "1", *quick))
     events = []
-    real_visual_tokens, real_beam_search, real_dico_terms = dico.ImageBank.visual_tokens, dico.beam_search, dico.dico_terms
+    real_visual_tokens, real_beam_search, real_dico_terms = ImageBank.visual_tokens, dico.beam_search, dico.dico_terms
 
     def visual_tokens(bank, indices):
         tokens, kept = real_visual_tokens(bank, indices)
@@ -391,7 +403,7 @@ def test_real_loop_uses_the_frozen_xe_reference_and_w_cos_rewards(scorer, tmp_pa
         events.append(("terms", policy_logps.detach().clone(), ref_logps.clone(), rewards.clone(), valid.clone()))
         return real_dico_terms(policy_logps, ref_logps, rewards, valid, *rest)
 
-    monkeypatch.setattr(dico.ImageBank, "visual_tokens", visual_tokens)
+    monkeypatch.setattr(ImageBank, "visual_tokens", visual_tokens)
     monkeypatch.setattr(dico, "beam_search", beam_search)
     monkeypatch.setattr(dico, "dico_terms", dico_terms)
     # --xe-warmup 0.9 would slow the first steps if fine-tuning warmed up: its learning rate is constant
@@ -418,7 +430,8 @@ def test_real_loop_uses_the_frozen_xe_reference_and_w_cos_rewards(scorer, tmp_pa
         texts = [tokenizer.decode([bpe[t] for t in itertools.takewhile(lambda t: t not in (xe.eos, xe.pad), row)])
                  for row in tokens.flatten(0, 1).tolist()]
         img, txt = clip_features(bundle, images=[open_image(image_path(r)) for r in images], texts=texts)
-        torch.testing.assert_close(rewards, 2.0 * torch.einsum("be,bke->bk", img, txt.view(4, 3, -1)), atol=1e-5, rtol=0)
+        torch.testing.assert_close(rewards, 2.0 * torch.einsum("be,bke->bk", img, txt.view(4, 3, -1)), atol=1e-5,
+                                   rtol=0)
         loss, margin = dico_loss_by_hand(policy.double(), ref.double(), rewards.double(), valid, 0.5, 10.0)
         assert rows[n]["loss"] == pytest.approx(loss, abs=1e-5) and rows[n]["margin"] == pytest.approx(margin, abs=1e-5)
         assert rows[n]["lr"] == 1e-3  # constant: no warm-up in fine-tuning
@@ -436,7 +449,7 @@ def test_xe_targets_are_drawn_from_every_reference(scorer, tmp_path, monkeypatch
     """Each XE target is one of its image's five references (as the vocabulary encodes it), and over a few steps
     the draws reach beyond the first reference: no code path keeps only one reference per image."""
     events = []
-    real_visual_tokens, real_xe_loss = dico.ImageBank.visual_tokens, dico.xe_loss
+    real_visual_tokens, real_xe_loss = ImageBank.visual_tokens, dico.xe_loss
 
     def visual_tokens(bank, indices):
         tokens, kept = real_visual_tokens(bank, indices)
@@ -447,7 +460,7 @@ def test_xe_targets_are_drawn_from_every_reference(scorer, tmp_path, monkeypatch
         events.append(("targets", [row[m].tolist() for row, m in zip(targets, mask)]))
         return real_xe_loss(logits, targets, mask)
 
-    monkeypatch.setattr(dico.ImageBank, "visual_tokens", visual_tokens)
+    monkeypatch.setattr(ImageBank, "visual_tokens", visual_tokens)
     monkeypatch.setattr(dico, "xe_loss", xe_loss)
     out = tmp_path / "run"
     dico.main(tiny_args(scorer, out, "xe", "--xe-steps", "4", "--xe-eval-every", "100", "--val-images", "2"))
@@ -479,18 +492,22 @@ def test_every_stage_runs_and_writes_its_files(scorer, tmp_path, monkeypatch):
         rows = [json.loads(line) for line in (out / algo / "log.jsonl").read_text().splitlines()]
         train_rows = [row for row in rows if "loss" in row]
         assert len(train_rows) == 2 and all(math.isfinite(row["loss"]) for row in train_rows)
-        keys = {"reward_winner", "reward_mean"} | ({"gamma_entropy", "margin", "reward_accuracy"} if algo == "dico" else set())
+        keys = {"reward_winner", "reward_mean"} | (
+            {"gamma_entropy", "margin", "reward_accuracy"} if algo == "dico" else set())
         assert keys <= set(train_rows[0])
         if algo == "dico":
             assert train_rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     # each validation of a fine-tuning stage logs the training reward (2.0 cos, no prefix, no clamp) of the captions
     # the judge scores, the plot's curve: at step 0 both validate the XE model, whose captions the eval stage writes
-    dico.main(tiny_args(scorer, tmp_path / "val", "eval", "--split", "val", "--checkpoints", str(out / "xe" / "best.pt")))
+    dico.main(tiny_args(scorer, tmp_path / "val", "eval", "--split", "val", "--checkpoints",
+                        str(out / "xe" / "best.pt")))
     written = read_manifest(tmp_path / "val" / "eval" / "captions-xe-best.jsonl")
-    img, txt = clip_features(load_clip("micro-ViT-16", scorer[0], "cpu"), images=[open_image(image_path(r)) for r in written],
+    img, txt = clip_features(load_clip("micro-ViT-16", scorer[0], "cpu"),
+                             images=[open_image(image_path(r)) for r in written],
                              texts=[r["caption"] for r in written])
     for algo in ("dico", "scst"):
-        first = next(row["val"] for row in map(json.loads, (out / algo / "log.jsonl").read_text().splitlines()) if "val" in row)
+        rows = map(json.loads, (out / algo / "log.jsonl").read_text().splitlines())
+        first = next(row["val"] for row in rows if "val" in row)
         assert first["reward"] == pytest.approx(float(2.0 * (img * txt).sum(-1).mean()), abs=1e-5)
     results = dico.main(tiny_args(scorer, out, "eval"))
     assert set(results) == {"ground truth", "xe/best", "dico/best", "scst/best"}
@@ -541,7 +558,8 @@ def test_nan_loss_stops_with_the_step(scorer, tmp_path, monkeypatch):
         return {"loss": logits.sum() * float("nan")}
 
     monkeypatch.setattr(dico, "xe_loss", poisoned)
-    with pytest.raises(NonFiniteError, match=r"^\[xe\] step 1 of 3, before its update \(no last.pt written by this run\): "
+    with pytest.raises(NonFiniteError, match=r"^\[xe\] step 1 of 3, before its update "
+                                             r"\(no last.pt written by this run\): "
                                              "the loss is nan"):
         dico.main(tiny_args(scorer, tmp_path / "run", "xe", "--xe-steps", "3"))
     assert not (tmp_path / "run" / "xe" / "last.pt").exists()
@@ -714,7 +732,8 @@ def karpathy_json(tmp_path):
 def last_block_tokens(visual, pixels):
     """The ViT's last residual block's output (B, 1 + P, W), taken by a hook: pre-ln_post, independently."""
     captured = []
-    hook = visual.transformer.resblocks[-1].register_forward_hook(lambda module, inputs, output: captured.append(output))
+    hook = visual.transformer.resblocks[-1].register_forward_hook(
+        lambda module, inputs, output: captured.append(output))
     with torch.no_grad():
         visual(pixels)
     hook.remove()
@@ -761,7 +780,7 @@ def test_real_run_commands_with_the_real_architectures_at_tiny_width(tmp_path, m
     assert train_rows(out, "dico")[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
 
     args = dico.parse(["eval", *real])
-    bank = dico.ImageBank(args, dico.load_split(args, "test"))
+    bank = fresh_bank(args, dico.load_split(args, "test"))
     tokens, kept = bank.visual_tokens([0, 1])
     pixels = torch.stack([bank.encoder.preprocess(open_image(image_path(bank.records[i]))) for i in kept])
     visual = bank.encoder.model.visual
@@ -782,7 +801,8 @@ def test_smoke_preset_runs_every_stage_of_the_miniature_run(tmp_path):
     assert set(result["per_seed"][0]) >= {"ground truth", "xe/best", "dico/last", "scst/last"}
     assert [row["step"] for row in train_rows(tmp_path / "mini" / "seed0", "dico")][-1] == 4  # the preset's 4 steps
     assert (tmp_path / "mini" / "results.md").exists()
-    assert result["plot"] == str(tmp_path / "mini" / "training.png") and Path(result["plot"]).read_bytes()[:4] == b"\x89PNG"
+    assert result["plot"] == str(tmp_path / "mini" / "training.png")
+    assert Path(result["plot"]).read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((tmp_path / "mini" / "results.json").read_text())
     assert list(saved["stage_seconds"]["0"]) == ["xe", "dico", "scst", "eval"] and saved["plot"] == result["plot"]
     again = dico.main(["--preset", "smoke", "--out", str(tmp_path / "mini")])  # reproduce.py reruns into its folder
@@ -793,15 +813,18 @@ def test_training_curves_read_the_validation_rows_of_every_seed(tmp_path):
     """The plot's numbers: per algorithm the validation steps and (seeds, steps) arrays of reward and CLIP-S; a step
     validated twice (a resumed run) counts once, with its last value."""
     logs = {"seed0": [{"step": 0, "val": {"reward": 1.0, "CLIP-S": 2.0}}, {"step": 1, "loss": 0.7},
-                      {"step": 2, "val": {"reward": 1.5, "CLIP-S": 1.0}}, {"step": 2, "val": {"reward": 1.2, "CLIP-S": 1.8}}],
-            "seed1": [{"step": 0, "val": {"reward": 3.0, "CLIP-S": 4.0}}, {"step": 2, "val": {"reward": 0.2, "CLIP-S": 0.8}}]}
+                      {"step": 2, "val": {"reward": 1.5, "CLIP-S": 1.0}},
+                      {"step": 2, "val": {"reward": 1.2, "CLIP-S": 1.8}}],
+            "seed1": [{"step": 0, "val": {"reward": 3.0, "CLIP-S": 4.0}},
+                      {"step": 2, "val": {"reward": 0.2, "CLIP-S": 0.8}}]}
     for seed, rows in logs.items():
         (tmp_path / seed / "dico").mkdir(parents=True)
         (tmp_path / seed / "dico" / "log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    curves = dico.training_curves([tmp_path / "seed0", tmp_path / "seed1"], "dico")
+    curves = training_curves([tmp_path / "seed0", tmp_path / "seed1"], "dico")
     assert curves["steps"] == [0, 2]
-    assert curves["reward"].tolist() == [[1.0, 1.2], [3.0, 0.2]] and curves["CLIP-S"].tolist() == [[2.0, 1.8], [4.0, 0.8]]
-    dico.plot_training({"dico": curves, "scst": curves}, "pac_s", tmp_path / "plot.png")
+    assert curves["reward"].tolist() == [[1.0, 1.2], [3.0, 0.2]]
+    assert curves["CLIP-S"].tolist() == [[2.0, 1.8], [4.0, 0.8]]
+    plot_training({"dico": curves, "scst": curves}, "pac_s", tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -850,7 +873,8 @@ def test_weights_an_update_poisons_never_reach_a_checkpoint(scorer, tmp_path, mo
     monkeypatch.setattr(torch.optim.Adam, "step", poisoning_step)
     out = tmp_path / "run"
     with pytest.raises(NonFiniteError, match=rf"^\[xe\] step 4 of 4, after its update \({out / 'xe' / 'last.pt'} keeps "
-                                             r"step 2\): 1 of \d+ weight tensors hold NaN or inf \(visual_proj.weight\)"):
+                                             r"step 2\): 1 of \d+ weight tensors hold NaN or inf "
+                                             r"\(visual_proj.weight\)"):
         run(scorer, out, "xe", "--xe-steps", "4")
     assert dico.load_checkpoint(out / "xe" / "last.pt")["step"] == 2
     assert finite_weights(out / "xe" / "last.pt") and finite_weights(out / "xe" / "best.pt")
@@ -922,7 +946,8 @@ def test_nothing_readable_to_train_on_is_refused_before_any_checkpoint(scorer, t
     for cache in ([], ["--cache-features"]):  # images read as drawn, or all at the start
         out = tmp_path / f"run{len(cache)}"
         with pytest.raises(BadSampleError, match=rf"^\[xe\] nothing to train on: none of the 8 training images of "
-                                                 rf"{tmp_path / 'train.jsonl'} can be read, all skipped \(first: sample"):
+                                                 rf"{tmp_path / 'train.jsonl'} can be read, all skipped "
+                                                 r"\(first: sample"):
             run(scorer, out, "xe", "--xe-steps", "2", *data, *cache)
         assert not (out / "xe" / "best.pt").exists()
 
@@ -935,7 +960,8 @@ def test_resume_refuses_other_settings_naming_the_flags(scorer, tmp_path):
     with pytest.raises(SystemExit, match=r"--xe-lr 0.001, not --xe-lr 0.01: .*another --out"):
         run(scorer, out, "xe", "--xe-steps", "2", "--xe-lr", "0.01", "--resume", *QUICK)
     run(scorer, out, "dico", "--steps", "2", *QUICK)
-    with pytest.raises(SystemExit, match=r"trained with --beta 0.2 --lr 0.0001, not --beta 0.5 --lr 0.001: resume with "):
+    with pytest.raises(SystemExit,
+                       match=r"trained with --beta 0.2 --lr 0.0001, not --beta 0.5 --lr 0.001: resume with "):
         run(scorer, out, "dico", "--steps", "3", "--lr", "1e-3", "--beta", "0.5", "--resume", *QUICK)
     run(scorer, tmp_path / "other", "xe", "--xe-steps", "1", "--seed", "1", *QUICK)
     with pytest.raises(SystemExit, match=r"--init sha256:\w{16}, not --init sha256:\w{16}"):  # another reference
@@ -944,6 +970,32 @@ def test_resume_refuses_other_settings_naming_the_flags(scorer, tmp_path):
     # more steps, micro-batches, saves every step: the same run, continued
     run(scorer, out, "dico", "--steps", "3", "--micro-batch-size", "2", "--save-every", "1", "--resume", *QUICK)
     assert [row["step"] for row in train_rows(out, "dico")] == [1, 2, 3]
+
+
+def test_a_resumed_run_with_another_lr_is_refused_and_with_the_same_flags_continues(scorer, tmp_path):
+    """`dico --resume` with another --lr would load the optimiser state, whose learning rate is the saved one, and go
+    on at the old rate without a word: it is refused, naming --lr with the saved and the wanted values, before any
+    step; with the same flags the run continues from its step at its learning rate."""
+    out = tmp_path / "run"
+    run(scorer, out, "xe", "--xe-steps", "1", *QUICK)
+    run(scorer, out, "dico", "--steps", "1", "--lr", "1e-3", *QUICK)
+    with pytest.raises(SystemExit, match=r"last.pt was trained with --lr 0.001, not --lr 0.0005: resume with its"):
+        run(scorer, out, "dico", "--steps", "2", "--lr", "5e-4", "--resume", *QUICK)
+    assert [row["step"] for row in train_rows(out, "dico")] == [1]  # nothing trained at either rate
+    run(scorer, out, "dico", "--steps", "2", "--lr", "1e-3", "--resume", *QUICK)
+    rows = train_rows(out, "dico")
+    assert [row["step"] for row in rows] == [1, 2] and rows[-1]["lr"] == 1e-3
+    assert dico.load_checkpoint(out / "dico" / "last.pt")["optimizer"]["param_groups"][0]["lr"] == 1e-3
+
+
+def test_every_flag_is_in_the_recipe_or_free_to_change_on_resume():
+    """Each flag either decides a stage's results (dico.RECIPE_FLAGS: a resume with another value is refused, as
+    --lr above) or is listed in dico.FREE_ON_RESUME: a new flag in neither fails here instead of being ignored."""
+    fields = {f.name for f in dataclasses.fields(dico.Args)}
+    recipe, free = set().union(*dico.RECIPE_FLAGS.values()), set(dico.FREE_ON_RESUME)
+    assert not recipe & free, f"in both lists: {sorted(recipe & free)}"
+    assert recipe | free == fields, (
+        f"in neither: {sorted(fields - recipe - free)}, not flags: {sorted(recipe | free - fields)}")
 
 
 def test_a_rerun_never_replaces_a_finished_run_unasked(scorer, tmp_path):
