@@ -43,15 +43,16 @@ def recipe_changes(found: dict, wanted: dict) -> str:
                      for key in sorted(set(found) | set(wanted)) if found.get(key) != wanted.get(key))
 
 
-def check_resume_recipe(path: str | os.PathLike, saved: dict | None, wanted: dict) -> None:
+def check_resume_recipe(path: str | os.PathLike, saved: dict | None, wanted: dict,
+                        start_afresh: str = "--no-resume") -> None:
     """Refuse to continue the run saved at `path` under settings other than its own: an error naming each flag
-    that differs (saved vs now) and the two ways on (a new --out, or --no-resume to start afresh)."""
+    that differs (saved vs now) and the two ways on (a new --out, or `start_afresh`, the flag that starts over)."""
     if saved is None:
         raise ManifestError(f"{path} holds no recipe (an older version wrote it), so its settings cannot be checked: "
-                            "pass a new --out, or --no-resume to start afresh")
+                            f"pass a new --out, or {start_afresh} to start afresh")
     if saved != wanted:
         raise ManifestError(f"{path} holds a run of other settings ({recipe_changes(saved, wanted)}); pass a new "
-                            "--out, or --no-resume to start afresh")
+                            f"--out, or {start_afresh} to start afresh")
 
 
 def guard_where(stage: str, step: int, steps: int, when: str, path: Path, saved_step: int | None) -> str:
