@@ -24,6 +24,7 @@ from PIL import Image
 
 from common.clip_score import tag_settings
 from common.data import ManifestError, MissingWeightsError, image_source, open_image
+from common.training import epoch_permutation
 
 
 @dataclass(frozen=True)
@@ -258,11 +259,11 @@ def probe_loader(dataset: ProbeDataset, settings: ProbeSettings, **batching) -> 
 
 
 def epoch_batches(n: int, batch_size: int, seed: int) -> Iterator[np.ndarray]:
-    """Endless batches of min(batch_size, n) indices: epoch e is np.random.default_rng([seed, e]).permutation(n) cut
-    into whole batches (the remainder sits that epoch out), each sorted so that a memory-mapped cache reads in order."""
+    """Endless batches of min(batch_size, n) indices: epoch e is common.training.epoch_permutation(e) cut into whole
+    batches (the remainder sits that epoch out), each sorted so that a memory-mapped cache reads in order."""
     size = min(batch_size, n)
     for epoch in itertools.count():
-        order = np.random.default_rng([seed, epoch]).permutation(n)
+        order = epoch_permutation(epoch, n, seed)
         for start in range(0, n - size + 1, size):
             yield np.sort(order[start:start + size])
 
