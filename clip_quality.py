@@ -51,7 +51,6 @@ from typing import Annotated, Callable, Literal, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import tyro
 
 from common.benchmarks import check_benchmarks, evaluate_benchmarks, write_benchmark_results
@@ -67,6 +66,7 @@ from common.dense_probe import (ProbeSettings, check_specs, create_random, load_
                                 probe_specs, trivial_baselines)
 from common.generate import check_resumable, generate_sharded
 from common.miniature import SEGMENTATION_CLASSES, WorldConfig, ensure_world
+from common.vit_attention import summed_over_images
 
 Regime = Literal["datacomp", "datacompdr", "swap"]
 # The miniature budget: 150 steps of 128 (about 4 epochs of the 5,000 training images), sized for the 10-minute
@@ -279,37 +279,6 @@ def mean_attention_distance(attn: torch.Tensor, grid: tuple[int, int], patch_siz
     return (patches * patch_distances(grid, patch_size)).sum(-1).mean(dim=(0, 2))
 
 
-def attention_blocks(visual: nn.Module) -> nn.ModuleList:
-    """The transformer blocks of an open_clip ViT tower, each with an nn.MultiheadAttention; else TypeError."""
-    blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
-    if blocks is None or not all(isinstance(getattr(block, "attn", None), nn.MultiheadAttention) for block in blocks):
-        raise TypeError(f"{type(visual).__name__} has no blocks with nn.MultiheadAttention: attention "
-                        "distance supports open_clip VisionTransformer towers only")
-    return blocks
-
-
-@torch.no_grad()
-def attention_maps(visual: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
-    """Per layer (B, H, L, L) attention probabilities, recomputed from each block's captured input."""
-    blocks = attention_blocks(visual)
-    captured = {}
-    hooks = [block.attn.register_forward_pre_hook(lambda module, a, kw, i=i: captured.__setitem__(i, (a, kw)),
-                                                  with_kwargs=True) for i, block in enumerate(blocks)]
-    try:
-        visual(images)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    maps = []
-    for i, block in enumerate(blocks):
-        inputs, kwargs = captured[i]
-        # softmax(Q K^T / sqrt(d_head)) per head, from the block's own projections
-        _, weights = block.attn(*inputs[:3], need_weights=True, average_attn_weights=False,
-                                attn_mask=kwargs.get("attn_mask"))
-        maps.append(weights.float().cpu())  # (B, H, L, L)
-    return maps
-
-
 # ---- DataCompDR's synthetic captions (MobileCLIP's dataset reinforcement) ------------------------------------------
 def run_synthesize(args: Args) -> dict:
     """The synthesize stage: --num-synthetic captions per --data image into --synthetic-field, every field kept;
@@ -495,18 +464,11 @@ def run_attention(args: Args, records: dict, specs: Sequence[str], rank: int = 0
     for spec in specs:
         label, model, preprocess = load_model_spec(spec, args.device)
         visual = model.visual
-        blocks = attention_blocks(visual)
         images = preprocess_images(mine, preprocess) if mine else torch.zeros(0)  # (n, 3, H, W)
-        # sum over images of d_h(image): (layers, heads), divided by the number of images at the end
-        total = torch.zeros(len(blocks), blocks[0].attn.num_heads, dtype=torch.float64, device=args.device)
-        for i in range(0, len(images), 32):  # one batch of maps at a time: ViT-B/16 maps are 2 GB per 128 images
-            batch = images[i:i + 32].to(args.device)
-            maps = attention_maps(visual, batch)
-            total += len(batch) * torch.stack([mean_attention_distance(m, visual.grid_size, visual.patch_size)
-                                               for m in maps]).to(args.device)  # (layers, heads)
+        # sum over images (and ranks) of d_h(image): (layers, heads), divided by the number of images below
+        total = summed_over_images(visual, images, partial(mean_attention_distance, grid=visual.grid_size,
+                                                           patch_size=visual.patch_size), args.device, world_size)
         print(f"attention {label}: {len(mine)} of {len(chosen)} images on rank {rank} of {world_size}")
-        if world_size > 1:
-            dist.all_reduce(total)
         results[label] = {"spec": spec, "per_layer_per_head_px": (total.cpu() / len(chosen)).tolist(),
                           "uniform_px": uniform_attention_distance(visual.grid_size, visual.patch_size),
                           "patch_size": list(visual.patch_size), "grid": list(visual.grid_size), "images": len(chosen)}

@@ -1,5 +1,6 @@
-"""clip_quality.py (with common/dense_probe.py, common/coca_captions.py and experiments/clip_quality_miniature.py):
-attention distance by hand, DataCompDR sampling, probe metrics, every stage end to end."""
+"""clip_quality.py (with common/dense_probe.py, common/coca_captions.py, common/vit_attention.py and
+experiments/clip_quality_miniature.py): attention distance by hand, DataCompDR sampling, probe metrics, every stage
+end to end."""
 
 import itertools
 import json
@@ -15,6 +16,7 @@ from PIL import Image
 import clip_quality as cq
 import common.coca_captions as coca
 import common.dense_probe as dp
+import common.vit_attention as vit_attention
 import experiments.clip_quality_miniature as miniature
 from common.clip_train import create_clip
 from common.data import DeviceError, NonFiniteError, image_path
@@ -67,7 +69,7 @@ def test_captured_attention_equals_softmax_of_the_block_projections():
     model, preprocess, _ = create_clip(MICRO, seed=3)
     visual = model.visual.eval()
     images = torch.randn(2, 3, 64, 64)
-    maps = cq.attention_maps(visual, images)
+    maps = vit_attention.attention_maps(visual, images)
     assert len(maps) == len(visual.transformer.resblocks)
     # recompute layer 0 by hand from the embedded input
     block = visual.transformer.resblocks[0]
