@@ -51,23 +51,22 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
-import open_clip
 import torch
 import tyro
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
 from common.benchmarks import check_benchmarks, evaluate_benchmarks, write_benchmark_results
 from common.cli import check_ranges, parse, preset_help
-from common.clip_eval import ImageRows, encode_images, encode_texts, retrieval_metrics, texts_of, zero_shot_accuracy
-from common.clip_score import tag_settings
-from common.clip_train import MINIATURE_MODEL, TrainConfig, create_clip, train_clip, usable_rows
+from common.clip_eval import build_clip, load_checkpoint, retrieval_and_zero_shot
+from common.clip_train import MINIATURE_MODEL, TrainConfig, train_clip, usable_rows
 from common.columns import Columns, index_data
-from common.data import (BadSampleError, ManifestError, MissingWeightsError, SkipCounter, atomic_write_text,
-                         check_device, init_distributed, load_model, load_pretrained, open_record_image, read_manifest,
-                         run_command, shown, text_problem)
+from common.data import (BadSampleError, SkipCounter, atomic_write_text, check_device, init_distributed, read_manifest,
+                         run_command, shown)
 from common.degenerate import DegenerateCounter
-from common.generate import check_resumable, generate_sharded, merge_rank_counters, pending
-from common.miniature import WorldConfig, zero_shot_tasks
+from common.generate import (check_resumable, degenerate_flag, generate_texts, generation_recipe, image_inputs,
+                             load_causal_lm, load_image_text_model, pending, readable_images, run_generation,
+                             weights_dtype)
+from common.miniature import WorldConfig
 
 log = logging.getLogger("veclip")
 
@@ -273,80 +272,33 @@ class MixedTexts:
         return mixed_texts(alt_texts, llm_vecs, use_alt)
 
 
-# ---- Generation stages (vec, fuse): rank-sharded, resumable ----
-
-
-def generate(model, tokenizer, inputs, max_new_tokens: int) -> list[str]:
-    """Greedy continuations of a left-padded batch, decoded without the prompt."""
-    with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id)
-    new_tokens = output[:, inputs["input_ids"].shape[1]:]  # (B, new)
-    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-
-
-def run_generation(args: Args, process_batch, counter: DegenerateCounter | None = None,
-                   what: str = "captions") -> dict:
-    """`process_batch(records, counts) -> [(record, new fields)]` over this rank's unfinished samples of --data, by
-    common.generate.generate_sharded; `counter`'s line (every rank's counts merged) is logged once at the end."""
-    rank, world_size, _ = init_distributed(args.device)
-    counts = generate_sharded(args.data, args.out, args.gen_batch_size, process_batch, rank, world_size, args.stage)
-    if counter is not None:
-        merge_rank_counters(counter, rank, world_size)  # every rank's examples and counts in the one line
-        if rank == 0 and counter.checked:
-            log.warning("%s: %s", args.stage, counter.line(what, 'written, flagged in "<field>_degenerate"'))
-    log.info("%s: %s -> %s", args.stage, counts, args.out)
-    return counts
-
-
-def flag_degenerate(counter: DegenerateCounter, caption: str, sample, counts: Counter, key: str, field: str) -> dict:
-    """`{"<field>_degenerate": reason}` (None for a usable caption), counted under `key`: a degenerate caption is
-    written and flagged, not dropped, and each generated field has its own flag."""
-    reason = counter.check(caption, sample=sample)
-    counts[key] += reason is not None
-    return {f"{field}_degenerate": reason}
-
-
-def gen_dtype(args: Args, device: str) -> torch.dtype:
-    """The VLM/LLM weights dtype: --gen-dtype on CUDA, float32 on CPU (bf16 matmuls are slow there)."""
-    return getattr(torch, args.gen_dtype) if device.startswith("cuda") else torch.float32
-
-
-def generation_recipe(args: Args, names: tuple[str, ...]) -> dict:
-    """What decides a generation stage's output (--data and the Args `names`): a resume of other settings is refused."""
-    return {"data": args.data, **{name: getattr(args, name) for name in names}}
+# ---- Generation stages (vec, fuse): rank-sharded, resumable (common.generate) ----
 
 
 def stage_vec(args: Args) -> dict:
-    """Step 1: a VeC for every image, written as `vec_field`."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
+    """Step 1: a VeC for every image, written as `vec_field` (+ `<field>_degenerate`, None for a usable VeC)."""
     rank, world_size, device = init_distributed(args.device)
-    check_resumable(args.data, args.out, generation_recipe(args, ("vlm", "vec_field", "max_new_tokens", "gen_dtype")),
-                    rank, world_size)
-    remote = {"trust_remote_code": args.trust_remote_code}
-    processor = load_pretrained(AutoProcessor, args.vlm, "--vlm", **remote)
-    model = load_model(AutoModelForImageTextToText, args.vlm, "--vlm", dtype=gen_dtype(args, device), **remote)
-    model.to(device).eval()
-    processor.tokenizer.padding_side = "left"  # decoder-only generation continues from the right end
+    dtype = weights_dtype(args.gen_dtype, device)
+    names = ("vlm", "vec_field", "max_new_tokens")
+    recipe = generation_recipe(args.data, {name: getattr(args, name) for name in names}, dtype)
+    check_resumable(args.data, args.out, recipe, rank, world_size)
+    processor, model = load_image_text_model(args.vlm, "--vlm", device, dtype, args.trust_remote_code)
     prompt, skipped, counter = vlm_prompt(processor), SkipCounter(), DegenerateCounter()
 
     def process_batch(batch: list[dict], counts: Counter):
-        opened = [(record, open_record_image(record, skipped, args.strict)) for record in batch]
-        kept = [record for record, image in opened if image is not None]
-        images = [image for _, image in opened if image is not None]
-        counts["unreadable_images"] += len(batch) - len(kept)
+        kept, images = readable_images(batch, skipped, args.strict, counts)
         if not kept:
             return []
-        inputs = processor(images=images, text=[prompt] * len(images), return_tensors="pt", padding=True).to(device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        vecs = generate(model, processor.tokenizer, inputs, args.max_new_tokens)  # step 1
+        inputs = image_inputs(processor, images, prompt, device, model.dtype)
+        vecs = generate_texts(model, processor.tokenizer, inputs, args.max_new_tokens,
+                              pad_token_id=processor.tokenizer.pad_token_id)  # step 1
         counts["empty_vec"] += sum(not vec for vec in vecs)
-        return [(record, {args.vec_field: vec, **flag_degenerate(counter, vec, record["id"], counts, "degenerate_vec",
-                                                                    args.vec_field)})
+        return [(record, {args.vec_field: vec, **degenerate_flag(counter, vec, record["id"], args.vec_field, counts,
+                                                                 "degenerate_vec", usable_too=True)})
                 for record, vec in zip(kept, vecs)]
 
-    return run_generation(args, process_batch, counter, "VeCs")
+    return run_generation(args.data, args.out, args.gen_batch_size, process_batch, args.stage, args.device, counter,
+                          "VeCs", log)
 
 
 def fusion_inputs(record: dict, args: Args) -> tuple[str, str]:
@@ -361,23 +313,18 @@ def fusion_inputs(record: dict, args: Args) -> tuple[str, str]:
 
 
 def stage_fuse(args: Args) -> dict:
-    """Step 2: LLM-VeC from alt-text + VeC, written as `llm_vec_field` (+ `<field>_fallback`)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """Step 2: LLM-VeC from alt-text + VeC, written as `llm_vec_field` (+ `<field>_fallback`, `<field>_degenerate`)."""
     rank, world_size, device = init_distributed(args.device)
-    check_resumable(args.data, args.out, generation_recipe(args, (
-        "llm", "alt_field", "vec_field", "llm_vec_field", "max_new_tokens", "max_prompt_tokens", "gen_dtype")),
-        rank, world_size)
+    dtype = weights_dtype(args.gen_dtype, device)
+    names = ("llm", "alt_field", "vec_field", "llm_vec_field", "max_new_tokens", "max_prompt_tokens")
+    recipe = generation_recipe(args.data, {name: getattr(args, name) for name in names}, dtype)
+    check_resumable(args.data, args.out, recipe, rank, world_size)
     # this rank's inputs still to do, checked (streamed) before the LLM loads, not hours into the run
     for record in pending(args.data, args.out, rank, world_size):
         fusion_inputs(record, args)
-    remote = {"trust_remote_code": args.trust_remote_code}
-    tokenizer = load_pretrained(AutoTokenizer, args.llm, "--llm", **remote)
-    model = load_model(AutoModelForCausalLM, args.llm, "--llm", dtype=gen_dtype(args, device), **remote)
-    model.to(device).eval()
+    tokenizer, model = load_causal_lm(args.llm, "--llm", device, dtype, args.trust_remote_code)
+    model.eval()
     tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:  # Llama tokenizers ship none; padding is masked anyway
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     special = not getattr(tokenizer, "chat_template", None)
     counter = DegenerateCounter()
 
@@ -388,34 +335,24 @@ def stage_fuse(args: Args) -> dict:
             prompts.append(prompt)
             counts["alt_text_truncated"] += truncated
         inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=special).to(device)
+        answers = generate_texts(model, tokenizer, inputs, args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
         results = []
-        for record, answer in zip(batch, generate(model, tokenizer, inputs, args.max_new_tokens)):
+        for record, answer in zip(batch, answers):
             # step 2: the caption line, or VeC on a refusal
             alt_text, vec = fusion_inputs(record, args)
             llm_vec, fell_back = llm_vec_or_fallback(answer, vec, alt_text)
             counts["refusal_fallbacks"] += fell_back
             # the guard on what is written (a fallback VeC too)
-            flag = flag_degenerate(counter, llm_vec, record["id"], counts, "degenerate_llm_vec", args.llm_vec_field)
+            flag = degenerate_flag(counter, llm_vec, record["id"], args.llm_vec_field, counts, "degenerate_llm_vec",
+                                   usable_too=True)
             results.append((record, {args.llm_vec_field: llm_vec, f"{args.llm_vec_field}_fallback": fell_back, **flag}))
         return results
 
-    return run_generation(args, process_batch, counter, "LLM-VeCs")
+    return run_generation(args.data, args.out, args.gen_batch_size, process_batch, args.stage, args.device, counter,
+                          "LLM-VeCs", log)
 
 
 # ---- Training: mixed captions, global-batch CLIP loss, DDP, resumable checkpoints ----
-
-
-def build_clip(args: Args):
-    """(model, preprocess, tokenizer): from scratch (seeded) or from an open_clip tag or checkpoint path."""
-    if args.pretrained is None:
-        return create_clip(args.model, seed=args.seed)
-    try:
-        model, _, preprocess = open_clip.create_model_and_transforms(args.model, pretrained=args.pretrained,
-                                                                     **tag_settings(args.model, args.pretrained))
-    except (RuntimeError, OSError) as err:
-        raise MissingWeightsError(f"cannot load --pretrained {args.pretrained!r} for --model {args.model}: "
-                                  f"{err}") from err
-    return model, preprocess, open_clip.get_tokenizer(args.model)
 
 
 def recipe_of(args: Args) -> dict:
@@ -426,7 +363,7 @@ def recipe_of(args: Args) -> dict:
 def train(args: Args, columns: Columns, pixel_cache: torch.Tensor | None = None) -> tuple:
     """Step 3 with common.clip_train's trainer (DDP under torchrun, exact resume): (model, preprocess, tokenizer,
     log). `pixel_cache` (N, 3, H, W): a small world's preprocessed images, shared by the miniature's conditions."""
-    model, preprocess, tokenizer = build_clip(args)
+    model, preprocess, tokenizer = build_clip(args.model, args.pretrained, args.seed)
     schedule = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                            warmup=args.warmup, seed=args.seed, grad_checkpointing=args.grad_checkpointing, amp=args.amp,
                            kernel=args.kernel, workers=args.workers, checkpoint_every=args.checkpoint_every)
@@ -442,24 +379,6 @@ def train(args: Args, columns: Columns, pixel_cache: torch.Tensor | None = None)
 # ---- Evaluation ----
 
 
-def references(records: list[dict], text_field: str) -> tuple[list[str], list[int]]:
-    """Every reference caption of every image and the image each belongs to: (texts [T], text_to_image [T]); a list
-    field holds several references (COCO and Flickr30k: 5 per image), a string field one."""
-    texts, text_to_image = [], []
-    for index, record in enumerate(records):
-        value = record.get(text_field)
-        if value in (None, "", []):
-            raise ManifestError(f"evaluation sample {record.get('id')!r}: no reference caption in field "
-                                f"{text_field!r}; pass --text-field with a field that holds the caption(s)")
-        problem = text_problem(value, text_field, lists=True)  # a number or a list of them is no caption
-        if problem is not None:
-            raise ManifestError(f"evaluation sample {record.get('id')!r}: {problem}")
-        refs = [value] if isinstance(value, str) else value
-        texts += refs
-        text_to_image += [index] * len(refs)
-    return texts, text_to_image
-
-
 def model_label(args: Args) -> str:
     """The evaluated model as errors name it: its open_clip tag, or the checkpoint it was trained into or read from."""
     if args.pretrained is not None:
@@ -469,48 +388,11 @@ def model_label(args: Args) -> str:
 
 def evaluate(model, tokenizer, preprocess, records: list[dict], args: Args, images: torch.Tensor | None = None,
              per_item: dict | None = None) -> dict:
-    """Retrieval R@1/5/10 over every reference in `text_field`, zero-shot accuracy (the world's tasks, or
-    `class_field` with the `templates` ensemble) on the model's device; a diverged model's embeddings are an error.
-    `per_item` receives each test item's value of every metric (zeroshot_attributes: per image [background, shape,
-    color], None where the image is not in a task)."""
-    device, name = next(model.parameters()).device, model_label(args)  # cuda:1 under torchrun, never a default cpu
-    images = ImageRows(records, preprocess) if images is None else images  # decoded batch by batch
-    img_emb = encode_images(model, images, device=device, workers=args.workers)  # (N, E)
-    texts, text_to_image = references(records, args.text_field)
-    # I->T: a hit when any of the image's captions is among the top K of all T; T->I: each caption's image
-    items: dict = {} if per_item is None else per_item
-    metrics = retrieval_metrics(img_emb, encode_texts(model, tokenizer, texts, device=device), text_to_image,
-                                name=name, per_item=items)  # step 4
-    if "objects" in records[0]:  # a miniature world: attribute tasks and the named-entity task, own templates
-        tasks = zero_shot_tasks(records)
-        for task, spec in tasks.items():
-            if spec["indices"]:
-                metrics[f"zeroshot_{task}"] = zero_shot_accuracy(model, tokenizer, img_emb[spec["indices"]],
-                                                                 spec["classes"], spec["templates"], spec["labels"],
-                                                                 device, name=name,
-                                                                 per_item=items.setdefault(f"zeroshot_{task}", []))
-        attributes = ("background", "shape", "color")
-        metrics["zeroshot_attributes"] = float(np.mean([metrics[f"zeroshot_{t}"] for t in attributes]))
-        at = [dict(zip(tasks[t]["indices"], items[f"zeroshot_{t}"])) for t in attributes]
-        items["zeroshot_attributes"] = [[task.get(i) for task in at] for i in range(len(records))]
-    elif args.class_field:
-        names = texts_of(records, args.class_field)  # strings: an id such as 3 would be prompted "a photo of a 3."
-        classes = sorted(set(names))
-        labels = [classes.index(n) for n in names]
-        metrics["zeroshot_top1"] = zero_shot_accuracy(model, tokenizer, img_emb, classes, args.templates, labels,
-                                                      device, name=name)
-    return metrics
-
-
-def load_checkpoint(path: Path) -> tuple:
-    """(model, preprocess, tokenizer, architecture name) of a train checkpoint, built as it was trained: a run
-    started from a QuickGELU tag (OpenAI's) keeps QuickGELU and the tag's preprocessing."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    name = state["recipe"]["model"]
-    settings = tag_settings(name, state["recipe"]["pretrained"])
-    model, _, preprocess = open_clip.create_model_and_transforms(name, **settings)
-    model.load_state_dict(state["state_dict"])
-    return model, preprocess, open_clip.get_tokenizer(name), name
+    """Step 4 (common.clip_eval): retrieval R@1/5/10 over every reference in `text_field`, zero-shot accuracy (the
+    world's tasks, or `class_field` with the `templates` ensemble); a diverged model's embeddings are an error.
+    `per_item` receives each test item's value of every metric."""
+    return retrieval_and_zero_shot(model, tokenizer, preprocess, records, args.text_field, args.class_field,
+                                   args.templates, images, args.workers, model_label(args), per_item)
 
 
 def stage_eval(args: Args) -> dict:
@@ -521,7 +403,7 @@ def stage_eval(args: Args) -> dict:
         check_benchmarks(args.benchmark, args.benchmark_root)  # every set present before a model loads
     path = Path(args.checkpoint or Path(args.out) / "checkpoint.pt")
     if args.pretrained is not None:
-        (model, preprocess, tokenizer), name = build_clip(args), args.model
+        (model, preprocess, tokenizer), name = build_clip(args.model, args.pretrained, args.seed), args.model
     elif path.exists():
         model, preprocess, tokenizer, name = load_checkpoint(path)
     else:

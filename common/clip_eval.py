@@ -1,5 +1,6 @@
 """CLIP evaluation: images and texts encoded in batches, retrieval R@k both ways, zero-shot accuracy, and the
-miniature world's tests (its zero-shot tasks, the swap test of each attribute kind).
+miniature world's tests (its zero-shot tasks, the swap test of each attribute kind); a CLIP built from a tag or
+a checkpoint, and evaluated on a manifest with references (`retrieval_and_zero_shot`).
 
 Images come preprocessed one by one from a manifest's records or a `common.columns.Columns` (`ImageRows`), so
 an evaluation set of any size streams through the encoder; embeddings are checked to be finite.
@@ -9,12 +10,16 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+from pathlib import Path
+
 import numpy as np
+import open_clip
 import torch
 import torch.nn.functional as F
 
+from common.clip_score import tag_settings
 from common.columns import Columns, open_row_image
-from common.data import ManifestError, NonFiniteError, image_source, open_image, text_problem
+from common.data import ManifestError, MissingWeightsError, NonFiniteError, image_source, open_image, text_problem
 from common.miniature import SWAP_TYPES, swapped_captions, zero_shot_tasks
 
 
@@ -173,3 +178,86 @@ def swap_accuracy(model, tokenizer, img_emb: torch.Tensor, records: Sequence[dic
                                                   device=device)).sum(1)
             out[f"swap_{kind}"] = 100.0 * (right[rows] > wrong).float().mean().item()
     return out
+
+
+def build_clip(name: str, pretrained: str | None = None, seed: int = 0):
+    """(model, preprocess, tokenizer) of open_clip architecture `name`: from scratch, seeded by `seed` (as
+    common.clip_train.create_clip), or from a pretrained tag or checkpoint path, built as the tag was trained."""
+    torch.manual_seed(seed)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained,
+                                                                     **tag_settings(name, pretrained))
+    except (RuntimeError, OSError) as err:
+        if pretrained is None:
+            raise
+        raise MissingWeightsError(f"cannot load --pretrained {pretrained!r} for --model {name}: {err}") from err
+    return model, preprocess, open_clip.get_tokenizer(name)
+
+
+def load_checkpoint(path: Path) -> tuple:
+    """(model, preprocess, tokenizer, architecture name) of a common.clip_train checkpoint whose recipe names its
+    `model` and `pretrained`, built as it was trained: a run started from a QuickGELU tag (OpenAI's) keeps
+    QuickGELU and the tag's preprocessing."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    name, pretrained = state["recipe"]["model"], state["recipe"]["pretrained"]
+    model, _, preprocess = open_clip.create_model_and_transforms(name, **tag_settings(name, pretrained))
+    model.load_state_dict(state["state_dict"])
+    return model, preprocess, open_clip.get_tokenizer(name), name
+
+
+def references(records: Sequence[dict], text_field: str, flag: str | None = "--text-field") -> tuple[list, list]:
+    """Every reference caption of every image and the image each belongs to: (texts [T], text_to_image [T]); a list
+    field holds several references (COCO and Flickr30k: 5 per image), a string field one. An image without one
+    is an error naming it (and `flag`, which chooses the field)."""
+    texts, text_to_image = [], []
+    for index, record in enumerate(records):
+        value = record.get(text_field)
+        if value in (None, "", []):
+            hint = f"; pass {flag} with a field that holds the caption(s)" if flag else ""
+            raise ManifestError(f"evaluation sample {record.get('id')!r}: no reference caption in field "
+                                f"{text_field!r}{hint}")
+        problem = text_problem(value, text_field, lists=True)  # a number or a list of them is no caption
+        if problem is not None:
+            raise ManifestError(f"evaluation sample {record.get('id')!r}: {problem}")
+        refs = [value] if isinstance(value, str) else value
+        texts += refs
+        text_to_image += [index] * len(refs)
+    return texts, text_to_image
+
+
+def retrieval_and_zero_shot(model, tokenizer, preprocess, records: Sequence[dict], text_field: str = "refs",
+                            class_field: str | None = None, templates: Sequence[str] = ("a photo of a {}.",),
+                            images: "torch.Tensor | None" = None, workers: int = 0, name: str = "the model",
+                            per_item: dict | None = None, flag: str | None = "--text-field") -> dict:
+    """A CLIP on a manifest, on the model's device: retrieval R@1/5/10 both ways over every reference caption in
+    `text_field` (the Karpathy COCO/Flickr protocol: an image is hit when any of its captions is in the top K),
+    and zero-shot accuracy: the miniature world's tasks (with `zeroshot_attributes`, the mean of background,
+    shape and colour), else `class_field`'s classes with the `templates` ensemble. `images`: preprocessed
+    (N, 3, H, W), else decoded batch by batch; `per_item` receives each test item's value of every metric
+    (zeroshot_attributes: per image [background, shape, color], None where the image is not in a task)."""
+    device = next(model.parameters()).device  # cuda:1 under torchrun, never a default cpu
+    images = ImageRows(records, preprocess) if images is None else images
+    img_emb = encode_images(model, images, device=device, workers=workers)  # (N, E)
+    texts, text_to_image = references(records, text_field, flag)
+    items: dict = {} if per_item is None else per_item
+    metrics = retrieval_metrics(img_emb, encode_texts(model, tokenizer, texts, device=device), text_to_image,
+                                name=name, per_item=items)
+    if "objects" in records[0]:  # a miniature world: attribute tasks and the named-entity task, own templates
+        tasks = zero_shot_tasks(list(records))
+        for task, spec in tasks.items():
+            if spec["indices"]:
+                metrics[f"zeroshot_{task}"] = zero_shot_accuracy(model, tokenizer, img_emb[spec["indices"]],
+                                                                 spec["classes"], spec["templates"], spec["labels"],
+                                                                 device, name=name,
+                                                                 per_item=items.setdefault(f"zeroshot_{task}", []))
+        attributes = ("background", "shape", "color")
+        metrics["zeroshot_attributes"] = float(np.mean([metrics[f"zeroshot_{t}"] for t in attributes]))
+        by_image = [dict(zip(tasks[t]["indices"], items[f"zeroshot_{t}"])) for t in attributes]
+        items["zeroshot_attributes"] = [[task.get(i) for task in by_image] for i in range(len(records))]
+    elif class_field:
+        names = texts_of(records, class_field)  # strings: an id such as 3 would be prompted "a photo of a 3."
+        classes = sorted(set(names))
+        labels = [classes.index(n) for n in names]
+        metrics["zeroshot_top1"] = zero_shot_accuracy(model, tokenizer, img_emb, classes, templates, labels, device,
+                                                      name=name)
+    return metrics

@@ -1,4 +1,4 @@
-"""The generation loop of the captioning and fusion stages: streamed input, resumable output per rank, the merge.
+"""Generation over records: the captioning and fusion stages' loop (streamed, resumable per rank, merged) and models.
 
 Each stage that adds fields to every sample (VeCLIP's vec and fuse, CapsFusion's caption and fuse, Altogether's
 caption) calls `generate_sharded(data, out, batch_size, process_batch, rank, world_size)`, where
@@ -22,6 +22,10 @@ order (checked), and counts why it left a sample out. Nothing on this path grows
 - A sample left out (an unreadable image) has no line, and no members in an output shard (`left_out` counts
   those): a chained stage sees the same samples from either kind of output. One left out after a rank's last
   line is tried again by a resume, having left no trace.
+
+Around the loop, what such a stage does with a model (the last section): the weights' dtype, the recipe a resume
+checks, loading an image-text or a causal LM, decoding a batch deterministically, flagging a degenerate caption,
+and `run_generation`, the loop with its counts and the one degenerate-caption line logged.
 """
 
 from __future__ import annotations
@@ -36,12 +40,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
+import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from common.data import (REQUIRED_FIELDS, ManifestError, SkipCounter, check_rank, parse_manifest_line, public_fields,
-                         atomic_write_text, image_path, is_shards, shard_urls, stream_manifest, stream_records,
+from common.data import (REQUIRED_FIELDS, ManifestError, SkipCounter, atomic_write_text, check_rank, image_path,
+                         init_distributed, is_shards, load_model, load_pretrained, open_record_image,
+                         parse_manifest_line, public_fields, shard_urls, stream_manifest, stream_records,
                          validate_record)
+from common.degenerate import DegenerateCounter
 from common.training import recipe_changes
 
 log = logging.getLogger(__name__)
@@ -442,3 +449,108 @@ def merge_rank_counters(counter, rank: int, world_size: int):
                 counter.merge(summary)
     return counter
 
+
+
+# ---------------------------------------------------------------------------------------------
+# A generation stage's model: dtype, recipe, loading, decoding, the degenerate flag, the run
+# ---------------------------------------------------------------------------------------------
+
+
+def weights_dtype(name: str, device: str) -> torch.dtype:
+    """The dtype a generating model's weights run in: `name` ("bfloat16", ...) on CUDA, float32 on the CPU (bf16
+    matmuls are slow there, and CPU runs are tests and miniatures)."""
+    return getattr(torch, name) if str(device).startswith("cuda") else torch.float32
+
+
+def generation_recipe(data, settings: dict, dtype: torch.dtype) -> dict:
+    """What decides a generation stage's output, for `check_resumable`: the input, the stage's `settings` and the
+    dtype the weights actually run in (`weights_dtype`'s: a CPU run's float32, not the flag's bfloat16)."""
+    return {"data": data, **settings, "gen_dtype": str(dtype).removeprefix("torch.")}
+
+
+def load_image_text_model(name: str, flag: str, device: str, dtype: torch.dtype, trust_remote_code: bool = False):
+    """(processor, model) of an image-text-to-text model (LLaVA, BLIP), in eval mode on `device`, its tokenizer
+    padding on the left: a decoder-only model continues each prompt from the right end."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = load_pretrained(AutoProcessor, name, flag, trust_remote_code=trust_remote_code)
+    model = load_model(AutoModelForImageTextToText, name, flag, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.to(device).eval()
+    processor.tokenizer.padding_side = "left"
+    return processor, model
+
+
+def load_causal_lm(name: str, flag: str, device: str, dtype: torch.dtype, trust_remote_code: bool = False):
+    """(tokenizer, model) of a causal LM on `device`, with a pad token (Llama ships none; padding is masked)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = load_pretrained(AutoTokenizer, name, flag, trust_remote_code=trust_remote_code)
+    model = load_model(AutoModelForCausalLM, name, flag, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer, model
+
+
+def readable_images(batch: list[dict], skipped: SkipCounter, strict: bool, counts: Counter) -> tuple[list, list]:
+    """(records, images) of the samples of `batch` whose image opens; the others are counted in `skipped` and
+    `counts["unreadable_images"]` and left out (strict: the first is an error)."""
+    opened = [(record, open_record_image(record, skipped, strict)) for record in batch]
+    kept = [(record, image) for record, image in opened if image is not None]
+    counts["unreadable_images"] += len(batch) - len(kept)
+    return [record for record, _ in kept], [image for _, image in kept]
+
+
+def image_inputs(processor, images: list, prompt: str | None, device: str, dtype: torch.dtype):
+    """The processor's batch of `images`, each with `prompt` when there is one (BLIP captions without), on
+    `device`, the pixels in the weights' `dtype`."""
+    text = {"text": [prompt] * len(images)} if prompt is not None else {}
+    inputs = processor(images=images, return_tensors="pt", padding=True, **text).to(device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return inputs
+
+
+def new_tokens(model, inputs, max_new_tokens: int, num_beams: int = 1, **options) -> torch.Tensor:
+    """Deterministic continuations (B, new) of a left-padded batch: greedy (num_beams=1) or beam search, never
+    sampling whatever the checkpoint's generation config says; the prompt that decoder-only models echo is cut
+    (BLIP-style captioners return their own sequence)."""
+    with torch.no_grad():
+        output = model.generate(**inputs, num_beams=num_beams, max_new_tokens=max_new_tokens, do_sample=False,
+                                **options)
+    prompt = inputs.get("input_ids")
+    if prompt is not None and output.shape[1] > prompt.shape[1] and torch.equal(output[:, :prompt.shape[1]], prompt):
+        return output[:, prompt.shape[1]:]
+    return output
+
+
+def generate_texts(model, tokenizer, inputs, max_new_tokens: int, num_beams: int = 1, **options) -> list[str]:
+    """`new_tokens` decoded without special tokens, stripped: one text per row of the batch."""
+    output = new_tokens(model, inputs, max_new_tokens, num_beams, **options)
+    return [text.strip() for text in tokenizer.batch_decode(output, skip_special_tokens=True)]
+
+
+def degenerate_flag(counter: DegenerateCounter, caption: str, sample, field: str, counts: Counter,
+                    count_key: str = "degenerate", usable_too: bool = False) -> dict:
+    """`{"<field>_degenerate": reason}` when the caption generated into `field` is degenerate (common.degenerate),
+    counted in `counts[count_key]`: it is written, not dropped, so the next stage (or a person) decides, and each
+    generated field has its own flag. A usable caption: `{"<field>_degenerate": None}` if `usable_too` (a checked
+    field says so), else nothing."""
+    reason = counter.check(caption, sample=sample)
+    counts[count_key] += reason is not None
+    return {f"{field}_degenerate": reason} if reason is not None or usable_too else {}
+
+
+def run_generation(data, out: str | os.PathLike, batch_size: int, process_batch: Callable, stage: str,
+                   device: str, counter: DegenerateCounter, what: str = "generated captions", logger=log,
+                   required: Sequence[str] = REQUIRED_FIELDS) -> dict:
+    """`generate_sharded` over this rank's unfinished samples of `data`, then, on rank 0, the counts and
+    `counter`'s line (every rank's degenerate captions merged) logged to `logger`: a warning when one is
+    degenerate. The counts."""
+    rank, world_size, _ = init_distributed(device)
+    counts = generate_sharded(data, out, batch_size, process_batch, rank, world_size, stage, required=required)
+    merge_rank_counters(counter, rank, world_size)
+    if rank == 0:
+        logger.info("%s: %s -> %s", stage, counts, out)
+        if counter.checked:
+            line = counter.line(what, 'flagged in "<field>_degenerate"')
+            (logger.warning if counter.degenerate else logger.info)("%s: %s", stage, line)
+    return counts

@@ -18,9 +18,10 @@ from PIL import Image
 
 import veclip
 from experiments.veclip_miniature import COLUMNS, chance_levels, conditions_figure
-from common import clip_train
-from common.clip_eval import ImageRows, encode_images, encode_texts, retrieval_metrics, texts_of
-from common.clip_train import StepBatches, TrainConfig
+from common import clip_eval, clip_train
+from common.clip_eval import (ImageRows, build_clip, encode_images, encode_texts, load_checkpoint, references,
+                              retrieval_metrics, texts_of)
+from common.clip_train import StepBatches, TrainConfig, create_clip
 from common.columns import index_manifest
 from common.data import BadSampleError, ManifestError, read_manifest, write_manifest, write_webdataset_shard
 from common.degenerate import degenerate_reason
@@ -296,8 +297,8 @@ def tiny_models(tmp_path_factory):
 
 
 def test_vec_and_fuse_write_resumable_manifests(world, tiny_models, tmp_path, monkeypatch):
-    loaded_dtypes, real_generate = [], veclip.generate
-    monkeypatch.setattr(veclip, "generate",
+    loaded_dtypes, real_generate = [], veclip.generate_texts
+    monkeypatch.setattr(veclip, "generate_texts",
                         lambda model, *a, **k: loaded_dtypes.append(model.dtype) or real_generate(model, *a, **k))
     records = read_manifest(world / "val.jsonl")  # 4 samples
     vec_out = tmp_path / "out" / "vec.jsonl"
@@ -310,7 +311,8 @@ def test_vec_and_fuse_write_resumable_manifests(world, tiny_models, tmp_path, mo
     vec_argv = ["vec", "--data", str(world / "val.jsonl"), "--out", str(vec_out), "--vlm", str(tiny_models / "vlm"),
                 "--gen-batch-size", "2", "--max-new-tokens", "4", "--device", "cpu"]
     recipe = {"data": str(world / "val.jsonl"), "vlm": str(tiny_models / "vlm"), "vec_field": "vec",
-              "max_new_tokens": 4, "gen_dtype": "bfloat16"}  # what the killed run wrote beside its output
+              "max_new_tokens": 4, "gen_dtype": "float32"}  # what the killed run wrote beside its output (the
+    # dtype its weights ran in: float32 on the CPU, whatever --gen-dtype says)
     with pytest.raises(ManifestError, match="without vec.jsonl.recipe.json"):  # settings unknown: not resumed
         veclip.main(vec_argv)
     recipe_path(world / "val.jsonl", vec_out).write_text(json.dumps(recipe))
@@ -354,13 +356,13 @@ def test_vec_and_fuse_write_resumable_manifests(world, tiny_models, tmp_path, mo
 
 def capture_generate(monkeypatch) -> list:
     """Record the inputs (ids, mask, pixels) of every generate() call of a stage."""
-    calls, real_generate = [], veclip.generate
+    calls, real_generate = [], veclip.generate_texts
 
-    def recording(model, tokenizer, inputs, max_new_tokens):
+    def recording(model, tokenizer, inputs, max_new_tokens, **options):
         calls.append({key: value.clone() for key, value in inputs.items()})
-        return real_generate(model, tokenizer, inputs, max_new_tokens)
+        return real_generate(model, tokenizer, inputs, max_new_tokens, **options)
 
-    monkeypatch.setattr(veclip, "generate", recording)
+    monkeypatch.setattr(veclip, "generate_texts", recording)
     return calls
 
 
@@ -445,11 +447,11 @@ def test_fuse_stage_asks_vicuna_the_left_padded_fusion_prompt_and_decodes_greedi
 def fake_generate(monkeypatch, answers: dict) -> None:
     """The stage's model call replaced: row i of a batch answers answers[i] (else a usable caption); the models
     still load, the prompts are still built and tokenised."""
-    def answer(model, tokenizer, inputs, max_new_tokens):
+    def answer(model, tokenizer, inputs, max_new_tokens, **options):
         rows = range(len(inputs["input_ids"]))
         return [answers.get(row, f"a blue circle on green grass number {row}") for row in rows]
 
-    monkeypatch.setattr(veclip, "generate", answer)
+    monkeypatch.setattr(veclip, "generate_texts", answer)
 
 
 @pytest.mark.parametrize("stage", ["vec", "fuse"])
@@ -580,7 +582,7 @@ def test_retrieval_scores_every_reference_and_zero_shot_ensembles_templates():
 def test_evaluation_encodes_on_the_models_device(world, tmp_path, monkeypatch):
     """On CUDA, `python veclip.py` failed at its first evaluation: it encoded on 'cpu' while the model sat on
     cuda. With no GPU here the model sits on 'meta', and every encoding must be asked for the model's device."""
-    model, preprocess, tokenizer = veclip.create_clip(MICRO)
+    model, preprocess, tokenizer = create_clip(MICRO)
     model.to("meta")
     asked = []
 
@@ -592,9 +594,9 @@ def test_evaluation_encodes_on_the_models_device(world, tmp_path, monkeypatch):
         asked.append(torch.device(args[-1]))
         return 0.0
 
-    monkeypatch.setattr(veclip, "encode_images", encode)
-    monkeypatch.setattr(veclip, "encode_texts", encode)
-    monkeypatch.setattr(veclip, "zero_shot_accuracy", zero_shot)
+    monkeypatch.setattr(clip_eval, "encode_images", encode)
+    monkeypatch.setattr(clip_eval, "encode_texts", encode)
+    monkeypatch.setattr(clip_eval, "zero_shot_accuracy", zero_shot)
     plain = [{"id": r["id"], "image": str(world / r["image"]), "caption": r["caption"], "refs": r["refs"],
               "label": r["background"]} for r in read_manifest(world / "test.jsonl")]
     veclip.evaluate(model, tokenizer, preprocess, plain, veclip.Args(class_field="label"))  # eval, train --eval-data
@@ -639,7 +641,7 @@ def test_train_and_eval_commands_run_vit_b_16(world, tmp_path, monkeypatch):
 def test_pretrained_tag_runs_with_the_tags_settings(world, tmp_path, monkeypatch):
     """`eval --model ViT-B-16 --pretrained openai` and a run started from that tag: OpenAI's QuickGELU."""
     _, reference = serve_open_clip_tag(monkeypatch, tmp_path, "ViT-B-16", "openai")
-    model, preprocess, tokenizer = veclip.build_clip(veclip.Args(model="ViT-B-16", pretrained="openai"))
+    model, preprocess, tokenizer = build_clip("ViT-B-16", "openai")
     pixels = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         assert torch.allclose(model.eval().encode_image(pixels), reference.encode_image(pixels), atol=1e-5)
@@ -650,7 +652,7 @@ def test_pretrained_tag_runs_with_the_tags_settings(world, tmp_path, monkeypatch
     # one step from the tag: its checkpoint is evaluated as the QuickGELU model it was trained as
     veclip.main(["train", *tag, "--data", str(world / "train.jsonl"), "--out", str(tmp_path / "ft"),
                  "--batch-size", "4", "--steps", "1", "--warmup", "1", "--llm-vec-field", "fused", "--kernel", "torch"])
-    model, _, _, _ = veclip.load_checkpoint(tmp_path / "ft" / "checkpoint.pt")
+    model, _, _, _ = load_checkpoint(tmp_path / "ft" / "checkpoint.pt")
     reference.load_state_dict(torch.load(tmp_path / "ft" / "checkpoint.pt", weights_only=True)["state_dict"])
     with torch.no_grad():
         assert torch.allclose(model.eval().encode_image(pixels), reference.encode_image(pixels), atol=1e-5)
@@ -680,22 +682,22 @@ def test_training_tokenises_the_per_draw_mix_and_steps_on_the_clip_loss(world, t
     at 100 after each step; the learning rate warms up linearly and decays by a cosine."""
     records = marked_records(world)
     write_manifest(tmp_path / "train.jsonl", records)
-    tokenised, real_create = [], veclip.create_clip
+    tokenised, real_build = [], veclip.build_clip
 
-    def create_clip(name, seed=0):
-        model, preprocess, tokenizer = real_create(name, seed=seed)
+    def build_clip(name, pretrained=None, seed=0):
+        model, preprocess, tokenizer = real_build(name, pretrained, seed)
         with torch.no_grad():
             model.logit_scale.fill_(math.log(1000.0))  # above the clamp
         return model, preprocess, lambda texts: tokenised.append(list(texts)) or tokenizer(texts)
 
-    monkeypatch.setattr(veclip, "create_clip", create_clip)
+    monkeypatch.setattr(veclip, "build_clip", build_clip)
     steps, batch, lr, warmup = 10, 8, 1e-3, 2  # 8 steps an epoch: the last two start epoch 1
     result = veclip.main(TRAIN_FLAGS + ["--data", str(tmp_path / "train.jsonl"), "--steps", str(steps),
                                         "--weight-decay", "0.2", "--out", str(tmp_path / "run"), "--device", "cpu"])
     expected = [expected_batch(step, len(records), batch, p_alt=0.5) for step in range(steps)]
     assert tokenised == [texts for _, texts in expected]
     # the first step's loss by hand, at the initial weights and logit scale 1000
-    model, preprocess, tokenizer = real_create(MICRO, seed=0)
+    model, preprocess, tokenizer = create_clip(MICRO, seed=0)
     indices, texts = expected[0]
     pixels = torch.stack([preprocess(Image.open(records[i]["image"]).convert("RGB")) for i in indices])
     with torch.no_grad():
@@ -942,7 +944,7 @@ def test_checkpoint_every_step_never_writes_the_nan_one(world, tmp_path):
 
 
 def test_eval_of_a_nan_checkpoint_names_it_instead_of_scoring_100(world, tmp_path):
-    model = veclip.create_clip(MICRO)[0]
+    model = create_clip(MICRO)[0]
     state = model.state_dict()
     state["visual.proj"] = torch.full_like(state["visual.proj"], math.nan)
     path = tmp_path / "nan.pt"
@@ -972,9 +974,9 @@ def test_references_class_names_and_fusion_inputs_must_be_text(tmp_path):
     "a photo of a 3."; an alt-text list fused as "['a', 'b']". Each is an error naming the sample (fuse: before the
     LLM loads)."""
     not_text = r"^evaluation sample '0': field 'refs': item 0 must be a non-empty string, got 1$"
-    with pytest.raises(veclip.ManifestError, match=not_text):
-        veclip.references([{"id": "0", "refs": [1, 2]}], "refs")
-    with pytest.raises(veclip.ManifestError, match=r"^evaluation sample '1': field 'label' must be a string, got 3$"):
+    with pytest.raises(ManifestError, match=not_text):
+        references([{"id": "0", "refs": [1, 2]}], "refs")
+    with pytest.raises(ManifestError, match=r"^evaluation sample '1': field 'label' must be a string, got 3$"):
         texts_of([{"id": "0", "label": "cat"}, {"id": "1", "label": 3}], "label")
     write_manifest(tmp_path / "vec.jsonl", [{"id": "a", "image": "a.png", "alt_text": ["x", "y"], "vec": "a cat"}])
     with pytest.raises(BadSampleError, match=r"""^sample 'a': field 'alt_text' must be a string, got \["x", "y"\]$"""):
@@ -988,7 +990,7 @@ def test_eval_writes_clip_benchmark_rows_of_the_checkpoint(tmp_path):
     from test_benchmarks import write_stage_sets
 
     root = write_stage_sets(tmp_path / "sets")
-    model, preprocess, tokenizer = veclip.create_clip(MICRO, seed=3)
+    model, preprocess, tokenizer = create_clip(MICRO, seed=3)
     path = tmp_path / "micro.pt"
     torch.save({"state_dict": model.state_dict(), "recipe": {"model": MICRO, "pretrained": None}}, path)
     flags = ["eval", "--checkpoint", str(path), "--benchmark-root", root, "--device", "cpu"]
