@@ -44,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import math
 import re
 import time
@@ -62,15 +61,14 @@ import tyro
 
 from common import cli, run_folder
 from common.caption_metrics import coco_scores, plain_words
-from common.clip_score import (CLIP_S_WEIGHT, PAC_S_WEIGHT, PREFIX, encode_texts, harmonic_mean, load_clip,
-                               load_clip_as, ref_similarity, score_from_features)
-from common.clip_train import (MINIATURE_MODEL, SCORER_TRAINING, TrainConfig, assert_finite_state,
-                               ensure_miniature_scorer, save_checkpoint)
-from common.data import (BadSampleError, ManifestError, NonFiniteError, atomic_write_text, check_device,
-                         init_distributed, load_coco_karpathy, read_manifest, run_command, shown, text_problem)
-from common.image_bank import ENCODER_TOKENS, ImageBank, image_bank
-from common.miniature import WorldConfig, ensure_world, hallucinated_words, names_kept
-from common.run_folder import check_recipe, flag, refuse, start_afresh, truncate_log, weights_digest, write_log
+from common.caption_sources import (data_source, evaluators, image_bank_of, is_miniature, load_scorer, load_split,
+                                    require_pacs_weights)
+from common.clip_score import PREFIX, encode_texts, harmonic_mean, ref_similarity, score_from_features
+from common.clip_train import SCORER_TRAINING, TrainConfig, assert_finite_state
+from common.data import BadSampleError, NonFiniteError, check_device, init_distributed, run_command
+from common.image_bank import ENCODER_TOKENS, ImageBank
+from common.miniature import WorldConfig, hallucinated_words, names_kept
+from common.run_folder import Run, refuse, weights_digest, write_log
 from caption_kernels.dico import dico_loss, dico_stats, sequence_logprobs
 
 
@@ -233,14 +231,7 @@ POSITIVE = ("lr", "xe_lr", "beta", "tau")
 
 def check_flags(args: Args) -> None:
     """Every flag in its range, before anything is read or written; else one line naming the flag."""
-    for name, low in AT_LEAST.items():
-        if getattr(args, name) < low:
-            raise refuse(f"{flag(name)} must be at least {low}, got {getattr(args, name)}")
-    for name in POSITIVE:
-        if not 0 < getattr(args, name) < math.inf:  # NaN fails both
-            raise refuse(f"{flag(name)} must be a positive number, got {getattr(args, name)}")
-    if not 0 <= args.xe_warmup <= 1:
-        raise refuse(f"--xe-warmup must be in [0, 1], got {args.xe_warmup}")
+    cli.check_ranges(args, at_least=AT_LEAST, positive=POSITIVE, fractions=("xe_warmup",))
     if not 0 <= args.dropout < 1:
         raise refuse(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.d_model % args.heads:
@@ -500,84 +491,9 @@ def scst_terms(policy_logps: torch.Tensor, n_tokens: torch.Tensor, rewards: torc
 # ============================================================================================
 
 
-def is_miniature(args: Args) -> bool:
-    return not (args.coco_karpathy or args.train_manifest or args.val_manifest or args.test_manifest)
-
-
 def parse(argv: Optional[list[str]] = None) -> Args:
     """The command line's Args: the miniature preset wherever the data is the miniature world (common/cli.py)."""
     return cli.parse(Args, argv, PRESETS, lambda args: "miniature" if is_miniature(args) else "paper")
-
-
-def data_source(args: Args, split: str) -> str:
-    """Where `split`'s records are read from, as messages name it."""
-    if args.coco_karpathy:
-        if not args.coco_images:
-            raise refuse("--coco-karpathy needs --coco-images (the folder holding train2014/ and val2014/)")
-        return f"{args.coco_karpathy} (images under {args.coco_images})"
-    if is_miniature(args):
-        return str(ensure_world(args.world) / f"{split}.jsonl")
-    path = {"train": args.train_manifest, "val": args.val_manifest, "test": args.test_manifest}[split]
-    if path is None:
-        raise refuse(f"no {split} data: pass --{split}-manifest (or --coco-karpathy)")
-    return path
-
-
-def load_split(args: Args, split: str) -> list[dict]:
-    """Records with `refs` (a list of references) for train, val or test; a caption or refs of another type is an
-    error naming the file and sample (a string `refs` would be read letter by letter as references)."""
-    source = data_source(args, split)
-    if args.coco_karpathy:
-        records = load_coco_karpathy(args.coco_karpathy, args.coco_images, splits=[split])
-    else:
-        records = read_manifest(source, required=("id", "image", "caption"), texts=("caption",))
-    for record in records:
-        refs = record.setdefault("refs", [record["caption"]])
-        problem = text_problem(refs, "refs", lists=True) or (
-            None if isinstance(refs, list) else f"field 'refs' must be a list of strings, got {shown(refs)}") or (
-            None if isinstance(record["image"], str) else f"field 'image' must be a path, got {shown(record['image'])}")
-        if problem:
-            raise ManifestError(f"{source} (id {record['id']!r}): {problem}")
-    return records
-
-
-_BUNDLES: dict = {}
-
-
-def load_scorer(args: Args, model: str, pretrained: Optional[str], pacs_checkpoint: Optional[str] = None,
-                flags: str = "encoder"):
-    """An open_clip bundle, loaded once per process; 'miniature' = the scorer of args.world. A load error names the
-    flag to change: --{flags}-model or --{flags}-pretrained (flags: encoder, clip-s, pacs)."""
-    key = (model, pretrained, pacs_checkpoint, (args.world, args.scorer) if model == "miniature" else None)
-    if key not in _BUNDLES:
-        if model == "miniature":
-            path = ensure_miniature_scorer(args.world, args.scorer)
-            _BUNDLES[key] = load_clip(MINIATURE_MODEL, str(path), args.device)
-        else:
-            names = {"model": f"--{flags}-model", "pretrained": f"--{flags}-pretrained"}
-            _BUNDLES[key] = load_clip_as(names, model, pretrained, args.device, pacs_checkpoint=pacs_checkpoint)
-    return _BUNDLES[key]
-
-
-def require_pacs_weights(args: Args) -> None:
-    """PAC-S's fine-tuned weights, checked when a run starts rather than at its first validation."""
-    own_file = args.pacs_pretrained is not None and Path(args.pacs_pretrained).is_file()
-    if args.pacs_model != "miniature" and args.pacs_checkpoint is None and not own_file:
-        raise refuse("PAC-S needs its fine-tuned weights: pass --pacs-checkpoint /path/to/clip_ViT-B-32.pth")
-
-
-def evaluators(args: Args) -> dict:
-    """{"clip_s": (bundle, w), "pac_s": (bundle, w)}."""
-    require_pacs_weights(args)
-    return {"clip_s": (load_scorer(args, args.clip_s_model, args.clip_s_pretrained, flags="clip-s"), CLIP_S_WEIGHT),
-            "pac_s": (load_scorer(args, args.pacs_model, args.pacs_pretrained, args.pacs_checkpoint, "pacs"),
-                      PAC_S_WEIGHT)}
-
-def image_bank_of(args: Args, records: list[dict]) -> ImageBank:
-    """The ImageBank of `records` under args' frozen encoder, built once per process (common/image_bank.py): the
-    stages of a miniature run (and its seeds) share the encoder's tokens instead of encoding the images again."""
-    encoder = load_scorer(args, args.encoder_model, args.encoder_pretrained)
-    return image_bank(records, encoder, args.device, args.strict, args.cache_features)
 
 
 def candidate_rewards(bundle, w: float, img_feats: np.ndarray, texts: list[str], k: int, prefix: str,
@@ -714,9 +630,9 @@ def recipe(args: Args, stage: str, start: Optional[dict]) -> dict:
     weights' hash, so that an XE run that went on since is another start, even at the same --init path."""
     values = run_folder.recipe(args, RECIPE_FLAGS["all"] + RECIPE_FLAGS["xe" if stage == "xe" else "finetune"])
     if stage == "xe":  # more --xe-steps continue the same run only while the warm-up keeps its length
-        values["--xe-warmup x --xe-steps"] = xe_warmup_steps(args)
+        values["xe_warmup*xe_steps"] = xe_warmup_steps(args)
     else:
-        values["--init"] = f"sha256:{weights_digest(start)[:16]}"
+        values["init"] = f"sha256:{weights_digest(start)[:16]}"
     return values
 
 
@@ -725,48 +641,18 @@ def recipe(args: Args, stage: str, start: Optional[dict]) -> dict:
 # ============================================================================================
 
 
-@dataclass
-class Run:
-    """A training run's state from step to step: what its checkpoints hold and its messages name."""
-
-    stage: str  # "xe", "dico" or "scst"
-    out: Path  # <out>/<stage>
-    steps: int
-    model: Captioner
-    optimizer: torch.optim.Optimizer
-    vocab: Vocab
-    recipe: dict
-    step: int = 0
-    best: float = -math.inf
-    saved: Optional[int] = None  # the step last.pt holds
-    labels: dict = field(default_factory=dict)  # how validation's BLEU/CIDEr were tokenized, for metrics.json
-
-    def where(self, n: int, when: str) -> str:
-        """A diverged run's message: the step, and what last.pt still holds."""
-        kept = f"{self.out / 'last.pt'} keeps step {self.saved}" if self.saved is not None else \
-            "no last.pt written by this run"
-        return f"[{self.stage}] step {n} of {self.steps}, {when} ({kept})"
-
-
-def save(run: Run, args: Args, path: Path, metrics: Optional[dict] = None) -> None:
-    save_checkpoint(path, {"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(), "step": run.step,
-                           "best": run.best, "config": run.model.config, "vocab": run.vocab.bpe_ids,
-                           "stage": run.stage, "encoder_tokens": ENCODER_TOKENS, "recipe": run.recipe,
-                           "metrics": metrics or {}, "args": json.loads(json.dumps(dataclasses.asdict(args)))})
-
-
-def validate(run: Run, args: Args, bank: ImageBank, reward: Optional[tuple]) -> dict:
+def validate(run: Run, vocab: Vocab, args: Args, bank: ImageBank, reward: Optional[tuple]) -> dict:
     """Validation metrics of the current policy; best.pt when the selected one (CIDEr for XE, RefPAC-S for
     fine-tuning: official metric_for_best_model cider, ref-PACScore) improves."""
     select = "CIDEr" if run.stage == "xe" else "RefPAC-S"
-    metrics, captions, kept = evaluate(args, run.model, run.vocab, bank, args.val_images)
+    metrics, captions, kept = evaluate(args, run.model, vocab, bank, args.val_images)
     if reward is not None:  # the reward the policy maximises, on the captions the judge scores: the plot's curves
         img = bank.image_features(reward[0], kept)
         metrics["reward"] = float(candidate_rewards(*reward, img, captions, 1, args.reward_prefix,
                                                     args.reward_clamp).mean())
     if metrics[select] > run.best:
         run.best = metrics[select]
-        save(run, args, run.out / "best.pt", metrics)
+        run_folder.save(run, run.out / "best.pt", args, metrics)
     write_log(run.out / "log.jsonl", {"step": run.step, "val": metrics})
     run.labels.update({k: v for k, v in metrics.items() if isinstance(v, str)})
     print(f"[{run.stage}] step {run.step} val " +
@@ -888,12 +774,9 @@ def update(run: Run, policy: nn.Module, batches: list[dict], terms_of, world_siz
 
 def start_run(args: Args, stage: str, rank: int, world_size: int):
     """The Run of `stage` in <out>/<stage>, from step 0 or resumed from last.pt (only with the recipe it was trained
-    with: else the optimiser state would restore, say, the old --lr), its frozen reference and its records."""
+    with: else the optimiser state would restore, say, the old --lr), its vocabulary, frozen reference, records."""
     out = Path(args.out) / stage
-    resuming = args.resume and (out / "last.pt").exists()
-    if not resuming:
-        start_afresh(out, stage, rank, args.overwrite, args.resume)
-    out.mkdir(parents=True, exist_ok=True)
+    resuming = run_folder.opens_resumed(out, stage, rank, args.resume, args.overwrite)
     train_records, val_records = load_split(args, "train"), load_split(args, "val")
     start = reference = None
     if stage != "xe":  # the policy and the frozen reference both start from the XE checkpoint
@@ -911,18 +794,11 @@ def start_run(args: Args, stage: str, rank: int, world_size: int):
     if batch_size < world_size:
         raise refuse(f"the batch size ({batch_size} images) is global and smaller than the {world_size} ranks")
     optimizer = torch.optim.Adam(model.parameters(), lr=args.xe_lr if stage == "xe" else args.lr)
-    run = Run(stage, out, steps, model, optimizer, vocab, recipe(args, stage, start))
+    saved_with = {"config": model.config, "vocab": vocab.bpe_ids, "encoder_tokens": ENCODER_TOKENS}
+    run = Run(stage, out, steps, model, optimizer, recipe(args, stage, start), saved_with)
     if resuming:
-        state = load_checkpoint(out / "last.pt")
-        check_recipe(out / "last.pt", state.get("recipe"), run.recipe, "dico.py")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])  # its learning rate: the recipe's, checked above
-        run.step, run.best = state["step"], state["best"]
-        run.saved = run.step
-        if rank == 0:
-            truncate_log(out / "log.jsonl", run.step)
-        print(f"[{stage}] resuming from step {run.step} ({out / 'last.pt'})")
-    return run, reference, train_records, val_records
+        run_folder.resume(run, rank, load_checkpoint)  # the recipe checked, else refused naming the flags
+    return run, vocab, reference, train_records, val_records
 
 
 def train(args: Args, stage: str) -> dict:
@@ -936,7 +812,7 @@ def train(args: Args, stage: str) -> dict:
     require_pacs_weights(args)  # the first validation needs them: say so before any training
     rank, world_size, device = init_distributed(args.device)
     args = dataclasses.replace(args, device=device)
-    run, reference, train_records, val_records = start_run(args, stage, rank, world_size)
+    run, vocab, reference, train_records, val_records = start_run(args, stage, rank, world_size)
     finetune, model = stage != "xe", run.model
     policy = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     train_bank, val_bank = image_bank_of(args, train_records), image_bank_of(args, val_records)
@@ -946,10 +822,10 @@ def train(args: Args, stage: str) -> dict:
                              f"{data_source(args, 'train')} can be read, all skipped (first: {first})")
     reward = evaluators(args)[args.reward] if finetune else None  # (bundle, w)
     # every reference of an image is an XE target: one is drawn per image and step (COCO has five)
-    targets = [] if finetune else [[run.vocab.encode(ref, args.max_len) for ref in r["refs"]] for r in train_records]
+    targets = [] if finetune else [[vocab.encode(ref, args.max_len) for ref in r["refs"]] for r in train_records]
     batch_size = args.batch_size if finetune else args.xe_batch_size
     if rank == 0 and run.step == 0:
-        validate(run, args, val_bank, reward)  # the starting point is a candidate too (and the XE/DiCO baseline)
+        validate(run, vocab, args, val_bank, reward)  # the starting point is a candidate too (and the XE/DiCO baseline)
     started = time.time()
     while run.step < run.steps:
         torch.manual_seed(args.seed * 100003 + run.step * world_size + rank)  # dropout / sampling, resumable
@@ -963,12 +839,12 @@ def train(args: Args, stage: str) -> dict:
         model.train(not finetune)  # fine-tuning runs without dropout: s(y) = 0 at the start (Deviation 1)
         # ALGO LOGIC: one step: each micro-batch's candidates and rewards (or XE targets), then the loss and update
         if finetune:
-            batches = [finetune_batch(model, train_bank, run.vocab, reward, part[0], args, stage) for part in micro]
+            batches = [finetune_batch(model, train_bank, vocab, reward, part[0], args, stage) for part in micro]
             terms_of = functools.partial(finetune_terms, policy, reference, algo=stage, args=args)
         else:
             for group in run.optimizer.param_groups:  # linear warm-up over the first xe_warmup of the steps
                 group["lr"] = args.xe_lr * min(1.0, (run.step + 1) / xe_warmup_steps(args))
-            batches = [xe_batch(train_bank, run.vocab, targets, *part, args.device) for part in micro]
+            batches = [xe_batch(train_bank, vocab, targets, *part, args.device) for part in micro]
             terms_of = functools.partial(xe_terms, policy)
         means, images, nonfinite = update(run, policy, batches, terms_of, world_size, args.beams)
         if rank == 0:
@@ -981,33 +857,14 @@ def train(args: Args, stage: str) -> dict:
         assert_finite_state(model, means["loss"], run.where(run.step, "after its update"))
         if rank == 0:
             if run.step % (args.eval_every if finetune else args.xe_eval_every) == 0 or run.step == run.steps:
-                validate(run, args, val_bank, reward)
+                validate(run, vocab, args, val_bank, reward)
             if run.step % args.save_every == 0 or run.step == run.steps:
-                save(run, args, run.out / "last.pt")
+                run_folder.save(run, run.out / "last.pt", args)
                 run.saved = run.step
         if world_size > 1:
             dist.barrier()
-    return finish(run, (train_bank, val_bank), rank, world_size, started)
-
-
-def finish(run: Run, banks: tuple, rank: int, world_size: int, started: float) -> dict:
-    """metrics.json of the run (rank 0): its best validation metric and the unreadable images of every rank."""
-    bad = {str(bank.records[i]["id"]) for bank in banks for i in bank.bad}
-    if world_size > 1:  # each rank met its own unreadable images
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, bad)
-        bad = set().union(*gathered)
-    if rank != 0:
-        return {}
-    if bad:
-        print(f"[{run.stage}] {len(bad)} unreadable images skipped, e.g. {sorted(bad)[:5]} (--strict stops at the "
-              "first)")
-    select = "CIDEr" if run.stage == "xe" else "RefPAC-S"
-    report = {f"best_val_{select}": run.best, "unreadable_images": len(bad), "unreadable_ids": sorted(bad)[:20],
-              **run.labels}
-    atomic_write_text(run.out / "metrics.json", json.dumps({"step": run.step, **report,
-                                                            "seconds": time.time() - started}, indent=1))
-    return {**report, "last": str(run.out / "last.pt"), "best": str(run.out / "best.pt")}
+    bad = {str(bank.records[i]["id"]) for bank in (train_bank, val_bank) for i in bank.bad}
+    return run_folder.finish(run, "CIDEr" if stage == "xe" else "RefPAC-S", bad, rank, world_size, started)
 
 
 def main(argv=None) -> dict:

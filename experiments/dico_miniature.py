@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from common.caption_metrics import table_note
+from common.caption_sources import image_bank_of, load_split
 from common.data import atomic_write_text, image_path
 from common.run_folder import weights_digest
 import dico
@@ -43,8 +44,8 @@ def markdown_table(rows: dict[str, list[dict]]) -> str:
 
 def run_eval(args: Args, checkpoints: list[str], out: Path) -> dict:
     """Caption `args.split` with each checkpoint; metrics JSON, captions manifest, Markdown table."""
-    records = dico.load_split(args, args.split)
-    bank = dico.image_bank_of(args, records)
+    records = load_split(args, args.split)
+    bank = image_bank_of(args, records)
     models, kept, done = {}, [], {}
     for path in checkpoints:
         payload = dico.load_checkpoint(path)

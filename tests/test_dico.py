@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import dico
+from common import caption_sources
 from common.clip_score import PREFIX, ScorerLoadError, clip_s, load_clip, pac_s, ref_clip_s, ref_pac_s
 from common.clip_train import TrainConfig, ensure_miniature_scorer
 from common.data import (BadSampleError, DeviceError, ManifestError, NonFiniteError, image_path, open_image,
@@ -62,7 +63,7 @@ def world_in_scorer_root(request, monkeypatch):
 
 def fresh_bank(args, records):
     """A new ImageBank of `records` under the frozen encoder of `args` (not the one cached for the process)."""
-    encoder = dico.load_scorer(args, args.encoder_model, args.encoder_pretrained)
+    encoder = caption_sources.load_scorer(args, args.encoder_model, args.encoder_pretrained)
     return ImageBank(records, encoder, args.device, args.strict, args.cache_features)
 
 
@@ -297,13 +298,13 @@ def test_collapse_indicators_by_hand():
 def test_metrics_match_common_clip_score(scorer):
     path, _ = scorer
     args = dico.parse(["eval", *WORLD_FLAGS, *model_flags(path), "--device", "cpu"])  # the miniature preset
-    records = dico.load_split(args, "test")[:5]
+    records = caption_sources.load_split(args, "test")[:5]
     bank = fresh_bank(args, records)
     tokens, kept = bank.visual_tokens([0, 1])
     assert tokens.shape == (2, 1 + 16, 32) and kept == [0, 1]  # CLS + 4x4 patches, width 32
     captions = ["a red circle.", "two squares on sand.", "a small green cross on the left, on water.", "snow.", "x"]
     metrics = dico.caption_metrics(args, bank, list(range(5)), captions)
-    bundle = dico.load_scorer(args, "micro-ViT-16", path)
+    bundle = caption_sources.load_scorer(args, "micro-ViT-16", path)
     images, refs = [image_path(r) for r in records], [r["refs"] for r in records]
     kw = dict(progress=False)
     assert metrics["CLIP-S"] == pytest.approx(clip_s(bundle, images, captions, **kw)["mean"], abs=1e-5)
@@ -558,8 +559,8 @@ def test_nan_loss_stops_with_the_step(scorer, tmp_path, monkeypatch):
         return {"loss": logits.sum() * float("nan")}
 
     monkeypatch.setattr(dico, "xe_loss", poisoned)
-    with pytest.raises(NonFiniteError, match=r"^\[xe\] step 1 of 3, before its update "
-                                             r"\(no last.pt written by this run\): "
+    with pytest.raises(NonFiniteError, match=r"^xe at step 1 of 3, before its update "
+                                             r"\(\S+last.pt not written by this run\): "
                                              "the loss is nan"):
         dico.main(tiny_args(scorer, tmp_path / "run", "xe", "--xe-steps", "3"))
     assert not (tmp_path / "run" / "xe" / "last.pt").exists()
@@ -568,7 +569,7 @@ def test_nan_loss_stops_with_the_step(scorer, tmp_path, monkeypatch):
 def test_real_run_without_pacs_checkpoint_names_the_flag(tmp_path):
     args = dico.Args(train_manifest="x.jsonl")
     with pytest.raises(SystemExit, match="--pacs-checkpoint"):
-        dico.evaluators(args)
+        caption_sources.evaluators(args)
     # checked when the run starts: before the data (here missing) is read or anything is trained
     with pytest.raises(SystemExit, match="--pacs-checkpoint"):
         dico.main(["xe", "--train-manifest", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path)])
@@ -747,7 +748,7 @@ def uses_quick_gelu(model):
 @pytest.mark.usefixtures("scorer")  # the tiny world its Karpathy JSON points at
 def test_real_run_commands_with_the_real_architectures_at_tiny_width(tmp_path, monkeypatch):
     """The header's real run (xe, dico, scst, eval) with ViT-L-14 / ViT-B-32 `openai` and a PAC-S file, offline."""
-    monkeypatch.setattr(dico, "_BUNDLES", {})
+    monkeypatch.setattr(caption_sources, "_BUNDLES", {})
     _, encoder_ref = serve_open_clip_tag(monkeypatch, tmp_path, "ViT-L-14", "openai")
     serve_l14 = open_clip.pretrained.hf_hub_download
     serve_open_clip_tag(monkeypatch, tmp_path, "ViT-B-32", "openai", seed=1)
@@ -780,7 +781,7 @@ def test_real_run_commands_with_the_real_architectures_at_tiny_width(tmp_path, m
     assert train_rows(out, "dico")[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
 
     args = dico.parse(["eval", *real])
-    bank = fresh_bank(args, dico.load_split(args, "test"))
+    bank = fresh_bank(args, caption_sources.load_split(args, "test"))
     tokens, kept = bank.visual_tokens([0, 1])
     pixels = torch.stack([bank.encoder.preprocess(open_image(image_path(bank.records[i]))) for i in kept])
     visual = bank.encoder.model.visual
@@ -788,10 +789,10 @@ def test_real_run_commands_with_the_real_architectures_at_tiny_width(tmp_path, m
     assert tokens.shape == (2, 257, 64)
     torch.testing.assert_close(tokens, expected)  # before ln_post, as the official code
     assert not torch.allclose(tokens, visual.ln_post(expected), atol=1e-3)
-    pac_s_bundle = dico.evaluators(args)["pac_s"][0]  # the PAC-S file's weights, OpenAI's QuickGELU
+    pac_s_bundle = caption_sources.evaluators(args)["pac_s"][0]  # the PAC-S file's weights, OpenAI's QuickGELU
     torch.testing.assert_close(pac_s_bundle.model.encode_image(pixels), pacs_ref.encode_image(pixels))
     # the `openai` tags get their own activation, QuickGELU: the served OpenAI model's tokens, exactly
-    assert uses_quick_gelu(bank.encoder.model) and uses_quick_gelu(dico.evaluators(args)["clip_s"][0].model)
+    assert uses_quick_gelu(bank.encoder.model) and uses_quick_gelu(caption_sources.evaluators(args)["clip_s"][0].model)
     torch.testing.assert_close(tokens, last_block_tokens(encoder_ref.visual, pixels))
 
 
@@ -850,8 +851,8 @@ def test_a_diverging_learning_rate_stops_before_a_nan_checkpoint(scorer, tmp_pat
     out, logged loss 0.0 and exited 0 with a NaN last.pt. Now it stops there and writes no checkpoint of it."""
     out = tmp_path / "run"
     run(scorer, out, "xe", "--xe-steps", "1", *QUICK)
-    with pytest.raises(NonFiniteError, match=r"^\[dico\] step 2 of 6, before its update \(no last.pt written by this "
-                                             r"run\): all 12 candidates of the batch's 4 images have a NaN"):
+    with pytest.raises(NonFiniteError, match=r"^dico at step 2 of 6, before its update \(\S+last.pt not written by "
+                                             r"this run\): all 12 candidates of the batch's 4 images have a NaN"):
         run(scorer, out, "dico", "--steps", "6", "--lr", "1e6", *QUICK)
     assert not (out / "dico" / "last.pt").exists()
     assert dico.load_checkpoint(out / "dico" / "best.pt")["step"] == 0 and finite_weights(out / "dico" / "best.pt")
@@ -872,7 +873,7 @@ def test_weights_an_update_poisons_never_reach_a_checkpoint(scorer, tmp_path, mo
 
     monkeypatch.setattr(torch.optim.Adam, "step", poisoning_step)
     out = tmp_path / "run"
-    with pytest.raises(NonFiniteError, match=rf"^\[xe\] step 4 of 4, after its update \({out / 'xe' / 'last.pt'} keeps "
+    with pytest.raises(NonFiniteError, match=rf"^xe at step 4 of 4, after its update \({out / 'xe' / 'last.pt'} keeps "
                                              r"step 2\): 1 of \d+ weight tensors hold NaN or inf "
                                              r"\(visual_proj.weight\)"):
         run(scorer, out, "xe", "--xe-steps", "4")
@@ -902,8 +903,8 @@ def test_nan_candidates_are_counted_and_a_batch_without_a_finite_one_stops(score
     run(scorer, out, "dico", "--steps", "2", *QUICK)
     assert [row["nonfinite_candidates"] for row in train_rows(out, "dico")] == [4, 4]  # 1 of 3 beams, 4 images
     monkeypatch.setattr(dico, "beam_search", nan_beams(0))
-    with pytest.raises(NonFiniteError, match=r"^\[scst\] step 1 of 2, before its update \(no last.pt written by this "
-                                             r"run\): all 12 candidates of the batch's 4 images"):
+    with pytest.raises(NonFiniteError, match=r"^scst at step 1 of 2, before its update \(\S+last.pt not written by "
+                                             r"this run\): all 12 candidates of the batch's 4 images"):
         run(scorer, out, "dico", "--algo", "scst", "--steps", "2", *QUICK)
     assert not (out / "scst" / "last.pt").exists()
 
@@ -957,14 +958,15 @@ def test_resume_refuses_other_settings_naming_the_flags(scorer, tmp_path):
     resumed step on; now the checkpoint's recipe must match, and the flags that do not change results may change."""
     out = tmp_path / "run"
     run(scorer, out, "xe", "--xe-steps", "2", *QUICK)
-    with pytest.raises(SystemExit, match=r"--xe-lr 0.001, not --xe-lr 0.01: .*another --out"):
+    with pytest.raises(ManifestError, match=r"\(--xe-lr 0.001 there, 0.01 now\); pass a new --out, or "
+                                            r"--overwrite to start afresh"):
         run(scorer, out, "xe", "--xe-steps", "2", "--xe-lr", "0.01", "--resume", *QUICK)
     run(scorer, out, "dico", "--steps", "2", *QUICK)
-    with pytest.raises(SystemExit,
-                       match=r"trained with --beta 0.2 --lr 0.0001, not --beta 0.5 --lr 0.001: resume with "):
+    with pytest.raises(ManifestError,
+                       match=r"other settings \(--beta 0.2 there, 0.5 now, --lr 0.0001 there, 0.001 now\); pass a "):
         run(scorer, out, "dico", "--steps", "3", "--lr", "1e-3", "--beta", "0.5", "--resume", *QUICK)
     run(scorer, tmp_path / "other", "xe", "--xe-steps", "1", "--seed", "1", *QUICK)
-    with pytest.raises(SystemExit, match=r"--init sha256:\w{16}, not --init sha256:\w{16}"):  # another reference
+    with pytest.raises(ManifestError, match=r"--init 'sha256:\w{16}' there, 'sha256:\w{16}' now"):  # another start
         run(scorer, out, "dico", "--steps", "3", "--init", str(tmp_path / "other" / "xe" / "last.pt"), "--resume",
             *QUICK)
     # more steps, micro-batches, saves every step: the same run, continued
@@ -979,7 +981,7 @@ def test_a_resumed_run_with_another_lr_is_refused_and_with_the_same_flags_contin
     out = tmp_path / "run"
     run(scorer, out, "xe", "--xe-steps", "1", *QUICK)
     run(scorer, out, "dico", "--steps", "1", "--lr", "1e-3", *QUICK)
-    with pytest.raises(SystemExit, match=r"last.pt was trained with --lr 0.001, not --lr 0.0005: resume with its"):
+    with pytest.raises(ManifestError, match=r"last.pt holds a run of other settings \(--lr 0.001 there, 0.0005 now\)"):
         run(scorer, out, "dico", "--steps", "2", "--lr", "5e-4", "--resume", *QUICK)
     assert [row["step"] for row in train_rows(out, "dico")] == [1]  # nothing trained at either rate
     run(scorer, out, "dico", "--steps", "2", "--lr", "1e-3", "--resume", *QUICK)
@@ -1009,7 +1011,7 @@ def test_a_rerun_never_replaces_a_finished_run_unasked(scorer, tmp_path):
     assert (out / "xe" / "best.pt").read_bytes() == before
     run(scorer, out, "xe", "--xe-steps", "2", "--seed", "1", "--overwrite", *QUICK)
     assert [row["step"] for row in map(json.loads, (out / "xe" / "log.jsonl").read_text().splitlines())] == [0, 1, 2, 2]
-    assert dico.load_checkpoint(out / "xe" / "best.pt")["recipe"]["--seed"] == 1
+    assert dico.load_checkpoint(out / "xe" / "best.pt")["recipe"]["seed"] == 1
 
 
 def test_a_resumed_log_holds_each_step_once(scorer, tmp_path, monkeypatch):
