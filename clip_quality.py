@@ -55,18 +55,17 @@ import tyro
 
 from common.benchmarks import check_benchmarks, evaluate_benchmarks, write_benchmark_results
 from common.cli import check_ranges, parse, preset_help
-from common.clip_train import (MINIATURE_MODEL, ImageRows, TrainConfig, contrastive_loss, create_clip, encode_images,
-                               encode_texts, evaluate_world, preprocess_images, retrieval_metrics, save_checkpoint,
-                               texts_of, train_clip)
-from common.coca_captions import COCA_SAMPLING, caption_batch, load_captioner
-from common.data import (Columns, ManifestError, SkipCounter, atomic_write_text, check_device, index_data,
-                         init_distributed, is_shards, read_manifest, run_command, shard, text_problem)
-from common.degenerate import DegenerateCounter
+from common.clip_eval import (ImageRows, encode_images, encode_texts, evaluate_world, preprocess_images,
+                              retrieval_metrics, texts_of)
+from common.clip_train import MINIATURE_MODEL, TrainConfig, contrastive_loss, create_clip, save_checkpoint, train_clip
+from common.coca_captions import write_synthetic_captions
+from common.columns import Columns
+from common.data import ManifestError, atomic_write_text, check_device, run_command, shard, text_problem
 from common.dense_probe import (ProbeSettings, check_specs, create_random, load_model_spec, probe_datasets, probe_plan,
                                 probe_specs, trivial_baselines)
-from common.generate import check_resumable, generate_sharded
-from common.miniature import SEGMENTATION_CLASSES, WorldConfig, ensure_world
+from common.miniature import SEGMENTATION_CLASSES, WorldConfig
 from common.vit_attention import summed_over_images
+from common.world_manifests import manifests_or_world, run_under_torchrun
 
 Regime = Literal["datacomp", "datacompdr", "swap"]
 # The miniature budget: 150 steps of 128 (about 4 epochs of the 5,000 training images), sized for the 10-minute
@@ -282,29 +281,13 @@ def mean_attention_distance(attn: torch.Tensor, grid: tuple[int, int], patch_siz
 # ---- DataCompDR's synthetic captions (MobileCLIP's dataset reinforcement) ------------------------------------------
 def run_synthesize(args: Args) -> dict:
     """The synthesize stage: --num-synthetic captions per --data image into --synthetic-field, every field kept;
-    common.generate.generate_sharded streams the input, shards it over ranks and resumes a killed run."""
+    streamed, sharded over ranks and resumable (common.coca_captions.write_synthetic_captions)."""
     if args.data is None:
         raise FileNotFoundError("the synthesize stage needs --data (the image manifest or shards to caption)")
-    rank, world_size, device = init_distributed(args.device)
-    out = Path(args.out)  # a manifest in: this .jsonl, or synthetic.jsonl in this folder; shards in: shards out here
-    out = out / "synthetic.jsonl" if out.suffix != ".jsonl" and not is_shards(args.data) else out
-    # a resume passes over what is written: only over captions of these settings
-    settings = {name: getattr(args, name) for name in ("captioner", "synthetic_field", "num_synthetic",
-                                                        "resample_degenerate", "seed")}
-    check_resumable(args.data, out, {"data": args.data, "sampling": COCA_SAMPLING, **settings}, rank, world_size)
-    model, preprocess = load_captioner(args.captioner, device, load_model_spec)
-    torch.manual_seed(args.seed + rank)
-    counter, skipped = DegenerateCounter(), SkipCounter()
-
-    # step 6: k CoCa draws per image (common.coca_captions), a degenerate one drawn again
-    process_batch = partial(caption_batch, model, preprocess, field=args.synthetic_field,
-                            num_synthetic=args.num_synthetic, resample_degenerate=args.resample_degenerate,
-                            counter=counter, skipped=skipped, device=device)
-    counts = generate_sharded(args.data, out, args.gen_batch_size, process_batch, rank, world_size, "synthesize")
-    if rank == 0:  # the counts of every rank; the degenerate examples of this one
-        print(f"synthesize: {counts.get('captions', 0)} captions written, {counts.get('degenerate_dropped', 0)} "
-              f"degenerate dropped -> {out}; {counts}\n{counter.line('synthetic draws', 'drawn again')}")
-    return {"out": str(out), **counts}
+    # step 6: k CoCa draws per image (top-p 0.9), a degenerate one drawn again, then dropped
+    return write_synthetic_captions(args.data, args.out, args.captioner, args.synthetic_field, args.num_synthetic,
+                                    args.resample_degenerate, args.seed, args.gen_batch_size, args.device,
+                                    load_model_spec)
 
 
 # ---- Stages --------------------------------------------------------------------------------------------------------
@@ -317,15 +300,11 @@ STAGE_MANIFESTS = {"pretrain": ("train", "test"), "probe": ("probe_train", "prob
 
 
 def world_records(args: Args, roles: Sequence[str] = tuple(MANIFESTS)) -> dict:
-    """The manifests of `roles` named by the args, falling back to the miniature world's splits (built only then).
-    The pretraining set (`train`) is indexed into common.data.Columns (a manifest or webdataset shards, any size);
-    the others are lists of records."""
-    given = {role: getattr(args, MANIFESTS[role][0]) for role in roles}
-    folder = ensure_world(args.world) if not all(given.values()) else None  # cached after the first build (seconds)
-    texts = {"test": (args.eval_text_field,)}  # what a role's records are read for as text, checked line by line
-    return {role: (index_data(given[role] or str(folder / "train.jsonl")) if role == "train"
-                   else read_manifest(given[role] or folder / f"{MANIFESTS[role][1]}.jsonl", texts=texts.get(role, ())))
-            for role in roles}
+    """The records of `roles`: their manifest flags, else the miniature world's splits (common.world_manifests); the
+    pretraining set (`train`) indexed into common.columns.Columns, the others lists of records."""
+    return manifests_or_world({role: getattr(args, MANIFESTS[role][0]) for role in roles},
+                              {role: MANIFESTS[role][1] for role in roles}, args.world, indexed=("train",),
+                              texts={"test": (args.eval_text_field,)})
 
 
 def training_images(args: Args, columns: Columns):
@@ -487,24 +466,20 @@ def attention_specs(args: Args) -> list[str]:
 
 
 def distributed_stage(args: Args) -> dict:
-    """The pretrain or attention stage under torchrun: rank 0 builds the world (if needed) before the others read it;
-    pretraining then trains with DDP over all ranks (common.clip_train), attention shards the images and all-reduces
-    the sums; rank 0 evaluates and writes."""
-    rank, world_size, device = init_distributed(args.device)
+    """The pretrain or attention stage under torchrun (common.world_manifests.run_under_torchrun): pretraining trains
+    with DDP over all ranks (common.clip_train), attention shards the images and all-reduces the sums; rank 0
+    evaluates and writes."""
     roles = STAGE_MANIFESTS[args.stage]
-    try:
-        if rank == 0:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            if not all(getattr(args, MANIFESTS[role][0]) for role in roles):
-                ensure_world(args.world)
-        dist.barrier()
+
+    def stage(device: str, rank: int, world_size: int) -> dict:
         records = world_records(args, roles)
         if args.stage == "pretrain":
             return {"pretrain": run_pretrain(args, records)}
         return {"attention": run_attention(dataclasses.replace(args, device=device), records, attention_specs(args),
                                            rank, world_size)}
-    finally:
-        dist.destroy_process_group()
+
+    every_manifest = all(getattr(args, MANIFESTS[role][0]) for role in roles)
+    return run_under_torchrun(args.device, args.out, None if every_manifest else args.world, stage)
 
 
 def check_flags(args: Args) -> None:

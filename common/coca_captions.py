@@ -1,10 +1,11 @@
 """DataCompDR's synthetic captions: k CoCa samples per image by nucleus sampling, as apple/ml-mobileclip-dr gen.py.
 
-clip_quality.py's `synthesize` stage writes them (docs/clip_quality.md, Deviation 10 there).
+clip_quality.py's `synthesize` stage writes them (`write_synthetic_captions`; docs/clip_quality.md, Deviation 10).
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -12,8 +13,9 @@ import open_clip
 import torch
 import torch.nn as nn
 
-from common.data import MissingWeightsError, SkipCounter, open_record_image
+from common.data import MissingWeightsError, SkipCounter, init_distributed, is_shards, open_record_image
 from common.degenerate import DegenerateCounter
+from common.generate import check_resumable, generate_sharded
 
 # apple/ml-mobileclip-dr scripts/gen.py (CaptionModel): coca_ViT-L-14 @ mscoco_finetuned_laion2B-s13B-b90k, 5 samples,
 # model.generate(images, generation_type="top_p", top_p=0.9, fixed_output_length=True); the rest are open_clip's
@@ -102,3 +104,28 @@ def caption_batch(model: nn.Module, preprocess: Callable, batch: list[dict], cou
     counts["captions"] += sum(map(len, lists))
     counts["images_without_caption"] += sum(not c for c in lists)  # left out: no line, no shard member
     return [(record, {field: c}) for (record, _), c in zip(kept, lists) if c]
+
+
+def write_synthetic_captions(data: str, out: str, captioner: str, field: str, num_synthetic: int,
+                             resample_degenerate: int, seed: int, batch_size: int, device: str,
+                             load_model_spec: Callable) -> dict:
+    """`num_synthetic` captions per image of `data` into `field`, every field kept, one process or torchrun:
+    common.generate.generate_sharded streams the input, shards it over ranks and resumes a killed run (only a run
+    of the same settings). `out`: a .jsonl (a folder gets synthetic.jsonl) or, for shards in, a folder of shards."""
+    rank, world_size, device = init_distributed(device)
+    out = Path(out)
+    out = out / "synthetic.jsonl" if out.suffix != ".jsonl" and not is_shards(data) else out
+    # a resume passes over what is written: only over captions of these settings (named as clip_quality's flags)
+    settings = {"captioner": captioner, "synthetic_field": field, "num_synthetic": num_synthetic,
+                "resample_degenerate": resample_degenerate, "seed": seed}
+    check_resumable(data, out, {"data": data, "sampling": COCA_SAMPLING, **settings}, rank, world_size)
+    model, preprocess = load_captioner(captioner, device, load_model_spec)
+    torch.manual_seed(seed + rank)
+    counter, skipped = DegenerateCounter(), SkipCounter()
+    process_batch = partial(caption_batch, model, preprocess, field=field, num_synthetic=num_synthetic,
+                            resample_degenerate=resample_degenerate, counter=counter, skipped=skipped, device=device)
+    counts = generate_sharded(data, out, batch_size, process_batch, rank, world_size, "synthesize")
+    if rank == 0:  # the counts of every rank; the degenerate examples of this one
+        print(f"synthesize: {counts.get('captions', 0)} captions written, {counts.get('degenerate_dropped', 0)} "
+              f"degenerate dropped -> {out}; {counts}\n{counter.line('synthetic draws', 'drawn again')}")
+    return {"out": str(out), **counts}

@@ -17,9 +17,12 @@ import clip_quality as cq
 import common.coca_captions as coca
 import common.dense_probe as dp
 import common.vit_attention as vit_attention
+import common.world_manifests as world_manifests
 import experiments.clip_quality_miniature as miniature
+from common.clip_eval import encode_images, encode_texts, preprocess_images, retrieval_metrics
 from common.clip_train import create_clip
-from common.data import DeviceError, NonFiniteError, image_path
+from common.columns import index_data
+from common.data import DeviceError, NonFiniteError, image_path, read_manifest
 from common.miniature import WorldConfig, ensure_world
 import tests.realarch as realarch
 from common.degenerate import degenerate_reason
@@ -130,7 +133,7 @@ def test_check_captions_names_the_bad_sample(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text('{"id": "a", "image": "x.png", "alt_text": "x", "synthetic_captions": ["y"]}\n'
                     '{"id": "b", "image": "x.png", "alt_text": "x", "synthetic_captions": []}\n')
-    columns = cq.index_data(str(path))
+    columns = index_data(str(path))
     cq.check_captions(columns, np.arange(1), "alt_text", "synthetic_captions")  # the first row alone is fine
     with pytest.raises(cq.ManifestError, match=r"m.jsonl:2 \(id 'b'\): field 'synthetic_captions' is an empty list"):
         cq.check_captions(columns, np.arange(2), "alt_text", "synthetic_captions")
@@ -170,8 +173,8 @@ def test_pretraining_step_loss_recomputed_from_the_seed(tmp_path, monkeypatch, r
     from common.clip_train import TrainConfig
 
     manifest = write_probe_manifest(tmp_path / "data", "d", count=6)
-    records = cq.read_manifest(manifest)
-    columns = cq.index_data(manifest)
+    records = read_manifest(manifest)
+    columns = index_data(manifest)
     seen, call = [], cq.RegimeTexts.__call__
     monkeypatch.setattr(cq.RegimeTexts, "__call__", lambda self, rows, rng: seen.append(
         (rows, call(self, rows, rng))) or seen[-1][1])
@@ -197,7 +200,7 @@ def test_pretraining_step_loss_recomputed_from_the_seed(tmp_path, monkeypatch, r
     # the loss of step 0, by hand from the same initialisation: one Eq. 1 per caption list, summed
     model, preprocess, tokenizer = create_clip(MICRO, seed=3)
     with torch.no_grad():
-        pixels = cq.preprocess_images(records, preprocess)[batch]
+        pixels = preprocess_images(records, preprocess)[batch]
         img = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1)
         scale = model.logit_scale.exp().item()
         loss = sum(clip_loss_by_hand(img, torch.nn.functional.normalize(model.encode_text(tokenizer(t)), dim=-1), scale)
@@ -314,7 +317,7 @@ def test_frozen_probe_keeps_the_encoder_and_finetune_trains_it_at_its_own_rate(t
     rng = np.random.default_rng(0)
     masks = rng.integers(0, 3, (4, 64, 64))
     masks[:, :8] = 255
-    records = cq.read_manifest(write_probe_manifest(tmp_path, "p", masks=masks, size=(64, 64),
+    records = read_manifest(write_probe_manifest(tmp_path, "p", masks=masks, size=(64, 64),
                                                     depth_mm=rng.integers(1, 3000, (4, 64, 64))))
     args = cq.Args(num_classes=3, probe_steps=3, probe_batch_size=2, probe_lr=0.05, out=str(tmp_path / "run"))
     preprocess = dp.create_random(MICRO, False, seed=0)[1]
@@ -361,14 +364,14 @@ def tiny_probe_world(folder, count):
     masks[:, :5] = 255
     depth_mm = rng.integers(200, 9000, (count, 40, 48))
     depth_mm[:, :, :7] = 0
-    return cq.read_manifest(write_probe_manifest(folder, "w", masks=masks, depth_mm=depth_mm))
+    return read_manifest(write_probe_manifest(folder, "w", masks=masks, depth_mm=depth_mm))
 
 
 def in_memory_probe_set(records, preprocess, args):
     """What probe_sets held before it streamed: every image, mask and depth map of `records` in one tensor each."""
     from PIL import Image
 
-    images = cq.preprocess_images(records, preprocess)
+    images = preprocess_images(records, preprocess)
     size = images.shape[-1]
     masks = torch.stack([dp.load_mask(r, size, args.num_classes, args.ignore_index, args.reduce_zero_label)
                          for r in records])
@@ -481,7 +484,7 @@ def test_pretrain_probe_attention_stages(tmp_path):
     images = cq.world_records(cq.tyro.cli(cq.Args, args=argv), ("images",))["images"][:4]
     for label, checkpoint in zip(attention, saved):
         _, model, preprocess = dp.load_model_spec(checkpoint)
-        expected = by_hand_attention_distance(model, cq.preprocess_images(images, preprocess), 16)
+        expected = by_hand_attention_distance(model, preprocess_images(images, preprocess), 16)
         assert np.allclose(attention[label]["per_layer_per_head_px"], expected, rtol=1e-5), label
     assert (tmp_path / "run" / "attention.png").stat().st_size > 0
 
@@ -492,7 +495,7 @@ def test_efficiency_subsets_are_nested_prefixes_with_one_schedule(tmp_path, monk
     from common.clip_train import TrainConfig
 
     manifest = write_probe_manifest(tmp_path / "data", "d", count=20)
-    records, columns = cq.read_manifest(manifest), cq.index_data(manifest)
+    records, columns = read_manifest(manifest), index_data(manifest)
     trained, probed, plotted = [], [], []
     monkeypatch.setattr(cq, "train_clip", lambda model, tok, images, texts_for, cfg, **kw: trained.append(
         (images, kw["rows"], cfg)) or {"history": [{"loss": 0.5}], "train_seconds": 0.0})
@@ -511,7 +514,7 @@ def test_efficiency_subsets_are_nested_prefixes_with_one_schedule(tmp_path, monk
     assert rows[1] == {**done[0], "mIoU": 2.0, "mAcc": 1.0, "aAcc": 2.0, "depth_RMSE": 3.0}  # the probe's metrics
     assert probed == [([5], [saved[0]]), ([5], ["full.pt"]), ([6], [saved[1]]), ([6], [saved[2]])]
     # pretrained here: 10% of seed 5, 10% and 100% of seed 6; the first images, each seed's schedule
-    full = cq.preprocess_images(records, create_clip(MICRO)[1])
+    full = preprocess_images(records, create_clip(MICRO)[1])
     assert [(rows.tolist(), cfg) for _, rows, cfg in trained] == \
         [([0, 1], cq.dataclasses.replace(train, seed=5)), ([0, 1], cq.dataclasses.replace(train, seed=6)),
          (list(range(20)), cq.dataclasses.replace(train, seed=6))]
@@ -737,7 +740,7 @@ def test_trivial_baselines_by_hand(tmp_path):
     args = settings(cq.Args(num_classes=3, out=str(tmp_path)))
     sets = []
     for name, masks, depth in [("train", train_masks, train_depth), ("test", np.repeat(test_masks, 2, 0), test_depth)]:
-        records = cq.read_manifest(write_probe_manifest(tmp_path, name, masks=masks, depth_mm=depth, size=(16, 16)))
+        records = read_manifest(write_probe_manifest(tmp_path, name, masks=masks, depth_mm=depth, size=(16, 16)))
         sets.append(dp.ProbeDataset(records, None, 16, args, ("mask", "depth")))
     baselines = dp.trivial_baselines(*sets, ("seg", "depth"), args)
     # class 1 everywhere: IoU_1 = 256 / (256 + 256 false positives), IoU_0 = 0, class 2 absent; Acc_1 = 1, Acc_0 = 0
@@ -808,7 +811,7 @@ def test_pretrain_from_webdataset_shards_under_torchrun_equals_one_process(tmp_p
     from common.data import write_webdataset_shard
 
     world = ensure_world(WorldConfig(n_train=48, n_val=4, n_test=16), tmp_path / "world")
-    train = cq.read_manifest(world / "train.jsonl")
+    train = read_manifest(world / "train.jsonl")
     for shard in range(2):
         write_webdataset_shard(tmp_path / f"shards/{shard:03d}.tar",
                                [{**r, "image": Image.open(world / r["image"]).convert("RGB")}
@@ -836,7 +839,7 @@ def test_real_pretrain_and_probe_commands_on_vit_b16(tmp_path, monkeypatch):
     """`pretrain --model ViT-B-16 --kernel auto` then `probe --checkpoints *.pt random --finetune --num-classes 150
     --reduce-zero-label`, ViT-B-16's classes and flags at tiny width; the probe's mIoU on a hand-made ADE case."""
     _, reference = serve_open_clip_tag(monkeypatch, tmp_path, "ViT-B-16")
-    monkeypatch.setattr(cq, "ensure_world", no_world)
+    monkeypatch.setattr(world_manifests, "ensure_world", no_world)
     dcdr = write_probe_manifest(tmp_path / "dcdr", "dcdr", count=6)
     out = str(tmp_path / "run")
     rows = cq.main(["pretrain", "--model", "ViT-B-16", "--train-manifest", dcdr, "--test-manifest", dcdr, "--kernel",
@@ -852,10 +855,10 @@ def test_real_pretrain_and_probe_commands_on_vit_b16(tmp_path, monkeypatch):
     untrained, _ = dp.create_random("ViT-B-16", False, seed=0)
     assert not torch.equal(model.visual.conv1.weight, untrained.visual.conv1.weight)  # trained, then saved
     # the row's retrieval is that of the saved weights
-    test = cq.read_manifest(dcdr)
-    img_emb = cq.encode_images(model, cq.preprocess_images(test, preprocess))
-    txt_emb = cq.encode_texts(model, open_clip.get_tokenizer("ViT-B-16"), [r["caption"] for r in test])
-    assert rows[1]["i2t_R@1"] == cq.retrieval_metrics(img_emb, txt_emb)["i2t_R@1"]
+    test = read_manifest(dcdr)
+    img_emb = encode_images(model, preprocess_images(test, preprocess))
+    txt_emb = encode_texts(model, open_clip.get_tokenizer("ViT-B-16"), [r["caption"] for r in test])
+    assert rows[1]["i2t_R@1"] == retrieval_metrics(img_emb, txt_emb)["i2t_R@1"]
 
     train = write_probe_manifest(tmp_path / "ade", "train", masks=ade_style_masks(3))
     val = write_probe_manifest(tmp_path / "ade", "val", masks=ade_style_masks(2))
@@ -917,7 +920,7 @@ def serve_tags(monkeypatch, tmp_path, name, tags):
 
 def tag_images(folder, count=3):
     path = write_probe_manifest(folder, "img", size=(240, 300), count=count)
-    return path, cq.read_manifest(path)
+    return path, read_manifest(path)
 
 
 def test_real_attention_command_on_two_tags_and_a_checkpoint(tmp_path, monkeypatch):
@@ -927,7 +930,7 @@ def test_real_attention_command_on_two_tags_and_a_checkpoint(tmp_path, monkeypat
 
     tags = ["datacomp_xl_s13b_b90k", "laion2b_s34b_b88k"]
     references = serve_tags(monkeypatch, tmp_path, "ViT-B-16", tags)
-    monkeypatch.setattr(cq, "ensure_world", no_world)
+    monkeypatch.setattr(world_manifests, "ensure_world", no_world)
     references["ckpt"] = create_clip("ViT-B-16", seed=7)[0]
     checkpoint = str(save_checkpoint(tmp_path / "datacompdr-seed0.pt", {
         "state_dict": references["ckpt"].state_dict(), "model": "ViT-B-16", "label": "datacompdr-n6-seed0"}))
@@ -941,7 +944,7 @@ def test_real_attention_command_on_two_tags_and_a_checkpoint(tmp_path, monkeypat
         preprocess = open_clip.image_transform(224, is_train=False, mean=cfg.get("mean"), std=cfg.get("std"),
                                                   interpolation=cfg.get("interpolation", "bicubic"),
                                                   resize_mode=cfg.get("resize_mode", "shortest"))
-        pixels = cq.preprocess_images(records, preprocess)
+        pixels = preprocess_images(records, preprocess)
         expected = by_hand_attention_distance(references[key], pixels, 16)
         assert result["grid"] == [14, 14] and result["images"] == 3
         assert np.allclose(result["per_layer_per_head_px"], expected, rtol=1e-5), label
@@ -1009,7 +1012,7 @@ def test_captions_of_the_wrong_type_are_refused_naming_file_and_line(tmp_path):
     path.write_text('{"id": "a", "image": "x.png", "alt_text": "x", "synthetic_captions": ["y"]}\n'
                     '{"id": "b", "image": "x.png", "alt_text": 5, "synthetic_captions": ["y"]}\n')
     with pytest.raises(cq.ManifestError, match=r"train.jsonl:2 \(id 'b'\): field 'alt_text' must be a string, got 5"):
-        cq.check_captions(cq.index_data(str(path)), np.arange(2), "alt_text", "synthetic_captions")
+        cq.check_captions(index_data(str(path)), np.arange(2), "alt_text", "synthetic_captions")
     test = tmp_path / "test.jsonl"
     test.write_text('{"id": "t", "image": "x.png", "caption": ["a", "b"]}\n')
     args = cq.Args(train_manifest=str(path), test_manifest=str(test))
@@ -1114,7 +1117,7 @@ def test_synthesize_writes_k_sampled_captions_per_image_keeps_every_field_and_co
         assert len(row["synthetic_captions"]) == 2
         assert all(c and "<" not in c and "." not in c and degenerate_reason(c) is None
                    for c in row["synthetic_captions"])
-    cq.read_manifest(out, text_lists=("synthetic_captions",))  # what the pretrain stage reads
+    read_manifest(out, text_lists=("synthetic_captions",))  # what the pretrain stage reads
 
     first = out.read_text().splitlines()[0]
     out.write_text(first + "\n" + '{"id": "im1", "synthetic_capt')  # killed while writing the second line
