@@ -46,7 +46,6 @@ import hashlib
 import json
 import logging
 import os
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -58,17 +57,19 @@ import torch.nn.functional as F
 import tyro
 from tqdm.auto import tqdm
 
-from common.caption_metrics import coco_scores
-from common.cli import parse, preset_help
-from common.clip_score import CLIP_S_WEIGHT, encode_texts, load_clip, load_clip_as, score_from_features
-from common.clip_train import (MINIATURE_MODEL, SCORER_TRAINING, TrainConfig, assert_finite_state, cosine_lr,
-                               ensure_miniature_scorer, save_checkpoint)
+from common.caption_eval import caption_metrics, clip_s_scores, load_scorer
+from common.caption_job import caption_manifest
+from common.causal_lm import decoder_from_payload, decoder_payload, new_decoder
+from common.cli import check_ranges, parse, preset_help
+from common.clip_score import load_clip_as
+from common.clip_train import (SCORER_TRAINING, TrainConfig, assert_finite_state, cosine_lr, ensure_miniature_scorer,
+                               save_checkpoint)
 from common.data import (BadSampleError, ManifestError, SkipCounter, atomic_write_text, check_device,
-                         init_distributed, load_model, load_pretrained, read_manifest, run_command, shown, text_problem)
-from common.degenerate import DegenerateCounter
+                         init_distributed, read_manifest, run_command, shown, text_problem)
 from common.embedding_cache import embed_records, embedding_rows, embedding_signature, image_embeddings
-from common.generate import check_resumable, generate_sharded, merge_rank_counters, pending, recipe_changes
-from common.miniature import WorldConfig, hallucinated_words, names_kept
+from common.generate import check_resumable, pending
+from common.miniature import WorldConfig
+from common.training import check_resume_recipe, guard_where, step_batch
 
 log = logging.getLogger("altogether")
 
@@ -90,8 +91,7 @@ PRESETS = {"smoke": {**MINIATURE, "prefix_length": 4, "mapper_layers": 1, "max_c
 
 @dataclass
 class Args:
-    """Altogether's stages: pretrain, finetune, caption, eval over manifests; miniature runs them on the miniature
-    world."""
+    """Altogether's stages over manifests (pretrain, finetune, caption, eval), or all of them in miniature."""
 
     stage: tyro.conf.Positional[Literal["miniature", "pretrain", "finetune", "caption", "eval"]] = "miniature"
     """what to run"""
@@ -353,47 +353,15 @@ def generate_captions(captioner: Captioner, tokenizer, img_emb: torch.Tensor, pr
     return [" ".join(text.split()) for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
-    """Indices of global batch `step` (B,): epoch e = step // (n // B) walks permutation_(seed, e)."""
-    per_epoch = max(1, n // batch_size)
-    epoch, position = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    return order[position * batch_size:(position + 1) * batch_size]
-
-
 # ==== Building, saving and loading the captioner ====
-
-TINY_OPT = dict(hidden_size=128, word_embed_proj_dim=128, num_hidden_layers=2, ffn_dim=512, num_attention_heads=4,
-                max_position_embeddings=512, dropout=0.1)  # --decoder tiny-opt, the miniature's decoder
-
-
-def world_tokenizer(texts: list[str], min_frequency: int = 3):
-    """A word-level tokenizer over the words of `texts` (the vocabulary of --decoder tiny-opt)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    backend = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words, re-attaches "," and "."
-    trainer = trainers.WordLevelTrainer(min_frequency=min_frequency, special_tokens=["<pad>", "</s>", "<unk>"])
-    backend.train_from_iterator(texts, trainer)
-    return tokenizer_from_json(backend.to_str(), pad_token="<pad>", eos_token="</s>")
-
-
-def tokenizer_from_json(text: str, pad_token: str, eos_token: str):
-    """A fast tokenizer from its serialised backend (how checkpoints carry the decoder's tokenizer)."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(text), pad_token=pad_token, eos_token=eos_token)
 
 
 def load_encoder(args: Args):
     """The frozen CLIP (a common.clip_score bundle); 'miniature' = the world's cached scorer."""
-    if args.clip_model == "miniature":
-        return load_clip(MINIATURE_MODEL, str(ensure_miniature_scorer(args.world, args.scorer)), args.device)
-    torch.manual_seed(0)  # random weights (pretrained None, tests only): every stage sees the same encoder
-    return load_clip_as({"model": "--clip-model", "pretrained": "--clip-pretrained"}, args.clip_model,
-                        args.clip_pretrained, args.device)
+    if args.clip_model != "miniature":  # random weights (tests) the same in every stage, and so the RNG after them
+        torch.manual_seed(0)
+    return load_scorer(args.clip_model, args.clip_pretrained, args.device, args.world, args.scorer,
+                       ("--clip-model", "--clip-pretrained"))
 
 
 def encoder_source(args: Args) -> str | None:
@@ -405,32 +373,16 @@ def encoder_source(args: Args) -> str | None:
 
 def new_captioner(args: Args, clip_dim: int, texts: list[str]) -> tuple[Captioner, object]:
     """(captioner, tokenizer): the decoder by name/path, or 'tiny-opt' with a tokenizer from `texts`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, OPTConfig, OPTForCausalLM
-
     torch.manual_seed(args.seed)
-    if args.decoder == "tiny-opt":
-        tokenizer = world_tokenizer(texts)
-        config = OPTConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                           bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, **TINY_OPT)
-        decoder = OPTForCausalLM(config)
-    else:
-        remote = {"trust_remote_code": args.trust_remote_code}
-        tokenizer = load_pretrained(AutoTokenizer, args.decoder, "--decoder", **remote)
-        # fp32 weights whatever the checkpoint ships (OPT: fp16), so AdamW updates them in full precision
-        decoder = load_model(AutoModelForCausalLM, args.decoder, "--decoder", dtype=torch.float32, **remote)
-        if not tokenizer.is_fast:
-            raise ValueError(f"--decoder {args.decoder!r} has no fast tokenizer; the checkpoint stores a fast one")
-        if tokenizer.pad_token is None:  # GPT-2 ships none; pads are masked, whatever their id
-            tokenizer.pad_token = tokenizer.eos_token
+    decoder, tokenizer = new_decoder(args.decoder, texts, args.trust_remote_code)
     return Captioner(decoder, clip_dim, args.prefix_length, args.mapper_layers), tokenizer
 
 
 def checkpoint_payload(captioner: Captioner, tokenizer, args: Args, encoder, step: int, history: list,
                        recipe: dict, optimizer=None) -> dict:
     """Everything the caption stage needs, as plain types (loadable with weights_only=True)."""
-    return {"captioner": captioner.state_dict(), "decoder_config": captioner.decoder.config.to_json_string(),
-            "tokenizer": tokenizer.backend_tokenizer.to_str(), "pad_token": tokenizer.pad_token,
-            "eos_token": tokenizer.eos_token, "clip_dim": captioner.mapper.project.in_features,
+    return {"captioner": captioner.state_dict(), **decoder_payload(captioner.decoder, tokenizer),
+            "clip_dim": captioner.mapper.project.in_features,
             "prefix_length": captioner.mapper.prefix_length, "mapper_layers": len(captioner.mapper.transformer.layers),
             "clip_model": encoder.name, "clip_pretrained": encoder_source(args), "recipe": recipe,
             "step": step, "history": history, "optimizer": optimizer.state_dict() if optimizer else None}
@@ -438,15 +390,10 @@ def checkpoint_payload(captioner: Captioner, tokenizer, args: Args, encoder, ste
 
 def captioner_from_checkpoint(payload: dict) -> tuple[Captioner, object]:
     """(captioner, tokenizer) rebuilt from a checkpoint alone: no hub access needed."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = json.loads(payload["decoder_config"])
-    # from_config would take the dtype the config records (a decoder loaded from fp16 files says float16)
-    decoder = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config),
-                                               dtype=torch.float32)
+    decoder, tokenizer = decoder_from_payload(payload)
     captioner = Captioner(decoder, payload["clip_dim"], payload["prefix_length"], payload["mapper_layers"])
     captioner.load_state_dict(payload["captioner"])
-    return captioner, tokenizer_from_json(payload["tokenizer"], payload["pad_token"], payload["eos_token"])
+    return captioner, tokenizer
 
 
 def load_checkpoint(path: str | None, flag: str = "--checkpoint") -> dict:
@@ -483,9 +430,9 @@ def train_stage(args: Args, stage: str, captioner: Captioner, tokenizer, encoder
     path, start, history, recipe = Path(args.out) / f"{stage}.pt", 0, [], recipe_of(args, stage, records)
     if args.resume and path.exists():
         state = torch.load(path, map_location=device, weights_only=True)
-        if state["recipe"] != recipe or state["optimizer"] is None:
-            raise ManifestError(f"{path} holds a run of other settings ({recipe_changes(state['recipe'], recipe)}); "
-                                "pass a new --out, or --no-resume to start afresh")
+        check_resume_recipe(path, state.get("recipe"), recipe)
+        if state["optimizer"] is None:  # a checkpoint of another writer: its run cannot go on where it stopped
+            raise ManifestError(f"{path} holds no optimizer state; pass a new --out, or --no-resume to start afresh")
         captioner.load_state_dict(state["captioner"])
         optimizer.load_state_dict(state["optimizer"])
         start, history = state["step"], state["history"]
@@ -495,17 +442,12 @@ def train_stage(args: Args, stage: str, captioner: Captioner, tokenizer, encoder
     local = args.batch_size // world_size
     use_amp = device.startswith("cuda")
     saved = start or None  # the step the checkpoint on disk holds, for the guard's message
-
-    def where(step: int, when: str) -> str:
-        kept = f"{path} keeps step {saved}" if saved else f"{path} not written by this run"
-        return f"{stage} at step {step} of {steps}, {when} ({kept})"
-
     for step in tqdm(range(start, steps), desc=stage, disable=rank != 0):
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(step, schedule)
         # the global batch and its prompt drops are pure functions of (seed, step): resuming and any number
         # of ranks see the batches of one uninterrupted process
-        indices = batch_indices(step, len(records), args.batch_size, args.seed)
+        indices = step_batch(step, len(records), args.batch_size, args.seed, drop_last=True)
         rng = np.random.default_rng([args.seed, STAGES[stage], step])
         pairs = [training_pair(records[i], stage, args, rng) for i in indices][rank * local:(rank + 1) * local]
         indices = indices[rank * local:(rank + 1) * local]
@@ -518,7 +460,8 @@ def train_stage(args: Args, stage: str, captioner: Captioner, tokenizer, encoder
                            caption_ids.to(device), caption_mask.to(device))  # (b, M + P + C, V)
         labels = sequence_labels(captioner.mapper.prefix_length, prompt_mask, caption_ids, caption_mask)
         terms = caption_loss(logits, labels.to(device))
-        assert_finite_state(None, terms["loss"].detach(), where(step, "before its update"))
+        assert_finite_state(None, terms["loss"].detach(), guard_where(stage, step, steps, "before its update", path,
+                                                                      saved))
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         optimizer.step()
@@ -526,7 +469,8 @@ def train_stage(args: Args, stage: str, captioner: Captioner, tokenizer, encoder
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == steps:
             # a finite loss does not make a finite update: the weights are checked too, on every rank (DDP keeps
             # them equal, so all stop together), before rank 0 writes them
-            assert_finite_state(captioner, terms["loss"].detach(), where(step, "after its update"))
+            assert_finite_state(captioner, terms["loss"].detach(),
+                                guard_where(stage, step, steps, "after its update", path, saved))
             if rank == 0:
                 save_checkpoint(path, checkpoint_payload(captioner, tokenizer, args, encoder, step + 1, history,
                                                          recipe, optimizer))
@@ -588,40 +532,18 @@ def caption_recipe(args: Args) -> dict:
 
 
 def caption_records(args: Args, data, captioner: Captioner, tokenizer, encoder) -> dict:
-    """Write every record of `data` (a manifest or shards, streamed; or a list) with `caption_field` added, each
-    rank its share, a restart going on after the last sample written; a degenerate caption (common.degenerate) is
-    written, its reason in `<caption_field>_degenerate`."""
+    """Write every record of `data` (a manifest or shards, streamed; or a list) with `caption_field` added, each rank
+    its share, resumable (common.caption_job: degenerate captions written and flagged)."""
     rank, world_size, device = init_distributed(args.device)
     captioner.to(device).eval()
     torch.manual_seed(args.seed + rank)
-    counter = DegenerateCounter()
 
-    def process_batch(batch: list[dict], counts: Counter) -> list[tuple[dict, dict]]:
-        img_emb, readable = embed_records(encoder, batch, args.strict, batch_size=len(batch), progress=False)
-        kept = [record for record, ok in zip(batch, readable.tolist()) if ok]
-        counts["unreadable_images"] += len(batch) - len(kept)
-        if not kept:
-            return []
-        prompts = [inference_prompt(r, args.alt_field) if args.use_alt else "" for r in kept]
-        captions = generate_captions(captioner, tokenizer, img_emb[readable], prompts, args)
-        counts["empty_captions"] += sum(not caption for caption in captions)
-        results = []
-        for record, caption in zip(kept, captions):
-            fields, reason = {args.caption_field: caption}, counter.check(caption, sample=record["id"])
-            if reason is not None:  # written, not dropped: the next stage (or a person) decides
-                counts["degenerate"] += 1
-                fields[f"{args.caption_field}_degenerate"] = reason
-            results.append((record, fields))
-        return results
+    def caption_batch(records: list[dict], img_emb: torch.Tensor) -> list[str]:
+        prompts = [inference_prompt(r, args.alt_field) if args.use_alt else "" for r in records]
+        return generate_captions(captioner, tokenizer, img_emb, prompts, args)
 
-    counts = generate_sharded(data, args.out, args.gen_batch_size, process_batch, rank, world_size, "caption",
-                              required=("id", "image"))
-    merge_rank_counters(counter, rank, world_size)  # every rank's degenerate captions in rank 0's line
-    if rank == 0:
-        log.info("caption: %s -> %s", counts, args.out)
-        if counter.checked:
-            (log.warning if counter.degenerate else log.info)(counter.line("generated captions", "flagged"))
-    return counts
+    return caption_manifest(data, args.out, encoder, caption_batch, args.caption_field, args.gen_batch_size,
+                            args.strict, rank, world_size)
 
 
 def stage_caption(args: Args) -> dict:
@@ -644,43 +566,15 @@ def stage_caption(args: Args) -> dict:
 # ==== Evaluation ====
 
 
-def caption_metrics(records: list[dict], captions: list[str], scorer, img_feats: np.ndarray, refs_field: str,
-                    per_item: dict | None = None) -> dict:
-    """CLIP-S (an empty caption scores 0), CIDEr and BLEU-4 against references (COCO toolkit, x 100, with their
-    "tokenizer" label), world labels when present; `per_item` receives each caption's values (names kept as
-    [kept, to keep]: names kept % is a ratio of their sums)."""
-    items: dict = {} if per_item is None else per_item
-    txt_feats = encode_texts(scorer, [c or "." for c in captions], progress=False)
-    # step 5: CLIP-S(x, c) = 2.5 * max(cos(E_img(x), E_txt("A photo depicts " + c)), 0)
-    clip_scores = score_from_features(img_feats, txt_feats, CLIP_S_WEIGHT) * np.array([bool(c) for c in captions])
-    metrics = {"CLIP-S": 100 * float(clip_scores.mean()), "empty": sum(not c for c in captions)}
-    items["CLIP-S"] = (100 * np.asarray(clip_scores, float)).tolist()
-    refs = [r.get(refs_field) or ([r["caption"]] if r.get("caption") else []) for r in records]
-    if all(refs):
-        metrics.update(coco_scores(dict(enumerate(refs)), dict(enumerate(captions)), scale=100.0,
-                                   metrics=("BLEU-4", "CIDEr"), per_item=items))
-    if "objects" in records[0]:  # miniature world: its labels say which names are kept or invented
-        items["names kept %"] = [[int(n) for n in names_kept(c, r)] for c, r in zip(captions, records)]
-        kept, total = np.sum(items["names kept %"], axis=0)
-        metrics["names kept %"] = 100 * float(kept / max(total, 1))
-        items["hallucinated/caption"] = [float(len(hallucinated_words(c, r))) for c, r in zip(captions, records)]
-        metrics["hallucinated/caption"] = float(np.mean(items["hallucinated/caption"]))
-    return metrics
-
-
-def load_scorer(args: Args):
-    """The CLIP-S model: --score-model, or 'miniature' = the world's cached scorer."""
-    if args.score_model == "miniature":
-        return load_clip(MINIATURE_MODEL, str(ensure_miniature_scorer(args.world, args.scorer)), args.device)
-    torch.manual_seed(0)
-    return load_clip_as({"model": "--score-model", "pretrained": "--score-pretrained"}, args.score_model,
-                        args.score_pretrained, args.device)
+def references(records: list[dict], refs_field: str) -> list[list[str]]:
+    """Each record's references for CIDEr / BLEU-4: `refs_field`, else its `caption` (none: no COCO metrics)."""
+    return [r.get(refs_field) or ([r["caption"]] if r.get("caption") else []) for r in records]
 
 
 def stage_eval(args: Args) -> dict:
     """Score each of --eval-fields of --data; writes --out as JSON."""
     records = read_manifest(args.data)
-    scorer = load_scorer(args)
+    scorer = load_scorer(args.score_model, args.score_pretrained, args.device, args.world, args.scorer)
     img_emb, readable = embed_records(scorer, records, args.strict)
     records = [r for r, ok in zip(records, readable.tolist()) if ok]
     img_feats = img_emb[readable].numpy()
@@ -690,27 +584,23 @@ def stage_eval(args: Args) -> dict:
         if not all(isinstance(text, str) for text in texts):
             raise ManifestError(f"{args.data}: field {field!r} missing or not a string in some records; "
                                 "list fields to score with --eval-fields")
-        results[field] = caption_metrics(records, texts, scorer, img_feats, args.refs_field)
+        # step 5: CLIP-S(x, c) = 2.5 * max(cos(E_img(x), E_txt("A photo depicts " + c)), 0)
+        results[field] = caption_metrics(records, texts, references(records, args.refs_field),
+                                         {"CLIP-S": clip_s_scores(scorer, img_feats, texts)})
     atomic_write_text(args.out, json.dumps(results, indent=2))
     return results
-
-
-COUNTS = ("prefix_length", "mapper_layers", "max_prompt_tokens", "max_caption_tokens", "pretrain_steps",
-          "finetune_steps", "batch_size", "checkpoint_every", "num_beams", "max_new_tokens", "gen_batch_size",
-          "seeds")  # flags that count something: 0 would run nothing or crash
 
 
 def check_flags(args: Args) -> None:
     """Every flag in its range and the stage's inputs given, before anything loads: one line naming the flag and
     exit status 1, not a crash (or a silent no-op) later."""
-    ranges = [(name, getattr(args, name) >= 1, "at least 1") for name in COUNTS] + [
-        ("warmup", args.warmup >= 0, "at least 0"), ("extra_alt_texts", args.extra_alt_texts >= 0, "at least 0"),
-        ("lr", args.lr > 0, "positive"), ("weight_decay", args.weight_decay >= 0, "at least 0"),  # NaN fails each
-        ("p_drop_alt", 0 <= args.p_drop_alt <= 1, "in [0, 1]"), ("temperature", args.temperature > 0, "positive"),
-        ("top_p", 0 < args.top_p <= 1, "in (0, 1]")]
-    for name, ok, what in ranges:
-        if not ok:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be {what}, got {getattr(args, name)}")
+    counts = ("prefix_length", "mapper_layers", "max_prompt_tokens", "max_caption_tokens", "pretrain_steps",
+              "finetune_steps", "batch_size", "checkpoint_every", "num_beams", "max_new_tokens", "gen_batch_size",
+              "seeds")  # 0 would run nothing or crash
+    check_ranges(args, at_least={**dict.fromkeys(counts, 1), "warmup": 0, "extra_alt_texts": 0, "weight_decay": 0},
+                 positive=("lr", "temperature"), fractions=("p_drop_alt",))
+    if not 0 < args.top_p <= 1:  # a fraction, but 0 keeps no token
+        raise SystemExit(f"error: --top-p must be in (0, 1], got {args.top_p}")
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     if args.batch_size % world_size:
         raise SystemExit(f"error: --batch-size {args.batch_size} must be a multiple of the {world_size} ranks")
@@ -724,7 +614,8 @@ def main(argv=None) -> dict:
     """Run the stage named by the first argument; return its log (train), counts (caption) or metrics."""
     args = parse(Args, argv, PRESETS)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
-    for name in ("altogether", "common.embedding_cache"):  # this run's progress lines, not every library's
+    # this run's progress lines, not every library's
+    for name in ("altogether", "common.embedding_cache", "common.caption_job"):
         logging.getLogger(name).setLevel(logging.INFO)
     check_flags(args)
     check_device(args.device)  # before any stage loads weights onto it (the encoder's loader would take the blame)

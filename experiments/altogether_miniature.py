@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 import altogether
+from common.caption_eval import caption_metrics, clip_s_scores, load_scorer
 from common.caption_metrics import table_note
 from common.data import atomic_write_text, read_manifest
 from common.embedding_cache import embed_records, embedding_signature, image_embeddings
@@ -65,7 +66,8 @@ def run_miniature(args: altogether.Args) -> dict:
     began, out = time.time(), Path(args.out)
     folder = ensure_world(args.world)
     train_records, test_records = read_manifest(folder / "train.jsonl"), read_manifest(folder / "test.jsonl")
-    encoder, scorer = altogether.load_encoder(args), altogether.load_scorer(args)
+    encoder = altogether.load_encoder(args)
+    scorer = load_scorer(args.score_model, args.score_pretrained, args.device, args.world, args.scorer)
     signature = embedding_signature(train_records, encoder, altogether.encoder_source(args), folder / "train.jsonl")
     train_emb, _ = image_embeddings(encoder, train_records, out, "train", signature, strict=True)  # both stages, seeds
     test_emb, _ = embed_records(encoder, test_records, strict=True)
@@ -99,8 +101,9 @@ def run_miniature(args: altogether.Args) -> dict:
         atomic_write_text(Path(run.out) / "examples.json", json.dumps(examples, indent=2))
         for row in ROWS:
             per_item[row] = {}  # the last seed's, for a one-seed verdict (reproduce.py's paired bootstrap)
-            metrics = altogether.caption_metrics(test_records, captions[row], scorer, score_feats, "refs",
-                                                 per_item[row])
+            metrics = caption_metrics(test_records, captions[row], altogether.references(test_records, "refs"),
+                                      {"CLIP-S": clip_s_scores(scorer, score_feats, captions[row])},
+                                      per_item=per_item[row])
             runs[row].append(metrics)
             print(f"seed {seed} {row}: " + ", ".join(f"{k} {metrics[k]:.2f}" for k in COLUMNS), flush=True)
     summary = {row: {k: [m[k] for m in ms] for k in ms[0]} for row, ms in runs.items()}

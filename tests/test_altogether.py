@@ -15,6 +15,7 @@ import torch
 
 import altogether
 from common import embedding_cache
+from common.causal_lm import world_tokenizer
 from common.clip_score import ScorerLoadError, clip_s, load_clip
 from common.data import BadSampleError, ManifestError, NonFiniteError, read_manifest, write_manifest
 from common.miniature import WorldConfig, ensure_world
@@ -33,7 +34,7 @@ def world(tmp_path_factory):
 
 
 def tokenizer():
-    return altogether.world_tokenizer(["a red circle on grass. Aldora stock photo; blue square"] * 3, min_frequency=1)
+    return world_tokenizer(["a red circle on grass. Aldora stock photo; blue square"] * 3, min_frequency=1)
 
 
 # ---- sequence layout and loss mask -----------------------------------------------------------
@@ -379,7 +380,7 @@ def tiny_decoders(tmp_path_factory, world):
 
     root = tmp_path_factory.mktemp("decoders")
     records = read_manifest(world / "train.jsonl")
-    tok = altogether.world_tokenizer([r["alt_text"] for r in records] + [r["caption"] for r in records], 1)
+    tok = world_tokenizer([r["alt_text"] for r in records] + [r["caption"] for r in records], 1)
     ids = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id,
                eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
@@ -726,9 +727,9 @@ def test_a_diverged_update_stops_with_one_line_and_leaves_the_last_good_checkpoi
     payload = torch.load(tmp_path / "a" / "pretrain.pt", weights_only=True)
     assert payload["step"] == 1 and all(torch.isfinite(v).all() for v in payload["captioner"].values()
                                         if v.is_floating_point())
+    # --lr inf is refused before anything loads now: a finite lr whose weight decay overflows the weights instead
     command = [sys.executable, altogether.__file__, *SMALL, *data, "--out", str(tmp_path / "b"), "--pretrain-steps",
-               "1",
-               "--lr", "inf"]
+               "1", "--lr", "3e37", "--weight-decay", "1e12"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert done.stderr.strip().splitlines()[-1].startswith(
@@ -744,8 +745,10 @@ def test_a_diverged_update_stops_with_one_line_and_leaves_the_last_good_checkpoi
     ("--finetune-steps", "-1", "--finetune-steps must be at least 1, got -1"),
     ("--warmup", "-1", "--warmup must be at least 0, got -1"),
     ("--top-p", "1.5", r"--top-p must be in \(0, 1\], got 1.5"),
-    ("--temperature", "0", "--temperature must be positive, got 0.0"),
-    ("--lr", "-0.001", "--lr must be positive, got -0.001"),
+    ("--temperature", "0", "--temperature must be a positive number, got 0.0"),
+    ("--lr", "-0.001", "--lr must be a positive number, got -0.001"),
+    ("--lr", "inf", "--lr must be a positive number, got inf"),
+    ("--weight-decay", "nan", "--weight-decay must be at least 0, got nan"),
     ("--p-drop-alt", "1.5", r"--p-drop-alt must be in \[0, 1\], got 1.5")])
 def test_flags_out_of_range_are_one_line_naming_the_flag_before_anything_loads(world, flag, value, message):
     with pytest.raises(SystemExit, match=f"^error: {message}$"):
