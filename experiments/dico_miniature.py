@@ -1,9 +1,9 @@
 """DiCO's miniature experiment and evaluation tables: XE, then DiCO and SCST from the same XE checkpoint, then eval.
 
 `run_miniature` (what `python dico.py miniature` and reproduce.py run) repeats the experiment per seed and writes
-results.md, results.json and training.png; `run_eval` (the `eval` stage of dico.py) captions a split with each
-checkpoint and writes its metrics, captions and Markdown table. It imports dico.py and calls its functions as
-`dico.<name>` (what a test patches there is what runs here); dico.py imports it only inside its `main`.
+results.md, results.json and training.png; `run_eval` (the `eval` stage of dico.py: `run_eval_stage`) captions a
+split with each checkpoint and writes its metrics, captions and Markdown table. It imports dico.py and calls its
+functions as `dico.<name>` (what a test patches there is what runs here); dico.py imports it only inside `main`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import numpy as np
 
 from common.caption_metrics import table_note
 from common.caption_sources import image_bank_of, load_split
+from common.clip_captioner import model_from_checkpoint
 from common.data import atomic_write_text, image_path
 from common.run_folder import weights_digest
 import dico
@@ -52,7 +53,7 @@ def run_eval(args: Args, checkpoints: list[str], out: Path) -> dict:
         name = f"{Path(path).parent.name}/{Path(path).stem}"
         digest = weights_digest(payload)  # a fine-tuning's best.pt may be its last.pt, or the XE model (step 0)
         if digest not in done:
-            model, vocab = dico.model_from_checkpoint(payload, args.device)
+            model, vocab = model_from_checkpoint(payload, args.device)
             items: dict = {}
             metrics, captions, kept = dico.evaluate(args, model, vocab, bank, args.eval_images, items)
             done[digest] = {**metrics, "per_item": items}, captions, kept
@@ -71,6 +72,15 @@ def run_eval(args: Args, checkpoints: list[str], out: Path) -> dict:
     atomic_write_text(out / "table.md", markdown_table({name: [m] for name, m in results.items()}))
     print(markdown_table({name: [m] for name, m in results.items()}))
     return results
+
+
+def run_eval_stage(args: Args) -> dict:
+    """The eval stage: `run_eval` of --checkpoints (default: the <out>/{xe,dico,scst}/best.pt that exist)."""
+    checkpoints = args.checkpoints or [str(p) for a in ("xe", "dico", "scst")
+                                       if (p := Path(args.out) / a / "best.pt").exists()]
+    if not checkpoints:
+        raise FileNotFoundError(f"no checkpoints to evaluate: pass --checkpoints or train into {args.out} first")
+    return run_eval(args, checkpoints, Path(args.out) / "eval")
 
 
 CURVES = {"reward": "the reward it optimises", "CLIP-S": "the judge's CLIP-S"}  # validation metrics over fine-tuning

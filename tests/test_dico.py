@@ -17,6 +17,7 @@ import torch
 
 import dico
 from common import caption_sources
+from common.clip_captioner import Captioner, Vocab, model_from_checkpoint, sample
 from common.clip_score import PREFIX, ScorerLoadError, clip_s, load_clip, pac_s, ref_clip_s, ref_pac_s
 from common.clip_train import TrainConfig, ensure_miniature_scorer
 from common.data import (BadSampleError, DeviceError, ManifestError, NonFiniteError, image_path, open_image,
@@ -69,7 +70,7 @@ def fresh_bank(args, records):
 
 def tiny_captioner(n_tokens=5, seed=0, max_len=3):
     torch.manual_seed(seed)
-    model = dico.Captioner(n_tokens, bos=n_tokens - 2, eos=n_tokens - 1, visual_width=6, d_model=16, encoder_layers=1,
+    model = Captioner(n_tokens, bos=n_tokens - 2, eos=n_tokens - 1, visual_width=6, d_model=16, encoder_layers=1,
                            decoder_layers=1, heads=2, ffn=32, dropout=0.0, max_len=max_len).eval()
     with torch.no_grad():  # sharper distributions than the initialisation's, so that beams really compete
         model.lm_head.weight.mul_(20)
@@ -148,7 +149,7 @@ def test_sampling_scores_are_the_teacher_forced_log_probs():
     model = tiny_captioner(n_tokens=7, seed=2, max_len=6)
     visual = torch.randn(2, 4, 6)
     torch.manual_seed(0)
-    tokens, scores = dico.sample(model, visual, n=5, max_len=6)
+    tokens, scores = sample(model, visual, n=5, max_len=6)
     torch.testing.assert_close(scores, teacher_forced(model, visual, tokens, 5), atol=1e-5, rtol=0)
 
 
@@ -280,13 +281,13 @@ def test_xe_loss_by_hand():
 
 def test_vocab_round_trip_and_restricted_errors():
     captions = ["a large red circle with the Aldora emblem on the left, on grass."]
-    vocab = dico.Vocab.build(captions, restrict=True)
+    vocab = Vocab.build(captions, restrict=True)
     ids = vocab.encode(captions[0], max_len=40)
     assert ids[-1] == vocab.eos and vocab.decode(ids) == captions[0].lower()
     assert len(vocab.encode(captions[0], max_len=5)) == 5
     with pytest.raises(ValueError, match="outside the captioner's vocabulary"):
         vocab.encode("a purple triangle", max_len=40)
-    assert dico.Vocab.build(captions, restrict=False).pad == 49408
+    assert Vocab.build(captions, restrict=False).pad == 49408
 
 
 def test_collapse_indicators_by_hand():
@@ -418,7 +419,7 @@ def test_real_loop_uses_the_frozen_xe_reference_and_w_cos_rewards(scorer, tmp_pa
             steps.append((images, visual, tokens, *event[1:]))
     assert len(steps) == 3
     payload = dico.load_checkpoint(out / "xe" / "best.pt")  # the checkpoint the dico stage starts from
-    xe, _ = dico.model_from_checkpoint(payload, "cpu")
+    xe, _ = model_from_checkpoint(payload, "cpu")
     xe.eval()
     bundle = load_clip("micro-ViT-16", scorer[0], "cpu")
     bpe, tokenizer = payload["vocab"], open_clip.tokenizer.SimpleTokenizer()
@@ -465,7 +466,7 @@ def test_xe_targets_are_drawn_from_every_reference(scorer, tmp_path, monkeypatch
     monkeypatch.setattr(dico, "xe_loss", xe_loss)
     out = tmp_path / "run"
     dico.main(tiny_args(scorer, out, "xe", "--xe-steps", "4", "--xe-eval-every", "100", "--val-images", "2"))
-    vocab = dico.Vocab(dico.load_checkpoint(out / "xe" / "last.pt")["vocab"])
+    vocab = Vocab(dico.load_checkpoint(out / "xe" / "last.pt")["vocab"])
     used = []
     for i, event in enumerate(events):
         if event[0] == "targets":
