@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from common.caption_metrics import coco_scores
+from common.caption_metrics import coco_scores, plain_words
 from common.clip_score import CLIP_S_WEIGHT, PREFIX, encode_texts, load_clip, load_clip_as, score_from_features
 from common.clip_train import MINIATURE_MODEL, TrainConfig, ensure_miniature_scorer
 from common.miniature import WorldConfig, hallucinated_words, names_kept
@@ -71,3 +71,19 @@ def caption_metrics(records: Sequence[dict], captions: Sequence[str], refs: Sequ
         items[hallucinated_name] = [float(len(hallucinated_words(c, r))) for c, r in zip(captions, records)]
         metrics[hallucinated_name] = float(np.mean(items[hallucinated_name]))
     return metrics
+
+
+def collapse_indicators(captions: Sequence[str], n: int = 3, per_item: dict | None = None) -> dict:
+    """Signs of a captioner collapsing onto a few phrasings: the vocabulary used, the fraction of distinct
+    captions, the repeated n-grams per caption (occurrences beyond each n-gram's first) and the mean length in
+    words (common.caption_metrics.plain_words: lower-cased, punctuation removed); `per_item` receives each
+    caption's repeated n-grams."""
+    words = [plain_words(c) for c in captions]
+    repeated = []
+    for w in words:
+        grams = [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
+        repeated.append(len(grams) - len(set(grams)))
+    if per_item is not None:
+        per_item[f"rep_{n}gram"] = [float(r) for r in repeated]
+    return {"vocab": len({t for w in words for t in w}), "distinct": len(set(captions)) / max(1, len(captions)),
+            f"rep_{n}gram": float(np.mean(repeated)), "length": float(np.mean([len(w) for w in words]))}
