@@ -150,7 +150,7 @@ def test_each_caller_labels_its_results_and_tables(monkeypatch):
     """capsfusion, altogether and dico: the fallback's label reaches the metrics they write and each results table."""
     import altogether
     import capsfusion
-    import dico
+    from experiments import dico_miniature
 
     monkeypatch.setattr(cm, "java_missing", lambda: "no `java` on PATH")
     monkeypatch.setattr(cm, "_warned", set())
@@ -162,7 +162,7 @@ def test_each_caller_labels_its_results_and_tables(monkeypatch):
     fusion = [{"teacher": {"names_kept": 1.0}, "fuser": {"names_kept": 1.0, **row}}]
     scaling = [{"sizes": [8], "curves": {"raw": [dict.fromkeys(capsfusion.PLOTTED, 1.0)]}}]
     tables = {"capsfusion": capsfusion.summary_table(fusion, scaling, capsfusion.Args(), 60.0),
-              "dico": dico.markdown_table({"xe/best": [row], "ground truth": [{**row, "CIDEr": 3.0}]}),
+              "dico": dico_miniature.markdown_table({"xe/best": [row], "ground truth": [{**row, "CIDEr": 3.0}]}),
               "altogether": altogether.markdown_table(
                   {name: {**{k: [1.0] for k in altogether.COLUMNS}, **{k: [v] for k, v in row.items()}}
                    for name in altogether.ROWS}, altogether.Args(), 60.0, 2)}
