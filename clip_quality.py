@@ -60,12 +60,12 @@ from common.clip_eval import (ImageRows, encode_images, encode_texts, evaluate_w
 from common.clip_train import MINIATURE_MODEL, TrainConfig, contrastive_loss, create_clip, save_checkpoint, train_clip
 from common.coca_captions import write_synthetic_captions
 from common.columns import Columns
-from common.data import ManifestError, atomic_write_text, check_device, run_command, shard, text_problem
-from common.dense_probe import (ProbeSettings, check_specs, create_random, load_model_spec, probe_datasets, probe_plan,
-                                probe_specs, trivial_baselines)
+from common.data import atomic_write_text, check_device, run_command, shard
+from common.dense_probe import (ProbeSettings, create_random, load_model_spec, probe_checkpoints, probe_datasets,
+                                probe_plan, probe_specs, trivial_baselines)
 from common.miniature import SEGMENTATION_CLASSES, WorldConfig
 from common.vit_attention import summed_over_images
-from common.world_manifests import manifests_or_world, run_under_torchrun
+from common.world_manifests import check_texts, manifests_or_world, run_under_torchrun
 
 Regime = Literal["datacomp", "datacompdr", "swap"]
 # The miniature budget: 150 steps of 128 (about 4 epochs of the 5,000 training images), sized for the 10-minute
@@ -87,11 +87,10 @@ class Args:
 
     stage: tyro.conf.Positional[Literal["miniature", "synthesize", "pretrain", "probe", "efficiency", "attention"]] = (
         "miniature")
-    """what to run: `miniature` runs every stage on the miniature world and writes results.md; `synthesize` writes
-    DataCompDR's synthetic captions for --data into --out (a .jsonl; a folder gets synthetic.jsonl)"""
+    """what to run: `miniature` runs every stage on the miniature world; `synthesize` captions --data into --out"""
     preset: Annotated[Literal["smoke", "miniature"] | None, tyro.conf.arg(help=preset_help(PRESETS))] = None
     out: str = "runs/clip_quality"
-    """output folder (each stage writes its JSON/PNG/checkpoints under it)"""
+    """output folder of each stage's JSON/PNG/checkpoints; synthesize: a .jsonl, or a folder for synthetic.jsonl"""
     world: WorldConfig = WorldConfig()
     """the miniature world used wherever a manifest is not given"""
     model: str = MINIATURE_MODEL
@@ -183,10 +182,8 @@ def seed_range(args: Args) -> range:
 
 def datacompdr_texts(indices: np.ndarray, real: Sequence[str], synthetic: Sequence[Sequence[str]],
                      rng: np.random.Generator) -> tuple[list[str], list[str]]:
-    """One real and one synthetic caption per sample; train_clip sums one loss per list.
-
-    The synthetic caption is drawn anew at every step, uniformly among the sample's captions.
-    """
+    """One real and one synthetic caption per sample, the synthetic one drawn anew at every step, uniformly among the
+    sample's captions; train_clip sums one loss per list."""
     # step 1: x_syn ~ Uniform{syn_1..syn_K}; L = L_CLIP(img, x_real) + L_CLIP(img, x_syn)
     picks = [synthetic[i][int(rng.integers(len(synthetic[i])))] for i in indices]
     return [real[i] for i in indices], picks
@@ -201,20 +198,9 @@ def swap_texts(indices: np.ndarray, real: Sequence[str], synthetic: Sequence[Seq
 
 
 def check_captions(columns: Columns, rows: np.ndarray, real_field: str, synthetic_field: str) -> None:
-    """Every training row has a real caption (a string) and synthetic ones (a string or a list of them), by
-    common.data.text_problem's rule: else an error naming the first bad sample's file and line."""
-    def problem(values: dict) -> str | None:
-        return text_problem(values[real_field], real_field) or text_problem(values[synthetic_field], synthetic_field,
-                                                                           lists=True)
-
-    kept = columns.rows_where(lambda values: problem(values) is None, [real_field, synthetic_field])
-    bad = np.setdiff1d(rows, kept)
-    if len(bad):
-        first = int(bad[0])
-        why = problem({name: columns.value(name, first) for name in (real_field, synthetic_field)})
-        raise ManifestError(f"{columns.where(first)} (id {columns.value('id', first)!r}): {why} (and {len(bad) - 1} "
-                            f"more samples); pretraining needs a caption in {real_field!r} and a list of captions in "
-                            f"{synthetic_field!r}")
+    """Every training row has a real caption (a string) and synthetic ones (a list, or a string): else one error."""
+    check_texts(columns, rows, {real_field: False, synthetic_field: True}, f"pretraining needs a caption in "
+                f"{real_field!r} and a list of captions in {synthetic_field!r}")
 
 
 def make_texts_for(regime: str, real: list[str], synthetic: list[list[str]], swap_probability: float) -> Callable:
@@ -308,8 +294,7 @@ def world_records(args: Args, roles: Sequence[str] = tuple(MANIFESTS)) -> dict:
 
 
 def training_images(args: Args, columns: Columns):
-    """What the trainer decodes: the Columns themselves (lazily, in --train.workers workers), or for the miniature
-    world (no --train-manifest) its images preprocessed once into one tensor shared by every pretraining."""
+    """The trainer's images: the Columns (decoded lazily), or without --train-manifest the world's, preprocessed."""
     if args.train_manifest is not None:
         return columns
     return preprocess_images(columns, create_clip(args.model)[1])  # (N, 3, H, W)
@@ -404,19 +389,19 @@ def run_baselines(args: Args, records: dict) -> dict:
 def run_efficiency(args: Args, records: dict, done: Sequence[dict] = (), probed: Sequence[dict] = ()) -> list[dict]:
     """Pretrain each regime on nested subsets and probe each; reuse full-set runs already in `done` and their probe
     rows in `probed` (the same checkpoint: the efficiency table shows the numbers of the regime table)."""
-    rows, images = [], None
+    n_train, rows, images = len(records["train"]), [], None
+    size = lambda fraction: max(1, round(fraction * n_train))  # noqa: E731  (the first round(f N) images)
     for seed in seed_range(args):  # step 3: nested subsets, each pretrained with one schedule and probed
         for regime in args.regimes:
             fractions = args.subset_fractions if regime in args.efficiency_regimes else [max(args.subset_fractions)]
-            for fraction in fractions:
-                n_images = max(1, round(fraction * len(records["train"])))
+            for n_images in map(size, fractions):
                 key = (regime, seed, n_images)
                 run = next((r for r in done if (r["regime"], r["seed"], r["train_images"]) == key), None)
-                if run is None and images is None:  # the first subset to pretrain: check the largest, decode once
-                    largest = max(max(1, round(f * len(records["train"]))) for f in args.subset_fractions)
-                    check_captions(records["train"], np.arange(largest), args.real_field, args.synthetic_field)
-                    images = training_images(args, records["train"])
                 if run is None:
+                    if images is None:  # the first subset to pretrain: check the largest, decode once
+                        check_captions(records["train"], np.arange(size(max(args.subset_fractions))),
+                                       args.real_field, args.synthetic_field)
+                        images = training_images(args, records["train"])
                     run = pretrain_one(args, records, regime, seed, n_images,
                                        Path(args.out) / "efficiency" / f"{regime}-n{n_images}-seed{seed}.pt", images)
                 probe = next((p for p in probed if p["checkpoint"] == run["checkpoint"]), None)
@@ -424,19 +409,15 @@ def run_efficiency(args: Args, records: dict, done: Sequence[dict] = (), probed:
                     probe = run_probe(dataclasses.replace(args, seed=seed, seeds=1), records, [run["checkpoint"]])[0]
                 rows.append({**run, **{k: v for k, v in probe.items()
                                        if k in ("mIoU", "mAcc", "aAcc", "depth_RMSE", "per_item")}})
-    atomic_write_text(Path(args.out) / "efficiency.json", json.dumps(rows, indent=2))
-    from experiments.clip_quality_miniature import plot_efficiency  # here: the experiment module imports this one
+    from experiments.clip_quality_miniature import write_efficiency  # here: the experiment module imports this one
 
-    plot_efficiency(rows, Path(args.out) / "efficiency.png")
+    write_efficiency(rows, Path(args.out))
     return rows
 
 
 def run_attention(args: Args, records: dict, specs: Sequence[str], rank: int = 0, world_size: int = 1) -> dict:
-    """Mean attention distance per layer and head of each model over the same images (PNG + JSON).
-
-    Under torchrun each rank measures every world_size-th image; the per-image sums are all-reduced
-    and rank 0 writes.
-    """
+    """Mean attention distance per layer and head of each model over the same images (PNG + JSON). Under torchrun
+    each rank measures every world_size-th image; the per-image sums are all-reduced and rank 0 writes."""
     chosen = records["images"][:args.attention_images]
     mine = shard(chosen, rank, world_size)
     results = {}
@@ -452,10 +433,9 @@ def run_attention(args: Args, records: dict, specs: Sequence[str], rank: int = 0
                           "uniform_px": uniform_attention_distance(visual.grid_size, visual.patch_size),
                           "patch_size": list(visual.patch_size), "grid": list(visual.grid_size), "images": len(chosen)}
     if rank == 0:
-        atomic_write_text(Path(args.out) / "attention.json", json.dumps(results, indent=2))
-        from experiments.clip_quality_miniature import plot_attention  # here: the experiment module imports this one
+        from experiments.clip_quality_miniature import write_attention  # here: the experiment module imports this one
 
-        plot_attention(results, Path(args.out) / "attention.png")
+        write_attention(results, Path(args.out))
     return results
 
 
@@ -463,23 +443,6 @@ def attention_specs(args: Args) -> list[str]:
     """--attention-models, else every checkpoint under OUT/pretrain, else an untrained --model."""
     saved = sorted(str(p) for p in (Path(args.out) / "pretrain").glob("*.pt"))
     return list(args.attention_models) or saved or [args.model]
-
-
-def distributed_stage(args: Args) -> dict:
-    """The pretrain or attention stage under torchrun (common.world_manifests.run_under_torchrun): pretraining trains
-    with DDP over all ranks (common.clip_train), attention shards the images and all-reduces the sums; rank 0
-    evaluates and writes."""
-    roles = STAGE_MANIFESTS[args.stage]
-
-    def stage(device: str, rank: int, world_size: int) -> dict:
-        records = world_records(args, roles)
-        if args.stage == "pretrain":
-            return {"pretrain": run_pretrain(args, records)}
-        return {"attention": run_attention(dataclasses.replace(args, device=device), records, attention_specs(args),
-                                           rank, world_size)}
-
-    every_manifest = all(getattr(args, MANIFESTS[role][0]) for role in roles)
-    return run_under_torchrun(args.device, args.out, None if every_manifest else args.world, stage)
 
 
 def check_flags(args: Args) -> None:
@@ -495,37 +458,43 @@ def check_flags(args: Args) -> None:
         raise SystemExit(f"error: --subset-fractions must each be in (0, 1], got {args.subset_fractions}")
 
 
+def run_stage(args: Args, device: str | None = None, rank: int = 0, world_size: int = 1) -> dict:
+    """Every stage but synthesize, on the records it reads; under torchrun (pretrain, attention) on this rank, the
+    attention stage on this rank's `device` (pretraining places its ranks itself, common.clip_train)."""
+    out, records = Path(args.out), world_records(args, STAGE_MANIFESTS[args.stage])
+    if args.stage == "pretrain":
+        return {"pretrain": run_pretrain(args, records)}
+    if args.stage == "probe":
+        return {"probe": run_probe(args, records, probe_checkpoints(args.checkpoints, out / "pretrain"),
+                                   out / "probe.json")}
+    if args.stage == "efficiency":
+        return {"efficiency": run_efficiency(args, records)}
+    if args.stage == "attention":
+        return {"attention": run_attention(dataclasses.replace(args, device=device or args.device), records,
+                                           attention_specs(args), rank, world_size)}
+    # the experiment module imports this one: imported here, once the stages it runs are defined
+    from experiments.clip_quality_miniature import run_miniature
+
+    return run_miniature(args, records)
+
+
 def main(argv=None) -> dict:
     args = parse(Args, argv, PRESETS)
     check_flags(args)
     check_device(args.device)  # before any stage loads weights onto it (a tag's loader would take the blame)
-    out = Path(args.out)
     if args.stage == "synthesize":  # one process or torchrun: generate_sharded shards it over the ranks
         return {"synthesize": run_synthesize(args)}
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         if args.stage not in ("attention", "pretrain"):
             raise SystemExit(f"the {args.stage} stage has no multi-process path (Deviation 9): run it with python; "
                              "the synthesize, pretrain and attention stages run under torchrun")
-        return distributed_stage(args)
-    out.mkdir(parents=True, exist_ok=True)
-    records = world_records(args, STAGE_MANIFESTS[args.stage])
-    if args.stage == "pretrain":
-        return {"pretrain": run_pretrain(args, records)}
-    if args.stage == "probe":
-        checkpoints = list(args.checkpoints) or sorted(str(p) for p in (out / "pretrain").glob("*.pt"))
-        if not checkpoints:
-            raise FileNotFoundError(f"no checkpoints given and none in {out / 'pretrain'}; run the pretrain stage "
-                                    "or pass --checkpoints (`random` probes an untrained encoder)")
-        check_specs(checkpoints, "--checkpoints")  # before the first probe trains, not after it
-        return {"probe": run_probe(args, records, checkpoints, out / "probe.json")}
-    if args.stage == "efficiency":
-        return {"efficiency": run_efficiency(args, records)}
-    if args.stage == "attention":
-        return {"attention": run_attention(args, records, attention_specs(args))}
-    # the experiment module imports this one: imported here, once the stages it runs are defined
-    from experiments.clip_quality_miniature import run_miniature
+        # pretraining trains with DDP over all ranks (common.clip_train); attention shards the images on its rank's
+        # device and all-reduces the sums; rank 0 evaluates and writes. Rank 0 builds the world if one is needed.
+        given = all(getattr(args, MANIFESTS[role][0]) for role in STAGE_MANIFESTS[args.stage])
+        return run_under_torchrun(args.device, args.out, None if given else args.world, partial(run_stage, args))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    return run_stage(args)
 
-    return run_miniature(args, records)
 
 if __name__ == "__main__":
     run_command(main)

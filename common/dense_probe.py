@@ -500,6 +500,17 @@ def check_specs(specs: Sequence[str], flag: str) -> None:
                                 "(NAME or NAME@PRETRAINED_TAG)")
 
 
+def probe_checkpoints(given: Sequence[str], folder: Path) -> list[str]:
+    """The encoders a probe stage probes: `given` (--checkpoints), else every *.pt in `folder` (the pretrain stage's
+    output); each checked by check_specs before the first probe trains, not after it."""
+    checkpoints = list(given) or sorted(str(p) for p in folder.glob("*.pt"))
+    if not checkpoints:
+        raise FileNotFoundError(f"no checkpoints given and none in {folder}; run the pretrain stage or pass "
+                                "--checkpoints (`random` probes an untrained encoder)")
+    check_specs(checkpoints, "--checkpoints")
+    return checkpoints
+
+
 def random_architecture(checkpoints: Sequence[str], model: str) -> tuple[str, bool]:
     """The architecture of the `random` baseline: the probed checkpoints' (which must agree), else `model`."""
     found = {spec: architecture(spec) for spec in checkpoints if spec != "random"}

@@ -2,9 +2,9 @@
 each probed for segmentation and depth, on nested subsets, and their attention distances; tables and plots.
 
 `python clip_quality.py miniature ...` and reproduce.py run it (clip_quality.main imports this module when it needs
-it; clip_quality's efficiency and attention stages import the plots). It runs the stages of clip_quality.py on its
-Args and writes results.md with the measured tables only: the paper's claims are judged by reproduce.py
-(results/claims.md), by the one verdict rule of common/claims.py (docs/clip_quality.md).
+it; clip_quality's efficiency and attention stages import their writers, JSON and plot). It runs the stages of
+clip_quality.py on its Args and writes results.md with the measured tables only: the paper's claims are judged by
+reproduce.py (results/claims.md), by the one verdict rule of common/claims.py (docs/clip_quality.md).
 """
 
 from __future__ import annotations
@@ -87,6 +87,18 @@ def plot_efficiency(rows: Sequence[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_efficiency(rows: Sequence[dict], out: Path) -> None:
+    """The efficiency stage's efficiency.json and its plot, efficiency.png, in `out`."""
+    atomic_write_text(out / "efficiency.json", json.dumps(rows, indent=2))
+    plot_efficiency(rows, out / "efficiency.png")
+
+
+def write_attention(results: dict, out: Path) -> None:
+    """The attention stage's attention.json and its plot, attention.png, in `out`."""
+    atomic_write_text(out / "attention.json", json.dumps(results, indent=2))
+    plot_attention(results, out / "attention.png")
 
 
 def summarise(rows: Sequence[dict], keys: tuple[str, ...], metrics: Sequence[str]) -> dict:

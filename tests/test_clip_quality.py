@@ -22,7 +22,7 @@ import experiments.clip_quality_miniature as miniature
 from common.clip_eval import encode_images, encode_texts, preprocess_images, retrieval_metrics
 from common.clip_train import create_clip
 from common.columns import index_data
-from common.data import DeviceError, NonFiniteError, image_path, read_manifest
+from common.data import DeviceError, ManifestError, NonFiniteError, image_path, read_manifest
 from common.miniature import WorldConfig, ensure_world
 import tests.realarch as realarch
 from common.degenerate import degenerate_reason
@@ -135,7 +135,7 @@ def test_check_captions_names_the_bad_sample(tmp_path):
                     '{"id": "b", "image": "x.png", "alt_text": "x", "synthetic_captions": []}\n')
     columns = index_data(str(path))
     cq.check_captions(columns, np.arange(1), "alt_text", "synthetic_captions")  # the first row alone is fine
-    with pytest.raises(cq.ManifestError, match=r"m.jsonl:2 \(id 'b'\): field 'synthetic_captions' is an empty list"):
+    with pytest.raises(ManifestError, match=r"m.jsonl:2 \(id 'b'\): field 'synthetic_captions' is an empty list"):
         cq.check_captions(columns, np.arange(2), "alt_text", "synthetic_captions")
 
 
@@ -418,7 +418,7 @@ def test_depth_statistics_from_streamed_moments():
     assert moments[0] == valid.numel()
     assert [t.item() for t in dp.depth_statistics(moments)] == pytest.approx([valid.mean().item(), valid.std().item()],
                                                                              rel=1e-6)
-    with pytest.raises(cq.ManifestError, match="no valid depth pixel"):
+    with pytest.raises(ManifestError, match="no valid depth pixel"):
         dp.depth_statistics(dp.depth_moments(torch.zeros(2, 3, 3)))
 
 
@@ -671,13 +671,13 @@ def test_labels_outside_the_classes_are_an_error_naming_the_file(tmp_path):
     test = write_probe_manifest(tmp_path, "val", masks=ade_style_masks(2))
     argv = ["probe", "--out", str(tmp_path / "run"), "--checkpoints", "random", "--model", MICRO,
             "--probe-train-manifest", train, "--probe-test-manifest", test, "--num-classes", "150", *PROBE_FAST]
-    with pytest.raises(cq.ManifestError, match=r"train0-mask\.png.*\[150\].*--reduce-zero-label"):
+    with pytest.raises(ManifestError, match=r"train0-mask\.png.*\[150\].*--reduce-zero-label"):
         cq.main(argv)
     row = cq.main([*argv, "--reduce-zero-label", "--probe-lr", "0.5"])["probe"][0]  # 0 -> ignore, 150 -> 149: valid
     # 149 is the only labelled class: the probe learns it (argmax of its logits) and scores 100 on every metric
     assert (row["mIoU"], row["mAcc"], row["aAcc"]) == (100.0, 100.0, 100.0)
     small = write_probe_manifest(tmp_path, "small", masks=np.full((2, 40, 48), 7, np.uint8))
-    with pytest.raises(cq.ManifestError, match=r"small0-mask\.png.*\[7\] are outside 0\.\.5"):
+    with pytest.raises(ManifestError, match=r"small0-mask\.png.*\[7\] are outside 0\.\.5"):
         cq.main(["probe", "--out", str(tmp_path / "run"), "--checkpoints", "random", "--model", MICRO,
                  "--probe-train-manifest", small, "--probe-test-manifest", small, *PROBE_FAST])
 
@@ -699,10 +699,10 @@ def test_each_task_gets_its_own_probe_and_joint_sums_the_losses(tmp_path):
 def test_probe_plan_refuses_a_task_the_manifests_lack():
     args = cq.Args(task="seg")
     records = {"probe_train": [{"id": "a", "depth": "a.png"}], "probe_test": [{"id": "b", "depth": "b.png"}]}
-    with pytest.raises(cq.ManifestError, match=r"--task seg needs \['mask'\]"):
+    with pytest.raises(ManifestError, match=r"--task seg needs \['mask'\]"):
         dp.probe_plan(records["probe_train"], records["probe_test"], args.task)
     assert dp.probe_plan(records["probe_train"], records["probe_test"], cq.Args().task) == [("depth",)]
-    with pytest.raises(cq.ManifestError, match="probe train manifest carries 'mask'"):
+    with pytest.raises(ManifestError, match="probe train manifest carries 'mask'"):
         dp.probe_plan([{"id": "a", "mask": "a.png"}], [{"id": "b"}], cq.Args().task)
 
 
@@ -870,7 +870,7 @@ def test_real_pretrain_and_probe_commands_on_vit_b16(tmp_path, monkeypatch):
     argv = ["probe", "--out", out, "--checkpoints", *checkpoints, "random", "--finetune", "--probe-train-manifest",
             train, "--probe-test-manifest", val, "--num-classes", "150", "--probe-steps", "5", "--probe-lr", "0.2",
             "--probe-batch-size", "1"]
-    with pytest.raises(cq.ManifestError, match="--reduce-zero-label"):
+    with pytest.raises(ManifestError, match="--reduce-zero-label"):
         cq.main(argv)
     probe = cq.main([*argv, "--reduce-zero-label"])["probe"]
     assert [r["architecture"] for r in probe] == ["ViT-B-16"] * 3 and probe[2]["label"] == "ViT-B-16 (random init)"
@@ -1011,12 +1011,12 @@ def test_captions_of_the_wrong_type_are_refused_naming_file_and_line(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text('{"id": "a", "image": "x.png", "alt_text": "x", "synthetic_captions": ["y"]}\n'
                     '{"id": "b", "image": "x.png", "alt_text": 5, "synthetic_captions": ["y"]}\n')
-    with pytest.raises(cq.ManifestError, match=r"train.jsonl:2 \(id 'b'\): field 'alt_text' must be a string, got 5"):
+    with pytest.raises(ManifestError, match=r"train.jsonl:2 \(id 'b'\): field 'alt_text' must be a string, got 5"):
         cq.check_captions(index_data(str(path)), np.arange(2), "alt_text", "synthetic_captions")
     test = tmp_path / "test.jsonl"
     test.write_text('{"id": "t", "image": "x.png", "caption": ["a", "b"]}\n')
     args = cq.Args(train_manifest=str(path), test_manifest=str(test))
-    with pytest.raises(cq.ManifestError, match=r"test.jsonl:1 \(id 't'\): field 'caption' must be a string"):
+    with pytest.raises(ManifestError, match=r"test.jsonl:1 \(id 't'\): field 'caption' must be a string"):
         cq.world_records(args, ("train", "test"))
 
 
@@ -1139,7 +1139,7 @@ def test_synthesize_resumes_only_an_output_of_the_same_settings(tmp_path, monkey
     before = out.read_text()
     for flags, change in ((["--num-synthetic", "3"], "--num-synthetic 2 there, 3 now"), (["--seed", "1"], "--seed 0"),
                           (["--synthetic-field", "coca"], "--synthetic-field 'synthetic_captions' there, 'coca' now")):
-        with pytest.raises(cq.ManifestError, match=f"holds output of other settings.*{change}"):
+        with pytest.raises(ManifestError, match=f"holds output of other settings.*{change}"):
             synthesize(tmp_path, data, "--num-synthetic", "2", *flags)
     assert out.read_text() == before
     assert synthesize(tmp_path, data, "--num-synthetic", "2")["already_done"] == 3
