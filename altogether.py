@@ -42,7 +42,6 @@ Commands (manifests with `image`, `alt_text` (a string or a list), stage 2 also 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -57,18 +56,18 @@ import torch.nn.functional as F
 import tyro
 from tqdm.auto import tqdm
 
-from common.caption_eval import caption_metrics, clip_s_scores, load_scorer
+from common.caption_eval import load_scorer, score_fields
 from common.caption_job import caption_manifest
-from common.causal_lm import decoder_from_payload, decoder_payload, new_decoder
+from common.causal_lm import decoder_from_payload, decoder_payload, load_checkpoint, new_decoder
 from common.cli import check_ranges, parse, preset_help
-from common.clip_score import load_clip_as
 from common.clip_train import (SCORER_TRAINING, TrainConfig, assert_finite_state, cosine_lr, ensure_miniature_scorer,
                                save_checkpoint)
-from common.data import (BadSampleError, ManifestError, SkipCounter, atomic_write_text, check_device,
-                         init_distributed, read_manifest, run_command, shown, text_problem)
-from common.embedding_cache import embed_records, embedding_rows, embedding_signature, image_embeddings
+from common.data import (ManifestError, atomic_write_text, check_device, init_distributed, read_manifest,
+                         run_command, text_problem)
+from common.embedding_cache import embedding_rows, embedding_signature, image_embeddings
 from common.generate import check_resumable, pending
 from common.miniature import WorldConfig
+from common.record_texts import records_digest, text_list_problem, unique_texts, usable_rows
 from common.training import check_resume_recipe, guard_where, step_batch
 
 log = logging.getLogger("altogether")
@@ -284,31 +283,9 @@ def caption_loss(logits: torch.Tensor, labels: torch.Tensor) -> dict:
     return {"loss": loss, "tokens": (targets != IGNORE).sum()}
 
 
-def alt_text_problem(record: dict, field: str) -> str | None:
-    """Why the alt-text field is neither a string nor a list of strings (common.data.text_problem's rule), or None.
-    Absent, null, blank, [] or a blank item is an empty alt-text, which the paper's data has."""
-    value = record.get(field)
-    if value is None or isinstance(value, str):
-        return None
-    if not isinstance(value, list):
-        return text_problem(value, field, lists=True)
-    bad = next((i for i, text in enumerate(value) if not isinstance(text, str)), None)
-    return None if bad is None else f"field {field!r}: item {bad} must be a string, got {shown(value[bad])}"
-
-
-def alt_texts_of(record: dict, field: str) -> list[str]:
-    """The record's unique non-empty alt-texts in order; a field of another type is a BadSampleError."""
-    problem = alt_text_problem(record, field)
-    if problem is not None:
-        raise BadSampleError(f"sample {record.get('id')!r}: {problem}")
-    value = record.get(field) or []
-    texts = [value] if isinstance(value, str) else value
-    return list(dict.fromkeys(text.strip() for text in texts if text.strip()))
-
-
 def training_pair(record: dict, stage: str, args: Args, rng: np.random.Generator) -> tuple[str, str]:
     """(prompt, target) of one draw; the prompt is dropped with probability p_drop_alt."""
-    alts = alt_texts_of(record, args.alt_field)
+    alts = unique_texts(record, args.alt_field)
     if stage == "pretrain":
         # step 3, stage 1: target = the longest alt-text, prompt = another alt-text of the same image
         target = max(alts, key=len)
@@ -322,7 +299,7 @@ def training_pair(record: dict, stage: str, args: Args, rng: np.random.Generator
 
 def inference_prompt(record: dict, field: str) -> str:
     """Caption-time prompt: the unique alt-texts of the image joined by '; '."""
-    return PROMPT_SEPARATOR.join(alt_texts_of(record, field))
+    return PROMPT_SEPARATOR.join(unique_texts(record, field))
 
 
 def make_optimizer(captioner: Captioner, args: Args) -> torch.optim.Optimizer:
@@ -396,24 +373,14 @@ def captioner_from_checkpoint(payload: dict) -> tuple[Captioner, object]:
     return captioner, tokenizer
 
 
-def load_checkpoint(path: str | None, flag: str = "--checkpoint") -> dict:
-    if path is None or not Path(path).is_file():
-        raise FileNotFoundError(f"no captioner checkpoint at {path}: pass {flag} (a pretrain.pt or finetune.pt)")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def recipe_of(args: Args, stage: str, records: list[dict]) -> dict:
     """What a checkpoint must agree on to be resumed: every setting that changes the trained weights (the steps set
     the cosine schedule), the captioner it started from, and what a step reads of each record."""
     names = ("decoder", "clip_model", "prefix_length", "mapper_layers", "batch_size", "lr", "warmup", "weight_decay",
              "p_drop_alt", "seed", "alt_field", "target_field", "max_prompt_tokens", "max_caption_tokens",
              f"{stage}_steps", "checkpoint")
-    digest = hashlib.sha256()
-    for record in records:
-        fields = [record["id"], record.get("image"), record.get(args.alt_field), record.get(args.target_field)]
-        digest.update(json.dumps(fields, default=str).encode())
     return {**{name: getattr(args, name) for name in names}, "clip_pretrained": encoder_source(args),
-            "data": f"{len(records)} records, sha256 {digest.hexdigest()[:16]}"}
+            "data": records_digest(records, ("image", args.alt_field, args.target_field))}
 
 
 # ==== Training: both stages, DDP, resumable ====
@@ -480,24 +447,16 @@ def train_stage(args: Args, stage: str, captioner: Captioner, tokenizer, encoder
 
 
 def usable_for_training(records: list[dict], readable: np.ndarray, stage: str, args: Args) -> list[int]:
-    """Indices of records with a readable image and the stage's texts (common.data.text_problem's rule); the others
-    are counted (--strict: an error naming the first)."""
-    kept, skipped = [], SkipCounter()
-    for i, record in enumerate(records):
-        problem = alt_text_problem(record, args.alt_field)  # stage 1's targets and prompts, stage 2's prompts
-        if problem is None and stage == "pretrain" and not alt_texts_of(record, args.alt_field):
-            problem = f"no alt-text in {args.alt_field!r}"
+    """Indices of records with a readable image and the stage's texts; the others counted (--strict: an error)."""
+    def problem(record: dict) -> str | None:
+        problem = text_list_problem(record, args.alt_field)  # stage 1's targets and prompts, stage 2's prompts
+        if problem is None and stage == "pretrain" and not unique_texts(record, args.alt_field):
+            return f"no alt-text in {args.alt_field!r}"
         if problem is None and stage == "finetune":
-            problem = text_problem(record.get(args.target_field), args.target_field)
-        if problem is None and not readable[i]:
-            problem = "unreadable image"
-        if problem is None:
-            kept.append(i)
-        elif args.strict:
-            raise BadSampleError(f"sample {record['id']!r}: {problem}")
-        elif problem != "unreadable image":  # unreadable images were counted when embedding
-            skipped.add(str(record["id"]), problem)
-    return kept
+            return text_problem(record.get(args.target_field), args.target_field)
+        return problem
+
+    return usable_rows(records, readable, problem, args.strict)
 
 
 def stage_train(args: Args, stage: str) -> dict:
@@ -511,9 +470,10 @@ def stage_train(args: Args, stage: str) -> dict:
     keep = usable_for_training(records, readable, stage, args)
     kept = [records[i] for i in keep]
     if args.checkpoint is not None:
-        captioner, tokenizer = captioner_from_checkpoint(load_checkpoint(args.checkpoint))
+        payload = load_checkpoint(args.checkpoint, "--checkpoint", "a pretrain.pt or finetune.pt")
+        captioner, tokenizer = captioner_from_checkpoint(payload)
     else:  # a new decoder's vocabulary (tiny-opt) also holds the captions stage 2 will train on
-        texts = [t for r in kept for t in alt_texts_of(r, args.alt_field)] + [
+        texts = [t for r in kept for t in unique_texts(r, args.alt_field)] + [
             r[args.target_field] for r in kept if isinstance(r.get(args.target_field), str)]
         captioner, tokenizer = new_captioner(args, img_emb.shape[1], texts)
     # the kept records and their rows of the memmap: no (N, E) copy of the kept embeddings
@@ -531,62 +491,39 @@ def caption_recipe(args: Args) -> dict:
     return {name: getattr(args, name) for name in names}
 
 
-def caption_records(args: Args, data, captioner: Captioner, tokenizer, encoder) -> dict:
-    """Write every record of `data` (a manifest or shards, streamed; or a list) with `caption_field` added, each rank
-    its share, resumable (common.caption_job: degenerate captions written and flagged)."""
+def stage_caption(args: Args) -> dict:
+    """Caption --data (a manifest or shards, streamed) with --checkpoint into --out, each rank its share, resumable
+    (common.caption_job: degenerate captions written and flagged)."""
     rank, world_size, device = init_distributed(args.device)
+    if args.use_alt:  # this rank's prompts still to do, checked (streamed) before the checkpoint loads
+        for record in pending(args.data, args.out, rank, world_size, required=("id", "image")):
+            unique_texts(record, args.alt_field)
+    check_resumable(args.data, args.out, caption_recipe(args), rank, world_size)
+    payload = load_checkpoint(args.checkpoint, "--checkpoint", "a pretrain.pt or finetune.pt")
+    captioner, tokenizer = captioner_from_checkpoint(payload)
     captioner.to(device).eval()
+    flags = tuple(f"--checkpoint {args.checkpoint} (its {name})" for name in ("clip_model", "clip_pretrained"))
+    # the encoder training used (random weights, in tests, seeded alike), on this rank's GPU
+    encoder = load_scorer(payload["clip_model"], payload["clip_pretrained"], device, args.world, args.scorer, flags)
     torch.manual_seed(args.seed + rank)
 
     def caption_batch(records: list[dict], img_emb: torch.Tensor) -> list[str]:
         prompts = [inference_prompt(r, args.alt_field) if args.use_alt else "" for r in records]
         return generate_captions(captioner, tokenizer, img_emb, prompts, args)
 
-    return caption_manifest(data, args.out, encoder, caption_batch, args.caption_field, args.gen_batch_size,
+    return caption_manifest(args.data, args.out, encoder, caption_batch, args.caption_field, args.gen_batch_size,
                             args.strict, rank, world_size)
-
-
-def stage_caption(args: Args) -> dict:
-    """Caption --data (a manifest or shards, streamed) with --checkpoint, into --out."""
-    rank, world_size, device = init_distributed(args.device)
-    if args.use_alt:  # this rank's prompts still to do, checked (streamed) before the checkpoint loads
-        for record in pending(args.data, args.out, rank, world_size, required=("id", "image")):
-            alt_texts_of(record, args.alt_field)
-    check_resumable(args.data, args.out, caption_recipe(args), rank, world_size)
-    payload = load_checkpoint(args.checkpoint)
-    captioner, tokenizer = captioner_from_checkpoint(payload)
-    args = dataclasses.replace(args, device=device)  # each rank's encoder on its own GPU
-    torch.manual_seed(0)  # a random-weight encoder (tests) is the seeded one training used
-    encoder = load_clip_as({"model": f"--checkpoint {args.checkpoint} (its clip_model)",
-                            "pretrained": f"--checkpoint {args.checkpoint} (its clip_pretrained)"},
-                           payload["clip_model"], payload["clip_pretrained"], args.device)
-    return caption_records(args, args.data, captioner, tokenizer, encoder)
 
 
 # ==== Evaluation ====
 
 
-def references(records: list[dict], refs_field: str) -> list[list[str]]:
-    """Each record's references for CIDEr / BLEU-4: `refs_field`, else its `caption` (none: no COCO metrics)."""
-    return [r.get(refs_field) or ([r["caption"]] if r.get("caption") else []) for r in records]
-
-
 def stage_eval(args: Args) -> dict:
-    """Score each of --eval-fields of --data; writes --out as JSON."""
+    """Score each of --eval-fields of --data (common.caption_eval.score_fields); writes --out as JSON."""
     records = read_manifest(args.data)
     scorer = load_scorer(args.score_model, args.score_pretrained, args.device, args.world, args.scorer)
-    img_emb, readable = embed_records(scorer, records, args.strict)
-    records = [r for r, ok in zip(records, readable.tolist()) if ok]
-    img_feats = img_emb[readable].numpy()
-    results = {}
-    for field in args.eval_fields:
-        texts = [r.get(field) for r in records]
-        if not all(isinstance(text, str) for text in texts):
-            raise ManifestError(f"{args.data}: field {field!r} missing or not a string in some records; "
-                                "list fields to score with --eval-fields")
-        # step 5: CLIP-S(x, c) = 2.5 * max(cos(E_img(x), E_txt("A photo depicts " + c)), 0)
-        results[field] = caption_metrics(records, texts, references(records, args.refs_field),
-                                         {"CLIP-S": clip_s_scores(scorer, img_feats, texts)})
+    # step 5: CLIP-S(x, c) = 2.5 * max(cos(E_img(x), E_txt("A photo depicts " + c)), 0); CIDEr, BLEU-4 on refs
+    results = score_fields(records, args.eval_fields, scorer, args.refs_field, args.strict, args.data)
     atomic_write_text(args.out, json.dumps(results, indent=2))
     return results
 

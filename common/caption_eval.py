@@ -4,7 +4,8 @@
 each paper picks its evaluator models), references for the COCO toolkit's BLEU / CIDEr (common.caption_metrics)
 and, on the miniature world, the records' labels (common.miniature: names kept, hallucinated words). Every
 number is a mean over the captions; `per_item` receives each caption's values, which a one-seed verdict
-resamples. `load_scorer` loads the CLIP model behind the scores: by open_clip name, or the world's scorer.
+resamples. `load_scorer` loads the CLIP model behind the scores: by open_clip name, or the world's scorer;
+`score_fields` scores text fields of a manifest's records against their images (an eval stage).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import torch
 from common.caption_metrics import coco_scores, plain_words
 from common.clip_score import CLIP_S_WEIGHT, PREFIX, encode_texts, load_clip, load_clip_as, score_from_features
 from common.clip_train import MINIATURE_MODEL, TrainConfig, ensure_miniature_scorer
+from common.data import ManifestError
+from common.embedding_cache import embed_records
 from common.miniature import WorldConfig, hallucinated_words, names_kept
 
 
@@ -71,6 +74,30 @@ def caption_metrics(records: Sequence[dict], captions: Sequence[str], refs: Sequ
         items[hallucinated_name] = [float(len(hallucinated_words(c, r))) for c, r in zip(captions, records)]
         metrics[hallucinated_name] = float(np.mean(items[hallucinated_name]))
     return metrics
+
+
+def references(records: Sequence[dict], refs_field: str = "refs") -> list[list[str]]:
+    """Each record's references for the COCO metrics: its `refs_field` list, else its `caption`, else none."""
+    return [r.get(refs_field) or ([r["caption"]] if r.get("caption") else []) for r in records]
+
+
+def score_fields(records: list[dict], fields: Sequence[str], scorer, refs_field: str, strict: bool, source: str,
+                 fields_flag: str = "--eval-fields") -> dict:
+    """{field: caption_metrics of its texts} for each text field of `records` (read from `source`), on the images
+    `scorer` can read (strict: the first unreadable one is an error): CLIP-S x 100 by `scorer`, BLEU-4 and CIDEr
+    x 100 against `references(records, refs_field)`, the world's labels where the records carry them."""
+    img_emb, readable = embed_records(scorer, records, strict)
+    records = [r for r, ok in zip(records, readable.tolist()) if ok]
+    img_feats = img_emb[readable].numpy()
+    results = {}
+    for field in fields:
+        texts = [r.get(field) for r in records]
+        if not all(isinstance(text, str) for text in texts):
+            raise ManifestError(f"{source}: field {field!r} missing or not a string in some records; "
+                                f"list fields to score with {fields_flag}")
+        results[field] = caption_metrics(records, texts, references(records, refs_field),
+                                         {"CLIP-S": clip_s_scores(scorer, img_feats, texts)})
+    return results
 
 
 def collapse_indicators(captions: Sequence[str], n: int = 3, per_item: dict | None = None) -> dict:

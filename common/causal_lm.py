@@ -5,6 +5,7 @@ from it alone, with no hub access."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -70,3 +71,11 @@ def decoder_from_payload(payload: dict):
     decoder = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config),
                                                dtype=torch.float32)
     return decoder, tokenizer_from_json(payload["tokenizer"], payload["pad_token"], payload["eos_token"])
+
+
+def load_checkpoint(path: str | None, flag: str, what: str) -> dict:
+    """The checkpoint at `path` on the CPU (plain types only: weights_only), or an error naming `flag` and `what`
+    it should be."""
+    if path is None or not Path(path).is_file():
+        raise FileNotFoundError(f"no captioner checkpoint at {path}: pass {flag} ({what})")
+    return torch.load(path, map_location="cpu", weights_only=True)

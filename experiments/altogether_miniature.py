@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 import altogether
-from common.caption_eval import caption_metrics, clip_s_scores, load_scorer
+from common.caption_eval import caption_metrics, clip_s_scores, load_scorer, references
 from common.caption_metrics import table_note
 from common.data import atomic_write_text, read_manifest
 from common.embedding_cache import embed_records, embedding_signature, image_embeddings
@@ -101,7 +101,7 @@ def run_miniature(args: altogether.Args) -> dict:
         atomic_write_text(Path(run.out) / "examples.json", json.dumps(examples, indent=2))
         for row in ROWS:
             per_item[row] = {}  # the last seed's, for a one-seed verdict (reproduce.py's paired bootstrap)
-            metrics = caption_metrics(test_records, captions[row], altogether.references(test_records, "refs"),
+            metrics = caption_metrics(test_records, captions[row], references(test_records, "refs"),
                                       {"CLIP-S": clip_s_scores(scorer, score_feats, captions[row])},
                                       per_item=per_item[row])
             runs[row].append(metrics)
