@@ -58,14 +58,15 @@ import torch.nn.functional as F
 import tyro
 
 from common import cli, run_folder
-from common.caption_metrics import coco_scores, plain_words
+from common.caption_eval import collapse_indicators
+from common.caption_metrics import coco_scores
 from common.caption_sources import (data_source, evaluators, image_bank_of, is_miniature, load_scorer, load_split,
                                     require_pacs_weights)
 from common.clip_captioner import Captioner, Vocab, model_from_checkpoint, sample
-from common.clip_score import PREFIX, encode_texts, harmonic_mean, ref_similarity, score_from_features
+from common.clip_score import encode_texts
 from common.clip_train import SCORER_TRAINING, TrainConfig, assert_finite_state
 from common.data import BadSampleError, NonFiniteError, check_device, init_distributed, run_command
-from common.image_bank import ENCODER_TOKENS, ImageBank
+from common.image_bank import ENCODER_TOKENS, ImageBank, same_encoder_tokens
 from common.miniature import WorldConfig, hallucinated_words, names_kept
 from common.run_folder import Run, refuse, weights_digest, write_log
 from caption_kernels.dico import dico_loss, dico_stats, sequence_logprobs
@@ -356,20 +357,6 @@ def scst_terms(policy_logps: torch.Tensor, n_tokens: torch.Tensor, rewards: torc
 # ============================================================================================
 
 
-def collapse_indicators(captions: list[str], n: int = 3, per_item: dict | None = None) -> dict:
-    """Vocabulary used, fraction of distinct captions, repeated n-grams per caption, mean length; `per_item`
-    receives each caption's repeated n-grams."""
-    words = [plain_words(c) for c in captions]  # lower-cased, punctuation removed
-    repeated = []
-    for w in words:
-        grams = [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
-        repeated.append(len(grams) - len(set(grams)))  # occurrences beyond the first of each n-gram
-    if per_item is not None:
-        per_item[f"rep_{n}gram"] = [float(r) for r in repeated]
-    return {"vocab": len({t for w in words for t in w}), "distinct": len(set(captions)) / max(1, len(captions)),
-            f"rep_{n}gram": float(np.mean(repeated)), "length": float(np.mean([len(w) for w in words]))}
-
-
 def caption_metrics(args: Args, bank: ImageBank, indices: list[int], captions: list[str],
                     per_item: dict | None = None) -> dict:
     """BLEU-4, CIDEr (fractions, as COCOEvalCap; their "tokenizer" label beside them), the CLIP-based scores,
@@ -379,18 +366,9 @@ def caption_metrics(args: Args, bank: ImageBank, indices: list[int], captions: l
     items: dict = {} if per_item is None else per_item
     metrics = coco_scores({i: rec["refs"] for i, rec in enumerate(records)}, dict(enumerate(captions)), scale=1.0,
                           metrics=("BLEU-4", "CIDEr"), per_item=items)
-    features = {}  # per evaluator model: in the miniature CLIP-S and PAC-S are one model with two weights w
-    for name, (bundle, w) in evaluators(args).items():
-        if id(bundle) not in features:
-            features[id(bundle)] = (bank.image_features(bundle, indices),
-                                    encode_texts(bundle, captions, prefix=PREFIX, progress=False),
-                                    bank.reference_features(bundle, indices))
-        img, cand, refs = features[id(bundle)]
-        score = score_from_features(img, cand, w)  # w * max(cos, 0)
-        label = {"clip_s": "CLIP-S", "pac_s": "PAC-S"}[name]
-        ref_score = harmonic_mean(score, ref_similarity(cand, refs))
-        metrics[label], metrics[f"Ref{label}"] = float(score.mean()), float(ref_score.mean())
-        items[label], items[f"Ref{label}"] = np.asarray(score, float).tolist(), np.asarray(ref_score, float).tolist()
+    judges = {{"clip_s": "CLIP-S", "pac_s": "PAC-S"}[name]: judge for name, judge in evaluators(args).items()}
+    for label, scores in bank.caption_scores(judges, indices, captions).items():  # CLIP-S, RefCLIP-S, PAC-S, ...
+        metrics[label], items[label] = float(scores.mean()), np.asarray(scores, float).tolist()
     metrics.update(collapse_indicators(captions, per_item=items))
     items["captions"] = list(captions)
     if "objects" in records[0]:  # miniature world: its labels say which names are kept or invented
@@ -434,10 +412,6 @@ def evaluate(args: Args, model: Captioner, vocab: Vocab, bank: ImageBank, limit:
 def load_checkpoint(path) -> dict:
     """A dico.py checkpoint, or a clear error when the file is missing, corrupted, something else, read the encoder's
     tokens after ln_post or holds NaN weights (a diverged run's, which would be captioned and scored as a model)."""
-    def same_encoder_tokens(path: Path, payload: dict) -> None:
-        if payload.get("encoder_tokens") != ENCODER_TOKENS:  # older checkpoints read the tokens after ln_post
-            raise refuse(f"{path} was trained on the encoder's tokens after ln_post (dico.py now reads them before "
-                         "it, as the official code); retrain it with the xe stage")
     return run_folder.load_checkpoint(path, ("model", "config", "vocab", "step"), "dico.py",
                                       "run the xe stage first, or pass --init", same_encoder_tokens)
 
@@ -657,10 +631,9 @@ def train(args: Args, stage: str) -> dict:
     finetune, model = stage != "xe", run.model
     policy = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     train_bank, val_bank = image_bank_of(args, train_records), image_bank_of(args, val_records)
-    if not train_bank.any_readable():  # else every step "trains" on no image, and validation writes best.pt
-        first = train_bank.skipped.examples[0][1] if train_bank.skipped.examples else "the split is empty"
-        raise BadSampleError(f"[{stage}] nothing to train on: none of the {len(train_records)} training images of "
-                             f"{data_source(args, 'train')} can be read, all skipped (first: {first})")
+    # else every step "trains" on no image, and validation writes best.pt
+    train_bank.require_readable(f"[{stage}] nothing to train on: none of the {len(train_records)} training images of "
+                                f"{data_source(args, 'train')}")
     reward = evaluators(args)[args.reward] if finetune else None  # (bundle, w)
     # every reference of an image is an XE target: one is drawn per image and step (COCO has five)
     targets = [] if finetune else [[vocab.encode(ref, args.max_len) for ref in r["refs"]] for r in train_records]

@@ -10,14 +10,25 @@ run (BadSampleError).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn as nn
 
-from common.clip_score import encode_images, encode_reference_groups
+from common.clip_score import (PREFIX, encode_images, encode_reference_groups, encode_texts, harmonic_mean,
+                               ref_similarity, score_from_features)
 from common.data import BadSampleError, SkipCounter, image_path, open_record_image
+from common.run_folder import refuse
 
 ENCODER_TOKENS = "last block, before ln_post"  # what `clip_hidden_states` returns; checkpoints record it
+
+
+def same_encoder_tokens(path: Path, payload: dict) -> None:
+    """Refuse a checkpoint whose captioner read other tokens than `clip_hidden_states` gives (its "encoder_tokens")."""
+    if payload.get("encoder_tokens") != ENCODER_TOKENS:  # older checkpoints read the tokens after ln_post
+        raise refuse(f"{path} was trained on the encoder's tokens after ln_post (the captioner now reads them before "
+                     "it, as the official DiCO code); retrain it with the xe stage")
 
 
 @torch.no_grad()
@@ -64,6 +75,12 @@ class ImageBank:
         """Whether one of the images can be read (tried in order up to the first that can: one file, normally)."""
         return any(self.open_images([i])[0] for i in range(len(self.records)) if i not in self.bad)
 
+    def require_readable(self, what: str) -> None:
+        """BadSampleError "<what> can be read, all skipped (first: ...)" when none of the images can be read."""
+        if not self.any_readable():
+            first = self.skipped.examples[0][1] if self.skipped.examples else "the split is empty"
+            raise BadSampleError(f"{what} can be read, all skipped (first: {first})")
+
     def placeholder(self) -> torch.Tensor:
         """One all-zero row of tokens (1, 1 + P, W): a rank with no readable image still steps alike."""
         return torch.zeros(1, *self.encoder.model.visual.positional_embedding.shape, device=self.device)
@@ -107,6 +124,21 @@ class ImageBank:
             cache.update(zip(missing, encode_reference_groups(bundle, [self.records[i]["refs"] for i in missing],
                                                               progress=False)))
         return [cache[i] for i in indices]
+
+    def caption_scores(self, evaluators: dict, indices: list[int], captions: list[str]) -> dict:
+        """{label: per-caption score, "Ref" + label: with the references} of `captions` of the images `indices`, per
+        evaluator {label: (bundle, w)}: w max(cos, 0) with the metric's prefix (CLIP-S, PAC-S), and its harmonic
+        mean with each caption's best similarity to its image's references (RefCLIP-S, RefPAC-S)."""
+        scores, features = {}, {}  # features per bundle: in the miniature CLIP-S and PAC-S are one model, two w
+        for label, (bundle, w) in evaluators.items():
+            if id(bundle) not in features:
+                features[id(bundle)] = (self.image_features(bundle, indices),
+                                        encode_texts(bundle, captions, prefix=PREFIX, progress=False),
+                                        self.reference_features(bundle, indices))
+            img, cand, refs = features[id(bundle)]
+            scores[label] = score_from_features(img, cand, w)  # w * max(cos, 0)
+            scores[f"Ref{label}"] = harmonic_mean(scores[label], ref_similarity(cand, refs))
+        return scores
 
 
 _BANKS: dict = {}

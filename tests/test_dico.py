@@ -17,6 +17,7 @@ import torch
 
 import dico
 from common import caption_sources
+from common.caption_eval import collapse_indicators
 from common.clip_captioner import Captioner, Vocab, model_from_checkpoint, sample
 from common.clip_score import PREFIX, ScorerLoadError, clip_s, load_clip, pac_s, ref_clip_s, ref_pac_s
 from common.clip_train import TrainConfig, ensure_miniature_scorer
@@ -291,7 +292,7 @@ def test_vocab_round_trip_and_restricted_errors():
 
 
 def test_collapse_indicators_by_hand():
-    out = dico.collapse_indicators(["a red circle, a red circle, a red circle.", "a blue square."])
+    out = collapse_indicators(["a red circle, a red circle, a red circle.", "a blue square."])
     assert out["vocab"] == 5 and out["distinct"] == 1.0 and out["length"] == 6.0
     assert out["rep_3gram"] == pytest.approx((7 - 3) / 2)  # 7 trigrams, 3 distinct; none in the second
 
