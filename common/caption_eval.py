@@ -24,15 +24,17 @@ from common.miniature import WorldConfig, hallucinated_words, names_kept
 
 
 def load_scorer(model: str, pretrained: str | None, device: str, world: WorldConfig, training: TrainConfig,
-                flags: tuple[str, str] = ("--score-model", "--score-pretrained")):
+                flags: tuple[str, str] = ("--score-model", "--score-pretrained"), pacs_checkpoint: str | None = None):
     """A common.clip_score bundle: open_clip `model` with `pretrained` (a tag or a file), or 'miniature' = the
     scorer of `world` trained with `training` (cached). A load error starts with the flag to change (`flags`:
-    the model's and the weights'); random weights (pretrained None, tests only) are seeded, the same each load."""
+    the model's and the weights'); random weights (pretrained None, tests only) are seeded, the same each load.
+    pacs_checkpoint: PAC-S weights loaded on top (common.clip_score.load_clip)."""
     if model == "miniature":
         return load_clip(MINIATURE_MODEL, str(ensure_miniature_scorer(world, training)), device)
     if pretrained is None:
         torch.manual_seed(0)
-    return load_clip_as({"model": flags[0], "pretrained": flags[1]}, model, pretrained, device)
+    return load_clip_as({"model": flags[0], "pretrained": flags[1]}, model, pretrained, device,
+                        pacs_checkpoint=pacs_checkpoint)
 
 
 def clip_s_scores(scorer, img_feats: np.ndarray, captions: Sequence[str], weight: float = CLIP_S_WEIGHT,
