@@ -60,12 +60,11 @@ from common.cli import check_ranges, parse, preset_help
 from common.clip_eval import build_clip, load_checkpoint, retrieval_and_zero_shot
 from common.clip_train import MINIATURE_MODEL, TrainConfig, train_clip, usable_rows
 from common.columns import Columns, index_data
-from common.data import (BadSampleError, SkipCounter, atomic_write_text, check_device, init_distributed, read_manifest,
+from common.data import (BadSampleError, SkipCounter, atomic_write_text, check_device, read_manifest,
                          run_command, shown)
 from common.degenerate import DegenerateCounter
-from common.generate import (check_resumable, degenerate_flag, generate_texts, generation_recipe, image_inputs,
-                             load_causal_lm, load_image_text_model, pending, readable_images, run_generation,
-                             weights_dtype)
+from common.generate import (chat_image_prompt, degenerate_flag, generate_texts, image_batch, load_causal_lm,
+                             load_image_text_model, pending, run_generation, start_generation)
 from common.miniature import WorldConfig
 
 log = logging.getLogger("veclip")
@@ -192,8 +191,7 @@ class Args:
 def vlm_prompt(processor) -> str:
     """Step 1 prompt in the VLM's conversation format (LLaVA-1.5's when the processor has no template)."""
     if getattr(processor, "chat_template", None):
-        turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": VEC_PROMPT}]}]
-        return processor.apply_chat_template(turn, add_generation_prompt=True)
+        return chat_image_prompt(processor, VEC_PROMPT)
     return f"USER: {getattr(processor, 'image_token', '<image>')}\n{VEC_PROMPT} ASSISTANT:"
 
 
@@ -277,19 +275,16 @@ class MixedTexts:
 
 def stage_vec(args: Args) -> dict:
     """Step 1: a VeC for every image, written as `vec_field` (+ `<field>_degenerate`, None for a usable VeC)."""
-    rank, world_size, device = init_distributed(args.device)
-    dtype = weights_dtype(args.gen_dtype, device)
-    names = ("vlm", "vec_field", "max_new_tokens")
-    recipe = generation_recipe(args.data, {name: getattr(args, name) for name in names}, dtype)
-    check_resumable(args.data, args.out, recipe, rank, world_size)
+    names = ("vlm", "vec_field", "max_new_tokens")  # with --data and the dtype: what a resume must agree on
+    _, _, device, dtype = start_generation(args.data, args.out, {n: getattr(args, n) for n in names},
+                                           args.gen_dtype, args.device)
     processor, model = load_image_text_model(args.vlm, "--vlm", device, dtype, args.trust_remote_code)
     prompt, skipped, counter = vlm_prompt(processor), SkipCounter(), DegenerateCounter()
 
     def process_batch(batch: list[dict], counts: Counter):
-        kept, images = readable_images(batch, skipped, args.strict, counts)
+        kept, inputs = image_batch(processor, prompt, batch, skipped, args.strict, counts, device, model.dtype)
         if not kept:
             return []
-        inputs = image_inputs(processor, images, prompt, device, model.dtype)
         vecs = generate_texts(model, processor.tokenizer, inputs, args.max_new_tokens,
                               pad_token_id=processor.tokenizer.pad_token_id)  # step 1
         counts["empty_vec"] += sum(not vec for vec in vecs)
@@ -314,16 +309,13 @@ def fusion_inputs(record: dict, args: Args) -> tuple[str, str]:
 
 def stage_fuse(args: Args) -> dict:
     """Step 2: LLM-VeC from alt-text + VeC, written as `llm_vec_field` (+ `<field>_fallback`, `<field>_degenerate`)."""
-    rank, world_size, device = init_distributed(args.device)
-    dtype = weights_dtype(args.gen_dtype, device)
     names = ("llm", "alt_field", "vec_field", "llm_vec_field", "max_new_tokens", "max_prompt_tokens")
-    recipe = generation_recipe(args.data, {name: getattr(args, name) for name in names}, dtype)
-    check_resumable(args.data, args.out, recipe, rank, world_size)
+    rank, world_size, device, dtype = start_generation(args.data, args.out, {n: getattr(args, n) for n in names},
+                                                       args.gen_dtype, args.device)
     # this rank's inputs still to do, checked (streamed) before the LLM loads, not hours into the run
     for record in pending(args.data, args.out, rank, world_size):
         fusion_inputs(record, args)
     tokenizer, model = load_causal_lm(args.llm, "--llm", device, dtype, args.trust_remote_code)
-    model.eval()
     tokenizer.padding_side = "left"
     special = not getattr(tokenizer, "chat_template", None)
     counter = DegenerateCounter()
@@ -391,6 +383,7 @@ def evaluate(model, tokenizer, preprocess, records: list[dict], args: Args, imag
     """Step 4 (common.clip_eval): retrieval R@1/5/10 over every reference in `text_field`, zero-shot accuracy (the
     world's tasks, or `class_field` with the `templates` ensemble); a diverged model's embeddings are an error.
     `per_item` receives each test item's value of every metric."""
+    # step 4: retrieval both ways over every reference, zero-shot with the template ensemble
     return retrieval_and_zero_shot(model, tokenizer, preprocess, records, args.text_field, args.class_field,
                                    args.templates, images, args.workers, model_label(args), per_item)
 

@@ -227,7 +227,7 @@ def references(records: Sequence[dict], text_field: str, flag: str | None = "--t
 
 def retrieval_and_zero_shot(model, tokenizer, preprocess, records: Sequence[dict], text_field: str = "refs",
                             class_field: str | None = None, templates: Sequence[str] = ("a photo of a {}.",),
-                            images: "torch.Tensor | None" = None, workers: int = 0, name: str = "the model",
+                            images: "torch.Tensor | ImageRows | None" = None, workers: int = 0, name: str = "the model",
                             per_item: dict | None = None, flag: str | None = "--text-field") -> dict:
     """A CLIP on a manifest, on the model's device: retrieval R@1/5/10 both ways over every reference caption in
     `text_field` (the Karpathy COCO/Flickr protocol: an image is hit when any of its captions is in the top K),

@@ -24,8 +24,8 @@ order (checked), and counts why it left a sample out. Nothing on this path grows
   line is tried again by a resume, having left no trace.
 
 Around the loop, what such a stage does with a model (the last section): the weights' dtype, the recipe a resume
-checks, loading an image-text or a causal LM, decoding a batch deterministically, flagging a degenerate caption,
-and `run_generation`, the loop with its counts and the one degenerate-caption line logged.
+checks, loading an image-text or a causal LM, a batch of images with a prompt, decoding a batch deterministically,
+flagging a degenerate caption, and `run_generation`, the loop with its counts and the one degenerate-caption line.
 """
 
 from __future__ import annotations
@@ -463,9 +463,20 @@ def weights_dtype(name: str, device: str) -> torch.dtype:
 
 
 def generation_recipe(data, settings: dict, dtype: torch.dtype) -> dict:
-    """What decides a generation stage's output, for `check_resumable`: the input, the stage's `settings` and the
-    dtype the weights actually run in (`weights_dtype`'s: a CPU run's float32, not the flag's bfloat16)."""
-    return {"data": data, **settings, "gen_dtype": str(dtype).removeprefix("torch.")}
+    """What decides a generation stage's output, for `check_resumable`: the input (its path; None for a list of
+    records), the stage's `settings` and the dtype the weights actually run in (`weights_dtype`'s: a CPU run's
+    float32, not the flag's bfloat16)."""
+    return {"data": data if _is_path(data) else None, **settings, "gen_dtype": str(dtype).removeprefix("torch.")}
+
+
+def start_generation(data, out: str | os.PathLike, settings: dict, dtype_name: str,
+                     device: str) -> tuple[int, int, str, torch.dtype]:
+    """(rank, world_size, device, weights dtype) of a generation stage on this rank (`init_distributed`), once
+    `out` is known to hold nothing or output of these settings (`check_resumable` of `generation_recipe`)."""
+    rank, world_size, device = init_distributed(device)
+    dtype = weights_dtype(dtype_name, device)
+    check_resumable(data, out, generation_recipe(data, settings, dtype), rank, world_size)
+    return rank, world_size, device, dtype
 
 
 def load_image_text_model(name: str, flag: str, device: str, dtype: torch.dtype, trust_remote_code: bool = False):
@@ -481,32 +492,42 @@ def load_image_text_model(name: str, flag: str, device: str, dtype: torch.dtype,
 
 
 def load_causal_lm(name: str, flag: str, device: str, dtype: torch.dtype, trust_remote_code: bool = False):
-    """(tokenizer, model) of a causal LM on `device`, with a pad token (Llama ships none; padding is masked)."""
+    """(tokenizer, model) of a causal LM on `device` in eval mode (a trainer calls model.train()), with a pad token
+    (Llama ships none; padding is masked)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = load_pretrained(AutoTokenizer, name, flag, trust_remote_code=trust_remote_code)
-    model = load_model(AutoModelForCausalLM, name, flag, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
+    model = load_model(AutoModelForCausalLM, name, flag, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.to(device).eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer, model
 
 
-def readable_images(batch: list[dict], skipped: SkipCounter, strict: bool, counts: Counter) -> tuple[list, list]:
-    """(records, images) of the samples of `batch` whose image opens; the others are counted in `skipped` and
-    `counts["unreadable_images"]` and left out (strict: the first is an error)."""
+def chat_image_prompt(processor, text: str) -> str:
+    """`text` after an image, in one user turn of the processor's chat template, ready for the answer; `text`
+    itself when the processor has no template (BLIP)."""
+    if not getattr(processor, "chat_template", None):
+        return text
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    return processor.apply_chat_template(turn, add_generation_prompt=True)
+
+
+def image_batch(processor, prompt: str | None, batch: list[dict], skipped: SkipCounter, strict: bool, counts: Counter,
+                device: str, dtype: torch.dtype) -> tuple[list[dict], dict | None]:
+    """(records, inputs): the samples of `batch` whose image opens and the processor's batch of their images, each
+    with `prompt` (None: BLIP captions an image alone), on `device`, the pixels in the weights' `dtype`. An
+    unreadable image is counted in `skipped` and `counts["unreadable_images"]` and left out (strict: an error);
+    with none left, ([], None)."""
     opened = [(record, open_record_image(record, skipped, strict)) for record in batch]
     kept = [(record, image) for record, image in opened if image is not None]
     counts["unreadable_images"] += len(batch) - len(kept)
-    return [record for record, _ in kept], [image for _, image in kept]
-
-
-def image_inputs(processor, images: list, prompt: str | None, device: str, dtype: torch.dtype):
-    """The processor's batch of `images`, each with `prompt` when there is one (BLIP captions without), on
-    `device`, the pixels in the weights' `dtype`."""
-    text = {"text": [prompt] * len(images)} if prompt is not None else {}
-    inputs = processor(images=images, return_tensors="pt", padding=True, **text).to(device)
+    if not kept:
+        return [], None
+    text = {"text": [prompt] * len(kept)} if prompt is not None else {}
+    inputs = processor(images=[image for _, image in kept], return_tensors="pt", padding=True, **text).to(device)
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-    return inputs
+    return [record for record, _ in kept], inputs
 
 
 def new_tokens(model, inputs, max_new_tokens: int, num_beams: int = 1, **options) -> torch.Tensor:
@@ -532,11 +553,13 @@ def degenerate_flag(counter: DegenerateCounter, caption: str, sample, field: str
                     count_key: str = "degenerate", usable_too: bool = False) -> dict:
     """`{"<field>_degenerate": reason}` when the caption generated into `field` is degenerate (common.degenerate),
     counted in `counts[count_key]`: it is written, not dropped, so the next stage (or a person) decides, and each
-    generated field has its own flag. A usable caption: `{"<field>_degenerate": None}` if `usable_too` (a checked
-    field says so), else nothing."""
+    generated field has its own flag. A usable caption: `{"<field>_degenerate": None}` and a count of 0 if
+    `usable_too` (VeCLIP: a checked field says so), else nothing (CapsFusion: the flag only where one is raised)."""
     reason = counter.check(caption, sample=sample)
+    if reason is None and not usable_too:
+        return {}
     counts[count_key] += reason is not None
-    return {f"{field}_degenerate": reason} if reason is not None or usable_too else {}
+    return {f"{field}_degenerate": reason}
 
 
 def run_generation(data, out: str | os.PathLike, batch_size: int, process_batch: Callable, stage: str,
