@@ -11,9 +11,8 @@ Implements (stages over manifests, each named by the first argument):
                <= 80 new tokens (the official inference)                                 -> `fused`
   3. `sft`     CapsFus-LLaMA: L = -1/|Y| sum_{t in Y} log p(y_t | PROMPT(r, s), y_<t), Y = the teacher's fusion
                + EOS (the prompt carries no loss), 2 epochs; full or LoRA                -> out/fuser
-  The experiments (experiments/capsfusion_miniature.py, the same command line): `eval` (fusion quality: names
-  kept, hallucinations, BLEU-4/CIDEr against the teacher), `scaling` (Fig. 7: the same CLIP on raw, synthetic,
-  fused and raw+synthetic captions at growing sizes) and `miniature` (the default: sft -> fuse -> eval -> scaling).
+  `eval` (fusion quality), `scaling` (Fig. 7) and `miniature` (the default: sft -> fuse -> eval -> scaling) are
+  experiments/capsfusion_miniature.py's, on the same command line.
 
 Deviations from the paper (in full in docs/capsfusion.md):
   1. The 256-token prompt cap cuts the raw caption's tail as the official script means to, without its bugs
@@ -34,8 +33,7 @@ Commands:
     python capsfusion.py --seeds 3 --out runs/capsfusion_miniature    # the miniature run, CPU
     torchrun --nproc-per-node 8 capsfusion.py sft --data chatgpt_triplets.jsonl --out runs/capsfus \
         --base-model meta-llama/Llama-2-13b-hf --lora --micro-batch-size 4 --grad-checkpointing
-    torchrun --nproc-per-node 8 capsfusion.py fuse --data laion.syn.jsonl --out laion.fused.jsonl \
-        --llm runs/capsfus/fuser   # or the released BAAI/CapsFus-LLaMA (the default)
+    torchrun --nproc-per-node 8 capsfusion.py fuse --data syn.jsonl --out fused.jsonl --llm runs/capsfus/fuser
   The other real-run commands (caption, eval, scaling, benchmarks) and the results: docs/capsfusion.md.
 """
 
@@ -46,27 +44,27 @@ import hashlib
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import tyro
 from tqdm.auto import tqdm
 
-from common.cli import parse, preset_help
+from common.cli import check_ranges, parse, preset_help
 from common.clip_train import MINIATURE_MODEL, assert_finite_state, save_checkpoint
-from common.data import (BadSampleError, ManifestError, SkipCounter, check_device, init_distributed, load_model,
-                         load_pretrained, open_record_image, read_manifest, run_command, text_problem)
+from common.data import (BadSampleError, ManifestError, SkipCounter, check_device, init_distributed, read_manifest,
+                         run_command, text_problem)
 from common.degenerate import DegenerateCounter
-from common.generate import check_resumable, generate_sharded, merge_rank_counters, pending, recipe_changes
+from common.generate import (chat_image_prompt, degenerate_flag, generate_texts, image_batch, load_causal_lm,
+                             load_image_text_model, pending, run_generation, start_generation, weights_dtype)
 from common.miniature import WorldConfig
+from common.training import (check_resume_recipe, global_token_count, guard_where, right_padded_batch,
+                             save_pretrained_atomically, step_batch, token_mean_backward, with_lora)
 
 log = logging.getLogger("capsfusion")
 
@@ -78,15 +76,11 @@ FUSION_PROMPT = ("Please merge and refine the information from the two given sen
                  "well-structured sentence while retaining the detailed real-world information provided in Sentence 1. "
                  "Avoid simply concatenating the sentences.\n\n"
                  "Sentence 1: {raw}\nSentence 2: {synthetic}\nNew Sentence:")
-INSTRUCTION = FUSION_PROMPT.split("\n")[0]
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
 
-
-# Presets (common/cli.py): Args holds the defaults of every stage; `smoke` runs every stage of the miniature run in
-# seconds to check that it works. A flag you give always wins.
+# Presets (common/cli.py) over Args' defaults: `smoke` runs every stage in seconds; a flag given always wins.
 PRESETS = {"smoke": {"sizes": (16, 64), "clip_model": "micro-ViT-16", "clip_batch_size": 16, "max_new_tokens": 8,
-                     "world.n_train": 64, "world.n_val": 4, "world.n_test": 24},
-           "miniature": {}}
+                     "world.n_train": 64, "world.n_val": 4, "world.n_test": 24}, "miniature": {}}
 
 
 @dataclass
@@ -125,8 +119,7 @@ class Args:
     """beams of the captioner's beam search"""
     caption_max_new_tokens: int = 30
     """generated tokens per synthetic caption"""
-    # ---- fuse. Defaults: the official inference (baaivision/CapsFusion: capsfusion_inference.py and its
-    # config.yaml): the released CapsFus-LLaMA, prompts of at most 256 tokens, 3 beams, 80 new tokens, 4 a call, bf16
+    # ---- fuse. Defaults: the official inference (capsfusion_inference.py and its config.yaml)
     llm: str = "BAAI/CapsFus-LLaMA"
     """fuser, any AutoModelForCausalLM by hub name or local folder (official config.yaml)"""
     max_prompt_tokens: int = 256
@@ -139,8 +132,7 @@ class Args:
     """samples per generate() call (official: 4 per GPU)"""
     gen_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     """weights dtype of captioner and fuser on CUDA (official: bf16; CPU always float32)"""
-    # ---- sft. Defaults: the paper (Sec. 3: LLaMA-2-13B, 2 epochs, loss on the response, Alpaca-style) and
-    # Alpaca's recipe (lr 2e-5, batch 128, 3% warm-up then cosine, no weight decay)
+    # ---- sft. Defaults: the paper (Sec. 3: LLaMA-2-13B, 2 epochs) and Alpaca's recipe
     base_model: str = "meta-llama/Llama-2-13b-hf"
     """causal LM to fine-tune into the fuser (paper: LLaMA-2-13B)"""
     epochs: int = 2
@@ -185,11 +177,9 @@ class Args:
     clip_batch_size: int = 32
     """CLIP pairs per step (miniature: small, so that one epoch of 2,500 samples is 79 steps)"""
     benchmark: tuple[str, ...] = ()
-    """scaling: clip_benchmark dataset names every point's CLIP is also evaluated on (e.g. wds/imagenet1k
-    wds/mscoco_captions; see docs/benchmarks.md); needs --benchmark-root"""
+    """scaling: clip_benchmark datasets each point's CLIP is evaluated on too (docs/benchmarks.md); needs a root"""
     benchmark_root: str = ""
-    """local folder of the --benchmark datasets as clip_benchmark lays them out ({name} is replaced by the dataset
-    name with "/" -> "_": benchmarks/{name} -> benchmarks/wds_imagenet1k); nothing is downloaded"""
+    """local folder of the --benchmark sets, {name} = the name with "/" -> "_"; nothing is downloaded"""
     clip_lr: float = 2e-3
     """peak CLIP learning rate (the project's miniature value)"""
     # ---- miniature
@@ -222,11 +212,8 @@ def prompt_length(tokenizer, prompt: str) -> int:
 
 
 def fusion_prompt(tokenizer, raw: str, synthetic: str, max_tokens: int) -> tuple[str, bool]:
-    """PROMPT(r[:k], s) with the largest k such that it fits in max_tokens; and whether r was cut.
-
-    Only the raw caption is cut (from its end); the instruction and the synthetic caption stay whole,
-    even when they alone overflow (the caller counts that case).
-    """
+    """PROMPT(r[:k], s) with the largest k such that it fits in max_tokens; and whether r was cut. Only r is cut
+    (from its end); the instruction and s stay whole, even when they alone overflow (the caller counts that)."""
     prompt = FUSION_PROMPT.format(raw=raw, synthetic=synthetic)
     overflow = prompt_length(tokenizer, prompt) - max_tokens
     if overflow <= 0:
@@ -247,11 +234,8 @@ def first_line(answer: str) -> str:
 
 
 def sft_example(tokenizer, raw: str, synthetic: str, fused: str, args: Args) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of one triplet: PROMPT(r, s) + f + EOS, labels IGNORE on the prompt.
-
-    Prompt and response are tokenised apart, so the mask boundary is exact and the fuser later
-    continues a prompt tokenised exactly as it was in training.
-    """
+    """(input_ids, labels) of one triplet: PROMPT(r, s) + f + EOS, labels IGNORE on the prompt. Prompt and response
+    are tokenised apart: the mask boundary is exact, and the fuser continues a prompt tokenised as in training."""
     prompt, _ = fusion_prompt(tokenizer, raw, synthetic, args.max_prompt_tokens)
     prompt_ids = tokenizer(prompt)["input_ids"]
     response_ids = tokenizer(fused, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
@@ -271,141 +255,48 @@ def response_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     return nll, (targets != IGNORE).sum()
 
 
-# ---- Generation stages (caption, fuse): rank-sharded, resumable
-
-
-def weights_dtype(args: Args, device: str) -> torch.dtype:
-    """--gen-dtype on CUDA, float32 on CPU (bf16 matmuls are slow there)."""
-    return getattr(torch, args.gen_dtype) if device.startswith("cuda") else torch.float32
-
-
-def generation_recipe(args: Args, device: str, names: tuple[str, ...]) -> dict:
-    """What decides a generation stage's output: --data, the Args `names`, the weights' dtype on `device`."""
-    dtype = str(weights_dtype(args, device)).removeprefix("torch.")
-    return {"data": args.data, **{name: getattr(args, name) for name in names}, "gen_dtype": dtype}
-
-
-def run_generation(args: Args, data, process_batch, required: tuple[str, ...],
-                   counter: DegenerateCounter) -> dict:
-    """Run `process_batch(records, counts) -> [(record, new fields)]` over this rank's unfinished samples of `data`
-    (--data: a manifest or shards, streamed; or a list of records).
-
-    common.generate.generate_sharded does the work: one resumable file per rank, merged in input order, or one
-    output shard per input shard in the folder --out. The degenerate captions of every rank are in the counts
-    (`degenerate`, flagged, not dropped) and in one warning line, `counter` holding every rank's.
-    """
-    rank, world_size, _ = init_distributed(args.device)
-    counts = generate_sharded(data, args.out, args.gen_batch_size, process_batch, rank, world_size, args.stage,
-                              required=required)
-    merge_rank_counters(counter, rank, world_size)
-    if rank == 0:
-        log.info("%s: %s -> %s", args.stage, counts, args.out)
-        if counter.checked:
-            (log.warning if counter.degenerate else log.info)(counter.line("generated captions", "flagged"))
-    return counts
-
-
-def flagged(fields: dict, field: str, record: dict, counter: DegenerateCounter, counts: Counter) -> dict:
-    """`fields` with `<field>_degenerate` (the reason) added when the caption generated into `field` is degenerate,
-    counted: it is written, not dropped, so the next stage (or a person) decides; each generated field has its own
-    flag, so a synthetic caption's does not pass for the fused one's."""
-    reason = counter.check(fields[field], sample=record["id"])
-    if reason is None:
-        return fields
-    counts["degenerate"] += 1
-    return {**fields, f"{field}_degenerate": reason}
-
-
-def generate(model, inputs, num_beams: int, max_new_tokens: int, **options) -> torch.Tensor:
-    """Beam-search continuations (B, new) of a left-padded batch, prompt tokens removed."""
-    with torch.no_grad():
-        output = model.generate(**inputs, num_beams=num_beams, max_new_tokens=max_new_tokens, do_sample=False,
-                                **options)
-    prompt = inputs.get("input_ids")
-    # decoder-only models echo the prompt; BLIP-style captioners return their own sequence
-    if prompt is not None and output.shape[1] > prompt.shape[1] and torch.equal(output[:, :prompt.shape[1]], prompt):
-        return output[:, prompt.shape[1]:]
-    return output
+# ---- Generation stages (caption, fuse): rank-sharded, resumable (common.generate)
 
 
 def stage_caption(args: Args, data=None) -> dict:
-    """Step 1 (caption generation): a synthetic caption for every readable image, written as `synthetic_field`.
-
-    `data`: --data (a manifest or shards, streamed) unless given (a list of records). A degenerate caption
-    (common.degenerate) is written and flagged: `<synthetic_field>_degenerate` holds the reason, counted."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
+    """Step 1: a synthetic caption for every readable image of `data` (default --data, a manifest or shards; or
+    a list of records), written as `synthetic_field` (+ `<field>_degenerate` when it is degenerate)."""
     data = args.data if data is None else data
-    rank, world_size, device = init_distributed(args.device)
-    check_resumable(data, args.out, generation_recipe(args, device, ("captioner", "caption_prompt", "caption_beams",
-                                                               "caption_max_new_tokens", "synthetic_field")),
-                    rank, world_size)
-    remote = {"trust_remote_code": args.trust_remote_code}
-    processor = load_pretrained(AutoProcessor, args.captioner, "--captioner", **remote)
-    model = load_model(AutoModelForImageTextToText, args.captioner, "--captioner",
-                            dtype=weights_dtype(args, device), **remote)
-    model.to(device).eval()
-    tokenizer = processor.tokenizer
-    tokenizer.padding_side = "left"
-    prompt = args.caption_prompt
-    if prompt is not None and getattr(processor, "chat_template", None):
-        turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        prompt = processor.apply_chat_template(turn, add_generation_prompt=True)
+    names = ("captioner", "caption_prompt", "caption_beams", "caption_max_new_tokens", "synthetic_field")
+    _, _, device, dtype = start_generation(data, args.out, {n: getattr(args, n) for n in names},
+                                           args.gen_dtype, args.device)
+    processor, model = load_image_text_model(args.captioner, "--captioner", device, dtype, args.trust_remote_code)
+    prompt = None if args.caption_prompt is None else chat_image_prompt(processor, args.caption_prompt)
     skipped, counter = SkipCounter(), DegenerateCounter()
 
     def process_batch(batch: list[dict], counts: Counter):
-        kept, images = [], []
-        for record in batch:
-            image = open_record_image(record, skipped, args.strict)
-            if image is None:
-                counts["unreadable_images"] += 1
-                continue
-            kept.append(record)
-            images.append(image)
+        kept, inputs = image_batch(processor, prompt, batch, skipped, args.strict, counts, device, model.dtype)
         if not kept:
             return []
-        text = {"text": [prompt] * len(images)} if prompt is not None else {}
-        inputs = processor(images=images, return_tensors="pt", padding=True, **text).to(device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         # step 1: s_i = captioner(image_i); BLIP sets its own pad id
-        new = generate(model, inputs, args.caption_beams, args.caption_max_new_tokens)
-        captions = [first_line(text) for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
+        texts = generate_texts(model, processor.tokenizer, inputs, args.caption_max_new_tokens, args.caption_beams)
+        captions = [first_line(text) for text in texts]
         counts["empty_captions"] += sum(not caption for caption in captions)
-        return [(record, flagged({args.synthetic_field: caption}, args.synthetic_field, record, counter, counts))
+        return [(record, {args.synthetic_field: caption,
+                          **degenerate_flag(counter, caption, record["id"], args.synthetic_field, counts)})
                 for record, caption in zip(kept, captions)]
 
-    return run_generation(args, data, process_batch, ("id", "image"), counter)
-
-
-def load_fuser(name: str, flag: str, args: Args, device: str, dtype: torch.dtype):
-    """(tokenizer, model) of a causal LM, with a pad token (Llama ships none; padding is masked anyway)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    remote = {"trust_remote_code": args.trust_remote_code}
-    tokenizer = load_pretrained(AutoTokenizer, name, flag, **remote)
-    model = load_model(AutoModelForCausalLM, name, flag, dtype=dtype, **remote).to(device)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    return tokenizer, model
+    return run_generation(data, args.out, args.gen_batch_size, process_batch, args.stage, args.device, counter,
+                          logger=log, required=("id", "image"))
 
 
 def stage_fuse(args: Args, data=None) -> dict:
-    """Steps 2-3 at inference: the fused caption of each (raw, synthetic) pair, as `out_field` + `<out_field>_source`.
-
-    `data`: --data (a manifest or shards, streamed) unless given (a list of records: the miniature run). An LLM
-    answer that is degenerate (common.degenerate) is written and flagged: `<out_field>_degenerate` holds the
-    reason, counted."""
+    """Steps 2-3 at inference: the fused caption of each (raw, synthetic) pair of `data` (default --data; the
+    miniature gives records), as `out_field` + `<out_field>_source` (+ `<field>_degenerate` for a degenerate one)."""
     data = args.data if data is None else data
-    rank, world_size, device = init_distributed(args.device)
+    names = ("llm", "raw_field", "synthetic_field", "out_field", "max_prompt_tokens", "num_beams", "max_new_tokens")
+    rank, world_size, device, dtype = start_generation(data, args.out, {n: getattr(args, n) for n in names},
+                                                       args.gen_dtype, args.device)
     # this rank's inputs still to do, checked (streamed) before the LLM loads, not hours into the run
     for record in pending(data, args.out, rank, world_size, required=("id",)):
         for field in (args.raw_field, args.synthetic_field):
             caption_text(record, field)
-    check_resumable(data, args.out, generation_recipe(args, device, ("llm", "raw_field", "synthetic_field", "out_field",
-                                                               "max_prompt_tokens", "num_beams", "max_new_tokens")),
-                    rank, world_size)
-    tokenizer, model = load_fuser(args.llm, "--llm", args, device, weights_dtype(args, device))
-    model.eval()
+    tokenizer, model = load_causal_lm(args.llm, "--llm", device, dtype, args.trust_remote_code)
     tokenizer.padding_side = "left"  # a decoder-only model continues from the right end
     counter = DegenerateCounter()
 
@@ -432,20 +323,19 @@ def stage_fuse(args: Args, data=None) -> dict:
         if prompts:
             inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
             # step 2: f_i = LLM(PROMPT(r_i, s_i)), beam search
-            new = generate(model, inputs, args.num_beams, args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-            answers = tokenizer.batch_decode(new, skip_special_tokens=True)
+            answers = generate_texts(model, tokenizer, inputs, args.max_new_tokens, args.num_beams,
+                                     pad_token_id=tokenizer.pad_token_id)
             for (position, record, synthetic), answer in zip(asked, answers):
                 fused = first_line(answer)
                 counts["empty_answers"] += not fused
-                fields = {args.out_field: fused or synthetic,
-                          f"{args.out_field}_source": "llm" if fused else "synthetic"}
                 # an empty answer fell back to the synthetic caption (counted above): the LLM's answers are checked
-                if fused:
-                    fields = flagged(fields, args.out_field, record, counter, counts)
-                results[position] = (record, fields)
+                flag = degenerate_flag(counter, fused, record["id"], args.out_field, counts) if fused else {}
+                results[position] = (record, {args.out_field: fused or synthetic,
+                                              f"{args.out_field}_source": "llm" if fused else "synthetic", **flag})
         return [results[position] for position in sorted(results)]  # input order
 
-    return run_generation(args, data, process_batch, ("id",), counter)
+    return run_generation(data, args.out, args.gen_batch_size, process_batch, args.stage, args.device, counter,
+                          logger=log, required=("id",))
 
 
 # ---- SFT: CapsFus-LLaMA from (raw, synthetic, fused) triplets
@@ -469,26 +359,6 @@ def triplets(records: list[dict], args: Args) -> list[tuple[str, str, str]]:
     return kept
 
 
-def pad_batch(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict:
-    """Right-padded input_ids, attention_mask and labels (B, T)."""
-    length = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), length), pad_id)
-    labels = torch.full((len(examples), length), IGNORE)
-    mask = torch.zeros((len(examples), length), dtype=torch.long)
-    for row, (ids, labs) in enumerate(examples):
-        input_ids[row, :len(ids)], labels[row, :len(labs)] = torch.tensor(ids), torch.tensor(labs)
-        mask[row, :len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-
-
-def step_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
-    """Triplets of optimiser step `step` (<= B): epoch e walks permutation_(seed, e), the last batch may be short."""
-    steps_per_epoch = math.ceil(n / batch_size)
-    epoch, position = divmod(step, steps_per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    return order[position * batch_size:(position + 1) * batch_size]
-
-
 def sft_recipe(args: Args, data: list[tuple[str, str, str]]) -> dict:
     """What a checkpoint must agree on to be resumed: every setting that changes the trained weights, and the
     triplets (not --micro-batch-size, which only splits a step's sum, nor --grad-checkpointing, which recomputes)."""
@@ -499,29 +369,23 @@ def sft_recipe(args: Args, data: list[tuple[str, str, str]]) -> dict:
     return {**{name: getattr(args, name) for name in names}, "data": f"{len(data)} triplets, sha256 {digest}"}
 
 
-def sft_dtype(args: Args, device: str) -> torch.dtype:
-    """The SFT model's dtype: float32 when its weights train, --lora-base-dtype for a frozen LoRA base (CUDA)."""
-    return getattr(torch, args.lora_base_dtype) if args.lora and device.startswith("cuda") else torch.float32
-
-
 def sft_step(ddp, examples: list[tuple[list[int], list[int]]], micro_batch_size: int, pad_id: int, device: str,
              world_size: int) -> float:
     """One optimiser step's gradients from this rank's `examples`, in micro-batches; returns the step's loss: the
     mean over the global batch's response tokens, exact under any number of ranks and micro-batches."""
-    tokens = torch.tensor(sum(sum(label != IGNORE for label in labels[1:]) for _, labels in examples), device=device)
-    if world_size > 1:
-        dist.all_reduce(tokens)  # the global batch's response tokens: every rank divides by the same count
+    n_tokens = sum(sum(label != IGNORE for label in labels[1:]) for _, labels in examples)
+    tokens = global_token_count(n_tokens, device, world_size)  # every rank and micro-batch divides by this count
     total = torch.zeros((), device=device)
     for first in range(0, len(examples), micro_batch_size):
-        batch = {k: v.to(device) for k, v in pad_batch(examples[first:first + micro_batch_size], pad_id).items()}
+        batch = right_padded_batch(examples[first:first + micro_batch_size], pad_id, IGNORE)
+        batch = {key: value.to(device) for key, value in batch.items()}
         # accumulate locally; DDP all-reduces the gradients once, in the step's last backward pass
         last = first + micro_batch_size >= len(examples)
         with contextlib.nullcontext() if world_size == 1 or last else ddp.no_sync():
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
                 logits = ddp(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (b, T, V)
             nll, _ = response_loss(logits, batch["labels"])
-            # DDP averages gradients over ranks: scale by world_size so the sum is the global token mean
-            (nll * world_size / tokens).backward()
+            token_mean_backward(nll, tokens, world_size)  # DDP's mean over ranks, made the global token mean
         total += nll.detach()
     if world_size > 1:
         dist.all_reduce(total)
@@ -532,14 +396,11 @@ def stage_sft(args: Args, records: list[dict]) -> dict:
     """Step 3: fine-tune --base-model on the triplets; the fuser is saved to out/fuser."""
     rank, world_size, device = init_distributed(args.device)
     torch.manual_seed(args.seed)
-    tokenizer, model = load_fuser(args.base_model, "--base-model", args, device, sft_dtype(args, device))
+    # the weights that train are float32; a frozen LoRA base runs in --lora-base-dtype (on CUDA)
+    dtype = weights_dtype(args.lora_base_dtype, device) if args.lora else torch.float32
+    tokenizer, model = load_causal_lm(args.base_model, "--base-model", device, dtype, args.trust_remote_code)
     if args.lora:
-        from peft import LoraConfig, get_peft_model
-
-        # the adapters train in float32 over a half-precision frozen base (peft's autocast_adapter_dtype)
-        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
-                                                 lora_dropout=args.lora_dropout, target_modules="all-linear",
-                                                 task_type="CAUSAL_LM"))
+        model = with_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()  # LoRA: frozen embeddings would cut the recomputed graph
@@ -556,9 +417,7 @@ def stage_sft(args: Args, records: list[dict]) -> dict:
     state_path = out / "sft_state.pt"
     if args.resume and state_path.exists():
         state = torch.load(state_path, map_location=device, weights_only=True)
-        if state["recipe"] != recipe:
-            raise ManifestError(f"{state_path} holds a run of other settings ({recipe_changes(state['recipe'], recipe)}"
-                                "); pass a new --out, or --no-resume to start afresh")
+        check_resume_recipe(state_path, state.get("recipe"), recipe)
         model.load_state_dict(state["trainable"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         start, history = state["step"], state["history"]
@@ -566,11 +425,6 @@ def stage_sft(args: Args, records: list[dict]) -> dict:
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     model.train()
     began, saved = time.time(), start or None  # saved: the step the state on disk holds, for the guard's message
-
-    def where(step: int, when: str) -> str:
-        kept = f"{state_path} keeps step {saved}" if saved else f"{state_path} not written by this run"
-        return f"sft at step {step} of {steps}, {when} ({kept})"
-
     bar = tqdm(range(start, steps), desc="sft", disable=rank != 0)
     for step in bar:
         # linear warm-up, then cosine decay to 0 (Alpaca's schedule)
@@ -578,60 +432,43 @@ def stage_sft(args: Args, records: list[dict]) -> dict:
         lr = args.lr * (step + 1) / warmup if step < warmup else 0.5 * args.lr * (1 + math.cos(math.pi * progress))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        indices = step_indices(step, len(data), args.batch_size, args.seed)
+        indices = step_batch(step, len(data), args.batch_size, args.seed, drop_last=False)  # the last may be short
         # DDP needs the same number of backward passes on every rank: cut the batch to a multiple of the ranks
         mine = [data[i] for i in indices[:len(indices) // world_size * world_size][rank::world_size]]
         loss = sft_step(ddp, mine, args.micro_batch_size, tokenizer.pad_token_id, device, world_size)
-        assert_finite_state(None, loss, where(step, "before its update"))
+        assert_finite_state(None, loss, guard_where("sft", step, steps, "before its update", state_path, saved))
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         history.append({"step": step, "loss": loss, "lr": lr})
         bar.set_postfix(loss=f"{loss:.3f}")
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == steps:
-            # a finite loss does not make a finite update: the weights are checked too, on every rank (DDP keeps
-            # them equal, so all stop together), before the state is written (after the last step: and the fuser)
-            assert_finite_state(model, loss, where(step, "after its update"))
+            # the weights too (a finite loss can make a non-finite update), on every rank, before anything is saved
+            assert_finite_state(model, loss, guard_where("sft", step, steps, "after its update", state_path, saved))
             if rank == 0:
                 trained = {k: v for k, v in model.state_dict().items() if not args.lora or "lora_" in k}
                 save_checkpoint(state_path, {"trainable": trained, "optimizer": optimizer.state_dict(),
                                              "step": step + 1, "history": history, "recipe": recipe})
             saved = step + 1
     if rank == 0:
-        save_fuser(model.merge_and_unload() if args.lora else model, tokenizer, out / "fuser")
+        save_pretrained_atomically(model.merge_and_unload() if args.lora else model, tokenizer, out / "fuser")
     if world_size > 1:
         dist.barrier()
     return {"history": history, "resumed_from": start, "steps": steps, "triplets": len(data),
             "train_seconds": time.time() - began, "fuser": str(out / "fuser")}
 
 
-def save_fuser(model, tokenizer, folder: Path) -> None:
-    """save_pretrained into a temporary folder, then rename: a killed save leaves no half model."""
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-
-
-COUNTS = ("caption_beams", "caption_max_new_tokens", "max_prompt_tokens", "num_beams", "max_new_tokens",
-          "gen_batch_size", "epochs", "batch_size", "micro_batch_size", "max_seq_len", "lora_r", "lora_alpha",
-          "checkpoint_every", "clip_batch_size", "seeds")  # flags that count something: 0 would run nothing or crash
-
-
 def check_flags(args: Args) -> None:
     """Every flag in its range and the stage's inputs given, before anything loads: one line naming the flag and
-    exit status 1, not a crash (or a silent no-op) later."""
-    ranges = [(name, getattr(args, name) >= 1, "at least 1") for name in COUNTS] + [
-        ("sizes", all(n >= 1 for n in args.sizes), "numbers of samples, each at least 1"),
-        ("lr", args.lr > 0, "positive"), ("clip_lr", args.clip_lr > 0, "positive"),  # NaN fails each test
-        ("warmup_ratio", 0 <= args.warmup_ratio <= 1, "in [0, 1]"),
-        ("weight_decay", args.weight_decay >= 0, "at least 0"),
-        ("lora_dropout", 0 <= args.lora_dropout < 1, "in [0, 1)"),
-        ("scaling_epochs", args.scaling_epochs > 0, "positive")]
-    for name, ok, what in ranges:
+    exit status 1, not a crash (or a silent no-op) later; an inf --lr passes, for the training guard to name."""
+    counts = ("caption_beams", "caption_max_new_tokens", "max_prompt_tokens", "num_beams", "max_new_tokens",
+              "gen_batch_size", "epochs", "batch_size", "micro_batch_size", "max_seq_len", "lora_r", "lora_alpha",
+              "checkpoint_every", "clip_batch_size", "seeds")  # 0 of any would run nothing or crash
+    check_ranges(args, at_least=dict.fromkeys(counts, 1) | {"weight_decay": 0}, fractions=("warmup_ratio",))
+    for name, ok, what in [("sizes", all(n >= 1 for n in args.sizes), "numbers of samples, each at least 1"),
+                           ("lr", args.lr > 0, "positive"), ("clip_lr", args.clip_lr > 0, "positive"),  # NaN fails
+                           ("lora_dropout", 0 <= args.lora_dropout < 1, "in [0, 1)"),
+                           ("scaling_epochs", args.scaling_epochs > 0, "positive")]:
         if not ok:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be {what}, got {getattr(args, name)}")
     if args.stage != "miniature" and args.data is None:
@@ -647,22 +484,17 @@ def main(argv=None) -> dict:
     log.setLevel(logging.INFO)
     check_flags(args)
     check_device(args.device)  # before any stage loads weights onto it
-    # the experiments import this module: imported here, when a stage needs them, not at the top (a cycle)
-    if args.stage == "miniature":
-        from experiments.capsfusion_miniature import run_miniature
-        return run_miniature(args)
-    if args.stage == "scaling":
-        from experiments.capsfusion_miniature import run_scaling
-        return run_scaling(args)
-    if args.stage == "caption":  # caption and fuse stream --data (a manifest or shards)
-        return stage_caption(args)
-    if args.stage == "fuse":
-        return stage_fuse(args)
-    records = read_manifest(args.data, required=("id",))  # text only: sft and eval read triplets without images
+    if args.stage in ("caption", "fuse"):  # they stream --data (a manifest or shards)
+        return stage_caption(args) if args.stage == "caption" else stage_fuse(args)
     if args.stage == "sft":
-        return stage_sft(args, records)
-    from experiments.capsfusion_miniature import stage_eval
-    return stage_eval(args, records)
+        return stage_sft(args, read_manifest(args.data, required=("id",)))  # text only: triplets without images
+    # the experiments import this module: imported here, when a stage needs them, not at the top (a cycle)
+    from experiments import capsfusion_miniature as experiments
+
+    if args.stage == "eval":
+        return experiments.stage_eval(args, read_manifest(args.data, required=("id",)))
+    return experiments.run_scaling(args) if args.stage == "scaling" else experiments.run_miniature(args)
+
 
 if __name__ == "__main__":
     run_command(main)  # an expected error (a bad manifest, a diverged run, no such device) ends as one line

@@ -7,12 +7,14 @@
   state, for one, restores the saved learning rate).
 - The micro-batch token mean: a step's loss is the mean over the response tokens of the whole global batch,
   the same under any number of ranks and micro-batches.
+- A causal LM's fine-tuning: LoRA adapters, examples right-padded into a batch, the model saved whole or not at all.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -75,3 +77,38 @@ def token_mean_backward(token_sum: torch.Tensor, tokens: torch.Tensor, world_siz
     """Backward of one micro-batch's share of the global token mean. DDP averages gradients over the ranks, so
     the sum is scaled by world_size: the ranks' gradients then add up to the gradient of sum / tokens."""
     (token_sum * world_size / tokens).backward()
+
+
+def right_padded_batch(examples: list[tuple[list[int], list[int]]], pad_id: int, ignore_index: int = -100) -> dict:
+    """(input_ids, labels) examples as one batch (B, T), right-padded to the longest: input_ids with `pad_id`,
+    labels with `ignore_index` (no loss), attention_mask 1 on the real tokens."""
+    length = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), length), pad_id)
+    labels = torch.full((len(examples), length), ignore_index)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, (ids, labs) in enumerate(examples):
+        input_ids[row, :len(ids)], labels[row, :len(labs)] = torch.tensor(ids), torch.tensor(labs)
+        mask[row, :len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def save_pretrained_atomically(model, tokenizer, folder: str | os.PathLike) -> None:
+    """`save_pretrained` of a transformers model and its tokenizer into a temporary folder, then a rename: a
+    killed save leaves the old model or none, never half of one."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+def with_lora(model, r: int, alpha: int, dropout: float):
+    """`model` (a causal LM) with peft LoRA adapters on every linear layer, the rest frozen; the adapters train
+    in float32 over a half-precision frozen base (peft's autocast_adapter_dtype)."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",
+                                            task_type="CAUSAL_LM"))

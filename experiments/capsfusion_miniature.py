@@ -21,13 +21,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from capsfusion import FUSION_PROMPT, INSTRUCTION, Args, caption_text, clean, save_fuser, stage_fuse, stage_sft
+from capsfusion import FUSION_PROMPT, Args, caption_text, clean, stage_fuse, stage_sft
 from common.benchmarks import check_benchmarks, evaluate_benchmarks, write_benchmark_results
 from common.caption_metrics import coco_scores, plain_words, table_note
-from common.clip_train import (ImageRows, TrainConfig, create_clip, encode_images, encode_texts, evaluate_world,
-                               preprocess_images, retrieval_metrics, texts_of, train_clip, usable_rows)
-from common.data import Columns, ManifestError, atomic_write_text, index_data, index_manifest, read_manifest
+from common.clip_eval import ImageRows, preprocess_images, retrieval_and_zero_shot
+from common.clip_train import TrainConfig, create_clip, train_clip, usable_rows
+from common.columns import Columns, index_data, index_manifest
+from common.data import ManifestError, atomic_write_text, read_manifest
 from common.miniature import ensure_world, hallucinated_words, names_kept
+from common.training import save_pretrained_atomically
 
 log = logging.getLogger("capsfusion")
 
@@ -119,17 +121,11 @@ class ArmTexts:
 
 def evaluate_clip(model, tokenizer, preprocess, records: list[dict], images) -> dict:
     """Retrieval against `caption` (and the world's zero-shot tasks when the records have labels), on the model's
-    device; `images`: the preprocessed test images (a tensor, or ImageRows decoded batch by batch)."""
-    device, items = next(model.parameters()).device, {}
-    if "objects" in records[0]:
-        metrics = evaluate_world(model, tokenizer, preprocess, records, "caption", images=images, device=device,
-                                 per_item=items)
-        attributes = [metrics[f"zeroshot_{task}"] for task in ("background", "shape", "color")]
-        metrics["zeroshot_attributes"] = float(np.mean(attributes))
-    else:
-        metrics = retrieval_metrics(encode_images(model, images, device=device),
-                                    encode_texts(model, tokenizer, texts_of(records, "caption"), device=device),
-                                    per_item=items)
+    device (common.clip_eval); `images`: the preprocessed test images (a tensor, or ImageRows decoded batch by
+    batch)."""
+    items = {}
+    metrics = retrieval_and_zero_shot(model, tokenizer, preprocess, records, "caption", images=images,
+                                      per_item=items, flag=None)
     metrics["retrieval_R@5"] = (metrics["i2t_R@5"] + metrics["t2i_R@5"]) / 2
     # one caption per test image: image i's query both ways, whose mean is retrieval_R@5 (a one-seed verdict's items)
     metrics["per_item"] = {"retrieval_R@5": [(a + b) / 2 for a, b in zip(items["i2t_R@5"], items["t2i_R@5"])]}
@@ -139,7 +135,7 @@ def evaluate_clip(model, tokenizer, preprocess, records: list[dict], images) -> 
 def stage_scaling(args: Args, columns: Columns, test_records: list[dict], in_memory: bool = False) -> dict:
     """Fig. 7: {caption type: [metrics at each size]}; CLIP from scratch on the first n samples, one epoch.
 
-    `columns`: the training samples (a manifest or shards, common.data.Columns); their images are decoded lazily
+    `columns`: the training samples (a manifest or shards, common.columns.Columns); their images are decoded lazily
     by common.clip_train's trainer and the test images at each evaluation, or, `in_memory` (the miniature world),
     both preprocessed once for every run."""
     fields = caption_fields(args, columns)
@@ -233,14 +229,15 @@ def miniature_fuser(records: list[dict], folder: Path, seed: int) -> Path:
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocabulary)}, unk_token="<unk>"))
     backend.pre_tokenizer = split
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    backend.add_tokens([AddedToken(INSTRUCTION, normalized=False)])  # the fixed instruction reads as one token
+    instruction = FUSION_PROMPT.split("\n")[0]
+    backend.add_tokens([AddedToken(instruction, normalized=False)])  # the fixed instruction reads as one token
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                         unk_token="<unk>", clean_up_tokenization_spaces=True)
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
                          tie_word_embeddings=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    save_fuser(LlamaForCausalLM(config), tokenizer, folder)
+    save_pretrained_atomically(LlamaForCausalLM(config), tokenizer, folder)
     return folder
 
 

@@ -23,9 +23,10 @@ import torch.multiprocessing as mp
 
 import capsfusion
 from experiments import capsfusion_miniature
-from common.data import (BadSampleError, ManifestError, NonFiniteError, index_manifest, read_manifest,
-                         write_manifest)
+from common.columns import index_manifest
+from common.data import BadSampleError, ManifestError, NonFiniteError, read_manifest, write_manifest
 from common.generate import check_resumable, recipe_path
+from common.training import step_batch
 from common.miniature import WorldConfig, ensure_world
 from tests.realarch import run_torchrun, save_hf, serve_open_clip_tag
 
@@ -329,8 +330,8 @@ def test_fuse_keeps_the_answers_first_line_without_special_tokens_else_the_synth
     answer = tokenizer("a red circle with the Aldora emblem.\nSentence 3: more", add_special_tokens=False)["input_ids"]
     blank = tokenizer("\n \n", add_special_tokens=False)["input_ids"]
     rows = [answer + [eos], blank + [eos] + [eos] * (len(answer) - len(blank))]  # eos is also the pad id here
-    monkeypatch.setattr(capsfusion, "generate",
-                        lambda model, inputs, num_beams, max_new_tokens, **options: torch.tensor(rows))
+    monkeypatch.setattr("common.generate.new_tokens",  # what the fuser's beam search returns, for every batch
+                        lambda model, inputs, max_new_tokens, num_beams, **options: torch.tensor(rows))
     records = text_only(read_manifest(world / "val.jsonl")[:2])
     write_manifest(tmp_path / "in.jsonl", records)
     counts = capsfusion.main(["fuse", "--data", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out.jsonl"),
@@ -355,11 +356,11 @@ def test_fuse_loads_the_fuser_in_bf16_on_cuda(world, device, dtype, monkeypatch,
     loaded = []
     pretend_cuda(monkeypatch)
 
-    def load_fuser(name, flag, args, device, dtype):
+    def load_causal_lm(name, flag, device, dtype, trust_remote_code=False):
         loaded.append((name, flag, dtype))
         raise InterruptedError  # stop before anything runs on CUDA
 
-    monkeypatch.setattr(capsfusion, "load_fuser", load_fuser)
+    monkeypatch.setattr(capsfusion, "load_causal_lm", load_causal_lm)
     with pytest.raises(InterruptedError):
         capsfusion.main(["fuse", "--data", str(world / "val.jsonl"), "--device", device, "--out",
                          str(tmp_path / "fused.jsonl")])
@@ -370,7 +371,7 @@ def test_fuse_writes_one_line_per_input_and_resumes_after_a_kill(world, tiny_llm
     out = tmp_path / "fused.jsonl"
     argv = ["fuse", "--data", str(world / "val.jsonl"), "--out", str(out), "--llm", str(tiny_llm),
             "--out-field", "capsfus", "--gen-batch-size", "2", "--max-new-tokens", "6", "--device", "cpu"]
-    real_generate, calls = capsfusion.generate, {"n": 0}
+    real_generate, calls = capsfusion.generate_texts, {"n": 0}
 
     def killed_in_second_batch(*args, **kwargs):
         calls["n"] += 1
@@ -378,13 +379,13 @@ def test_fuse_writes_one_line_per_input_and_resumes_after_a_kill(world, tiny_llm
             raise KeyboardInterrupt
         return real_generate(*args, **kwargs)
 
-    monkeypatch.setattr(capsfusion, "generate", killed_in_second_batch)
+    monkeypatch.setattr(capsfusion, "generate_texts", killed_in_second_batch)
     with pytest.raises(KeyboardInterrupt):
         capsfusion.main(argv)
     assert len(out.read_text().splitlines()) == 2  # the first batch survived the kill
     with open(out, "ab") as handle:
         handle.write(b'{"id": "val-00')  # and a line cut mid-write
-    monkeypatch.setattr(capsfusion, "generate", real_generate)
+    monkeypatch.setattr(capsfusion, "generate_texts", real_generate)
     counts = capsfusion.main(argv)
     assert counts["already_done"] == 2 and counts["written"] == 4
     inputs, fused = read_manifest(world / "val.jsonl"), read_manifest(out)
@@ -555,13 +556,21 @@ def triplets16(world, tmp_path_factory):
 
 
 def test_sft_batches_walk_a_fresh_permutation_of_the_triplets_each_epoch():
-    """Step s of epoch e takes the next batch_size triplets of permutation (seed, e); the last batch may be short."""
-    batches = [capsfusion.step_indices(step, 10, 4, 5) for step in range(6)]  # 2 epochs of 3 steps
+    """Step s of epoch e takes the next batch_size triplets of permutation (seed, e); the last batch may be short
+    (sft's drop_last=False), or, with drop_last (CLIP training's), the 10 % 4 rows left over sit the epoch out."""
+    batches = [step_batch(step, 10, 4, 5, drop_last=False) for step in range(6)]  # 2 epochs of 3 steps
     assert [len(batch) for batch in batches] == [4, 4, 2] * 2
     for epoch in range(2):
         walked = np.concatenate(batches[3 * epoch:3 * epoch + 3])
         assert np.array_equal(walked, np.random.default_rng([5, epoch]).permutation(10))
     assert not np.array_equal(np.concatenate(batches[:3]), np.concatenate(batches[3:]))
+    # by hand: default_rng([5, 0]).permutation(10) is 7 6 1 3 2 4 0 9 5 8, default_rng([5, 1])'s 6 7 4 2 5 0 9 8 3 1
+    assert [batch.tolist() for batch in batches] == [[7, 6, 1, 3], [2, 4, 0, 9], [5, 8],
+                                                     [6, 7, 4, 2], [5, 0, 9, 8], [3, 1]]
+    assert [step_batch(step, 10, 4, 5).tolist() for step in range(4)] == [[7, 6, 1, 3], [2, 4, 0, 9],
+                                                                         [6, 7, 4, 2], [5, 0, 9, 8]]
+    # fewer rows than a batch: one short batch an epoch either way
+    assert step_batch(1, 3, 4, 5).tolist() == step_batch(1, 3, 4, 5, drop_last=False).tolist() == [0, 2, 1]
 
 
 def test_sft_resumes_stops_on_nan_and_saves_a_loadable_fuser(triplets16, tiny_llm, tmp_path, monkeypatch):
@@ -703,11 +712,11 @@ def test_lora_loads_the_frozen_base_in_bf16_on_cuda(triplets16, device, lora, dt
     loaded = []
     pretend_cuda(monkeypatch)
 
-    def load_fuser(name, flag, args, device, dtype):
+    def load_causal_lm(name, flag, device, dtype, trust_remote_code=False):
         loaded.append(dtype)
         raise InterruptedError  # the weights' dtype is what this test is about: stop before anything runs on CUDA
 
-    monkeypatch.setattr(capsfusion, "load_fuser", load_fuser)
+    monkeypatch.setattr(capsfusion, "load_causal_lm", load_causal_lm)
     with pytest.raises(InterruptedError):
         capsfusion.main(["sft", "--data", str(triplets16), "--device", device, "--out", "unused"]
                         + ["--lora"] * lora)
