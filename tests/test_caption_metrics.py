@@ -150,18 +150,19 @@ def test_each_caller_labels_its_results_and_tables(monkeypatch):
     """capsfusion, altogether and dico: the fallback's label reaches the metrics they write and each results table."""
     import altogether
     import capsfusion
+    from experiments import capsfusion_miniature
     from experiments import dico_miniature
 
     monkeypatch.setattr(cm, "java_missing", lambda: "no `java` on PATH")
     monkeypatch.setattr(cm, "_warned", set())
     records = [{"alt_text": "VW wheel, Berlin"}, {"alt_text": "Aldora emblem"}]
-    metrics = capsfusion.fusion_quality(["a wheel in berlin.", "an emblem"], records, capsfusion.Args(),
-                                        reference=["A wheel of a VW car in Berlin.", "the emblem"])
+    metrics = capsfusion_miniature.fusion_quality(["a wheel in berlin.", "an emblem"], records, capsfusion.Args(),
+                                                  reference=["A wheel of a VW car in Berlin.", "the emblem"])
     assert metrics["tokenizer"] == cm.FALLBACK_LABEL and {"BLEU-4", "CIDEr", "backend"} <= set(metrics)
     row = {"BLEU-4": 1.0, "CIDEr": 2.0, "tokenizer": cm.FALLBACK_LABEL, "backend": "pycocoevalcap 1.2"}
     fusion = [{"teacher": {"names_kept": 1.0}, "fuser": {"names_kept": 1.0, **row}}]
-    scaling = [{"sizes": [8], "curves": {"raw": [dict.fromkeys(capsfusion.PLOTTED, 1.0)]}}]
-    tables = {"capsfusion": capsfusion.summary_table(fusion, scaling, capsfusion.Args(), 60.0),
+    scaling = [{"sizes": [8], "curves": {"raw": [dict.fromkeys(capsfusion_miniature.PLOTTED, 1.0)]}}]
+    tables = {"capsfusion": capsfusion_miniature.summary_table(fusion, scaling, capsfusion.Args(), 60.0),
               "dico": dico_miniature.markdown_table({"xe/best": [row], "ground truth": [{**row, "CIDEr": 3.0}]}),
               "altogether": altogether.markdown_table(
                   {name: {**{k: [1.0] for k in altogether.COLUMNS}, **{k: [v] for k, v in row.items()}}
