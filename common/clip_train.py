@@ -557,4 +557,3 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     run_command(main)
-from common.clip_eval import check_embeddings, zero_shot_accuracy  # noqa: E402,F401  TEMP

@@ -637,6 +637,3 @@ def shard(records: Sequence[dict], rank: int, world_size: int) -> list[dict]:
     """Rank `rank`'s share of `records`: every world_size-th record, so the shares cover all once."""
     check_rank(rank, world_size)
     return list(records[rank::world_size])
-
-
-from common.columns import Columns, index_data, index_manifest, index_shards, open_row_image  # noqa: E402,F401  TEMP

@@ -152,6 +152,7 @@ def test_each_caller_labels_its_results_and_tables(monkeypatch):
     import capsfusion
     from experiments import capsfusion_miniature
     from experiments import dico_miniature
+    from experiments import altogether_miniature
 
     monkeypatch.setattr(cm, "java_missing", lambda: "no `java` on PATH")
     monkeypatch.setattr(cm, "_warned", set())
@@ -164,8 +165,8 @@ def test_each_caller_labels_its_results_and_tables(monkeypatch):
     scaling = [{"sizes": [8], "curves": {"raw": [dict.fromkeys(capsfusion_miniature.PLOTTED, 1.0)]}}]
     tables = {"capsfusion": capsfusion_miniature.summary_table(fusion, scaling, capsfusion.Args(), 60.0),
               "dico": dico_miniature.markdown_table({"xe/best": [row], "ground truth": [{**row, "CIDEr": 3.0}]}),
-              "altogether": altogether.markdown_table(
-                  {name: {**{k: [1.0] for k in altogether.COLUMNS}, **{k: [v] for k, v in row.items()}}
-                   for name in altogether.ROWS}, altogether.Args(), 60.0, 2)}
+              "altogether": altogether_miniature.markdown_table(
+                  {name: {**{k: [1.0] for k in altogether_miniature.COLUMNS}, **{k: [v] for k, v in row.items()}}
+                   for name in altogether_miniature.ROWS}, altogether.Args(), 60.0, 2)}
     for caller, table in tables.items():
         assert f"tokenizer: {cm.FALLBACK_LABEL}" in table, caller
