@@ -525,6 +525,7 @@ def test_foil_end_to_end_and_pac_s_through_the_checkpoint(tmp_path, monkeypatch,
 
 
 def test_correlate_help_explains_every_flag_and_the_manifest_help_names_correlate(capsys):
+    import ast
     import dataclasses
     import inspect
 
@@ -532,9 +533,11 @@ def test_correlate_help_explains_every_flag_and_the_manifest_help_names_correlat
         main(["correlate", "--help"])
     assert exit_.value.code == 0
     shown = " ".join(re.sub(r"[│╭╮╰╯─]", " ", capsys.readouterr().out).split())
-    source = inspect.getsource(CorrelateArgs)
+    body = ast.parse(inspect.getsource(CorrelateArgs)).body[0].body
+    docs = {field.target.id: after.value.value for field, after in zip(body, body[1:])  # a field, then its docstring
+            if isinstance(field, ast.AnnAssign) and isinstance(after, ast.Expr)}
     for f in dataclasses.fields(CorrelateArgs):
-        doc = re.search(rf"\n    {f.name}: .*\n    \"\"\"(.*?)\"\"\"", source).group(1)
+        doc = docs[f.name]
         assert f"--{f.name.replace('_', '-')}" in shown and " ".join(doc.split()[:6]) in shown, f.name
     with pytest.raises(SystemExit):
         main(["--help"])
