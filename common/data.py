@@ -261,6 +261,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     os.replace(tmp, path)
 
 
+def write_results(out: str | os.PathLike, table: str, results: dict) -> dict:
+    """A run's ending: its readable table as `out`/results.md, everything as `out`/results.json (values JSON cannot
+    hold, such as paths, as their text), each written whole; the table printed. Returns `results`."""
+    atomic_write_text(Path(out) / "results.md", table)
+    atomic_write_text(Path(out) / "results.json", json.dumps(results, indent=2, default=str))
+    print(table)
+    return results
+
+
 def write_manifest(path: str | os.PathLike, records: Iterable[dict]) -> Path:
     """Write records as a JSONL manifest atomically; keys starting with '_' are internal and dropped."""
     lines = [json.dumps(public_fields(record), ensure_ascii=False) for record in records]

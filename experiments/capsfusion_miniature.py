@@ -24,10 +24,11 @@ import torch
 from capsfusion import FUSION_PROMPT, Args, caption_text, clean, stage_fuse, stage_sft
 from common.benchmarks import check_benchmarks, evaluate_benchmarks, write_benchmark_results
 from common.caption_metrics import coco_scores, plain_words, table_note
+from common.claims import mean_spread
 from common.clip_eval import ImageRows, preprocess_images, retrieval_and_zero_shot
 from common.clip_train import TrainConfig, create_clip, train_clip, usable_rows
 from common.columns import Columns, index_data, index_manifest
-from common.data import ManifestError, atomic_write_text, read_manifest
+from common.data import ManifestError, atomic_write_text, read_manifest, write_results
 from common.miniature import ensure_world, hallucinated_words, names_kept
 from common.training import save_pretrained_atomically
 
@@ -244,7 +245,7 @@ def miniature_fuser(records: list[dict], folder: Path, seed: int) -> Path:
 def summary_table(fusion: list[dict], scaling: list[dict], args: Args, seconds: float) -> str:
     """Markdown: fusion quality per caption source, then the scaling curves (mean ± std over seeds)."""
     def cell(values):
-        return f"{np.mean(values):.1f}" + (f" ± {np.std(values):.1f}" if len(values) > 1 else "")
+        return mean_spread(values, digits=1)
 
     columns = ("names_kept", "raw_names_kept", "hallucinated", "BLEU-4", "CIDEr", "length")
     note = table_note(row for run in fusion for row in run.values())  # how BLEU-4 and CIDEr were tokenized
@@ -298,12 +299,8 @@ def run_miniature(args: Args) -> dict:
         print(f"seed {seed}: fuser names kept {fusion[-1]['fuser']['names_kept']:.1f}%, CIDEr vs teacher "
               f"{fusion[-1]['fuser']['CIDEr']:.1f}; stage seconds {timings[-1]}", flush=True)
     seconds = time.time() - began
-    table = summary_table(fusion, scaling, args, seconds)
-    atomic_write_text(out / "results.md", table)
     plot_scaling(scaling, out / "scaling.png")
     results = {"seeds": list(range(args.seed, args.seed + args.seeds)), "fusion": fusion, "scaling": scaling,
                "stage_seconds": timings, "seconds": seconds,
                "world": dataclasses.asdict(args.world)}
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
-    print(table)
-    return results
+    return write_results(out, summary_table(fusion, scaling, args, seconds), results)

@@ -20,7 +20,7 @@ import numpy as np
 
 import clip_quality as cq
 from common.claims import mean_spread
-from common.data import atomic_write_text
+from common.data import atomic_write_text, write_results
 
 
 def _pyplot():
@@ -111,9 +111,9 @@ def summarise(rows: Sequence[dict], keys: tuple[str, ...], metrics: Sequence[str
     return groups
 
 
-def write_report(out: Path, pretrain: list, probe: list, efficiency: list, attention: dict, baselines: dict,
+def report_text(pretrain: list, probe: list, efficiency: list, attention: dict, baselines: dict,
                  seconds: float) -> str:
-    """results.md: the measured tables; the claims are reproduce.py's to judge (results/claims.md)."""
+    """The text of results.md: the measured tables; the claims are reproduce.py's to judge (results/claims.md)."""
     pre = summarise(pretrain, ("regime",), ["i2t_R@1", "t2i_R@1", "zeroshot_shape", "zeroshot_entity"])
     by_regime = [{**p, "regime": next((r["regime"] for r in pretrain if r["checkpoint"] == p["checkpoint"]),
                                       "random init")} for p in probe]
@@ -148,9 +148,7 @@ def write_report(out: Path, pretrain: list, probe: list, efficiency: list, atten
     lines += ["", "The paper's claims (dense transfer, 10x data efficiency, more local deep heads, each against its "
               "control and the no-encoder floors) are judged from these runs by reproduce.py, by the one verdict "
               "rule of common/claims.py: see its results/claims.md."]
-    text = "\n".join(lines) + "\n"
-    atomic_write_text(out / "results.md", text)
-    return text
+    return "\n".join(lines) + "\n"
 
 
 def run_miniature(args: cq.Args, records: dict) -> dict:
@@ -164,9 +162,7 @@ def run_miniature(args: cq.Args, records: dict) -> dict:
     efficiency = cq.run_efficiency(args, records, done=pretrain, probed=probe)
     # every seed's model of each regime (the claim compares regimes over models), and an untrained one
     attention = cq.run_attention(args, records, [r["checkpoint"] for r in pretrain] + [args.model])
-    report = write_report(out, pretrain, probe, efficiency, attention, baselines, time.time() - start)
+    report = report_text(pretrain, probe, efficiency, attention, baselines, time.time() - start)
     results = {"pretrain": pretrain, "probe": probe, "baselines": baselines, "efficiency": efficiency,
                "attention": attention, "seconds": time.time() - start, "args": dataclasses.asdict(args)}
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=str))
-    print(report)
-    return results
+    return write_results(out, report, results)

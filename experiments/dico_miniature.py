@@ -18,7 +18,7 @@ import numpy as np
 from common.caption_metrics import table_note
 from common.caption_sources import image_bank_of, load_split
 from common.clip_captioner import model_from_checkpoint
-from common.data import atomic_write_text, image_path
+from common.data import atomic_write_text, image_path, write_results
 from common.run_folder import weights_digest
 import dico
 from dico import Args
@@ -156,9 +156,6 @@ def run_miniature(args: Args) -> dict:
               ", ".join(f"{stage} {t['wall']:.0f} s, CPU {t['cpu']:.0f} s" for stage, t in stages.items()) +
               "). PAC-S here = 2.0 x the miniature scorer's cosine (no PAC-S checkpoint exists there). "
               f"Reward and judge over fine-tuning: {plot.name}.\n\n")
-    atomic_write_text(Path(args.out) / "results.md", header + table)
-    atomic_write_text(Path(args.out) / "results.json", json.dumps({"per_seed": per_seed, "minutes": minutes,
-                                                                   "stage_seconds": stage_seconds, "plot": str(plot)},
-                                                                  indent=1))
-    print(header + table)
-    return {"per_seed": per_seed, "table": table, "minutes": minutes, "stage_seconds": stage_seconds, "plot": str(plot)}
+    results = {"per_seed": per_seed, "minutes": minutes, "stage_seconds": stage_seconds, "plot": str(plot)}
+    write_results(args.out, header + table, results)
+    return {**results, "table": table}

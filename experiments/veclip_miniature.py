@@ -8,7 +8,6 @@ veclip.Args and trains and evaluates through veclip.train and veclip.evaluate (d
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -18,7 +17,8 @@ import veclip
 from common.clip_eval import preprocess_images
 from common.clip_train import create_clip
 from common.columns import index_manifest
-from common.data import atomic_write_text, read_manifest
+from common.claims import mean_spread
+from common.data import read_manifest, write_results
 from common.miniature import ensure_world, zero_shot_tasks
 
 # condition: (alt_field, llm_vec_field, p_alt); the world's fields stand in for LLaVA and Vicuna
@@ -41,8 +41,7 @@ def markdown_table(summary: dict, args: veclip.Args, seconds: float) -> str:
              "A controlled toy world: these numbers show a mechanism, not the paper's effect sizes.", "",
              "| training captions | " + " | ".join(COLUMNS.values()) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for condition, metrics in summary.items():
-        cells = [f"{np.mean(metrics[k]):.1f}" + (f" ± {np.std(metrics[k]):.1f}" if len(metrics[k]) > 1 else "")
-                 for k in COLUMNS]
+        cells = [mean_spread(metrics[k], digits=1) for k in COLUMNS]
         lines.append(f"| {condition} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -101,13 +100,9 @@ def run_miniature(args: veclip.Args) -> dict:
             print(f"seed {seed} {condition}: " + ", ".join(f"{k} {metrics[k]:.1f}" for k in COLUMNS), flush=True)
     summary = {c: {k: [m[k] for m in ms] for k in ms[0]} for c, ms in runs.items()}
     seconds = time.time() - began
-    table = markdown_table(summary, args, seconds)
-    atomic_write_text(out / "results.md", table)
     plot = out / "conditions.png"
     conditions_figure(summary, chance_levels(test_records)).savefig(plot, dpi=120)
     results = {"conditions": summary, "per_item": per_item, "seeds": args.seeds, "steps": args.steps,
                "batch_size": args.batch_size, "model": args.model, "world": dataclasses.asdict(args.world),
                "seconds": seconds, "plot": str(plot)}
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2))
-    print(table)
-    return results
+    return write_results(out, markdown_table(summary, args, seconds), results)

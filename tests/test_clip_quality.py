@@ -575,7 +575,7 @@ def test_attention_runs_over_every_seeds_models(tmp_path, monkeypatch):
     (and one untrained model), not only the first seed's."""
     measured = []
     monkeypatch.setattr(cq, "run_attention", lambda args, records, specs: measured.append(specs) or {})
-    monkeypatch.setattr(miniature, "write_report", lambda *a: "")
+    monkeypatch.setattr(miniature, "report_text", lambda *a: "")
     cq.main(["--preset", "smoke", "--out", str(tmp_path), "--seeds", "2", "--probe-steps", "1"])
     regimes_seeds = [(regime, seed) for seed in (0, 1) for regime in ("datacomp", "datacompdr")]
     saved = [str(tmp_path / "pretrain" / f"{regime}-seed{seed}.pt") for regime, seed in regimes_seeds]
