@@ -1,4 +1,4 @@
-"""Claims against the seeds' spread: the one verdict rule that reproduce.py and the paper files use.
+"""Claims against the seeds' spread: the one verdict rule that reproduce.py and the experiments use.
 
 A claim says mean(a) > mean(b) (or <, or >= for "a is not worse than b"). Its verdict over seeds:
 "held" when the difference has the claimed sign and exceeds the sum of the two standard deviations,
