@@ -189,7 +189,7 @@ class Args:
     """miniature: the world's knobs (its seed is replaced by each run's seed)"""
 
 
-# ---- The paper's pieces
+# ---- ALGO LOGIC: the paper's pieces (prompt, fusion, SFT example and loss)
 
 
 def clean(text: str | None) -> str:

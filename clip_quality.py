@@ -178,7 +178,7 @@ def seed_range(args: Args) -> range:
     return range(args.seed, args.seed + args.seeds)
 
 
-# ---- DataCompDR caption sampling (the paper's training change) -----------------------------------------------------
+# ---- ALGO LOGIC: DataCompDR caption sampling (the paper's training change) ----------------------------------------
 
 def datacompdr_texts(indices: np.ndarray, real: Sequence[str], synthetic: Sequence[Sequence[str]],
                      rng: np.random.Generator) -> tuple[list[str], list[str]]:
