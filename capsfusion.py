@@ -63,7 +63,7 @@ from common.degenerate import DegenerateCounter
 from common.generate import (chat_image_prompt, degenerate_flag, generate_texts, image_batch, load_causal_lm,
                              load_image_text_model, pending, run_generation, start_generation, weights_dtype)
 from common.miniature import WorldConfig
-from common.training import (check_resume_recipe, global_token_count, guard_where, right_padded_batch,
+from common.training import (global_token_count, guard_where, resume_state, right_padded_batch,
                              save_pretrained_atomically, step_batch, token_mean_backward, with_lora)
 
 log = logging.getLogger("capsfusion")
@@ -413,15 +413,11 @@ def stage_sft(args: Args, records: list[dict]) -> dict:
     warmup = max(1, round(args.warmup_ratio * steps))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
-    out, history, start, recipe = Path(args.out), [], 0, sft_recipe(args, texts)
+    out, recipe = Path(args.out), sft_recipe(args, texts)
     state_path = out / "sft_state.pt"
-    if args.resume and state_path.exists():
-        state = torch.load(state_path, map_location=device, weights_only=True)
-        check_resume_recipe(state_path, state.get("recipe"), recipe)
-        model.load_state_dict(state["trainable"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        start, history = state["step"], state["history"]
-        log.info("resuming SFT from %s at step %d", state_path, start)
+    # LoRA: the state holds the adapters only (strict=False)
+    start, history = resume_state(state_path, args.resume, recipe, model, optimizer, device, "trainable", strict=False,
+                                  log=log)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     model.train()
     began, saved = time.time(), start or None  # saved: the step the state on disk holds, for the guard's message

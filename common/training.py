@@ -4,7 +4,8 @@
   a run's batches are a function of (seed, step) alone and a resumed run sees the batches it would have seen.
 - The resume check: a saved run continues only under the settings it was trained with (its recipe); any
   other is refused with the flags that differ, never silently trained with the saved ones (an optimizer's
-  state, for one, restores the saved learning rate).
+  state, for one, restores the saved learning rate); `resume_state` loads a saved run under that check.
+- The checkpoint write: only of finite weights (`save_finite`); the guard's message says where it stopped.
 - The micro-batch token mean: a step's loss is the mean over the response tokens of the whole global batch,
   the same under any number of ranks and micro-batches.
 - A causal LM's fine-tuning: LoRA adapters, examples right-padded into a batch, the model saved whole or not at all.
@@ -12,10 +13,12 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -55,6 +58,45 @@ def check_resume_recipe(path: str | os.PathLike, saved: dict | None, wanted: dic
     if saved != wanted:
         raise ManifestError(f"{path} holds a run of other settings ({recipe_changes(saved, wanted)}); pass a new "
                             f"--out, or {start_afresh} to start afresh")
+
+
+def resume_state(path: str | os.PathLike, resume: bool, recipe: dict, model, optimizer, device,
+                 weights: str, strict: bool = True, log: logging.Logger | None = None) -> tuple[int, list]:
+    """(start step, history) of the run saved at `path` when `resume` and the file exists, else (0, []). Its
+    recipe is checked (`check_resume_recipe`), then its `weights` entry is loaded into `model` (`strict` as
+    load_state_dict's) and its optimizer state into `optimizer`; a state without one is refused, as its run
+    cannot go on where it stopped. `log`: where to say that the run resumes."""
+    path = Path(path)
+    if not (resume and path.exists()):
+        return 0, []
+    state = torch.load(path, map_location=device, weights_only=True)
+    check_resume_recipe(path, state.get("recipe"), recipe)
+    if state.get("optimizer") is None:  # a checkpoint of another writer
+        raise ManifestError(f"{path} holds no optimizer state; pass a new --out, or --no-resume to start afresh")
+    model.load_state_dict(state[weights], strict=strict)
+    optimizer.load_state_dict(state["optimizer"])
+    if log is not None:
+        log.info("resuming from %s at step %d", path, state["step"])
+    return state["step"], state["history"]
+
+
+def check_batch_split(batch_size: int, flag: str = "--batch-size") -> None:
+    """Exit with one line, before anything loads, unless the global batch splits evenly over the ranks (torchrun's
+    WORLD_SIZE)."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if batch_size % world_size:
+        raise SystemExit(f"error: {flag} {batch_size} must be a multiple of the {world_size} ranks")
+
+
+def save_finite(path: str | os.PathLike, model, loss, where: str, rank: int, payload: Callable[[], dict]) -> None:
+    """A training loop's checkpoint write: `model`'s weights and the step's `loss` checked finite on every rank,
+    as a finite loss does not make a finite update (DDP keeps the weights equal, so all ranks stop together),
+    then rank 0 writes `payload()` to `path` atomically; a diverged run leaves the last good checkpoint."""
+    from common.clip_train import assert_finite_state, save_checkpoint  # clip_train imports this module
+
+    assert_finite_state(model, loss, where)
+    if rank == 0:
+        save_checkpoint(path, payload())
 
 
 def guard_where(stage: str, step: int, steps: int, when: str, path: Path, saved_step: int | None) -> str:
