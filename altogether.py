@@ -44,8 +44,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -56,25 +54,23 @@ import torch.nn.functional as F
 import tyro
 from tqdm.auto import tqdm
 
-from common.caption_eval import load_scorer, score_fields
-from common.caption_job import caption_manifest
-from common.causal_lm import decoder_from_payload, decoder_payload, load_checkpoint, new_decoder
+from common.caption_eval import encoder_weights, load_frozen_encoder, load_scorer, score_fields
+from common.caption_job import caption_manifest, check_caption_job, checkpoint_encoder
+from common.causal_lm import captioner_payload, load_captioner, new_decoder
 from common.cli import check_ranges, parse, preset_help
-from common.clip_train import (SCORER_TRAINING, TrainConfig, assert_finite_state, cosine_lr, ensure_miniature_scorer,
-                               save_checkpoint)
-from common.data import (ManifestError, atomic_write_text, check_device, init_distributed, read_manifest,
-                         run_command, text_problem)
+from common.clip_train import SCORER_TRAINING, TrainConfig, assert_finite_state, cosine_lr
+from common.data import atomic_write_text, check_device, init_distributed, read_manifest, run_command
 from common.embedding_cache import embedding_rows, embedding_signature, image_embeddings
-from common.generate import check_resumable, pending
 from common.miniature import WorldConfig
-from common.record_texts import records_digest, text_list_problem, unique_texts, usable_rows
-from common.training import check_resume_recipe, guard_where, step_batch
+from common.record_texts import records_digest, training_rows, unique_texts, vocabulary_texts
+from common.training import check_batch_split, guard_where, resume_state, save_finite, step_batch
 
 log = logging.getLogger("altogether")
 
 IGNORE = -100  # label of every position that is not a caption token
 PROMPT_SEPARATOR = "; "  # official inference joins the unique alt-texts of an image with it
 STAGES = {"pretrain": 1, "finetune": 2}
+CHECKPOINT = "a pretrain.pt or finetune.pt"  # what --checkpoint names, for the error when it names no file
 
 # Presets (common/cli.py): Args holds the paper's values; `miniature` (the miniature stage's default) sizes the run
 # for 2 CPU cores, `smoke` runs every stage in seconds to check that it works. A flag you give always wins.
@@ -88,7 +84,7 @@ PRESETS = {"smoke": {**MINIATURE, "prefix_length": 4, "mapper_layers": 1, "max_c
            "miniature": MINIATURE, "paper": {}}
 
 
-@dataclass
+@dataclasses.dataclass
 class Args:
     """Altogether's stages over manifests (pretrain, finetune, caption, eval), or all of them in miniature."""
 
@@ -213,6 +209,7 @@ class Captioner(nn.Module):
     def __init__(self, decoder: nn.Module, clip_dim: int, prefix_length: int, mapper_layers: int):
         super().__init__()
         self.decoder = decoder
+        self.sizes = {"clip_dim": clip_dim, "prefix_length": prefix_length, "mapper_layers": mapper_layers}  # saved
         lm_dim = decoder.get_input_embeddings().embedding_dim
         self.mapper = MappingNetwork(clip_dim, lm_dim, prefix_length, mapper_layers, heads=8 if lm_dim % 8 == 0 else 4)
 
@@ -330,22 +327,12 @@ def generate_captions(captioner: Captioner, tokenizer, img_emb: torch.Tensor, pr
     return [" ".join(text.split()) for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
-# ==== Building, saving and loading the captioner ====
-
-
-def load_encoder(args: Args):
-    """The frozen CLIP (a common.clip_score bundle); 'miniature' = the world's cached scorer."""
-    if args.clip_model != "miniature":  # random weights (tests) the same in every stage, and so the RNG after them
-        torch.manual_seed(0)
-    return load_scorer(args.clip_model, args.clip_pretrained, args.device, args.world, args.scorer,
-                       ("--clip-model", "--clip-pretrained"))
+# ==== The harness: the captioner built, trained (DDP, resumable) and saved; captioning at scale; evaluation ====
 
 
 def encoder_source(args: Args) -> str | None:
     """The encoder's weights: an open_clip tag or a file (the miniature's cached scorer)."""
-    if args.clip_model == "miniature":
-        return str(ensure_miniature_scorer(args.world, args.scorer))
-    return args.clip_pretrained
+    return encoder_weights(args.clip_model, args.clip_pretrained, args.world, args.scorer)
 
 
 def new_captioner(args: Args, clip_dim: int, texts: list[str]) -> tuple[Captioner, object]:
@@ -355,22 +342,9 @@ def new_captioner(args: Args, clip_dim: int, texts: list[str]) -> tuple[Captione
     return Captioner(decoder, clip_dim, args.prefix_length, args.mapper_layers), tokenizer
 
 
-def checkpoint_payload(captioner: Captioner, tokenizer, args: Args, encoder, step: int, history: list,
-                       recipe: dict, optimizer=None) -> dict:
-    """Everything the caption stage needs, as plain types (loadable with weights_only=True)."""
-    return {"captioner": captioner.state_dict(), **decoder_payload(captioner.decoder, tokenizer),
-            "clip_dim": captioner.mapper.project.in_features,
-            "prefix_length": captioner.mapper.prefix_length, "mapper_layers": len(captioner.mapper.transformer.layers),
-            "clip_model": encoder.name, "clip_pretrained": encoder_source(args), "recipe": recipe,
-            "step": step, "history": history, "optimizer": optimizer.state_dict() if optimizer else None}
-
-
-def captioner_from_checkpoint(payload: dict) -> tuple[Captioner, object]:
-    """(captioner, tokenizer) rebuilt from a checkpoint alone: no hub access needed."""
-    decoder, tokenizer = decoder_from_payload(payload)
-    captioner = Captioner(decoder, payload["clip_dim"], payload["prefix_length"], payload["mapper_layers"])
-    captioner.load_state_dict(payload["captioner"])
-    return captioner, tokenizer
+def rebuilt_captioner(decoder, payload: dict) -> Captioner:
+    """The captioner of a checkpoint's sizes around its rebuilt decoder (common.causal_lm.captioner_from_payload)."""
+    return Captioner(decoder, **{name: payload[name] for name in ("clip_dim", "prefix_length", "mapper_layers")})
 
 
 def recipe_of(args: Args, stage: str, records: list[dict]) -> dict:
@@ -383,31 +357,18 @@ def recipe_of(args: Args, stage: str, records: list[dict]) -> dict:
             "data": records_digest(records, ("image", args.alt_field, args.target_field))}
 
 
-# ==== Training: both stages, DDP, resumable ====
-
-
 def train_stage(args: Args, stage: str, captioner: Captioner, tokenizer, encoder, records: list[dict], img_emb,
                 emb_rows: np.ndarray | None = None) -> dict:
-    """Stage 1 or 2 on `records` and their embeddings img_emb (N, E), a memmap or a tensor, record i's row
-    emb_rows[i] (None: row i); saves <out>/<stage>.pt; returns the log."""
+    """Stage 1 or 2 on `records`, record i's embedding img_emb[emb_rows[i]] (emb_rows None: row i); <out>/<stage>.pt."""
     rank, world_size, device = init_distributed(args.device)
     steps = args.pretrain_steps if stage == "pretrain" else args.finetune_steps
     captioner.to(device).train()
     optimizer = make_optimizer(captioner, args)
-    path, start, history, recipe = Path(args.out) / f"{stage}.pt", 0, [], recipe_of(args, stage, records)
-    if args.resume and path.exists():
-        state = torch.load(path, map_location=device, weights_only=True)
-        check_resume_recipe(path, state.get("recipe"), recipe)
-        if state["optimizer"] is None:  # a checkpoint of another writer: its run cannot go on where it stopped
-            raise ManifestError(f"{path} holds no optimizer state; pass a new --out, or --no-resume to start afresh")
-        captioner.load_state_dict(state["captioner"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, history = state["step"], state["history"]
-        log.info("resuming %s from %s at step %d", stage, path, start)
+    path, recipe = Path(args.out) / f"{stage}.pt", recipe_of(args, stage, records)
+    start, history = resume_state(path, args.resume, recipe, captioner, optimizer, device, "captioner", log=log)
     model = nn.parallel.DistributedDataParallel(captioner) if world_size > 1 else captioner
     schedule = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup)
     local = args.batch_size // world_size
-    use_amp = device.startswith("cuda")
     saved = start or None  # the step the checkpoint on disk holds, for the guard's message
     for step in tqdm(range(start, steps), desc=stage, disable=rank != 0):
         for group in optimizer.param_groups:
@@ -422,65 +383,44 @@ def train_stage(args: Args, stage: str, captioner: Captioner, tokenizer, encoder
         prompts, targets = zip(*pairs)
         prompt_ids, prompt_mask = encode_prompts(tokenizer, list(prompts), args.max_prompt_tokens)
         caption_ids, caption_mask = encode_captions(tokenizer, list(targets), args.max_caption_tokens)
-        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=use_amp):
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=device.startswith("cuda")):
             logits = model(batch_emb.to(device), prompt_ids.to(device), prompt_mask.to(device),
                            caption_ids.to(device), caption_mask.to(device))  # (b, M + P + C, V)
         labels = sequence_labels(captioner.mapper.prefix_length, prompt_mask, caption_ids, caption_mask)
-        terms = caption_loss(logits, labels.to(device))
-        assert_finite_state(None, terms["loss"].detach(), guard_where(stage, step, steps, "before its update", path,
-                                                                      saved))
+        loss = caption_loss(logits, labels.to(device))["loss"]
+        assert_finite_state(None, loss.detach(), guard_where(stage, step, steps, "before its update", path, saved))
         optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
+        loss.backward()
         optimizer.step()
-        history.append({"step": step, "loss": terms["loss"].item(), "lr": optimizer.param_groups[0]["lr"]})
+        history.append({"step": step, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]})
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == steps:
-            # a finite loss does not make a finite update: the weights are checked too, on every rank (DDP keeps
-            # them equal, so all stop together), before rank 0 writes them
-            assert_finite_state(captioner, terms["loss"].detach(),
-                                guard_where(stage, step, steps, "after its update", path, saved))
-            if rank == 0:
-                save_checkpoint(path, checkpoint_payload(captioner, tokenizer, args, encoder, step + 1, history,
-                                                         recipe, optimizer))
+            where = guard_where(stage, step, steps, "after its update", path, saved)
+            # everything the caption stage needs, as plain types (loadable with weights_only=True)
+            save_finite(path, captioner, loss.detach(), where, rank, lambda: captioner_payload(
+                captioner, tokenizer, **captioner.sizes, clip_model=encoder.name, recipe=recipe, step=step + 1,
+                clip_pretrained=encoder_source(args), history=history, optimizer=optimizer.state_dict()))
             saved = step + 1
     captioner.eval()
     return {"history": history, "resumed_from": start, "checkpoint": str(path)}
 
 
-def usable_for_training(records: list[dict], readable: np.ndarray, stage: str, args: Args) -> list[int]:
-    """Indices of records with a readable image and the stage's texts; the others counted (--strict: an error)."""
-    def problem(record: dict) -> str | None:
-        problem = text_list_problem(record, args.alt_field)  # stage 1's targets and prompts, stage 2's prompts
-        if problem is None and stage == "pretrain" and not unique_texts(record, args.alt_field):
-            return f"no alt-text in {args.alt_field!r}"
-        if problem is None and stage == "finetune":
-            return text_problem(record.get(args.target_field), args.target_field)
-        return problem
-
-    return usable_rows(records, readable, problem, args.strict)
-
-
 def stage_train(args: Args, stage: str) -> dict:
     """pretrain / finetune on --data: images embedded once (common.embedding_cache) in --out; <out>/<stage>.pt."""
     records = read_manifest(args.data)
-    rank, world_size, device = init_distributed(args.device)
-    args = dataclasses.replace(args, device=device)  # each rank's encoder on its own GPU
-    encoder = load_encoder(args)
+    rank, world_size, device = init_distributed(args.device)  # each rank's encoder on its own GPU
+    encoder = load_frozen_encoder(args.clip_model, args.clip_pretrained, device, args.world, args.scorer)
     signature = embedding_signature(records, encoder, encoder_source(args), args.data)
     img_emb, readable = image_embeddings(encoder, records, args.out, stage, signature, args.strict, rank, world_size)
-    keep = usable_for_training(records, readable, stage, args)
+    targets = args.target_field if stage == "finetune" else None  # stage 1's targets are the alt-texts
+    keep = training_rows(records, readable, args.alt_field, targets, args.strict)
     kept = [records[i] for i in keep]
     if args.checkpoint is not None:
-        payload = load_checkpoint(args.checkpoint, "--checkpoint", "a pretrain.pt or finetune.pt")
-        captioner, tokenizer = captioner_from_checkpoint(payload)
+        _, captioner, tokenizer = load_captioner(args.checkpoint, rebuilt_captioner, "--checkpoint", CHECKPOINT)
     else:  # a new decoder's vocabulary (tiny-opt) also holds the captions stage 2 will train on
-        texts = [t for r in kept for t in unique_texts(r, args.alt_field)] + [
-            r[args.target_field] for r in kept if isinstance(r.get(args.target_field), str)]
+        texts = vocabulary_texts(kept, args.alt_field, args.target_field)
         captioner, tokenizer = new_captioner(args, img_emb.shape[1], texts)
     # the kept records and their rows of the memmap: no (N, E) copy of the kept embeddings
     return train_stage(args, stage, captioner, tokenizer, encoder, kept, img_emb, np.array(keep))
-
-
-# ==== Captioning at scale: rank-sharded, resumable ====
 
 
 def caption_recipe(args: Args) -> dict:
@@ -492,19 +432,13 @@ def caption_recipe(args: Args) -> dict:
 
 
 def stage_caption(args: Args) -> dict:
-    """Caption --data (a manifest or shards, streamed) with --checkpoint into --out, each rank its share, resumable
-    (common.caption_job: degenerate captions written and flagged)."""
+    """Caption --data (a manifest or shards) with --checkpoint into --out, rank-sharded, resumable (caption_job)."""
     rank, world_size, device = init_distributed(args.device)
-    if args.use_alt:  # this rank's prompts still to do, checked (streamed) before the checkpoint loads
-        for record in pending(args.data, args.out, rank, world_size, required=("id", "image")):
-            unique_texts(record, args.alt_field)
-    check_resumable(args.data, args.out, caption_recipe(args), rank, world_size)
-    payload = load_checkpoint(args.checkpoint, "--checkpoint", "a pretrain.pt or finetune.pt")
-    captioner, tokenizer = captioner_from_checkpoint(payload)
+    check_caption_job(args.data, args.out, caption_recipe(args), args.alt_field if args.use_alt else None, rank,
+                      world_size)
+    payload, captioner, tokenizer = load_captioner(args.checkpoint, rebuilt_captioner, "--checkpoint", CHECKPOINT)
     captioner.to(device).eval()
-    flags = tuple(f"--checkpoint {args.checkpoint} (its {name})" for name in ("clip_model", "clip_pretrained"))
-    # the encoder training used (random weights, in tests, seeded alike), on this rank's GPU
-    encoder = load_scorer(payload["clip_model"], payload["clip_pretrained"], device, args.world, args.scorer, flags)
+    encoder = checkpoint_encoder(payload, args.checkpoint, device, args.world, args.scorer)  # the one training used
     torch.manual_seed(args.seed + rank)
 
     def caption_batch(records: list[dict], img_emb: torch.Tensor) -> list[str]:
@@ -513,9 +447,6 @@ def stage_caption(args: Args) -> dict:
 
     return caption_manifest(args.data, args.out, encoder, caption_batch, args.caption_field, args.gen_batch_size,
                             args.strict, rank, world_size)
-
-
-# ==== Evaluation ====
 
 
 def stage_eval(args: Args) -> dict:
@@ -529,8 +460,7 @@ def stage_eval(args: Args) -> dict:
 
 
 def check_flags(args: Args) -> None:
-    """Every flag in its range and the stage's inputs given, before anything loads: one line naming the flag and
-    exit status 1, not a crash (or a silent no-op) later."""
+    """Every flag in range and the stage's inputs given before anything loads: one line, not a crash or no-op later."""
     counts = ("prefix_length", "mapper_layers", "max_prompt_tokens", "max_caption_tokens", "pretrain_steps",
               "finetune_steps", "batch_size", "checkpoint_every", "num_beams", "max_new_tokens", "gen_batch_size",
               "seeds")  # 0 would run nothing or crash
@@ -538,9 +468,7 @@ def check_flags(args: Args) -> None:
                  positive=("lr", "temperature"), fractions=("p_drop_alt",))
     if not 0 < args.top_p <= 1:  # a fraction, but 0 keeps no token
         raise SystemExit(f"error: --top-p must be in (0, 1], got {args.top_p}")
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    if args.batch_size % world_size:
-        raise SystemExit(f"error: --batch-size {args.batch_size} must be a multiple of the {world_size} ranks")
+    check_batch_split(args.batch_size)
     if args.stage != "miniature" and args.data is None:
         raise SystemExit(f"error: the {args.stage} stage needs --data (a manifest)")
     if args.stage == "finetune" and args.checkpoint is None:

@@ -4,7 +4,8 @@
 each paper picks its evaluator models), references for the COCO toolkit's BLEU / CIDEr (common.caption_metrics)
 and, on the miniature world, the records' labels (common.miniature: names kept, hallucinated words). Every
 number is a mean over the captions; `per_item` receives each caption's values, which a one-seed verdict
-resamples. `load_scorer` loads the CLIP model behind the scores: by open_clip name, or the world's scorer;
+resamples. `load_scorer` loads the CLIP model behind the scores: by open_clip name, or the world's scorer
+(`load_frozen_encoder` and `encoder_weights`: the same for a captioner's frozen image encoder);
 `score_fields` scores text fields of a manifest's records against their images (an eval stage).
 """
 
@@ -35,6 +36,21 @@ def load_scorer(model: str, pretrained: str | None, device: str, world: WorldCon
         torch.manual_seed(0)
     return load_clip_as({"model": flags[0], "pretrained": flags[1]}, model, pretrained, device,
                         pacs_checkpoint=pacs_checkpoint)
+
+
+def load_frozen_encoder(model: str, pretrained: str | None, device: str, world: WorldConfig, training: TrainConfig,
+                        flags: tuple[str, str] = ("--clip-model", "--clip-pretrained")):
+    """`load_scorer` for a captioner's frozen image encoder, torch's RNG seeded first unless `model` is
+    'miniature': random weights (tests) are the same in every stage, and so is the RNG after them."""
+    if model != "miniature":
+        torch.manual_seed(0)
+    return load_scorer(model, pretrained, device, world, training, flags)
+
+
+def encoder_weights(model: str, pretrained: str | None, world: WorldConfig, training: TrainConfig) -> str | None:
+    """What `load_scorer` loads into `model`: `pretrained` (an open_clip tag or a file), or for 'miniature' the
+    file of the world's cached scorer."""
+    return str(ensure_miniature_scorer(world, training)) if model == "miniature" else pretrained
 
 
 def clip_s_scores(scorer, img_feats: np.ndarray, captions: Sequence[str], weight: float = CLIP_S_WEIGHT,

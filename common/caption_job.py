@@ -3,8 +3,8 @@ captions written and flagged.
 
 The captioner is a function of (records, their image embeddings); this module reads the images, embeds them
 with the frozen encoder, counts the unreadable ones and writes each caption through common.generate (a restart
-goes on after the last sample written; each rank its share). A caller checks the output's recipe first
-(common.generate.check_resumable)."""
+goes on after the last sample written; each rank its share). A caller checks the prompts and the output's recipe
+first (`check_caption_job`); `checkpoint_encoder` loads the encoder a captioner's checkpoint names."""
 
 from __future__ import annotations
 
@@ -14,11 +14,31 @@ from typing import Callable
 
 import torch
 
+from common.caption_eval import load_scorer
 from common.degenerate import DegenerateCounter
 from common.embedding_cache import embed_records
-from common.generate import generate_sharded, merge_rank_counters
+from common.generate import check_resumable, generate_sharded, merge_rank_counters, pending
+from common.record_texts import unique_texts
 
 log = logging.getLogger(__name__)
+
+
+def check_caption_job(data, out: str, recipe: dict, prompt_field: str | None, rank: int = 0,
+                      world_size: int = 1) -> None:
+    """What a caption job checks before its captioner loads: the prompt texts in `prompt_field` (None: no prompt)
+    of this rank's records still to do (streamed), then that `out` holds nothing or output of `recipe`."""
+    if prompt_field is not None:
+        for record in pending(data, out, rank, world_size, required=("id", "image")):
+            unique_texts(record, prompt_field)
+    check_resumable(data, out, recipe, rank, world_size)
+
+
+def checkpoint_encoder(payload: dict, checkpoint: str, device: str, world, training):
+    """The frozen image encoder a captioner's checkpoint was trained with (its `clip_model` and `clip_pretrained`;
+    common.caption_eval.load_scorer: random weights, in tests, seeded alike) on `device`, this rank's; a load
+    error names the checkpoint's field."""
+    flags = tuple(f"--checkpoint {checkpoint} (its {name})" for name in ("clip_model", "clip_pretrained"))
+    return load_scorer(payload["clip_model"], payload["clip_pretrained"], device, world, training, flags)
 
 
 def caption_manifest(data, out: str, encoder, caption_batch: Callable[[list[dict], torch.Tensor], list[str]],

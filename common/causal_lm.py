@@ -1,11 +1,12 @@
 """Causal LM decoders for captioners: a hub model (or local folder) in fp32 with its fast tokenizer, or a tiny OPT
 over a word-level vocabulary (`tiny-opt`, the miniature's); stored in a checkpoint as plain types and rebuilt
-from it alone, with no hub access."""
+from it alone, with no hub access, alone or inside a captioner (a module whose `decoder` is the causal LM)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -79,3 +80,25 @@ def load_checkpoint(path: str | None, flag: str, what: str) -> dict:
     if path is None or not Path(path).is_file():
         raise FileNotFoundError(f"no captioner checkpoint at {path}: pass {flag} ({what})")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def captioner_payload(captioner, tokenizer, **fields) -> dict:
+    """A captioner as plain types (loadable with weights_only=True): its state, its decoder's config and tokenizer
+    (`decoder_payload`), and `fields`, the caller's (what rebuilding the module takes besides, for one)."""
+    return {"captioner": captioner.state_dict(), **decoder_payload(captioner.decoder, tokenizer), **fields}
+
+
+def captioner_from_payload(payload: dict, build: Callable) -> tuple[torch.nn.Module, object]:
+    """(captioner, tokenizer) rebuilt from `captioner_payload`'s fields alone: `build(decoder, payload)` makes the
+    module around the rebuilt decoder, then the saved state is loaded into it."""
+    decoder, tokenizer = decoder_from_payload(payload)
+    captioner = build(decoder, payload)
+    captioner.load_state_dict(payload["captioner"])
+    return captioner, tokenizer
+
+
+def load_captioner(path: str | None, build: Callable, flag: str, what: str) -> tuple[dict, torch.nn.Module, object]:
+    """(payload, captioner, tokenizer) of the checkpoint at `path`: `load_checkpoint`, then
+    `captioner_from_payload`."""
+    payload = load_checkpoint(path, flag, what)
+    return (payload, *captioner_from_payload(payload, build))

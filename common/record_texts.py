@@ -1,5 +1,6 @@
 """What a stage reads of a manifest's records: text fields holding a string or a list of strings (alt-texts),
-checked and deduplicated, and the records a training stage keeps (a readable image, usable texts).
+checked and deduplicated, and the records a training stage keeps (a readable image, usable texts:
+`training_rows`).
 
 A problem is said as common.data.text_problem says it ("field 'x' must be a string or a list of strings, got
 123"); a record with one is skipped and counted, or under `strict` stops the run naming the first.
@@ -55,6 +56,28 @@ def usable_rows(records: Sequence[dict], readable: np.ndarray, problem_of: Calla
         elif problem != "unreadable image":
             skipped.add(str(record["id"]), problem)
     return kept
+
+
+def training_rows(records: Sequence[dict], readable: np.ndarray, alt_field: str, target_field: str | None,
+                  strict: bool) -> list[int]:
+    """`usable_rows` of a captioner's training stage: `alt_field` a text or a list of texts (the prompts), and
+    the targets there: at least one alt-text when `target_field` is None, else a text in `target_field`."""
+    def problem(record: dict) -> str | None:
+        problem = text_list_problem(record, alt_field)
+        if problem is None and target_field is None and not unique_texts(record, alt_field):
+            return f"no alt-text in {alt_field!r}"
+        if problem is None and target_field is not None:
+            return text_problem(record.get(target_field), target_field)
+        return problem
+
+    return usable_rows(records, readable, problem, strict)
+
+
+def vocabulary_texts(records: Sequence[dict], alt_field: str, target_field: str) -> list[str]:
+    """The texts a new decoder's vocabulary is built from: the records' unique alt-texts and their targets (those
+    that are strings: stage 1's records need none)."""
+    return [text for record in records for text in unique_texts(record, alt_field)] + [
+        record[target_field] for record in records if isinstance(record.get(target_field), str)]
 
 
 def records_digest(records: Sequence[dict], fields: Sequence[str]) -> str:

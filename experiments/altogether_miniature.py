@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 import altogether
-from common.caption_eval import caption_metrics, clip_s_scores, load_scorer, references
+from common.caption_eval import caption_metrics, clip_s_scores, load_frozen_encoder, load_scorer, references
 from common.caption_metrics import table_note
 from common.data import atomic_write_text, read_manifest
 from common.embedding_cache import embed_records, embedding_signature, image_embeddings
@@ -66,7 +66,7 @@ def run_miniature(args: altogether.Args) -> dict:
     began, out = time.time(), Path(args.out)
     folder = ensure_world(args.world)
     train_records, test_records = read_manifest(folder / "train.jsonl"), read_manifest(folder / "test.jsonl")
-    encoder = altogether.load_encoder(args)
+    encoder = load_frozen_encoder(args.clip_model, args.clip_pretrained, args.device, args.world, args.scorer)
     scorer = load_scorer(args.score_model, args.score_pretrained, args.device, args.world, args.scorer)
     signature = embedding_signature(train_records, encoder, altogether.encoder_source(args), folder / "train.jsonl")
     train_emb, _ = image_embeddings(encoder, train_records, out, "train", signature, strict=True)  # both stages, seeds

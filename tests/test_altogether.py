@@ -15,10 +15,12 @@ import torch
 
 import altogether
 from common import embedding_cache
-from common.causal_lm import world_tokenizer
+from common.caption_eval import load_frozen_encoder
+from common.causal_lm import captioner_from_payload, world_tokenizer
 from common.clip_score import ScorerLoadError, clip_s, load_clip
 from common.data import BadSampleError, ManifestError, NonFiniteError, read_manifest, write_manifest
 from common.miniature import WorldConfig, ensure_world
+from common.record_texts import training_rows
 from experiments import altogether_miniature
 from tests.realarch import run_torchrun, save_hf, serve_open_clip_tag
 
@@ -31,6 +33,11 @@ SMALL = ["--clip-model", MICRO, "--clip-pretrained", "None", "--prefix-length", 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     return ensure_world(TINY_WORLD, tmp_path_factory.mktemp("world"))
+
+
+def load_encoder(args):
+    """The frozen encoder of `args`, as the training stages load it."""
+    return load_frozen_encoder(args.clip_model, args.clip_pretrained, args.device, args.world, args.scorer)
 
 
 def tokenizer():
@@ -214,7 +221,7 @@ def test_a_step_trains_mapper_and_decoder_but_not_the_clip_encoder(world, tmp_pa
     args = altogether.parse(altogether.Args, SMALL + ["pretrain", "--decoder", "tiny-opt", "--out", str(tmp_path),
                                                      "--pretrain-steps", "1"], altogether.PRESETS)
     records = read_manifest(world / "train.jsonl")
-    encoder = altogether.load_encoder(args)
+    encoder = load_encoder(args)
     clip_before = {k: v.clone() for k, v in encoder.model.state_dict().items()}
     img_emb, readable = embedding_cache.embed_records(encoder, records, strict=True)
     assert readable.all() and torch.allclose(img_emb.norm(dim=-1), torch.ones(len(records)))
@@ -230,7 +237,7 @@ def test_a_step_trains_mapper_and_decoder_but_not_the_clip_encoder(world, tmp_pa
     assert all(torch.equal(clip_before[k], v) for k, v in encoder.model.state_dict().items())
     assert not any(p.requires_grad and p.grad is not None for p in encoder.model.parameters())
     payload = torch.load(tmp_path / "pretrain.pt", weights_only=True)
-    rebuilt, _ = altogether.captioner_from_checkpoint(payload)
+    rebuilt, _ = captioner_from_payload(payload, altogether.rebuilt_captioner)
     assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in after.items())
 
 
@@ -246,7 +253,7 @@ def test_nan_loss_stops_with_the_step(world, tmp_path, monkeypatch):
 
 
 def micro_encoder():
-    return altogether.load_encoder(altogether.parse(altogether.Args, SMALL + ["pretrain"], altogether.PRESETS))
+    return load_encoder(altogether.parse(altogether.Args, SMALL + ["pretrain"], altogether.PRESETS))
 
 
 def embedding_inputs(world, tmp_path):
@@ -434,7 +441,7 @@ def test_checkpoint_rebuilds_an_fp32_decoder_whatever_dtype_its_config_records(f
     payload = torch.load(finetuned, weights_only=True)
     # what the config of a decoder loaded from fp16 files without an explicit dtype records
     payload["decoder_config"] = json.dumps({**json.loads(payload["decoder_config"]), "dtype": "float16"})
-    captioner, _ = altogether.captioner_from_checkpoint(payload)
+    captioner, _ = captioner_from_payload(payload, altogether.rebuilt_captioner)
     assert {p.dtype for p in captioner.parameters()} == {torch.float32}
 
 
@@ -700,7 +707,7 @@ def test_texts_of_the_wrong_type_are_skipped_and_counted_and_strict_stops(world,
     train = SMALL + ["--decoder", "tiny-opt", "--data", str(tmp_path / "in.jsonl"), "--out", str(tmp_path)]
     altogether.main(train + ["pretrain", "--pretrain-steps", "1"])
     assert set(seen) == {r["id"] for r in records[2:]} - {records[3]["id"]}
-    kept = altogether.usable_for_training(records, np.ones(len(records), bool), "finetune", altogether.Args())
+    kept = training_rows(records, np.ones(len(records), bool), "alt_text", "caption", strict=False)  # finetune's
     assert kept == [3, 4, 5]  # the image is judged when it is embedded
     with pytest.raises(BadSampleError, match=f"^sample '{records[0]['id']}': field 'alt_text' must be a "
                                                         "string or a list of strings, got 123$"):
@@ -765,7 +772,7 @@ def test_a_clip_that_cannot_be_loaded_names_the_flag(world, tmp_path):
             "--score-pretrained", missing, "--device", "cpu", "--out", str(tmp_path / "eval.json")])
     assert str(exit_.value.code).startswith(f"error: --score-pretrained: pretrained={missing!r} is neither a file")
     with pytest.raises(ScorerLoadError, match="^--clip-pretrained: pretrained="):
-        altogether.load_encoder(altogether.Args(clip_model=MICRO, clip_pretrained=missing, device="cpu"))
+        load_encoder(altogether.Args(clip_model=MICRO, clip_pretrained=missing, device="cpu"))
 
 
 def test_device_cuda_without_cuda_says_so_before_any_weights_load(world, tmp_path, monkeypatch):
