@@ -29,30 +29,20 @@ from common.training import epoch_permutation
 
 @dataclass(frozen=True)
 class ProbeSettings:
-    """What a probe reads of a run's flags; the names are clip_quality.Args' (`from_args` copies them)."""
+    """What a probe reads of a run's flags, built only by `from_args`: each field is the flag of the same name
+    (clip_quality.Args documents them and holds their defaults)."""
 
-    num_classes: int
-    """segmentation classes: mask values 0..num_classes-1 or ignore_index"""
-    ignore_index: int = 255
-    """mask value that marks unlabelled pixels"""
-    reduce_zero_label: bool = False
-    """mmseg's reduce_zero_label: 0 -> ignore, k -> k - 1"""
-    finetune: bool = False
-    """train the image encoder with the head (else its tokens are computed once, frozen)"""
-    finetune_lr: float = 1e-4
-    """learning rate of the encoder when finetune"""
-    probe_steps: int = 300
-    """optimiser steps"""
-    probe_batch_size: int = 64
-    """images per step"""
-    probe_lr: float = 3e-3
-    """AdamW learning rate of the head"""
-    probe_workers: int = 0
-    """DataLoader worker processes that decode images and label maps (0 = in the main process)"""
-    device: str = "cpu"
-    """torch device"""
-    out: str = "."
-    """folder of the run: the frozen token cache is written (then deleted) under it"""
+    num_classes: int  # segmentation classes: mask values 0..num_classes-1 or ignore_index
+    ignore_index: int  # mask value that marks unlabelled pixels
+    reduce_zero_label: bool  # mmseg's reduce_zero_label: 0 -> ignore, k -> k - 1
+    finetune: bool  # train the image encoder with the head (else its tokens are computed once, frozen)
+    finetune_lr: float
+    probe_steps: int
+    probe_batch_size: int
+    probe_lr: float
+    probe_workers: int
+    device: str
+    out: str  # the frozen token cache is written (then deleted) under it
 
     @classmethod
     def from_args(cls, args) -> "ProbeSettings":
