@@ -5,21 +5,24 @@ that scores captions there, measures what each caption variant of the world is w
 each paper file's default miniature run in turn (VeCLIP, CapsFusion, Altogether, DiCO, CLIP with
 Quality Captions) and checks each paper's claims against what the run measured:
 
-    python reproduce.py                # one seed, sized for 10 minutes on 2 idle CPU cores (world and scorer included)
+    python reproduce.py                # one seed, about 10 minutes on 2 idle CPU cores (world and scorer included)
+    python reproduce.py --jobs 1       # one stage after another in one process, every line on the terminal
     python reproduce.py --seeds 3      # mean and spread over seeds 0, 1, 2 (about 3x as long)
     python reproduce.py --papers dico veclip --seeds 3
 
-Writes results/claims.md (+ .json): one row per claim with the numbers (mean ± std over seeds)
-and a verdict; results/world.md (+ .json); and each paper's own tables and plots under
-results/<paper>/. Rows of papers not rerun are kept from an earlier run with the same seeds and
-world, so `--papers dico` refreshes DiCO's rows alone. A verdict compares two means against their
-spread over seeds, by the one rule in common/claims.py (`verdict`): "held" when the difference has
-the claimed sign and exceeds the sum of the two standard deviations, "reversed" when it has the
-opposite sign by as much, "within seed spread" otherwise. With one seed there is no spread to judge
-against: the difference is judged against the test set's own noise instead, by a paired bootstrap over
-the test items (common/claims.py `paired_bootstrap`: "held on this seed", "reversed on this seed",
-"within test-set noise", with its 95% interval), which says nothing of seed-to-seed variance (run
-`--seeds 3` for that); a row without per-item values says "1 seed: no verdict".
+Writes results/claims.md (+ .json): one row per claim with the numbers (mean ± std over seeds) and a
+verdict; results/world.md (+ .json); and each paper's own tables and plots under results/<paper>/.
+Two stages run side by side by default (`--jobs 2`), each in a process of its own whose output goes
+to results/logs/<stage>.txt (common/stages.py). Rows of papers not rerun are kept from an earlier
+run with the same seeds and world, so `--papers dico` refreshes DiCO's rows alone. A verdict
+compares two means against their spread over seeds, by the one rule in common/claims.py (`verdict`):
+"held" when the difference has the claimed sign and exceeds the sum of the two standard deviations,
+"reversed" when it has the opposite sign by as much, "within seed spread" otherwise. With one seed
+there is no spread to judge against: the difference is judged against the test set's own noise
+instead, by a paired bootstrap over the test items (common/claims.py `paired_bootstrap`: "held on
+this seed", "reversed on this seed", "within test-set noise", with its 95% interval), which says
+nothing of seed-to-seed variance (run `--seeds 3` for that); a row without per-item values says "1
+seed: no verdict".
 
 The miniature world is a controlled experiment, not the papers' data: a claim that holds here has
 been shown possible under controlled conditions; one that does not is a finding to explain (each
@@ -47,6 +50,7 @@ from common.claims import Relation, mean_spread, paired_bootstrap, reason, verdi
 from common.clip_score import load_clip, ref_clip_s
 from common.clip_train import MINIATURE_MODEL, SCORER_TRAINING, TrainConfig, ensure_miniature_scorer
 from common.data import atomic_write_text, image_path, read_manifest
+from common.stages import Stage, run_stages
 from common.miniature import SWAP_TYPES, WorldConfig, ensure_world, hallucinated_words, names_kept, world_statistics
 
 VARIANTS = ("caption", "alt_text", "synthetic_caption", "fused")
@@ -75,6 +79,10 @@ class Args:
     """open_clip architecture of the scorer"""
     out: str = "results"
     """folder for claims.{md,json}, world.{md,json} and one subfolder per paper"""
+    jobs: int = 2
+    """stages run side by side, each in a process of its own with cores / jobs threads (common/stages.py), its output
+    in OUT/logs/<stage>.txt; on 2 cores two processes get through about a third more work than one; 1 = one stage
+    after another in this process, every line on the terminal"""
     reuse: bool = False
     """judge OUT/<paper>/results.json where it exists instead of running that paper (e.g. after running
     the paper files by hand with the same seeds into those folders)"""
@@ -472,7 +480,7 @@ def blind_spot_note(row: dict, spots: dict[str, float]) -> str:
 
 
 def claims_markdown(papers: dict[str, dict], world_runs: list[dict], seeds: int, minutes: float,
-                    plots: list[str]) -> str:
+                    plots: list[str], jobs: int = 1) -> str:
     """The claims table (verdict and one line of why per row), the time of every stage, and links to the plots."""
     lines = [f"# The papers' claims in the miniature world ({seeds} seed{'s' * (seeds > 1)}, {minutes:.1f} min)", "",
              "A controlled experiment, not the papers' data. Verdict over several seeds: `held` when the difference "
@@ -494,7 +502,11 @@ def claims_markdown(papers: dict[str, dict], world_runs: list[dict], seeds: int,
         for row in run["claims"]:
             why = row.get("why", "") + blind_spot_note(row, blind_spots(world_runs))
             lines.append(f"| {paper} | {row['claim']} | {row['measured']} | {row['verdict']} | {why} |")
-    lines += ["", "## Time of each stage", "", "| stage | minutes | command |", "|---|---|---|"]
+    lines += ["", "## Time of each stage", ""]
+    if jobs > 1:
+        lines += [f"{jobs} stages ran side by side (`--jobs {jobs}`), so the minutes add up to more than the "
+                  f"{minutes:.1f} min the job took.", ""]
+    lines += ["| stage | minutes | command |", "|---|---|---|"]
     for stage, text in (("world", "build the miniature world (cached)"),
                         ("scorer", "train the world's scorer (cached)"), ("variants", "score the caption variants")):
         lines.append(f"| {stage} | {sum(r.get('seconds', {}).get(stage, 0.0) for r in world_runs) / 60:.1f} "
@@ -519,23 +531,76 @@ def previous_runs(path: Path, args: Args) -> dict[str, dict]:
     return {paper: run for paper, run in earlier["papers"].items() if paper not in args.papers}
 
 
+# Minutes of each stage at the defaults on 2 cores (one seed), only to choose which ready stage starts first
+EXPECTED_MINUTES = {"world": 1.5, "veclip": 1.4, "capsfusion": 1.7, "altogether": 3.0, "dico": 0.9, "clip_quality": 3.8}
+NEEDS_SCORER = ("altogether", "dico")  # they read the world's scorer, which the seed-0 world stage trains and caches
+
+
+def world_stage(seed: int, args: Args, path: str) -> None:
+    """A stage's process: one seed of the world table, written to `path` as JSON."""
+    atomic_write_text(Path(path), json.dumps(score_variants(seed, args)))
+
+
+def paper_stage(paper: str, argv: list[str]) -> None:
+    """A stage's process: one paper's miniature run (it writes OUT/<paper>/results.json)."""
+    importlib.import_module(paper).main(argv)
+
+
+def run_side_by_side(args: Args, extra: dict[str, list[str]], out: Path) -> tuple[list[dict], dict[str, dict]]:
+    """The world table's seeds and the papers' runs as stages (common/stages.py), `args.jobs` at a time."""
+    built = {}
+    for seed in range(args.seeds):  # built here, before any stage reads them, so no two processes build one world
+        began = time.time()
+        ensure_world(dataclasses.replace(args.world, seed=seed))
+        built[seed] = time.time() - began
+    stages = [Stage(f"world-seed{seed}", world_stage, (seed, args, str(out / "logs" / f"world-seed{seed}.json")),
+                    minutes=EXPECTED_MINUTES["world"]) for seed in range(args.seeds)]
+    papers, argvs = {}, {}
+    for paper in args.papers:
+        argvs[paper] = run_arguments(args.seeds, out / paper) + world_arguments(args.world) + extra.get(paper, [])
+        if args.reuse and (out / paper / "results.json").exists():
+            papers[paper] = run_paper(paper, args, extra.get(paper, []))
+        else:
+            stages.append(Stage(paper, paper_stage, (paper, argvs[paper]), minutes=EXPECTED_MINUTES[paper] * args.seeds,
+                                after=("world-seed0",) if paper in NEEDS_SCORER else ()))
+    minutes = run_stages(stages, args.jobs, out / "logs")
+    runs = [json.loads((out / "logs" / f"world-seed{seed}.json").read_text()) for seed in range(args.seeds)]
+    for run in runs:  # the stage found its world built: the time of the build is this process's
+        run["seconds"]["world"] += built[run["seed"]]
+    for paper in args.papers:
+        if paper not in papers:
+            result = json.loads((out / paper / "results.json").read_text())
+            papers[paper] = {"minutes": minutes[paper], "argv": argvs[paper], "claims": CLAIMS[paper](result)}
+    return runs, {paper: papers[paper] for paper in args.papers}
+
+
 def main(argv=None) -> dict:
     args = tyro.cli(Args, args=argv)
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs {args.jobs}: expected 1 or more stages at a time")
     extra = extra_arguments(args.paper_args)
     start, out = time.time(), Path(args.out)
-    runs = []
-    for seed in range(args.seeds):
-        print(f"[world, seed {seed}] building the world and its scorer (cached after the first run) ...", flush=True)
-        runs.append(score_variants(seed, args))
+    papers = previous_runs(out / "claims.json", args)
+    if args.jobs > 1:
+        print(f"world table ({args.seeds} seed(s)) and {len(args.papers)} paper run(s), {args.jobs} at a time; "
+              "the world and its scorer are cached after the first run", flush=True)
+        runs, ran = run_side_by_side(args, extra, out)
+        papers.update(ran)
+    else:
+        runs = []
+        for seed in range(args.seeds):
+            print(f"[world, seed {seed}] building the world and its scorer (cached after the first run) ...",
+                  flush=True)
+            runs.append(score_variants(seed, args))
     world = {"runs": runs, "world": dataclasses.asdict(args.world),
              "scorer": {"model": args.scorer_model, **dataclasses.asdict(args.scorer)}}
     atomic_write_text(out / "world.json", json.dumps(world, indent=1))
     atomic_write_text(out / "world.md", world_markdown(runs))
     print(world_markdown(runs))
-    papers = previous_runs(out / "claims.json", args)
-    for index, paper in enumerate(args.papers, start=1):
-        print(f"[{index}/{len(args.papers)}] {paper} ({time.time() - start:.0f} s so far)", flush=True)
-        papers[paper] = run_paper(paper, args, extra.get(paper, []))
+    if args.jobs == 1:
+        for index, paper in enumerate(args.papers, start=1):
+            print(f"[{index}/{len(args.papers)}] {paper} ({time.time() - start:.0f} s so far)", flush=True)
+            papers[paper] = run_paper(paper, args, extra.get(paper, []))
     minutes = (time.time() - start) / 60
     report = {"world": world, "papers": papers, "minutes": minutes, "seeds": args.seeds,
               "scorer_blind_spots": blind_spots(runs)}
@@ -544,7 +609,7 @@ def main(argv=None) -> dict:
     for png in sorted(out.glob("*/*.png")):  # the papers' plots side by side, linked from claims.md
         plots.append(f"{png.parent.name}-{png.name}")
         shutil.copyfile(png, out / plots[-1])
-    table = claims_markdown(papers, runs, args.seeds, minutes, plots)
+    table = claims_markdown(papers, runs, args.seeds, minutes, plots, args.jobs)
     atomic_write_text(out / "claims.md", table)
     print(table)
     print(f"written to {out}/ in {minutes:.1f} min")

@@ -35,6 +35,15 @@ def test_world_arguments_and_paper_arguments():
 def test_world_table_alone(tmp_path):
     report = reproduce.main(["--seeds", "2", *TINY_WORLD, *SCORER, "--papers", "--out", str(tmp_path)])
     assert [run["seed"] for run in report["world"]["runs"]] == [0, 1] and report["papers"] == {}
+    assert "train the miniature scorer" in (tmp_path / "logs" / "world-seed1.txt").read_text()  # ran as a stage
+    in_process = reproduce.main(["--seeds", "2", *TINY_WORLD, *SCORER, "--papers", "--jobs", "1",
+                                 "--out", str(tmp_path / "in_process")])
+    for alone, side_by_side in zip(in_process["world"]["runs"], report["world"]["runs"]):
+        assert alone["scorer"] == side_by_side["scorer"]
+        for field, scores in alone["variants"].items():
+            assert scores == pytest.approx(side_by_side["variants"][field], rel=1e-5), field
+    with pytest.raises(SystemExit, match="--jobs 0"):
+        reproduce.main(["--jobs", "0", "--papers", "--out", str(tmp_path)])
     for run in json.loads((tmp_path / "world.json").read_text())["runs"]:
         assert set(run["variants"]) == set(reproduce.VARIANTS)
         assert run["variants"]["caption"]["names_kept_%"] == 100.0
@@ -111,7 +120,7 @@ def test_one_seed_rows_are_judged_by_a_paired_bootstrap_over_the_test_items(tmp_
     (tmp_path / "veclip").mkdir()
     (tmp_path / "veclip" / "results.json").write_text(json.dumps({"conditions": conditions, "per_item": per_item,
                                                                    "seconds": 60.0}))
-    report = reproduce.main(["--seeds", "1", *TINY_WORLD, *SCORER, "--papers", "veclip", "--reuse",
+    report = reproduce.main(["--seeds", "1", *TINY_WORLD, *SCORER, "--papers", "veclip", "--reuse", "--jobs", "1",
                              "--out", str(tmp_path)])
     claims = report["papers"]["veclip"]["claims"]
     assert [row["verdict"] for row in claims] == ["held on this seed", "within test-set noise",
