@@ -64,7 +64,7 @@ from common.data import atomic_write_text, check_device, run_command, shard
 from common.dense_probe import (ProbeSettings, create_random, load_model_spec, probe_checkpoints, probe_datasets,
                                 probe_plan, probe_specs, trivial_baselines)
 from common.miniature import SEGMENTATION_CLASSES, WorldConfig
-from common.vit_attention import summed_over_images
+from common.vit_attention import over_images
 from common.world_manifests import check_texts, manifests_or_world, run_under_torchrun
 
 Regime = Literal["datacomp", "datacompdr", "swap"]
@@ -410,14 +410,13 @@ def run_efficiency(args: Args, records: dict, done: Sequence[dict] = (), probed:
                 rows.append({**run, **{k: v for k, v in probe.items()
                                        if k in ("mIoU", "mAcc", "aAcc", "depth_RMSE", "per_item")}})
     from experiments.clip_quality_miniature import write_efficiency  # here: the experiment module imports this one
-
     write_efficiency(rows, Path(args.out))
     return rows
 
 
 def run_attention(args: Args, records: dict, specs: Sequence[str], rank: int = 0, world_size: int = 1) -> dict:
     """Mean attention distance per layer and head of each model over the same images (PNG + JSON). Under torchrun
-    each rank measures every world_size-th image; the per-image sums are all-reduced and rank 0 writes."""
+    each rank measures every world_size-th image, the sums are all-reduced, rank 0 writes (per image: one process)."""
     chosen = records["images"][:args.attention_images]
     mine = shard(chosen, rank, world_size)
     results = {}
@@ -426,15 +425,16 @@ def run_attention(args: Args, records: dict, specs: Sequence[str], rank: int = 0
         visual = model.visual
         images = preprocess_images(mine, preprocess) if mine else torch.zeros(0)  # (n, 3, H, W)
         # sum over images (and ranks) of d_h(image): (layers, heads), divided by the number of images below
-        total = summed_over_images(visual, images, partial(mean_attention_distance, grid=visual.grid_size,
-                                                           patch_size=visual.patch_size), args.device, world_size)
+        total, rows = over_images(visual, images, partial(mean_attention_distance, grid=visual.grid_size,
+                                                          patch_size=visual.patch_size), args.device, world_size)
         print(f"attention {label}: {len(mine)} of {len(chosen)} images on rank {rank} of {world_size}")
         results[label] = {"spec": spec, "per_layer_per_head_px": (total.cpu() / len(chosen)).tolist(),
                           "uniform_px": uniform_attention_distance(visual.grid_size, visual.patch_size),
                           "patch_size": list(visual.patch_size), "grid": list(visual.grid_size), "images": len(chosen)}
+        if world_size == 1:  # the last layer's distance image by image, heads averaged: paired across the models
+            results[label]["per_image_last_layer_px"] = rows[:, -1].mean(1).tolist()
     if rank == 0:
         from experiments.clip_quality_miniature import write_attention  # here: the experiment module imports this one
-
         write_attention(results, Path(args.out))
     return results
 

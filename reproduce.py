@@ -385,10 +385,14 @@ def clip_quality_claims(result: dict) -> list[dict]:
     attention = result["attention"]
     last_layer = {label: float(np.mean(values["per_layer_per_head_px"][-1])) for label, values in attention.items()}
     local = lambda regime: [v for label, v in last_layer.items() if label.startswith(regime + "-")]  # noqa: E731
+    by_image = {regime: [values["per_image_last_layer_px"] for label, values in attention.items()  # every seed's
+                         if label.startswith(regime + "-") and "per_image_last_layer_px" in values]
+                for regime in ("datacompdr", "datacomp")}  # the same images for every model
+    paired_images = (by_image["datacompdr"][-1], by_image["datacomp"][-1]) if all(by_image.values()) else None
     if local("datacompdr") and local("datacomp"):
         rows.append(claim_row("More local attention in the last layer (smaller mean attention distance)",
                               "last layer's mean attention distance (px)", "DataCompDR", local("datacompdr"),
-                              "DataComp", local("datacomp"), "<", 1))
+                              "DataComp", local("datacomp"), "<", 1, paired_images))
     baselines = result.get("baselines", {})
     dr_probes = by(probes, "datacompdr", "mIoU")
     floor = baselines.get("per_item", {})  # the baselines' per-image shares, on the probes' test images

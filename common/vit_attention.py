@@ -45,16 +45,19 @@ def attention_maps(visual: nn.Module, images: torch.Tensor) -> list[torch.Tensor
     return maps
 
 
-def summed_over_images(visual: nn.Module, images: torch.Tensor, per_head: Callable[[torch.Tensor], torch.Tensor],
-                       device: str, world_size: int = 1, batch_size: int = 32) -> torch.Tensor:
-    """(layers, heads) float64: the sum over `images` of `per_head` (one layer's (B, H, L, L) maps -> (H,), a mean
-    over the batch), `batch_size` images at a time (ViT-B/16 maps are 2 GB per 128 images); summed over the ranks
-    too when world_size > 1 (each rank passes its own images, maybe none)."""
+def over_images(visual: nn.Module, images: torch.Tensor, per_head: Callable[[torch.Tensor], torch.Tensor],
+                device: str, world_size: int = 1, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_head` (one layer's (1, H, L, L) maps of one image -> (H,)) of every image: (the sum over `images`, and
+    over the ranks too when world_size > 1 (each rank passes its own images, maybe none), (layers, heads) float64;
+    this rank's values image by image, (n, layers, heads) float64), `batch_size` images through the tower at a time
+    (ViT-B/16 maps are 2 GB per 128 images)."""
     blocks = attention_blocks(visual)
-    total = torch.zeros(len(blocks), blocks[0].attn.num_heads, dtype=torch.float64, device=device)
+    rows = torch.zeros(len(images), len(blocks), blocks[0].attn.num_heads, dtype=torch.float64)
     for i in range(0, len(images), batch_size):
-        batch = images[i:i + batch_size].to(device)
-        total += len(batch) * torch.stack([per_head(m) for m in attention_maps(visual, batch)]).to(device)
+        maps = attention_maps(visual, images[i:i + batch_size].to(device))
+        for b in range(len(maps[0])):
+            rows[i + b] = torch.stack([per_head(layer[b:b + 1]) for layer in maps])
+    total = rows.sum(0).to(device)
     if world_size > 1:
         dist.all_reduce(total)
-    return total
+    return total, rows

@@ -484,8 +484,11 @@ def test_pretrain_probe_attention_stages(tmp_path):
     images = cq.world_records(cq.tyro.cli(cq.Args, args=argv), ("images",))["images"][:4]
     for label, checkpoint in zip(attention, saved):
         _, model, preprocess = dp.load_model_spec(checkpoint)
-        expected = by_hand_attention_distance(model, preprocess_images(images, preprocess), 16)
+        pixels = preprocess_images(images, preprocess)
+        expected = by_hand_attention_distance(model, pixels, 16)
         assert np.allclose(attention[label]["per_layer_per_head_px"], expected, rtol=1e-5), label
+        each = [by_hand_attention_distance(model, pixels[i:i + 1], 16)[-1].mean() for i in range(len(pixels))]
+        assert np.allclose(attention[label]["per_image_last_layer_px"], each, rtol=1e-5), label  # in image order
     assert (tmp_path / "run" / "attention.png").stat().st_size > 0
 
 

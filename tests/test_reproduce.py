@@ -163,3 +163,21 @@ def test_rows_scored_by_the_world_scorer_name_its_blind_spots():
         reproduce.blind_spot_note(row, spots)
     text_metric = reproduce.claim_row("c", "names kept %", "a", [1.0, 2.0], "b", [0.0, 0.0], ">")
     assert reproduce.blind_spot_note(text_metric, spots) == "" and reproduce.blind_spot_note(row, {}) == ""
+
+
+def test_the_attention_row_is_judged_over_the_same_images():
+    """clip_quality's last-layer attention distance, image by image under both models: a paired bootstrap."""
+    def result(per_image: bool) -> dict:
+        attention = {f"{regime}-n5000-seed0": {"per_layer_per_head_px": [[30.0, 30.0], [last, last]]}
+                     | ({"per_image_last_layer_px": [last + d for d in (1.0, -1.0, 0.5, -0.5)]} if per_image else {})
+                     for regime, last in (("datacomp", 33.0), ("datacompdr", 31.0))}
+        return {"pretrain": [{"checkpoint": "a.pt", "regime": "datacomp", "i2t_R@1": 1.0},
+                             {"checkpoint": "b.pt", "regime": "datacompdr", "i2t_R@1": 2.0}],
+                "probe": [{"checkpoint": c, "mIoU": 20.0, "depth_RMSE": 1.0} for c in ("a.pt", "b.pt", "random")],
+                "efficiency": [], "attention": attention}
+    row = next(r for r in reproduce.clip_quality_claims(result(True)) if "attention" in r["metric"])
+    assert row["verdict"] == "held on this seed"  # DataCompDR's 31 px against DataComp's 33, on every image
+    assert row["bootstrap"]["difference"] == pytest.approx(2.0) and row["bootstrap"]["items"] == 4
+    assert row["bootstrap"]["interval"] == pytest.approx([2.0, 2.0])  # the same offsets under both: no noise
+    row = next(r for r in reproduce.clip_quality_claims(result(False)) if "attention" in r["metric"])
+    assert row["verdict"] == "1 seed: no verdict"  # an older results.json: no per-image values
