@@ -57,6 +57,16 @@ def mean_spread(values: Sequence[float], digits: int = 2) -> str:
     return text if len(values) == 1 else f"{text} ± {np.std(values):.{digits}f}"
 
 
+def as_array_if_numeric(items: Sequence[Any]) -> np.ndarray | list:
+    """The items as one numeric array where they are numbers of one shape (per-image pixel counts, [kept, total]
+    pairs), else as a list (captions; rows with None for a task an image is not in)."""
+    try:
+        array = np.asarray(items)
+    except ValueError:  # ragged
+        return list(items)
+    return array if array.dtype.kind in "biuf" else list(items)
+
+
 def paired_bootstrap(a_items: Sequence[Any], b_items: Sequence[Any], claim: Relation, resamples: int = 1000,
                      seed: int = 0, statistic: Callable[[list], float] | None = None) -> dict:
     """One seed's verdict on `claim` from the two arms' per-item values on the same test items.
@@ -76,9 +86,10 @@ def paired_bootstrap(a_items: Sequence[Any], b_items: Sequence[Any], claim: Rela
         observed = a.mean() - b.mean()
         differences = a[draws].mean(axis=1) - b[draws].mean(axis=1)
     else:
-        pick = lambda items, rows: [items[i] for i in rows]  # noqa: E731
-        observed = statistic(list(a_items)) - statistic(list(b_items))
-        differences = np.array([statistic(pick(a_items, rows)) - statistic(pick(b_items, rows)) for rows in draws])
+        a, b = as_array_if_numeric(a_items), as_array_if_numeric(b_items)  # numbers: resampled by indexing, not lists
+        pick = lambda items, rows: items[rows] if isinstance(items, np.ndarray) else [items[i] for i in rows]  # noqa: E731
+        observed = statistic(a) - statistic(b)
+        differences = np.array([statistic(pick(a, rows)) - statistic(pick(b, rows)) for rows in draws])
     sign = -1.0 if claim == "<" else 1.0  # "a < b" is "b - a > 0"
     low, high = np.percentile(sign * differences, [2.5, 97.5])
     if claim == ">=":  # "a is not worse than b": reversed only when the whole interval says a is worse

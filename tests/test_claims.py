@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from common.claims import paired_bootstrap
+from common.claims import as_array_if_numeric, paired_bootstrap
 
 
 def test_a_clear_gain_holds_and_its_mirror_is_reversed():
@@ -59,3 +59,17 @@ def test_unpaired_or_single_items_are_refused():
         paired_bootstrap([1.0, 2.0], [1.0], ">")
     with pytest.raises(ValueError, match="at least 2"):
         paired_bootstrap([1.0], [1.0], ">")
+
+
+def test_numeric_items_are_resampled_as_one_array_and_others_as_lists():
+    assert isinstance(as_array_if_numeric([[1, 2], [3, 4]]), np.ndarray)  # [kept, total] pairs
+    assert as_array_if_numeric([[1.0, None], [None, 2.0]]) == [[1.0, None], [None, 2.0]]  # a task an image is not in
+    assert as_array_if_numeric(["a red circle", "a cross"]) == ["a red circle", "a cross"]
+    assert as_array_if_numeric([[1, 2], [3]]) == [[1, 2], [3]]  # ragged
+    pairs_a, pairs_b = [[1, 2], [2, 2], [0, 1], [1, 1]], [[0, 2], [1, 2], [0, 1], [1, 1]]
+    ratio = lambda items: float(np.sum(items, axis=0)[0] / np.sum(items, axis=0)[1])  # noqa: E731
+    as_arrays = paired_bootstrap(pairs_a, pairs_b, ">", statistic=ratio)
+    labelled = lambda pairs: [pair + ["image"] for pair in pairs]  # noqa: E731  # a string in each: resampled as lists
+    as_lists = paired_bootstrap(labelled(pairs_a), labelled(pairs_b), ">",
+                                statistic=lambda items: ratio([[int(i[0]), int(i[1])] for i in items]))
+    assert as_arrays == as_lists and as_arrays["difference"] == pytest.approx(4 / 6 - 2 / 6)
