@@ -517,10 +517,11 @@ def claims_markdown(papers: dict[str, dict], world_runs: list[dict], seeds: int,
              "reversed only when the whole interval is below 0). That interval covers which test items were drawn, "
              "not what another seed would train: seed-to-seed variance needs `--seeds 3`. `untestable` when the "
              "claim's own control fails (no transfer to compare); `1 seed: no verdict` where a row has no per-item "
-             "values. Rows marked (baseline) or (control) bound the claims above them. A row whose metric is the "
-             f"world scorer's judgement (CLIP-S, PAC-S, RefPAC-S) names the scorer's blind spots: the swap types "
-             f"it ranks right on fewer than {SWAP_BLIND:.0f}% of test images (world.md). Why each row comes out as "
-             "it does: docs/<paper>.md.", "",
+             "values; `not run in this job` where the one-seed job leaves a claim's run out (the row says why and "
+             "how to run it). Rows marked (baseline) or (control) bound the claims above them. A row whose metric "
+             f"is the world scorer's judgement (CLIP-S, PAC-S, RefPAC-S) names the scorer's blind spots: the swap "
+             f"types it ranks right on fewer than {SWAP_BLIND:.0f}% of test images (world.md). Why each row comes out "
+             "as it does: docs/<paper>.md.", "",
              f"| paper | claim | measured ({'mean ± std over seeds' if seeds > 1 else 'one seed'}) | verdict | why |",
              "|---|---|---|---|---|"]
     for paper, run in papers.items():

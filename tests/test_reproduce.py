@@ -181,3 +181,22 @@ def test_the_attention_row_is_judged_over_the_same_images():
     assert row["bootstrap"]["interval"] == pytest.approx([2.0, 2.0])  # the same offsets under both: no noise
     row = next(r for r in reproduce.clip_quality_claims(result(False)) if "attention" in r["metric"])
     assert row["verdict"] == "1 seed: no verdict"  # an older results.json: no per-image values
+
+
+def test_the_one_seed_job_leaves_out_the_small_subset_unless_asked():
+    one_seed, three_seeds = reproduce.Args(seeds=1, out="r"), reproduce.Args(seeds=3, out="r")
+    assert reproduce.paper_argv("clip_quality", one_seed, []) == [
+        "miniature", "--seeds", "1", "--out", "r/clip_quality", "--subset-fractions", "1.0"]
+    assert reproduce.paper_argv("clip_quality", one_seed, ["--subset-fractions", "0.1", "1.0"])[-3:] == [
+        "--subset-fractions", "0.1", "1.0"]  # the user's flag alone: it wins
+    assert "--subset-fractions" not in reproduce.paper_argv("clip_quality", three_seeds, [])
+    assert "--subset-fractions" not in reproduce.paper_argv("veclip", one_seed, [])
+    probes = [{"checkpoint": c, "mIoU": m, "depth_RMSE": 1.0} for c, m in (("a.pt", 17.0), ("b.pt", 17.5),
+                                                                           ("random", 19.0))]
+    result = {"pretrain": [{"checkpoint": "a.pt", "regime": "datacomp", "i2t_R@1": 1.0},
+                           {"checkpoint": "b.pt", "regime": "datacompdr", "i2t_R@1": 2.0}],
+              "probe": probes, "efficiency": [{"regime": "datacompdr", "train_images": 5000, "mIoU": 17.5}],
+              "attention": {}}
+    rows = reproduce.clip_quality_claims(result)
+    efficiency = next(row for row in rows if row["claim"].startswith("Data efficiency"))
+    assert efficiency["verdict"] == "not run in this job" and "--subset-fractions 0.1 1.0" in efficiency["why"]
