@@ -376,18 +376,18 @@ def clip_quality_claims(result: dict) -> list[dict]:
                               f"DataComp n={large}", pick("datacomp", large), ">=", 1,
                               (small_items[-1]["mIoU"], large_items[-1]["mIoU"], miou_of_sums)
                               if small_items and large_items else None))
-    else:
+    control = rows[3]
+    # no transfer at all: which encoder transfers better is moot
+    if control["verdict"] in ("reversed", "within seed spread", "reversed on this seed", "within test-set noise"):
+        for row in rows[1:3] + rows[4:]:
+            row["verdict"], row["why"] = ("untestable (the control fails)",
+                                          "pretrained encoders probe no better than an untrained one")
+    if len(sizes) <= 1:
         rows.append({"claim": "Data efficiency: DataCompDR on a tenth of the images transfers as well as DataComp on "
                      "all", "metric": "probe mIoU %", "measured": "not run (one subset)",
                      "verdict": "not run in this job", "why": "only the full set was pretrained: the one-seed job "
                      "leaves the small subset out, as this claim is untestable while the control fails "
                      "(`--seeds 3`, or `--paper-args 'clip_quality=--subset-fractions 0.1 1.0'`, runs it)"})
-    control = rows[3]
-    # no transfer at all: which encoder transfers better is moot
-    if control["verdict"] in ("reversed", "within seed spread", "reversed on this seed", "within test-set noise"):
-        for row in [row for row in rows[1:3] + rows[4:] if row["verdict"] != "not run in this job"]:
-            row["verdict"], row["why"] = ("untestable (the control fails)",
-                                          "pretrained encoders probe no better than an untrained one")
     attention = result["attention"]
     last_layer = {label: float(np.mean(values["per_layer_per_head_px"][-1])) for label, values in attention.items()}
     local = lambda regime: [v for label, v in last_layer.items() if label.startswith(regime + "-")]  # noqa: E731
@@ -429,14 +429,15 @@ def run_arguments(seeds: int, out: Path) -> list[str]:
 # pretraining (about 1.8 of the job's 18.5 core-minutes) feeds only the data-efficiency claim, which is untestable
 # while the control (pretraining helps dense probes at all) fails, and it failed on every seed measured
 # (docs/clip_quality.md). With --seeds 2 or more, or a --subset-fractions of your own, it runs.
-ONE_SEED_CUTS = {"clip_quality": ["--subset-fractions", "1.0"]}
+ONE_SEED_CUTS = {"clip_quality": ["--subset-fractions", "1.0"]}  # paper: [flag, value...]
 
 
 def paper_argv(paper: str, args: Args, extra: list[str]) -> list[str]:
     """A paper's command line in this job: its default miniature run, the world's knobs, the one-seed cut unless
     the extra arguments set that flag themselves, then the extra arguments (so an explicit flag wins)."""
     cut = ONE_SEED_CUTS.get(paper, []) if args.seeds == 1 else []
-    cut = [] if any(flag in extra for flag in cut if flag.startswith("--")) else cut
+    if cut and cut[0] in extra:
+        cut = []
     return run_arguments(args.seeds, Path(args.out) / paper) + world_arguments(args.world) + cut + extra
 
 
@@ -466,21 +467,29 @@ def extra_arguments(paper_args: tuple[str, ...]) -> dict[str, list[str]]:
     return extra
 
 
-def run_paper(paper: str, args: Args, extra: list[str]) -> dict:
-    """Import the paper file, run its miniature run into OUT/<paper>, return its results and its claims."""
-    out = Path(args.out) / paper
-    argv = paper_argv(paper, args, extra)
-    if args.reuse and (out / "results.json").exists():
-        print(f"===== {paper}: judging {out / 'results.json'} (--reuse; not run again)", flush=True)
-        result = json.loads((out / "results.json").read_text())
-        return {"minutes": result.get("minutes", result.get("seconds", 0) / 60), "argv": argv, "reused": True,
-                "claims": CLAIMS[paper](result)}
+def judged(paper: str, argv: list[str], result: dict, minutes: float) -> dict:
+    """A paper's entry in claims.json: how long its run took, its command line and its claims judged."""
+    return {"minutes": minutes, "argv": argv, "claims": CLAIMS[paper](result)}
+
+
+def reused(paper: str, args: Args, argv: list[str]) -> dict | None:
+    """With --reuse, the paper's entry judged from an existing OUT/<paper>/results.json (not run again); else None."""
+    path = Path(args.out) / paper / "results.json"
+    if not (args.reuse and path.exists()):
+        return None
+    print(f"===== {paper}: judging {path} (--reuse; not run again)", flush=True)
+    result = json.loads(path.read_text())
+    return {**judged(paper, argv, result, result.get("minutes", result.get("seconds", 0) / 60)), "reused": True}
+
+
+def run_paper(paper: str, args: Args, argv: list[str]) -> dict:
+    """Import the paper file, run its miniature run into OUT/<paper> in this process, return its entry."""
     print(f"\n===== {paper}: python {paper}.py {shlex.join(argv)}", flush=True)
     began = time.time()
     result = importlib.import_module(paper).main(argv)
     minutes = (time.time() - began) / 60
     print(f"===== {paper}: done in {minutes:.1f} min", flush=True)
-    return {"minutes": minutes, "argv": argv, "claims": CLAIMS[paper](result)}
+    return judged(paper, argv, result, minutes)
 
 
 # The metrics that are the world's scorer judging a caption (its CLIP-S, or PAC-S / RefPAC-S with the same weights):
@@ -581,23 +590,30 @@ def run_side_by_side(args: Args, extra: dict[str, list[str]], out: Path) -> tupl
         built[seed] = time.time() - began
     stages = [Stage(f"world-seed{seed}", world_stage, (seed, args, str(out / "logs" / f"world-seed{seed}.json")),
                     minutes=EXPECTED_MINUTES["world"]) for seed in range(args.seeds)]
-    papers, argvs = {}, {}
-    for paper in args.papers:
-        argvs[paper] = paper_argv(paper, args, extra.get(paper, []))
-        if args.reuse and (out / paper / "results.json").exists():
-            papers[paper] = run_paper(paper, args, extra.get(paper, []))
-        else:
-            stages.append(Stage(paper, paper_stage, (paper, argvs[paper]), minutes=EXPECTED_MINUTES[paper] * args.seeds,
-                                after=("world-seed0",) if paper in NEEDS_SCORER else ()))
+    argvs = {paper: paper_argv(paper, args, extra.get(paper, [])) for paper in args.papers}
+    papers = {paper: reused(paper, args, argvs[paper]) for paper in args.papers}
+    stages += [Stage(paper, paper_stage, (paper, argvs[paper]), minutes=EXPECTED_MINUTES[paper] * args.seeds,
+                     after=("world-seed0",) if paper in NEEDS_SCORER else ()) for paper in args.papers
+               if papers[paper] is None]
     minutes = run_stages(stages, args.jobs, out / "logs")
     runs = [json.loads((out / "logs" / f"world-seed{seed}.json").read_text()) for seed in range(args.seeds)]
     for run in runs:  # the stage found its world built: the time of the build is this process's
         run["seconds"]["world"] += built[run["seed"]]
     for paper in args.papers:
-        if paper not in papers:
+        if papers[paper] is None:
             result = json.loads((out / paper / "results.json").read_text())
-            papers[paper] = {"minutes": minutes[paper], "argv": argvs[paper], "claims": CLAIMS[paper](result)}
-    return runs, {paper: papers[paper] for paper in args.papers}
+            papers[paper] = judged(paper, argvs[paper], result, minutes[paper])
+    return runs, papers
+
+
+def write_world(runs: list[dict], args: Args) -> dict:
+    """world.json and world.md in OUT (the table printed too); returns what world.json holds."""
+    world = {"runs": runs, "world": dataclasses.asdict(args.world),
+             "scorer": {"model": args.scorer_model, **dataclasses.asdict(args.scorer)}}
+    atomic_write_text(Path(args.out) / "world.json", json.dumps(world, indent=1))
+    atomic_write_text(Path(args.out) / "world.md", world_markdown(runs))
+    print(world_markdown(runs))
+    return world
 
 
 def main(argv=None) -> dict:
@@ -611,6 +627,7 @@ def main(argv=None) -> dict:
         print(f"world table ({args.seeds} seed(s)) and {len(args.papers)} paper run(s), {args.jobs} at a time; "
               "the world and its scorer are cached after the first run", flush=True)
         runs, ran = run_side_by_side(args, extra, out)
+        world = write_world(runs, args)
         papers.update(ran)
     else:
         runs = []
@@ -618,15 +635,11 @@ def main(argv=None) -> dict:
             print(f"[world, seed {seed}] building the world and its scorer (cached after the first run) ...",
                   flush=True)
             runs.append(score_variants(seed, args))
-    world = {"runs": runs, "world": dataclasses.asdict(args.world),
-             "scorer": {"model": args.scorer_model, **dataclasses.asdict(args.scorer)}}
-    atomic_write_text(out / "world.json", json.dumps(world, indent=1))
-    atomic_write_text(out / "world.md", world_markdown(runs))
-    print(world_markdown(runs))
-    if args.jobs == 1:
+        world = write_world(runs, args)
         for index, paper in enumerate(args.papers, start=1):
             print(f"[{index}/{len(args.papers)}] {paper} ({time.time() - start:.0f} s so far)", flush=True)
-            papers[paper] = run_paper(paper, args, extra.get(paper, []))
+            argv = paper_argv(paper, args, extra.get(paper, []))
+            papers[paper] = reused(paper, args, argv) or run_paper(paper, args, argv)
     minutes = (time.time() - start) / 60
     report = {"world": world, "papers": papers, "minutes": minutes, "seeds": args.seeds,
               "scorer_blind_spots": blind_spots(runs)}

@@ -72,8 +72,8 @@ def last_line(log: Path, width: int = 90) -> str:
     return progress[-1][:width] if progress else ""
 
 
-def run_stages(stages: list[Stage], jobs: int, logs: Path, threads: int | None = None) -> dict[str, float]:
-    """Run every stage, `jobs` at a time, each with `threads` torch threads (default: the cores over `jobs`); return
+def run_stages(stages: list[Stage], jobs: int, logs: Path) -> dict[str, float]:
+    """Run every stage, `jobs` at a time, each with the cores over `jobs` as its torch threads; return
     each finished stage's minutes. A stage that fails starts nothing more; the running ones finish (their outputs are
     kept), then SystemExit names each failed stage, its exit code and log, and the tail of that log."""
     names = [stage.name for stage in stages]
@@ -81,7 +81,7 @@ def run_stages(stages: list[Stage], jobs: int, logs: Path, threads: int | None =
     if len(set(names)) != len(names) or unknown:
         raise ValueError(f"stages must have distinct names and wait only for listed stages: {names}, unknown {unknown}")
     logs.mkdir(parents=True, exist_ok=True)
-    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no OpenMP pool or CUDA state forked
     waiting, running, done, failed, minutes = list(stages), {}, set(), [], {}
     began = heartbeat = time.time()
